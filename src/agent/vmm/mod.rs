@@ -1,0 +1,166 @@
+//! VMM backends: one trait, one file per VMM, requests built from a backend-neutral
+//! [`VmConfig`]. QEMU `microvm` runs for real here; Firecracker and Cloud Hypervisor follow
+//! their official API specs (`../shared/specs/`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::api::{Accelerator, Hypervisor};
+
+/// A disk attached to the guest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    /// Stable id within the VM (`rootfs`, ...).
+    pub id: String,
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// Whether the guest boots from it.
+    pub root: bool,
+}
+
+/// A network interface backed by a tap on the host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    /// Guest-side name (`eth0`).
+    pub id: String,
+    /// Host tap device name.
+    pub tap: String,
+    pub mac: String,
+}
+
+/// Everything a backend needs to create a VM; the same for every VMM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmConfig {
+    /// The MicroVM uid; unique on the node.
+    pub id: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    pub cmdline: String,
+    pub initrd: Option<PathBuf>,
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
+    /// Handed to the guest through the VMM's metadata service where it has one.
+    pub user_data: Option<String>,
+    pub accelerator: Accelerator,
+    /// The VM's state directory: sockets, logs, pid file live here.
+    pub state_dir: PathBuf,
+    /// Where the guest's serial console is written.
+    pub console_log: PathBuf,
+    /// The VMM's control socket (QMP, or the HTTP API).
+    pub api_socket: PathBuf,
+    /// The VMM binary to run.
+    pub binary: PathBuf,
+}
+
+/// A running VMM process: what it takes to find it again after an agent restart.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmHandle {
+    pub pid: u32,
+    pub api_socket: PathBuf,
+    pub console_log: PathBuf,
+}
+
+/// What a backend can tell about a VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmmState {
+    /// Created, guest not started.
+    Created,
+    Running,
+    Paused,
+    /// The VMM process is gone (or the guest shut down and the VMM exited).
+    Exited,
+}
+
+/// A VMM backend. Every method has a deadline: a VMM that does not answer in time is an
+/// error, never a hang.
+#[async_trait]
+pub trait VmmBackend: Send + Sync {
+    /// Which VMM this is.
+    fn kind(&self) -> Hypervisor;
+    /// The accelerators this backend can use (`Tcg` only for QEMU).
+    fn supports(&self, accelerator: Accelerator) -> bool;
+    /// Start the VMM process and configure the VM, without booting the guest.
+    async fn create(&self, config: &VmConfig) -> Result<VmmHandle, VmmError>;
+    /// Boot the guest.
+    async fn start(&self, handle: &VmmHandle) -> Result<(), VmmError>;
+    /// Ask the guest to shut down (ACPI power button / Ctrl-Alt-Del).
+    async fn stop(&self, handle: &VmmHandle) -> Result<(), VmmError>;
+    /// End the VMM process now.
+    async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError>;
+    /// Ask the VMM what state its VM is in.
+    async fn state(&self, handle: &VmmHandle) -> Result<VmmState, VmmError>;
+}
+
+/// Default deadline for one VMM API call.
+pub const API_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors of every backend. `reason()` is the machine-matchable word used in status and metrics.
+#[derive(Debug, Error)]
+pub enum VmmError {
+    #[error("VMM binary {path} not found: install it or choose another hypervisor")]
+    BinaryNotFound { path: PathBuf },
+    #[error("cannot start the VMM process {binary}")]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("VMM API socket {path} did not appear within {timeout:?}")]
+    SocketTimeout { path: PathBuf, timeout: Duration },
+    #[error("VMM API call {operation} did not answer within {timeout:?}")]
+    ApiTimeout {
+        operation: String,
+        timeout: Duration,
+    },
+    #[error("VMM API call {operation} failed with HTTP {status}: {fault}")]
+    ApiFault {
+        operation: String,
+        status: u16,
+        fault: String,
+    },
+    #[error("VMM API call {operation} failed: {detail}")]
+    Protocol { operation: String, detail: String },
+    #[error("VMM API I/O during {operation}")]
+    Io {
+        operation: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{hypervisor} cannot run with accelerator {accelerator}")]
+    UnsupportedAccelerator {
+        hypervisor: Hypervisor,
+        accelerator: Accelerator,
+    },
+    #[error("VMM process exited during {operation}: {detail}")]
+    Exited { operation: String, detail: String },
+}
+
+impl VmmError {
+    /// A fixed word for condition reasons, Events and metric labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            VmmError::BinaryNotFound { .. } => "HypervisorUnavailable",
+            VmmError::Spawn { .. } => "VmmSpawnFailed",
+            VmmError::SocketTimeout { .. } | VmmError::ApiTimeout { .. } => "VmmTimeout",
+            VmmError::ApiFault { .. } | VmmError::Protocol { .. } => "VmmApiError",
+            VmmError::Io { .. } => "VmmIoError",
+            VmmError::UnsupportedAccelerator { .. } => "AcceleratorUnsupported",
+            VmmError::Exited { .. } => "VmmCrashed",
+        }
+    }
+
+    /// Whether retrying the same request can succeed.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            VmmError::BinaryNotFound { .. }
+                | VmmError::UnsupportedAccelerator { .. }
+                | VmmError::ApiFault { .. }
+        )
+    }
+}

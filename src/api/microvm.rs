@@ -1,0 +1,414 @@
+//! `MicroVM` spec and status types (DESIGN.md section 1).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A virtual machine that Ignis boots and supervises on one node.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "ignis.dev",
+    version = "v1alpha1",
+    kind = "MicroVM",
+    plural = "microvms",
+    singular = "microvm",
+    shortname = "mvm",
+    category = "ignis",
+    namespaced,
+    status = "MicroVMStatus",
+    derive = "PartialEq",
+    doc = "A microVM workload: a guest kernel booted by a VMM on one node and supervised there.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName"),
+    printcolumn(name = "IP", type_ = "string", json_path = ".status.ipAddresses[0]"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(
+    validation = Rule::new("self.hypervisor == oldSelf.hypervisor").message("spec.hypervisor is immutable: delete and recreate the MicroVM to change it").field_path(".hypervisor"),
+    validation = Rule::new("self.accelerator == oldSelf.accelerator").message("spec.accelerator is immutable: delete and recreate the MicroVM to change it").field_path(".accelerator"),
+    validation = Rule::new("self.resources == oldSelf.resources").message("spec.resources is immutable while the MicroVM exists: delete and recreate it to resize").field_path(".resources"),
+    validation = Rule::new("self.kernel == oldSelf.kernel").message("spec.kernel is immutable: delete and recreate the MicroVM to change it").field_path(".kernel"),
+    validation = Rule::new("has(self.initrd) == has(oldSelf.initrd) && (!has(self.initrd) || self.initrd == oldSelf.initrd)").message("spec.initrd is immutable: delete and recreate the MicroVM to change it").field_path(".initrd"),
+    validation = Rule::new("has(self.rootfs) == has(oldSelf.rootfs) && (!has(self.rootfs) || self.rootfs == oldSelf.rootfs)").message("spec.rootfs is immutable: delete and recreate the MicroVM to change it").field_path(".rootfs"),
+    validation = Rule::new("has(self.network) == has(oldSelf.network) && (!has(self.network) || self.network == oldSelf.network)").message("spec.network is immutable: delete and recreate the MicroVM to change it").field_path(".network"),
+    validation = Rule::new("has(self.userData) == has(oldSelf.userData) && (!has(self.userData) || self.userData == oldSelf.userData)").message("spec.userData is immutable: it is handed to the guest at boot").field_path(".userData"),
+    validation = Rule::new("has(self.nodeSelector) == has(oldSelf.nodeSelector) && (!has(self.nodeSelector) || self.nodeSelector == oldSelf.nodeSelector)").message("spec.nodeSelector is immutable: a placed MicroVM never moves").field_path(".nodeSelector"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MicroVMSpec {
+    /// What to do when the guest stops: `Always` restarts it, `RerunOnFailure` restarts it only
+    /// after a failure, `Once` never restarts it, `Halted` keeps it stopped.
+    #[serde(default)]
+    pub run_policy: RunPolicy,
+    /// The VMM to boot the guest with; `auto` picks the best one available on the node.
+    #[serde(default)]
+    pub hypervisor: HypervisorChoice,
+    /// Hardware acceleration: `kvm` refuses to run without working KVM, `tcg` always emulates,
+    /// `auto` uses KVM when the node's probe says it works.
+    #[serde(default)]
+    pub accelerator: AcceleratorChoice,
+    /// vCPUs and memory of the guest.
+    pub resources: Resources,
+    /// The guest kernel and its command line.
+    pub kernel: KernelSource,
+    /// An optional initial ramdisk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<ImageSource>,
+    /// An optional root filesystem disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<RootfsSource>,
+    /// Network interfaces of the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkSpec>,
+    /// Data handed to the guest at boot (kernel command line, MMDS or config drive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
+    /// Labels a node must carry for the VM to be placed there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// How Ignis decides the guest is ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness: Option<ReadinessProbe>,
+    /// Seconds between a graceful stop request and a forced kill.
+    #[serde(default = "default_grace_period")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub termination_grace_period_seconds: i64,
+}
+
+/// Default for `terminationGracePeriodSeconds`.
+pub fn default_grace_period() -> i64 {
+    30
+}
+
+/// What happens when the guest stops.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RunPolicy {
+    /// Restart the guest whenever it stops.
+    #[default]
+    Always,
+    /// Restart the guest only when it stopped with a failure.
+    RerunOnFailure,
+    /// Run the guest once; never restart it.
+    Once,
+    /// Keep the guest stopped (stops a running one).
+    Halted,
+}
+
+/// The VMM a user asks for.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum HypervisorChoice {
+    /// The best VMM available on the node.
+    #[default]
+    Auto,
+    /// QEMU with the `microvm` machine type.
+    Qemu,
+    /// Firecracker.
+    Firecracker,
+    /// Cloud Hypervisor.
+    CloudHypervisor,
+}
+
+/// The accelerator a user asks for.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AcceleratorChoice {
+    /// KVM when it works on the node, TCG otherwise.
+    #[default]
+    Auto,
+    /// KVM only: the VM is refused on nodes without working KVM.
+    Kvm,
+    /// Software emulation (QEMU only).
+    Tcg,
+}
+
+/// The VMM a VM actually runs under, as reported in status.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Hypervisor {
+    /// QEMU `-M microvm`.
+    Qemu,
+    /// Firecracker.
+    Firecracker,
+    /// Cloud Hypervisor.
+    CloudHypervisor,
+    /// No VMM at all: the control-plane benchmark's stand-in. Never a default.
+    Simulated,
+}
+
+impl Hypervisor {
+    /// The spelling used in manifests, status and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hypervisor::Qemu => "qemu",
+            Hypervisor::Firecracker => "firecracker",
+            Hypervisor::CloudHypervisor => "cloud-hypervisor",
+            Hypervisor::Simulated => "simulated",
+        }
+    }
+}
+
+impl std::fmt::Display for Hypervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The accelerator a VM actually runs under, as reported in status.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Accelerator {
+    /// Hardware virtualization.
+    Kvm,
+    /// QEMU's software emulation.
+    Tcg,
+}
+
+impl Accelerator {
+    /// The spelling used in status and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accelerator::Kvm => "kvm",
+            Accelerator::Tcg => "tcg",
+        }
+    }
+}
+
+impl std::fmt::Display for Accelerator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Guest resources.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Resources {
+    /// Number of virtual CPUs, 1 to 64.
+    #[serde(default = "default_vcpus")]
+    #[schemars(range(min = 1, max = 64))]
+    pub vcpus: u32,
+    /// Guest memory as a Kubernetes quantity (e.g. `256Mi`), at least 64Mi.
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).compareTo(quantity('64Mi')) >= 0").message("spec.resources.memory must be a quantity of at least 64Mi (for example 256Mi)"))]
+    pub memory: String,
+}
+
+fn default_vcpus() -> u32 {
+    1
+}
+
+/// Where a guest kernel comes from, and how it is started.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.path) != has(self.image)").message("spec.kernel: set exactly one of path or image"))]
+pub struct KernelSource {
+    /// Absolute path of the kernel image on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("spec.kernel.path must be an absolute path"))]
+    pub path: Option<String>,
+    /// OCI reference of an image carrying the kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub cmdline: Option<String>,
+}
+
+/// A file the VM needs, from the node's filesystem or an OCI image.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.path) != has(self.image)").message("spec.initrd: set exactly one of path or image"))]
+pub struct ImageSource {
+    /// Absolute path on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("spec.initrd.path must be an absolute path"))]
+    pub path: Option<String>,
+    /// OCI reference of an image carrying the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+/// The guest's root disk.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.path) != has(self.image)").message("spec.rootfs: set exactly one of path or image"))]
+pub struct RootfsSource {
+    /// Absolute path of a raw disk image on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("spec.rootfs.path must be an absolute path"))]
+    pub path: Option<String>,
+    /// OCI reference of an image carrying the root filesystem.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Attach the disk read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Guest networking.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkSpec {
+    /// The guest's interfaces, keyed by name.
+    #[serde(default)]
+    #[schemars(length(max = 8))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    #[x_kube(validation = Rule::new("self.all(i, self.exists_one(j, j.name == i.name))").message("spec.network.interfaces: interface names must be unique"))]
+    pub interfaces: Vec<NetworkInterface>,
+}
+
+/// One guest network interface.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.mode != 'bridge' || has(self.bridge)").message("spec.network.interfaces[].bridge is required when mode is bridge"),
+    validation = Rule::new("self.mode == 'bridge' || !has(self.bridge)").message("spec.network.interfaces[].bridge is only allowed when mode is bridge"),
+)]
+pub struct NetworkInterface {
+    /// Interface name inside the guest (e.g. `eth0`).
+    #[schemars(length(min = 1, max = 15), regex(pattern = r"^[a-z][a-z0-9]*$"))]
+    pub name: String,
+    /// `nat` (node bridge + NAT), `bridge` (an existing bridge), or `none`.
+    #[serde(default)]
+    pub mode: InterfaceMode,
+    /// Name of an existing bridge on the node (mode `bridge` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// Static address in CIDR form; by default one is allocated from the node's range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isCIDR(self)").message("spec.network.interfaces[].address must be an address in CIDR form, e.g. 10.88.0.10/24"))]
+    pub address: Option<String>,
+    /// MAC address; by default one is derived from the VM's uid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$"))]
+    pub mac: Option<String>,
+}
+
+/// How an interface is connected.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum InterfaceMode {
+    /// A tap on the node's Ignis bridge with outbound NAT.
+    #[default]
+    Nat,
+    /// A tap attached to a named existing bridge.
+    Bridge,
+    /// No connectivity (the device exists, nothing is behind it).
+    None,
+}
+
+/// How readiness of the guest is decided.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.consoleMarker) != has(self.tcpPort)").message("spec.readiness: set exactly one of consoleMarker or tcpPort"))]
+pub struct ReadinessProbe {
+    /// Ready once this text appears on the serial console.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub console_marker: Option<String>,
+    /// Ready once this TCP port on the guest's first address accepts a connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub tcp_port: Option<u16>,
+}
+
+/// Lifecycle phase, as shown by `kubectl get mvm`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum Phase {
+    /// Accepted, not yet placed.
+    #[default]
+    Pending,
+    /// Placed on a node, not yet booting.
+    Scheduled,
+    /// The VMM is booting the guest.
+    Starting,
+    /// The guest runs.
+    Running,
+    /// A stop is in progress.
+    Stopping,
+    /// Stopped on purpose (runPolicy Halted).
+    Stopped,
+    /// The guest exited successfully and will not be restarted.
+    Succeeded,
+    /// The guest failed and will not be restarted.
+    Failed,
+    /// The node's agent cannot be reached.
+    Unknown,
+}
+
+impl Phase {
+    /// The spelling used in status and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Scheduled => "Scheduled",
+            Phase::Starting => "Starting",
+            Phase::Running => "Running",
+            Phase::Stopping => "Stopping",
+            Phase::Stopped => "Stopped",
+            Phase::Succeeded => "Succeeded",
+            Phase::Failed => "Failed",
+            Phase::Unknown => "Unknown",
+        }
+    }
+
+    /// Every phase, for metrics that report a gauge per phase.
+    pub const ALL: [Phase; 9] = [
+        Phase::Pending,
+        Phase::Scheduled,
+        Phase::Starting,
+        Phase::Running,
+        Phase::Stopping,
+        Phase::Stopped,
+        Phase::Succeeded,
+        Phase::Failed,
+        Phase::Unknown,
+    ];
+}
+
+/// Observed state of a `MicroVM`, written only by the controller.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MicroVMStatus {
+    /// Lifecycle phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// The node the VM is placed on; never changes once set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// The VMM the VM runs under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hypervisor: Option<Hypervisor>,
+    /// The accelerator the VM runs under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accelerator: Option<Accelerator>,
+    /// Guest addresses, first interface first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_addresses: Vec<String>,
+    /// When the current run of the guest started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// How many times the guest was restarted by its run policy.
+    #[serde(default)]
+    pub restart_count: i32,
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// kstatus-compatible conditions: Scheduled, Ready, Reconciling, Stalled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}

@@ -1,0 +1,23 @@
+//! `ignis controller`: see DESIGN.md section 2. Being built; tracked by its issue.
+
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+
+/// Flags of `ignis controller`.
+#[derive(Debug, clap::Args)]
+pub struct ControllerArgs {}
+
+/// Errors of `ignis controller`.
+#[derive(Debug, Error)]
+pub enum ControllerError {
+    #[error("`ignis controller` is not built yet")]
+    NotBuilt,
+}
+
+/// Run until `shutdown` is cancelled.
+pub async fn run(
+    _args: ControllerArgs,
+    _shutdown: CancellationToken,
+) -> Result<(), ControllerError> {
+    Err(ControllerError::NotBuilt)
+}

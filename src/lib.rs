@@ -1,0 +1,21 @@
+//! Ignis: a Kubernetes operator that runs microVM workloads.
+//!
+//! One binary, several parts (DESIGN.md section 2): the [`controller`] reconciles `MicroVM`
+//! objects, the [`agent`] boots and supervises VMs on its node, and [`dev`] runs both with an
+//! embedded API server on one machine.
+
+pub mod agent;
+pub mod api;
+pub mod bench;
+pub mod controller;
+pub mod dev;
+pub mod telemetry;
+
+/// The agent's gRPC API, generated from `proto/agent.proto`.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("ignis.agent.v1");
+}
+
+/// The version every part reports.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
