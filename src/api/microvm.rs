@@ -1,5 +1,9 @@
 //! `MicroVM` spec and status types (DESIGN.md section 1).
 
+// kube-derive takes repeated `printcolumn(type_ = ...)` entries, which clippy mistakes for
+// duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};

@@ -61,8 +61,31 @@ pub struct VmConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmmHandle {
     pub pid: u32,
+    /// The process start time (field 22 of `/proc/<pid>/stat`), so a reused pid is never
+    /// mistaken for our VMM after an agent restart.
+    pub start_time_ticks: u64,
     pub api_socket: PathBuf,
     pub console_log: PathBuf,
+}
+
+/// A VMM process this agent just started: the handle to persist, and the child to reap.
+#[derive(Debug)]
+pub struct Spawned {
+    pub handle: VmmHandle,
+    pub child: tokio::process::Child,
+}
+
+/// How a guest's run ended, as far as the backend can tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestExit {
+    /// The guest shut itself down cleanly.
+    pub success: bool,
+    /// Machine-matchable word: `GuestShutdown`, `GuestReboot`, `GuestPanic`, `VmmCrashed`,
+    /// `VmmKilled`, `VmmExitedWhileAgentDown`.
+    pub reason: &'static str,
+    /// For a person.
+    pub message: String,
+    pub exit_code: Option<i32>,
 }
 
 /// What a backend can tell about a VM.
@@ -85,7 +108,7 @@ pub trait VmmBackend: Send + Sync {
     /// The accelerators this backend can use (`Tcg` only for QEMU).
     fn supports(&self, accelerator: Accelerator) -> bool;
     /// Start the VMM process and configure the VM, without booting the guest.
-    async fn create(&self, config: &VmConfig) -> Result<VmmHandle, VmmError>;
+    async fn create(&self, config: &VmConfig) -> Result<Spawned, VmmError>;
     /// Boot the guest.
     async fn start(&self, handle: &VmmHandle) -> Result<(), VmmError>;
     /// Ask the guest to shut down (ACPI power button / Ctrl-Alt-Del).
@@ -94,6 +117,15 @@ pub trait VmmBackend: Send + Sync {
     async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError>;
     /// Ask the VMM what state its VM is in.
     async fn state(&self, handle: &VmmHandle) -> Result<VmmState, VmmError>;
+    /// Explain why the VMM process ended. `status` is known only for a child of this agent
+    /// (not for a VMM re-adopted after an agent restart); `console_tail` is the end of the
+    /// guest's console log.
+    fn classify_exit(
+        &self,
+        handle: &VmmHandle,
+        status: Option<std::process::ExitStatus>,
+        console_tail: &str,
+    ) -> GuestExit;
 }
 
 /// Default deadline for one VMM API call.
