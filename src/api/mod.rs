@@ -44,7 +44,11 @@ mod tests {
     fn checked_in_crds_match_the_rust_types() {
         let generated = crd_yaml().expect("CRD serializes");
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        for file in ["crds/microvm.yaml", "charts/ignis/crds/microvm.yaml"] {
+        for file in [
+            "crds/microvm.yaml",
+            "charts/ignis/crds/microvm.yaml",
+            "config/crd/microvm.yaml",
+        ] {
             let on_disk = std::fs::read_to_string(root.join(file)).unwrap_or_default();
             assert!(
                 on_disk == generated,
