@@ -7,5 +7,6 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+./scripts/check-packaging.sh
 cargo build --bin ignis
 cargo test --workspace -- --test-threads 2
