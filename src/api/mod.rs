@@ -60,13 +60,20 @@ mod tests {
     #[test]
     fn crd_round_trips_and_carries_the_contract() {
         let yaml = crd_yaml().expect("CRD serializes");
-        let parsed: CustomResourceDefinition = serde_yaml::from_str(&yaml).expect("CRD parses back");
+        let parsed: CustomResourceDefinition =
+            serde_yaml::from_str(&yaml).expect("CRD parses back");
         assert_eq!(parsed, MicroVM::crd());
         assert_eq!(parsed.spec.group, GROUP);
         assert_eq!(parsed.spec.names.short_names, Some(vec!["mvm".to_string()]));
         let version = &parsed.spec.versions[0];
         assert_eq!(version.name, VERSION);
-        assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
+        assert!(
+            version
+                .subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some()
+        );
         let columns: Vec<&str> = version
             .additional_printer_columns
             .iter()

@@ -254,7 +254,9 @@ mod tests {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .expect("samples dir")
             .map(|e| e.expect("dir entry").path())
-            .filter(|p| p.extension().is_some_and(|e| e == "yaml") && !p.ends_with("kustomization.yaml"))
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == "yaml") && !p.ends_with("kustomization.yaml")
+            })
             .collect();
         files.sort();
         files
@@ -317,19 +319,31 @@ mod tests {
         resized["spec"]["resources"]["memory"] = "512Mi".into();
         let errors = v.validate(&resized, Some(&old));
         assert!(
-            errors.iter().any(|e| e.to_string().contains("spec.resources is immutable")),
+            errors
+                .iter()
+                .any(|e| e.to_string().contains("spec.resources is immutable")),
             "{errors:?}"
         );
 
         let mut new_kernel = old.clone();
         new_kernel["spec"]["kernel"]["cmdline"] = "console=ttyS0".into();
         let errors = v.validate(&new_kernel, Some(&old));
-        assert!(errors.iter().any(|e| e.to_string().contains("spec.kernel is immutable")), "{errors:?}");
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.to_string().contains("spec.kernel is immutable")),
+            "{errors:?}"
+        );
 
         let mut added_rootfs = old.clone();
         added_rootfs["spec"]["rootfs"] = serde_json::json!({"path": "/var/lib/disk.img"});
         let errors = v.validate(&added_rootfs, Some(&old));
-        assert!(errors.iter().any(|e| e.to_string().contains("spec.rootfs is immutable")), "{errors:?}");
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.to_string().contains("spec.rootfs is immutable")),
+            "{errors:?}"
+        );
 
         let mut halted = old.clone();
         halted["spec"]["runPolicy"] = "Halted".into();
@@ -346,7 +360,11 @@ mod tests {
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].field, "spec.runPolicy");
         assert_eq!(errors[0].kind, FieldErrorKind::NotSupported);
-        assert!(errors[0].to_string().contains("\"Always\""), "{}", errors[0]);
+        assert!(
+            errors[0].to_string().contains("\"Always\""),
+            "{}",
+            errors[0]
+        );
     }
 
     #[test]
