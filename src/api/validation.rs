@@ -222,11 +222,36 @@ fn structural_error(error: &jsonschema::ValidationError<'_>) -> FieldError {
             field: path,
             kind: FieldErrorKind::TypeInvalid,
         },
-        _ => FieldError {
-            detail: format!("{value}: {path} in body: {error}"),
-            field: path,
-            kind: FieldErrorKind::Invalid,
-        },
+        other => {
+            // Worded like the API server's structural-schema errors.
+            let rule = match other {
+                K::Minimum { limit } => {
+                    format!("should be greater than or equal to {}", number(limit))
+                }
+                K::Maximum { limit } => {
+                    format!("should be less than or equal to {}", number(limit))
+                }
+                K::Pattern { pattern } => format!("should match '{pattern}'"),
+                K::MinLength { limit } => format!("should be at least {limit} chars long"),
+                K::MaxLength { limit } => format!("may not be more than {limit} bytes"),
+                K::MaxItems { limit } => format!("must have at most {limit} items"),
+                K::MinItems { limit } => format!("should have at least {limit} items"),
+                _ => error.to_string(),
+            };
+            FieldError {
+                detail: format!("{value}: {path} in body {rule}"),
+                field: path,
+                kind: FieldErrorKind::Invalid,
+            }
+        }
+    }
+}
+
+/// `1.0` → `1`: limits come from integer fields but arrive as JSON floats.
+fn number(limit: &Value) -> String {
+    match limit.as_f64() {
+        Some(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
+        _ => limit.to_string(),
     }
 }
 
