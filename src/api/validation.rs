@@ -390,6 +390,16 @@ mod tests {
             "{}",
             errors[0]
         );
+
+        let mut zero = minimal();
+        zero["spec"]["resources"]["vcpus"] = 0.into();
+        let errors = v.validate(&zero, None);
+        assert_eq!(
+            errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            [
+                "spec.resources.vcpus: Invalid value: 0: spec.resources.vcpus in body should be greater than or equal to 1"
+            ]
+        );
     }
 
     #[test]
