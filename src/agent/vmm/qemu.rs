@@ -127,7 +127,7 @@ pub fn host_tsc_khz(cpuinfo: &str) -> Option<u64> {
         .parse()
         .ok()?;
     let khz = (mhz * 1000.0).round();
-    (khz >= 1.0 && khz < 1e9).then_some(khz as u64)
+    (1.0..1e9).contains(&khz).then_some(khz as u64)
 }
 
 /// The kernel command line QEMU gets. Under TCG the guest TSC ticks at the host's rate, and
