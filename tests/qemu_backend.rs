@@ -546,3 +546,81 @@ async fn guest_serves_http_on_its_tap_interface() {
     assert!(page.starts_with("HTTP/1."), "{page}");
     assert!(page.contains("hostname: web-vm"), "{page}");
 }
+
+/// After an agent restart only the persisted handle is left: the backend must still see,
+/// stop and explain the VM through it.
+#[tokio::test]
+async fn readopted_handle_controls_and_explains_the_vm() {
+    let Some(qemu_bin) = prerequisites() else {
+        return;
+    };
+    let _turn = VM_LOCK.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let g = guest(dir.path());
+    let cfg = config(&qemu_bin, &g, &dir.path().join("vm"), "");
+    let backend = QemuBackend::new(&qemu_bin).expect("backend");
+    let spawned = backend.create(&cfg).await.expect("create");
+    let _reaper = Reaper(spawned.handle.pid);
+    backend.start(&spawned.handle).await.expect("start");
+    let handle = spawned.handle.clone();
+    // The "old agent" goes away: only the serialized handle survives.
+    drop(spawned);
+    let handle: ignis::agent::vmm::VmmHandle =
+        serde_json::from_str(&serde_json::to_string(&handle).expect("ser")).expect("de");
+    if let Err(log) = wait_for_marker(&cfg.console_log, BOOT_DEADLINE).await {
+        panic!("no marker; console:\n{log}");
+    }
+    assert_eq!(
+        backend.state(&handle).await.expect("state"),
+        VmmState::Running
+    );
+    backend.stop(&handle).await.expect("stop");
+    let until = Instant::now() + EXIT_DEADLINE;
+    while qemu::is_alive(&handle) {
+        assert!(Instant::now() < until, "VM did not power off");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let console = std::fs::read_to_string(&cfg.console_log).expect("console");
+    let exit = backend.classify_exit(&handle, None, &console);
+    assert_eq!(
+        (exit.success, exit.reason),
+        (true, "GuestShutdown"),
+        "{exit:?}"
+    );
+    assert_eq!(
+        backend.state(&handle).await.expect("state"),
+        VmmState::Exited
+    );
+    // A VMM that died with no trace on the console, status unknown.
+    let exit = backend.classify_exit(&handle, None, "ignis: ready\n");
+    assert_eq!(exit.reason, "VmmExitedWhileAgentDown");
+}
+
+#[tokio::test]
+async fn guest_exit_after_delay() {
+    let Some(qemu_bin) = prerequisites() else {
+        return;
+    };
+    let _turn = VM_LOCK.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let g = guest(dir.path());
+    let cfg = config(&qemu_bin, &g, &dir.path().join("vm"), "ignis.exit_after=2");
+    let backend = QemuBackend::new(&qemu_bin).expect("backend");
+    let mut spawned = backend.create(&cfg).await.expect("create");
+    let _reaper = Reaper(spawned.handle.pid);
+    backend.start(&spawned.handle).await.expect("start");
+    let ready = wait_for_marker(&cfg.console_log, BOOT_DEADLINE)
+        .await
+        .expect("marker");
+    let exit = wait_exit(&backend, &mut spawned).await;
+    assert!(
+        ready.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        ready.elapsed()
+    );
+    assert_eq!(
+        (exit.success, exit.reason),
+        (true, "GuestShutdown"),
+        "{exit:?}"
+    );
+}
