@@ -397,12 +397,7 @@ async fn kvm_probe_is_bounded() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let g = guest(dir.path());
-    let opts = ProbeOptions {
-        qemu_binary: qemu_bin,
-        kernel: g.kernel.clone(),
-        timeout: kvm::PROBE_TIMEOUT,
-        cache_dir: Some(dir.path().join("state")),
-    };
+    let opts = ProbeOptions::new(qemu_bin, g.kernel.clone(), Some(dir.path().join("state")));
     let t0 = Instant::now();
     let probe = kvm::probe(AcceleratorChoice::Auto, &opts)
         .await
@@ -623,4 +618,33 @@ async fn guest_exit_after_delay() {
         (true, "GuestShutdown"),
         "{exit:?}"
     );
+}
+
+/// The probe's deadline path for real: on this host a `qemu64` guest under KVM prints the
+/// setup stub's line and then hangs, so the probe must give up at its bound and kill it.
+#[tokio::test]
+async fn kvm_probe_gives_up_on_a_stuck_guest() {
+    let Some(qemu_bin) = prerequisites() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let g = guest(dir.path());
+    let mut opts = ProbeOptions::new(qemu_bin, g.kernel.clone(), None);
+    opts.cpu = "qemu64".into();
+    opts.timeout = Duration::from_secs(2);
+    let t0 = Instant::now();
+    let probe = kvm::probe(AcceleratorChoice::Auto, &opts)
+        .await
+        .expect("auto never fails");
+    let took = t0.elapsed();
+    println!(
+        "KVM probe (-cpu qemu64): {} ({}) in {took:?}",
+        probe.accelerator, probe.detail
+    );
+    assert!(took < opts.timeout + Duration::from_secs(3), "{took:?}");
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", &g.kernel.to_string_lossy()])
+        .output()
+        .expect("pgrep");
+    assert!(left.stdout.is_empty(), "probe VM still running");
 }
