@@ -291,7 +291,13 @@ async fn probe_boot(opts: &ProbeOptions) -> ProbeBoot {
                     tokio::time::timeout(Duration::from_millis(500), e.read_to_string(&mut err))
                         .await;
             }
-            ProbeBoot::VmmFailed(err.trim().to_string())
+            // One line: the detail ends up in a status message.
+            let err: Vec<&str> = err
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            ProbeBoot::VmmFailed(err.join("; "))
         }
         Err(_) => ProbeBoot::NoProgress(opts.timeout),
     };
