@@ -4,7 +4,9 @@
 //! mode), or on a unix socket (`ignis dev`, tests).
 
 pub mod console;
+pub mod guest;
 pub mod host;
+pub mod kvm;
 pub mod server;
 pub mod simulated;
 pub mod state;
@@ -20,7 +22,7 @@ use thiserror::Error;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::Accelerator;
+use crate::api::AcceleratorChoice;
 use crate::telemetry::{self, MetricsRegistry, Readiness};
 use supervisor::{AgentMetrics, BackendEntry, Supervisor, SupervisorConfig};
 
@@ -122,6 +124,8 @@ pub enum AgentError {
     Serve(#[source] tonic::transport::Error),
     #[error("health server")]
     Telemetry(#[source] telemetry::TelemetryError),
+    #[error("KVM")]
+    Kvm(#[source] kvm::KvmError),
     #[error("the agent task ended abnormally")]
     Join(#[source] tokio::task::JoinError),
 }
@@ -140,6 +144,7 @@ impl AgentError {
             AgentError::Serve(_) => "ServeFailed",
             AgentError::Telemetry(_) => "TelemetryFailed",
             AgentError::Join(_) => "AgentPanicked",
+            AgentError::Kvm(e) => e.reason(),
         }
     }
 }
@@ -287,27 +292,42 @@ impl AgentHandle {
     }
 }
 
-/// Decide the accelerator: the flag, or the bounded KVM probe.
-async fn choose_accelerator(config: &AgentConfig) -> (Accelerator, String) {
-    match config.accelerator {
-        AcceleratorFlag::Tcg => (
-            Accelerator::Tcg,
-            "TCG chosen with --accelerator tcg (KVM not probed)".into(),
-        ),
-        AcceleratorFlag::Kvm => (
-            Accelerator::Kvm,
-            "KVM chosen with --accelerator kvm (not probed)".into(),
-        ),
-        AcceleratorFlag::Auto => (
-            Accelerator::Tcg,
-            "the KVM probe is not built in this agent yet".into(),
-        ),
-    }
+/// Decide the accelerator: `tcg` skips the probe; `auto` runs the bounded KVM probe (cached
+/// per host boot in the state directory) and falls back to TCG; `kvm` refuses to start
+/// without usable KVM.
+async fn choose_accelerator(config: &AgentConfig) -> Result<kvm::KvmProbe, AgentError> {
+    let choice = match config.accelerator {
+        AcceleratorFlag::Auto => AcceleratorChoice::Auto,
+        AcceleratorFlag::Kvm => AcceleratorChoice::Kvm,
+        AcceleratorFlag::Tcg => AcceleratorChoice::Tcg,
+    };
+    let kernel = guest::find_newest_kernel(Path::new("/boot"))
+        .map(|version| PathBuf::from(format!("/boot/vmlinuz-{version}")))
+        .unwrap_or_default();
+    let options = kvm::ProbeOptions {
+        qemu_binary: supervisor::resolve_binary(&config.qemu_binary)
+            .unwrap_or_else(|| config.qemu_binary.clone()),
+        kernel,
+        timeout: kvm::PROBE_TIMEOUT,
+        cache_dir: Some(config.state_dir.clone()),
+    };
+    kvm::probe(choice, &options).await.map_err(AgentError::Kvm)
 }
 
 /// The VMM backends this agent offers.
 fn backends(config: &AgentConfig) -> Vec<BackendEntry> {
     let mut backends = Vec::new();
+    match vmm::qemu::QemuBackend::new(&config.qemu_binary) {
+        Ok(qemu) => backends.push(BackendEntry {
+            binary: qemu.binary().to_path_buf(),
+            backend: Arc::new(qemu),
+        }),
+        // A node without QEMU still serves its other VMMs; VMs asking for QEMU fail with
+        // HypervisorUnavailable.
+        Err(error) => tracing::warn!(%error, "QEMU backend unavailable"),
+    }
+    // Firecracker and Cloud Hypervisor register here, next to QEMU, once their backends land
+    // (branch vmm-specs): BackendEntry { backend, binary: config.firecracker_binary, .. }.
     if config.simulated {
         let simulated = simulated::SimulatedBackend::default();
         backends.push(BackendEntry {
@@ -344,7 +364,8 @@ pub async fn serve_with_metrics(
     };
     let store = state::StateStore::open(&config.state_dir).map_err(AgentError::State)?;
     let capacity = host::HostCapacity::read().map_err(AgentError::Host)?;
-    let (accelerator, accelerator_detail) = choose_accelerator(&config).await;
+    let probe = choose_accelerator(&config).await?;
+    let (accelerator, accelerator_detail) = (probe.accelerator, probe.detail);
     let instance_id = uuid::Uuid::new_v4().to_string();
     let supervisor = Supervisor::new(
         SupervisorConfig {
