@@ -46,7 +46,7 @@ async fn bare_qemu_boot_ms(guest: &ignis::agent::guest::DemoGuest, dir: &Path) -
     let mut child = tokio::process::Command::new("qemu-system-x86_64")
         .args([
             "-M",
-            "microvm",
+            "microvm,pit=on,pic=on,rtc=on",
             "-nodefaults",
             "-no-user-config",
             "-display",
