@@ -380,7 +380,11 @@ fi
 # QEMU's system_powerdown arrives as an ACPI power button press.
 for ev in /sys/class/input/event*; do
   if grep -q "Power Button" "$ev/device/name" 2>/dev/null; then
-    (dd if="/dev/${{ev##*/}}" bs=24 count=1 >/dev/null 2>&1; echo "ignis: power button"; poweroff -f) &
+    (if dd if="/dev/input/${{ev##*/}}" of=/dev/null bs=24 count=1 2>/tmp/button.err; then
+      echo "ignis: power button"; poweroff -f
+    else
+      echo "ignis: cannot watch the power button: $(cat /tmp/button.err)"
+    fi) &
   fi
 done
 cat > /www/index.html <<PAGE
