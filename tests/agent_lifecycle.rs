@@ -42,6 +42,12 @@ fn local_config(state_dir: &Path) -> AgentConfig {
 /// Boot-to-marker of the same guest with bare QEMU, no agent: the baseline of apply→ready.
 async fn bare_qemu_boot_ms(guest: &ignis::agent::guest::DemoGuest, dir: &Path) -> u128 {
     let log = dir.join("bare-console.log");
+    // The same command line the QEMU backend gives a TCG guest (host TSC rate).
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cmdline = match ignis::agent::vmm::qemu::host_tsc_khz(&cpuinfo) {
+        Some(khz) => format!("{CMDLINE} tsc_early_khz={khz} tsc=reliable"),
+        None => CMDLINE.to_owned(),
+    };
     let started = Instant::now();
     let mut child = tokio::process::Command::new("qemu-system-x86_64")
         .args([
@@ -58,7 +64,8 @@ async fn bare_qemu_boot_ms(guest: &ignis::agent::guest::DemoGuest, dir: &Path) -
         .arg(&guest.kernel)
         .arg("-initrd")
         .arg(&guest.initrd)
-        .args(["-append", CMDLINE])
+        .arg("-append")
+        .arg(&cmdline)
         .arg("-serial")
         .arg(format!("file:{}", log.display()))
         .kill_on_drop(true)
