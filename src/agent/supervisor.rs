@@ -552,7 +552,7 @@ pub fn exit_record(exit: &GuestExit, at_unix_ms: i64) -> ExitRecord {
 /// what the guest did, `VmmExitedWhileAgentDown` otherwise.
 pub fn exit_while_down(exit: &GuestExit) -> GuestExit {
     match exit.reason {
-        "GuestShutdown" | "GuestReboot" | "GuestPanic" => exit.clone(),
+        "GuestShutdown" | "GuestReboot" | "GuestPanic" | "VmmExitedWhileAgentDown" => exit.clone(),
         _ => GuestExit {
             success: false,
             reason: "VmmExitedWhileAgentDown",
@@ -1415,7 +1415,13 @@ impl Inner {
             (run, rt.status.ready, console_log)
         };
         let tail = console::tail_text(&console_log, CONSOLE_TAIL);
-        let exit = run.backend.classify_exit(&run.handle, status, &tail);
+        let mut exit = run.backend.classify_exit(&run.handle, status, &tail);
+        if status.is_none() && exit.reason == "VmmExitedWhileAgentDown" {
+            // A re-adopted VMM is not our child: its exit status is unknowable, but it ended
+            // under this agent's watch, not while the agent was down.
+            exit.reason = "VmmExited";
+            exit.message = "the re-adopted VMM ended; its exit status is unknown because it is not the agent's child".into();
+        }
         tracing::info!(uid = %slot.uid, reason = exit.reason, ready, "VMM exited");
         let record = exit_record(&exit, now_ms());
         if ready {
@@ -1786,5 +1792,475 @@ impl Readiness {
         } else {
             Readiness::Marker(spec.readiness_console_marker.clone())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::simulated::SimulatedBackend;
+
+    fn held(hash: &str, run: u32, phase: Phase, booted: bool) -> HeldRun {
+        HeldRun {
+            spec_hash: hash.into(),
+            run,
+            phase,
+            booted,
+        }
+    }
+
+    #[test]
+    fn apply_is_idempotent_by_hash_run_and_desired_state() {
+        use ApplyAction::*;
+        assert_eq!(decide_apply(None, "h", 1, true), Boot);
+        assert_eq!(decide_apply(None, "h", 1, false), RecordStopped);
+        let running = held("h", 1, Phase::Running, true);
+        assert_eq!(decide_apply(Some(&running), "h", 1, true), Nothing);
+        assert_eq!(
+            decide_apply(Some(&running), "h2", 1, true),
+            Boot,
+            "new hash replaces"
+        );
+        assert_eq!(decide_apply(Some(&running), "h2", 1, false), RecordStopped);
+        assert_eq!(decide_apply(Some(&running), "h", 1, false), Stop);
+        assert_eq!(
+            decide_apply(Some(&running), "h", 2, true),
+            AdoptRun,
+            "still running: no reboot"
+        );
+        assert_eq!(
+            decide_apply(Some(&running), "h", 0, true),
+            Nothing,
+            "stale run"
+        );
+        let exited = held("h", 1, Phase::Exited, true);
+        assert_eq!(
+            decide_apply(Some(&exited), "h", 1, true),
+            Nothing,
+            "an ended run stays ended"
+        );
+        assert_eq!(
+            decide_apply(Some(&exited), "h", 2, true),
+            Boot,
+            "run N+1 boots again"
+        );
+        assert_eq!(decide_apply(Some(&exited), "h", 2, false), AdoptRun);
+        let failed = held("h", 3, Phase::Failed, false);
+        assert_eq!(decide_apply(Some(&failed), "h", 3, true), Nothing);
+        assert_eq!(decide_apply(Some(&failed), "h", 4, true), Boot);
+        let never_booted = held("h", 1, Phase::Stopped, false);
+        assert_eq!(decide_apply(Some(&never_booted), "h", 1, true), Boot);
+        let stopped = held("h", 1, Phase::Stopped, true);
+        assert_eq!(decide_apply(Some(&stopped), "h", 1, true), Nothing);
+    }
+
+    fn env(accelerator: Accelerator) -> PlanEnv {
+        PlanEnv {
+            host_memory_bytes: 8 << 30,
+            accelerator,
+            accelerator_detail: "probe said so".into(),
+            available: vec![
+                (Hypervisor::Qemu, true, true),
+                (Hypervisor::Firecracker, true, false),
+            ],
+            unavailable: vec![(
+                Hypervisor::CloudHypervisor,
+                "binary cloud-hypervisor not found".into(),
+            )],
+            simulated: false,
+        }
+    }
+
+    fn spec() -> SpecRecord {
+        SpecRecord {
+            uid: "u".into(),
+            hypervisor: "auto".into(),
+            accelerator: "auto".into(),
+            vcpus: 1,
+            memory_bytes: 256 << 20,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn planning_picks_the_vmm_and_accelerator() {
+        let plan = plan_boot(&spec(), &env(Accelerator::Tcg)).expect("plan");
+        assert_eq!(
+            (plan.hypervisor, plan.accelerator, plan.memory_mib),
+            (Hypervisor::Qemu, Accelerator::Tcg, 256)
+        );
+        let plan = plan_boot(&spec(), &env(Accelerator::Kvm)).expect("plan");
+        assert_eq!(
+            (plan.hypervisor, plan.accelerator),
+            (Hypervisor::Qemu, Accelerator::Kvm)
+        );
+        let fc = SpecRecord {
+            hypervisor: "firecracker".into(),
+            ..spec()
+        };
+        assert_eq!(
+            plan_boot(&fc, &env(Accelerator::Kvm))
+                .expect("fc")
+                .accelerator,
+            Accelerator::Kvm
+        );
+        assert_eq!(
+            plan_boot(&fc, &env(Accelerator::Tcg))
+                .expect_err("no kvm")
+                .reason(),
+            "KvmUnavailable"
+        );
+        let fc_tcg = SpecRecord {
+            accelerator: "tcg".into(),
+            ..fc
+        };
+        assert_eq!(
+            plan_boot(&fc_tcg, &env(Accelerator::Kvm))
+                .expect_err("fc tcg")
+                .reason(),
+            "AcceleratorUnsupported"
+        );
+    }
+
+    #[test]
+    fn planning_refuses_bad_input_with_a_named_cause() {
+        let cases = [
+            (
+                SpecRecord {
+                    hypervisor: "xen".into(),
+                    ..spec()
+                },
+                "UnknownHypervisor",
+            ),
+            (
+                SpecRecord {
+                    memory_bytes: 9 << 30,
+                    ..spec()
+                },
+                "InsufficientMemory",
+            ),
+            (
+                SpecRecord {
+                    memory_bytes: 0,
+                    ..spec()
+                },
+                "InvalidSpec",
+            ),
+            (
+                SpecRecord {
+                    accelerator: "kvm".into(),
+                    ..spec()
+                },
+                "KvmUnavailable",
+            ),
+            (
+                SpecRecord {
+                    hypervisor: "cloud-hypervisor".into(),
+                    ..spec()
+                },
+                "HypervisorUnavailable",
+            ),
+            (
+                SpecRecord {
+                    hypervisor: "simulated".into(),
+                    ..spec()
+                },
+                "HypervisorUnavailable",
+            ),
+            (
+                SpecRecord {
+                    readiness_tcp_port: 80,
+                    ..spec()
+                },
+                "ReadinessUnreachable",
+            ),
+            (
+                SpecRecord {
+                    interfaces: vec![crate::agent::state::InterfaceRecord {
+                        name: "eth0".into(),
+                        mode: "bridge".into(),
+                        ..Default::default()
+                    }],
+                    ..spec()
+                },
+                "NetworkingUnavailable",
+            ),
+        ];
+        for (spec, reason) in cases {
+            let error = plan_boot(&spec, &env(Accelerator::Tcg)).expect_err(reason);
+            assert_eq!(error.reason(), reason, "{error}");
+            assert!(error.is_permanent());
+        }
+        let unavailable = plan_boot(
+            &SpecRecord {
+                hypervisor: "cloud-hypervisor".into(),
+                ..spec()
+            },
+            &env(Accelerator::Tcg),
+        )
+        .expect_err("ch");
+        assert!(
+            unavailable
+                .to_string()
+                .contains("binary cloud-hypervisor not found")
+        );
+    }
+
+    #[test]
+    fn file_checks_tell_missing_from_unreadable() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let kernel = tmp.path().join("vmlinuz");
+        std::fs::write(&kernel, b"k").expect("kernel");
+        let ok = SpecRecord {
+            kernel_path: kernel.display().to_string(),
+            ..spec()
+        };
+        assert!(check_files(&ok).is_ok());
+        let missing = SpecRecord {
+            kernel_path: "/nope".into(),
+            ..spec()
+        };
+        assert_eq!(
+            check_files(&missing).expect_err("missing").reason(),
+            "KernelNotFound"
+        );
+        let dir_initrd = SpecRecord {
+            initrd_path: tmp.path().display().to_string(),
+            ..ok.clone()
+        };
+        assert_eq!(
+            check_files(&dir_initrd).expect_err("dir").reason(),
+            "InitrdUnreadable"
+        );
+        let empty = tmp.path().join("empty");
+        std::fs::write(&empty, b"").expect("empty");
+        let empty_initrd = SpecRecord {
+            initrd_path: empty.display().to_string(),
+            ..ok
+        };
+        assert_eq!(
+            check_files(&empty_initrd).expect_err("empty").reason(),
+            "InitrdUnreadable"
+        );
+    }
+
+    /// A unit-test double: a `sleep` process that claims to be QEMU and never prints a
+    /// console marker, to drive the boot deadline.
+    struct SilentQemu(SimulatedBackend);
+
+    #[async_trait::async_trait]
+    impl VmmBackend for SilentQemu {
+        fn kind(&self) -> Hypervisor {
+            Hypervisor::Qemu
+        }
+        fn supports(&self, _: Accelerator) -> bool {
+            true
+        }
+        async fn create(&self, config: &VmConfig) -> Result<crate::agent::vmm::Spawned, VmmError> {
+            self.0.create(config).await
+        }
+        async fn start(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+            self.0.start(handle).await
+        }
+        async fn stop(&self, _: &VmmHandle) -> Result<(), VmmError> {
+            // A guest that ignores the power button: only kill ends it.
+            Ok(())
+        }
+        async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+            self.0.kill(handle).await
+        }
+        async fn state(&self, handle: &VmmHandle) -> Result<crate::agent::vmm::VmmState, VmmError> {
+            self.0.state(handle).await
+        }
+        fn classify_exit(
+            &self,
+            h: &VmmHandle,
+            s: Option<std::process::ExitStatus>,
+            t: &str,
+        ) -> GuestExit {
+            self.0.classify_exit(h, s, t)
+        }
+    }
+
+    async fn supervisor(dir: &Path, backend: Arc<dyn VmmBackend>, simulated: bool) -> Supervisor {
+        Supervisor::new(
+            SupervisorConfig {
+                boot_timeout: Duration::from_millis(400),
+                console_max_bytes: 1 << 20,
+                host: HostCapacity {
+                    vcpus: 4,
+                    memory_bytes: 8 << 30,
+                },
+                accelerator: Accelerator::Tcg,
+                accelerator_detail: "test".into(),
+                simulated,
+            },
+            StateStore::open(dir).expect("store"),
+            vec![BackendEntry {
+                backend,
+                binary: PathBuf::from("sleep"),
+            }],
+            AgentMetrics::register(&MetricsRegistry::with_prefix("test")).await,
+        )
+    }
+
+    fn request(
+        uid: &str,
+        kernel: &Path,
+        hash: &str,
+        run: u32,
+        state: proto::DesiredState,
+    ) -> proto::ApplyVmRequest {
+        proto::ApplyVmRequest {
+            spec: Some(proto::VmSpec {
+                uid: uid.into(),
+                hypervisor: "auto".into(),
+                accelerator: "auto".into(),
+                vcpus: 1,
+                memory_bytes: 64 << 20,
+                kernel_path: kernel.display().to_string(),
+                readiness_console_marker: "ignis: ready".into(),
+                termination_grace_period_seconds: 0,
+                ..Default::default()
+            }),
+            spec_hash: hash.into(),
+            run,
+            desired_state: state as i32,
+        }
+    }
+
+    async fn wait_state(sup: &Supervisor, uid: &str, state: proto::VmState) -> proto::Vm {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(vm) = sup.get(uid)
+                && vm.state() == state
+            {
+                return vm;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{uid} never reached {state:?}: {:?}",
+                sup.get(uid)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn simulated_vms_converge_replace_stop_and_delete() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let kernel = tmp.path().join("vmlinuz");
+        std::fs::write(&kernel, b"k").expect("kernel");
+        let sup = supervisor(tmp.path(), Arc::new(SimulatedBackend::default()), true).await;
+        let (mut events, _) = sup.subscribe();
+        let vm = sup
+            .apply(request("a", &kernel, "h1", 1, proto::DesiredState::Running))
+            .await
+            .expect("apply");
+        assert_eq!(vm.hypervisor, "simulated");
+        let first = wait_state(&sup, "a", proto::VmState::Running).await;
+        assert!(first.ready && first.pid > 0);
+        assert!(events.try_recv().is_ok(), "changes are published");
+
+        let same = sup
+            .apply(request("a", &kernel, "h1", 1, proto::DesiredState::Running))
+            .await
+            .expect("again");
+        assert_eq!(same.pid, first.pid, "same request, same VM");
+
+        sup.apply(request("a", &kernel, "h2", 1, proto::DesiredState::Running))
+            .await
+            .expect("replace");
+        let second = wait_state(&sup, "a", proto::VmState::Running).await;
+        assert_ne!(second.pid, first.pid, "a new hash replaces the VMM");
+        assert!(
+            !host::is_same_live_process(first.pid, 0)
+                || host::proc_stat(first.pid).is_none_or(|s| s.state == 'Z')
+        );
+
+        let stopped = sup
+            .apply(request("a", &kernel, "h2", 1, proto::DesiredState::Stopped))
+            .await
+            .expect("stop");
+        assert_eq!(stopped.state(), proto::VmState::Stopped);
+        assert_eq!(
+            sup.usage(),
+            (1, 64 << 20),
+            "a stopped VM still holds its reservation"
+        );
+
+        assert!(sup.delete("a", Some(Duration::ZERO)).await.expect("delete"));
+        assert!(!sup.delete("a", None).await.expect("delete twice"));
+        assert!(!tmp.path().join("vms/a").exists());
+        assert_eq!(sup.usage(), (0, 0));
+        sup.shutdown(false).await;
+    }
+
+    #[tokio::test]
+    async fn a_guest_that_never_gets_ready_fails_with_boot_timeout_and_is_killed() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let kernel = tmp.path().join("vmlinuz");
+        std::fs::write(&kernel, b"k").expect("kernel");
+        let sup = supervisor(
+            tmp.path(),
+            Arc::new(SilentQemu(SimulatedBackend::default())),
+            false,
+        )
+        .await;
+        let vm = sup
+            .apply(request(
+                "slow",
+                &kernel,
+                "h",
+                1,
+                proto::DesiredState::Running,
+            ))
+            .await
+            .expect("apply");
+        assert_eq!(vm.state(), proto::VmState::Starting);
+        let pid = vm.pid;
+        let failed = wait_state(&sup, "slow", proto::VmState::Failed).await;
+        let exit = failed.exit.expect("exit");
+        assert_eq!(exit.reason, "BootTimeout");
+        assert!(!exit.permanent);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while host::proc_stat(pid).is_some_and(|s| s.state != 'Z') {
+            assert!(Instant::now() < deadline, "the VMM was not killed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left: Vec<_> = std::fs::read_dir(tmp.path().join("vms/slow"))
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("status.json")]);
+
+        // Run 2 boots again (the controller's restart), and a re-adopting supervisor on the
+        // same directory finds the failure recorded.
+        let again = sup
+            .apply(request(
+                "slow",
+                &kernel,
+                "h",
+                2,
+                proto::DesiredState::Running,
+            ))
+            .await
+            .expect("run 2");
+        assert_eq!(again.state(), proto::VmState::Starting);
+        assert_ne!(again.pid, pid);
+        wait_state(&sup, "slow", proto::VmState::Failed).await;
+        sup.shutdown(false).await;
+        let next = supervisor(
+            tmp.path(),
+            Arc::new(SilentQemu(SimulatedBackend::default())),
+            false,
+        )
+        .await;
+        assert_eq!(next.adopt().await.expect("adopt"), 1);
+        assert_eq!(
+            next.get("slow").expect("held").state(),
+            proto::VmState::Failed
+        );
+        next.shutdown(false).await;
     }
 }
