@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ignis::agent::guest::{DEFAULT_CMDLINE, DEMO_MARKER, DemoGuest, build_demo_guest};
 use ignis::agent::kvm::{self, ProbeOptions};
 use ignis::agent::vmm::qemu::{self, QemuBackend};
-use ignis::agent::vmm::{GuestExit, Spawned, VmConfig, VmmBackend, VmmState};
+use ignis::agent::vmm::{GuestExit, NetConfig, Spawned, VmConfig, VmmBackend, VmmState};
 use ignis::api::{Accelerator, AcceleratorChoice};
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(60);
@@ -438,4 +438,189 @@ async fn kvm_probe_is_bounded() {
         .output()
         .expect("pgrep");
     assert!(left.stdout.is_empty(), "probe VM still running");
+}
+
+/// A host tap device, deleted when the test ends.
+struct Tap(String);
+
+impl Tap {
+    fn create(name: &str, host_cidr: &str) -> Result<Tap, String> {
+        let ip = |args: &[&str]| {
+            std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(|e| format!("ip: {e}"))
+                .and_then(|o| {
+                    if o.status.success() {
+                        Ok(())
+                    } else {
+                        Err(String::from_utf8_lossy(&o.stderr).trim().to_string())
+                    }
+                })
+        };
+        ip(&["tuntap", "add", "dev", name, "mode", "tap"])?;
+        let tap = Tap(name.to_string());
+        ip(&["addr", "add", host_cidr, "dev", name])?;
+        ip(&["link", "set", name, "up"])?;
+        Ok(tap)
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.0])
+            .output();
+    }
+}
+
+async fn http_get(addr: &str, deadline: Duration) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let until = Instant::now() + deadline;
+    let mut last = String::new();
+    while Instant::now() < until {
+        let attempt = async {
+            let mut s = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n")
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<String, String>(body)
+        };
+        match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+            Ok(Ok(body)) => return Ok(body),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = "timed out".into(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last)
+}
+
+#[tokio::test]
+async fn guest_serves_http_on_its_tap_interface() {
+    let Some(qemu_bin) = prerequisites() else {
+        return;
+    };
+    let n = std::process::id() % 200 + 20;
+    let tap_name = format!("igt{}", std::process::id());
+    let tap = match Tap::create(&tap_name, &format!("10.213.{n}.1/30")) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("SKIP: cannot create tap {tap_name} (needs CAP_NET_ADMIN): {e}");
+            return;
+        }
+    };
+    let _turn = VM_LOCK.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let g = guest(dir.path());
+    let mut cfg = config(
+        &qemu_bin,
+        &g,
+        &dir.path().join("vm"),
+        &format!("ignis.ip=10.213.{n}.2/30 ignis.gw=10.213.{n}.1 ignis.name=web-vm"),
+    );
+    cfg.nets = vec![NetConfig {
+        id: "eth0".into(),
+        tap: tap.0.clone(),
+        mac: "02:00:0a:d5:00:02".into(),
+    }];
+    let backend = QemuBackend::new(&qemu_bin).expect("backend");
+    let spawned = backend.create(&cfg).await.expect("create");
+    let _reaper = Reaper(spawned.handle.pid);
+    backend.start(&spawned.handle).await.expect("start");
+    if let Err(log) = wait_for_marker(&cfg.console_log, BOOT_DEADLINE).await {
+        panic!("no marker; console:\n{log}");
+    }
+    let page = http_get(&format!("10.213.{n}.2:80"), Duration::from_secs(15)).await;
+    backend.kill(&spawned.handle).await.expect("kill");
+    let page = page.unwrap_or_else(|e| {
+        let console = std::fs::read_to_string(&cfg.console_log).unwrap_or_default();
+        panic!("guest did not answer HTTP: {e}; console:\n{console}")
+    });
+    assert!(page.starts_with("HTTP/1."), "{page}");
+    assert!(page.contains("hostname: web-vm"), "{page}");
+}
+
+/// After an agent restart only the persisted handle is left: the backend must still see,
+/// stop and explain the VM through it.
+#[tokio::test]
+async fn readopted_handle_controls_and_explains_the_vm() {
+    let Some(qemu_bin) = prerequisites() else {
+        return;
+    };
+    let _turn = VM_LOCK.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let g = guest(dir.path());
+    let cfg = config(&qemu_bin, &g, &dir.path().join("vm"), "");
+    let backend = QemuBackend::new(&qemu_bin).expect("backend");
+    let spawned = backend.create(&cfg).await.expect("create");
+    let _reaper = Reaper(spawned.handle.pid);
+    backend.start(&spawned.handle).await.expect("start");
+    let handle = spawned.handle.clone();
+    // The "old agent" goes away: only the serialized handle survives.
+    drop(spawned);
+    let handle: ignis::agent::vmm::VmmHandle =
+        serde_json::from_str(&serde_json::to_string(&handle).expect("ser")).expect("de");
+    if let Err(log) = wait_for_marker(&cfg.console_log, BOOT_DEADLINE).await {
+        panic!("no marker; console:\n{log}");
+    }
+    assert_eq!(
+        backend.state(&handle).await.expect("state"),
+        VmmState::Running
+    );
+    backend.stop(&handle).await.expect("stop");
+    let until = Instant::now() + EXIT_DEADLINE;
+    while qemu::is_alive(&handle) {
+        assert!(Instant::now() < until, "VM did not power off");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let console = std::fs::read_to_string(&cfg.console_log).expect("console");
+    let exit = backend.classify_exit(&handle, None, &console);
+    assert_eq!(
+        (exit.success, exit.reason),
+        (true, "GuestShutdown"),
+        "{exit:?}"
+    );
+    assert_eq!(
+        backend.state(&handle).await.expect("state"),
+        VmmState::Exited
+    );
+    // A VMM that died with no trace on the console, status unknown.
+    let exit = backend.classify_exit(&handle, None, "ignis: ready\n");
+    assert_eq!(exit.reason, "VmmExitedWhileAgentDown");
+}
+
+#[tokio::test]
+async fn guest_exit_after_delay() {
+    let Some(qemu_bin) = prerequisites() else {
+        return;
+    };
+    let _turn = VM_LOCK.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let g = guest(dir.path());
+    let cfg = config(&qemu_bin, &g, &dir.path().join("vm"), "ignis.exit_after=2");
+    let backend = QemuBackend::new(&qemu_bin).expect("backend");
+    let mut spawned = backend.create(&cfg).await.expect("create");
+    let _reaper = Reaper(spawned.handle.pid);
+    backend.start(&spawned.handle).await.expect("start");
+    let ready = wait_for_marker(&cfg.console_log, BOOT_DEADLINE)
+        .await
+        .expect("marker");
+    let exit = wait_exit(&backend, &mut spawned).await;
+    assert!(
+        ready.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        ready.elapsed()
+    );
+    assert_eq!(
+        (exit.success, exit.reason),
+        (true, "GuestShutdown"),
+        "{exit:?}"
+    );
 }

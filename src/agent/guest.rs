@@ -362,10 +362,13 @@ mount -t devtmpfs devtmpfs /dev
 for m in {modules}; do
   insmod "$m" 2>/dev/null || echo "ignis: insmod $m failed"
 done
+# The last occurrence wins, as for the kernel's own parameters.
 param() {{
+  v=
   for w in $(cat /proc/cmdline); do
-    case "$w" in "$1="*) echo "${{w#*=}}"; return;; esac
+    case "$w" in "$1="*) v="${{w#*=}}";; esac
   done
+  echo "$v"
 }}
 name=$(param ignis.name)
 [ -n "$name" ] && hostname "$name"
