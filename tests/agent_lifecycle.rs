@@ -41,7 +41,10 @@ fn local_config(state_dir: &Path) -> AgentConfig {
 
 /// Boot-to-marker of the same guest with bare QEMU, no agent: the baseline of apply→ready.
 async fn bare_qemu_boot_ms(guest: &ignis::agent::guest::DemoGuest, dir: &Path) -> u128 {
-    let log = dir.join("bare-console.log");
+    static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let log = dir.join(format!("bare-console-{n}.log"));
+    let _ = std::fs::remove_file(&log);
     // The same command line the QEMU backend gives a TCG guest (host TSC rate).
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cmdline = match ignis::agent::vmm::qemu::host_tsc_khz(&cpuinfo) {
@@ -185,7 +188,7 @@ async fn boots_the_demo_guest_then_delete_leaves_nothing() {
         .into_iter()
         .filter(|p| {
             !p.starts_with("agent.sock")
-                && !p.ends_with("bare-console.log")
+                && !p.to_string_lossy().starts_with("bare-console")
                 && !p.ends_with("kvm-probe.json")
         })
         .collect();
@@ -633,4 +636,113 @@ async fn tcp_needs_a_client_certificate_from_the_ca() {
     );
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), agent.wait()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_to_ready_against_bare_qemu_console_follow_heartbeat_and_stop_on_exit() {
+    if !qemu_present() {
+        return;
+    }
+    let guest = demo_guest();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let shutdown = CancellationToken::new();
+    let mut config = local_config(tmp.path());
+    config.stop_vms_on_exit = true;
+    let agent = serve(config, shutdown.clone()).await.expect("serve");
+    let mut client = connect(agent.socket_path().expect("unix"), Duration::from_secs(5)).await;
+    let mut reaper = Reaper::default();
+
+    // Heartbeats carry this start's instance id.
+    let host = client
+        .get_host(proto::GetHostRequest {})
+        .await
+        .expect("host")
+        .into_inner();
+    let mut events = client
+        .watch_v_ms(proto::WatchVMsRequest {})
+        .await
+        .expect("watch")
+        .into_inner();
+    let heartbeat = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(event) = events.next().await {
+            if let Some(proto::vm_event::Event::Heartbeat(hb)) = event.expect("event").event {
+                return hb;
+            }
+        }
+        panic!("the watch ended");
+    })
+    .await
+    .expect("a heartbeat within 5 s");
+    assert_eq!(heartbeat.instance_id, host.instance_id);
+
+    // Alternate bare QEMU and the agent so both see the same host load.
+    let mut bare = Vec::new();
+    let mut agent_ms = Vec::new();
+    let mut last_pid = 0;
+    for i in 0..3 {
+        bare.push(bare_qemu_boot_ms(&guest, tmp.path()).await as u64);
+        let uid = format!("measure-{i}");
+        let vm = client
+            .apply_vm(apply_request(demo_spec(&uid, &guest)))
+            .await
+            .expect("apply")
+            .into_inner();
+        reaper.0.push(vm.pid);
+        // Follow the console from the start: the marker arrives through the stream.
+        let mut console = client
+            .console(proto::ConsoleRequest {
+                uid: uid.clone(),
+                tail_bytes: 1 << 20,
+                follow: true,
+            })
+            .await
+            .expect("console")
+            .into_inner();
+        let mut seen = Vec::new();
+        tokio::time::timeout(BOOT, async {
+            while let Some(chunk) = console.next().await {
+                seen.extend(chunk.expect("chunk").data);
+                if String::from_utf8_lossy(&seen).contains(MARKER) {
+                    return;
+                }
+            }
+            panic!("the console ended without the marker");
+        })
+        .await
+        .expect("marker on the followed console");
+        let vm = wait_vm(&mut client, &uid, BOOT, |vm| vm.ready).await;
+        agent_ms.push(vm.apply_to_ready_ms);
+        last_pid = vm.pid;
+        if i < 2 {
+            client
+                .delete_vm(proto::DeleteVmRequest {
+                    uid,
+                    grace_period_seconds: 0,
+                })
+                .await
+                .expect("delete");
+        }
+    }
+    let median = |v: &mut Vec<u64>| {
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    println!(
+        "MEASURE bare qemu boot-to-marker ms {bare:?} (median {}); ApplyVM->Ready ms {agent_ms:?} (median {})",
+        median(&mut bare.clone()),
+        median(&mut agent_ms.clone())
+    );
+
+    // `--stop-vms-on-exit`: the last VM is stopped when the agent stops.
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), agent.wait())
+        .await
+        .expect("agent stops in time")
+        .expect("agent stops cleanly");
+    wait_pid_gone(last_pid, Duration::from_secs(10)).await;
+    let status: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(tmp.path().join("vms/measure-2/status.json")).expect("status"),
+    )
+    .expect("json");
+    assert_eq!(status["phase"], "Stopped");
 }
