@@ -1,1 +1,387 @@
-pub fn placeholder() {}
+//! End-to-end harness: drives Ignis only through `kubectl` and the Kubernetes API.
+//!
+//! By default each [`Cluster`] spawns `ignis dev` (the binary built in this workspace) on a
+//! private data directory and loopback port. With `IGNIS_E2E_KUBECONFIG` set, the same tests
+//! run unchanged against that cluster (Ignis installed there, e.g. with the Helm chart); then
+//! `IGNIS_E2E_GUEST_DIR` names the node directory holding the demo guest (default
+//! `/var/lib/ignis/guest`, where every agent prepares it).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// What a kubectl call returned.
+#[derive(Debug)]
+pub struct Kubectl {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// A running `ignis dev` owned by the test.
+pub struct DevProcess {
+    child: Child,
+    pub data_dir: PathBuf,
+    log: PathBuf,
+}
+
+/// The system under test.
+pub struct Cluster {
+    pub kubeconfig: PathBuf,
+    /// Where the demo guest's kernel and initrd are on the node(s).
+    pub guest_dir: PathBuf,
+    dev: Option<DevProcess>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// Path of the `ignis` binary built by this workspace.
+pub fn ignis_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("IGNIS_BIN") {
+        return PathBuf::from(path);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    target.join("debug/ignis")
+}
+
+impl Cluster {
+    /// A cluster for one test: the user's (`IGNIS_E2E_KUBECONFIG`) or a fresh `ignis dev`.
+    pub fn start() -> Cluster {
+        if let Ok(kubeconfig) = std::env::var("IGNIS_E2E_KUBECONFIG") {
+            let guest_dir = std::env::var("IGNIS_E2E_GUEST_DIR")
+                .unwrap_or_else(|_| "/var/lib/ignis/guest".into());
+            return Cluster {
+                kubeconfig: kubeconfig.into(),
+                guest_dir: guest_dir.into(),
+                dev: None,
+                _tmp: None,
+            };
+        }
+        let tmp = tempfile::Builder::new()
+            .prefix("ignis-e2e-")
+            .tempdir()
+            .expect("tempdir");
+        let data_dir = tmp.path().join("data");
+        let mut cluster = Cluster {
+            kubeconfig: tmp.path().join("kubeconfig"),
+            guest_dir: data_dir.join("guest"),
+            dev: None,
+            _tmp: None,
+        };
+        cluster.dev = Some(cluster.spawn_dev(&data_dir));
+        cluster._tmp = Some(tmp);
+        cluster
+    }
+
+    /// Whether this run owns an `ignis dev` (and so may restart it).
+    pub fn is_dev(&self) -> bool {
+        self.dev.is_some()
+    }
+
+    fn spawn_dev(&self, data_dir: &Path) -> DevProcess {
+        std::fs::create_dir_all(data_dir).expect("data dir");
+        let _ = std::fs::remove_file(&self.kubeconfig);
+        let log = data_dir.join("dev.log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("dev log");
+        let binary = ignis_binary();
+        assert!(
+            binary.exists(),
+            "{} not found: run `cargo build --bin ignis` first",
+            binary.display()
+        );
+        let child = Command::new(&binary)
+            .args(["dev", "--data-dir"])
+            .arg(data_dir)
+            .arg("--kubeconfig-out")
+            .arg(&self.kubeconfig)
+            .args(["--api-port", "0", "--health-addr", "127.0.0.1:0"])
+            .env(
+                "IGNIS_ACCELERATOR",
+                std::env::var("IGNIS_ACCELERATOR").unwrap_or_else(|_| "auto".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log fd"))
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn ignis dev");
+        let mut dev = DevProcess {
+            child,
+            data_dir: data_dir.to_path_buf(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(Some(status)) = dev.child.try_wait() {
+                panic!("ignis dev exited early ({status}):\n{}", dev.log_tail());
+            }
+            if self.kubeconfig.exists() && self.kubectl(&["get", "namespace", "default"]).success {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ignis dev not ready in 120s:\n{}",
+                dev.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        dev
+    }
+
+    /// Stop `ignis dev` with SIGTERM (or SIGKILL when `kill`), then start it again on the
+    /// same data directory.
+    pub fn restart_dev(&mut self, kill: bool) {
+        let mut dev = self.dev.take().expect("restart needs ignis dev");
+        dev.stop(kill);
+        let data_dir = dev.data_dir.clone();
+        self.dev = Some(self.spawn_dev(&data_dir));
+    }
+
+    /// The dev process' log so far (for failure messages).
+    pub fn dev_log(&self) -> String {
+        self.dev
+            .as_ref()
+            .map(DevProcess::log_tail)
+            .unwrap_or_default()
+    }
+
+    /// Run kubectl with this cluster's kubeconfig and a deadline.
+    pub fn kubectl(&self, args: &[&str]) -> Kubectl {
+        self.kubectl_stdin(args, None)
+    }
+
+    /// Run kubectl, feeding `stdin` (for `apply -f -`).
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> Kubectl {
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--request-timeout=30s")
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl is installed");
+        if let Some(input) = stdin {
+            use std::io::Write;
+            let mut pipe = child.stdin.take().expect("stdin");
+            pipe.write_all(input.as_bytes()).expect("write stdin");
+        }
+        let output = wait_with_deadline(child, Duration::from_secs(180));
+        Kubectl {
+            success: output.status.success(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// Run kubectl and panic with its output (and the dev log) unless it succeeds.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            out.success,
+            "kubectl {args:?} failed:\n{}\n{}\n--- ignis dev log ---\n{}",
+            out.stdout,
+            out.stderr,
+            self.dev_log()
+        );
+        out.stdout
+    }
+
+    /// `kubectl apply -f -` with `yaml`.
+    pub fn apply(&self, namespace: &str, yaml: &str) -> Kubectl {
+        self.kubectl_stdin(&["apply", "-n", namespace, "-f", "-"], Some(yaml))
+    }
+
+    /// A namespace of the test's own, removed when the guard drops.
+    pub fn namespace(&self, name: &str) -> Namespace<'_> {
+        let _ = self.kubectl(&[
+            "delete",
+            "namespace",
+            name,
+            "--ignore-not-found",
+            "--wait=true",
+        ]);
+        self.kubectl_ok(&["create", "namespace", name]);
+        Namespace {
+            cluster: self,
+            name: name.to_string(),
+        }
+    }
+
+    /// A MicroVM manifest booting the demo guest.
+    pub fn demo_vm(&self, name: &str, extra_cmdline: &str, run_policy: &str) -> String {
+        let guest = self.guest_dir.display();
+        format!(
+            r#"apiVersion: ignis.dev/v1alpha1
+kind: MicroVM
+metadata:
+  name: {name}
+spec:
+  runPolicy: {run_policy}
+  resources:
+    memory: 128Mi
+  kernel:
+    path: {guest}/vmlinuz
+    cmdline: "console=ttyS0 panic=-1 quiet {extra_cmdline}"
+  initrd:
+    path: {guest}/initrd.cpio
+  readiness:
+    consoleMarker: "ignis: ready"
+  terminationGracePeriodSeconds: 5
+"#
+        )
+    }
+
+    /// Poll `jsonpath` of `object` until `predicate` holds or `timeout` passes.
+    pub fn wait_jsonpath(
+        &self,
+        namespace: &str,
+        object: &str,
+        jsonpath: &str,
+        timeout: Duration,
+        predicate: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            let out = self.kubectl(&[
+                "get",
+                "-n",
+                namespace,
+                object,
+                "-o",
+                &format!("jsonpath={jsonpath}"),
+            ]);
+            if out.success {
+                last = out.stdout.clone();
+                if predicate(&last) {
+                    return last;
+                }
+            } else {
+                last = out.stderr;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        panic!(
+            "{object} {jsonpath} did not reach the expected value in {timeout:?}; last: {last:?}\n{}",
+            self.describe(namespace, object)
+        );
+    }
+
+    /// `kubectl describe` plus the dev log, for failure messages.
+    pub fn describe(&self, namespace: &str, object: &str) -> String {
+        let out = self.kubectl(&["describe", "-n", namespace, object]);
+        format!(
+            "{}{}\n--- ignis dev log ---\n{}",
+            out.stdout,
+            out.stderr,
+            self.dev_log()
+        )
+    }
+}
+
+impl DevProcess {
+    fn stop(&mut self, kill: bool) {
+        let signal = if kill { "-KILL" } else { "-TERM" };
+        let _ = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let start = text.len().saturating_sub(6000);
+        let start = (start..text.len())
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(0);
+        text[start..].to_string()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(dev) = self.dev.as_mut() {
+            // SIGTERM: `ignis dev` stops every VM it started before exiting.
+            dev.stop(false);
+        }
+    }
+}
+
+/// A namespace created for one test; deleted (with its MicroVMs) on drop.
+pub struct Namespace<'a> {
+    cluster: &'a Cluster,
+    pub name: String,
+}
+
+impl Drop for Namespace<'_> {
+    fn drop(&mut self) {
+        let _ = self.cluster.kubectl(&[
+            "delete",
+            "microvms",
+            "--all",
+            "-n",
+            &self.name,
+            "--wait=true",
+            "--timeout=60s",
+        ]);
+        let _ = self
+            .cluster
+            .kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
+    }
+}
+
+fn wait_with_deadline(mut child: Child, timeout: Duration) -> Output {
+    let deadline = Instant::now() + timeout;
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    // Drain the pipes on threads so a chatty child never blocks on a full pipe.
+    let out_thread = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(s) = stdout.as_mut() {
+            let _ = s.read_to_end(&mut buf);
+        }
+        buf
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(s) = stderr.as_mut() {
+            let _ = s.read_to_end(&mut buf);
+        }
+        buf
+    });
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            break child.wait().expect("reap killed child");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out_thread.join().unwrap_or_default(),
+        stderr: err_thread.join().unwrap_or_default(),
+    }
+}

@@ -30,3 +30,56 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     use kube::CustomResourceExt;
     serde_yaml::to_string(&MicroVM::crd())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::CustomResourceExt;
+    use std::path::Path;
+
+    /// `crds/microvm.yaml` and the chart's copy are generated; they must match the Rust types.
+    /// Regenerate with `cargo run -- crd > crds/microvm.yaml` (and copy into the chart).
+    #[test]
+    fn checked_in_crds_match_the_rust_types() {
+        let generated = crd_yaml().expect("CRD serializes");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for file in [
+            "crds/microvm.yaml",
+            "charts/ignis/crds/microvm.yaml",
+            "config/crd/microvm.yaml",
+        ] {
+            let on_disk = std::fs::read_to_string(root.join(file)).unwrap_or_default();
+            assert!(
+                on_disk == generated,
+                "{file} drifted from the Rust types: run `cargo run -- crd > {file}`"
+            );
+        }
+    }
+
+    #[test]
+    fn crd_round_trips_and_carries_the_contract() {
+        let yaml = crd_yaml().expect("CRD serializes");
+        let parsed: CustomResourceDefinition =
+            serde_yaml::from_str(&yaml).expect("CRD parses back");
+        assert_eq!(parsed, MicroVM::crd());
+        assert_eq!(parsed.spec.group, GROUP);
+        assert_eq!(parsed.spec.names.short_names, Some(vec!["mvm".to_string()]));
+        let version = &parsed.spec.versions[0];
+        assert_eq!(version.name, VERSION);
+        assert!(
+            version
+                .subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some()
+        );
+        let columns: Vec<&str> = version
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(columns, ["Phase", "Node", "IP", "Ready", "Age"]);
+    }
+}

@@ -222,11 +222,36 @@ fn structural_error(error: &jsonschema::ValidationError<'_>) -> FieldError {
             field: path,
             kind: FieldErrorKind::TypeInvalid,
         },
-        _ => FieldError {
-            detail: format!("{value}: {path} in body: {error}"),
-            field: path,
-            kind: FieldErrorKind::Invalid,
-        },
+        other => {
+            // Worded like the API server's structural-schema errors.
+            let rule = match other {
+                K::Minimum { limit } => {
+                    format!("should be greater than or equal to {}", number(limit))
+                }
+                K::Maximum { limit } => {
+                    format!("should be less than or equal to {}", number(limit))
+                }
+                K::Pattern { pattern } => format!("should match '{pattern}'"),
+                K::MinLength { limit } => format!("should be at least {limit} chars long"),
+                K::MaxLength { limit } => format!("may not be more than {limit} bytes"),
+                K::MaxItems { limit } => format!("must have at most {limit} items"),
+                K::MinItems { limit } => format!("should have at least {limit} items"),
+                _ => error.to_string(),
+            };
+            FieldError {
+                detail: format!("{value}: {path} in body {rule}"),
+                field: path,
+                kind: FieldErrorKind::Invalid,
+            }
+        }
+    }
+}
+
+/// `1.0` → `1`: limits come from integer fields but arrive as JSON floats.
+fn number(limit: &Value) -> String {
+    match limit.as_f64() {
+        Some(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
+        _ => limit.to_string(),
     }
 }
 
@@ -244,6 +269,138 @@ fn enum_options(options: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::{Path, PathBuf};
+
+    fn samples_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/samples")
+    }
+
+    fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .expect("samples dir")
+            .map(|e| e.expect("dir entry").path())
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == "yaml") && !p.ends_with("kustomization.yaml")
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    fn load(path: &Path) -> Value {
+        let text = std::fs::read_to_string(path).expect("read sample");
+        serde_yaml::from_str(&text).expect("sample is YAML")
+    }
+
+    fn validator() -> MicroVmValidator {
+        MicroVmValidator::new().expect("CRD schema compiles")
+    }
+
+    #[test]
+    fn every_valid_sample_is_accepted() {
+        let v = validator();
+        let files = yaml_files(&samples_dir());
+        assert!(files.len() >= 2, "expected the minimal and full samples");
+        for file in files {
+            let errors = v.validate(&load(&file), None);
+            assert!(errors.is_empty(), "{} refused: {errors:?}", file.display());
+            // And they deserialize into the Rust types.
+            let _: MicroVM = serde_json::from_value(load(&file)).expect("sample matches the types");
+        }
+    }
+
+    #[test]
+    fn every_invalid_sample_is_refused_naming_its_field() {
+        let v = validator();
+        let files = yaml_files(&samples_dir().join("invalid"));
+        assert!(files.len() >= 10, "expected the invalid samples");
+        for file in files {
+            let object = load(&file);
+            let expected = object["metadata"]["annotations"]["ignis.dev/test-expect-field"]
+                .as_str()
+                .expect("invalid sample names its field")
+                .to_string();
+            let errors = v.validate(&object, None);
+            assert!(!errors.is_empty(), "{} accepted", file.display());
+            let rendered: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            assert!(
+                rendered.iter().any(|e| e.contains(&expected)),
+                "{}: no error names {expected}: {rendered:?}",
+                file.display()
+            );
+        }
+    }
+
+    fn minimal() -> Value {
+        load(&samples_dir().join("microvm-minimal.yaml"))
+    }
+
+    #[test]
+    fn immutable_fields_cannot_change_but_run_policy_can() {
+        let v = validator();
+        let old = minimal();
+
+        let mut resized = old.clone();
+        resized["spec"]["resources"]["memory"] = "512Mi".into();
+        let errors = v.validate(&resized, Some(&old));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.to_string().contains("spec.resources is immutable")),
+            "{errors:?}"
+        );
+
+        let mut new_kernel = old.clone();
+        new_kernel["spec"]["kernel"]["cmdline"] = "console=ttyS0".into();
+        let errors = v.validate(&new_kernel, Some(&old));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.to_string().contains("spec.kernel is immutable")),
+            "{errors:?}"
+        );
+
+        let mut added_rootfs = old.clone();
+        added_rootfs["spec"]["rootfs"] = serde_json::json!({"path": "/var/lib/disk.img"});
+        let errors = v.validate(&added_rootfs, Some(&old));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.to_string().contains("spec.rootfs is immutable")),
+            "{errors:?}"
+        );
+
+        let mut halted = old.clone();
+        halted["spec"]["runPolicy"] = "Halted".into();
+        halted["spec"]["terminationGracePeriodSeconds"] = 5.into();
+        assert_eq!(v.validate(&halted, Some(&old)), vec![]);
+    }
+
+    #[test]
+    fn structural_errors_name_the_path() {
+        let v = validator();
+        let mut object = minimal();
+        object["spec"]["runPolicy"] = "Sometimes".into();
+        let errors = v.validate(&object, None);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].field, "spec.runPolicy");
+        assert_eq!(errors[0].kind, FieldErrorKind::NotSupported);
+        assert!(
+            errors[0].to_string().contains("\"Always\""),
+            "{}",
+            errors[0]
+        );
+
+        let mut zero = minimal();
+        zero["spec"]["resources"]["vcpus"] = 0.into();
+        let errors = v.validate(&zero, None);
+        assert_eq!(
+            errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            [
+                "spec.resources.vcpus: Invalid value: 0: spec.resources.vcpus in body should be greater than or equal to 1"
+            ]
+        );
+    }
 
     #[test]
     fn pointer_paths_read_like_kubectl() {

@@ -14,6 +14,10 @@ use thiserror::Error;
 
 use crate::api::{Accelerator, Hypervisor};
 
+pub mod cloud_hypervisor;
+pub mod firecracker;
+pub mod http;
+
 /// A disk attached to the guest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
@@ -173,6 +177,11 @@ pub enum VmmError {
     },
     #[error("VMM process exited during {operation}: {detail}")]
     Exited { operation: String, detail: String },
+    #[error("{hypervisor} cannot run this VM: {detail}")]
+    InvalidConfig {
+        hypervisor: Hypervisor,
+        detail: String,
+    },
 }
 
 impl VmmError {
@@ -186,6 +195,7 @@ impl VmmError {
             VmmError::Io { .. } => "VmmIoError",
             VmmError::UnsupportedAccelerator { .. } => "AcceleratorUnsupported",
             VmmError::Exited { .. } => "VmmCrashed",
+            VmmError::InvalidConfig { .. } => "InvalidVmConfig",
         }
     }
 
@@ -196,6 +206,7 @@ impl VmmError {
             VmmError::BinaryNotFound { .. }
                 | VmmError::UnsupportedAccelerator { .. }
                 | VmmError::ApiFault { .. }
+                | VmmError::InvalidConfig { .. }
         )
     }
 }

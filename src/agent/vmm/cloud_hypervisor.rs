@@ -1,0 +1,342 @@
+//! Cloud Hypervisor backend.
+//!
+//! Targets the Cloud Hypervisor REST API **v0.3.0** (OpenAPI 3.0.1,
+//! `tests/fixtures/specs/cloud-hypervisor-api.yaml`, from cloud-hypervisor/cloud-hypervisor
+//! `vmm/src/api/openapi/cloud-hypervisor.yaml` @ ae44c29), served under `/api/v1`.
+//!
+//! Pure planning (`VmConfig` → ordered [`ApiRequest`]s: `vmm.ping`, `vm.create`, then
+//! `vm.boot`) and a thin I/O layer in [`super::http`]. The guest serial console is written by
+//! Cloud Hypervisor itself to the console log (`serial: File`); the VMM's own output goes to
+//! `<state_dir>/vmm.log`. Cloud Hypervisor has no metadata service, so `user_data` is not
+//! passed on by this backend.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+
+use super::http::{self, ApiRequest, Launch, VmmOutput};
+use super::{GuestExit, Spawned, VmConfig, VmmBackend, VmmError, VmmHandle, VmmState};
+use crate::api::{Accelerator, Hypervisor};
+
+/// The API version the requests are written against.
+pub const SPEC_VERSION: &str = "0.3.0";
+
+/// The spec's server base path.
+pub const API_PREFIX: &str = "/api/v1";
+
+/// How long a freshly spawned Cloud Hypervisor may take to open its API socket.
+pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Cloud Hypervisor over its HTTP API on a unix socket.
+#[derive(Clone, Debug)]
+pub struct CloudHypervisorBackend {
+    binary: PathBuf,
+    socket_timeout: Duration,
+    api_timeout: Duration,
+}
+
+impl CloudHypervisorBackend {
+    /// A backend for the `cloud-hypervisor` binary at `binary` (a path, or a name looked up in
+    /// `PATH`). Fails with `BinaryNotFound` when there is no such executable.
+    pub fn new(binary: impl AsRef<Path>) -> Result<Self, VmmError> {
+        Ok(CloudHypervisorBackend {
+            binary: http::resolve_binary(binary.as_ref())?,
+            socket_timeout: SOCKET_TIMEOUT,
+            api_timeout: super::API_TIMEOUT,
+        })
+    }
+
+    /// Override the deadlines (the socket wait, and each API call).
+    pub fn with_timeouts(mut self, socket_timeout: Duration, api_timeout: Duration) -> Self {
+        self.socket_timeout = socket_timeout;
+        self.api_timeout = api_timeout;
+        self
+    }
+
+    /// The resolved binary.
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+}
+
+fn endpoint(name: &str) -> String {
+    format!("{API_PREFIX}/{name}")
+}
+
+/// The command line: only the API socket; the VM is described through `vm.create`.
+pub fn spawn_args(config: &VmConfig) -> Vec<String> {
+    vec![
+        "--api-socket".to_owned(),
+        format!("path={}", config.api_socket.display()),
+    ]
+}
+
+/// `vmm.ping` then `vm.create`.
+pub fn plan_create(config: &VmConfig) -> Result<Vec<ApiRequest>, VmmError> {
+    Ok(vec![
+        ApiRequest::get(endpoint("vmm.ping")),
+        ApiRequest::put(endpoint("vm.create"), Some(vm_config(config)?)),
+    ])
+}
+
+/// The `VmConfig` body of `vm.create`.
+pub fn vm_config(config: &VmConfig) -> Result<Value, VmmError> {
+    let invalid = |detail: String| VmmError::InvalidConfig {
+        hypervisor: Hypervisor::CloudHypervisor,
+        detail,
+    };
+    let memory_bytes = config
+        .memory_mib
+        .checked_mul(1024 * 1024)
+        .filter(|b| i64::try_from(*b).is_ok())
+        .ok_or_else(|| invalid(format!("memory of {} MiB is too large", config.memory_mib)))?;
+    let roots = config.disks.iter().filter(|d| d.root).count();
+    if roots > 1 {
+        return Err(invalid("at most one root disk".to_owned()));
+    }
+
+    // The root disk goes first so it is /dev/vda, as under Firecracker, which also adds the
+    // `root=` parameter itself; doing the same keeps one cmdline working on both.
+    let mut disks: Vec<_> = config.disks.iter().collect();
+    disks.sort_by_key(|d| !d.root);
+    let mut cmdline = config.cmdline.clone();
+    if let Some(root) = disks.first().filter(|d| d.root)
+        && !cmdline.split_whitespace().any(|p| p.starts_with("root="))
+    {
+        let mode = if root.read_only { "ro" } else { "rw" };
+        cmdline = format!("{cmdline} root=/dev/vda {mode}").trim().to_owned();
+    }
+
+    let mut payload = json!({
+        "kernel": config.kernel.display().to_string(),
+        "cmdline": cmdline,
+    });
+    if let Some(initrd) = &config.initrd {
+        payload["initramfs"] = json!(initrd.display().to_string());
+    }
+    let mut body = json!({
+        "cpus": { "boot_vcpus": config.vcpus, "max_vcpus": config.vcpus },
+        "memory": { "size": memory_bytes },
+        "payload": payload,
+        "serial": { "mode": "File", "file": config.console_log.display().to_string() },
+        "console": { "mode": "Off" },
+    });
+    if !disks.is_empty() {
+        body["disks"] = disks
+            .iter()
+            .map(|d| {
+                json!({
+                    "id": d.id,
+                    "path": d.path.display().to_string(),
+                    "readonly": d.read_only,
+                })
+            })
+            .collect();
+    }
+    if !config.nets.is_empty() {
+        body["net"] = config
+            .nets
+            .iter()
+            .map(|n| json!({ "id": n.id, "tap": n.tap, "mac": n.mac }))
+            .collect();
+    }
+    Ok(body)
+}
+
+/// Boot the created VM.
+pub fn plan_start() -> ApiRequest {
+    ApiRequest::put(endpoint("vm.boot"), None)
+}
+
+/// Ask the guest to shut down through the ACPI power button.
+pub fn plan_stop() -> ApiRequest {
+    ApiRequest::put(endpoint("vm.power-button"), None)
+}
+
+/// VM information, including its state.
+pub fn plan_state() -> ApiRequest {
+    ApiRequest::get(endpoint("vm.info"))
+}
+
+/// The VM state in a `VmInfo` body. `Shutdown` means the guest is off: as far as the agent
+/// is concerned the VM has ended.
+pub fn parse_state(info: &Value) -> Result<VmmState, String> {
+    match info.get("state").and_then(Value::as_str) {
+        Some("Created") => Ok(VmmState::Created),
+        Some("Running") => Ok(VmmState::Running),
+        Some("Paused") | Some("BreakPoint") => Ok(VmmState::Paused),
+        Some("Shutdown") => Ok(VmmState::Exited),
+        Some(other) => Err(format!("unknown VM state {other:?}")),
+        None => Err("VmInfo without a state".to_owned()),
+    }
+}
+
+#[async_trait]
+impl VmmBackend for CloudHypervisorBackend {
+    fn kind(&self) -> Hypervisor {
+        Hypervisor::CloudHypervisor
+    }
+
+    fn supports(&self, accelerator: Accelerator) -> bool {
+        accelerator == Accelerator::Kvm
+    }
+
+    async fn create(&self, config: &VmConfig) -> Result<Spawned, VmmError> {
+        if !self.supports(config.accelerator) {
+            return Err(VmmError::UnsupportedAccelerator {
+                hypervisor: Hypervisor::CloudHypervisor,
+                accelerator: config.accelerator,
+            });
+        }
+        let requests = plan_create(config)?;
+        let binary = http::resolve_binary(&config.binary)?;
+        std::fs::create_dir_all(&config.state_dir).map_err(|source| VmmError::Io {
+            operation: "creating the state directory".to_owned(),
+            source,
+        })?;
+        let vmm_log = config.state_dir.join("vmm.log");
+        http::launch(Launch {
+            binary: &binary,
+            args: spawn_args(config),
+            output: VmmOutput {
+                stdout: &vmm_log,
+                stderr: &vmm_log,
+            },
+            api_socket: &config.api_socket,
+            console_log: &config.console_log,
+            requests: &requests,
+            socket_timeout: self.socket_timeout,
+            api_timeout: self.api_timeout,
+        })
+        .await
+    }
+
+    async fn start(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        http::call(&handle.api_socket, &plan_start(), self.api_timeout).await?;
+        Ok(())
+    }
+
+    async fn stop(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        http::call(&handle.api_socket, &plan_stop(), self.api_timeout).await?;
+        Ok(())
+    }
+
+    async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        http::kill_vmm(handle)
+    }
+
+    async fn state(&self, handle: &VmmHandle) -> Result<VmmState, VmmError> {
+        if !http::vmm_alive(handle) {
+            return Ok(VmmState::Exited);
+        }
+        let request = plan_state();
+        let operation = request.operation();
+        let response = http::call(&handle.api_socket, &request, self.api_timeout).await?;
+        parse_state(&response.json(&operation)?)
+            .map_err(|detail| VmmError::Protocol { operation, detail })
+    }
+
+    fn classify_exit(
+        &self,
+        _handle: &VmmHandle,
+        status: Option<std::process::ExitStatus>,
+        console_tail: &str,
+    ) -> GuestExit {
+        http::classify_exit("cloud-hypervisor", status, console_tail)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::vmm::DiskConfig;
+
+    fn config() -> VmConfig {
+        VmConfig {
+            id: "uid-1".to_owned(),
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: "/k/vmlinux".into(),
+            cmdline: "console=ttyS0".to_owned(),
+            initrd: Some("/k/initrd".into()),
+            disks: vec![],
+            nets: vec![],
+            user_data: None,
+            accelerator: Accelerator::Kvm,
+            state_dir: "/s".into(),
+            console_log: "/s/console.log".into(),
+            api_socket: "/s/api.sock".into(),
+            binary: "cloud-hypervisor".into(),
+        }
+    }
+
+    #[test]
+    fn memory_is_in_bytes_and_serial_goes_to_the_console_log() {
+        let body = vm_config(&config()).expect("body");
+        assert_eq!(body["memory"]["size"], json!(256u64 * 1024 * 1024));
+        assert_eq!(body["cpus"], json!({"boot_vcpus": 1, "max_vcpus": 1}));
+        assert_eq!(
+            body["serial"],
+            json!({"mode": "File", "file": "/s/console.log"})
+        );
+        assert_eq!(body["payload"]["initramfs"], json!("/k/initrd"));
+        assert!(body.get("disks").is_none() && body.get("net").is_none());
+    }
+
+    #[test]
+    fn root_disk_is_first_and_named_on_the_cmdline() {
+        let disk = |id: &str, root: bool| DiskConfig {
+            id: id.to_owned(),
+            path: format!("/d/{id}.img").into(),
+            read_only: !root,
+            root,
+        };
+        let mut c = config();
+        c.disks = vec![disk("data", false), disk("rootfs", true)];
+        let body = vm_config(&c).expect("body");
+        assert_eq!(body["disks"][0]["id"], json!("rootfs"));
+        assert_eq!(body["disks"][1]["readonly"], json!(true));
+        assert_eq!(
+            body["payload"]["cmdline"],
+            json!("console=ttyS0 root=/dev/vda rw")
+        );
+
+        c.cmdline = "root=/dev/vdb".to_owned();
+        let body = vm_config(&c).expect("body");
+        assert_eq!(body["payload"]["cmdline"], json!("root=/dev/vdb"));
+    }
+
+    #[test]
+    fn absurd_memory_is_refused() {
+        let mut c = config();
+        c.memory_mib = u64::MAX / 1024;
+        assert_eq!(
+            vm_config(&c).expect_err("overflow").reason(),
+            "InvalidVmConfig"
+        );
+    }
+
+    #[test]
+    fn vm_states_map_to_vmm_states() {
+        for (state, expected) in [
+            ("Created", VmmState::Created),
+            ("Running", VmmState::Running),
+            ("Paused", VmmState::Paused),
+            ("BreakPoint", VmmState::Paused),
+            ("Shutdown", VmmState::Exited),
+        ] {
+            assert_eq!(parse_state(&json!({ "state": state })), Ok(expected));
+        }
+        assert!(parse_state(&json!({"state": "Melted"})).is_err());
+    }
+
+    #[test]
+    fn endpoints_live_under_the_api_prefix() {
+        assert_eq!(plan_start().operation(), "PUT /api/v1/vm.boot");
+        assert_eq!(plan_stop().operation(), "PUT /api/v1/vm.power-button");
+        assert_eq!(plan_state().operation(), "GET /api/v1/vm.info");
+        assert_eq!(spawn_args(&config()), ["--api-socket", "path=/s/api.sock"]);
+    }
+}

@@ -1,0 +1,394 @@
+//! Firecracker backend.
+//!
+//! Targets the Firecracker API **v1.17.0-dev** (Swagger 2.0,
+//! `tests/fixtures/specs/firecracker-api.yaml`, from firecracker-microvm/firecracker
+//! `src/firecracker/swagger/firecracker.yaml` @ 81b38b9).
+//!
+//! As in Firecracker's own code, the API is split in two: pure planning (`VmConfig` → ordered
+//! [`ApiRequest`]s: the pre-boot configuration, then the `InstanceStart` action) and a thin I/O
+//! layer in [`super::http`]. Firecracker writes the guest serial console to its stdout, so
+//! stdout is the console log; its own log (stderr) is `<state_dir>/vmm.log`. User data goes to
+//! the guest through MMDS (v2, EC2 layout: `/latest/user-data`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+
+use super::http::{self, ApiRequest, Launch, VmmOutput};
+use super::{GuestExit, Spawned, VmConfig, VmmBackend, VmmError, VmmHandle, VmmState};
+use crate::api::{Accelerator, Hypervisor};
+
+/// The API version the requests are written against.
+pub const SPEC_VERSION: &str = "1.17.0-dev";
+
+/// How long a freshly spawned Firecracker may take to open its API socket.
+pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Firecracker over its HTTP API on a unix socket.
+#[derive(Clone, Debug)]
+pub struct FirecrackerBackend {
+    binary: PathBuf,
+    socket_timeout: Duration,
+    api_timeout: Duration,
+}
+
+impl FirecrackerBackend {
+    /// A backend for the `firecracker` binary at `binary` (a path, or a name looked up in
+    /// `PATH`). Fails with `BinaryNotFound` when there is no such executable.
+    pub fn new(binary: impl AsRef<Path>) -> Result<Self, VmmError> {
+        Ok(FirecrackerBackend {
+            binary: http::resolve_binary(binary.as_ref())?,
+            socket_timeout: SOCKET_TIMEOUT,
+            api_timeout: super::API_TIMEOUT,
+        })
+    }
+
+    /// Override the deadlines (the socket wait, and each API call).
+    pub fn with_timeouts(mut self, socket_timeout: Duration, api_timeout: Duration) -> Self {
+        self.socket_timeout = socket_timeout;
+        self.api_timeout = api_timeout;
+        self
+    }
+
+    /// The resolved binary.
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+}
+
+/// The command line: only the API socket; everything else goes through the API.
+pub fn spawn_args(config: &VmConfig) -> Vec<String> {
+    vec![
+        "--api-sock".to_owned(),
+        config.api_socket.display().to_string(),
+    ]
+}
+
+/// The pre-boot configuration of `config`, in the order Firecracker needs it: network
+/// interfaces exist before MMDS names them.
+pub fn plan_create(config: &VmConfig) -> Result<Vec<ApiRequest>, VmmError> {
+    let invalid = |detail: String| VmmError::InvalidConfig {
+        hypervisor: Hypervisor::Firecracker,
+        detail,
+    };
+    let mut requests = vec![ApiRequest::put(
+        "/machine-config",
+        Some(json!({
+            "vcpu_count": config.vcpus,
+            "mem_size_mib": config.memory_mib,
+        })),
+    )];
+
+    let mut boot_source = json!({
+        "kernel_image_path": config.kernel.display().to_string(),
+        "boot_args": config.cmdline,
+    });
+    if let Some(initrd) = &config.initrd {
+        boot_source["initrd_path"] = json!(initrd.display().to_string());
+    }
+    requests.push(ApiRequest::put("/boot-source", Some(boot_source)));
+
+    if config.disks.iter().filter(|d| d.root).count() > 1 {
+        return Err(invalid(
+            "Firecracker boots from at most one root disk".to_owned(),
+        ));
+    }
+    for disk in &config.disks {
+        requests.push(ApiRequest::put(
+            format!("/drives/{}", path_segment(&disk.id, "disk id")?),
+            Some(json!({
+                "drive_id": disk.id,
+                "path_on_host": disk.path.display().to_string(),
+                "is_root_device": disk.root,
+                "is_read_only": disk.read_only,
+            })),
+        ));
+    }
+
+    for net in &config.nets {
+        requests.push(ApiRequest::put(
+            format!(
+                "/network-interfaces/{}",
+                path_segment(&net.id, "interface id")?
+            ),
+            Some(json!({
+                "iface_id": net.id,
+                "host_dev_name": net.tap,
+                "guest_mac": net.mac,
+            })),
+        ));
+    }
+
+    if let Some(user_data) = &config.user_data {
+        // Firecracker refuses an MMDS bound to no interface (EmptyNetworkIfaceList), and the
+        // guest could not reach it anyway.
+        if config.nets.is_empty() {
+            return Err(invalid(
+                "user data goes through MMDS, which needs a network interface".to_owned(),
+            ));
+        }
+        let ids: Vec<&str> = config.nets.iter().map(|n| n.id.as_str()).collect();
+        requests.push(ApiRequest::put(
+            "/mmds/config",
+            Some(json!({ "version": "V2", "network_interfaces": ids })),
+        ));
+        requests.push(ApiRequest::put(
+            "/mmds",
+            Some(json!({
+                "latest": {
+                    "meta-data": { "instance-id": config.id },
+                    "user-data": user_data,
+                }
+            })),
+        ));
+    }
+    Ok(requests)
+}
+
+/// Ids become path segments; one that would change the path is refused rather than escaped.
+fn path_segment<'a>(id: &'a str, what: &str) -> Result<&'a str, VmmError> {
+    let ok = !id.is_empty()
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
+    if ok {
+        Ok(id)
+    } else {
+        Err(VmmError::InvalidConfig {
+            hypervisor: Hypervisor::Firecracker,
+            detail: format!("{what} {id:?} must be non-empty ASCII letters, digits, '_', '-', '.'"),
+        })
+    }
+}
+
+fn action(action_type: &str) -> ApiRequest {
+    ApiRequest::put("/actions", Some(json!({ "action_type": action_type })))
+}
+
+/// Boot the guest.
+pub fn plan_start() -> ApiRequest {
+    action("InstanceStart")
+}
+
+/// Ask the guest to shut down: Firecracker's only graceful stop is a Ctrl-Alt-Del.
+pub fn plan_stop() -> ApiRequest {
+    action("SendCtrlAltDel")
+}
+
+/// Instance information (`describeInstance`).
+pub fn plan_state() -> ApiRequest {
+    ApiRequest::get("/")
+}
+
+/// The VM state in an `InstanceInfo` body.
+pub fn parse_state(info: &Value) -> Result<VmmState, String> {
+    match info.get("state").and_then(Value::as_str) {
+        Some("Not started") => Ok(VmmState::Created),
+        Some("Running") => Ok(VmmState::Running),
+        Some("Paused") => Ok(VmmState::Paused),
+        Some(other) => Err(format!("unknown instance state {other:?}")),
+        None => Err("InstanceInfo without a state".to_owned()),
+    }
+}
+
+#[async_trait]
+impl VmmBackend for FirecrackerBackend {
+    fn kind(&self) -> Hypervisor {
+        Hypervisor::Firecracker
+    }
+
+    fn supports(&self, accelerator: Accelerator) -> bool {
+        accelerator == Accelerator::Kvm
+    }
+
+    async fn create(&self, config: &VmConfig) -> Result<Spawned, VmmError> {
+        if !self.supports(config.accelerator) {
+            return Err(VmmError::UnsupportedAccelerator {
+                hypervisor: Hypervisor::Firecracker,
+                accelerator: config.accelerator,
+            });
+        }
+        let requests = plan_create(config)?;
+        let binary = http::resolve_binary(&config.binary)?;
+        std::fs::create_dir_all(&config.state_dir).map_err(|source| VmmError::Io {
+            operation: "creating the state directory".to_owned(),
+            source,
+        })?;
+        let vmm_log = config.state_dir.join("vmm.log");
+        http::launch(Launch {
+            binary: &binary,
+            args: spawn_args(config),
+            output: VmmOutput {
+                stdout: &config.console_log,
+                stderr: &vmm_log,
+            },
+            api_socket: &config.api_socket,
+            console_log: &config.console_log,
+            requests: &requests,
+            socket_timeout: self.socket_timeout,
+            api_timeout: self.api_timeout,
+        })
+        .await
+    }
+
+    async fn start(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        http::call(&handle.api_socket, &plan_start(), self.api_timeout).await?;
+        Ok(())
+    }
+
+    async fn stop(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        http::call(&handle.api_socket, &plan_stop(), self.api_timeout).await?;
+        Ok(())
+    }
+
+    async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        http::kill_vmm(handle)
+    }
+
+    async fn state(&self, handle: &VmmHandle) -> Result<VmmState, VmmError> {
+        if !http::vmm_alive(handle) {
+            return Ok(VmmState::Exited);
+        }
+        let request = plan_state();
+        let operation = request.operation();
+        let response = http::call(&handle.api_socket, &request, self.api_timeout).await?;
+        parse_state(&response.json(&operation)?)
+            .map_err(|detail| VmmError::Protocol { operation, detail })
+    }
+
+    fn classify_exit(
+        &self,
+        _handle: &VmmHandle,
+        status: Option<std::process::ExitStatus>,
+        console_tail: &str,
+    ) -> GuestExit {
+        http::classify_exit("firecracker", status, console_tail)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::vmm::{DiskConfig, NetConfig};
+
+    fn config() -> VmConfig {
+        VmConfig {
+            id: "uid-1".to_owned(),
+            vcpus: 2,
+            memory_mib: 256,
+            kernel: "/k/vmlinux".into(),
+            cmdline: "console=ttyS0".to_owned(),
+            initrd: None,
+            disks: vec![],
+            nets: vec![],
+            user_data: None,
+            accelerator: Accelerator::Kvm,
+            state_dir: "/s".into(),
+            console_log: "/s/console.log".into(),
+            api_socket: "/s/api.sock".into(),
+            binary: "firecracker".into(),
+        }
+    }
+
+    fn paths(requests: &[ApiRequest]) -> Vec<String> {
+        requests.iter().map(ApiRequest::operation).collect()
+    }
+
+    #[test]
+    fn minimal_plan_is_machine_then_boot_source() {
+        let plan = plan_create(&config()).expect("plan");
+        assert_eq!(paths(&plan), ["PUT /machine-config", "PUT /boot-source"]);
+        assert_eq!(
+            plan[0].body,
+            Some(json!({"vcpu_count": 2, "mem_size_mib": 256}))
+        );
+        assert_eq!(
+            plan[1].body,
+            Some(json!({"kernel_image_path": "/k/vmlinux", "boot_args": "console=ttyS0"}))
+        );
+    }
+
+    #[test]
+    fn user_data_goes_to_mmds_after_the_interfaces() {
+        let mut c = config();
+        c.nets.push(NetConfig {
+            id: "eth0".to_owned(),
+            tap: "ig-tap0".to_owned(),
+            mac: "06:00:00:00:00:01".to_owned(),
+        });
+        c.user_data = Some("#cloud-config\n".to_owned());
+        let plan = plan_create(&c).expect("plan");
+        assert_eq!(
+            paths(&plan)[2..],
+            [
+                "PUT /network-interfaces/eth0",
+                "PUT /mmds/config",
+                "PUT /mmds"
+            ]
+        );
+        assert_eq!(
+            plan[3].body,
+            Some(json!({"version": "V2", "network_interfaces": ["eth0"]}))
+        );
+        assert_eq!(
+            plan[4].body.as_ref().map(|b| &b["latest"]["user-data"]),
+            Some(&json!("#cloud-config\n"))
+        );
+    }
+
+    #[test]
+    fn user_data_without_a_network_is_refused() {
+        let mut c = config();
+        c.user_data = Some("x".to_owned());
+        let err = plan_create(&c).expect_err("no interface for MMDS");
+        assert_eq!(err.reason(), "InvalidVmConfig");
+        assert!(err.to_string().contains("MMDS"), "{err}");
+    }
+
+    #[test]
+    fn two_root_disks_and_path_changing_ids_are_refused() {
+        let disk = |id: &str| DiskConfig {
+            id: id.to_owned(),
+            path: "/d.img".into(),
+            read_only: false,
+            root: true,
+        };
+        let mut c = config();
+        c.disks = vec![disk("a"), disk("b")];
+        assert!(plan_create(&c).is_err());
+        c.disks = vec![disk("../actions")];
+        assert!(plan_create(&c).is_err());
+    }
+
+    #[test]
+    fn instance_states_map_to_vmm_states() {
+        assert_eq!(
+            parse_state(&json!({"state": "Not started"})),
+            Ok(VmmState::Created)
+        );
+        assert_eq!(
+            parse_state(&json!({"state": "Running"})),
+            Ok(VmmState::Running)
+        );
+        assert_eq!(
+            parse_state(&json!({"state": "Paused"})),
+            Ok(VmmState::Paused)
+        );
+        assert!(parse_state(&json!({"state": "Exploded"})).is_err());
+        assert!(parse_state(&json!({})).is_err());
+    }
+
+    #[test]
+    fn kvm_only() {
+        let backend = FirecrackerBackend {
+            binary: "/bin/true".into(),
+            socket_timeout: SOCKET_TIMEOUT,
+            api_timeout: super::super::API_TIMEOUT,
+        };
+        assert!(backend.supports(Accelerator::Kvm));
+        assert!(!backend.supports(Accelerator::Tcg));
+        assert_eq!(backend.kind(), Hypervisor::Firecracker);
+    }
+}
