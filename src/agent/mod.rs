@@ -22,7 +22,7 @@ use thiserror::Error;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::AcceleratorChoice;
+use crate::api::{AcceleratorChoice, Hypervisor};
 use crate::telemetry::{self, MetricsRegistry, Readiness};
 use supervisor::{AgentMetrics, BackendEntry, Supervisor, SupervisorConfig};
 
@@ -314,20 +314,54 @@ async fn choose_accelerator(config: &AgentConfig) -> Result<kvm::KvmProbe, Agent
     kvm::probe(choice, &options).await.map_err(AgentError::Kvm)
 }
 
-/// The VMM backends this agent offers.
-fn backends(config: &AgentConfig) -> Vec<BackendEntry> {
+/// The VMM backends this agent offers, and why the missing ones are missing.
+fn backends(config: &AgentConfig) -> (Vec<BackendEntry>, Vec<(Hypervisor, String)>) {
     let mut backends = Vec::new();
-    match vmm::qemu::QemuBackend::new(&config.qemu_binary) {
-        Ok(qemu) => backends.push(BackendEntry {
-            binary: qemu.binary().to_path_buf(),
-            backend: Arc::new(qemu),
+    let mut unavailable = Vec::new();
+    let mut add =
+        |kind: Hypervisor,
+         binary: &Path,
+         made: Result<(Arc<dyn vmm::VmmBackend>, PathBuf), vmm::VmmError>| {
+            match made {
+                Ok((backend, binary)) => backends.push(BackendEntry { backend, binary }),
+                // A node without this VMM still serves the others; VMs asking for it fail
+                // with HypervisorUnavailable and this reason.
+                Err(error) => {
+                    tracing::info!(hypervisor = %kind, binary = %binary.display(), %error, "VMM unavailable");
+                    unavailable.push((kind, error.to_string()));
+                }
+            }
+        };
+    add(
+        Hypervisor::Qemu,
+        &config.qemu_binary,
+        vmm::qemu::QemuBackend::new(&config.qemu_binary).map(|b| {
+            let binary = b.binary().to_path_buf();
+            (Arc::new(b) as Arc<dyn vmm::VmmBackend>, binary)
         }),
-        // A node without QEMU still serves its other VMMs; VMs asking for QEMU fail with
-        // HypervisorUnavailable.
-        Err(error) => tracing::warn!(%error, "QEMU backend unavailable"),
-    }
-    // Firecracker and Cloud Hypervisor register here, next to QEMU, once their backends land
-    // (branch vmm-specs): BackendEntry { backend, binary: config.firecracker_binary, .. }.
+    );
+    add(
+        Hypervisor::Firecracker,
+        &config.firecracker_binary,
+        vmm::firecracker::FirecrackerBackend::new(&config.firecracker_binary).map(|b| {
+            (
+                Arc::new(b) as Arc<dyn vmm::VmmBackend>,
+                config.firecracker_binary.clone(),
+            )
+        }),
+    );
+    add(
+        Hypervisor::CloudHypervisor,
+        &config.cloud_hypervisor_binary,
+        vmm::cloud_hypervisor::CloudHypervisorBackend::new(&config.cloud_hypervisor_binary).map(
+            |b| {
+                (
+                    Arc::new(b) as Arc<dyn vmm::VmmBackend>,
+                    config.cloud_hypervisor_binary.clone(),
+                )
+            },
+        ),
+    );
     if config.simulated {
         let simulated = simulated::SimulatedBackend::default();
         backends.push(BackendEntry {
@@ -335,7 +369,7 @@ fn backends(config: &AgentConfig) -> Vec<BackendEntry> {
             backend: Arc::new(simulated),
         });
     }
-    backends
+    (backends, unavailable)
 }
 
 /// Bind, re-adopt the VMs of the state directory, and serve in the background until
@@ -367,6 +401,7 @@ pub async fn serve_with_metrics(
     let probe = choose_accelerator(&config).await?;
     let (accelerator, accelerator_detail) = (probe.accelerator, probe.detail);
     let instance_id = uuid::Uuid::new_v4().to_string();
+    let (backends, unavailable) = backends(&config);
     let supervisor = Supervisor::new(
         SupervisorConfig {
             boot_timeout: config.boot_timeout,
@@ -375,9 +410,10 @@ pub async fn serve_with_metrics(
             accelerator,
             accelerator_detail: accelerator_detail.clone(),
             simulated: config.simulated,
+            unavailable,
         },
         store,
-        backends(&config),
+        backends,
         AgentMetrics::register(&metrics).await,
     );
     let held = supervisor.adopt().await.map_err(AgentError::Adopt)?;

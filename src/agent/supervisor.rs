@@ -219,6 +219,8 @@ pub struct SupervisorConfig {
     pub accelerator_detail: String,
     /// `--simulated`: `auto` means the simulated backend (benchmarks only).
     pub simulated: bool,
+    /// VMMs this agent knows but cannot run here, with why (reported in failures).
+    pub unavailable: Vec<(Hypervisor, String)>,
 }
 
 /// What `ApplyVM` must do, given what the agent holds.
@@ -1095,7 +1097,7 @@ impl Inner {
 
     fn plan_env(&self) -> PlanEnv {
         let mut available = Vec::new();
-        let mut unavailable = Vec::new();
+        let mut unavailable = self.config.unavailable.clone();
         for entry in &self.backends {
             let kind = entry.backend.kind();
             if entry.resolved_binary().is_some() {
@@ -2094,6 +2096,7 @@ mod tests {
                 accelerator: Accelerator::Tcg,
                 accelerator_detail: "test".into(),
                 simulated,
+                unavailable: Vec::new(),
             },
             StateStore::open(dir).expect("store"),
             vec![BackendEntry {
