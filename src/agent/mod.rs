@@ -1,24 +1,580 @@
-//! `ignis agent`: the node's VM supervisor (DESIGN.md section 2). Being built; see issue 3.
+//! `ignis agent`: the node's VM supervisor (DESIGN.md section 2). It boots VMs through a
+//! [`vmm::VmmBackend`], keeps their state under a state directory so VMMs outlive an agent
+//! restart, and serves the gRPC API of `proto/agent.proto` — over mutual TLS on TCP (cluster
+//! mode), or on a unix socket (`ignis dev`, tests).
 
+pub mod console;
 pub mod guest;
+pub mod host;
 pub mod kvm;
+pub mod server;
+pub mod simulated;
+pub mod state;
+pub mod supervisor;
 pub mod vmm;
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
 use thiserror::Error;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::{AcceleratorChoice, Hypervisor};
+use crate::telemetry::{self, MetricsRegistry, Readiness};
+use supervisor::{AgentMetrics, BackendEntry, Supervisor, SupervisorConfig};
+
+/// Which accelerator the agent offers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AcceleratorFlag {
+    /// Probe KVM (bounded) and fall back to TCG.
+    #[default]
+    Auto,
+    /// Trust KVM without probing.
+    Kvm,
+    /// Never use KVM (skips the probe).
+    Tcg,
+}
+
 /// Flags of `ignis agent`.
-#[derive(Debug, clap::Args)]
-pub struct AgentArgs {}
+#[derive(Clone, Debug, clap::Args)]
+pub struct AgentArgs {
+    /// The node this agent runs on (default: the host name).
+    #[arg(long, env = "IGNIS_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Where VM state lives (one directory per VM).
+    #[arg(long, env = "IGNIS_STATE_DIR", default_value = "/var/lib/ignis")]
+    pub state_dir: PathBuf,
+    /// `unix:///path/agent.sock`, or `HOST:PORT` (needs --tls-cert, --tls-key, --client-ca).
+    #[arg(
+        long,
+        env = "IGNIS_AGENT_LISTEN",
+        default_value = "unix:///var/lib/ignis/agent.sock"
+    )]
+    pub listen: String,
+    /// The agent's TLS certificate (PEM), for TCP.
+    #[arg(long, env = "IGNIS_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The agent's TLS private key (PEM), for TCP.
+    #[arg(long, env = "IGNIS_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA that signs client certificates (PEM); clients without one are refused.
+    #[arg(long, env = "IGNIS_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+    /// Address of the /healthz, /readyz and /metrics server.
+    #[arg(long, env = "IGNIS_HEALTH_ADDR", default_value = "0.0.0.0:9441")]
+    pub health_addr: SocketAddr,
+    /// Which accelerator to offer.
+    #[arg(long, env = "IGNIS_ACCELERATOR", value_enum, default_value_t = AcceleratorFlag::Auto)]
+    pub accelerator: AcceleratorFlag,
+    #[arg(long, env = "IGNIS_QEMU_BINARY", default_value = "qemu-system-x86_64")]
+    pub qemu_binary: PathBuf,
+    #[arg(long, env = "IGNIS_FIRECRACKER_BINARY", default_value = "firecracker")]
+    pub firecracker_binary: PathBuf,
+    #[arg(
+        long,
+        env = "IGNIS_CLOUD_HYPERVISOR_BINARY",
+        default_value = "cloud-hypervisor"
+    )]
+    pub cloud_hypervisor_binary: PathBuf,
+    /// How long a guest gets to become ready (`60s`, `1500ms`, `2m`).
+    #[arg(long, env = "IGNIS_BOOT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub boot_timeout: Duration,
+    /// Size cap of each VM's console log before it is rotated.
+    #[arg(long, env = "IGNIS_CONSOLE_MAX_BYTES", default_value_t = 1 << 20)]
+    pub console_max_bytes: u64,
+    /// Benchmarks only: run VMs on the simulated VMM (no guest; reported as `simulated`).
+    #[arg(long, env = "IGNIS_SIMULATED")]
+    pub simulated: bool,
+    /// Stop every VM when the agent exits (`ignis dev`); by default VMs outlive the agent.
+    #[arg(long, env = "IGNIS_STOP_VMS_ON_EXIT")]
+    pub stop_vms_on_exit: bool,
+}
 
 /// Errors of `ignis agent`.
 #[derive(Debug, Error)]
 pub enum AgentError {
-    #[error("`ignis agent` is not built yet")]
-    NotBuilt,
+    #[error("invalid --listen {value:?}: use unix:///path/agent.sock or HOST:PORT")]
+    InvalidListen { value: String },
+    #[error("listening on TCP {addr} needs mutual TLS: give --tls-cert, --tls-key and --client-ca")]
+    TlsRequired { addr: SocketAddr },
+    #[error("cannot read TLS file {path}")]
+    TlsFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid TLS configuration")]
+    Tls(#[source] tonic::transport::Error),
+    #[error("cannot listen on {what}")]
+    Bind {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read the host's capacity")]
+    Host(#[source] host::HostError),
+    #[error("cannot open the state directory")]
+    State(#[source] state::StateError),
+    #[error("cannot re-adopt VMs")]
+    Adopt(#[source] supervisor::SupervisorError),
+    #[error("gRPC server failed")]
+    Serve(#[source] tonic::transport::Error),
+    #[error("health server")]
+    Telemetry(#[source] telemetry::TelemetryError),
+    #[error("KVM")]
+    Kvm(#[source] kvm::KvmError),
+    #[error("the agent task ended abnormally")]
+    Join(#[source] tokio::task::JoinError),
+}
+
+impl AgentError {
+    /// A fixed word for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AgentError::InvalidListen { .. } => "InvalidListen",
+            AgentError::TlsRequired { .. } => "TlsRequired",
+            AgentError::TlsFile { .. } | AgentError::Tls(_) => "TlsInvalid",
+            AgentError::Bind { .. } => "BindFailed",
+            AgentError::Host(_) => "HostReadFailed",
+            AgentError::State(_) => "StateIoError",
+            AgentError::Adopt(_) => "AdoptFailed",
+            AgentError::Serve(_) => "ServeFailed",
+            AgentError::Telemetry(_) => "TelemetryFailed",
+            AgentError::Join(_) => "AgentPanicked",
+            AgentError::Kvm(e) => e.reason(),
+        }
+    }
+}
+
+/// Where the gRPC server listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Unix(path) => write!(f, "unix://{}", path.display()),
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+        }
+    }
+}
+
+/// Parse `--listen`.
+pub fn parse_listen(value: &str) -> Result<ListenAddr, AgentError> {
+    let invalid = || AgentError::InvalidListen {
+        value: value.to_owned(),
+    };
+    if let Some(path) = value.strip_prefix("unix://") {
+        if path.is_empty() || !path.starts_with('/') {
+            return Err(invalid());
+        }
+        return Ok(ListenAddr::Unix(PathBuf::from(path)));
+    }
+    value.parse().map(ListenAddr::Tcp).map_err(|_| invalid())
+}
+
+/// Parse `60s`, `1500ms`, `2m` or a bare number of seconds.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    let (number, unit) = value
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((value, ""), |i| value.split_at(i));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{value:?} is not a duration like 60s, 1500ms or 2m"))?;
+    match unit {
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "ms" => Ok(Duration::from_millis(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        _ => Err(format!("{value:?} has an unknown unit; use ms, s or m")),
+    }
+}
+
+/// The agent's TLS files.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+/// Everything [`serve`] needs; built from [`AgentArgs`] or by `ignis dev` and tests.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub node_name: String,
+    pub state_dir: PathBuf,
+    pub listen: ListenAddr,
+    pub tls: Option<TlsFiles>,
+    pub accelerator: AcceleratorFlag,
+    pub qemu_binary: PathBuf,
+    pub firecracker_binary: PathBuf,
+    pub cloud_hypervisor_binary: PathBuf,
+    pub boot_timeout: Duration,
+    pub console_max_bytes: u64,
+    pub simulated: bool,
+    pub stop_vms_on_exit: bool,
+}
+
+impl AgentConfig {
+    /// A unix-socket agent on `state_dir` with default settings (for `ignis dev` and tests).
+    pub fn local(state_dir: &Path) -> Self {
+        Self {
+            node_name: host::hostname(),
+            state_dir: state_dir.to_path_buf(),
+            listen: ListenAddr::Unix(state_dir.join("agent.sock")),
+            tls: None,
+            accelerator: AcceleratorFlag::Auto,
+            qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            firecracker_binary: PathBuf::from("firecracker"),
+            cloud_hypervisor_binary: PathBuf::from("cloud-hypervisor"),
+            boot_timeout: Duration::from_secs(60),
+            console_max_bytes: 1 << 20,
+            simulated: false,
+            stop_vms_on_exit: false,
+        }
+    }
+
+    /// From the command line.
+    pub fn from_args(args: &AgentArgs) -> Result<Self, AgentError> {
+        let tls = match (&args.tls_cert, &args.tls_key, &args.client_ca) {
+            (Some(cert), Some(key), Some(client_ca)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: client_ca.clone(),
+            }),
+            _ => None,
+        };
+        Ok(Self {
+            node_name: args.node_name.clone().unwrap_or_else(host::hostname),
+            state_dir: args.state_dir.clone(),
+            listen: parse_listen(&args.listen)?,
+            tls,
+            accelerator: args.accelerator,
+            qemu_binary: args.qemu_binary.clone(),
+            firecracker_binary: args.firecracker_binary.clone(),
+            cloud_hypervisor_binary: args.cloud_hypervisor_binary.clone(),
+            boot_timeout: args.boot_timeout,
+            console_max_bytes: args.console_max_bytes,
+            simulated: args.simulated,
+            stop_vms_on_exit: args.stop_vms_on_exit,
+        })
+    }
+}
+
+/// A running agent.
+pub struct AgentHandle {
+    /// Where it listens (the bound port for `HOST:0`).
+    pub listen: ListenAddr,
+    /// Changes on every start.
+    pub instance_id: String,
+    pub supervisor: Supervisor,
+    join: JoinHandle<Result<(), AgentError>>,
+}
+
+impl AgentHandle {
+    /// The unix socket path, when listening on one.
+    pub fn socket_path(&self) -> Option<&Path> {
+        match &self.listen {
+            ListenAddr::Unix(path) => Some(path),
+            ListenAddr::Tcp(_) => None,
+        }
+    }
+
+    /// Wait until the agent has stopped (after its shutdown token was cancelled).
+    pub async fn wait(self) -> Result<(), AgentError> {
+        self.join.await.map_err(AgentError::Join)?
+    }
+}
+
+/// Decide the accelerator: `tcg` skips the probe; `auto` runs the bounded KVM probe (cached
+/// per host boot in the state directory) and falls back to TCG; `kvm` refuses to start
+/// without usable KVM.
+async fn choose_accelerator(config: &AgentConfig) -> Result<kvm::KvmProbe, AgentError> {
+    let choice = match config.accelerator {
+        AcceleratorFlag::Auto => AcceleratorChoice::Auto,
+        AcceleratorFlag::Kvm => AcceleratorChoice::Kvm,
+        AcceleratorFlag::Tcg => AcceleratorChoice::Tcg,
+    };
+    let kernel = guest::find_newest_kernel(Path::new("/boot"))
+        .map(|version| PathBuf::from(format!("/boot/vmlinuz-{version}")))
+        .unwrap_or_default();
+    let options = kvm::ProbeOptions {
+        qemu_binary: supervisor::resolve_binary(&config.qemu_binary)
+            .unwrap_or_else(|| config.qemu_binary.clone()),
+        kernel,
+        timeout: kvm::PROBE_TIMEOUT,
+        cache_dir: Some(config.state_dir.clone()),
+    };
+    kvm::probe(choice, &options).await.map_err(AgentError::Kvm)
+}
+
+/// The VMM backends this agent offers, and why the missing ones are missing.
+fn backends(config: &AgentConfig) -> (Vec<BackendEntry>, Vec<(Hypervisor, String)>) {
+    let mut backends = Vec::new();
+    let mut unavailable = Vec::new();
+    let mut add =
+        |kind: Hypervisor,
+         binary: &Path,
+         made: Result<(Arc<dyn vmm::VmmBackend>, PathBuf), vmm::VmmError>| {
+            match made {
+                Ok((backend, binary)) => backends.push(BackendEntry { backend, binary }),
+                // A node without this VMM still serves the others; VMs asking for it fail
+                // with HypervisorUnavailable and this reason.
+                Err(error) => {
+                    tracing::info!(hypervisor = %kind, binary = %binary.display(), %error, "VMM unavailable");
+                    unavailable.push((kind, error.to_string()));
+                }
+            }
+        };
+    add(
+        Hypervisor::Qemu,
+        &config.qemu_binary,
+        vmm::qemu::QemuBackend::new(&config.qemu_binary).map(|b| {
+            let binary = b.binary().to_path_buf();
+            (Arc::new(b) as Arc<dyn vmm::VmmBackend>, binary)
+        }),
+    );
+    add(
+        Hypervisor::Firecracker,
+        &config.firecracker_binary,
+        vmm::firecracker::FirecrackerBackend::new(&config.firecracker_binary).map(|b| {
+            (
+                Arc::new(b) as Arc<dyn vmm::VmmBackend>,
+                config.firecracker_binary.clone(),
+            )
+        }),
+    );
+    add(
+        Hypervisor::CloudHypervisor,
+        &config.cloud_hypervisor_binary,
+        vmm::cloud_hypervisor::CloudHypervisorBackend::new(&config.cloud_hypervisor_binary).map(
+            |b| {
+                (
+                    Arc::new(b) as Arc<dyn vmm::VmmBackend>,
+                    config.cloud_hypervisor_binary.clone(),
+                )
+            },
+        ),
+    );
+    if config.simulated {
+        let simulated = simulated::SimulatedBackend::default();
+        backends.push(BackendEntry {
+            binary: simulated.binary.clone(),
+            backend: Arc::new(simulated),
+        });
+    }
+    (backends, unavailable)
+}
+
+/// Bind, re-adopt the VMs of the state directory, and serve in the background until
+/// `shutdown` is cancelled.
+pub async fn serve(
+    config: AgentConfig,
+    shutdown: CancellationToken,
+) -> Result<AgentHandle, AgentError> {
+    serve_with_metrics(config, shutdown, MetricsRegistry::with_prefix("ignis")).await
+}
+
+/// [`serve`], registering the agent's metrics in `metrics`.
+pub async fn serve_with_metrics(
+    config: AgentConfig,
+    shutdown: CancellationToken,
+    metrics: MetricsRegistry,
+) -> Result<AgentHandle, AgentError> {
+    if let ListenAddr::Tcp(addr) = config.listen
+        && config.tls.is_none()
+    {
+        return Err(AgentError::TlsRequired { addr });
+    }
+    let tls = match &config.tls {
+        Some(files) if matches!(config.listen, ListenAddr::Tcp(_)) => Some(load_tls(files)?),
+        _ => None,
+    };
+    let store = state::StateStore::open(&config.state_dir).map_err(AgentError::State)?;
+    let capacity = host::HostCapacity::read().map_err(AgentError::Host)?;
+    let probe = choose_accelerator(&config).await?;
+    let (accelerator, accelerator_detail) = (probe.accelerator, probe.detail);
+    let instance_id = uuid::Uuid::new_v4().to_string();
+    let (backends, unavailable) = backends(&config);
+    let supervisor = Supervisor::new(
+        SupervisorConfig {
+            boot_timeout: config.boot_timeout,
+            console_max_bytes: config.console_max_bytes,
+            host: capacity,
+            accelerator,
+            accelerator_detail: accelerator_detail.clone(),
+            simulated: config.simulated,
+            unavailable,
+        },
+        store,
+        backends,
+        AgentMetrics::register(&metrics).await,
+    );
+    let held = supervisor.adopt().await.map_err(AgentError::Adopt)?;
+    supervisor.spawn_housekeeping();
+    let service = server::AgentService::new(
+        supervisor.clone(),
+        config.node_name.clone(),
+        instance_id.clone(),
+        shutdown.clone(),
+    );
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).map_err(AgentError::Tls)?;
+    }
+    let router = builder.add_service(crate::proto::agent_server::AgentServer::new(service));
+    let stop_vms = config.stop_vms_on_exit;
+    let (listen, join) = match &config.listen {
+        ListenAddr::Unix(path) => {
+            let bind_err = |source| AgentError::Bind {
+                what: format!("unix://{}", path.display()),
+                source,
+            };
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(bind_err)?;
+            }
+            // A socket left by an agent that was killed; nobody serves it any more.
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(bind_err(e)),
+            }
+            let listener = tokio::net::UnixListener::bind(path).map_err(bind_err)?;
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            let path = path.clone();
+            let supervisor = supervisor.clone();
+            let shutdown = shutdown.clone();
+            let socket = path.clone();
+            let join = tokio::spawn(async move {
+                let served = router
+                    .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+                    .await;
+                supervisor.shutdown(stop_vms).await;
+                let _ = std::fs::remove_file(&socket);
+                tracing::info!("agent stopped");
+                served.map_err(AgentError::Serve)
+            });
+            (ListenAddr::Unix(path), join)
+        }
+        ListenAddr::Tcp(addr) => {
+            let incoming =
+                tonic::transport::server::TcpIncoming::bind(*addr).map_err(|source| {
+                    AgentError::Bind {
+                        what: addr.to_string(),
+                        source,
+                    }
+                })?;
+            let bound = incoming.local_addr().map_err(|source| AgentError::Bind {
+                what: addr.to_string(),
+                source,
+            })?;
+            let supervisor = supervisor.clone();
+            let shutdown = shutdown.clone();
+            let join = tokio::spawn(async move {
+                let served = router
+                    .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+                    .await;
+                supervisor.shutdown(stop_vms).await;
+                tracing::info!("agent stopped");
+                served.map_err(AgentError::Serve)
+            });
+            (ListenAddr::Tcp(bound), join)
+        }
+    };
+    tracing::info!(
+        listen = %listen,
+        node = %config.node_name,
+        accelerator = %accelerator,
+        detail = %accelerator_detail,
+        held,
+        instance_id = %instance_id,
+        "agent serving"
+    );
+    Ok(AgentHandle {
+        listen,
+        instance_id,
+        supervisor,
+        join,
+    })
+}
+
+fn load_tls(files: &TlsFiles) -> Result<tonic::transport::ServerTlsConfig, AgentError> {
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|source| AgentError::TlsFile {
+            path: path.clone(),
+            source,
+        })
+    };
+    let identity = tonic::transport::Identity::from_pem(read(&files.cert)?, read(&files.key)?);
+    let ca = tonic::transport::Certificate::from_pem(read(&files.client_ca)?);
+    // A client CA makes client certificates mandatory (client_auth_optional stays false).
+    Ok(tonic::transport::ServerTlsConfig::new()
+        .identity(identity)
+        .client_ca_root(ca))
 }
 
 /// Run until `shutdown` is cancelled.
-pub async fn run(_args: AgentArgs, _shutdown: CancellationToken) -> Result<(), AgentError> {
-    Err(AgentError::NotBuilt)
+pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let config = AgentConfig::from_args(&args)?;
+    let metrics = MetricsRegistry::with_prefix("ignis");
+    let readiness = Readiness::default();
+    telemetry::spawn_health_server(
+        args.health_addr,
+        metrics.clone(),
+        readiness.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(AgentError::Telemetry)?;
+    let handle = serve_with_metrics(config, shutdown, metrics).await?;
+    readiness.set_ready(true);
+    handle.wait().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_parse() {
+        assert_eq!(
+            parse_listen("unix:///run/ignis/agent.sock").expect("unix"),
+            ListenAddr::Unix(PathBuf::from("/run/ignis/agent.sock"))
+        );
+        assert_eq!(
+            parse_listen("0.0.0.0:9440").expect("tcp"),
+            ListenAddr::Tcp("0.0.0.0:9440".parse().expect("addr"))
+        );
+        for bad in ["unix://relative.sock", "unix://", "agent.sock", "host:port"] {
+            assert_eq!(parse_listen(bad).expect_err(bad).reason(), "InvalidListen");
+        }
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[tokio::test]
+    async fn tcp_without_tls_is_refused() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let mut config = AgentConfig::local(tmp.path());
+        config.listen = ListenAddr::Tcp("127.0.0.1:0".parse().expect("addr"));
+        let error = serve(config, CancellationToken::new())
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(error.reason(), "TlsRequired");
+    }
 }
