@@ -304,13 +304,12 @@ async fn choose_accelerator(config: &AgentConfig) -> Result<kvm::KvmProbe, Agent
     let kernel = guest::find_newest_kernel(Path::new("/boot"))
         .map(|version| PathBuf::from(format!("/boot/vmlinuz-{version}")))
         .unwrap_or_default();
-    let options = kvm::ProbeOptions {
-        qemu_binary: supervisor::resolve_binary(&config.qemu_binary)
+    let options = kvm::ProbeOptions::new(
+        supervisor::resolve_binary(&config.qemu_binary)
             .unwrap_or_else(|| config.qemu_binary.clone()),
         kernel,
-        timeout: kvm::PROBE_TIMEOUT,
-        cache_dir: Some(config.state_dir.clone()),
-    };
+        Some(config.state_dir.clone()),
+    );
     kvm::probe(choice, &options).await.map_err(AgentError::Kvm)
 }
 
