@@ -1,0 +1,316 @@
+//! PATCH bodies: JSON patch, JSON merge patch, strategic merge patch (as merge patch, core kinds
+//! only) and server-side apply as a simplified structured merge with field-manager bookkeeping.
+
+use serde_json::{Map, Value, json};
+
+use super::errors::ApiError;
+
+/// The patch flavours, by `Content-Type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PatchKind {
+    Json,
+    Merge,
+    Strategic,
+    Apply,
+}
+
+/// Accepted content types, for the 415 message.
+pub const ACCEPTED: &str = "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml";
+/// Accepted content types for kinds that also take strategic merge patches.
+pub const ACCEPTED_WITH_SMP: &str = "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml";
+
+impl PatchKind {
+    /// Classify a `Content-Type` header value.
+    pub fn from_content_type(content_type: &str) -> Option<Self> {
+        let mime = content_type.split(';').next().unwrap_or_default().trim();
+        match mime {
+            "application/json-patch+json" => Some(PatchKind::Json),
+            "application/merge-patch+json" => Some(PatchKind::Merge),
+            "application/strategic-merge-patch+json" => Some(PatchKind::Strategic),
+            "application/apply-patch+yaml" | "application/apply-patch+json" => {
+                Some(PatchKind::Apply)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Apply an RFC 6902 JSON patch.
+pub fn json_patch(doc: &Value, body: &[u8]) -> Result<Value, ApiError> {
+    let patch: json_patch::Patch = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON patch: {e}")))?;
+    let mut out = doc.clone();
+    json_patch::patch(&mut out, &patch)
+        .map_err(|e| ApiError::BadRequest(format!("the JSON patch cannot be applied: {e}")))?;
+    Ok(out)
+}
+
+/// Apply an RFC 7386 merge patch.
+pub fn merge_patch(doc: &Value, body: &[u8]) -> Result<Value, ApiError> {
+    let patch: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid merge patch: {e}")))?;
+    if !patch.is_object() {
+        return Err(ApiError::BadRequest(
+            "a merge patch must be a JSON object".into(),
+        ));
+    }
+    let mut out = doc.clone();
+    json_patch::merge(&mut out, &patch);
+    Ok(out)
+}
+
+/// Parse an apply body (YAML or JSON).
+pub fn parse_apply(body: &[u8]) -> Result<Value, ApiError> {
+    let v: Value = serde_yaml::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("error decoding YAML: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::BadRequest(
+            "an applied configuration must be an object".into(),
+        ));
+    }
+    Ok(v)
+}
+
+/// The keys of a `x-kubernetes-list-type: map` list, from its schema, or by convention for
+/// `conditions` lists of kinds without a schema here.
+fn list_map_keys(schema: Option<&Value>, field: &str) -> Option<Vec<String>> {
+    if let Some(s) = schema
+        && s.get("x-kubernetes-list-type").and_then(Value::as_str) == Some("map")
+    {
+        return s
+            .get("x-kubernetes-list-map-keys")
+            .and_then(Value::as_array)
+            .map(|keys| {
+                keys.iter()
+                    .filter_map(|k| k.as_str().map(str::to_string))
+                    .collect()
+            });
+    }
+    if schema.is_none() && field == "conditions" {
+        return Some(vec!["type".into()]);
+    }
+    None
+}
+
+fn child_schema<'a>(schema: Option<&'a Value>, key: &str) -> Option<&'a Value> {
+    let s = schema?;
+    s.get("properties")
+        .and_then(|p| p.get(key))
+        .or_else(|| s.get("additionalProperties").filter(|a| a.is_object()))
+}
+
+fn key_of(item: &Value, keys: &[String]) -> Option<Vec<Value>> {
+    keys.iter().map(|k| item.get(k).cloned()).collect()
+}
+
+/// Merge an applied configuration into the live object: maps field by field, `map` lists item
+/// by item (by their keys), every other value replaced. A simplification of structured merge:
+/// fields a manager stops applying are not removed.
+pub fn structured_merge(live: &mut Value, applied: &Value, schema: Option<&Value>, field: &str) {
+    match (live, applied) {
+        (Value::Object(l), Value::Object(a)) => {
+            for (k, v) in a {
+                if v.is_null() {
+                    l.remove(k);
+                    continue;
+                }
+                match l.get_mut(k) {
+                    Some(existing) => structured_merge(existing, v, child_schema(schema, k), k),
+                    None => {
+                        l.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (Value::Array(l), Value::Array(a)) => {
+            let item_schema = schema.and_then(|s| s.get("items"));
+            match list_map_keys(schema, field) {
+                Some(keys) => {
+                    for item in a {
+                        let found = key_of(item, &keys).and_then(|key| {
+                            l.iter_mut()
+                                .find(|existing| key_of(existing, &keys).as_ref() == Some(&key))
+                        });
+                        match found {
+                            Some(existing) => structured_merge(existing, item, item_schema, ""),
+                            None => l.push(item.clone()),
+                        }
+                    }
+                }
+                None => *l = a.clone(),
+            }
+        }
+        (l, a) => *l = a.clone(),
+    }
+}
+
+/// The `fieldsV1` set of an applied configuration or patch body.
+pub fn fields_v1(applied: &Value, schema: Option<&Value>) -> Value {
+    let mut out = Map::new();
+    if let Value::Object(map) = applied {
+        for (k, v) in map {
+            if k == "apiVersion" || k == "kind" {
+                continue;
+            }
+            if k == "metadata" {
+                let mut meta = Map::new();
+                if let Value::Object(m) = v {
+                    for (mk, mv) in m {
+                        if ["name", "namespace", "resourceVersion", "uid", "managedFields"]
+                            .contains(&mk.as_str())
+                        {
+                            continue;
+                        }
+                        meta.insert(format!("f:{mk}"), fields_of(mv, None, mk));
+                    }
+                }
+                if !meta.is_empty() {
+                    out.insert("f:metadata".into(), Value::Object(meta));
+                }
+                continue;
+            }
+            out.insert(format!("f:{k}"), fields_of(v, child_schema(schema, k), k));
+        }
+    }
+    Value::Object(out)
+}
+
+fn fields_of(value: &Value, schema: Option<&Value>, field: &str) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (format!("f:{k}"), fields_of(v, child_schema(schema, k), k)))
+                .collect(),
+        ),
+        Value::Array(items) => match list_map_keys(schema, field) {
+            Some(keys) => {
+                let item_schema = schema.and_then(|s| s.get("items"));
+                Value::Object(
+                    items
+                        .iter()
+                        .map(|item| {
+                            let key: Map<String, Value> = keys
+                                .iter()
+                                .map(|k| (k.clone(), item.get(k).cloned().unwrap_or(Value::Null)))
+                                .collect();
+                            let mut inner = match fields_of(item, item_schema, "") {
+                                Value::Object(m) => m,
+                                _ => Map::new(),
+                            };
+                            inner.insert(".".into(), json!({}));
+                            (format!("k:{}", Value::Object(key)), Value::Object(inner))
+                        })
+                        .collect(),
+                )
+            }
+            None => json!({}),
+        },
+        _ => json!({}),
+    }
+}
+
+/// Record that `manager` wrote `fields` with `operation` (`Apply`/`Update`) on `subresource`,
+/// replacing that manager's previous entry for the same operation and subresource.
+pub fn record_managed_fields(
+    object: &mut Value,
+    manager: &str,
+    operation: &str,
+    subresource: Option<&str>,
+    api_version: &str,
+    fields: Value,
+    now: &str,
+) {
+    let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let entries = meta
+        .entry("managedFields")
+        .or_insert_with(|| Value::Array(Vec::new()));
+    if !entries.is_array() {
+        *entries = Value::Array(Vec::new());
+    }
+    let Value::Array(list) = entries else {
+        return;
+    };
+    list.retain(|e| {
+        !(e["manager"] == manager
+            && e["operation"] == operation
+            && e.get("subresource").and_then(Value::as_str) == subresource)
+    });
+    let mut entry = json!({
+        "manager": manager,
+        "operation": operation,
+        "apiVersion": api_version,
+        "time": now,
+        "fieldsType": "FieldsV1",
+        "fieldsV1": fields,
+    });
+    if let (Some(sub), Some(map)) = (subresource, entry.as_object_mut()) {
+        map.insert("subresource".into(), Value::String(sub.into()));
+    }
+    list.push(entry);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_schema() -> Value {
+        json!({"properties": {"status": {"properties": {"conditions": {
+            "type": "array", "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+            "items": {"type": "object"}}}}}})
+    }
+
+    #[test]
+    fn content_types_map_to_patch_kinds() {
+        assert_eq!(
+            PatchKind::from_content_type("application/merge-patch+json; charset=utf-8"),
+            Some(PatchKind::Merge)
+        );
+        assert_eq!(
+            PatchKind::from_content_type("application/apply-patch+yaml"),
+            Some(PatchKind::Apply)
+        );
+        assert_eq!(PatchKind::from_content_type("text/plain"), None);
+    }
+
+    #[test]
+    fn json_and_merge_patches_apply() {
+        let doc = json!({"spec": {"a": 1, "b": 2}});
+        let out = json_patch(&doc, br#"[{"op":"replace","path":"/spec/a","value":5}]"#)
+            .expect("json patch");
+        assert_eq!(out["spec"]["a"], 5);
+        assert!(json_patch(&doc, br#"[{"op":"test","path":"/spec/a","value":9}]"#).is_err());
+        let out = merge_patch(&doc, br#"{"spec":{"b":null,"c":3}}"#).expect("merge");
+        assert_eq!(out, json!({"spec": {"a": 1, "c": 3}}));
+    }
+
+    #[test]
+    fn apply_merges_conditions_by_type() {
+        let mut live = json!({"status": {"phase": "Pending", "conditions": [
+            {"type": "Scheduled", "status": "True"}, {"type": "Ready", "status": "False"}]}});
+        let applied = json!({"status": {"conditions": [{"type": "Ready", "status": "True"}]}});
+        structured_merge(&mut live, &applied, Some(&status_schema()), "");
+        assert_eq!(live["status"]["phase"], "Pending");
+        assert_eq!(live["status"]["conditions"][0]["status"], "True");
+        assert_eq!(live["status"]["conditions"][0]["type"], "Scheduled");
+        assert_eq!(live["status"]["conditions"][1]["status"], "True");
+    }
+
+    #[test]
+    fn managed_fields_name_keys_and_replace_entries() {
+        let applied = json!({"apiVersion": "v", "kind": "K", "metadata": {"name": "a",
+            "labels": {"x": "y"}}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}});
+        let fields = fields_v1(&applied, Some(&status_schema()));
+        assert!(fields["f:metadata"]["f:labels"]["f:x"].is_object());
+        assert!(fields["f:status"]["f:conditions"]["k:{\"type\":\"Ready\"}"]["f:status"].is_object());
+        let mut obj = json!({"metadata": {"name": "a"}});
+        record_managed_fields(&mut obj, "m", "Apply", Some("status"), "v", fields.clone(), "t");
+        record_managed_fields(&mut obj, "m", "Apply", Some("status"), "v", fields, "t2");
+        let entries = obj["metadata"]["managedFields"].as_array().expect("list");
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0]["time"], "t2");
+        assert_eq!(entries[0]["subresource"], "status");
+    }
+}
