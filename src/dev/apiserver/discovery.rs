@@ -147,7 +147,12 @@ mod tests {
         let mvm = &list["resources"][0];
         assert_eq!(mvm["name"], "microvms");
         assert_eq!(mvm["shortNames"][0], "mvm");
-        assert!(mvm["verbs"].as_array().expect("verbs").contains(&json!("watch")));
+        assert!(
+            mvm["verbs"]
+                .as_array()
+                .expect("verbs")
+                .contains(&json!("watch"))
+        );
         assert_eq!(list["resources"][1]["name"], "microvms/status");
         assert!(resource_list(&reg, "ignis.dev", "v9").is_none());
     }
@@ -164,7 +169,10 @@ mod tests {
             .collect();
         assert!(names.contains(&"ignis.dev") && names.contains(&"coordination.k8s.io"));
         assert!(!names.contains(&""));
-        assert_eq!(doc["groups"][0]["preferredVersion"]["groupVersion"], "ignis.dev/v1alpha1");
+        assert_eq!(
+            doc["groups"][0]["preferredVersion"]["groupVersion"],
+            "ignis.dev/v1alpha1"
+        );
         assert!(group(&reg, "ignis.dev").is_some());
     }
 }

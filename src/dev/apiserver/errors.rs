@@ -9,7 +9,7 @@ use thiserror::Error;
 pub struct Cause {
     /// `metav1.CauseType`, e.g. `FieldValueInvalid`.
     pub reason: String,
-    /// The whole line, e.g. `spec.x: Invalid value: 0: ...`.
+    /// What is wrong, without the field, e.g. `Invalid value: 0: ...`.
     pub message: String,
     /// Dotted path of the field.
     pub field: String,
@@ -65,11 +65,11 @@ pub enum ApiError {
 
 fn render_causes(causes: &[Cause]) -> String {
     match causes {
-        [one] => one.message.clone(),
+        [one] => format!("{}: {}", one.field, one.message),
         many => format!(
             "[{}]",
             many.iter()
-                .map(|c| c.message.as_str())
+                .map(|c| format!("{}: {}", c.field, c.message))
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
@@ -182,12 +182,12 @@ mod tests {
             causes: vec![
                 Cause {
                     reason: "FieldValueInvalid".into(),
-                    message: "spec.resources.vcpus: Invalid value: 0: too small".into(),
+                    message: "Invalid value: 0: too small".into(),
                     field: "spec.resources.vcpus".into(),
                 },
                 Cause {
                     reason: "FieldValueRequired".into(),
-                    message: "spec.kernel: Required value".into(),
+                    message: "Required value".into(),
                     field: "spec.kernel".into(),
                 },
             ],
@@ -199,7 +199,10 @@ mod tests {
             status["message"],
             "MicroVM.ignis.dev \"x\" is invalid: [spec.resources.vcpus: Invalid value: 0: too small, spec.kernel: Required value]"
         );
-        assert_eq!(status["details"]["causes"][0]["field"], "spec.resources.vcpus");
+        assert_eq!(
+            status["details"]["causes"][0]["field"],
+            "spec.resources.vcpus"
+        );
         assert_eq!(status["details"]["group"], "ignis.dev");
     }
 
@@ -214,6 +217,13 @@ mod tests {
         assert_eq!(status["message"], "microvms.ignis.dev \"a\" not found");
         assert_eq!(status["details"]["kind"], "microvms");
         assert_eq!(status["details"]["group"], "ignis.dev");
-        assert_eq!(ApiError::Expired { requested: 1, oldest: 9 }.code(), 410);
+        assert_eq!(
+            ApiError::Expired {
+                requested: 1,
+                oldest: 9
+            }
+            .code(),
+            410
+        );
     }
 }

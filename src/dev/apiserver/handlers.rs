@@ -216,10 +216,14 @@ impl Server {
             if !errors.is_empty() {
                 let causes = errors
                     .iter()
-                    .map(|e| Cause {
-                        reason: e.kind.cause_type().into(),
-                        message: e.to_string(),
-                        field: e.field.clone(),
+                    .map(|e| {
+                        let line = e.to_string();
+                        let prefix = format!("{}: ", e.field);
+                        Cause {
+                            reason: e.kind.cause_type().into(),
+                            message: line.strip_prefix(&prefix).unwrap_or(&line).to_string(),
+                            field: e.field.clone(),
+                        }
                     })
                     .collect();
                 return Err(Self::invalid(def, str_of(obj, "name"), causes));
@@ -230,7 +234,9 @@ impl Server {
 
     fn check_kind(def: &ResourceDef, obj: &Value) -> Result<(), ApiError> {
         if !obj.is_object() {
-            return Err(ApiError::BadRequest("the body must be a JSON object".into()));
+            return Err(ApiError::BadRequest(
+                "the body must be a JSON object".into(),
+            ));
         }
         let kind = obj["kind"].as_str().unwrap_or_default();
         let api_version = obj["apiVersion"].as_str().unwrap_or_default();
@@ -289,7 +295,10 @@ impl Server {
         {
             let m = meta(&mut obj);
             if def.namespaced {
-                let body_ns = m.get("namespace").and_then(Value::as_str).unwrap_or_default();
+                let body_ns = m
+                    .get("namespace")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
                 if !body_ns.is_empty() && body_ns != ns {
                     return Err(ApiError::BadRequest(
                         "the namespace of the provided object does not match the namespace sent on the request".into(),
@@ -307,16 +316,20 @@ impl Server {
             ] {
                 m.remove(field);
             }
-            m.insert("uid".into(), Value::String(uuid::Uuid::new_v4().to_string()));
+            m.insert(
+                "uid".into(),
+                Value::String(uuid::Uuid::new_v4().to_string()),
+            );
             m.insert("creationTimestamp".into(), Value::String(now.clone()));
             if def.generation {
                 m.insert("generation".into(), json!(1));
             }
         }
-        if def.status_subresource && def.custom {
-            if let Some(m) = obj.as_object_mut() {
-                m.remove("status");
-            }
+        if def.status_subresource
+            && def.custom
+            && let Some(m) = obj.as_object_mut()
+        {
+            m.remove("status");
         }
         if def.kind == "Namespace" && def.group.is_empty() {
             obj["status"] = json!({"phase": "Active"});
@@ -332,8 +345,7 @@ impl Server {
                     "",
                     vec![Cause {
                         reason: "FieldValueRequired".into(),
-                        message: "metadata.name: Required value: name or generateName is required"
-                            .into(),
+                        message: "Required value: name or generateName is required".into(),
                         field: "metadata.name".into(),
                     }],
                 ));
@@ -562,7 +574,13 @@ impl Server {
                 let mut new = old.clone();
                 let mut to_merge = applied.clone();
                 if let Some(m) = to_merge.get_mut("metadata").and_then(Value::as_object_mut) {
-                    for f in ["name", "namespace", "uid", "managedFields", "creationTimestamp"] {
+                    for f in [
+                        "name",
+                        "namespace",
+                        "uid",
+                        "managedFields",
+                        "creationTimestamp",
+                    ] {
                         m.remove(f);
                     }
                 }
@@ -604,7 +622,10 @@ impl Server {
         if def.undeletable {
             return Err(ApiError::MethodNotAllowed);
         }
-        if def.group.is_empty() && def.kind == "Namespace" && super::PROTECTED_NAMESPACES.contains(&name) {
+        if def.group.is_empty()
+            && def.kind == "Namespace"
+            && super::PROTECTED_NAMESPACES.contains(&name)
+        {
             return Err(ApiError::Forbidden(format!(
                 "namespaces \"{name}\" is forbidden: this namespace may not be deleted"
             )));
@@ -658,7 +679,12 @@ impl Server {
     fn delete_namespace_contents(&self, ns: &str) {
         let opts = WriteOptions::default();
         for def in self.registry.resources.iter().filter(|d| d.namespaced) {
-            let Ok((items, _)) = self.list(def, Some(ns), &LabelSelector::default(), &FieldSelector::default()) else {
+            let Ok((items, _)) = self.list(
+                def,
+                Some(ns),
+                &LabelSelector::default(),
+                &FieldSelector::default(),
+            ) else {
                 continue;
             };
             for item in items {
@@ -732,8 +758,9 @@ pub async fn handle(server: Arc<Server>, request: Request<Body>) -> Response<Bod
     if route != Route::Health && !authorized(&server, &parts.headers) {
         return error_response(&ApiError::Unauthorized);
     }
-    let query: HashMap<String, String> =
-        axum::extract::Query::try_from_uri(&parts.uri).map(|q| q.0).unwrap_or_default();
+    let query: HashMap<String, String> = axum::extract::Query::try_from_uri(&parts.uri)
+        .map(|q| q.0)
+        .unwrap_or_default();
     let body = match axum::body::to_bytes(body, MAX_BODY).await {
         Ok(b) => b,
         Err(_) => {
@@ -798,7 +825,12 @@ fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
         .map_err(|e| ApiError::BadRequest(format!("the request body is not a valid object: {e}")))
 }
 
-fn shaped(def: &ResourceDef, shape: Shape, object: Value, query: &HashMap<String, String>) -> Value {
+fn shaped(
+    def: &ResourceDef,
+    shape: Shape,
+    object: Value,
+    query: &HashMap<String, String>,
+) -> Value {
     match shape {
         Shape::Object => object,
         Shape::Metadata => table::partial_metadata(&object),
@@ -844,10 +876,18 @@ async fn resource_request(
         .map_err(ApiError::BadRequest)?;
     let fields = FieldSelector::parse(query.get("fieldSelector").map_or("", String::as_str))
         .map_err(ApiError::BadRequest)?;
-    let is_watch = query
-        .get("watch")
-        .is_some_and(|w| w == "1" || w == "true");
+    let is_watch = query.get("watch").is_some_and(|w| w == "1" || w == "true");
     let verb_suffix = sub.map(|s| format!("/{s}")).unwrap_or_default();
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    // Protobuf bodies (kubectl's typed clients for core kinds) are not decoded here.
+    if content_type.contains("protobuf") || content_type.contains("cbor") {
+        return Err(ApiError::UnsupportedMediaType {
+            accepted: "application/json, application/yaml".into(),
+        });
+    }
 
     match (method.clone(), path.name.clone()) {
         (Method::GET, None) | (Method::GET, Some(_)) if is_watch => {
@@ -855,7 +895,13 @@ async fn resource_request(
             if let Some(name) = &path.name {
                 fields.0.push(("metadata.name".into(), true, name.clone()));
             }
-            let request = watch::WatchRequest::from_query(query, path.namespace.clone(), labels, fields, shape)?;
+            let request = watch::WatchRequest::from_query(
+                query,
+                path.namespace.clone(),
+                labels,
+                fields,
+                shape,
+            )?;
             watch::serve(server.clone(), def, request).await
         }
         (Method::GET, None) => {
@@ -905,10 +951,6 @@ async fn resource_request(
             Ok(json_response(200, &shaped(&def, shape, obj, query)))
         }
         (Method::PATCH, Some(name)) => {
-            let content_type = headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
             let kind = PatchKind::from_content_type(content_type).ok_or_else(|| {
                 ApiError::UnsupportedMediaType {
                     accepted: if def.custom {
@@ -919,7 +961,11 @@ async fn resource_request(
                 }
             })?;
             let obj = server.patch(&def, &ns, &name, kind, &body, sub, &opts)?;
-            let verb = if kind == PatchKind::Apply { "apply" } else { "patch" };
+            let verb = if kind == PatchKind::Apply {
+                "apply"
+            } else {
+                "patch"
+            };
             server.record_write(&def, &ns, &name, &format!("{verb}{verb_suffix}"));
             Ok(json_response(200, &shaped(&def, shape, obj, query)))
         }
@@ -942,12 +988,15 @@ async fn resource_request(
                 deleted.push(server.delete(&def, &item_ns, &name, &Value::Null, &opts)?);
                 server.record_write(&def, &item_ns, &name, "delete");
             }
-            Ok(json_response(200, &json!({
-                "kind": format!("{}List", def.kind),
-                "apiVersion": def.api_version(),
-                "metadata": {},
-                "items": deleted,
-            })))
+            Ok(json_response(
+                200,
+                &json!({
+                    "kind": format!("{}List", def.kind),
+                    "apiVersion": def.api_version(),
+                    "metadata": {},
+                    "items": deleted,
+                }),
+            ))
         }
         _ => Err(ApiError::MethodNotAllowed),
     }

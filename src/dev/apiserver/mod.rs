@@ -43,7 +43,8 @@ use resources::Registry;
 use store::{EventType, Store};
 
 /// Namespaces that always exist and cannot be deleted.
-pub const PROTECTED_NAMESPACES: [&str; 4] = ["default", "kube-system", "kube-public", "kube-node-lease"];
+pub const PROTECTED_NAMESPACES: [&str; 4] =
+    ["default", "kube-system", "kube-public", "kube-node-lease"];
 
 /// How the server is started.
 #[derive(Clone, Debug)]
@@ -218,7 +219,10 @@ users:
     /// Writes to one MicroVM and its status so far.
     pub fn microvm_writes(&self, namespace: &str, name: &str) -> ObjectWrites {
         self.writes()
-            .remove(&format!("{}/microvms/{namespace}/{name}", crate::api::GROUP))
+            .remove(&format!(
+                "{}/microvms/{namespace}/{name}",
+                crate::api::GROUP
+            ))
             .unwrap_or_default()
     }
 
@@ -261,7 +265,9 @@ pub async fn start(
         Some(token) => token,
         None => {
             let token = new_token();
-            store.meta_set("token", &token).map_err(ApiServerError::Store)?;
+            store
+                .meta_set("token", &token)
+                .map_err(ApiServerError::Store)?;
             token
         }
     };
@@ -286,16 +292,17 @@ pub async fn start(
             addr: config.listen,
             source,
         })?;
-    let addr = listener.local_addr().map_err(|source| ApiServerError::Bind {
-        addr: config.listen,
-        source,
-    })?;
-    let listener = tls::TlsListener::new(listener, acceptor).map_err(|source| {
-        ApiServerError::Bind {
+    let addr = listener
+        .local_addr()
+        .map_err(|source| ApiServerError::Bind {
             addr: config.listen,
             source,
-        }
-    })?;
+        })?;
+    let listener =
+        tls::TlsListener::new(listener, acceptor).map_err(|source| ApiServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
     let app_server = server.clone();
     let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
         let server = app_server.clone();
@@ -379,12 +386,18 @@ fn seed(server: &Server, config: &ApiServerConfig) -> Result<(), ApiError> {
     };
     let namespaces = find("", "namespaces")?;
     for ns in PROTECTED_NAMESPACES {
-        if matches!(server.get(&namespaces, "", ns), Err(ApiError::NotFound { .. })) {
+        if matches!(
+            server.get(&namespaces, "", ns),
+            Err(ApiError::NotFound { .. })
+        ) {
             server.create(&namespaces, "", json!({"metadata": {"name": ns}}), &opts)?;
         }
     }
     let upsert = |def: &ResourceDef, desired: Value| -> Result<(), ApiError> {
-        let name = desired["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let name = desired["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         match server.get(def, "", &name) {
             Err(ApiError::NotFound { .. }) => {
                 server.create(def, "", desired.clone(), &opts)?;
@@ -431,6 +444,9 @@ fn seed(server: &Server, config: &ApiServerConfig) -> Result<(), ApiError> {
         "acceptedNames": crd["spec"]["names"].clone(),
         "storedVersions": [crate::api::VERSION],
     });
-    upsert(&find("apiextensions.k8s.io", "customresourcedefinitions")?, crd)?;
+    upsert(
+        &find("apiextensions.k8s.io", "customresourcedefinitions")?,
+        crd,
+    )?;
     Ok(())
 }

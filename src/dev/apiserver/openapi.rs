@@ -37,9 +37,12 @@ fn object_schema(def: &ResourceDef) -> Value {
                 "description": "APIVersion defines the versioned schema of this representation of an object."}));
             props.insert("kind".into(), json!({"type": "string",
                 "description": "Kind is a string value representing the REST resource this object represents."}));
-            props.insert("metadata".into(), json!({"type": "object",
+            props.insert(
+                "metadata".into(),
+                json!({"type": "object",
                 "description": "Standard object's metadata.",
-                "x-kubernetes-preserve-unknown-fields": true}));
+                "x-kubernetes-preserve-unknown-fields": true}),
+            );
         }
         map.insert("type".into(), "object".into());
         map.insert("x-kubernetes-group-version-kind".into(), gvk(def));
@@ -171,7 +174,9 @@ mod tests {
         let reg = Registry::new().expect("registry");
         let mvm = reg.find("ignis.dev", "v1alpha1", "microvms").expect("mvm");
         assert_eq!(schema_name(mvm), "dev.ignis.v1alpha1.MicroVM");
-        let lease = reg.find("coordination.k8s.io", "v1", "leases").expect("lease");
+        let lease = reg
+            .find("coordination.k8s.io", "v1", "leases")
+            .expect("lease");
         assert_eq!(schema_name(lease), "io.k8s.api.coordination.v1.Lease");
     }
 
@@ -180,18 +185,26 @@ mod tests {
         let reg = Registry::new().expect("registry");
         let doc = group_version_doc(&reg, "ignis.dev", "v1alpha1").expect("doc");
         let schema = &doc["components"]["schemas"]["dev.ignis.v1alpha1.MicroVM"];
-        assert_eq!(schema["x-kubernetes-group-version-kind"][0]["kind"], "MicroVM");
+        assert_eq!(
+            schema["x-kubernetes-group-version-kind"][0]["kind"],
+            "MicroVM"
+        );
         assert!(schema["properties"]["spec"]["properties"]["resources"].is_object());
-        let patch = &doc["paths"]["/apis/ignis.dev/v1alpha1/namespaces/{namespace}/microvms/{name}"]["patch"];
-        assert!(patch["parameters"]
-            .as_array()
-            .expect("params")
-            .iter()
-            .any(|p| p["name"] == "fieldValidation"));
+        let patch = &doc["paths"]["/apis/ignis.dev/v1alpha1/namespaces/{namespace}/microvms/{name}"]
+            ["patch"];
+        assert!(
+            patch["parameters"]
+                .as_array()
+                .expect("params")
+                .iter()
+                .any(|p| p["name"] == "fieldValidation")
+        );
         let idx = index(&reg);
-        assert!(idx["paths"]["apis/ignis.dev/v1alpha1"]["serverRelativeURL"]
-            .as_str()
-            .expect("url")
-            .starts_with("/openapi/v3/apis/ignis.dev/v1alpha1?hash="));
+        assert!(
+            idx["paths"]["apis/ignis.dev/v1alpha1"]["serverRelativeURL"]
+                .as_str()
+                .expect("url")
+                .starts_with("/openapi/v3/apis/ignis.dev/v1alpha1?hash=")
+        );
     }
 }

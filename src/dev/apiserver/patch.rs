@@ -15,7 +15,8 @@ pub enum PatchKind {
 }
 
 /// Accepted content types, for the 415 message.
-pub const ACCEPTED: &str = "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml";
+pub const ACCEPTED: &str =
+    "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml";
 /// Accepted content types for kinds that also take strategic merge patches.
 pub const ACCEPTED_WITH_SMP: &str = "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml";
 
@@ -156,8 +157,14 @@ pub fn fields_v1(applied: &Value, schema: Option<&Value>) -> Value {
                 let mut meta = Map::new();
                 if let Value::Object(m) = v {
                     for (mk, mv) in m {
-                        if ["name", "namespace", "resourceVersion", "uid", "managedFields"]
-                            .contains(&mk.as_str())
+                        if [
+                            "name",
+                            "namespace",
+                            "resourceVersion",
+                            "uid",
+                            "managedFields",
+                        ]
+                        .contains(&mk.as_str())
                         {
                             continue;
                         }
@@ -304,9 +311,19 @@ mod tests {
             "labels": {"x": "y"}}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}});
         let fields = fields_v1(&applied, Some(&status_schema()));
         assert!(fields["f:metadata"]["f:labels"]["f:x"].is_object());
-        assert!(fields["f:status"]["f:conditions"]["k:{\"type\":\"Ready\"}"]["f:status"].is_object());
+        assert!(
+            fields["f:status"]["f:conditions"]["k:{\"type\":\"Ready\"}"]["f:status"].is_object()
+        );
         let mut obj = json!({"metadata": {"name": "a"}});
-        record_managed_fields(&mut obj, "m", "Apply", Some("status"), "v", fields.clone(), "t");
+        record_managed_fields(
+            &mut obj,
+            "m",
+            "Apply",
+            Some("status"),
+            "v",
+            fields.clone(),
+            "t",
+        );
         record_managed_fields(&mut obj, "m", "Apply", Some("status"), "v", fields, "t2");
         let entries = obj["metadata"]["managedFields"].as_array().expect("list");
         assert_eq!(entries.len(), 1);

@@ -101,9 +101,7 @@ impl ResourceDef {
 
     /// The verbs discovery advertises.
     pub fn verbs(&self) -> Vec<&'static str> {
-        let mut verbs = vec![
-            "create", "get", "list", "patch", "update", "watch",
-        ];
+        let mut verbs = vec!["create", "get", "list", "patch", "update", "watch"];
         if !self.undeletable {
             verbs.extend(["delete", "deletecollection"]);
         }
@@ -173,11 +171,15 @@ impl Registry {
         let mut core_events = ResourceDef::builtin("", "v1", "Event", "events", true);
         core_events.short_names = vec!["ev".into()];
         core_events.printer_columns = event_columns.clone();
-        core_events.printer_columns.push(PrinterColumn::new("Message", "string", ".message"));
+        core_events
+            .printer_columns
+            .push(PrinterColumn::new("Message", "string", ".message"));
         let mut events = ResourceDef::builtin("events.k8s.io", "v1", "Event", "events", true);
         events.short_names = vec!["ev".into()];
         events.printer_columns = event_columns;
-        events.printer_columns.push(PrinterColumn::new("Note", "string", ".note"));
+        events
+            .printer_columns
+            .push(PrinterColumn::new("Note", "string", ".note"));
         let mut leases = ResourceDef::builtin("coordination.k8s.io", "v1", "Lease", "leases", true);
         leases.printer_columns = vec![
             PrinterColumn::new("Holder", "string", ".spec.holderIdentity"),
@@ -325,7 +327,11 @@ mod tests {
         let mvm = reg.find("ignis.dev", "v1alpha1", "microvms").expect("mvm");
         assert!(mvm.namespaced && mvm.status_subresource && mvm.custom);
         assert_eq!(mvm.short_names, vec!["mvm".to_string()]);
-        let cols: Vec<&str> = mvm.printer_columns.iter().map(|c| c.name.as_str()).collect();
+        let cols: Vec<&str> = mvm
+            .printer_columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
         assert_eq!(cols, ["Phase", "Node", "IP", "Ready", "Age"]);
         assert!(mvm.schema.is_some());
         assert_eq!(mvm.qualified(), "microvms.ignis.dev");
@@ -336,7 +342,11 @@ mod tests {
         let reg = Registry::new().expect("registry");
         assert_eq!(reg.group_versions()[0], (String::new(), "v1".to_string()));
         assert!(!reg.find("", "v1", "namespaces").expect("ns").namespaced);
-        assert!(reg.find("coordination.k8s.io", "v1", "leases").expect("lease").namespaced);
+        assert!(
+            reg.find("coordination.k8s.io", "v1", "leases")
+                .expect("lease")
+                .namespaced
+        );
         assert!(reg.find("", "v1", "pods").is_none());
     }
 }

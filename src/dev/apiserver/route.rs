@@ -21,13 +21,21 @@ pub enum Route {
     /// `/apis`
     Groups,
     /// `/api/v1`, `/apis/<group>/<version>`
-    GroupVersion { group: String, version: String },
+    GroupVersion {
+        group: String,
+        version: String,
+    },
     /// `/apis/<group>`
-    Group { group: String },
+    Group {
+        group: String,
+    },
     OpenApiV2,
     OpenApiV3Index,
     /// `/openapi/v3/api/v1`, `/openapi/v3/apis/<group>/<version>`
-    OpenApiV3 { group: String, version: String },
+    OpenApiV3 {
+        group: String,
+        version: String,
+    },
     Health,
     DebugRequests,
     Resource(ResourcePath),
@@ -129,12 +137,18 @@ mod tests {
         assert_eq!(r.subresource.as_deref(), Some("status"));
 
         let r = res("/api/v1/namespaces/default");
-        assert_eq!((r.plural.as_str(), r.name.as_deref()), ("namespaces", Some("default")));
+        assert_eq!(
+            (r.plural.as_str(), r.name.as_deref()),
+            ("namespaces", Some("default"))
+        );
         let r = res("/api/v1/namespaces/kube-system/status");
         assert_eq!(r.subresource.as_deref(), Some("status"));
         assert_eq!(r.namespace, None);
         let r = res("/api/v1/namespaces/default/events");
-        assert_eq!((r.plural.as_str(), r.namespace.as_deref()), ("events", Some("default")));
+        assert_eq!(
+            (r.plural.as_str(), r.namespace.as_deref()),
+            ("events", Some("default"))
+        );
         let r = res("/apis/ignis.dev/v1alpha1/microvms");
         assert_eq!((r.namespace, r.name), (None, None));
     }

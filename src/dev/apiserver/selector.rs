@@ -170,7 +170,11 @@ mod tests {
         let o = labelled(json!({}));
         let s = FieldSelector::parse("metadata.name=a,metadata.namespace!=x").expect("parse");
         assert!(s.matches(&o));
-        assert!(!FieldSelector::parse("metadata.name=b").expect("parse").matches(&o));
+        assert!(
+            !FieldSelector::parse("metadata.name=b")
+                .expect("parse")
+                .matches(&o)
+        );
         assert!(FieldSelector::parse("nonsense").is_err());
     }
 }

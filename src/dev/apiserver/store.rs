@@ -370,15 +370,20 @@ mod tests {
     #[test]
     fn versions_are_monotonic_and_written_into_objects() {
         let mut s = Store::in_memory(100).expect("store");
-        let a = s.write("g/r", "default", "a", EventType::Added, obj("a")).expect("a");
-        let b = s.write("g/r", "default", "b", EventType::Added, obj("b")).expect("b");
+        let a = s
+            .write("g/r", "default", "a", EventType::Added, obj("a"))
+            .expect("a");
+        let b = s
+            .write("g/r", "default", "b", EventType::Added, obj("b"))
+            .expect("b");
         assert!(b.rv > a.rv);
         let got = s.get("g/r", "default", "a").expect("get").expect("exists");
         assert_eq!(got["metadata"]["resourceVersion"], a.rv.to_string());
         let (items, rv) = s.list("g/r", None).expect("list");
         assert_eq!(items.len(), 2);
         assert_eq!(rv, b.rv);
-        s.write("g/r", "default", "a", EventType::Deleted, got).expect("del");
+        s.write("g/r", "default", "a", EventType::Deleted, got)
+            .expect("del");
         assert!(s.get("g/r", "default", "a").expect("get").is_none());
     }
 
@@ -387,15 +392,22 @@ mod tests {
         let mut s = Store::in_memory(3).expect("store");
         for i in 0..5 {
             let name = format!("o{i}");
-            s.write("g/r", "ns", &name, EventType::Added, obj(&name)).expect("write");
+            s.write("g/r", "ns", &name, EventType::Added, obj(&name))
+                .expect("write");
         }
         // Five events, three kept: versions 3..=5 remain, so watching from 2 still works.
         let events = s.history_since("g/r", 2).expect("db").expect("kept");
         assert_eq!(events.iter().map(|e| e.rv).collect::<Vec<_>>(), [3, 4, 5]);
-        assert_eq!(s.history_since("g/r", 1).expect("db"), Err(Compacted { oldest: 3 }));
+        assert_eq!(
+            s.history_since("g/r", 1).expect("db"),
+            Err(Compacted { oldest: 3 })
+        );
         s.compact(1).expect("compact");
         assert!(s.history_since("g/r", 3).expect("db").is_err());
-        assert_eq!(s.history_since("g/r", 4).expect("db").expect("kept").len(), 1);
+        assert_eq!(
+            s.history_since("g/r", 4).expect("db").expect("kept").len(),
+            1
+        );
     }
 
     #[test]
@@ -403,7 +415,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         {
             let mut s = Store::open(dir.path(), 10).expect("open");
-            s.write("g/r", "ns", "a", EventType::Added, obj("a")).expect("write");
+            s.write("g/r", "ns", "a", EventType::Added, obj("a"))
+                .expect("write");
             s.meta_set("token", "t").expect("meta");
         }
         let s = Store::open(dir.path(), 10).expect("reopen");

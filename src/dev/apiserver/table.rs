@@ -40,7 +40,9 @@ fn parse_path(path: &str) -> Option<Vec<Step>> {
                 let inner = inner.trim();
                 if inner == "*" {
                     steps.push(Step::All);
-                } else if let Some(filter) = inner.strip_prefix("?(").and_then(|f| f.strip_suffix(')')) {
+                } else if let Some(filter) =
+                    inner.strip_prefix("?(").and_then(|f| f.strip_suffix(')'))
+                {
                     let (lhs, rhs) = filter.split_once("==")?;
                     let lhs = lhs.trim().strip_prefix("@.")?;
                     let rhs = rhs.trim();
@@ -152,7 +154,9 @@ fn cell(type_: &str, values: &[Value], now: jiff::Timestamp) -> Value {
         return Value::Null;
     };
     if type_ == "date"
-        && let Some(ts) = first.as_str().and_then(|s| s.parse::<jiff::Timestamp>().ok())
+        && let Some(ts) = first
+            .as_str()
+            .and_then(|s| s.parse::<jiff::Timestamp>().ok())
     {
         return Value::String(human_duration(now.as_second() - ts.as_second()));
     }
@@ -254,7 +258,10 @@ mod tests {
     fn json_paths_of_the_crd_columns_evaluate() {
         let o = vm();
         assert_eq!(eval_json_path(".status.phase", &o), [json!("Running")]);
-        assert_eq!(eval_json_path(".status.ipAddresses[0]", &o), [json!("10.0.0.2")]);
+        assert_eq!(
+            eval_json_path(".status.ipAddresses[0]", &o),
+            [json!("10.0.0.2")]
+        );
         assert_eq!(
             eval_json_path(".status.conditions[?(@.type==\"Ready\")].status", &o),
             [json!("False")]

@@ -105,7 +105,9 @@ pub fn load_or_create(store: &Store) -> Result<TlsMaterial, TlsError> {
         ("tls.cert", &material.cert_der),
         ("tls.key", &material.key_der),
     ] {
-        store.meta_set(k, &hex::encode(v)).map_err(TlsError::Store)?;
+        store
+            .meta_set(k, &hex::encode(v))
+            .map_err(TlsError::Store)?;
     }
     Ok(material)
 }
@@ -128,8 +130,7 @@ pub fn acceptor(material: &TlsMaterial) -> Result<TlsAcceptor, TlsError> {
 
 /// Standard base64 (for `certificate-authority-data`).
 pub fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
         let b = [

@@ -59,17 +59,19 @@ impl WatchRequest {
     ) -> Result<Self, ApiError> {
         let rv = query.get("resourceVersion").map_or("", String::as_str);
         let send_initial_events = query.get("sendInitialEvents").is_some_and(|v| v == "true");
-        let since = if rv.is_empty() || rv == "0" || send_initial_events {
-            Since::Now
-        } else {
-            Since::Version(rv.parse().map_err(|_| {
-                ApiError::BadRequest(format!("invalid resource version: {rv:?}"))
-            })?)
-        };
+        let since =
+            if rv.is_empty() || rv == "0" || send_initial_events {
+                Since::Now
+            } else {
+                Since::Version(rv.parse().map_err(|_| {
+                    ApiError::BadRequest(format!("invalid resource version: {rv:?}"))
+                })?)
+            };
         let timeout = match query.get("timeoutSeconds") {
-            Some(t) => Duration::from_secs(t.parse().map_err(|_| {
-                ApiError::BadRequest(format!("invalid timeoutSeconds: {t:?}"))
-            })?),
+            Some(t) => Duration::from_secs(
+                t.parse()
+                    .map_err(|_| ApiError::BadRequest(format!("invalid timeoutSeconds: {t:?}")))?,
+            ),
             None => DEFAULT_TIMEOUT,
         };
         Ok(WatchRequest {
@@ -104,7 +106,13 @@ pub fn event_line(def: &ResourceDef, req: &WatchRequest, type_: &str, object: &V
             let rv = object["metadata"]["resourceVersion"]
                 .as_str()
                 .unwrap_or_default();
-            table::table(def, std::slice::from_ref(object), req.include, rv, jiff::Timestamp::now())
+            table::table(
+                def,
+                std::slice::from_ref(object),
+                req.include,
+                rv,
+                jiff::Timestamp::now(),
+            )
         }
     };
     let mut line = json!({"type": type_, "object": object}).to_string();
@@ -255,12 +263,19 @@ mod tests {
 
     #[test]
     fn watch_parameters_are_read() {
-        let r = req(&[("resourceVersion", "42"), ("allowWatchBookmarks", "true"), ("timeoutSeconds", "5")])
-            .expect("parse");
+        let r = req(&[
+            ("resourceVersion", "42"),
+            ("allowWatchBookmarks", "true"),
+            ("timeoutSeconds", "5"),
+        ])
+        .expect("parse");
         assert_eq!(r.since, Since::Version(42));
         assert!(r.bookmarks);
         assert_eq!(r.timeout, Duration::from_secs(5));
-        assert_eq!(req(&[("resourceVersion", "0")]).expect("parse").since, Since::Now);
+        assert_eq!(
+            req(&[("resourceVersion", "0")]).expect("parse").since,
+            Since::Now
+        );
         assert_eq!(req(&[]).expect("parse").since, Since::Now);
         assert!(req(&[("resourceVersion", "abc")]).is_err());
     }
