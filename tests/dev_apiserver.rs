@@ -510,6 +510,51 @@ async fn kube_client_sees_real_api_semantics() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_events_show_in_kubectl_describe() {
+    use kube::Resource;
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dev = start_in(tmp.path(), |_| {}).await;
+    let kube = client(&dev).await;
+    let api: Api<MicroVM> = Api::namespaced(kube.clone(), "default");
+    let vm = api
+        .create(&PostParams::default(), &vm_object("ev"))
+        .await
+        .expect("create");
+    let reporter = Reporter {
+        controller: "ignis-controller".into(),
+        instance: Some("dev".into()),
+    };
+    let recorder = Recorder::new(kube, reporter);
+    let event = Event {
+        type_: EventType::Normal,
+        reason: "GuestReady".into(),
+        note: Some("booted in 412ms".into()),
+        action: "Boot".into(),
+        secondary: None,
+    };
+    // Twice: the second publish turns into a series patch on the same Event.
+    for _ in 0..2 {
+        recorder
+            .publish(&event, &vm.object_ref(&()))
+            .await
+            .expect("publish");
+    }
+    let describe = dev.kubectl_ok(&["describe", "mvm", "ev"]);
+    assert!(
+        describe.contains("GuestReady") && describe.contains("booted in 412ms"),
+        "{describe}"
+    );
+    let events = dev.kubectl_ok(&["get", "events"]);
+    assert!(events.contains("GuestReady"), "{events}");
+    let new_api = dev.kubectl_ok(&["get", "events.v1.events.k8s.io", "-o", "json"]);
+    let list: Value = serde_json::from_str(&new_api).expect("json");
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(1));
+    assert_eq!(list["items"][0]["series"]["count"], 2);
+    dev.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_objects_versions_and_token() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dev = start_in(tmp.path(), |_| {}).await;

@@ -256,6 +256,7 @@ impl Server {
         self.lock()
             .get(&def.storage_key(), ns, name)
             .map_err(|e| ApiError::internal("reading the object", e))?
+            .map(|o| def.present(o))
             .ok_or_else(|| Self::not_found(def, name))
     }
 
@@ -274,6 +275,7 @@ impl Server {
         Ok((
             items
                 .into_iter()
+                .map(|o| def.present(o))
                 .filter(|o| labels.matches(o) && fields.matches(o))
                 .collect(),
             rv,
@@ -863,6 +865,15 @@ async fn resource_request(
     if !def.namespaced && path.namespace.is_some() {
         return Err(ApiError::NoSuchPath);
     }
+    // Writes to a converted resource go to its stored form; answers are converted back.
+    let stored_def = match def.stored_as() {
+        Some((g, v, p)) => server
+            .registry
+            .find(g, v, p)
+            .ok_or(ApiError::NoSuchPath)?
+            .clone(),
+        None => def.clone(),
+    };
     let sub = path.subresource.as_deref();
     if let Some(s) = sub
         && !(s == "status" && def.status_subresource)
@@ -941,12 +952,21 @@ async fn resource_request(
             if def.namespaced && path.namespace.is_none() {
                 return Err(ApiError::MethodNotAllowed);
             }
-            let obj = server.create(&def, &ns, parse_body(&body)?, &opts)?;
+            let obj = server.create(&stored_def, &ns, def.to_stored(parse_body(&body)?), &opts)?;
+            let obj = def.present(obj);
             server.record_write(&def, &ns, str_of(&obj, "name"), "create");
             Ok(json_response(201, &shaped(&def, shape, obj, query)))
         }
         (Method::PUT, Some(name)) => {
-            let obj = server.update(&def, &ns, &name, parse_body(&body)?, sub, &opts)?;
+            let obj = server.update(
+                &stored_def,
+                &ns,
+                &name,
+                def.to_stored(parse_body(&body)?),
+                sub,
+                &opts,
+            )?;
+            let obj = def.present(obj);
             server.record_write(&def, &ns, &name, &format!("update{verb_suffix}"));
             Ok(json_response(200, &shaped(&def, shape, obj, query)))
         }
@@ -960,7 +980,29 @@ async fn resource_request(
                     },
                 }
             })?;
-            let obj = server.patch(&def, &ns, &name, kind, &body, sub, &opts)?;
+            let obj = if def.stored_as().is_some() {
+                // Patch the served form, then store it as a conditional update.
+                let old = server.get(&def, &ns, &name)?;
+                let new = match kind {
+                    PatchKind::Json => patch::json_patch(&old, &body)?,
+                    PatchKind::Apply => {
+                        let mut new = old.clone();
+                        patch::structured_merge(&mut new, &patch::parse_apply(&body)?, None, "");
+                        new
+                    }
+                    PatchKind::Merge | PatchKind::Strategic => patch::merge_patch(&old, &body)?,
+                };
+                def.present(server.update(
+                    &stored_def,
+                    &ns,
+                    &name,
+                    def.to_stored(new),
+                    sub,
+                    &opts,
+                )?)
+            } else {
+                server.patch(&def, &ns, &name, kind, &body, sub, &opts)?
+            };
             let verb = if kind == PatchKind::Apply {
                 "apply"
             } else {
@@ -975,7 +1017,7 @@ async fn resource_request(
             } else {
                 parse_body(&body)?
             };
-            let obj = server.delete(&def, &ns, &name, &options, &opts)?;
+            let obj = def.present(server.delete(&stored_def, &ns, &name, &options, &opts)?);
             server.record_write(&def, &ns, &name, "delete");
             Ok(json_response(200, &obj))
         }
@@ -985,7 +1027,13 @@ async fn resource_request(
             for item in items {
                 let item_ns = str_of(&item, "namespace").to_string();
                 let name = str_of(&item, "name").to_string();
-                deleted.push(server.delete(&def, &item_ns, &name, &Value::Null, &opts)?);
+                deleted.push(def.present(server.delete(
+                    &stored_def,
+                    &item_ns,
+                    &name,
+                    &Value::Null,
+                    &opts,
+                )?));
                 server.record_write(&def, &item_ns, &name, "delete");
             }
             Ok(json_response(

@@ -7,6 +7,7 @@
 //! restart. It speaks HTTPS with a per-data-directory CA, because kubectl sends bearer tokens
 //! only over TLS. It is a development aid, never a cluster.
 
+mod convert;
 mod discovery;
 mod errors;
 mod handlers;

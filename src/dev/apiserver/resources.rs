@@ -54,6 +54,17 @@ pub struct ResourceDef {
     pub printer_columns: Vec<PrinterColumn>,
     /// The structural `openAPIV3Schema` (custom resources only): defaulting, pruning, explain.
     pub schema: Option<Value>,
+    /// Served from another resource's storage, converted on the way in and out.
+    pub conversion: Conversion,
+}
+
+/// How a resource maps onto shared storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Conversion {
+    /// Stored as served.
+    None,
+    /// Core `v1` Events, stored as `events.k8s.io/v1` Events.
+    CoreEvent,
 }
 
 impl ResourceDef {
@@ -73,6 +84,7 @@ impl ResourceDef {
             undeletable: false,
             printer_columns: Vec::new(),
             schema: None,
+            conversion: Conversion::None,
         }
     }
 
@@ -96,7 +108,34 @@ impl ResourceDef {
 
     /// The storage key of the resource (one per group and plural; versions share storage).
     pub fn storage_key(&self) -> String {
-        format!("{}/{}", self.group, self.plural)
+        match self.conversion {
+            Conversion::None => format!("{}/{}", self.group, self.plural),
+            Conversion::CoreEvent => "events.k8s.io/events".into(),
+        }
+    }
+
+    /// The group and version whose storage form this resource converts to, if any.
+    pub fn stored_as(&self) -> Option<(&'static str, &'static str, &'static str)> {
+        match self.conversion {
+            Conversion::None => None,
+            Conversion::CoreEvent => Some(("events.k8s.io", "v1", "events")),
+        }
+    }
+
+    /// A stored object as this resource serves it.
+    pub fn present(&self, stored: Value) -> Value {
+        match self.conversion {
+            Conversion::None => stored,
+            Conversion::CoreEvent => super::convert::event_to_core(&stored),
+        }
+    }
+
+    /// A served object in its stored form.
+    pub fn to_stored(&self, served: Value) -> Value {
+        match self.conversion {
+            Conversion::None => served,
+            Conversion::CoreEvent => super::convert::core_to_event(&served),
+        }
     }
 
     /// The verbs discovery advertises.
@@ -174,6 +213,7 @@ impl Registry {
         core_events
             .printer_columns
             .push(PrinterColumn::new("Message", "string", ".message"));
+        core_events.conversion = Conversion::CoreEvent;
         let mut events = ResourceDef::builtin("events.k8s.io", "v1", "Event", "events", true);
         events.short_names = vec!["ev".into()];
         events.printer_columns = event_columns;
@@ -311,6 +351,7 @@ fn custom_resource(crd: &Value) -> Result<ResourceDef, RegistryError> {
         custom: true,
         undeletable: false,
         printer_columns,
+        conversion: Conversion::None,
         schema: version["schema"]["openAPIV3Schema"]
             .is_object()
             .then(|| version["schema"]["openAPIV3Schema"].clone()),

@@ -164,9 +164,10 @@ pub async fn serve(
                     .list(&key, req.namespace.as_deref())
                     .map_err(|e| ApiError::internal("listing objects", e))?;
                 let lines: Vec<Bytes> = items
-                    .iter()
+                    .into_iter()
+                    .map(|o| def.present(o))
                     .filter(|o| req.matches(o))
-                    .map(|o| event_line(&def, &req, "ADDED", o))
+                    .map(|o| event_line(&def, &req, "ADDED", &o))
                     .collect();
                 (lines, rv)
             }
@@ -177,9 +178,10 @@ pub async fn serve(
                 {
                     Ok(events) => (
                         events
-                            .iter()
-                            .filter(|e| req.matches(&e.object))
-                            .map(|e| event_line(&def, &req, e.type_.as_str(), &e.object))
+                            .into_iter()
+                            .map(|e| (e.type_, def.present(e.object)))
+                            .filter(|(_, o)| req.matches(o))
+                            .map(|(t, o)| event_line(&def, &req, t.as_str(), &o))
                             .collect(),
                         current.max(since),
                     ),
@@ -226,10 +228,14 @@ pub async fn serve(
                             continue;
                         }
                         last_rv = event.rv;
-                        if event.resource != key || !req.matches(&event.object) {
+                        if event.resource != key {
                             continue;
                         }
-                        event_line(&def, &req, event.type_.as_str(), &event.object)
+                        let object = def.present(event.object.clone());
+                        if !req.matches(&object) {
+                            continue;
+                        }
+                        event_line(&def, &req, event.type_.as_str(), &object)
                     }
                     // A watcher that fell behind ends; its client resumes from the history.
                     Err(broadcast::error::RecvError::Lagged(_) | broadcast::error::RecvError::Closed) => break,
