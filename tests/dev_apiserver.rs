@@ -255,6 +255,27 @@ async fn kubectl_drives_the_microvm_lifecycle() {
         ["web", "Running", "dev-node", "10.88.0.5", "True"]
     );
 
+    // Imperative creates of core kinds (kubectl sends protobuf for these).
+    dev.kubectl_ok(&["create", "namespace", "team"]);
+    dev.kubectl_ok(&[
+        "create",
+        "configmap",
+        "c1",
+        "-n",
+        "team",
+        "--from-literal=a=b",
+    ]);
+    let cm = dev.kubectl_ok(&[
+        "get",
+        "configmap",
+        "c1",
+        "-n",
+        "team",
+        "-o",
+        "jsonpath={.data.a}",
+    ]);
+    assert_eq!(cm, "b");
+
     // Label selectors.
     assert!(
         dev.kubectl_ok(&["get", "mvm", "-l", "app=web", "-o", "name"])
@@ -642,16 +663,28 @@ async fn many_concurrent_writers_get_unique_versions() {
     let api: Api<MicroVM> = Api::namespaced(kube.clone(), "default");
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(kube, "default");
     let lease = leases
-        .create(&PostParams::default(), &serde_json::from_value(json!({
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
             "metadata": {"name": "ignis-controller"},
-            "spec": {"holderIdentity": "a", "leaseDurationSeconds": 15}})).expect("lease"))
+            "spec": {"holderIdentity": "a", "leaseDurationSeconds": 15}}))
+            .expect("lease"),
+        )
         .await
         .expect("create lease");
     let mut taken = lease.clone();
     taken.spec.as_mut().expect("spec").holder_identity = Some("b".into());
-    leases.replace("ignis-controller", &PostParams::default(), &taken).await.expect("take over");
-    assert!(leases.replace("ignis-controller", &PostParams::default(), &taken).await.is_err(),
-        "a second replace with the old version conflicts");
+    leases
+        .replace("ignis-controller", &PostParams::default(), &taken)
+        .await
+        .expect("take over");
+    assert!(
+        leases
+            .replace("ignis-controller", &PostParams::default(), &taken)
+            .await
+            .is_err(),
+        "a second replace with the old version conflicts"
+    );
 
     let n = 400usize;
     let started = Instant::now();
@@ -659,7 +692,10 @@ async fn many_concurrent_writers_get_unique_versions() {
         .map(|i| {
             let api = api.clone();
             async move {
-                let vm = api.create(&PostParams::default(), &vm_object(&format!("vm-{i}"))).await.expect("create");
+                let vm = api
+                    .create(&PostParams::default(), &vm_object(&format!("vm-{i}")))
+                    .await
+                    .expect("create");
                 vm.metadata.resource_version.expect("rv")
             }
         })
@@ -672,10 +708,13 @@ async fn many_concurrent_writers_get_unique_versions() {
         .map(|i| {
             let api = api.clone();
             async move {
-                api.patch_status(&format!("vm-{i}"), &PatchParams::apply("ignis-controller").force(),
-                    &Patch::Apply(ready_status("Scheduled")))
-                    .await
-                    .expect("status");
+                api.patch_status(
+                    &format!("vm-{i}"),
+                    &PatchParams::apply("ignis-controller").force(),
+                    &Patch::Apply(ready_status("Scheduled")),
+                )
+                .await
+                .expect("status");
             }
         })
         .buffer_unordered(16)
@@ -691,7 +730,11 @@ async fn many_concurrent_writers_get_unique_versions() {
     assert_eq!(unique.len(), n, "every create got its own resourceVersion");
     let list = api.list(&Default::default()).await.expect("list");
     assert_eq!(list.items.len(), n);
-    assert!(list.items.iter().all(|vm| vm.status.as_ref().and_then(|s| s.phase).is_some()));
+    assert!(
+        list.items
+            .iter()
+            .all(|vm| vm.status.as_ref().and_then(|s| s.phase).is_some())
+    );
     assert_eq!(dev.handle.microvm_writes("default", "vm-7").total(), 2);
     dev.stop().await;
 }

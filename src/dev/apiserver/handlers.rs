@@ -336,6 +336,9 @@ impl Server {
         if def.kind == "Namespace" && def.group.is_empty() {
             obj["status"] = json!({"phase": "Active"});
         }
+        if def.kind == "Secret" && obj["type"].as_str().is_none_or(str::is_empty) {
+            obj["type"] = json!("Opaque");
+        }
         let generate = obj["metadata"]["generateName"]
             .as_str()
             .unwrap_or_default()
@@ -893,12 +896,23 @@ async fn resource_request(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    // Protobuf bodies (kubectl's typed clients for core kinds) are not decoded here.
-    if content_type.contains("protobuf") || content_type.contains("cbor") {
+    // kubectl's typed clients send protobuf for core kinds; the simple ones are decoded, the
+    // rest refused (answers are JSON either way, which those clients accept too).
+    let body = if content_type.contains("protobuf") {
+        let decoded = super::protobuf::decode(&body).map_err(|e| {
+            tracing::debug!(reason = e.reason(), "protobuf body refused");
+            ApiError::UnsupportedMediaType {
+                accepted: format!("application/json, application/yaml ({e})"),
+            }
+        })?;
+        Bytes::from(decoded.to_string())
+    } else if content_type.contains("cbor") {
         return Err(ApiError::UnsupportedMediaType {
             accepted: "application/json, application/yaml".into(),
         });
-    }
+    } else {
+        body
+    };
 
     match (method.clone(), path.name.clone()) {
         (Method::GET, None) | (Method::GET, Some(_)) if is_watch => {

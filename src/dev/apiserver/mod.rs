@@ -13,6 +13,7 @@ mod errors;
 mod handlers;
 mod openapi;
 mod patch;
+mod protobuf;
 mod resources;
 mod route;
 mod schema;
