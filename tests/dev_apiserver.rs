@@ -413,9 +413,9 @@ async fn kube_client_sees_real_api_semantics() {
     assert_eq!(status.spec.run_policy, ignis::api::RunPolicy::Once);
     assert_eq!(status.metadata.generation, Some(2));
     // Conditions merge by type under apply: a second condition keeps the first.
-    let mut scheduled = ready_status("Running");
-    scheduled["status"]["conditions"] = json!([{"type": "Scheduled", "status": "True", "reason": "Placed",
-        "message": "", "lastTransitionTime": "2026-11-22T10:00:00Z"}]);
+    let scheduled = json!({"apiVersion": "ignis.dev/v1alpha1", "kind": "MicroVM",
+        "status": {"conditions": [{"type": "Scheduled", "status": "True", "reason": "Placed",
+        "message": "", "lastTransitionTime": "2026-11-22T10:00:00Z"}]}});
     let both = api
         .patch_status(
             "a",
@@ -425,6 +425,25 @@ async fn kube_client_sees_real_api_semantics() {
         .await
         .expect("second apply");
     assert_eq!(both.status.as_ref().map(|s| s.conditions.len()), Some(2));
+    // A manager that stops applying a field loses it; fields another manager owns stay.
+    let mut without_ready = ready_status("Running");
+    without_ready["status"]["conditions"] = json!([]);
+    without_ready["status"]
+        .as_object_mut()
+        .expect("status")
+        .remove("ipAddresses");
+    let dropped = api
+        .patch_status(
+            "a",
+            &PatchParams::apply("ignis-controller").force(),
+            &Patch::Apply(without_ready),
+        )
+        .await
+        .expect("third apply");
+    let status = dropped.status.expect("status");
+    assert!(status.ip_addresses.is_empty());
+    let types: Vec<&str> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
+    assert_eq!(types, ["Scheduled"]);
 
     // 409 on a stale update.
     let mut stale = created.clone();

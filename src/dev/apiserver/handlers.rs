@@ -591,6 +591,11 @@ impl Server {
                 }
                 patch::structured_merge(&mut new, &to_merge, def.schema.as_ref(), "");
                 let fields = patch::fields_v1(&applied, def.schema.as_ref());
+                let (previous, others) = patch::managed_sets(&old, &manager, "Apply", subresource);
+                if let Some(previous) = previous {
+                    let others: Vec<&Value> = others.iter().collect();
+                    patch::remove_unapplied(&mut new, &previous, &fields, &others);
+                }
                 (new, "Apply", fields)
             }
             (PatchKind::Json, _) => (patch::json_patch(&old, body)?, "Update", json!({})),

@@ -105,8 +105,8 @@ fn key_of(item: &Value, keys: &[String]) -> Option<Vec<Value>> {
 }
 
 /// Merge an applied configuration into the live object: maps field by field, `map` lists item
-/// by item (by their keys), every other value replaced. A simplification of structured merge:
-/// fields a manager stops applying are not removed.
+/// by item (by their keys), every other value replaced. Fields a manager stops applying are
+/// removed separately by [`remove_unapplied`].
 pub fn structured_merge(live: &mut Value, applied: &Value, schema: Option<&Value>, field: &str) {
     match (live, applied) {
         (Value::Object(l), Value::Object(a)) => {
@@ -145,6 +145,82 @@ pub fn structured_merge(live: &mut Value, applied: &Value, schema: Option<&Value
     }
 }
 
+/// Remove what a manager applied before but no longer applies, unless another manager also
+/// owns it: how server-side apply lets a manager drop a field or a condition.
+/// `previous`/`current` are the manager's `fieldsV1` sets, `others` everybody else's.
+pub fn remove_unapplied(object: &mut Value, previous: &Value, current: &Value, others: &[&Value]) {
+    let Some(prev) = previous.as_object() else {
+        return;
+    };
+    for (key, prev_child) in prev {
+        if key == "." {
+            continue;
+        }
+        let current_child = current.get(key);
+        let others_child: Vec<&Value> = others.iter().filter_map(|o| o.get(key)).collect();
+        if let Some(field) = key.strip_prefix("f:") {
+            let Some(map) = object.as_object_mut() else {
+                continue;
+            };
+            match current_child {
+                None if others_child.is_empty() => {
+                    map.remove(field);
+                }
+                None => {}
+                Some(cur) => {
+                    if let Some(child) = map.get_mut(field) {
+                        remove_unapplied(child, prev_child, cur, &others_child);
+                    }
+                }
+            }
+        } else if let Some(item_key) = key.strip_prefix("k:") {
+            let Ok(Value::Object(wanted)) = serde_json::from_str::<Value>(item_key) else {
+                continue;
+            };
+            let Some(items) = object.as_array_mut() else {
+                continue;
+            };
+            let matches = |item: &Value| wanted.iter().all(|(k, v)| item.get(k) == Some(v));
+            match current_child {
+                None if others_child.is_empty() => items.retain(|item| !matches(item)),
+                None => {}
+                Some(cur) => {
+                    if let Some(item) = items.iter_mut().find(|item| matches(item)) {
+                        remove_unapplied(item, prev_child, cur, &others_child);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The `fieldsV1` sets in `object`'s managedFields: the entry of `manager` for `operation` on
+/// `subresource` (if any), and all the others.
+pub fn managed_sets(
+    object: &Value,
+    manager: &str,
+    operation: &str,
+    subresource: Option<&str>,
+) -> (Option<Value>, Vec<Value>) {
+    let mut mine = None;
+    let mut others = Vec::new();
+    for entry in object["metadata"]["managedFields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let same = entry["manager"] == manager
+            && entry["operation"] == operation
+            && entry.get("subresource").and_then(Value::as_str) == subresource;
+        if same {
+            mine = Some(entry["fieldsV1"].clone());
+        } else {
+            others.push(entry["fieldsV1"].clone());
+        }
+    }
+    (mine, others)
+}
+
 /// The `fieldsV1` set of an applied configuration or patch body.
 pub fn fields_v1(applied: &Value, schema: Option<&Value>) -> Value {
     let mut out = Map::new();
@@ -163,6 +239,10 @@ pub fn fields_v1(applied: &Value, schema: Option<&Value>) -> Value {
                             "resourceVersion",
                             "uid",
                             "managedFields",
+                            "creationTimestamp",
+                            "generation",
+                            "deletionTimestamp",
+                            "deletionGracePeriodSeconds",
                         ]
                         .contains(&mk.as_str())
                         {
@@ -303,6 +383,37 @@ mod tests {
         assert_eq!(live["status"]["conditions"][0]["status"], "True");
         assert_eq!(live["status"]["conditions"][0]["type"], "Scheduled");
         assert_eq!(live["status"]["conditions"][1]["status"], "True");
+    }
+
+    #[test]
+    fn apply_drops_what_a_manager_stopped_applying() {
+        let schema = status_schema();
+        let first = json!({"status": {"phase": "Running", "message": "x", "conditions": [
+            {"type": "Ready", "status": "True"}, {"type": "Stalled", "status": "True"}]}});
+        let second = json!({"status": {"phase": "Running", "conditions": [
+            {"type": "Ready", "status": "True"}]}});
+        let mut live = first.clone();
+        live["status"]["conditions"]
+            .as_array_mut()
+            .expect("list")
+            .push(json!({"type": "Scheduled", "status": "True"}));
+        let other =
+            json!({"f:status": {"f:conditions": {"k:{\"type\":\"Scheduled\"}": {".": {}}}}});
+        structured_merge(&mut live, &second, Some(&schema), "");
+        remove_unapplied(
+            &mut live,
+            &fields_v1(&first, Some(&schema)),
+            &fields_v1(&second, Some(&schema)),
+            &[&other],
+        );
+        assert!(live["status"].get("message").is_none());
+        let types: Vec<&str> = live["status"]["conditions"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .filter_map(|c| c["type"].as_str())
+            .collect();
+        assert_eq!(types, ["Ready", "Scheduled"]);
     }
 
     #[test]
