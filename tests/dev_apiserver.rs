@@ -541,6 +541,49 @@ async fn kube_client_sees_real_api_semantics() {
         other => panic!("expected a 410 ERROR event, got {other:?}"),
     }
 
+    // kube-rs' finalizer helper: add on apply, run cleanup and release on delete.
+    {
+        use kube::runtime::controller::Action;
+        use kube::runtime::finalizer::{Event as Fin, finalizer};
+        let fin = api
+            .create(&PostParams::default(), &vm_object("fin"))
+            .await
+            .expect("create");
+        let step = |vm: MicroVM| {
+            let api = api.clone();
+            async move {
+                finalizer(
+                    &api,
+                    ignis::api::FINALIZER,
+                    std::sync::Arc::new(vm),
+                    |event| async move {
+                        Ok::<_, std::io::Error>(match event {
+                            Fin::Apply(_) | Fin::Cleanup(_) => Action::await_change(),
+                        })
+                    },
+                )
+                .await
+                .expect("finalizer step");
+            }
+        };
+        step(fin).await;
+        let held = api.get("fin").await.expect("get");
+        assert_eq!(
+            held.metadata.finalizers.as_deref(),
+            Some(&[ignis::api::FINALIZER.to_string()][..])
+        );
+        api.delete("fin", &DeleteParams::default())
+            .await
+            .expect("delete");
+        let deleting = api.get("fin").await.expect("still there");
+        assert!(deleting.metadata.deletion_timestamp.is_some());
+        step(deleting).await;
+        assert!(
+            api.get_opt("fin").await.expect("get").is_none(),
+            "released after cleanup"
+        );
+    }
+
     // Delete without finalizers removes at once.
     api.delete("a", &DeleteParams::default())
         .await

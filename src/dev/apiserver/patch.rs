@@ -41,8 +41,18 @@ pub fn json_patch(doc: &Value, body: &[u8]) -> Result<Value, ApiError> {
     let patch: json_patch::Patch = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON patch: {e}")))?;
     let mut out = doc.clone();
-    json_patch::patch(&mut out, &patch)
-        .map_err(|e| ApiError::BadRequest(format!("the JSON patch cannot be applied: {e}")))?;
+    for op in &patch.0 {
+        // Like the real server's JSON patch library, `test` of `null` passes for a missing
+        // path (kube-rs' finalizer helper relies on it before adding the first finalizer).
+        if let json_patch::PatchOperation::Test(test) = op
+            && test.value.is_null()
+            && out.pointer(test.path.as_str()).is_none_or(Value::is_null)
+        {
+            continue;
+        }
+        json_patch::patch(&mut out, std::slice::from_ref(op))
+            .map_err(|e| ApiError::BadRequest(format!("the JSON patch cannot be applied: {e}")))?;
+    }
     Ok(out)
 }
 
@@ -369,6 +379,13 @@ mod tests {
             .expect("json patch");
         assert_eq!(out["spec"]["a"], 5);
         assert!(json_patch(&doc, br#"[{"op":"test","path":"/spec/a","value":9}]"#).is_err());
+        let added = json_patch(
+            &doc,
+            br#"[{"op":"test","path":"/metadata/finalizers","value":null},
+                 {"op":"add","path":"/metadata","value":{"finalizers":["f"]}}]"#,
+        )
+        .expect("test of null passes for a missing path");
+        assert_eq!(added["metadata"]["finalizers"][0], "f");
         let out = merge_patch(&doc, br#"{"spec":{"b":null,"c":3}}"#).expect("merge");
         assert_eq!(out, json!({"spec": {"a": 1, "c": 3}}));
     }
