@@ -116,6 +116,17 @@ fn comparable(obj: &Value) -> Value {
     v
 }
 
+/// A valid object name: a lowercase RFC 1123 subdomain.
+pub fn is_dns_subdomain(name: &str) -> bool {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    !name.is_empty()
+        && name.len() <= 253
+        && name.chars().all(ok_char)
+        && alnum(name.chars().next())
+        && alnum(name.chars().last())
+}
+
 /// Names `generateName` appends, as the real server spells them.
 fn random_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
@@ -360,6 +371,20 @@ impl Server {
                 Value::String(format!("{generate}{}", random_suffix())),
             );
         }
+        let name = str_of(&obj, "name").to_string();
+        if !is_dns_subdomain(&name) {
+            return Err(Self::invalid(
+                def,
+                &name,
+                vec![Cause {
+                    reason: "FieldValueInvalid".into(),
+                    message: format!(
+                        "Invalid value: \"{name}\": a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"
+                    ),
+                    field: "metadata.name".into(),
+                }],
+            ));
+        }
         self.admit(def, &mut obj, None, opts)?;
         if let Some(manager) = &opts.field_manager {
             let fields = patch::fields_v1(&obj, def.schema.as_ref());
@@ -415,6 +440,11 @@ impl Server {
         opts: &WriteOptions,
     ) -> Result<Value, ApiError> {
         let name = str_of(old, "name").to_string();
+        if !new.is_object() {
+            return Err(ApiError::BadRequest(
+                "the patched or updated object is not a JSON object".into(),
+            ));
+        }
         let wanted_rv = str_of(&new, "resourceVersion");
         if !wanted_rv.is_empty() && wanted_rv != str_of(old, "resourceVersion") {
             return Err(ApiError::Conflict {
@@ -1066,5 +1096,49 @@ async fn resource_request(
             ))
         }
         _ => Err(ApiError::MethodNotAllowed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_must_be_dns_subdomains() {
+        assert!(is_dns_subdomain("web-1"));
+        assert!(is_dns_subdomain("ev.17a2b"));
+        assert!(!is_dns_subdomain("Web"));
+        assert!(!is_dns_subdomain("-a"));
+        assert!(!is_dns_subdomain("a/b"));
+        assert!(!is_dns_subdomain(""));
+    }
+
+    #[test]
+    fn accept_headers_pick_the_shape() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::ACCEPT,
+            "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
+                .parse()
+                .expect("header"),
+        );
+        assert_eq!(shape_of(&h), Shape::Table);
+        h.insert(
+            header::ACCEPT,
+            "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+                .parse()
+                .expect("header"),
+        );
+        assert_eq!(shape_of(&h), Shape::Metadata);
+        assert_eq!(shape_of(&HeaderMap::new()), Shape::Object);
+    }
+
+    #[test]
+    fn generation_ignores_metadata_and_status() {
+        let a = json!({"metadata": {"labels": {"a": "b"}}, "spec": {"x": 1}, "status": {"p": 1}});
+        let b = json!({"metadata": {}, "spec": {"x": 1}, "status": {"p": 2}});
+        assert_eq!(spec_part(&a), spec_part(&b));
+        let c = json!({"spec": {"x": 2}});
+        assert_ne!(spec_part(&a), spec_part(&c));
     }
 }
