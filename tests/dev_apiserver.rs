@@ -294,6 +294,29 @@ async fn kubectl_drives_the_microvm_lifecycle() {
             .contains("web")
     );
 
+    // Server-side apply conflicts with the client-side apply that owns a label, unless forced.
+    let relabelled = vm_yaml("web", 1).replace("app: web", "app: db");
+    let out = dev.kubectl_stdin(&["apply", "--server-side", "-f", "-"], Some(&relabelled));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("conflict") && stderr.contains(".metadata.labels.app"),
+        "{stderr}"
+    );
+    let out = dev.kubectl_stdin(
+        &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+        Some(&relabelled),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        dev.kubectl_ok(&["get", "mvm", "-l", "app=db", "-o", "name"])
+            .contains("web")
+    );
+
     // Delete with a finalizer: the object stays, marked, until the finalizer goes.
     dev.kubectl_ok(&[
         "patch",

@@ -39,6 +39,11 @@ pub enum ApiError {
         name: String,
         causes: Vec<Cause>,
     },
+    #[error("Apply failed with {} conflict{}: {}", .conflicts.len(), if .conflicts.len() == 1 { "" } else { "s" }, render_conflicts(.conflicts))]
+    ApplyConflict {
+        /// (manager, field) pairs, field spelled `.spec.x`.
+        conflicts: Vec<(String, String)>,
+    },
     #[error("too old resource version: {requested} ({oldest})")]
     Expired { requested: u64, oldest: u64 },
     #[error("Unauthorized")]
@@ -63,6 +68,14 @@ pub enum ApiError {
     },
 }
 
+fn render_conflicts(conflicts: &[(String, String)]) -> String {
+    conflicts
+        .iter()
+        .map(|(manager, field)| format!("conflict with \"{manager}\": {field}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn render_causes(causes: &[Cause]) -> String {
     match causes {
         [one] => format!("{}: {}", one.field, one.message),
@@ -82,7 +95,9 @@ impl ApiError {
         match self {
             ApiError::NotFound { .. } | ApiError::NoSuchPath => "NotFound",
             ApiError::AlreadyExists { .. } => "AlreadyExists",
-            ApiError::Conflict { .. } | ApiError::PreconditionFailed { .. } => "Conflict",
+            ApiError::Conflict { .. }
+            | ApiError::PreconditionFailed { .. }
+            | ApiError::ApplyConflict { .. } => "Conflict",
             ApiError::Invalid { .. } => "Invalid",
             ApiError::Expired { .. } => "Expired",
             ApiError::Unauthorized => "Unauthorized",
@@ -100,7 +115,8 @@ impl ApiError {
             ApiError::NotFound { .. } | ApiError::NoSuchPath => 404,
             ApiError::AlreadyExists { .. }
             | ApiError::Conflict { .. }
-            | ApiError::PreconditionFailed { .. } => 409,
+            | ApiError::PreconditionFailed { .. }
+            | ApiError::ApplyConflict { .. } => 409,
             ApiError::Invalid { .. } => 422,
             ApiError::Expired { .. } => 410,
             ApiError::Unauthorized => 401,
@@ -153,6 +169,13 @@ impl ApiError {
                 "kind": kind,
                 "causes": causes.iter().map(|c| json!({
                     "reason": c.reason, "message": c.message, "field": c.field,
+                })).collect::<Vec<_>>(),
+            })),
+            ApiError::ApplyConflict { conflicts } => Some(json!({
+                "causes": conflicts.iter().map(|(manager, field)| json!({
+                    "reason": "FieldManagerConflict",
+                    "message": format!("conflict with \"{manager}\""),
+                    "field": field,
                 })).collect::<Vec<_>>(),
             })),
             _ => None,

@@ -48,6 +48,8 @@ impl ObjectWrites {
 #[derive(Clone, Debug, Default)]
 pub struct WriteOptions {
     pub field_manager: Option<String>,
+    /// Server-side apply takes fields other managers own instead of answering 409.
+    pub force: bool,
     /// `fieldValidation=Strict`: unknown fields are refused instead of dropped.
     pub strict: bool,
     pub dry_run: bool,
@@ -385,9 +387,11 @@ impl Server {
                 }],
             ));
         }
+        // A manager owns what it sent, not what defaulting adds.
+        let sent_fields = patch::fields_v1(&obj, def.schema.as_ref());
         self.admit(def, &mut obj, None, opts)?;
         if let Some(manager) = &opts.field_manager {
-            let fields = patch::fields_v1(&obj, def.schema.as_ref());
+            let fields = sent_fields;
             patch::record_managed_fields(
                 &mut obj,
                 manager,
@@ -621,6 +625,21 @@ impl Server {
                 }
                 patch::structured_merge(&mut new, &to_merge, def.schema.as_ref(), "");
                 let fields = patch::fields_v1(&applied, def.schema.as_ref());
+                if !opts.force {
+                    // Only the part this request may change can conflict.
+                    let mut scope = applied.clone();
+                    if let Some(m) = scope.as_object_mut() {
+                        if subresource == Some("status") {
+                            m.retain(|k, _| k == "status");
+                        } else {
+                            m.remove("status");
+                        }
+                    }
+                    let conflicts = patch::apply_conflicts(&old, &scope, &manager);
+                    if !conflicts.is_empty() {
+                        return Err(ApiError::ApplyConflict { conflicts });
+                    }
+                }
                 let (previous, others) = patch::managed_sets(&old, &manager, "Apply", subresource);
                 if let Some(previous) = previous {
                     let others: Vec<&Value> = others.iter().collect();
@@ -853,6 +872,7 @@ async fn dispatch(
 fn write_options(query: &HashMap<String, String>) -> WriteOptions {
     WriteOptions {
         field_manager: query.get("fieldManager").filter(|m| !m.is_empty()).cloned(),
+        force: query.get("force").is_some_and(|f| f == "true"),
         strict: query.get("fieldValidation").is_some_and(|v| v == "Strict"),
         dry_run: query.get("dryRun").is_some_and(|v| v == "All"),
     }

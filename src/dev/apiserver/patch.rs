@@ -204,6 +204,82 @@ pub fn remove_unapplied(object: &mut Value, previous: &Value, current: &Value, o
     }
 }
 
+/// Fields an apply by `manager` would change that another manager owns: (manager, `.path`).
+pub fn apply_conflicts(live: &Value, applied: &Value, manager: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for entry in live["metadata"]["managedFields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let owner = entry["manager"].as_str().unwrap_or_default();
+        if owner == manager {
+            continue;
+        }
+        let mut fields = Vec::new();
+        conflicts_at(applied, live, &entry["fieldsV1"], "", true, &mut fields);
+        out.extend(fields.into_iter().map(|f| (owner.to_string(), f)));
+    }
+    out
+}
+
+fn conflicts_at(
+    applied: &Value,
+    live: &Value,
+    owned: &Value,
+    path: &str,
+    root: bool,
+    out: &mut Vec<String>,
+) {
+    let Some(map) = applied.as_object() else {
+        return;
+    };
+    for (k, v) in map {
+        if root && (k == "apiVersion" || k == "kind") {
+            continue;
+        }
+        let Some(owned_child) = owned.get(format!("f:{k}")) else {
+            continue;
+        };
+        let live_child = live.get(k).unwrap_or(&Value::Null);
+        let child_path = format!("{path}.{k}");
+        let has = |prefix: &str| {
+            owned_child
+                .as_object()
+                .is_some_and(|m| m.keys().any(|key| key.starts_with(prefix)))
+        };
+        match v {
+            Value::Object(_) if has("f:") => {
+                conflicts_at(v, live_child, owned_child, &child_path, false, out);
+            }
+            Value::Array(items) if has("k:") => {
+                for (key, owned_item) in owned_child.as_object().into_iter().flatten() {
+                    let Some(Ok(Value::Object(wanted))) =
+                        key.strip_prefix("k:").map(serde_json::from_str::<Value>)
+                    else {
+                        continue;
+                    };
+                    let matches =
+                        |item: &&Value| wanted.iter().all(|(f, val)| item.get(f) == Some(val));
+                    if let Some(item) = items.iter().find(matches) {
+                        let live_item = live_child
+                            .as_array()
+                            .and_then(|l| l.iter().find(matches))
+                            .unwrap_or(&Value::Null);
+                        let item_path = format!("{child_path}[{key}]");
+                        conflicts_at(item, live_item, owned_item, &item_path, false, out);
+                    }
+                }
+            }
+            _ => {
+                if live_child != v {
+                    out.push(child_path);
+                }
+            }
+        }
+    }
+}
+
 /// The `fieldsV1` sets in `object`'s managedFields: the entry of `manager` for `operation` on
 /// `subresource` (if any), and all the others.
 pub fn managed_sets(
@@ -431,6 +507,21 @@ mod tests {
             .filter_map(|c| c["type"].as_str())
             .collect();
         assert_eq!(types, ["Ready", "Scheduled"]);
+    }
+
+    #[test]
+    fn apply_conflicts_only_on_changed_fields_owned_by_others() {
+        let mut live = json!({"metadata": {"name": "a"}, "spec": {"a": 1, "b": 2}});
+        let owned = fields_v1(&json!({"spec": {"a": 1}}), None);
+        record_managed_fields(&mut live, "kubectl", "Update", None, "v", owned, "t");
+        let same = json!({"apiVersion": "v", "kind": "K", "spec": {"a": 1, "b": 3}});
+        assert!(apply_conflicts(&live, &same, "ctl").is_empty());
+        let changed = json!({"spec": {"a": 5}});
+        assert_eq!(
+            apply_conflicts(&live, &changed, "ctl"),
+            [("kubectl".to_string(), ".spec.a".to_string())]
+        );
+        assert!(apply_conflicts(&live, &changed, "kubectl").is_empty());
     }
 
     #[test]
