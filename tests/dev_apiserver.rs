@@ -531,6 +531,36 @@ async fn kube_client_sees_real_api_semantics() {
         }
         other => panic!("expected MODIFIED after {from}, got {other:?}"),
     }
+    // An object that stops matching a label-selecting watch is DELETED for that watch.
+    let now = dev
+        .handle
+        .current_resource_version()
+        .expect("rv")
+        .to_string();
+    let mut selected = api
+        .watch(&WatchParams::default().labels("x=y").timeout(5), &now)
+        .await
+        .expect("watch")
+        .boxed();
+    api.patch(
+        "a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"x": null}}})),
+    )
+    .await
+    .expect("unlabel");
+    let left = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(5), selected.try_next())
+            .await
+            .expect("event in time")
+            .expect("ok")
+            .expect("some");
+        if !matches!(ev, WatchEvent::Bookmark(_)) {
+            break ev;
+        }
+    };
+    assert!(matches!(left, WatchEvent::Deleted(_)), "{left:?}");
+
     // Bookmarks arrive on a quiet watch that asks for them.
     let mut quiet = api
         .watch(

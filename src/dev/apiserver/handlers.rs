@@ -168,6 +168,7 @@ impl Server {
         def: &ResourceDef,
         type_: EventType,
         object: Value,
+        previous: Option<&Value>,
         opts: &WriteOptions,
     ) -> Result<Value, ApiError> {
         if opts.dry_run {
@@ -175,9 +176,10 @@ impl Server {
         }
         let ns = str_of(&object, "namespace").to_string();
         let name = str_of(&object, "name").to_string();
-        let event = store
+        let mut event = store
             .write(&def.storage_key(), &ns, &name, type_, object)
             .map_err(|e| ApiError::internal("storing the object", e))?;
+        event.previous = previous.cloned();
         let object = event.object.clone();
         // Nobody listening is fine: watches subscribe before they read.
         let _ = self.hub.send(Arc::new(event));
@@ -429,7 +431,7 @@ impl Server {
                 name,
             });
         }
-        self.commit(&mut store, def, EventType::Added, obj, opts)
+        self.commit(&mut store, def, EventType::Added, obj, None, opts)
     }
 
     /// The shared tail of PUT and PATCH: preconditions, status/main separation, generation,
@@ -514,12 +516,12 @@ impl Server {
             .as_array()
             .is_none_or(Vec::is_empty);
         if deleting && finalizers_empty {
-            return self.commit(store, def, EventType::Deleted, result, opts);
+            return self.commit(store, def, EventType::Deleted, result, None, opts);
         }
         if comparable(&result) == comparable(old) {
             return Ok(old.clone());
         }
-        self.commit(store, def, EventType::Modified, result, opts)
+        self.commit(store, def, EventType::Modified, result, Some(old), opts)
     }
 
     /// PUT an object or its status.
@@ -724,9 +726,9 @@ impl Server {
                 let generation = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
                 m.insert("generation".into(), json!(generation));
             }
-            return self.commit(&mut store, def, EventType::Modified, new, opts);
+            return self.commit(&mut store, def, EventType::Modified, new, Some(&old), opts);
         }
-        let deleted = self.commit(&mut store, def, EventType::Deleted, old, opts)?;
+        let deleted = self.commit(&mut store, def, EventType::Deleted, old, None, opts)?;
         if def.group.is_empty() && def.kind == "Namespace" && !opts.dry_run {
             drop(store);
             self.delete_namespace_contents(name);

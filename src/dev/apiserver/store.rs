@@ -75,6 +75,9 @@ pub struct StoredEvent {
     pub type_: EventType,
     /// The object after the change (for DELETED: its last state, with the deletion's version).
     pub object: Value,
+    /// The object before a MODIFIED change, on live events only (not kept in the history):
+    /// lets selector watches see an object enter or leave their selection.
+    pub previous: Option<Value>,
 }
 
 /// Watching from a version the history no longer holds.
@@ -295,6 +298,7 @@ impl Store {
             name: name.into(),
             type_,
             object,
+            previous: None,
         })
     }
 
@@ -352,6 +356,7 @@ impl Store {
                 name,
                 type_: EventType::parse(&type_),
                 object: serde_json::from_str(&body).map_err(StoreError::Decode)?,
+                previous: None,
             });
         }
         Ok(Ok(out))

@@ -16,7 +16,7 @@ use super::errors::ApiError;
 use super::handlers::{Server, Shape};
 use super::resources::ResourceDef;
 use super::selector::{FieldSelector, LabelSelector};
-use super::store::StoredEvent;
+use super::store::{EventType, StoredEvent};
 use super::table::{self, IncludeObject};
 
 /// The longest a watch stays open without `timeoutSeconds` (the real server's default is
@@ -94,6 +94,21 @@ impl WatchRequest {
         self.namespace.as_deref().is_none_or(|want| want == ns)
             && self.labels.matches(object)
             && self.fields.matches(object)
+    }
+}
+
+/// The event a selecting watch reports for a change: an object that leaves the selection is
+/// DELETED for that watch, one that enters it is ADDED, as on a real server.
+pub fn selection_change(
+    type_: EventType,
+    matched_before: Option<bool>,
+    matches_now: bool,
+) -> Option<&'static str> {
+    match (type_, matched_before, matches_now) {
+        (EventType::Modified, Some(true), false) => Some("DELETED"),
+        (EventType::Modified, Some(false), true) => Some("ADDED"),
+        (_, _, true) => Some(type_.as_str()),
+        _ => None,
     }
 }
 
@@ -232,10 +247,14 @@ pub async fn serve(
                             continue;
                         }
                         let object = def.present(event.object.clone());
-                        if !req.matches(&object) {
+                        let was = event
+                            .previous
+                            .as_ref()
+                            .map(|p| req.matches(&def.present(p.clone())));
+                        let Some(type_) = selection_change(event.type_, was, req.matches(&object)) else {
                             continue;
-                        }
-                        event_line(&def, &req, event.type_.as_str(), &object)
+                        };
+                        event_line(&def, &req, type_, &object)
                     }
                     // A watcher that fell behind ends; its client resumes from the history.
                     Err(broadcast::error::RecvError::Lagged(_) | broadcast::error::RecvError::Closed) => break,
@@ -284,6 +303,20 @@ mod tests {
         );
         assert_eq!(req(&[]).expect("parse").since, Since::Now);
         assert!(req(&[("resourceVersion", "abc")]).is_err());
+    }
+
+    #[test]
+    fn objects_entering_and_leaving_a_selection() {
+        let m = EventType::Modified;
+        assert_eq!(selection_change(m, Some(true), false), Some("DELETED"));
+        assert_eq!(selection_change(m, Some(false), true), Some("ADDED"));
+        assert_eq!(selection_change(m, Some(true), true), Some("MODIFIED"));
+        assert_eq!(selection_change(m, Some(false), false), None);
+        assert_eq!(
+            selection_change(EventType::Added, None, true),
+            Some("ADDED")
+        );
+        assert_eq!(selection_change(EventType::Deleted, None, false), None);
     }
 
     #[test]
