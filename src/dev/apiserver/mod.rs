@@ -83,11 +83,21 @@ impl ApiServerConfig {
             node_name,
             node_labels: BTreeMap::new(),
             node_vcpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-            node_memory_bytes: 1 << 30,
+            node_memory_bytes: std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|m| mem_total_bytes(&m))
+                .unwrap_or(1 << 30),
             history_limit: 10_000,
             bookmark_interval: Duration::from_secs(30),
         }
     }
+}
+
+/// `MemTotal` of `/proc/meminfo`, in bytes.
+fn mem_total_bytes(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Why the server did not start.
@@ -451,4 +461,34 @@ fn seed(server: &Server, config: &ApiServerConfig) -> Result<(), ApiError> {
         crd,
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_reports_labels_and_capacity() {
+        let mut config = ApiServerConfig::new("/nonexistent");
+        config.node_name = "n1".into();
+        config.node_vcpus = 4;
+        config.node_memory_bytes = 8 << 30;
+        config
+            .node_labels
+            .insert("ignis.dev/kvm".into(), "false".into());
+        let node = node_object(&config);
+        assert_eq!(node["metadata"]["labels"]["kubernetes.io/hostname"], "n1");
+        assert_eq!(node["metadata"]["labels"]["ignis.dev/kvm"], "false");
+        assert_eq!(node["status"]["capacity"]["cpu"], "4");
+        assert_eq!(node["status"]["capacity"]["memory"], "8388608Ki");
+    }
+
+    #[test]
+    fn meminfo_is_read_in_bytes() {
+        assert_eq!(
+            mem_total_bytes("MemTotal:       16384 kB\nMemFree: 1 kB\n"),
+            Some(16384 * 1024)
+        );
+        assert_eq!(mem_total_bytes("nothing"), None);
+    }
 }
