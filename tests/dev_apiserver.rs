@@ -200,6 +200,16 @@ async fn kubectl_drives_the_microvm_lifecycle() {
     assert!(!out.status.success());
     assert!(stderr.contains("unknown field \"spec.foo\""), "{stderr}");
 
+    // With --validate=warn they are dropped with a warning instead.
+    let out = dev.kubectl_stdin(&["apply", "--validate=warn", "-f", "-"], Some(&unknown));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("Warning: unknown field \"spec.foo\""),
+        "{stderr}"
+    );
+    dev.kubectl_ok(&["delete", "mvm", "unk"]);
+
     // explain reads the OpenAPI v3 schema.
     let explain = dev.kubectl_ok(&["explain", "mvm.spec"]);
     assert!(

@@ -50,6 +50,11 @@ pub struct WriteOptions {
     pub field_manager: Option<String>,
     /// Server-side apply takes fields other managers own instead of answering 409.
     pub force: bool,
+    /// `fieldValidation=Ignore`: unknown fields are dropped without a warning.
+    pub ignore_unknown: bool,
+    /// Warnings for the response's `Warning` headers (unknown fields dropped under `Warn`,
+    /// the default).
+    pub warnings: Arc<Mutex<Vec<String>>>,
     /// `fieldValidation=Strict`: unknown fields are refused instead of dropped.
     pub strict: bool,
     pub dry_run: bool,
@@ -223,6 +228,10 @@ impl Server {
                     kind = def.kind,
                     version = def.version
                 )));
+            }
+            if !opts.ignore_unknown && !unknown.is_empty() {
+                let mut warnings = opts.warnings.lock().unwrap_or_else(|p| p.into_inner());
+                warnings.extend(unknown.iter().map(|f| format!("unknown field \"{f}\"")));
             }
             schema::apply_defaults(schema, obj);
         }
@@ -792,6 +801,18 @@ fn json_response(code: u16, body: &Value) -> Response<Body> {
     resp
 }
 
+/// Add `Warning: 299 - "…"` headers, as the real server does for dropped fields.
+fn with_warnings(mut resp: Response<Body>, opts: &WriteOptions) -> Response<Body> {
+    let warnings = opts.warnings.lock().unwrap_or_else(|p| p.into_inner());
+    for warning in warnings.iter() {
+        let escaped = warning.replace('\\', "\\\\").replace('"', "\\\"");
+        if let Ok(value) = header::HeaderValue::from_str(&format!("299 - \"{escaped}\"")) {
+            resp.headers_mut().append(header::WARNING, value);
+        }
+    }
+    resp
+}
+
 /// An error as a `Status` response.
 pub fn error_response(error: &ApiError) -> Response<Body> {
     if let ApiError::Internal { .. } = error {
@@ -875,6 +896,8 @@ fn write_options(query: &HashMap<String, String>) -> WriteOptions {
     WriteOptions {
         field_manager: query.get("fieldManager").filter(|m| !m.is_empty()).cloned(),
         force: query.get("force").is_some_and(|f| f == "true"),
+        ignore_unknown: query.get("fieldValidation").is_some_and(|v| v == "Ignore"),
+        warnings: Arc::default(),
         strict: query.get("fieldValidation").is_some_and(|v| v == "Strict"),
         dry_run: query.get("dryRun").is_some_and(|v| v == "All"),
     }
@@ -1026,7 +1049,10 @@ async fn resource_request(
             let obj = server.create(&stored_def, &ns, def.to_stored(parse_body(&body)?), &opts)?;
             let obj = def.present(obj);
             server.record_write(&def, &ns, str_of(&obj, "name"), "create");
-            Ok(json_response(201, &shaped(&def, shape, obj, query)))
+            Ok(with_warnings(
+                json_response(201, &shaped(&def, shape, obj, query)),
+                &opts,
+            ))
         }
         (Method::PUT, Some(name)) => {
             let obj = server.update(
@@ -1039,7 +1065,10 @@ async fn resource_request(
             )?;
             let obj = def.present(obj);
             server.record_write(&def, &ns, &name, &format!("update{verb_suffix}"));
-            Ok(json_response(200, &shaped(&def, shape, obj, query)))
+            Ok(with_warnings(
+                json_response(200, &shaped(&def, shape, obj, query)),
+                &opts,
+            ))
         }
         (Method::PATCH, Some(name)) => {
             let kind = PatchKind::from_content_type(content_type).ok_or_else(|| {
@@ -1080,7 +1109,10 @@ async fn resource_request(
                 "patch"
             };
             server.record_write(&def, &ns, &name, &format!("{verb}{verb_suffix}"));
-            Ok(json_response(200, &shaped(&def, shape, obj, query)))
+            Ok(with_warnings(
+                json_response(200, &shaped(&def, shape, obj, query)),
+                &opts,
+            ))
         }
         (Method::DELETE, Some(name)) if sub.is_none() => {
             let options = if body.is_empty() {
