@@ -1,5 +1,7 @@
 //! `ignis dev`: see DESIGN.md section 2. Being built; tracked by its issue.
 
+pub mod apiserver;
+
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
