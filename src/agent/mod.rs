@@ -1,5 +1,7 @@
 //! `ignis agent`: the node's VM supervisor (DESIGN.md section 2). Being built; see issue 3.
 
+pub mod guest;
+pub mod kvm;
 pub mod vmm;
 
 use thiserror::Error;

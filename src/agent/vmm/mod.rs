@@ -2,6 +2,9 @@
 //! [`VmConfig`]. QEMU `microvm` runs for real here; Firecracker and Cloud Hypervisor follow
 //! their official API specs (`../shared/specs/`).
 
+pub mod qemu;
+pub mod qmp;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
