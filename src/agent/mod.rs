@@ -2,6 +2,7 @@
 
 pub mod guest;
 pub mod kvm;
+pub mod net;
 pub mod vmm;
 
 use thiserror::Error;
