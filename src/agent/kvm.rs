@@ -37,8 +37,23 @@ pub struct ProbeOptions {
     /// The kernel to boot; any bootable x86_64 kernel works.
     pub kernel: PathBuf,
     pub timeout: Duration,
+    /// The `-cpu` model; `host`, as the QEMU backend uses under KVM.
+    pub cpu: String,
     /// Where to cache the answer (the agent's state root); `None` disables the cache.
     pub cache_dir: Option<PathBuf>,
+}
+
+impl ProbeOptions {
+    /// The defaults: `-cpu host`, [`PROBE_TIMEOUT`].
+    pub fn new(qemu_binary: PathBuf, kernel: PathBuf, cache_dir: Option<PathBuf>) -> Self {
+        ProbeOptions {
+            qemu_binary,
+            kernel,
+            timeout: PROBE_TIMEOUT,
+            cpu: "host".into(),
+            cache_dir,
+        }
+    }
 }
 
 /// Errors of the probe. Only a forced `kvm` can fail; `auto` always falls back to TCG.
@@ -199,7 +214,17 @@ pub async fn probe(choice: AcceleratorChoice, opts: &ProbeOptions) -> Result<Kvm
     Ok(answer)
 }
 
-/// Boot `opts.kernel` under KVM with the console on stdout; any byte of output is progress.
+/// Whether console output shows the kernel itself running. The real-mode setup stub prints
+/// (e.g. "Probing EDD") before the kernel proper; seen here under KVM with `-cpu qemu64`
+/// followed by a hang, so stub output alone does not count.
+pub fn kernel_progress(console: &str) -> bool {
+    console.contains("Linux version")
+        || console
+            .lines()
+            .any(|l| l.trim_start().starts_with("[    0."))
+}
+
+/// Boot `opts.kernel` under KVM with the console on stdout; kernel output is progress.
 /// The probe VM is always killed and reaped.
 async fn probe_boot(opts: &ProbeOptions) -> ProbeBoot {
     let started = tokio::time::Instant::now();
@@ -212,7 +237,15 @@ async fn probe_boot(opts: &ProbeOptions) -> ProbeBoot {
             "-display",
             "none",
         ])
-        .args(["-no-reboot", "-accel", "kvm", "-cpu", "host", "-m", "128M"])
+        .args([
+            "-no-reboot",
+            "-accel",
+            "kvm",
+            "-cpu",
+            &opts.cpu,
+            "-m",
+            "128M",
+        ])
         .arg("-kernel")
         .arg(&opts.kernel)
         .args(["-append", "console=ttyS0 earlyprintk=ttyS0 panic=-1"])
@@ -230,24 +263,41 @@ async fn probe_boot(opts: &ProbeOptions) -> ProbeBoot {
     };
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
-    let first_output = async {
-        let mut buf = [0u8; 64];
-        match stdout.as_mut() {
-            Some(out) => matches!(out.read(&mut buf).await, Ok(n) if n > 0),
-            None => false,
+    let mut seen = Vec::new();
+    let kernel_output = async {
+        let Some(out) = stdout.as_mut() else {
+            return false;
+        };
+        let mut buf = [0u8; 4096];
+        loop {
+            match out.read(&mut buf).await {
+                Ok(n) if n > 0 => {
+                    seen.extend_from_slice(&buf[..n]);
+                    if kernel_progress(&String::from_utf8_lossy(&seen)) {
+                        return true;
+                    }
+                }
+                _ => return false,
+            }
         }
     };
-    let outcome = match tokio::time::timeout(opts.timeout, first_output).await {
+    let outcome = match tokio::time::timeout(opts.timeout, kernel_output).await {
         Ok(true) => ProbeBoot::Progress(started.elapsed()),
         Ok(false) => {
-            // stdout closed without output: QEMU ended; say why.
+            // stdout closed before the kernel spoke: QEMU ended; say why.
             let mut err = String::new();
             if let Some(e) = stderr.as_mut() {
                 let _ =
                     tokio::time::timeout(Duration::from_millis(500), e.read_to_string(&mut err))
                         .await;
             }
-            ProbeBoot::VmmFailed(err.trim().to_string())
+            // One line: the detail ends up in a status message.
+            let err: Vec<&str> = err
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            ProbeBoot::VmmFailed(err.join("; "))
         }
         Err(_) => ProbeBoot::NoProgress(opts.timeout),
     };
@@ -305,6 +355,18 @@ mod tests {
         let failed = decide_boot(&ProbeBoot::VmmFailed("failed to initialize kvm".into()));
         assert_eq!(failed.accelerator, Accelerator::Tcg);
         assert!(failed.detail.contains("failed to initialize kvm"));
+    }
+
+    #[test]
+    fn setup_stub_output_is_not_progress() {
+        assert!(!kernel_progress("Probing EDD (edd=off to disable)... ok\n"));
+        assert!(kernel_progress(
+            "[    0.000000] Linux version 6.1.0-56-cloud-amd64\n"
+        ));
+        assert!(kernel_progress(
+            "Linux version 6.1.0 (debian-kernel@lists.debian.org)"
+        ));
+        assert!(!kernel_progress(""));
     }
 
     #[test]

@@ -40,6 +40,8 @@ const LOG_TAIL_BYTES: u64 = 2048;
 #[derive(Clone, Debug)]
 pub struct QemuBackend {
     binary: PathBuf,
+    /// The host's TSC rate, handed to TCG guests (see [`guest_cmdline`]).
+    host_tsc_khz: Option<u64>,
 }
 
 impl QemuBackend {
@@ -48,6 +50,9 @@ impl QemuBackend {
     pub fn new(binary: impl AsRef<Path>) -> Result<Self, VmmError> {
         Ok(QemuBackend {
             binary: probe_binary(binary.as_ref())?,
+            host_tsc_khz: std::fs::read_to_string("/proc/cpuinfo")
+                .ok()
+                .and_then(|c| host_tsc_khz(&c)),
         })
     }
 
@@ -104,8 +109,43 @@ fn qemu_id(prefix: &str, id: &str) -> String {
     format!("{prefix}-{clean}")
 }
 
+/// The host TSC rate from `/proc/cpuinfo` (`cpu MHz` of a `constant_tsc` CPU; without that
+/// flag the reported frequency is not the TSC's, so none is given).
+pub fn host_tsc_khz(cpuinfo: &str) -> Option<u64> {
+    let constant = cpuinfo
+        .lines()
+        .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "constant_tsc"));
+    if !constant {
+        return None;
+    }
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    let khz = (mhz * 1000.0).round();
+    (1.0..1e9).contains(&khz).then_some(khz as u64)
+}
+
+/// The kernel command line QEMU gets. Under TCG the guest TSC ticks at the host's rate, and
+/// the kernel's calibration against the emulated PIT fails on a loaded host, after which the
+/// guest hangs in early boot (seen here with load average 6: every boot hung). Telling the
+/// kernel the rate (`tsc_early_khz`) and that the TSC is reliable skips both the calibration
+/// and the clocksource watchdog. A cmdline that already sets `tsc_early_khz` is left alone.
+pub fn guest_cmdline(config: &VmConfig, host_tsc_khz: Option<u64>) -> String {
+    match (config.accelerator, host_tsc_khz) {
+        (Accelerator::Tcg, Some(khz)) if !config.cmdline.contains("tsc_early_khz=") => {
+            format!("{} tsc_early_khz={khz} tsc=reliable", config.cmdline)
+        }
+        _ => config.cmdline.clone(),
+    }
+}
+
 /// The full QEMU argv (without the binary) for a VM.
-pub fn qemu_args(config: &VmConfig) -> Vec<OsString> {
+pub fn qemu_args(config: &VmConfig, host_tsc_khz: Option<u64>) -> Vec<OsString> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     let (accel, cpu) = match config.accelerator {
@@ -132,7 +172,7 @@ pub fn qemu_args(config: &VmConfig) -> Vec<OsString> {
     if let Some(initrd) = &config.initrd {
         push(&["-initrd", &initrd.to_string_lossy()]);
     }
-    push(&["-append", &config.cmdline]);
+    push(&["-append", &guest_cmdline(config, host_tsc_khz)]);
     push(&[
         "-chardev",
         &format!(
@@ -418,7 +458,7 @@ impl QemuBackend {
         let log2 = log.try_clone().map_err(io("create vmm.log"))?;
 
         let mut cmd = tokio::process::Command::new(&binary);
-        cmd.args(qemu_args(config))
+        cmd.args(qemu_args(config, self.host_tsc_khz))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -621,7 +661,7 @@ mod tests {
     }
 
     fn args(c: &VmConfig) -> Vec<String> {
-        qemu_args(c)
+        qemu_args(c, None)
             .into_iter()
             .map(|s| s.into_string().expect("utf8"))
             .collect()
@@ -691,6 +731,29 @@ mod tests {
         assert!(!a.contains(&"-drive".to_string()));
         assert!(!a.contains(&"-netdev".to_string()));
         assert_eq!(qemu_id("disk", "a b/c"), "disk-a_b_c");
+    }
+
+    #[test]
+    fn tcg_guests_get_the_host_tsc_rate() {
+        let cpuinfo = "processor\t: 0\ncpu MHz\t\t: 2596.124\nflags\t\t: fpu tsc constant_tsc\n";
+        assert_eq!(host_tsc_khz(cpuinfo), Some(2_596_124));
+        assert_eq!(host_tsc_khz("cpu MHz : 2596.124\nflags : fpu tsc\n"), None);
+        let mut c = config();
+        assert_eq!(
+            guest_cmdline(&c, Some(2_596_124)),
+            "console=ttyS0 panic=-1 tsc_early_khz=2596124 tsc=reliable"
+        );
+        assert_eq!(guest_cmdline(&c, None), c.cmdline);
+        let a = qemu_args(&c, Some(1000));
+        assert!(a.iter().any(|x| {
+            x.to_string_lossy()
+                .ends_with("tsc_early_khz=1000 tsc=reliable")
+        }));
+        c.cmdline = "console=ttyS0 tsc_early_khz=5".into();
+        assert_eq!(guest_cmdline(&c, Some(1000)), c.cmdline);
+        c.accelerator = Accelerator::Kvm;
+        c.cmdline = "console=ttyS0".into();
+        assert_eq!(guest_cmdline(&c, Some(1000)), "console=ttyS0");
     }
 
     #[test]
