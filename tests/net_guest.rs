@@ -1,7 +1,8 @@
 //! Traffic through real guests: two demo guests booted by the real QEMU backend (TCG) on the
 //! node bridge, inside a network namespace the test creates. Checks that the node reaches a
 //! guest's HTTP server on its allocated IP, that a guest reaches the node (ping of the gateway
-//! and a TCP fetch from a server on the node), and that the two guests reach each other.
+//! and a TCP fetch from a server on the node), and that the two guests reach each other, and that a guest reaches an address outside
+//! the range masqueraded behind the node (a second namespace plays the outside world).
 //!
 //! The guest is the stock demo guest (`agent::guest`), whose `/init` configures eth0 from
 //! `ignis.ip=`/`ignis.gw=` and runs busybox `httpd`. To let the node ask a guest to send
@@ -168,6 +169,82 @@ async fn boot(
         ifaces,
         spawned,
         console: config.console_log,
+    }
+}
+
+/// A namespace standing for "the outside world", wired to the node by a veth pair
+/// (node 192.0.2.2 <-> outside 192.0.2.1, TEST-NET-1), with a TCP server there that answers
+/// with the source address it sees. Deleted on drop.
+struct Outside {
+    ns: String,
+}
+
+const OUTSIDE_IP: &str = "192.0.2.1";
+const UPLINK_IP: &str = "192.0.2.2";
+const OUTSIDE_PORT: u16 = 8081;
+
+fn ip_cmd(args: &[&str]) {
+    let status = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .expect("run ip");
+    assert!(status.success(), "ip {args:?} failed");
+}
+
+impl Outside {
+    fn new() -> Outside {
+        let ns = format!("ignis-ext-{}", std::process::id());
+        ip_cmd(&["netns", "add", &ns]);
+        let outside = Outside { ns };
+        let ns = outside.ns.as_str();
+        ip_cmd(&[
+            "link", "add", "name", "igx-up", "type", "veth", "peer", "name", "igx-ext", "netns", ns,
+        ]);
+        ip_cmd(&["addr", "add", &format!("{UPLINK_IP}/24"), "dev", "igx-up"]);
+        ip_cmd(&["link", "set", "igx-up", "up"]);
+        ip_cmd(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{OUTSIDE_IP}/24"),
+            "dev",
+            "igx-ext",
+        ]);
+        ip_cmd(&["-n", ns, "link", "set", "igx-ext", "up"]);
+        let ns_file = std::fs::File::open(format!("/run/netns/{ns}")).expect("open the netns");
+        let (tx, rx) = std::sync::mpsc::channel();
+        // setns moves only this thread; its listening socket stays in the outside namespace.
+        std::thread::spawn(move || {
+            nix::sched::setns(&ns_file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            let listener =
+                std::net::TcpListener::bind((OUTSIDE_IP, OUTSIDE_PORT)).expect("bind outside");
+            let _ = tx.send(());
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let peer = stream
+                    .peer_addr()
+                    .map(|p| p.ip().to_string())
+                    .unwrap_or_default();
+                let mut buf = [0u8; 512];
+                let _ = std::io::Read::read(&mut stream, &mut buf);
+                let _ = std::io::Write::write_all(
+                    &mut stream,
+                    format!("HTTP/1.0 200 OK\r\n\r\nseen from {peer}\n").as_bytes(),
+                );
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("outside server listening");
+        outside
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .status();
     }
 }
 
