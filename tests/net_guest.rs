@@ -335,8 +335,21 @@ fn guests_on_the_nat_bridge_reach_the_node_and_each_other() {
             Duration::from_secs(60),
         )
         .await;
+        // Outbound NAT: a guest reaches a host outside the range, which sees the node's
+        // uplink address, not the guest's.
+        let outside = Outside::new();
+        let seen = get_until(
+            a.ip(),
+            &format!("/cgi-bin/fetch?{OUTSIDE_IP}:{OUTSIDE_PORT}"),
+            "seen from",
+            Duration::from_secs(60),
+        )
+        .await;
+        assert!(seen.contains(&format!("seen from {UPLINK_IP}")), "{seen}");
+        drop(outside);
+
         println!(
-            "vm-a <-> vm-b and guests -> node verified {:?} after start",
+            "vm-a <-> vm-b, guests -> node and outbound NAT verified {:?} after start",
             t0.elapsed()
         );
 

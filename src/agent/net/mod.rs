@@ -294,28 +294,22 @@ fn is_safe_token(s: &str, max: usize) -> bool {
         && s != ".."
 }
 
-/// Parse a `nat` address: plain, or with the range's own prefix length.
-pub fn parse_nat_address(text: &str, range: Ipv4Net) -> Result<Ipv4Addr, String> {
-    match text.split_once('/') {
-        None => text
-            .parse()
-            .map_err(|_| "expected an IPv4 address like 10.88.0.9".to_string()),
+/// Parse a `nat` address: plain or in CIDR form. The guest always gets the node range's
+/// prefix length; a prefix in the spec (the CRD asks for CIDR form) is accepted and ignored.
+pub fn parse_nat_address(text: &str) -> Result<Ipv4Addr, String> {
+    let ip = match text.split_once('/') {
+        None => text,
         Some((ip, prefix)) => {
-            let ip: Ipv4Addr = ip
-                .parse()
-                .map_err(|_| "expected an IPv4 address like 10.88.0.9".to_string())?;
-            let prefix: u8 = prefix
-                .parse()
-                .map_err(|_| "the prefix length is not a number".to_string())?;
-            if prefix != range.prefix_len() {
-                return Err(format!(
-                    "the prefix length must be the node range's ({})",
-                    range.prefix_len()
-                ));
-            }
-            Ok(ip)
+            prefix
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= 32)
+                .ok_or_else(|| "the prefix length must be a number from 0 to 32".to_string())?;
+            ip
         }
-    }
+    };
+    ip.parse()
+        .map_err(|_| "expected an IPv4 address like 10.88.0.9".to_string())
 }
 
 /// Parse a `bridge` address: `a.b.c.d/prefix`.
@@ -575,14 +569,13 @@ impl NetworkManager {
                     }
                     let address = match &req.address {
                         Some(text) => {
-                            let ip =
-                                parse_nat_address(text, self.config.cidr).map_err(|detail| {
-                                    NetError::InvalidAddress {
-                                        interface: req.name.clone(),
-                                        address: text.clone(),
-                                        detail,
-                                    }
-                                })?;
+                            let ip = parse_nat_address(text).map_err(|detail| {
+                                NetError::InvalidAddress {
+                                    interface: req.name.clone(),
+                                    address: text.clone(),
+                                    detail,
+                                }
+                            })?;
                             ipam::check_assignable(self.config.cidr, ip).map_err(|problem| {
                                 NetError::AddressOutOfRange {
                                     interface: req.name.clone(),
@@ -1023,17 +1016,11 @@ mod tests {
 
     #[test]
     fn address_parsing() {
-        let range: Ipv4Net = DEFAULT_CIDR.parse().expect("cidr");
-        assert_eq!(
-            parse_nat_address("10.88.0.9", range),
-            Ok(Ipv4Addr::new(10, 88, 0, 9))
-        );
-        assert_eq!(
-            parse_nat_address("10.88.0.9/16", range),
-            Ok(Ipv4Addr::new(10, 88, 0, 9))
-        );
-        assert!(parse_nat_address("10.88.0.9/24", range).is_err());
-        assert!(parse_nat_address("banana", range).is_err());
+        for text in ["10.88.0.9", "10.88.0.9/16", "10.88.0.9/24"] {
+            assert_eq!(parse_nat_address(text), Ok(Ipv4Addr::new(10, 88, 0, 9)));
+        }
+        assert!(parse_nat_address("10.88.0.9/33").is_err());
+        assert!(parse_nat_address("banana").is_err());
         assert_eq!(
             parse_bridge_address("192.168.1.20/24"),
             Ok((Ipv4Addr::new(192, 168, 1, 20), 24))
