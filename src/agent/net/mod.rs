@@ -69,6 +69,28 @@ impl NetworkConfig {
     }
 }
 
+/// The agent's network flags; flatten into `AgentArgs` with `#[command(flatten)]`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct NetworkArgs {
+    /// Node bridge that `nat` interfaces' taps attach to (created if missing).
+    #[arg(long = "bridge", env = "IGNIS_BRIDGE", default_value = DEFAULT_BRIDGE)]
+    pub bridge: String,
+    /// Range guests' `nat` addresses come from; the bridge gets its first address.
+    #[arg(long = "cidr", env = "IGNIS_CIDR", default_value = DEFAULT_CIDR)]
+    pub cidr: Ipv4Net,
+}
+
+impl NetworkArgs {
+    /// The configuration, with state under `<agent state dir>/net`.
+    pub fn config(&self, agent_state_dir: &Path) -> NetworkConfig {
+        NetworkConfig {
+            bridge: self.bridge.clone(),
+            cidr: self.cidr,
+            state_dir: agent_state_dir.join("net"),
+        }
+    }
+}
+
 /// How a guest interface is connected.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -80,6 +102,22 @@ pub enum InterfaceMode {
     Bridge,
     /// No network.
     None,
+}
+
+impl std::str::FromStr for InterfaceMode {
+    type Err = NetError;
+
+    /// The proto's and CRD's words; empty means the default, `nat`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "" | "nat" => Ok(InterfaceMode::Nat),
+            "bridge" => Ok(InterfaceMode::Bridge),
+            "none" => Ok(InterfaceMode::None),
+            other => Err(NetError::InvalidRequest {
+                detail: format!("unknown interface mode {other:?} (nat, bridge or none)"),
+            }),
+        }
+    }
 }
 
 /// One interface of a MicroVM spec.
@@ -1012,6 +1050,37 @@ mod tests {
             (nc.id.as_str(), nc.tap.as_str()),
             ("eth0", ifaces[0].tap.as_str())
         );
+    }
+
+    #[test]
+    fn modes_and_flags_parse() {
+        assert_eq!("".parse::<InterfaceMode>().ok(), Some(InterfaceMode::Nat));
+        assert_eq!(
+            "bridge".parse::<InterfaceMode>().ok(),
+            Some(InterfaceMode::Bridge)
+        );
+        assert_eq!(
+            "none".parse::<InterfaceMode>().ok(),
+            Some(InterfaceMode::None)
+        );
+        assert_eq!(
+            "macvtap".parse::<InterfaceMode>().err().map(|e| e.reason()),
+            Some("InvalidInterface")
+        );
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            net: NetworkArgs,
+        }
+        let cli = Cli::try_parse_from(["x"]).expect("defaults");
+        let cfg = cli.net.config(Path::new("/var/lib/ignis"));
+        assert_eq!(cfg, NetworkConfig::new("/var/lib/ignis/net"));
+        let cli = Cli::try_parse_from(["x", "--bridge", "br-vm", "--cidr", "172.20.0.0/24"])
+            .expect("flags");
+        assert_eq!(cli.net.bridge, "br-vm");
+        assert_eq!(cli.net.cidr.to_string(), "172.20.0.0/24");
+        assert!(Cli::try_parse_from(["x", "--cidr", "nope"]).is_err());
     }
 
     #[test]
