@@ -446,3 +446,101 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
         );
     });
 }
+
+#[test]
+fn bridge_mode_and_address_changes() {
+    if !in_fresh_netns("bridge_mode_and_address_changes", TIMEOUT) {
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    runtime().block_on(async {
+        let mgr = NetworkManager::new(NetworkConfig::new(state.path()))
+            .await
+            .expect("manager");
+        let ok = std::process::Command::new("ip")
+            .args(["link", "add", "br-user", "type", "bridge"])
+            .status()
+            .expect("ip link add");
+        assert!(ok.success());
+        let bridged = InterfaceRequest {
+            name: "eth1".into(),
+            mode: InterfaceMode::Bridge,
+            bridge: Some("br-user".into()),
+            address: Some("192.168.50.7/24".into()),
+            ..Default::default()
+        };
+        let ifaces = mgr
+            .attach("vm-br", std::slice::from_ref(&bridged))
+            .await
+            .expect("bridge mode");
+        assert_eq!(ifaces[0].bridge, "br-user");
+        assert_eq!(
+            ifaces[0].address,
+            Some(("192.168.50.7".parse().expect("ip"), 24))
+        );
+        assert_eq!(ifaces[0].gateway, None);
+        assert_eq!(kernel_cmdline(&ifaces), "ignis.ip=192.168.50.7/24");
+        assert_eq!(link(&ifaces[0].tap).expect("tap")["master"], "br-user");
+        let allocations = |s: &std::path::Path| {
+            files_under(s)
+                .into_iter()
+                .filter(|f| f.starts_with("ipam/") && !f.ends_with("last_reserved"))
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            allocations(state.path()).is_empty(),
+            "no IPAM for bridge mode"
+        );
+        // Without an address, the guest gets none (DHCP on that network is the user's).
+        let plain = mgr
+            .attach(
+                "vm-br2",
+                &[InterfaceRequest {
+                    address: None,
+                    ..bridged.clone()
+                }],
+            )
+            .await
+            .expect("bridge mode without address");
+        assert_eq!(plain[0].address, None);
+        assert_eq!(kernel_cmdline(&plain), "");
+
+        // A nat interface whose spec address changes: the new one is held, the old freed...
+        let with = |a: &str| InterfaceRequest {
+            address: Some(a.into()),
+            ..nat("eth0")
+        };
+        mgr.attach("vm-n", &[with("10.88.3.3")])
+            .await
+            .expect("first");
+        mgr.attach("vm-n", &[with("10.88.3.4/16")])
+            .await
+            .expect("changed");
+        assert_eq!(
+            allocations(state.path()),
+            vec!["ipam/10.88.0.0_16/10.88.3.4".to_string()]
+        );
+        // ...but a change that fails keeps the old one held.
+        mgr.attach("vm-other", &[with("10.88.3.5")])
+            .await
+            .expect("other");
+        let err = mgr
+            .attach("vm-n", &[with("10.88.3.5")])
+            .await
+            .expect_err("taken");
+        assert_eq!(err.reason(), "AddressInUse");
+        let held = allocations(state.path());
+        assert!(
+            held.contains(&"ipam/10.88.0.0_16/10.88.3.4".to_string()),
+            "{held:?}"
+        );
+        // Dropping an interface from the request removes its tap.
+        mgr.attach("vm-br", &[]).await.expect("no interfaces");
+        assert!(link(&ifaces[0].tap).is_none());
+        for uid in ["vm-br", "vm-br2", "vm-n", "vm-other"] {
+            mgr.detach(uid).await.expect("detach");
+        }
+        assert!(taps().is_empty());
+        assert!(allocations(state.path()).is_empty());
+    });
+}

@@ -398,6 +398,8 @@ struct VmRecord {
 struct Undo {
     addresses: Vec<(Ipv4Addr, Owner)>,
     taps: Vec<String>,
+    /// Allocations replaced by this attach, released only when it succeeds.
+    superseded: Vec<(Ipv4Addr, Owner)>,
 }
 
 /// The node's guest networking. One per agent.
@@ -504,6 +506,11 @@ impl NetworkManager {
         let result = self.apply_plan(uid, &plan, &mut undo).await;
         match result {
             Ok(attached) => {
+                for (ip, who) in &undo.superseded {
+                    self.ipam
+                        .release(*ip, who)
+                        .map_err(|e| NetError::from_ipam(&who.ifname, e))?;
+                }
                 // Interfaces the VM had before but no longer asks for.
                 if let Some(prev) = previous {
                     for old in prev
@@ -701,18 +708,15 @@ impl NetworkManager {
                     if reserved.new {
                         undo.addresses.push((reserved.ip, who.clone()));
                     }
-                    // A changed spec address: the old allocation goes.
-                    if let Some(old) = self
-                        .ipam
-                        .allocations()
-                        .map_err(|e| NetError::from_ipam(name, e))?
-                        .into_iter()
-                        .find(|(ip, o)| o == &who && *ip != reserved.ip)
-                    {
+                    // A changed spec address: the old allocation goes, but only once the
+                    // whole attach has succeeded (a rollback must find it still held).
+                    undo.superseded.extend(
                         self.ipam
-                            .release(old.0, &who)
-                            .map_err(|e| NetError::from_ipam(name, e))?;
-                    }
+                            .allocations()
+                            .map_err(|e| NetError::from_ipam(name, e))?
+                            .into_iter()
+                            .filter(|(ip, o)| o == &who && *ip != reserved.ip),
+                    );
                     (
                         Some((reserved.ip, self.config.cidr.prefix_len())),
                         Some(self.config.gateway()),
