@@ -7,6 +7,7 @@ pub mod console;
 pub mod guest;
 pub mod host;
 pub mod kvm;
+pub mod net;
 pub mod server;
 pub mod simulated;
 pub mod state;
