@@ -1,5 +1,13 @@
 //! `ignis controller`: see DESIGN.md section 2. Being built; tracked by its issue.
 
+pub mod plan;
+pub mod scheduler;
+pub mod status;
+pub mod vmspec;
+
+#[cfg(test)]
+pub(crate) mod fixtures;
+
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
