@@ -16,58 +16,41 @@ pub fn status_apply_body(status: &MicroVMStatus) -> Value {
     })
 }
 
-/// One JSON patch that adds the finalizer and/or the node label. The `test` on
-/// resourceVersion makes a concurrent change fail with a conflict instead of being
-/// overwritten (finalizers are a list: a blind replace could drop someone else's).
+/// One merge patch that adds the finalizer and/or the node label. Finalizers are a list, which
+/// a merge patch replaces whole, so the patch carries the object's resourceVersion: the API
+/// server refuses it with a conflict if anything changed since we read the list.
 pub fn metadata_patch(mvm: &MicroVM, add_finalizer: bool, node: Option<&str>) -> Value {
-    let mut ops = Vec::new();
+    let mut meta = serde_json::Map::new();
     if let Some(rv) = &mvm.metadata.resource_version {
-        ops.push(json!({"op": "test", "path": "/metadata/resourceVersion", "value": rv}));
+        meta.insert("resourceVersion".to_string(), json!(rv));
     }
     if add_finalizer {
-        match &mvm.metadata.finalizers {
-            Some(list) if !list.is_empty() => ops.push(json!({
-                "op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER
-            })),
-            _ => ops.push(json!({
-                "op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]
-            })),
+        let mut list = mvm.metadata.finalizers.clone().unwrap_or_default();
+        if !list.iter().any(|f| f == FINALIZER) {
+            list.push(FINALIZER.to_string());
         }
+        meta.insert("finalizers".to_string(), json!(list));
     }
     if let Some(node) = node {
-        match &mvm.metadata.labels {
-            Some(labels) if !labels.is_empty() => ops.push(json!({
-                "op": "add",
-                "path": format!("/metadata/labels/{}", escape_pointer(NODE_LABEL)),
-                "value": node,
-            })),
-            _ => ops.push(json!({
-                "op": "add", "path": "/metadata/labels", "value": {NODE_LABEL: node}
-            })),
-        }
+        meta.insert("labels".to_string(), json!({ NODE_LABEL: node }));
     }
-    Value::Array(ops)
+    json!({ "metadata": meta })
 }
 
-/// JSON patch removing our finalizer, guarded by a `test` of its position; `None` when the
-/// object does not carry it.
+/// Merge patch removing our finalizer (same resourceVersion guard); `None` when the object
+/// does not carry it.
 pub fn remove_finalizer_patch(mvm: &MicroVM) -> Option<Value> {
-    let index = mvm
-        .metadata
-        .finalizers
-        .as_ref()?
-        .iter()
-        .position(|f| f == FINALIZER)?;
-    let path = format!("/metadata/finalizers/{index}");
-    Some(json!([
-        {"op": "test", "path": path, "value": FINALIZER},
-        {"op": "remove", "path": path},
-    ]))
-}
-
-/// RFC 6901: `~` → `~0`, `/` → `~1`.
-fn escape_pointer(key: &str) -> String {
-    key.replace('~', "~0").replace('/', "~1")
+    let list = mvm.metadata.finalizers.as_ref()?;
+    if !list.iter().any(|f| f == FINALIZER) {
+        return None;
+    }
+    let rest: Vec<&String> = list.iter().filter(|f| *f != FINALIZER).collect();
+    Some(json!({
+        "metadata": {
+            "resourceVersion": mvm.metadata.resource_version,
+            "finalizers": rest,
+        }
+    }))
 }
 
 #[cfg(test)]
@@ -77,53 +60,48 @@ mod tests {
     use crate::controller::fixtures::{microvm, placed};
     use pretty_assertions::assert_eq;
 
+    fn merged(mvm: &MicroVM, patch: &Value) -> Value {
+        let mut doc = serde_json::to_value(mvm).expect("serializes");
+        json_patch::merge(&mut doc, patch);
+        doc
+    }
+
     #[test]
     fn first_write_adds_finalizer_and_label_together() {
         let mvm = microvm("web");
         assert_eq!(
             metadata_patch(&mvm, true, Some("node-a")),
-            json!([
-                {"op": "test", "path": "/metadata/resourceVersion", "value": "1"},
-                {"op": "add", "path": "/metadata/finalizers", "value": ["ignis.dev/vm-cleanup"]},
-                {"op": "add", "path": "/metadata/labels", "value": {"ignis.dev/node": "node-a"}},
-            ])
+            json!({"metadata": {
+                "resourceVersion": "1",
+                "finalizers": ["ignis.dev/vm-cleanup"],
+                "labels": {"ignis.dev/node": "node-a"},
+            }})
         );
     }
 
     #[test]
-    fn existing_lists_and_maps_are_appended_to() {
+    fn existing_finalizers_and_labels_are_kept() {
         let mut mvm = microvm("web");
         mvm.metadata.finalizers = Some(vec!["other/finalizer".to_string()]);
         mvm.metadata.labels = Some([("app".to_string(), "x".to_string())].into());
-        let patch = metadata_patch(&mvm, true, Some("node-a"));
-        assert_eq!(
-            patch[1],
-            json!({"op": "add", "path": "/metadata/finalizers/-", "value": "ignis.dev/vm-cleanup"})
-        );
-        assert_eq!(
-            patch[2],
-            json!({"op": "add", "path": "/metadata/labels/ignis.dev~1node", "value": "node-a"})
-        );
-        // And the patch really does that to the object.
-        let mut doc = serde_json::to_value(&mvm).expect("serializes");
-        let ops: json_patch::Patch = serde_json::from_value(patch).expect("valid patch");
-        json_patch::patch(&mut doc, &ops).expect("applies");
+        let doc = merged(&mvm, &metadata_patch(&mvm, true, Some("node-a")));
         assert_eq!(
             doc["metadata"]["finalizers"],
             json!(["other/finalizer", "ignis.dev/vm-cleanup"])
         );
-        assert_eq!(doc["metadata"]["labels"]["ignis.dev/node"], "node-a");
+        assert_eq!(
+            doc["metadata"]["labels"],
+            json!({"app": "x", "ignis.dev/node": "node-a"})
+        );
     }
 
     #[test]
-    fn finalizer_removal_targets_its_index() {
+    fn finalizer_removal_keeps_the_others() {
         let mut mvm = placed("web", "node-a");
         mvm.metadata.finalizers = Some(vec!["a".to_string(), FINALIZER.to_string()]);
         let patch = remove_finalizer_patch(&mvm).expect("present");
-        let mut doc = serde_json::to_value(&mvm).expect("serializes");
-        let ops: json_patch::Patch = serde_json::from_value(patch).expect("valid");
-        json_patch::patch(&mut doc, &ops).expect("applies");
-        assert_eq!(doc["metadata"]["finalizers"], json!(["a"]));
+        assert_eq!(patch["metadata"]["resourceVersion"], "1");
+        assert_eq!(merged(&mvm, &patch)["metadata"]["finalizers"], json!(["a"]));
         assert_eq!(remove_finalizer_patch(&microvm("web")), None);
     }
 
