@@ -14,6 +14,8 @@ pub mod tls;
 pub mod vmspec;
 
 #[cfg(test)]
+mod api_tests;
+#[cfg(test)]
 pub(crate) mod fixtures;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -89,7 +89,7 @@ pub fn place(
     if total == 0 {
         return Err(Unschedulable {
             constraint: Constraint::NoAgents,
-            message: "no node has a connected ignis agent".to_string(),
+            message: "noAgents: no node has a connected ignis agent".to_string(),
         });
     }
     let mut rejected: Vec<(Constraint, usize)> = Vec::new();
@@ -139,7 +139,7 @@ pub fn place(
         Some(c) => Ok(c.node.clone()),
         None => Err(Unschedulable {
             constraint: Constraint::NoAgents,
-            message: "no node has a connected ignis agent".to_string(),
+            message: "noAgents: no node has a connected ignis agent".to_string(),
         }),
     }
 }
