@@ -42,9 +42,13 @@ struct Calls {
 
 struct FakeAgent {
     calls: Arc<Mutex<Calls>>,
-    /// Keeps every watch stream open.
-    watchers: Mutex<Vec<mpsc::Sender<Result<proto::VmEvent, Status>>>>,
+    /// Keeps every watch stream open; dropping them breaks the streams.
+    watchers: Watchers,
+    /// Sent on connect, before `synced`.
+    initial: Vec<proto::Vm>,
 }
+
+type Watchers = Arc<Mutex<Vec<mpsc::Sender<Result<proto::VmEvent, Status>>>>>;
 
 #[tonic::async_trait]
 impl agent_server::Agent for FakeAgent {
@@ -115,6 +119,15 @@ impl agent_server::Agent for FakeAgent {
         _: tonic::Request<proto::WatchVMsRequest>,
     ) -> Result<GrpcResponse<Self::WatchVMsStream>, Status> {
         let (tx, rx) = mpsc::channel(8);
+        for vm in &self.initial {
+            let event = proto::VmEvent {
+                sequence: 0,
+                event: Some(proto::vm_event::Event::Vm(vm.clone())),
+            };
+            tx.send(Ok(event))
+                .await
+                .map_err(|_| Status::internal("closed"))?;
+        }
         let synced = proto::VmEvent {
             sequence: 1,
             event: Some(proto::vm_event::Event::Synced(true)),
@@ -141,12 +154,24 @@ impl agent_server::Agent for FakeAgent {
 /// Serve a fake agent on a unix socket; returns its calls and the socket's directory.
 async fn fake_agent(shutdown: CancellationToken) -> (Arc<Mutex<Calls>>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("agent.sock");
-    let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+    let (calls, _) = serve_fake(&dir.path().join("agent.sock"), Vec::new(), shutdown);
+    (calls, dir)
+}
+
+/// Serve a fake agent at `path` holding `initial` VMs.
+fn serve_fake(
+    path: &std::path::Path,
+    initial: Vec<proto::Vm>,
+    shutdown: CancellationToken,
+) -> (Arc<Mutex<Calls>>, Watchers) {
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path).expect("bind");
     let calls = Arc::new(Mutex::new(Calls::default()));
+    let watchers: Watchers = Arc::new(Mutex::new(Vec::new()));
     let agent = FakeAgent {
         calls: calls.clone(),
-        watchers: Mutex::new(Vec::new()),
+        watchers: watchers.clone(),
+        initial,
     };
     tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
@@ -157,7 +182,7 @@ async fn fake_agent(shutdown: CancellationToken) -> (Arc<Mutex<Calls>>, tempfile
             )
             .await;
     });
-    (calls, dir)
+    (calls, watchers)
 }
 
 fn context(client: Client, pool: AgentPool) -> Arc<Context> {
@@ -535,5 +560,96 @@ async fn a_failed_status_write_is_an_error_with_a_reason() {
         text.contains("t_errors_total{reason=\"Conflict\"} 1"),
         "{text}"
     );
+    shutdown.cancel();
+}
+
+async fn next_signal(
+    signals: &mut mpsc::UnboundedReceiver<super::agents::PoolSignal>,
+) -> super::agents::PoolSignal {
+    tokio::time::timeout(DEADLINE, signals.recv())
+        .await
+        .expect("signal within deadline")
+        .expect("pool alive")
+}
+
+#[tokio::test]
+async fn agent_stream_feeds_the_view_and_triggers_reconciles_and_loss_heals() {
+    use super::agents::PoolSignal;
+    let shutdown = CancellationToken::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agent.sock");
+    let web = microvm("web");
+    let running = super::fixtures::agent_vm(&web, "h", 0, proto::VmState::Running);
+    let agent_stop = shutdown.child_token();
+    let (_, watchers) = serve_fake(&path, vec![running.clone()], agent_stop.clone());
+    let grace = Duration::from_millis(400);
+    let (pool, mut signals) =
+        AgentPool::new(grace, Duration::from_secs(30), None, shutdown.clone());
+    pool.set_agents(&BTreeMap::from([(
+        "node-a".to_string(),
+        AgentEndpoint::Unix(path.clone()),
+    )]));
+    // The snapshot lands in the view; synced asks for the node's VMs to be reconciled.
+    assert_eq!(
+        next_signal(&mut signals).await,
+        PoolSignal::Node("node-a".to_string())
+    );
+    assert_eq!(pool.link("node-a"), AgentLink::Connected);
+    assert_eq!(pool.vm("node-a", "uid-web"), Some(running.clone()));
+    assert_eq!(pool.hosts().len(), 1);
+    assert_eq!(
+        pool.held_vms(),
+        vec![("node-a".to_string(), "uid-web".to_string())]
+    );
+
+    // A change on the stream triggers exactly that object.
+    let mut exited = running.clone();
+    exited.state = proto::VmState::Exited as i32;
+    let tx = watchers.lock().expect("watchers")[0].clone();
+    tx.send(Ok(proto::VmEvent {
+        sequence: 2,
+        event: Some(proto::vm_event::Event::Vm(exited.clone())),
+    }))
+    .await
+    .expect("send");
+    assert_eq!(
+        next_signal(&mut signals).await,
+        PoolSignal::Vm {
+            namespace: "default".to_string(),
+            name: "web".to_string()
+        }
+    );
+    assert_eq!(pool.vm("node-a", "uid-web"), Some(exited));
+
+    // The agent goes away: reconnecting within the grace period, lost after it.
+    drop(tx);
+    agent_stop.cancel();
+    watchers.lock().expect("watchers").clear();
+    assert_eq!(
+        next_signal(&mut signals).await,
+        PoolSignal::Vm {
+            namespace: "default".to_string(),
+            name: "web".to_string()
+        }
+    );
+    assert!(
+        matches!(pool.link("node-a"), AgentLink::Reconnecting { lost_after } if lost_after <= grace)
+    );
+    tokio::time::sleep(grace).await;
+    assert_eq!(pool.link("node-a"), AgentLink::Lost);
+    assert!(pool.hosts().is_empty());
+
+    // It comes back: the link heals and the node is reconciled again.
+    let (_, _watchers) = serve_fake(&path, vec![running], shutdown.child_token());
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            if next_signal(&mut signals).await == PoolSignal::Node("node-a".to_string()) {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("reconnects within the deadline");
+    assert_eq!(pool.link("node-a"), AgentLink::Connected);
     shutdown.cancel();
 }

@@ -791,18 +791,7 @@ async fn housekeeping(ctx: Arc<Context>, drift_grace: Duration, shutdown: Cancel
             .agents_connected
             .set(ctx.pool.connected() as i64);
 
-        let held = ctx.pool.held_vms();
-        let held_uids: HashSet<&String> = held.iter().map(|(_, u)| u).collect();
-        orphans.retain(|uid, _| held_uids.contains(uid) && !owned.contains(uid));
-        for (node, uid) in held {
-            if owned.contains(&uid) {
-                continue;
-            }
-            let since = *orphans.entry(uid.clone()).or_insert_with(Instant::now);
-            if since.elapsed() < drift_grace {
-                continue;
-            }
-            orphans.remove(&uid);
+        for (node, uid) in drift_due(&ctx.pool.held_vms(), &owned, &mut orphans, drift_grace) {
             tracing::warn!(%node, %uid, "removing a VM no MicroVM owns (drift repair)");
             ctx.metrics.drift_removed.inc();
             let pool = ctx.pool.clone();
@@ -815,9 +804,62 @@ async fn housekeeping(ctx: Arc<Context>, drift_grace: Duration, shutdown: Cancel
     }
 }
 
+/// Drift repair's decision: which held VMs (`(node, uid)`) no MicroVM owns and have been
+/// orphaned for `grace`. `orphans` remembers when each was first seen unowned; entries that
+/// became owned or are no longer held are forgotten, and returned VMs are dropped from it.
+fn drift_due(
+    held: &[(String, String)],
+    owned: &HashSet<String>,
+    orphans: &mut HashMap<String, Instant>,
+    grace: Duration,
+) -> Vec<(String, String)> {
+    let held_uids: HashSet<&String> = held.iter().map(|(_, u)| u).collect();
+    orphans.retain(|uid, _| held_uids.contains(uid) && !owned.contains(uid));
+    let mut due = Vec::new();
+    for (node, uid) in held {
+        if owned.contains(uid) {
+            continue;
+        }
+        let since = *orphans.entry(uid.clone()).or_insert_with(Instant::now);
+        if since.elapsed() >= grace {
+            orphans.remove(uid);
+            due.push((node.clone(), uid.clone()));
+        }
+    }
+    due
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drift_removes_only_unowned_vms_after_the_grace_period() {
+        let held = vec![
+            ("node-a".to_string(), "owned".to_string()),
+            ("node-a".to_string(), "orphan".to_string()),
+        ];
+        let owned = HashSet::from(["owned".to_string()]);
+        let mut orphans = HashMap::new();
+        // First sighting: remembered, not removed yet.
+        assert!(drift_due(&held, &owned, &mut orphans, Duration::from_secs(30)).is_empty());
+        assert!(orphans.contains_key("orphan"));
+        // Seen long enough ago: removed, and forgotten.
+        orphans.insert(
+            "orphan".to_string(),
+            Instant::now() - Duration::from_secs(31),
+        );
+        assert_eq!(
+            drift_due(&held, &owned, &mut orphans, Duration::from_secs(30)),
+            vec![("node-a".to_string(), "orphan".to_string())]
+        );
+        assert!(orphans.is_empty());
+        // An orphan whose MicroVM shows up (cache lag) is forgiven.
+        drift_due(&held, &owned, &mut orphans, Duration::from_secs(30));
+        let owned_now = HashSet::from(["owned".to_string(), "orphan".to_string()]);
+        assert!(drift_due(&held, &owned_now, &mut orphans, Duration::ZERO).is_empty());
+        assert!(orphans.is_empty());
+    }
 
     #[test]
     fn durations_parse() {
