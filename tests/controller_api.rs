@@ -140,7 +140,10 @@ async fn start(count: usize) -> Running {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr").port()
     };
-    let child = Command::new(env!("CARGO_BIN_EXE_ignis"))
+    // IGNIS_BIN measures another build of the same binary (e.g. target/release/ignis).
+    let binary =
+        std::env::var("IGNIS_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ignis").to_string());
+    let child = Command::new(binary)
         .args([
             "controller",
             "--leader-election",
@@ -268,7 +271,8 @@ async fn controller_binary_reconciles_against_a_plain_api_server_and_stops_on_si
     assert!(status.success(), "exit status {status:?}");
 }
 
-/// `cargo test --test controller_api -- --ignored --nocapture` prints the RSS numbers.
+/// `cargo test --test controller_api -- --ignored --nocapture` prints the RSS numbers
+/// (`IGNIS_BIN=target/release/ignis` for the release build).
 #[tokio::test]
 #[ignore = "measurement, not a test: prints RSS idle and with 1000 MicroVMs"]
 async fn controller_rss_idle_and_with_1000_microvms() {

@@ -486,8 +486,6 @@ async fn deleted_vm_is_removed_from_the_agent_before_the_finalizer_goes() {
     let ctx = context(Client::new(service, "default"), pool);
     let agent_calls = calls.clone();
     let verifier = tokio::spawn(async move {
-        let (_, _, _, respond) = expect(&mut handle, Method::GET, "/api/v1/nodes/node-a").await;
-        not_found(respond);
         let (_, body, _, respond) = expect(&mut handle, Method::PATCH, OBJECT).await;
         // The agent was asked first.
         assert_eq!(

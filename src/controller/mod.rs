@@ -572,7 +572,12 @@ async fn reconcile_once(mvm: &MicroVM, ctx: &Context) -> Result<Requeue, Reconci
         Some(node) => (
             ctx.pool.link(node),
             ctx.pool.vm(node, &uid),
-            ctx.nodes.get(node).await,
+            // Labels only matter to a live VM (the node-mismatch condition).
+            if deleting {
+                None
+            } else {
+                ctx.nodes.get(node).await
+            },
         ),
         None => (plan::AgentLink::Absent, None, None),
     };

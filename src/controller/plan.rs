@@ -667,9 +667,7 @@ impl<'a> Planner<'a> {
                 Reason::GUEST_EXITED,
                 format!("{message}; restarting (crash loop back-off)"),
             );
-            if self.old.phase != Some(Phase::Starting) || self.new.phase != self.old.phase {
-                self.set_phase(Phase::Starting);
-            }
+            self.set_phase(Phase::Starting);
             self.kstatus(true, None);
             self.requeue(delay);
             return;
