@@ -651,3 +651,92 @@ async fn agent_stream_feeds_the_view_and_triggers_reconciles_and_loss_heals() {
     assert_eq!(pool.link("node-a"), AgentLink::Connected);
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn lease_is_created_when_missing_and_left_alone_when_fresh_elsewhere() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let elector = super::leader::LeaderElector::new(
+        Api::<Lease>::namespaced(client, "ignis-system"),
+        "ignis-controller",
+        "me",
+        Duration::from_secs(15),
+    );
+    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/ignis-system/leases";
+    let verifier = tokio::spawn(async move {
+        // Round 1: no Lease → create it, holding it ourselves.
+        let (_, _, _, respond) = expect(
+            &mut handle,
+            Method::GET,
+            &format!("{LEASES}/ignis-controller"),
+        )
+        .await;
+        not_found(respond);
+        let (_, body, _, respond) = expect(&mut handle, Method::POST, LEASES).await;
+        assert_eq!(body["metadata"]["name"], "ignis-controller");
+        assert_eq!(body["spec"]["holderIdentity"], "me");
+        assert_eq!(body["spec"]["leaseDurationSeconds"], 15);
+        ok(respond, &body);
+        // Round 2: held by another replica that just renewed → no write at all.
+        let (_, _, _, respond) = expect(
+            &mut handle,
+            Method::GET,
+            &format!("{LEASES}/ignis-controller"),
+        )
+        .await;
+        let now = jiff::Timestamp::now();
+        ok(
+            respond,
+            &json!({
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": "ignis-controller", "resourceVersion": "7"},
+                "spec": {"holderIdentity": "other", "leaseDurationSeconds": 15,
+                         "renewTime": now.to_string()},
+            }),
+        );
+        handle
+    });
+    assert!(elector.try_once().await.expect("round 1"));
+    assert!(!elector.try_once().await.expect("round 2"));
+    let mut handle = verifier.await.expect("verifier passed");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), handle.next_request())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn tls_secret_is_bootstrapped_when_missing() {
+    use super::tls;
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    const SECRETS: &str = "/api/v1/namespaces/ignis-system/secrets";
+    let verifier = tokio::spawn(async move {
+        let (_, _, _, respond) = expect(
+            &mut handle,
+            Method::GET,
+            &format!("{SECRETS}/ignis-agent-tls"),
+        )
+        .await;
+        not_found(respond);
+        let (_, body, _, respond) = expect(&mut handle, Method::POST, SECRETS).await;
+        assert_eq!(body["metadata"]["name"], "ignis-agent-tls");
+        for key in [
+            tls::CA_CERT,
+            tls::CA_KEY,
+            tls::AGENT_CERT,
+            tls::AGENT_KEY,
+            tls::CONTROLLER_CERT,
+            tls::CONTROLLER_KEY,
+        ] {
+            assert!(body["data"][key].is_string(), "missing {key}");
+        }
+        ok(respond, &body);
+    });
+    tls::ensure_secret(client, "ignis-system", "ignis-agent-tls")
+        .await
+        .expect("bootstrapped");
+    verifier.await.expect("verifier passed");
+}
