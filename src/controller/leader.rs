@@ -119,6 +119,11 @@ impl LeaderElector {
     /// One round: returns whether we hold the Lease afterwards. A lost write race is `false`,
     /// not an error.
     pub async fn try_once(&self) -> Result<bool, LeaderError> {
+        self.round().await.map(|(held, _)| held)
+    }
+
+    /// One round; when standing by, also how long until the holder's Lease expires.
+    async fn round(&self) -> Result<(bool, Option<Duration>), LeaderError> {
         let lease = self
             .api
             .get_opt(&self.name)
@@ -126,7 +131,7 @@ impl LeaderElector {
             .map_err(LeaderError::Kube)?;
         let spec = lease.as_ref().and_then(|l| l.spec.as_ref());
         match decide(spec, &self.identity, Timestamp::now()) {
-            LeaseDecision::StandBy { .. } => Ok(false),
+            LeaseDecision::StandBy { expires_in, .. } => Ok((false, Some(expires_in))),
             LeaseDecision::Acquire | LeaseDecision::Renew => {
                 let new = next_spec(spec, &self.identity, self.duration, Timestamp::now());
                 let result = match lease {
@@ -148,8 +153,8 @@ impl LeaderElector {
                     }
                 };
                 match result {
-                    Ok(_) => Ok(true),
-                    Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+                    Ok(_) => Ok((true, None)),
+                    Err(kube::Error::Api(status)) if status.code == 409 => Ok((false, None)),
                     Err(error) => Err(LeaderError::Kube(error)),
                 }
             }
@@ -161,17 +166,23 @@ impl LeaderElector {
     pub async fn acquire(&self, shutdown: &CancellationToken) -> bool {
         let retry = self.duration / 3;
         loop {
-            match self.try_once().await {
-                Ok(true) => {
+            // Wake right after the holder's Lease would expire, so a dead leader is replaced
+            // within one lease duration of its last renewal.
+            let mut wait = retry;
+            match self.round().await {
+                Ok((true, _)) => {
                     tracing::info!(lease = %self.name, identity = %self.identity, "became leader");
                     return true;
                 }
-                Ok(false) => {}
+                Ok((false, Some(expires_in))) => {
+                    wait = wait.min(expires_in + Duration::from_millis(50));
+                }
+                Ok((false, None)) => {}
                 Err(error) => tracing::warn!(reason = error.reason(), %error, "lease round failed"),
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return false,
-                _ = tokio::time::sleep(retry) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
         }
     }
