@@ -1159,6 +1159,45 @@ mod tests {
     }
 
     #[test]
+    fn transient_boot_failure_is_retried_by_policy_not_stalled() {
+        let (mvm, mut o) = exited(RunPolicy::Always, false, 0);
+        let mut vm = o.vm.clone().expect("vm");
+        vm.state = VmState::Failed as i32;
+        vm.exit = Some(exit(
+            false,
+            "BootTimeout",
+            false,
+            vm.started_at_unix_ms + 120_000,
+        ));
+        o.vm = Some(vm);
+        let actions = plan(&mvm, &o);
+        assert_eq!(applies(&actions), vec![(1, DesiredState::Running)]);
+        let s = status_of(&actions).expect("status");
+        assert_eq!(cond(&s, ConditionType::Stalled).0, "False");
+        let mut once = mvm.clone();
+        once.spec.run_policy = RunPolicy::Once;
+        let s = status_of(&plan(&once, &o)).expect("status");
+        assert_eq!(s.phase, Some(Phase::Failed));
+    }
+
+    #[test]
+    fn halted_vm_is_placed_but_never_booted() {
+        let mut mvm = microvm("web");
+        mvm.spec.run_policy = RunPolicy::Halted;
+        let mut o = obs();
+        o.placement = Some(Ok("node-a".to_string()));
+        let actions = plan(&mvm, &o);
+        assert!(applies(&actions).is_empty());
+        assert!(actions.contains(&Action::Place {
+            node: "node-a".to_string()
+        }));
+        assert_eq!(
+            status_of(&actions).and_then(|s| s.phase),
+            Some(Phase::Stopped)
+        );
+    }
+
+    #[test]
     fn spec_the_agent_cannot_express_stalls() {
         let mvm = placed("web", "node-a");
         let mut o = obs();
