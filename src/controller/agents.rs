@@ -1,0 +1,605 @@
+//! The agent pool: one gRPC client per node agent, each with a `WatchVMs` stream that keeps an
+//! in-memory view (uid → VM) and turns every change into a reconcile trigger. A broken stream
+//! reconnects with back-off; the link state (connected, reconnecting, lost after the grace
+//! period) is derived from timestamps when asked, so no timer has to fire for it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Uri};
+
+use super::plan::AgentLink;
+use crate::proto::{self, agent_client::AgentClient, vm_event};
+
+/// Bound on connecting and on each unary call that is not a delete.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the host (capacity) is refreshed while the stream is healthy.
+const HOST_REFRESH: Duration = Duration::from_secs(30);
+
+/// Where an agent listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentEndpoint {
+    /// `ignis dev` and tests: a unix socket.
+    Unix(PathBuf),
+    /// In a cluster: pod IP (host network) and port, TLS when the pool has a config.
+    Tcp { host: String, port: u16 },
+}
+
+impl AgentEndpoint {
+    /// Parse `unix:///path` or `host:port`.
+    pub fn parse(s: &str) -> Option<Self> {
+        if let Some(path) = s.strip_prefix("unix://") {
+            return (!path.is_empty()).then(|| AgentEndpoint::Unix(PathBuf::from(path)));
+        }
+        let (host, port) = s.rsplit_once(':')?;
+        Some(AgentEndpoint::Tcp {
+            host: host.trim_matches(['[', ']']).to_string(),
+            port: port.parse().ok()?,
+        })
+    }
+}
+
+/// Failures talking to an agent.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error("no connected agent for node {0}")]
+    NotConnected(String),
+    #[error("cannot connect to the agent")]
+    Connect(#[source] tonic::transport::Error),
+    #[error("agent call failed")]
+    Rpc(#[source] tonic::Status),
+    #[error("agent call timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+impl AgentError {
+    /// Fixed word for metric labels and condition reasons.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AgentError::NotConnected(_) => "AgentNotConnected",
+            AgentError::Connect(_) => "AgentConnect",
+            AgentError::Rpc(_) => "AgentRpc",
+            AgentError::Timeout(_) => "AgentTimeout",
+        }
+    }
+}
+
+/// What the pool asks the controller to reconcile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PoolSignal {
+    /// The VM of this object changed.
+    Vm { namespace: String, name: String },
+    /// The node's link or capacity changed: its VMs and every unplaced VM.
+    Node(String),
+}
+
+struct Slot {
+    endpoint: AgentEndpoint,
+    client: Option<AgentClient<Channel>>,
+    /// Set while not connected and synced; the agent counts as lost `grace` after it.
+    down_since: Option<Instant>,
+    host: Option<proto::Host>,
+    vms: HashMap<String, proto::Vm>,
+    cancel: CancellationToken,
+}
+
+struct Inner {
+    slots: RwLock<HashMap<String, Slot>>,
+    signals: mpsc::UnboundedSender<PoolSignal>,
+    grace: Duration,
+    heartbeat_timeout: Duration,
+    tls: Option<ClientTlsConfig>,
+    shutdown: CancellationToken,
+}
+
+/// Clients and live views of every agent.
+#[derive(Clone)]
+pub struct AgentPool {
+    inner: Arc<Inner>,
+}
+
+impl AgentPool {
+    /// A pool with no agents yet; signals come out of the returned receiver.
+    pub fn new(
+        grace: Duration,
+        heartbeat_timeout: Duration,
+        tls: Option<ClientTlsConfig>,
+        shutdown: CancellationToken,
+    ) -> (Self, mpsc::UnboundedReceiver<PoolSignal>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inner = Inner {
+            slots: RwLock::new(HashMap::new()),
+            signals: tx,
+            grace,
+            heartbeat_timeout,
+            tls,
+            shutdown,
+        };
+        (
+            Self {
+                inner: Arc::new(inner),
+            },
+            rx,
+        )
+    }
+
+    /// Make the pool talk to exactly these agents: new ones are connected, gone ones dropped,
+    /// moved ones reconnected.
+    pub fn set_agents(&self, agents: &BTreeMap<String, AgentEndpoint>) {
+        let mut start = Vec::new();
+        {
+            let Ok(mut slots) = self.inner.slots.write() else {
+                return;
+            };
+            slots.retain(|node, slot| {
+                let keep = agents.get(node) == Some(&slot.endpoint);
+                if !keep {
+                    slot.cancel.cancel();
+                    let _ = self.inner.signals.send(PoolSignal::Node(node.clone()));
+                }
+                keep
+            });
+            for (node, endpoint) in agents {
+                if slots.contains_key(node) {
+                    continue;
+                }
+                let cancel = self.inner.shutdown.child_token();
+                slots.insert(
+                    node.clone(),
+                    Slot {
+                        endpoint: endpoint.clone(),
+                        client: None,
+                        down_since: Some(Instant::now()),
+                        host: None,
+                        vms: HashMap::new(),
+                        cancel: cancel.clone(),
+                    },
+                );
+                start.push((node.clone(), endpoint.clone(), cancel));
+            }
+        }
+        for (node, endpoint, cancel) in start {
+            let inner = self.inner.clone();
+            tokio::spawn(async move { agent_loop(inner, node, endpoint, cancel).await });
+        }
+    }
+
+    /// The link to `node`'s agent now.
+    pub fn link(&self, node: &str) -> AgentLink {
+        let Ok(slots) = self.inner.slots.read() else {
+            return AgentLink::Absent;
+        };
+        match slots.get(node) {
+            None => AgentLink::Absent,
+            Some(slot) => match slot.down_since {
+                None => AgentLink::Connected,
+                Some(since) => {
+                    let down = since.elapsed();
+                    if down >= self.inner.grace {
+                        AgentLink::Lost
+                    } else {
+                        AgentLink::Reconnecting {
+                            lost_after: self.inner.grace - down,
+                        }
+                    }
+                }
+            },
+        }
+    }
+
+    /// The agent's view of one VM.
+    pub fn vm(&self, node: &str, uid: &str) -> Option<proto::Vm> {
+        let slots = self.inner.slots.read().ok()?;
+        slots.get(node)?.vms.get(uid).cloned()
+    }
+
+    /// Hosts of every connected agent, for the scheduler.
+    pub fn hosts(&self) -> Vec<(String, proto::Host)> {
+        let Ok(slots) = self.inner.slots.read() else {
+            return Vec::new();
+        };
+        let mut out: Vec<_> = slots
+            .iter()
+            .filter(|(_, s)| s.down_since.is_none())
+            .filter_map(|(n, s)| s.host.clone().map(|h| (n.clone(), h)))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Number of connected agents.
+    pub fn connected(&self) -> usize {
+        self.inner
+            .slots
+            .read()
+            .map(|s| s.values().filter(|s| s.down_since.is_none()).count())
+            .unwrap_or(0)
+    }
+
+    /// `(node, uid)` of every VM the connected agents hold.
+    pub fn held_vms(&self) -> Vec<(String, String)> {
+        let Ok(slots) = self.inner.slots.read() else {
+            return Vec::new();
+        };
+        slots
+            .iter()
+            .filter(|(_, s)| s.down_since.is_none())
+            .flat_map(|(n, s)| s.vms.keys().map(move |uid| (n.clone(), uid.clone())))
+            .collect()
+    }
+
+    fn client(&self, node: &str) -> Result<AgentClient<Channel>, AgentError> {
+        let slots = self
+            .inner
+            .slots
+            .read()
+            .map_err(|_| AgentError::NotConnected(node.to_string()))?;
+        slots
+            .get(node)
+            .filter(|s| s.down_since.is_none())
+            .and_then(|s| s.client.clone())
+            .ok_or_else(|| AgentError::NotConnected(node.to_string()))
+    }
+
+    /// `ApplyVM`; the answer goes into the view at once, so the next reconcile does not act on
+    /// a view older than what it just did.
+    pub async fn apply_vm(
+        &self,
+        node: &str,
+        request: proto::ApplyVmRequest,
+    ) -> Result<proto::Vm, AgentError> {
+        let mut client = self.client(node)?;
+        let vm = tokio::time::timeout(CALL_TIMEOUT, client.apply_vm(request))
+            .await
+            .map_err(|_| AgentError::Timeout(CALL_TIMEOUT))?
+            .map_err(AgentError::Rpc)?
+            .into_inner();
+        self.record(node, vm.clone());
+        Ok(vm)
+    }
+
+    /// `DeleteVM`, bounded by the VM's grace period plus a margin; forgets the VM after.
+    pub async fn delete_vm(
+        &self,
+        node: &str,
+        uid: &str,
+        grace: Duration,
+    ) -> Result<bool, AgentError> {
+        let mut client = self.client(node)?;
+        let limit = grace + CALL_TIMEOUT;
+        let existed = tokio::time::timeout(
+            limit,
+            client.delete_vm(proto::DeleteVmRequest {
+                uid: uid.to_string(),
+                grace_period_seconds: -1,
+            }),
+        )
+        .await
+        .map_err(|_| AgentError::Timeout(limit))?
+        .map_err(AgentError::Rpc)?
+        .into_inner()
+        .existed;
+        if let Ok(mut slots) = self.inner.slots.write()
+            && let Some(slot) = slots.get_mut(node)
+        {
+            slot.vms.remove(uid);
+        }
+        Ok(existed)
+    }
+
+    fn record(&self, node: &str, vm: proto::Vm) {
+        if let Ok(mut slots) = self.inner.slots.write()
+            && let Some(slot) = slots.get_mut(node)
+        {
+            merge_vm(&mut slot.vms, vm);
+        }
+    }
+}
+
+/// Keep the newest view of a VM: a stream event about an older run than one we already hold
+/// (the ApplyVM answer raced ahead of it) is stale.
+fn merge_vm(vms: &mut HashMap<String, proto::Vm>, vm: proto::Vm) -> bool {
+    match vms.get(&vm.uid) {
+        Some(old) if old.run > vm.run => false,
+        _ => {
+            vms.insert(vm.uid.clone(), vm);
+            true
+        }
+    }
+}
+
+async fn connect(
+    endpoint: &AgentEndpoint,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<Channel, AgentError> {
+    let keepalive = |e: Endpoint| {
+        e.connect_timeout(CALL_TIMEOUT)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+    };
+    match endpoint {
+        AgentEndpoint::Unix(path) => {
+            let path = path.clone();
+            // The URI is only a placeholder: the connector ignores it and dials the socket.
+            let e = keepalive(Endpoint::from_static("http://ignis-agent.local"));
+            e.connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    let stream = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(TokioIo::new(stream))
+                }
+            }))
+            .await
+            .map_err(AgentError::Connect)
+        }
+        AgentEndpoint::Tcp { host, port } => {
+            let host = if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host.clone()
+            };
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let mut e = Endpoint::from_shared(format!("{scheme}://{host}:{port}"))
+                .map_err(AgentError::Connect)?;
+            if let Some(tls) = tls {
+                e = e.tls_config(tls.clone()).map_err(AgentError::Connect)?;
+            }
+            keepalive(e).connect().await.map_err(AgentError::Connect)
+        }
+    }
+}
+
+async fn agent_loop(
+    inner: Arc<Inner>,
+    node: String,
+    endpoint: AgentEndpoint,
+    cancel: CancellationToken,
+) {
+    let mut failures: u32 = 0;
+    loop {
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = session(&inner, &node, &endpoint, &mut failures) => r,
+        };
+        if let Err(error) = result {
+            tracing::warn!(%node, reason = error.reason(), error = %error, "agent stream down");
+        }
+        mark_down(&inner, &node);
+        failures = failures.saturating_add(1);
+        let delay = reconnect_delay(failures);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Back-off between reconnects: 200 ms doubling to 5 s, with up to 25% jitter so a restarted
+/// controller does not hit every agent in lockstep.
+pub fn reconnect_delay(failures: u32) -> Duration {
+    let base = Duration::from_millis(200u64 << failures.min(5)).min(Duration::from_secs(5));
+    let jitter = rand::random_range(0.0..0.25);
+    base.mul_f64(1.0 + jitter)
+}
+
+fn mark_down(inner: &Inner, node: &str) {
+    let mut uids = Vec::new();
+    if let Ok(mut slots) = inner.slots.write()
+        && let Some(slot) = slots.get_mut(node)
+    {
+        if slot.down_since.is_none() {
+            slot.down_since = Some(Instant::now());
+            uids = slot
+                .vms
+                .values()
+                .map(|v| (v.namespace.clone(), v.name.clone()))
+                .collect();
+        }
+        slot.client = None;
+    }
+    for (namespace, name) in uids {
+        let _ = inner.signals.send(PoolSignal::Vm { namespace, name });
+    }
+}
+
+async fn session(
+    inner: &Inner,
+    node: &str,
+    endpoint: &AgentEndpoint,
+    failures: &mut u32,
+) -> Result<(), AgentError> {
+    let channel = connect(endpoint, inner.tls.as_ref()).await?;
+    let mut client = AgentClient::new(channel);
+    let host = unary(client.get_host(proto::GetHostRequest {})).await?;
+    let mut stream = unary(client.watch_v_ms(proto::WatchVMsRequest {})).await?;
+    let mut snapshot: HashSet<String> = HashSet::new();
+    let mut synced = false;
+    let mut host = Some(host);
+    let mut refresh = tokio::time::interval(HOST_REFRESH);
+    refresh.tick().await;
+    loop {
+        let next = tokio::select! {
+            n = tokio::time::timeout(inner.heartbeat_timeout, stream.message()) => n,
+            _ = refresh.tick(), if synced => {
+                let fresh = unary(client.get_host(proto::GetHostRequest {})).await?;
+                update_host(inner, node, fresh);
+                continue;
+            }
+        };
+        let event = match next {
+            Err(_) => return Err(AgentError::Timeout(inner.heartbeat_timeout)),
+            Ok(Err(status)) => return Err(AgentError::Rpc(status)),
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(Some(event))) => event,
+        };
+        match event.event {
+            Some(vm_event::Event::Vm(vm)) => {
+                if !synced {
+                    snapshot.insert(vm.uid.clone());
+                }
+                let who = (vm.namespace.clone(), vm.name.clone());
+                let changed = inner
+                    .slots
+                    .write()
+                    .ok()
+                    .and_then(|mut slots| slots.get_mut(node).map(|s| merge_vm(&mut s.vms, vm)))
+                    .unwrap_or(false);
+                if changed && synced {
+                    let _ = inner.signals.send(PoolSignal::Vm {
+                        namespace: who.0,
+                        name: who.1,
+                    });
+                }
+            }
+            Some(vm_event::Event::Deleted(deleted)) => {
+                let gone = inner
+                    .slots
+                    .write()
+                    .ok()
+                    .and_then(|mut slots| slots.get_mut(node)?.vms.remove(&deleted.uid));
+                if let Some(vm) = gone {
+                    let _ = inner.signals.send(PoolSignal::Vm {
+                        namespace: vm.namespace,
+                        name: vm.name,
+                    });
+                    // Capacity freed: unplaced VMs may fit now.
+                    let _ = inner.signals.send(PoolSignal::Node(node.to_string()));
+                }
+            }
+            Some(vm_event::Event::Heartbeat(_)) | None => {}
+            Some(vm_event::Event::Synced(_)) => {
+                if synced {
+                    continue;
+                }
+                synced = true;
+                *failures = 0;
+                let mut stale = Vec::new();
+                if let Ok(mut slots) = inner.slots.write()
+                    && let Some(slot) = slots.get_mut(node)
+                {
+                    // VMs we remembered that the agent no longer has are gone.
+                    slot.vms.retain(|uid, vm| {
+                        let keep = snapshot.contains(uid);
+                        if !keep {
+                            stale.push((vm.namespace.clone(), vm.name.clone()));
+                        }
+                        keep
+                    });
+                    slot.client = Some(client.clone());
+                    slot.host = host.take();
+                    slot.down_since = None;
+                }
+                tracing::info!(%node, vms = snapshot.len(), "agent connected and synced");
+                for (namespace, name) in stale {
+                    let _ = inner.signals.send(PoolSignal::Vm { namespace, name });
+                }
+                let _ = inner.signals.send(PoolSignal::Node(node.to_string()));
+            }
+        }
+    }
+}
+
+fn update_host(inner: &Inner, node: &str, host: proto::Host) {
+    if let Ok(mut slots) = inner.slots.write()
+        && let Some(slot) = slots.get_mut(node)
+    {
+        let changed = slot.host.as_ref() != Some(&host);
+        slot.host = Some(host);
+        if changed {
+            let _ = inner.signals.send(PoolSignal::Node(node.to_string()));
+        }
+    }
+}
+
+async fn unary<T>(
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, AgentError> {
+    tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .map_err(|_| AgentError::Timeout(CALL_TIMEOUT))?
+        .map(tonic::Response::into_inner)
+        .map_err(AgentError::Rpc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse() {
+        assert_eq!(
+            AgentEndpoint::parse("unix:///run/ignis/agent.sock"),
+            Some(AgentEndpoint::Unix(PathBuf::from("/run/ignis/agent.sock")))
+        );
+        assert_eq!(
+            AgentEndpoint::parse("10.0.0.7:9443"),
+            Some(AgentEndpoint::Tcp {
+                host: "10.0.0.7".to_string(),
+                port: 9443
+            })
+        );
+        assert_eq!(
+            AgentEndpoint::parse("[fd00::1]:9443"),
+            Some(AgentEndpoint::Tcp {
+                host: "fd00::1".to_string(),
+                port: 9443
+            })
+        );
+        assert_eq!(AgentEndpoint::parse("unix://"), None);
+        assert_eq!(AgentEndpoint::parse("nohost"), None);
+    }
+
+    #[test]
+    fn stale_runs_do_not_overwrite_newer_ones() {
+        let mut vms = HashMap::new();
+        let vm = |run| proto::Vm {
+            uid: "u".to_string(),
+            run,
+            ..Default::default()
+        };
+        assert!(merge_vm(&mut vms, vm(2)));
+        assert!(!merge_vm(&mut vms, vm(1)));
+        assert!(merge_vm(&mut vms, vm(2)));
+        assert_eq!(vms["u"].run, 2);
+    }
+
+    #[test]
+    fn reconnect_delay_grows_and_is_capped() {
+        assert!(reconnect_delay(0) < Duration::from_millis(260));
+        assert!(reconnect_delay(2) >= Duration::from_millis(800));
+        assert!(reconnect_delay(50) <= Duration::from_millis(6250));
+    }
+
+    #[tokio::test]
+    async fn unknown_and_new_agents_are_not_connected() {
+        let shutdown = CancellationToken::new();
+        let (pool, _rx) = AgentPool::new(
+            Duration::from_secs(10),
+            Duration::from_secs(30),
+            None,
+            shutdown.clone(),
+        );
+        assert_eq!(pool.link("nowhere"), AgentLink::Absent);
+        pool.set_agents(&BTreeMap::from([(
+            "node-a".to_string(),
+            AgentEndpoint::Unix(PathBuf::from("/nonexistent/agent.sock")),
+        )]));
+        assert!(matches!(
+            pool.link("node-a"),
+            AgentLink::Reconnecting { .. }
+        ));
+        assert!(pool.hosts().is_empty());
+        assert!(matches!(
+            pool.apply_vm("node-a", Default::default()).await,
+            Err(AgentError::NotConnected(_))
+        ));
+        shutdown.cancel();
+    }
+}

@@ -1,0 +1,742 @@
+//! API-interaction tests: `reconcile` against a mock Kubernetes API (tower-test, the kube-rs
+//! controller-rs `ApiServerVerifier` pattern) and a fake agent (a unit-test double of the
+//! gRPC service) on a real unix socket. They check the exact requests the controller sends:
+//! the metadata patch, the status apply body and its `fieldManager`/`force`, the Events, and
+//! the agent calls.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use kube::client::Body;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector;
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Response as GrpcResponse, Status};
+
+use super::agents::{AgentEndpoint, AgentPool};
+use super::fixtures::{deleting, microvm, placed};
+use super::metrics::ControllerMetrics;
+use super::plan::AgentLink;
+use super::scheduler::PlacementStrategy;
+use super::{Context, NodeLabels, reconcile};
+use crate::api::{FIELD_MANAGER, FINALIZER, MicroVM, NODE_LABEL};
+use crate::proto::{self, agent_server};
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+type Respond = tower_test::mock::SendResponse<Response<Body>>;
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// What the fake agent was asked to do.
+#[derive(Default)]
+struct Calls {
+    applied: Vec<proto::ApplyVmRequest>,
+    deleted: Vec<String>,
+}
+
+struct FakeAgent {
+    calls: Arc<Mutex<Calls>>,
+    /// Keeps every watch stream open; dropping them breaks the streams.
+    watchers: Watchers,
+    /// Sent on connect, before `synced`.
+    initial: Vec<proto::Vm>,
+}
+
+type Watchers = Arc<Mutex<Vec<mpsc::Sender<Result<proto::VmEvent, Status>>>>>;
+
+#[tonic::async_trait]
+impl agent_server::Agent for FakeAgent {
+    async fn get_host(
+        &self,
+        _: tonic::Request<proto::GetHostRequest>,
+    ) -> Result<GrpcResponse<proto::Host>, Status> {
+        Ok(GrpcResponse::new(proto::Host {
+            node_name: "node-a".to_string(),
+            vcpus_total: 4,
+            memory_total_bytes: 8 << 30,
+            hypervisors: vec!["qemu".to_string()],
+            accelerator: "tcg".to_string(),
+            instance_id: "fake".to_string(),
+            ..Default::default()
+        }))
+    }
+
+    async fn apply_vm(
+        &self,
+        request: tonic::Request<proto::ApplyVmRequest>,
+    ) -> Result<GrpcResponse<proto::Vm>, Status> {
+        let req = request.into_inner();
+        let spec = req.spec.clone().unwrap_or_default();
+        let vm = proto::Vm {
+            uid: spec.uid,
+            namespace: spec.namespace,
+            name: spec.name,
+            spec_hash: req.spec_hash.clone(),
+            run: req.run,
+            state: proto::VmState::Creating as i32,
+            ..Default::default()
+        };
+        if let Ok(mut calls) = self.calls.lock() {
+            calls.applied.push(req);
+        }
+        Ok(GrpcResponse::new(vm))
+    }
+
+    async fn delete_vm(
+        &self,
+        request: tonic::Request<proto::DeleteVmRequest>,
+    ) -> Result<GrpcResponse<proto::DeleteVmResponse>, Status> {
+        if let Ok(mut calls) = self.calls.lock() {
+            calls.deleted.push(request.into_inner().uid);
+        }
+        Ok(GrpcResponse::new(proto::DeleteVmResponse { existed: true }))
+    }
+
+    async fn get_vm(
+        &self,
+        _: tonic::Request<proto::GetVmRequest>,
+    ) -> Result<GrpcResponse<proto::Vm>, Status> {
+        Err(Status::not_found("no such VM"))
+    }
+
+    async fn list_v_ms(
+        &self,
+        _: tonic::Request<proto::ListVMsRequest>,
+    ) -> Result<GrpcResponse<proto::ListVMsResponse>, Status> {
+        Ok(GrpcResponse::new(proto::ListVMsResponse::default()))
+    }
+
+    type WatchVMsStream = ReceiverStream<Result<proto::VmEvent, Status>>;
+
+    async fn watch_v_ms(
+        &self,
+        _: tonic::Request<proto::WatchVMsRequest>,
+    ) -> Result<GrpcResponse<Self::WatchVMsStream>, Status> {
+        let (tx, rx) = mpsc::channel(8);
+        for vm in &self.initial {
+            let event = proto::VmEvent {
+                sequence: 0,
+                event: Some(proto::vm_event::Event::Vm(vm.clone())),
+            };
+            tx.send(Ok(event))
+                .await
+                .map_err(|_| Status::internal("closed"))?;
+        }
+        let synced = proto::VmEvent {
+            sequence: 1,
+            event: Some(proto::vm_event::Event::Synced(true)),
+        };
+        tx.send(Ok(synced))
+            .await
+            .map_err(|_| Status::internal("closed"))?;
+        if let Ok(mut w) = self.watchers.lock() {
+            w.push(tx);
+        }
+        Ok(GrpcResponse::new(ReceiverStream::new(rx)))
+    }
+
+    type ConsoleStream = ReceiverStream<Result<proto::ConsoleChunk, Status>>;
+
+    async fn console(
+        &self,
+        _: tonic::Request<proto::ConsoleRequest>,
+    ) -> Result<GrpcResponse<Self::ConsoleStream>, Status> {
+        Err(Status::unimplemented("no console in the fake"))
+    }
+}
+
+/// Serve a fake agent on a unix socket; returns its calls and the socket's directory.
+async fn fake_agent(shutdown: CancellationToken) -> (Arc<Mutex<Calls>>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (calls, _) = serve_fake(&dir.path().join("agent.sock"), Vec::new(), shutdown);
+    (calls, dir)
+}
+
+/// Serve a fake agent at `path` holding `initial` VMs.
+fn serve_fake(
+    path: &std::path::Path,
+    initial: Vec<proto::Vm>,
+    shutdown: CancellationToken,
+) -> (Arc<Mutex<Calls>>, Watchers) {
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path).expect("bind");
+    let calls = Arc::new(Mutex::new(Calls::default()));
+    let watchers: Watchers = Arc::new(Mutex::new(Vec::new()));
+    let agent = FakeAgent {
+        calls: calls.clone(),
+        watchers: watchers.clone(),
+        initial,
+    };
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(agent_server::AgentServer::new(agent))
+            .serve_with_incoming_shutdown(
+                UnixListenerStream::new(listener),
+                shutdown.cancelled_owned(),
+            )
+            .await;
+    });
+    (calls, watchers)
+}
+
+fn context(client: Client, pool: AgentPool) -> Arc<Context> {
+    let (store, _writer) = reflector::store::<MicroVM>();
+    Arc::new(Context {
+        client: client.clone(),
+        pool,
+        store,
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.to_string(),
+                instance: None,
+            },
+        ),
+        metrics: ControllerMetrics::default(),
+        strategy: PlacementStrategy::Spread,
+        nodes: NodeLabels {
+            api: Api::all(client),
+            cache: Mutex::new(Default::default()),
+        },
+        placing: tokio::sync::Mutex::new(Default::default()),
+        failures: Mutex::new(Default::default()),
+    })
+}
+
+/// The next request; asserts method and path, returns the query pairs, the body and the
+/// responder.
+async fn expect(
+    handle: &mut Handle,
+    method: Method,
+    path: &str,
+) -> (BTreeMap<String, String>, Value, Option<String>, Respond) {
+    let (request, respond) = tokio::time::timeout(DEADLINE, handle.next_request())
+        .await
+        .expect("request within deadline")
+        .expect("service called");
+    assert_eq!(request.method(), method, "{}", request.uri());
+    assert_eq!(request.uri().path(), path);
+    let query = request
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let content_type = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let bytes = request
+        .into_body()
+        .collect_bytes()
+        .await
+        .expect("request body");
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).expect("JSON body")
+    };
+    (query, body, content_type, respond)
+}
+
+fn ok(respond: Respond, body: &impl serde::Serialize) {
+    respond.send_response(
+        Response::builder()
+            .body(Body::from(serde_json::to_vec(body).expect("serializes")))
+            .expect("response"),
+    );
+}
+
+fn not_found(respond: Respond) {
+    let status = json!({
+        "kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "reason": "NotFound", "code": 404, "message": "not found",
+    });
+    respond.send_response(
+        Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .body(Body::from(serde_json::to_vec(&status).expect("serializes")))
+            .expect("response"),
+    );
+}
+
+async fn expect_event(handle: &mut Handle, reason: &str) {
+    let (_, body, _, respond) = expect(
+        handle,
+        Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/default/events",
+    )
+    .await;
+    assert_eq!(body["reason"], reason);
+    assert_eq!(body["regarding"]["name"], "web");
+    assert_eq!(body["reportingController"], FIELD_MANAGER);
+    ok(respond, &body);
+}
+
+const OBJECT: &str = "/apis/ignis.dev/v1alpha1/namespaces/default/microvms/web";
+
+async fn wait_connected(pool: &AgentPool, node: &str) {
+    tokio::time::timeout(DEADLINE, async {
+        while pool.link(node) != AgentLink::Connected {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("agent connects within the deadline");
+}
+
+#[tokio::test]
+async fn new_vm_is_placed_started_and_reported_in_three_writes() {
+    let shutdown = CancellationToken::new();
+    let (calls, dir) = fake_agent(shutdown.clone()).await;
+    let (pool, _signals) = AgentPool::new(
+        Duration::from_secs(10),
+        Duration::from_secs(30),
+        None,
+        shutdown.clone(),
+    );
+    pool.set_agents(&BTreeMap::from([(
+        "node-a".to_string(),
+        AgentEndpoint::Unix(dir.path().join("agent.sock")),
+    )]));
+    wait_connected(&pool, "node-a").await;
+
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let ctx = context(client, pool);
+    let mvm = microvm("web");
+
+    let verifier = tokio::spawn(async move {
+        // Node labels for the candidate (the dev server has no Nodes: 404 is fine).
+        let (_, _, _, respond) = expect(&mut handle, Method::GET, "/api/v1/nodes/node-a").await;
+        not_found(respond);
+        // Write 1: finalizer and node label in one merge patch, guarded by resourceVersion.
+        let (_, body, content_type, respond) = expect(&mut handle, Method::PATCH, OBJECT).await;
+        assert_eq!(
+            content_type.as_deref(),
+            Some("application/merge-patch+json")
+        );
+        assert_eq!(
+            body,
+            json!({"metadata": {
+                "resourceVersion": "1",
+                "finalizers": [FINALIZER],
+                "labels": {NODE_LABEL: "node-a"},
+            }})
+        );
+        let mut patched = microvm("web");
+        patched.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
+        ok(respond, &patched);
+        // Write 2: the status, by server-side apply with our field manager, forced.
+        let status_path = format!("{OBJECT}/status");
+        let (query, body, content_type, respond) =
+            expect(&mut handle, Method::PATCH, &status_path).await;
+        assert_eq!(
+            content_type.as_deref(),
+            Some("application/apply-patch+yaml")
+        );
+        assert_eq!(
+            query.get("fieldManager").map(String::as_str),
+            Some(FIELD_MANAGER)
+        );
+        assert_eq!(query.get("force").map(String::as_str), Some("true"));
+        assert_eq!(body["apiVersion"], "ignis.dev/v1alpha1");
+        assert_eq!(body["kind"], "MicroVM");
+        assert_eq!(body["status"]["phase"], "Starting");
+        assert_eq!(body["status"]["nodeName"], "node-a");
+        assert_eq!(body["status"]["observedGeneration"], 1);
+        let conditions = body["status"]["conditions"]
+            .as_array()
+            .expect("conditions")
+            .clone();
+        let find = |t: &str| {
+            conditions
+                .iter()
+                .find(|c| c["type"] == t)
+                .cloned()
+                .unwrap_or_default()
+        };
+        assert_eq!(find("Scheduled")["status"], "True");
+        assert_eq!(find("Scheduled")["reason"], "Placed");
+        assert_eq!(find("Ready")["status"], "False");
+        assert_eq!(find("Ready")["reason"], "Starting");
+        assert_eq!(find("Reconciling")["status"], "True");
+        assert_eq!(find("Ready")["observedGeneration"], 1);
+        ok(respond, &patched);
+        expect_event(&mut handle, "Scheduled").await;
+        expect_event(&mut handle, "Starting").await;
+        handle
+    });
+
+    let action = tokio::time::timeout(DEADLINE, reconcile(Arc::new(mvm), ctx.clone()))
+        .await
+        .expect("reconcile within deadline")
+        .expect("reconcile succeeds");
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(super::RESYNC)
+    );
+    let mut handle = tokio::time::timeout(DEADLINE, verifier)
+        .await
+        .expect("verifier within deadline")
+        .expect("verifier passed");
+    {
+        let calls = calls.lock().expect("calls");
+        assert_eq!(calls.applied.len(), 1);
+        let applied = &calls.applied[0];
+        assert_eq!(applied.run, 0);
+        assert_eq!(applied.desired_state, proto::DesiredState::Running as i32);
+        let spec = applied.spec.clone().expect("spec");
+        assert_eq!((spec.uid.as_str(), spec.name.as_str()), ("uid-web", "web"));
+        assert_eq!(spec.memory_bytes, 256 << 20);
+    }
+    // The ApplyVM answer is in the pool's view at once.
+    assert_eq!(ctx.pool.vm("node-a", "uid-web").map(|v| v.run), Some(0));
+    // Nothing else was sent.
+    tokio::task::yield_now().await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), handle.next_request())
+            .await
+            .is_err()
+    );
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn unschedulable_vm_gets_finalizer_condition_and_event() {
+    let shutdown = CancellationToken::new();
+    let (pool, _signals) = AgentPool::new(
+        Duration::from_secs(10),
+        Duration::from_secs(30),
+        None,
+        shutdown.clone(),
+    );
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(Client::new(service, "default"), pool);
+    let verifier = tokio::spawn(async move {
+        let (_, body, _, respond) = expect(&mut handle, Method::PATCH, OBJECT).await;
+        assert_eq!(
+            body,
+            json!({"metadata": {"resourceVersion": "1", "finalizers": [FINALIZER]}})
+        );
+        ok(respond, &microvm("web"));
+        let (query, body, _, respond) =
+            expect(&mut handle, Method::PATCH, &format!("{OBJECT}/status")).await;
+        assert_eq!(
+            query.get("fieldManager").map(String::as_str),
+            Some(FIELD_MANAGER)
+        );
+        assert_eq!(query.get("force").map(String::as_str), Some("true"));
+        assert_eq!(body["status"]["phase"], "Pending");
+        let scheduled = body["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "Scheduled").cloned())
+            .expect("Scheduled condition");
+        assert_eq!(scheduled["status"], "False");
+        assert_eq!(scheduled["reason"], "Unschedulable");
+        assert!(
+            scheduled["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("noAgents"))
+        );
+        ok(respond, &microvm("web"));
+        expect_event(&mut handle, "FailedScheduling").await;
+    });
+    let action = tokio::time::timeout(DEADLINE, reconcile(Arc::new(microvm("web")), ctx))
+        .await
+        .expect("within deadline")
+        .expect("reconcile succeeds");
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(super::plan::UNSCHEDULABLE_RETRY)
+    );
+    tokio::time::timeout(DEADLINE, verifier)
+        .await
+        .expect("verifier within deadline")
+        .expect("verifier passed");
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn deleted_vm_is_removed_from_the_agent_before_the_finalizer_goes() {
+    let shutdown = CancellationToken::new();
+    let (calls, dir) = fake_agent(shutdown.clone()).await;
+    let (pool, _signals) = AgentPool::new(
+        Duration::from_secs(10),
+        Duration::from_secs(30),
+        None,
+        shutdown.clone(),
+    );
+    pool.set_agents(&BTreeMap::from([(
+        "node-a".to_string(),
+        AgentEndpoint::Unix(dir.path().join("agent.sock")),
+    )]));
+    wait_connected(&pool, "node-a").await;
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(Client::new(service, "default"), pool);
+    let agent_calls = calls.clone();
+    let verifier = tokio::spawn(async move {
+        let (_, body, _, respond) = expect(&mut handle, Method::PATCH, OBJECT).await;
+        // The agent was asked first.
+        assert_eq!(
+            agent_calls.lock().expect("calls").deleted,
+            vec!["uid-web".to_string()]
+        );
+        assert_eq!(
+            body,
+            json!({"metadata": {"resourceVersion": "1", "finalizers": []}})
+        );
+        ok(respond, &microvm("web"));
+    });
+    tokio::time::timeout(
+        DEADLINE,
+        reconcile(Arc::new(deleting(placed("web", "node-a"))), ctx),
+    )
+    .await
+    .expect("within deadline")
+    .expect("reconcile succeeds");
+    tokio::time::timeout(DEADLINE, verifier)
+        .await
+        .expect("verifier within deadline")
+        .expect("verifier passed");
+    assert!(calls.lock().expect("calls").applied.is_empty());
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_failed_status_write_is_an_error_with_a_reason() {
+    let shutdown = CancellationToken::new();
+    let (pool, _signals) = AgentPool::new(
+        Duration::from_secs(10),
+        Duration::from_secs(30),
+        None,
+        shutdown.clone(),
+    );
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(Client::new(service, "default"), pool);
+    let mut mvm = microvm("web");
+    mvm.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
+    let verifier = tokio::spawn(async move {
+        let (_, _, _, respond) =
+            expect(&mut handle, Method::PATCH, &format!("{OBJECT}/status")).await;
+        let status = json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "reason": "Conflict", "code": 409, "message": "conflict",
+        });
+        respond.send_response(
+            Response::builder()
+                .status(StatusCode::CONFLICT)
+                .body(Body::from(serde_json::to_vec(&status).expect("json")))
+                .expect("response"),
+        );
+    });
+    let result = tokio::time::timeout(DEADLINE, reconcile(Arc::new(mvm), ctx.clone()))
+        .await
+        .expect("within deadline");
+    let error = result.expect_err("must fail");
+    assert_eq!(error.reason(), "Conflict");
+    verifier.await.expect("verifier passed");
+    let text = {
+        let registry = crate::telemetry::MetricsRegistry::with_prefix("t");
+        let m = ctx.metrics.clone();
+        registry
+            .register(|r| r.register("errors", "e", m.errors))
+            .await;
+        registry.encode().await
+    };
+    assert!(
+        text.contains("t_errors_total{reason=\"Conflict\"} 1"),
+        "{text}"
+    );
+    shutdown.cancel();
+}
+
+async fn next_signal(
+    signals: &mut mpsc::UnboundedReceiver<super::agents::PoolSignal>,
+) -> super::agents::PoolSignal {
+    tokio::time::timeout(DEADLINE, signals.recv())
+        .await
+        .expect("signal within deadline")
+        .expect("pool alive")
+}
+
+#[tokio::test]
+async fn agent_stream_feeds_the_view_and_triggers_reconciles_and_loss_heals() {
+    use super::agents::PoolSignal;
+    let shutdown = CancellationToken::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agent.sock");
+    let web = microvm("web");
+    let running = super::fixtures::agent_vm(&web, "h", 0, proto::VmState::Running);
+    let agent_stop = shutdown.child_token();
+    let (_, watchers) = serve_fake(&path, vec![running.clone()], agent_stop.clone());
+    let grace = Duration::from_millis(400);
+    let (pool, mut signals) =
+        AgentPool::new(grace, Duration::from_secs(30), None, shutdown.clone());
+    pool.set_agents(&BTreeMap::from([(
+        "node-a".to_string(),
+        AgentEndpoint::Unix(path.clone()),
+    )]));
+    // The snapshot lands in the view; synced asks for the node's VMs to be reconciled.
+    assert_eq!(
+        next_signal(&mut signals).await,
+        PoolSignal::Node("node-a".to_string())
+    );
+    assert_eq!(pool.link("node-a"), AgentLink::Connected);
+    assert_eq!(pool.vm("node-a", "uid-web"), Some(running.clone()));
+    assert_eq!(pool.hosts().len(), 1);
+    assert_eq!(
+        pool.held_vms(),
+        vec![("node-a".to_string(), "uid-web".to_string())]
+    );
+
+    // A change on the stream triggers exactly that object.
+    let mut exited = running.clone();
+    exited.state = proto::VmState::Exited as i32;
+    let tx = watchers.lock().expect("watchers")[0].clone();
+    tx.send(Ok(proto::VmEvent {
+        sequence: 2,
+        event: Some(proto::vm_event::Event::Vm(exited.clone())),
+    }))
+    .await
+    .expect("send");
+    assert_eq!(
+        next_signal(&mut signals).await,
+        PoolSignal::Vm {
+            namespace: "default".to_string(),
+            name: "web".to_string()
+        }
+    );
+    assert_eq!(pool.vm("node-a", "uid-web"), Some(exited));
+
+    // The agent goes away: reconnecting within the grace period, lost after it.
+    drop(tx);
+    agent_stop.cancel();
+    watchers.lock().expect("watchers").clear();
+    assert_eq!(
+        next_signal(&mut signals).await,
+        PoolSignal::Vm {
+            namespace: "default".to_string(),
+            name: "web".to_string()
+        }
+    );
+    assert!(
+        matches!(pool.link("node-a"), AgentLink::Reconnecting { lost_after } if lost_after <= grace)
+    );
+    tokio::time::sleep(grace).await;
+    assert_eq!(pool.link("node-a"), AgentLink::Lost);
+    assert!(pool.hosts().is_empty());
+
+    // It comes back: the link heals and the node is reconciled again.
+    let (_, _watchers) = serve_fake(&path, vec![running], shutdown.child_token());
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            if next_signal(&mut signals).await == PoolSignal::Node("node-a".to_string()) {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("reconnects within the deadline");
+    assert_eq!(pool.link("node-a"), AgentLink::Connected);
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn lease_is_created_when_missing_and_left_alone_when_fresh_elsewhere() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let elector = super::leader::LeaderElector::new(
+        Api::<Lease>::namespaced(client, "ignis-system"),
+        "ignis-controller",
+        "me",
+        Duration::from_secs(15),
+    );
+    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/ignis-system/leases";
+    let verifier = tokio::spawn(async move {
+        // Round 1: no Lease → create it, holding it ourselves.
+        let (_, _, _, respond) = expect(
+            &mut handle,
+            Method::GET,
+            &format!("{LEASES}/ignis-controller"),
+        )
+        .await;
+        not_found(respond);
+        let (_, body, _, respond) = expect(&mut handle, Method::POST, LEASES).await;
+        assert_eq!(body["metadata"]["name"], "ignis-controller");
+        assert_eq!(body["spec"]["holderIdentity"], "me");
+        assert_eq!(body["spec"]["leaseDurationSeconds"], 15);
+        ok(respond, &body);
+        // Round 2: held by another replica that just renewed → no write at all.
+        let (_, _, _, respond) = expect(
+            &mut handle,
+            Method::GET,
+            &format!("{LEASES}/ignis-controller"),
+        )
+        .await;
+        let now = jiff::Timestamp::now();
+        ok(
+            respond,
+            &json!({
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": "ignis-controller", "resourceVersion": "7"},
+                "spec": {"holderIdentity": "other", "leaseDurationSeconds": 15,
+                         "renewTime": now.to_string()},
+            }),
+        );
+        handle
+    });
+    assert!(elector.try_once().await.expect("round 1"));
+    assert!(!elector.try_once().await.expect("round 2"));
+    let mut handle = verifier.await.expect("verifier passed");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), handle.next_request())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn tls_secret_is_bootstrapped_when_missing() {
+    use super::tls;
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    const SECRETS: &str = "/api/v1/namespaces/ignis-system/secrets";
+    let verifier = tokio::spawn(async move {
+        let (_, _, _, respond) = expect(
+            &mut handle,
+            Method::GET,
+            &format!("{SECRETS}/ignis-agent-tls"),
+        )
+        .await;
+        not_found(respond);
+        let (_, body, _, respond) = expect(&mut handle, Method::POST, SECRETS).await;
+        assert_eq!(body["metadata"]["name"], "ignis-agent-tls");
+        for key in [
+            tls::CA_CERT,
+            tls::CA_KEY,
+            tls::AGENT_CERT,
+            tls::AGENT_KEY,
+            tls::CONTROLLER_CERT,
+            tls::CONTROLLER_KEY,
+        ] {
+            assert!(body["data"][key].is_string(), "missing {key}");
+        }
+        ok(respond, &body);
+    });
+    tls::ensure_secret(client, "ignis-system", "ignis-agent-tls")
+        .await
+        .expect("bootstrapped");
+    verifier.await.expect("verifier passed");
+}
