@@ -597,6 +597,38 @@ mod tests {
         assert!(parse_duration("soon").is_err());
     }
 
+    #[test]
+    fn network_flags_reach_the_config() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            agent: AgentArgs,
+        }
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from(std::iter::once("ignis").chain(args.iter().copied()))
+                .expect("flags");
+            AgentConfig::from_args(&cli.agent).expect("config")
+        };
+        let default = parse(&["--state-dir", "/srv/ignis"]);
+        assert_eq!(
+            default.network,
+            Some(net::NetworkConfig::new("/srv/ignis/net")),
+            "networking is on by default"
+        );
+        assert_eq!(default.network_setup, NetworkSetup::AtStart);
+        let custom = parse(&["--bridge", "br-vm", "--cidr", "172.20.0.0/24"]).network;
+        let custom = custom.expect("on");
+        assert_eq!(
+            (custom.bridge.as_str(), custom.cidr.to_string()),
+            ("br-vm", "172.20.0.0/24".to_string())
+        );
+        assert_eq!(parse(&["--no-network"]).network, None);
+        let local = AgentConfig::local(Path::new("/tmp/x"));
+        assert_eq!(local.network_setup, NetworkSetup::OnFirstUse);
+        assert!(local.network.is_some());
+    }
+
     #[tokio::test]
     async fn tcp_without_tls_is_refused() {
         let tmp = tempfile::tempdir().expect("tmp");
