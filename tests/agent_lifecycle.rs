@@ -36,6 +36,9 @@ fn local_config(state_dir: &Path) -> AgentConfig {
     let mut config = AgentConfig::local(state_dir);
     config.accelerator = AcceleratorFlag::Tcg;
     config.boot_timeout = BOOT;
+    // These tests run in the host's own network namespace, which they must not reconfigure;
+    // networking is tested in namespaces of its own (tests/agent_network.rs).
+    config.network = None;
     config
 }
 
@@ -368,7 +371,7 @@ async fn bad_input_fails_with_the_cause_and_leaves_nothing() {
                 ..base.clone()
             },
             "NetworkingUnavailable",
-            "guest networking is not available on this agent yet",
+            "guest networking is not available on this agent",
         ),
         (
             "needs-kvm",

@@ -92,6 +92,11 @@ pub struct AgentArgs {
     /// Stop every VM when the agent exits (`ignis dev`); by default VMs outlive the agent.
     #[arg(long, env = "IGNIS_STOP_VMS_ON_EXIT")]
     pub stop_vms_on_exit: bool,
+    #[command(flatten)]
+    pub network: net::NetworkArgs,
+    /// Turn guest networking off: VMs asking for `nat`/`bridge` interfaces fail.
+    #[arg(long, env = "IGNIS_NO_NETWORK")]
+    pub no_network: bool,
 }
 
 /// Errors of `ignis agent`.
@@ -205,6 +210,18 @@ pub struct TlsFiles {
     pub client_ca: PathBuf,
 }
 
+/// When the node's guest networking (bridge, NAT, forwarding) is set up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NetworkSetup {
+    /// At agent start (`ignis agent`): a node that cannot do it says so in the log at once.
+    #[default]
+    AtStart,
+    /// When the first VM asks for a `nat`/`bridge` interface (`ignis dev`, tests), so a
+    /// machine that never runs a networked guest is never reconfigured. Either way the setup
+    /// runs at start when the state directory holds attachments to re-adopt or clean up.
+    OnFirstUse,
+}
+
 /// Everything [`serve`] needs; built from [`AgentArgs`] or by `ignis dev` and tests.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -220,10 +237,15 @@ pub struct AgentConfig {
     pub console_max_bytes: u64,
     pub simulated: bool,
     pub stop_vms_on_exit: bool,
+    /// Guest networking; `None` turns it off (VMs asking for `nat`/`bridge` fail).
+    pub network: Option<net::NetworkConfig>,
+    pub network_setup: NetworkSetup,
 }
 
 impl AgentConfig {
     /// A unix-socket agent on `state_dir` with default settings (for `ignis dev` and tests).
+    /// Networking is on with the default bridge and range, set up on first use; set
+    /// `network` to `None` to turn it off.
     pub fn local(state_dir: &Path) -> Self {
         Self {
             node_name: host::hostname(),
@@ -238,6 +260,8 @@ impl AgentConfig {
             console_max_bytes: 1 << 20,
             simulated: false,
             stop_vms_on_exit: false,
+            network: Some(net::NetworkConfig::new(state_dir.join("net"))),
+            network_setup: NetworkSetup::OnFirstUse,
         }
     }
 
@@ -264,6 +288,8 @@ impl AgentConfig {
             console_max_bytes: args.console_max_bytes,
             simulated: args.simulated,
             stop_vms_on_exit: args.stop_vms_on_exit,
+            network: (!args.no_network).then(|| args.network.config(&args.state_dir)),
+            network_setup: NetworkSetup::AtStart,
         })
     }
 }
@@ -411,12 +437,17 @@ pub async fn serve_with_metrics(
             accelerator_detail: accelerator_detail.clone(),
             simulated: config.simulated,
             unavailable,
+            network: config.network.clone(),
         },
         store,
         backends,
         AgentMetrics::register(&metrics).await,
     );
     let held = supervisor.adopt().await.map_err(AgentError::Adopt)?;
+    // After re-adoption, so the attachments of every VM still held are kept.
+    supervisor
+        .start_network(config.network_setup == NetworkSetup::AtStart)
+        .await;
     supervisor.spawn_housekeeping();
     let service = server::AgentService::new(
         supervisor.clone(),
@@ -564,6 +595,38 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert!(parse_duration("5h").is_err());
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn network_flags_reach_the_config() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            agent: AgentArgs,
+        }
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from(std::iter::once("ignis").chain(args.iter().copied()))
+                .expect("flags");
+            AgentConfig::from_args(&cli.agent).expect("config")
+        };
+        let default = parse(&["--state-dir", "/srv/ignis"]);
+        assert_eq!(
+            default.network,
+            Some(net::NetworkConfig::new("/srv/ignis/net")),
+            "networking is on by default"
+        );
+        assert_eq!(default.network_setup, NetworkSetup::AtStart);
+        let custom = parse(&["--bridge", "br-vm", "--cidr", "172.20.0.0/24"]).network;
+        let custom = custom.expect("on");
+        assert_eq!(
+            (custom.bridge.as_str(), custom.cidr.to_string()),
+            ("br-vm", "172.20.0.0/24".to_string())
+        );
+        assert_eq!(parse(&["--no-network"]).network, None);
+        let local = AgentConfig::local(Path::new("/tmp/x"));
+        assert_eq!(local.network_setup, NetworkSetup::OnFirstUse);
+        assert!(local.network.is_some());
     }
 
     #[tokio::test]

@@ -24,10 +24,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::console;
 use crate::agent::host::{self, HostCapacity};
-use crate::agent::state::{ExitRecord, Phase, SpecRecord, StateError, StateStore, StatusRecord};
-use crate::agent::vmm::{
-    API_TIMEOUT, GuestExit, NetConfig, VmConfig, VmmBackend, VmmError, VmmHandle,
+use crate::agent::net::{
+    self, AttachedInterface, InterfaceMode, InterfaceRequest, NetError, NetworkConfig,
+    NetworkManager,
 };
+use crate::agent::state::{ExitRecord, Phase, SpecRecord, StateError, StateStore, StatusRecord};
+use crate::agent::vmm::{API_TIMEOUT, GuestExit, VmConfig, VmmBackend, VmmError, VmmHandle};
 use crate::api::{Accelerator, Hypervisor};
 use crate::proto;
 use crate::telemetry::MetricsRegistry;
@@ -42,6 +44,9 @@ const CONSOLE_TAIL: u64 = 4096;
 const ROTATE_INTERVAL: Duration = Duration::from_secs(2);
 /// Capacity of the event hub; a watcher that falls further behind gets a fresh snapshot.
 const HUB_CAPACITY: usize = 4096;
+/// The longest one TCP readiness probe may take: a guest whose network is not up yet does not
+/// answer ARP, and a connect would otherwise hang for seconds.
+const TCP_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Why a VM could not be created or booted. Each variant names the cause; `reason()` is the
 /// word that lands in `ExitInfo.reason`, conditions and metric labels.
@@ -93,11 +98,20 @@ pub enum BootError {
         accelerator: Accelerator,
     },
     #[error(
-        "guest networking is not available on this agent yet: interface {interface} asks for mode {mode}; use mode none"
+        "guest networking is not available on this agent: interface {interface} asks for mode {mode} ({detail}); use mode none or fix the node"
     )]
-    NetworkingUnavailable { interface: String, mode: String },
-    #[error("readiness on TCP port {port} needs a guest address, and the VM has no network")]
+    NetworkingUnavailable {
+        interface: String,
+        mode: String,
+        detail: String,
+    },
+    #[error(
+        "readiness on TCP port {port} needs a guest address: give the VM an interface in mode nat, or in mode bridge with an address"
+    )]
     ReadinessUnreachable { port: u32 },
+    /// The interfaces could not be attached; the reason is the network's own word.
+    #[error(transparent)]
+    Network(NetError),
     #[error("cannot prepare the VM's state directory")]
     State(#[source] StateError),
     #[error("VMM {operation} failed")]
@@ -125,6 +139,7 @@ impl BootError {
             BootError::AcceleratorUnsupported { .. } => "AcceleratorUnsupported",
             BootError::NetworkingUnavailable { .. } => "NetworkingUnavailable",
             BootError::ReadinessUnreachable { .. } => "ReadinessUnreachable",
+            BootError::Network(e) => e.reason(),
             BootError::State(e) => e.reason(),
             BootError::Vmm { source, .. } => source.reason(),
         }
@@ -134,6 +149,7 @@ impl BootError {
     pub fn is_permanent(&self) -> bool {
         match self {
             BootError::State(_) => false,
+            BootError::Network(e) => e.is_permanent(),
             BootError::Vmm { source, .. } => source.is_permanent(),
             _ => true,
         }
@@ -221,6 +237,8 @@ pub struct SupervisorConfig {
     pub simulated: bool,
     /// VMMs this agent knows but cannot run here, with why (reported in failures).
     pub unavailable: Vec<(Hypervisor, String)>,
+    /// Guest networking; `None` = turned off.
+    pub network: Option<NetworkConfig>,
 }
 
 /// What `ApplyVM` must do, given what the agent holds.
@@ -440,25 +458,14 @@ pub fn plan_boot(spec: &SpecRecord, env: &PlanEnv) -> Result<BootPlan, BootError
             });
         }
     };
-    for iface in &spec.interfaces {
-        match iface.mode.as_str() {
-            "" | "none" => {}
-            "nat" | "bridge" => {
-                return Err(BootError::NetworkingUnavailable {
-                    interface: iface.name.clone(),
-                    mode: iface.mode.clone(),
-                });
-            }
-            other => {
-                return Err(BootError::InvalidSpec {
-                    field: "interfaces.mode",
-                    detail: format!("{other:?} is not one of nat, bridge, none"),
-                });
-            }
-        }
+    let requests = interface_requests(spec)?;
+    if spec.readiness_tcp_port > u32::from(u16::MAX) {
+        return Err(BootError::InvalidSpec {
+            field: "readiness.tcpPort",
+            detail: format!("{} is not a TCP port (1-65535)", spec.readiness_tcp_port),
+        });
     }
-    if spec.readiness_tcp_port != 0 {
-        // No interface can have an address until guest networking exists (issue 6).
+    if spec.readiness_tcp_port != 0 && !requests.iter().any(gets_an_address) {
         return Err(BootError::ReadinessUnreachable {
             port: spec.readiness_tcp_port,
         });
@@ -529,14 +536,111 @@ fn check_readable(path: &str) -> Result<(), (bool, std::io::Error)> {
     }
 }
 
-/// Guest networking hook (issue 6): this is where taps will be created and attached. Until
-/// then [`plan_boot`] refuses `nat`/`bridge`, and `none` attaches nothing.
-fn net_attach(_spec: &SpecRecord) -> Vec<NetConfig> {
-    Vec::new()
+/// The spec's interfaces as the network module takes them (empty words mean "not given").
+pub fn interface_requests(spec: &SpecRecord) -> Result<Vec<InterfaceRequest>, BootError> {
+    let given = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    spec.interfaces
+        .iter()
+        .map(|i| {
+            let mode = i
+                .mode
+                .parse::<InterfaceMode>()
+                .map_err(|_| BootError::InvalidSpec {
+                    field: "interfaces.mode",
+                    detail: format!("{:?} is not one of nat, bridge, none", i.mode),
+                })?;
+            Ok(InterfaceRequest {
+                name: i.name.clone(),
+                mode,
+                bridge: given(&i.bridge),
+                address: given(&i.address),
+                mac: given(&i.mac),
+            })
+        })
+        .collect()
 }
 
-/// Guest networking hook (issue 6): where the VM's taps will be removed on delete.
-fn net_detach(_uid: &str) {}
+/// Whether an interface needs a tap (and so the node's networking).
+fn needs_tap(request: &InterfaceRequest) -> bool {
+    request.mode != InterfaceMode::None
+}
+
+/// Whether an interface will carry an address the agent knows (for TCP readiness).
+fn gets_an_address(request: &InterfaceRequest) -> bool {
+    match request.mode {
+        InterfaceMode::Nat => true,
+        InterfaceMode::Bridge => request.address.is_some(),
+        InterfaceMode::None => false,
+    }
+}
+
+/// The guest command line: the spec's, then the network's parameters.
+pub fn guest_cmdline(spec_cmdline: &str, interfaces: &[AttachedInterface]) -> String {
+    let net = net::kernel_cmdline(interfaces);
+    match (spec_cmdline.trim().is_empty(), net.is_empty()) {
+        (_, true) => spec_cmdline.to_owned(),
+        (true, false) => net,
+        (false, false) => format!("{} {net}", spec_cmdline.trim_end()),
+    }
+}
+
+/// The node's guest networking as the supervisor holds it: the manager is made once (at start
+/// or on first use); when that fails, why is kept and reported by every VM that needs it.
+struct Networking {
+    config: Option<NetworkConfig>,
+    manager: tokio::sync::OnceCell<Result<Arc<NetworkManager>, String>>,
+}
+
+impl Networking {
+    fn new(config: Option<NetworkConfig>) -> Self {
+        Self {
+            config,
+            manager: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The manager, setting the node up on the first call.
+    async fn manager(&self) -> Result<Arc<NetworkManager>, String> {
+        let Some(config) = &self.config else {
+            return Err("guest networking is turned off on this agent".into());
+        };
+        self.manager
+            .get_or_init(|| async {
+                match NetworkManager::new(config.clone()).await {
+                    Ok(manager) => {
+                        tracing::info!(bridge = %config.bridge, cidr = %config.cidr, "guest networking ready");
+                        Ok(Arc::new(manager))
+                    }
+                    Err(error) => {
+                        let why = format!(
+                            "setting up bridge {} for {} failed: {}",
+                            config.bridge,
+                            config.cidr,
+                            BootError::Network(error).full_message()
+                        );
+                        tracing::warn!(reason = "NetworkingUnavailable", error = %why, "guest networking unavailable; VMs asking for nat or bridge will fail");
+                        Err(why)
+                    }
+                }
+            })
+            .await
+            .clone()
+    }
+
+    /// The manager if it was set up; never sets the node up.
+    fn existing(&self) -> Option<Arc<NetworkManager>> {
+        self.manager.get().and_then(|m| m.as_ref().ok().cloned())
+    }
+
+    /// Whether the state directory holds VM attachments (from an earlier agent).
+    fn has_records(&self) -> bool {
+        self.config.as_ref().is_some_and(|c| {
+            std::fs::read_dir(c.state_dir.join("vms")).is_ok_and(|mut entries| {
+                entries.any(|e| e.is_ok_and(|e| e.path().extension().is_some_and(|x| x == "json")))
+            })
+        })
+    }
+}
 
 /// An exit as recorded in status: the backend's classification for a VM that was up.
 pub fn exit_record(exit: &GuestExit, at_unix_ms: i64) -> ExitRecord {
@@ -730,6 +834,7 @@ struct Inner {
     /// Ends every watcher when the agent stops (VMMs keep running).
     shutdown: CancellationToken,
     generation: AtomicU64,
+    network: Networking,
 }
 
 /// The VM supervisor; cheap to clone.
@@ -748,6 +853,7 @@ impl Supervisor {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                network: Networking::new(config.network.clone()),
                 config,
                 store,
                 backends,
@@ -767,6 +873,38 @@ impl Supervisor {
             Inner::adopt_one(&self.inner, uid).await;
         }
         Ok(self.inner.slots().len())
+    }
+
+    /// Set up the node's guest networking now if `eager`, or if earlier attachments exist;
+    /// then remove the attachments of VMs this agent no longer holds (call after
+    /// [`Supervisor::adopt`]). A node that cannot do networking still serves VMs without it.
+    pub async fn start_network(&self, eager: bool) {
+        let network = &self.inner.network;
+        if network.config.is_none() || !(eager || network.has_records()) {
+            return;
+        }
+        let Ok(manager) = network.manager().await else {
+            return;
+        };
+        // Failed VMs gave their network back; a failure recorded just before a crash may not have.
+        let live: std::collections::BTreeSet<String> = self
+            .inner
+            .slots()
+            .iter()
+            .filter(|slot| slot.lock().status.phase != Phase::Failed)
+            .map(|slot| slot.uid.clone())
+            .collect();
+        match manager.garbage_collect(&live).await {
+            Ok(report) => tracing::info!(
+                taps = ?report.taps,
+                addresses = ?report.addresses,
+                records = ?report.records,
+                "network garbage collected"
+            ),
+            Err(error) => {
+                tracing::warn!(reason = error.reason(), error = %BootError::Network(error).full_message(), "network garbage collection failed")
+            }
+        }
     }
 
     /// Start background housekeeping (console log rotation).
@@ -909,6 +1047,9 @@ impl Supervisor {
         };
         tracing::info!(uid, grace_ms = grace.as_millis() as u64, "DeleteVM");
         Inner::stop_run(inner, &slot, grace).await;
+        // A failure here is logged, not returned: the slot goes away regardless, and the next
+        // agent start collects what is left of a VM it does not hold.
+        inner.release_network(uid).await;
         {
             let mut rt = slot.lock();
             rt.deleted = true;
@@ -926,7 +1067,6 @@ impl Supervisor {
                 &inner.metrics,
             );
         }
-        net_detach(uid);
         inner.store.remove_vm(uid).map_err(SupervisorError::State)?;
         Ok(true)
     }
@@ -1206,6 +1346,70 @@ impl Inner {
         });
     }
 
+    /// A boot that failed under the VM's operation lock: its network goes too (a new run
+    /// attaches again), then the failure is recorded.
+    async fn fail_boot(&self, slot: &VmSlot, generation: Option<u64>, error: &BootError) {
+        self.release_network(&slot.uid).await;
+        self.fail(slot, generation, error);
+    }
+
+    /// Attach the VM's interfaces; no taps wanted means no node setup, and whatever an earlier
+    /// run of the same uid had is released.
+    async fn attach_network(
+        &self,
+        uid: &str,
+        requests: &[InterfaceRequest],
+    ) -> Result<Vec<AttachedInterface>, BootError> {
+        let Some(first) = requests.iter().find(|r| needs_tap(r)) else {
+            self.release_network(uid).await;
+            return Ok(Vec::new());
+        };
+        let manager =
+            self.network
+                .manager()
+                .await
+                .map_err(|detail| BootError::NetworkingUnavailable {
+                    interface: first.name.clone(),
+                    mode: mode_word(first.mode).to_owned(),
+                    detail,
+                })?;
+        manager
+            .attach(uid, requests)
+            .await
+            .map_err(BootError::Network)
+    }
+
+    /// Remove the VM's taps and free its addresses, if networking was ever set up. Failures
+    /// are logged: the next agent start collects what a VM no longer held left behind.
+    async fn release_network(&self, uid: &str) {
+        let Some(manager) = self.network.existing() else {
+            return;
+        };
+        if let Err(error) = manager.detach(uid).await {
+            tracing::warn!(uid, reason = error.reason(), error = %BootError::Network(error).full_message(), "cannot release the VM's network");
+        }
+    }
+
+    /// After a failure found by a watcher (not under the operation lock): release the VM's
+    /// network under the lock, unless a new run has started meanwhile.
+    fn spawn_release_if_failed(self: &Arc<Self>, slot: &Arc<VmSlot>) {
+        if self.network.existing().is_none() {
+            return;
+        }
+        let inner = self.clone();
+        let slot = slot.clone();
+        tokio::spawn(async move {
+            let _op = slot.op.clone().lock_owned().await;
+            let still_failed = {
+                let rt = slot.lock();
+                !rt.deleted && rt.run.is_none() && rt.status.phase == Phase::Failed
+            };
+            if still_failed {
+                inner.release_network(&slot.uid).await;
+            }
+        });
+    }
+
     async fn boot(self: &Arc<Self>, slot: &Arc<VmSlot>, spec: SpecRecord, applied_at: i64) {
         let deadline = Instant::now() + self.config.boot_timeout;
         let status = Self::fresh_status(slot, &spec, applied_at);
@@ -1216,19 +1420,25 @@ impl Inner {
             rt.run = None;
         }
         let env = self.plan_env();
-        let plan = match plan_boot(&spec, &env).and_then(|plan| check_files(&spec).map(|()| plan)) {
-            Ok(plan) => plan,
-            Err(error) => return self.fail(slot, None, &error),
+        let planned = plan_boot(&spec, &env).and_then(|plan| {
+            check_files(&spec)?;
+            Ok((plan, interface_requests(&spec)?))
+        });
+        let (plan, requests) = match planned {
+            Ok(planned) => planned,
+            Err(error) => return self.fail_boot(slot, None, &error).await,
         };
         let Some(entry) = self.backend(plan.hypervisor).cloned() else {
-            return self.fail(
-                slot,
-                None,
-                &BootError::HypervisorUnavailable {
-                    hypervisor: plan.hypervisor.to_string(),
-                    detail: "no backend for it in this agent".into(),
-                },
-            );
+            return self
+                .fail_boot(
+                    slot,
+                    None,
+                    &BootError::HypervisorUnavailable {
+                        hypervisor: plan.hypervisor.to_string(),
+                        detail: "no backend for it in this agent".into(),
+                    },
+                )
+                .await;
         };
         let dir = match self
             .store
@@ -1236,18 +1446,32 @@ impl Inner {
             .and_then(|dir| self.store.write_spec(&spec).map(|()| dir))
         {
             Ok(dir) => dir,
-            Err(error) => return self.fail(slot, None, &BootError::State(error)),
+            Err(error) => return self.fail_boot(slot, None, &BootError::State(error)).await,
         };
+        // Before the VMM exists: it opens the taps by name. Idempotent for the same uid, so a
+        // new run of the VM keeps its taps, MACs and addresses.
+        let interfaces = match self.attach_network(&spec.uid, &requests).await {
+            Ok(interfaces) => interfaces,
+            Err(error) => return self.fail_boot(slot, None, &error).await,
+        };
+        let ip_addresses = net::ip_addresses(&interfaces);
+        if spec.readiness_tcp_port != 0 && ip_addresses.is_empty() {
+            let error = BootError::ReadinessUnreachable {
+                port: spec.readiness_tcp_port,
+            };
+            return self.fail_boot(slot, None, &error).await;
+        }
         self.update(slot, None, |rt| {
             rt.status.hypervisor = plan.hypervisor.as_str().to_owned();
             rt.status.accelerator = plan.accelerator.as_str().to_owned();
+            rt.status.ip_addresses = ip_addresses.clone();
         });
         let config = VmConfig {
             id: spec.uid.clone(),
             vcpus: spec.vcpus,
             memory_mib: plan.memory_mib,
             kernel: PathBuf::from(&spec.kernel_path),
-            cmdline: spec.kernel_cmdline.clone(),
+            cmdline: guest_cmdline(&spec.kernel_cmdline, &interfaces),
             initrd: (!spec.initrd_path.is_empty()).then(|| PathBuf::from(&spec.initrd_path)),
             disks: (!spec.rootfs_path.is_empty())
                 .then(|| crate::agent::vmm::DiskConfig {
@@ -1258,7 +1482,10 @@ impl Inner {
                 })
                 .into_iter()
                 .collect(),
-            nets: net_attach(&spec),
+            nets: interfaces
+                .iter()
+                .map(AttachedInterface::net_config)
+                .collect(),
             user_data: (!spec.user_data.is_empty()).then(|| spec.user_data.clone()),
             accelerator: plan.accelerator,
             state_dir: dir.clone(),
@@ -1273,28 +1500,22 @@ impl Inner {
             match tokio::time::timeout(self.config.boot_timeout, backend.create(&config)).await {
                 Ok(Ok(spawned)) => spawned,
                 Ok(Err(source)) => {
-                    return self.fail(
-                        slot,
-                        None,
-                        &BootError::Vmm {
-                            operation: "create",
-                            source,
-                        },
-                    );
+                    let error = BootError::Vmm {
+                        operation: "create",
+                        source,
+                    };
+                    return self.fail_boot(slot, None, &error).await;
                 }
                 Err(_) => {
                     let source = VmmError::ApiTimeout {
                         operation: "create".into(),
                         timeout: self.config.boot_timeout,
                     };
-                    return self.fail(
-                        slot,
-                        None,
-                        &BootError::Vmm {
-                            operation: "create",
-                            source,
-                        },
-                    );
+                    let error = BootError::Vmm {
+                        operation: "create",
+                        source,
+                    };
+                    return self.fail_boot(slot, None, &error).await;
                 }
             };
         self.metrics.boots.inc();
@@ -1341,7 +1562,7 @@ impl Inner {
             if !run.stopping.swap(true, Ordering::SeqCst) {
                 Self::kill_and_wait(&run).await;
             }
-            return self.fail(slot, Some(generation), &error);
+            return self.fail_boot(slot, Some(generation), &error).await;
         }
         let started_at = now_ms();
         self.update(slot, Some(generation), |rt| {
@@ -1351,7 +1572,7 @@ impl Inner {
             rt.status.started_at_unix_ms = started_at;
         });
         tracing::info!(uid = %spec.uid, name = %spec.name, pid, hypervisor = %plan.hypervisor, accelerator = %plan.accelerator, "VMM started");
-        let readiness = Readiness::of(&spec, plan.hypervisor);
+        let readiness = Readiness::of(&spec, plan.hypervisor, &ip_addresses);
         Self::spawn_readiness(self, slot, &run, readiness, config.console_log, deadline);
     }
 
@@ -1402,7 +1623,12 @@ impl Inner {
     }
 
     /// The VMM ended on its own: EXITED if the guest was up, FAILED if it never got ready.
-    fn on_exit(&self, slot: &VmSlot, generation: u64, status: Option<std::process::ExitStatus>) {
+    fn on_exit(
+        self: &Arc<Self>,
+        slot: &Arc<VmSlot>,
+        generation: u64,
+        status: Option<std::process::ExitStatus>,
+    ) {
         let (run, ready, console_log) = {
             let rt = slot.lock();
             let Some(run) = rt.run.clone() else { return };
@@ -1439,6 +1665,7 @@ impl Inner {
         } else {
             self.metrics.boot_failed(exit.reason);
             self.fail_with(slot, Some(generation), record);
+            self.spawn_release_if_failed(slot);
         }
     }
 
@@ -1534,12 +1761,16 @@ impl Inner {
             let mut cursor = console::LogCursor::new(&console_log, Some(0));
             let mut scanner = match &readiness {
                 Readiness::Marker(marker) => Some(console::MarkerScanner::new(marker)),
-                Readiness::Immediate => None,
+                Readiness::Tcp(_) | Readiness::Immediate => None,
             };
             loop {
-                let ready = match scanner.as_mut() {
-                    None => true,
-                    Some(scanner) => match cursor.read_new(1 << 20) {
+                let ready = match (&readiness, scanner.as_mut()) {
+                    (Readiness::Tcp(addr), _) => {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        tcp_accepts(*addr, left.min(TCP_PROBE_TIMEOUT)).await
+                    }
+                    (_, None) => true,
+                    (_, Some(scanner)) => match cursor.read_new(1 << 20) {
                         Ok(chunk) => scanner.feed(&chunk),
                         Err(error) => {
                             tracing::warn!(uid = %slot.uid, error = %error, "cannot read the console log");
@@ -1590,7 +1821,12 @@ impl Inner {
         }
     }
 
-    async fn boot_timed_out(&self, slot: &VmSlot, run: &RunHandle, readiness: &Readiness) {
+    async fn boot_timed_out(
+        self: &Arc<Self>,
+        slot: &Arc<VmSlot>,
+        run: &RunHandle,
+        readiness: &Readiness,
+    ) {
         if run.stopping.swap(true, Ordering::SeqCst) {
             return;
         }
@@ -1598,6 +1834,7 @@ impl Inner {
         let tail = console::tail_text(&run.handle.console_log, 512);
         let what = match readiness {
             Readiness::Marker(marker) => format!("console marker {marker:?} not seen"),
+            Readiness::Tcp(addr) => format!("nothing accepted a TCP connection on {addr}"),
             Readiness::Immediate => "no readiness".to_owned(),
         };
         let message = format!(
@@ -1619,6 +1856,7 @@ impl Inner {
                 at_unix_ms: now_ms(),
             },
         );
+        self.spawn_release_if_failed(slot);
     }
 
     async fn adopt_one(self: &Arc<Self>, uid: &str) {
@@ -1743,7 +1981,7 @@ impl Inner {
                 self,
                 &slot,
                 &run,
-                Readiness::of(&spec, kind),
+                Readiness::of(&spec, kind, &status.ip_addresses),
                 handle.console_log.clone(),
                 Instant::now() + left.max(Duration::from_secs(1)),
             );
@@ -1778,18 +2016,50 @@ fn force_kill(handle: &VmmHandle) {
     }
 }
 
+/// The spec's word for a mode, for messages.
+fn mode_word(mode: InterfaceMode) -> &'static str {
+    match mode {
+        InterfaceMode::Nat => "nat",
+        InterfaceMode::Bridge => "bridge",
+        InterfaceMode::None => "none",
+    }
+}
+
+/// One bounded TCP readiness probe: does something accept a connection on `addr`?
+async fn tcp_accepts(addr: std::net::SocketAddr, within: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(within, tokio::net::TcpStream::connect(addr)).await,
+        Ok(Ok(_))
+    )
+}
+
 /// When a run counts as ready.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Readiness {
     /// The marker appears on the console.
     Marker(String),
+    /// A TCP connection to the guest's first address on the port succeeds.
+    Tcp(std::net::SocketAddr),
     /// As soon as the VMM started the guest (no readiness configured, or no guest at all).
     Immediate,
 }
 
 impl Readiness {
-    fn of(spec: &SpecRecord, hypervisor: Hypervisor) -> Self {
-        if hypervisor == Hypervisor::Simulated || spec.readiness_console_marker.is_empty() {
+    /// A TCP port wins over a console marker; without a known guest address (a VM re-adopted
+    /// from an agent that did not record one) the marker, or nothing, is used.
+    fn of(spec: &SpecRecord, hypervisor: Hypervisor, ip_addresses: &[String]) -> Self {
+        if hypervisor == Hypervisor::Simulated {
+            return Readiness::Immediate;
+        }
+        let first_ip = ip_addresses
+            .first()
+            .and_then(|ip| ip.parse::<std::net::IpAddr>().ok());
+        if let (Ok(port), Some(ip)) = (u16::try_from(spec.readiness_tcp_port), first_ip)
+            && port != 0
+        {
+            return Readiness::Tcp(std::net::SocketAddr::new(ip, port));
+        }
+        if spec.readiness_console_marker.is_empty() {
             Readiness::Immediate
         } else {
             Readiness::Marker(spec.readiness_console_marker.clone())
@@ -1978,14 +2248,26 @@ mod tests {
             ),
             (
                 SpecRecord {
-                    interfaces: vec![crate::agent::state::InterfaceRecord {
-                        name: "eth0".into(),
-                        mode: "bridge".into(),
-                        ..Default::default()
-                    }],
+                    readiness_tcp_port: 80,
+                    interfaces: vec![iface("eth0", "none", ""), iface("eth1", "bridge", "")],
                     ..spec()
                 },
-                "NetworkingUnavailable",
+                "ReadinessUnreachable",
+            ),
+            (
+                SpecRecord {
+                    readiness_tcp_port: 70000,
+                    interfaces: vec![iface("eth0", "nat", "")],
+                    ..spec()
+                },
+                "InvalidSpec",
+            ),
+            (
+                SpecRecord {
+                    interfaces: vec![iface("eth0", "macvtap", "")],
+                    ..spec()
+                },
+                "InvalidSpec",
             ),
         ];
         for (spec, reason) in cases {
@@ -2006,6 +2288,180 @@ mod tests {
                 .to_string()
                 .contains("binary cloud-hypervisor not found")
         );
+    }
+
+    fn iface(name: &str, mode: &str, address: &str) -> crate::agent::state::InterfaceRecord {
+        crate::agent::state::InterfaceRecord {
+            name: name.into(),
+            mode: mode.into(),
+            address: address.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn networked_specs_plan_and_convert() {
+        let nat = SpecRecord {
+            readiness_tcp_port: 80,
+            interfaces: vec![iface("eth0", "nat", "")],
+            ..spec()
+        };
+        assert!(plan_boot(&nat, &env(Accelerator::Tcg)).is_ok());
+        let bridged = SpecRecord {
+            readiness_tcp_port: 8080,
+            interfaces: vec![
+                iface("eth0", "none", ""),
+                crate::agent::state::InterfaceRecord {
+                    bridge: "br-lan".into(),
+                    ..iface("eth1", "bridge", "192.168.1.20/24")
+                },
+            ],
+            ..spec()
+        };
+        assert!(plan_boot(&bridged, &env(Accelerator::Tcg)).is_ok());
+        let requests = interface_requests(&bridged).expect("requests");
+        assert_eq!(
+            requests,
+            vec![
+                InterfaceRequest {
+                    name: "eth0".into(),
+                    mode: InterfaceMode::None,
+                    ..Default::default()
+                },
+                InterfaceRequest {
+                    name: "eth1".into(),
+                    mode: InterfaceMode::Bridge,
+                    bridge: Some("br-lan".into()),
+                    address: Some("192.168.1.20/24".into()),
+                    mac: None,
+                },
+            ]
+        );
+        assert!(!needs_tap(&requests[0]) && needs_tap(&requests[1]));
+        assert_eq!(
+            interface_requests(&SpecRecord {
+                interfaces: vec![iface("eth0", "", "")],
+                ..spec()
+            })
+            .expect("default")[0]
+                .mode,
+            InterfaceMode::Nat,
+            "an empty mode is nat"
+        );
+    }
+
+    #[test]
+    fn the_guest_cmdline_gets_the_network_parameters() {
+        let eth0 = AttachedInterface {
+            name: "eth0".into(),
+            mode: InterfaceMode::Nat,
+            tap: "igabc".into(),
+            mac: "02:00:00:00:00:01".into(),
+            bridge: "ignis0".into(),
+            address: Some(("10.88.0.5".parse().expect("ip"), 16)),
+            gateway: Some("10.88.0.1".parse().expect("gw")),
+        };
+        assert_eq!(
+            guest_cmdline("console=ttyS0 quiet ", std::slice::from_ref(&eth0)),
+            "console=ttyS0 quiet ignis.ip=10.88.0.5/16 ignis.gw=10.88.0.1"
+        );
+        assert_eq!(
+            guest_cmdline("", std::slice::from_ref(&eth0)),
+            "ignis.ip=10.88.0.5/16 ignis.gw=10.88.0.1"
+        );
+        assert_eq!(guest_cmdline("console=ttyS0", &[]), "console=ttyS0");
+    }
+
+    #[test]
+    fn readiness_prefers_the_tcp_port_on_the_first_address() {
+        let marker = SpecRecord {
+            readiness_console_marker: "ready".into(),
+            ..spec()
+        };
+        let ips = vec!["10.88.0.7".to_string(), "192.168.1.4".to_string()];
+        assert_eq!(
+            Readiness::of(&marker, Hypervisor::Qemu, &ips),
+            Readiness::Marker("ready".into())
+        );
+        let tcp = SpecRecord {
+            readiness_tcp_port: 80,
+            ..marker.clone()
+        };
+        assert_eq!(
+            Readiness::of(&tcp, Hypervisor::Qemu, &ips),
+            Readiness::Tcp("10.88.0.7:80".parse().expect("addr"))
+        );
+        assert_eq!(
+            Readiness::of(&tcp, Hypervisor::Qemu, &[]),
+            Readiness::Marker("ready".into()),
+            "no recorded address: the marker"
+        );
+        assert_eq!(
+            Readiness::of(&tcp, Hypervisor::Simulated, &ips),
+            Readiness::Immediate
+        );
+        assert_eq!(
+            Readiness::of(&spec(), Hypervisor::Qemu, &[]),
+            Readiness::Immediate
+        );
+    }
+
+    #[tokio::test]
+    async fn tcp_probes_are_bounded() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let open = listener.local_addr().expect("addr");
+        assert!(tcp_accepts(open, Duration::from_secs(2)).await);
+        drop(listener);
+        assert!(!tcp_accepts(open, Duration::from_secs(2)).await, "closed");
+        // TEST-NET-1 is never routed: the probe gives up at its bound instead of hanging.
+        let started = Instant::now();
+        assert!(
+            !tcp_accepts(
+                "192.0.2.1:80".parse().expect("addr"),
+                Duration::from_millis(300)
+            )
+            .await
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn networking_turned_off_fails_nat_but_not_none() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let kernel = tmp.path().join("vmlinuz");
+        std::fs::write(&kernel, b"k").expect("kernel");
+        let sup = supervisor(tmp.path(), Arc::new(SimulatedBackend::default()), true).await;
+        let mut nat = request("n", &kernel, "h", 1, proto::DesiredState::Running);
+        if let Some(spec) = nat.spec.as_mut() {
+            spec.interfaces = vec![proto::NetworkInterface {
+                name: "eth0".into(),
+                mode: "nat".into(),
+                ..Default::default()
+            }];
+        }
+        let vm = sup.apply(nat).await.expect("apply");
+        let exit = vm.exit.expect("failed");
+        assert_eq!(exit.reason, "NetworkingUnavailable");
+        assert!(exit.permanent);
+        assert!(exit.message.contains("turned off"), "{}", exit.message);
+        let mut none = request("o", &kernel, "h", 1, proto::DesiredState::Running);
+        if let Some(spec) = none.spec.as_mut() {
+            spec.interfaces = vec![proto::NetworkInterface {
+                name: "eth0".into(),
+                mode: "none".into(),
+                ..Default::default()
+            }];
+        }
+        sup.apply(none).await.expect("apply");
+        assert!(
+            wait_state(&sup, "o", proto::VmState::Running)
+                .await
+                .ip_addresses
+                .is_empty()
+        );
+        sup.shutdown(false).await;
     }
 
     #[test]
@@ -2097,6 +2553,7 @@ mod tests {
                 accelerator_detail: "test".into(),
                 simulated,
                 unavailable: Vec::new(),
+                network: None,
             },
             StateStore::open(dir).expect("store"),
             vec![BackendEntry {

@@ -199,6 +199,8 @@ impl AgentProcess {
                 "tcg",
                 "--boot-timeout",
                 "90s",
+                // Runs in the host's own network namespace: never reconfigure it.
+                "--no-network",
             ])
             .env("IGNIS_LOG_LEVEL", "info")
             .stdin(Stdio::null())
