@@ -27,6 +27,9 @@ use crate::api::{AcceleratorChoice, Hypervisor};
 use crate::telemetry::{self, MetricsRegistry, Readiness};
 use supervisor::{AgentMetrics, BackendEntry, Supervisor, SupervisorConfig};
 
+/// vCPUs offered per host CPU by default (KubeVirt's default CPU allocation ratio).
+pub const DEFAULT_VCPU_OVERCOMMIT: u32 = 10;
+
 /// Which accelerator the agent offers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum AcceleratorFlag {
@@ -92,6 +95,10 @@ pub struct AgentArgs {
     /// Stop every VM when the agent exits (`ignis dev`); by default VMs outlive the agent.
     #[arg(long, env = "IGNIS_STOP_VMS_ON_EXIT")]
     pub stop_vms_on_exit: bool,
+    /// vCPUs offered for placement per host CPU. Guests idle most of the time, so vCPUs are
+    /// overcommitted like KubeVirt's default CPU allocation ratio; memory never is.
+    #[arg(long, env = "IGNIS_VCPU_OVERCOMMIT", default_value_t = DEFAULT_VCPU_OVERCOMMIT, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub vcpu_overcommit: u32,
     #[command(flatten)]
     pub network: net::NetworkArgs,
     /// Turn guest networking off: VMs asking for `nat`/`bridge` interfaces fail.
@@ -237,6 +244,8 @@ pub struct AgentConfig {
     pub console_max_bytes: u64,
     pub simulated: bool,
     pub stop_vms_on_exit: bool,
+    /// vCPUs offered per host CPU.
+    pub vcpu_overcommit: u32,
     /// Guest networking; `None` turns it off (VMs asking for `nat`/`bridge` fail).
     pub network: Option<net::NetworkConfig>,
     pub network_setup: NetworkSetup,
@@ -260,6 +269,7 @@ impl AgentConfig {
             console_max_bytes: 1 << 20,
             simulated: false,
             stop_vms_on_exit: false,
+            vcpu_overcommit: DEFAULT_VCPU_OVERCOMMIT,
             network: Some(net::NetworkConfig::new(state_dir.join("net"))),
             network_setup: NetworkSetup::OnFirstUse,
         }
@@ -288,6 +298,7 @@ impl AgentConfig {
             console_max_bytes: args.console_max_bytes,
             simulated: args.simulated,
             stop_vms_on_exit: args.stop_vms_on_exit,
+            vcpu_overcommit: args.vcpu_overcommit,
             network: (!args.no_network).then(|| args.network.config(&args.state_dir)),
             network_setup: NetworkSetup::AtStart,
         })
@@ -423,7 +434,8 @@ pub async fn serve_with_metrics(
         _ => None,
     };
     let store = state::StateStore::open(&config.state_dir).map_err(AgentError::State)?;
-    let capacity = host::HostCapacity::read().map_err(AgentError::Host)?;
+    let mut capacity = host::HostCapacity::read().map_err(AgentError::Host)?;
+    capacity.vcpus = capacity.vcpus.saturating_mul(config.vcpu_overcommit.max(1));
     let probe = choose_accelerator(&config).await?;
     let (accelerator, accelerator_detail) = (probe.accelerator, probe.detail);
     let instance_id = uuid::Uuid::new_v4().to_string();
@@ -553,6 +565,12 @@ fn load_tls(files: &TlsFiles) -> Result<tonic::transport::ServerTlsConfig, Agent
 /// Run until `shutdown` is cancelled.
 pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), AgentError> {
     let config = AgentConfig::from_args(&args)?;
+    // Every node offers the demo guest at `<state-dir>/guest`, so the samples run anywhere
+    // the host has a kernel and busybox; nodes without them just don't offer it.
+    match guest::build_demo_guest(&config.state_dir.join("guest")) {
+        Ok(demo) => tracing::info!(kernel = %demo.kernel.display(), "demo guest ready"),
+        Err(error) => tracing::info!(%error, "no demo guest on this node"),
+    }
     let metrics = MetricsRegistry::with_prefix("ignis");
     let readiness = Readiness::default();
     telemetry::spawn_health_server(
