@@ -32,6 +32,9 @@ pub struct Cluster {
     /// Where the demo guest's kernel and initrd are on the node(s).
     pub guest_dir: PathBuf,
     dev: Option<DevProcess>,
+    /// A network namespace of the test's own that `ignis dev` and kubectl run in, so guest
+    /// networking never touches the host's namespace.
+    netns: Option<String>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -57,9 +60,33 @@ impl Cluster {
                 kubeconfig: kubeconfig.into(),
                 guest_dir: guest_dir.into(),
                 dev: None,
+                netns: None,
                 _tmp: None,
             };
         }
+        Self::start_dev(None)
+    }
+
+    /// A fresh `ignis dev` inside a new network namespace `name` (created here, removed on
+    /// drop). Returns `None`, with the reason printed, when namespaces cannot be made here.
+    pub fn start_in_netns(name: &str) -> Option<Cluster> {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", name])
+            .stderr(Stdio::null())
+            .status();
+        let made = Command::new("ip").args(["netns", "add", name]).status();
+        if !matches!(made, Ok(s) if s.success()) {
+            println!("skipped: cannot create network namespace {name} (needs root and iproute2)");
+            return None;
+        }
+        let lo = Command::new("ip")
+            .args(["netns", "exec", name, "ip", "link", "set", "lo", "up"])
+            .status();
+        assert!(matches!(lo, Ok(s) if s.success()), "loopback up in {name}");
+        Some(Self::start_dev(Some(name.to_string())))
+    }
+
+    fn start_dev(netns: Option<String>) -> Cluster {
         let tmp = tempfile::Builder::new()
             .prefix("ignis-e2e-")
             .tempdir()
@@ -69,6 +96,7 @@ impl Cluster {
             kubeconfig: tmp.path().join("kubeconfig"),
             guest_dir: data_dir.join("guest"),
             dev: None,
+            netns,
             _tmp: None,
         };
         cluster.dev = Some(cluster.spawn_dev(&data_dir));
@@ -96,7 +124,8 @@ impl Cluster {
             "{} not found: run `cargo build --bin ignis` first",
             binary.display()
         );
-        let child = Command::new(&binary)
+        let child = self
+            .command(&binary.display().to_string())
             .args(["dev", "--data-dir"])
             .arg(data_dir)
             .arg("--kubeconfig-out")
@@ -151,6 +180,37 @@ impl Cluster {
             .unwrap_or_default()
     }
 
+    /// A command that runs where the cluster runs (inside its network namespace, if any).
+    pub fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns, program]);
+                cmd
+            }
+            None => Command::new(program),
+        }
+    }
+
+    /// An HTTP/1.0 GET of `http://{ip}:{port}/` from where the cluster runs; the response, or
+    /// `None` when nothing answers within a few seconds.
+    pub fn http_get(&self, ip: &str, port: u16) -> Option<String> {
+        let script = format!(
+            "exec 3<>/dev/tcp/{ip}/{port} && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3"
+        );
+        let child = self
+            .command("timeout")
+            .args(["5", "bash", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .ok()?;
+        let out = wait_with_deadline(child, Duration::from_secs(10));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.success() && text.starts_with("HTTP/")).then_some(text)
+    }
+
     /// Run kubectl with this cluster's kubeconfig and a deadline.
     pub fn kubectl(&self, args: &[&str]) -> Kubectl {
         self.kubectl_stdin(args, None)
@@ -158,7 +218,8 @@ impl Cluster {
 
     /// Run kubectl, feeding `stdin` (for `apply -f -`).
     pub fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> Kubectl {
-        let mut child = Command::new("kubectl")
+        let mut child = self
+            .command("kubectl")
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .arg("--request-timeout=30s")
@@ -323,6 +384,9 @@ impl Drop for Cluster {
         if let Some(dev) = self.dev.as_mut() {
             // SIGTERM: `ignis dev` stops every VM it started before exiting.
             dev.stop(false);
+        }
+        if let Some(ns) = &self.netns {
+            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
         }
     }
 }
