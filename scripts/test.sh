@@ -9,4 +9,6 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 ./scripts/check-packaging.sh
 cargo build --bin ignis
-cargo test --workspace -- --test-threads 2
+# --all-targets: unit, integration and e2e tests (there are no doctests), so the run ends on
+# the e2e suite's summary.
+cargo test --workspace --all-targets -- --test-threads 2
