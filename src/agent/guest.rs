@@ -8,9 +8,7 @@
 //! can make it succeed, fail or time out on purpose.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::UNIX_EPOCH;
 
 use sha2::{Digest, Sha256};
@@ -208,22 +206,8 @@ fn fingerprint(inputs: &[PathBuf], init: &str) -> Result<String, GuestError> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// Write through a unique temporary name and rename, so a concurrent build or a crash never
-/// leaves a half-written file under the final name.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), GuestError> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = path.with_extension(format!("tmp.{}.{n}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(io_err(path))
+    super::atomic_file::write_atomically(path, bytes).map_err(io_err(path))
 }
 
 /// Whether an ELF file has no `PT_INTERP` program header (i.e. needs no dynamic loader).

@@ -3,6 +3,7 @@
 //! restart, and serves the gRPC API of `proto/agent.proto` — over mutual TLS on TCP (cluster
 //! mode), or on a unix socket (`ignis dev`, tests).
 
+pub mod atomic_file;
 pub mod console;
 pub mod guest;
 pub mod host;

@@ -6,7 +6,6 @@
 //! Every JSON file is written to a temporary name and renamed, so a crash never leaves a
 //! half-written record behind.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -386,17 +385,10 @@ impl StateStore {
         // Never creates the directory: a late write after `DeleteVM` must not resurrect it.
         let dir = self.vm_dir(uid)?;
         let path = dir.join(file);
-        let tmp = dir.join(format!(".{file}.tmp"));
-        let io = |source| StateError::Io {
-            path: path.clone(),
-            source,
-        };
         // Serializing plain records into memory cannot fail.
         let bytes = serde_json::to_vec_pretty(value).unwrap_or_default();
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        Ok(())
+        super::atomic_file::write_atomically(&path, &bytes)
+            .map_err(|source| StateError::Io { path, source })
     }
 
     fn read_json<T: DeserializeOwned>(

@@ -302,7 +302,7 @@ pub struct NetworkInterface {
 }
 
 /// How an interface is connected.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum InterfaceMode {
     /// A tap on the node's Ignis bridge with outbound NAT.

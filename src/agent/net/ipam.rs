@@ -303,10 +303,9 @@ impl Ipam {
     }
 
     fn write_last_reserved(&self, ip: Ipv4Addr) -> Result<(), IpamError> {
-        let tmp = unique_tmp(&self.dir);
-        write_synced(&tmp, ip.to_string().as_bytes())?;
         let path = self.dir.join(LAST_RESERVED);
-        std::fs::rename(&tmp, &path).map_err(io_at(&path))
+        crate::agent::atomic_file::write_atomically(&path, ip.to_string().as_bytes())
+            .map_err(io_at(&path))
     }
 }
 

@@ -19,7 +19,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -91,18 +90,8 @@ impl NetworkArgs {
     }
 }
 
-/// How a guest interface is connected.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum InterfaceMode {
-    /// A tap on the node bridge, an address from the node's range, outbound NAT.
-    #[default]
-    Nat,
-    /// A tap on a bridge the user names; address from the spec, or none (DHCP on that network).
-    Bridge,
-    /// No network.
-    None,
-}
+/// The interface modes of the MicroVM spec (`nat`, `bridge`, `none`).
+pub use crate::api::InterfaceMode;
 
 impl std::str::FromStr for InterfaceMode {
     type Err = NetError;
@@ -922,7 +911,8 @@ impl NetworkManager {
             path: path.clone(),
             source: io::Error::other(e),
         })?;
-        write_atomically(&path, &bytes).map_err(|source| NetError::State { path, source })
+        crate::agent::atomic_file::write_atomically(&path, &bytes)
+            .map_err(|source| NetError::State { path, source })
     }
 
     fn remove_record(&self, uid: &str) -> Result<(), NetError> {
@@ -979,23 +969,6 @@ fn read_record_file(path: &Path) -> Result<Option<VmRecord>, NetError> {
             source,
         }),
     }
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = path.with_extension(format!("tmp.{}.{n}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 fn enable_ip_forward() -> Result<(), NetError> {
