@@ -187,45 +187,51 @@ impl LeaderElector {
         }
     }
 
-    /// Keep renewing; the returned token is cancelled when leadership is lost (someone else
-    /// holds the Lease, or renewals failed for a whole lease duration). On `shutdown` the Lease
-    /// is released so a standby takes over at once.
-    pub fn hold(self, shutdown: CancellationToken) -> CancellationToken {
+    /// Keep renewing in the background. [`Leadership::lost`] fires when leadership is lost
+    /// (someone else holds the Lease, or renewals failed for a whole lease duration);
+    /// [`Leadership::step_down`] ends it on purpose.
+    pub fn hold(self) -> Leadership {
         let lost = CancellationToken::new();
-        let out = lost.clone();
-        tokio::spawn(async move {
-            let every = self.duration / 3;
-            let mut last_ok = tokio::time::Instant::now();
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        self.release().await;
-                        return;
-                    }
-                    _ = tokio::time::sleep(every) => {}
-                }
-                match tokio::time::timeout(every, self.try_once()).await {
-                    Ok(Ok(true)) => last_ok = tokio::time::Instant::now(),
-                    Ok(Ok(false)) => {
-                        tracing::error!(lease = %self.name, "leadership lost to another replica");
-                        lost.cancel();
-                        return;
-                    }
-                    Ok(Err(error)) => {
-                        tracing::warn!(reason = error.reason(), %error, "lease renewal failed")
-                    }
-                    Err(_) => tracing::warn!("lease renewal timed out"),
-                }
-                if last_ok.elapsed() >= self.duration {
-                    tracing::error!(lease = %self.name, "could not renew the lease in time");
+        let stop = CancellationToken::new();
+        let renewer = tokio::spawn(self.clone().renew(lost.clone(), stop.clone()));
+        Leadership {
+            elector: self,
+            lost,
+            stop,
+            renewer,
+        }
+    }
+
+    async fn renew(self, lost: CancellationToken, stop: CancellationToken) {
+        let every = self.duration / 3;
+        let mut last_ok = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            match tokio::time::timeout(every, self.try_once()).await {
+                Ok(Ok(true)) => last_ok = tokio::time::Instant::now(),
+                Ok(Ok(false)) => {
+                    tracing::error!(lease = %self.name, "leadership lost to another replica");
                     lost.cancel();
                     return;
                 }
+                Ok(Err(error)) => {
+                    tracing::warn!(reason = error.reason(), %error, "lease renewal failed")
+                }
+                Err(_) => tracing::warn!("lease renewal timed out"),
             }
-        });
-        out
+            if last_ok.elapsed() >= self.duration {
+                tracing::error!(lease = %self.name, "could not renew the lease in time");
+                lost.cancel();
+                return;
+            }
+        }
     }
 
+    /// Give the Lease up if we still hold it, so a standby takes over at once instead of
+    /// waiting for it to expire. Best effort: on failure the Lease simply expires.
     async fn release(&self) {
         let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else {
             return;
@@ -237,10 +243,48 @@ impl LeaderElector {
             return;
         }
         spec.holder_identity = None;
-        let _ = self
+        match self
             .api
             .replace(&self.name, &PostParams::default(), &lease)
-            .await;
+            .await
+        {
+            Ok(_) => tracing::info!(lease = %self.name, "released the lease"),
+            Err(error) => tracing::warn!(%error, "cannot release the lease; it will expire"),
+        }
+    }
+}
+
+/// A held Lease, renewed in the background until [`Leadership::step_down`].
+pub struct Leadership {
+    elector: LeaderElector,
+    lost: CancellationToken,
+    stop: CancellationToken,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+impl Leadership {
+    /// Fires when leadership was lost without stepping down.
+    pub fn lost(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.lost.cancelled()
+    }
+
+    /// Stop renewing, then release the Lease. Call it only once this replica has stopped
+    /// reconciling: a standby may take over the moment the Lease is released. The renewer is
+    /// stopped first so a renewal in flight cannot take the released Lease back. Bounded by
+    /// one lease duration; past that the Lease expires on its own anyway.
+    pub async fn step_down(self) {
+        self.stop.cancel();
+        let elector = self.elector;
+        let renewer = self.renewer;
+        let bounded = tokio::time::timeout(elector.duration, async {
+            let _ = renewer.await;
+            if !self.lost.is_cancelled() {
+                elector.release().await;
+            }
+        });
+        if bounded.await.is_err() {
+            tracing::warn!(lease = %elector.name, "stepping down timed out; the lease will expire");
+        }
     }
 }
 

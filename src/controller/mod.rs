@@ -457,7 +457,7 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
         .unwrap_or_else(|_| format!("ignis-controller-{}", uuid::Uuid::new_v4()));
 
     let work = CancellationToken::new();
-    let lost = if args.leader.leader_election {
+    let leadership = if args.leader.leader_election {
         let ns = args
             .leader
             .lease_namespace
@@ -474,7 +474,7 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
         if !elector.acquire(&shutdown).await {
             return Ok(());
         }
-        Some(elector.hold(work.clone()))
+        Some(elector.hold())
     } else {
         None
     };
@@ -493,10 +493,10 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
     };
     let handle = start(client, config, work.clone()).await?;
     readiness.set_ready(true);
-    let lost_leadership = match &lost {
-        Some(lost) => tokio::select! {
+    let lost_leadership = match &leadership {
+        Some(leadership) => tokio::select! {
             _ = shutdown.cancelled() => false,
-            _ = lost.cancelled() => true,
+            _ = leadership.lost() => true,
         },
         None => {
             shutdown.cancelled().await;
@@ -507,6 +507,10 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
     work.cancel();
     // Bounded: in-flight reconciles finish, but shutdown never hangs.
     let _ = tokio::time::timeout(Duration::from_secs(30), handle.wait()).await;
+    // Only now, with nothing reconciling any more, may a standby take over.
+    if let Some(leadership) = leadership {
+        leadership.step_down().await;
+    }
     if lost_leadership {
         return Err(ControllerError::LostLeadership);
     }
