@@ -9,15 +9,15 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::watcher;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::supervisor::Supervisor;
 use crate::agent::{self, AcceleratorFlag, AgentConfig, guest};
 use crate::api::{ConditionType, FIELD_MANAGER, MicroVM, find_condition};
 use crate::controller::{self, ControllerConfig};
+use crate::proto;
 use crate::telemetry::{self, MetricsRegistry, Readiness};
 
 /// The MicroVM `--demo` applies (the same file as `config/samples/microvm-minimal.yaml`).
@@ -191,7 +191,7 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), DevEr
 
     let outcome = if args.demo {
         tokio::select! {
-            result = run_demo(client, &data_dir) => result,
+            result = run_demo(client, &agent.supervisor, &data_dir) => result,
             () = shutdown.cancelled() => Ok(()),
         }
     } else {
@@ -217,7 +217,11 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), DevEr
 }
 
 /// Apply the minimal sample, wait for Ready, print how long it took and the guest's console.
-async fn run_demo(client: kube::Client, data_dir: &Path) -> Result<(), DevError> {
+async fn run_demo(
+    client: kube::Client,
+    supervisor: &Supervisor,
+    data_dir: &Path,
+) -> Result<(), DevError> {
     const TIMEOUT: Duration = Duration::from_secs(120);
     let mut vm: MicroVM = serde_yaml::from_str(DEMO_MANIFEST).map_err(DevError::DemoManifest)?;
     let guest = data_dir.join("guest");
@@ -237,23 +241,36 @@ async fn run_demo(client: kube::Client, data_dir: &Path) -> Result<(), DevError>
     .map_err(DevError::Demo)?;
     println!("applied MicroVM default/{name}; waiting for Ready…");
 
-    let mut stream = watcher::watch_object(api.clone(), &name).boxed();
-    let ready = tokio::time::timeout(TIMEOUT, async {
-        while let Some(event) = stream.next().await {
-            let Ok(Some(obj)) = event else { continue };
-            let status = obj.status.clone().unwrap_or_default();
-            if let Some(c) = find_condition(&status.conditions, ConditionType::Ready) {
-                if c.status == "True" {
-                    return Some(obj);
-                }
-                println!("  {}: Ready={} {} {}", name, c.status, c.reason, c.message);
-            }
+    // Ready is believed only when the agent agrees: after a restart of `ignis dev` the stored
+    // status still says Ready from the previous run until the controller has caught up.
+    let deadline = Instant::now() + TIMEOUT;
+    let mut last_said = String::new();
+    let obj = loop {
+        if Instant::now() > deadline {
+            return Err(DevError::DemoTimeout(TIMEOUT));
         }
-        None
-    })
-    .await;
-    let Ok(Some(obj)) = ready else {
-        return Err(DevError::DemoTimeout(TIMEOUT));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Ok(obj) = api.get(&name).await else {
+            continue;
+        };
+        let status = obj.status.clone().unwrap_or_default();
+        let agent_ready = obj
+            .metadata
+            .uid
+            .as_deref()
+            .and_then(|uid| supervisor.get(uid))
+            .is_some_and(|vm| vm.ready && vm.state == proto::VmState::Running as i32);
+        match find_condition(&status.conditions, ConditionType::Ready) {
+            Some(c) if c.status == "True" && agent_ready => break obj,
+            Some(c) => {
+                let said = format!("  {name}: Ready={} {} {}", c.status, c.reason, c.message);
+                if said != last_said {
+                    println!("{said}");
+                    last_said = said;
+                }
+            }
+            None => {}
+        }
     };
     let status = obj.status.unwrap_or_default();
     println!(
