@@ -53,6 +53,7 @@ fn converged(vm: &MicroVM) -> bool {
 
 #[tokio::test]
 async fn every_microvm_reaches_running_although_the_agent_is_faster_than_the_api() {
+    ignis::telemetry::init_tracing(ignis::telemetry::LogFormat::Pretty, "warn");
     let dir = tempfile::tempdir().expect("tempdir");
     let shutdown = CancellationToken::new();
 
@@ -98,6 +99,10 @@ async fn every_microvm_reaches_running_although_the_agent_is_faster_than_the_api
                 .await
                 .expect("create a MicroVM");
         }
+        println!(
+            "round {round}: created in {} ms",
+            created.elapsed().as_millis()
+        );
         let deadline = created + CONVERGE_WITHIN;
         loop {
             let list =
