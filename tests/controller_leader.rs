@@ -217,12 +217,8 @@ async fn agent_vms(socket: &Path) -> Vec<ignis::proto::Vm> {
 }
 
 /// The MicroVM as JSON once the controller has reconciled it: finalizer, placement on our
-/// node (condition, status, label), a phase past Scheduled, and the VM running on the agent
+/// node (condition, status, label), `phase: Running`, and the VM running and ready on the agent
 /// (only the controller calls ApplyVM, so it proves a controller acted, not just wrote).
-///
-/// Deliberately not `phase: Running`: with the simulated VMM the VM is ready ~4 ms after
-/// ApplyVM, and the controller sometimes keeps `Starting` although the agent reports it
-/// running and ready (seen without any handover too; reported to the controller's owner).
 async fn reconciled(vms: &Api<MicroVM>, name: &str, socket: &Path) -> Option<Value> {
     let vm = serde_json::to_value(vms.get_opt(name).await.ok()??).ok()?;
     let finalized = vm["metadata"]["finalizers"]
@@ -235,8 +231,8 @@ async fn reconciled(vms: &Api<MicroVM>, name: &str, socket: &Path) -> Option<Val
         .flatten()
         .any(|c| c["type"] == "Scheduled" && c["status"] == "True");
     let placed = status["nodeName"] == NODE && vm["metadata"]["labels"][NODE_LABEL] == NODE;
-    let progressed = status["phase"] == "Starting" || status["phase"] == "Running";
-    if !(finalized && scheduled && placed && progressed) {
+    let running = status["phase"] == "Running";
+    if !(finalized && scheduled && placed && running) {
         return None;
     }
     let uid = vm["metadata"]["uid"].as_str()?;

@@ -247,8 +247,8 @@ impl AgentPool {
             .ok_or_else(|| AgentError::NotConnected(node.to_string()))
     }
 
-    /// `ApplyVM`; the answer goes into the view at once, so the next reconcile does not act on
-    /// a view older than what it just did.
+    /// `ApplyVM`; an answer about a run the view has not seen yet goes into the view at once,
+    /// so the next reconcile does not act on a view older than what it just did.
     pub async fn apply_vm(
         &self,
         node: &str,
@@ -297,16 +297,34 @@ impl AgentPool {
         if let Ok(mut slots) = self.inner.slots.write()
             && let Some(slot) = slots.get_mut(node)
         {
-            merge_vm(&mut slot.vms, vm);
+            merge_answer(&mut slot.vms, vm);
         }
     }
 }
 
-/// Keep the newest view of a VM: a stream event about an older run than one we already hold
-/// (the ApplyVM answer raced ahead of it) is stale.
-fn merge_vm(vms: &mut HashMap<String, proto::Vm>, vm: proto::Vm) -> bool {
+/// A `WatchVMs` event into the view. The stream is ordered, so within a run its latest event
+/// is the truth; only an event about an older run than one we already hold (an ApplyVM answer
+/// for the next run raced ahead of it) is stale.
+fn merge_event(vms: &mut HashMap<String, proto::Vm>, vm: proto::Vm) -> bool {
     match vms.get(&vm.uid) {
         Some(old) if old.run > vm.run => false,
+        _ => {
+            vms.insert(vm.uid.clone(), vm);
+            true
+        }
+    }
+}
+
+/// An RPC answer (ApplyVM) into the view. The answer is a snapshot taken somewhere during the
+/// call and travels apart from the stream, so it can arrive after events newer than it: a
+/// simulated VM is ready milliseconds after ApplyVM, and an answer saying `Starting` that
+/// overwrote the stream's `Running` left the MicroVM `Starting` with no event left to correct
+/// it. So an answer only fills a gap: a VM the view does not hold yet, or a newer run than the
+/// one it holds. Whatever it says about a run the stream already reported, the stream says
+/// again, in order.
+fn merge_answer(vms: &mut HashMap<String, proto::Vm>, vm: proto::Vm) -> bool {
+    match vms.get(&vm.uid) {
+        Some(old) if old.run >= vm.run => false,
         _ => {
             vms.insert(vm.uid.clone(), vm);
             true
@@ -449,7 +467,7 @@ async fn session(
                     .slots
                     .write()
                     .ok()
-                    .and_then(|mut slots| slots.get_mut(node).map(|s| merge_vm(&mut s.vms, vm)))
+                    .and_then(|mut slots| slots.get_mut(node).map(|s| merge_event(&mut s.vms, vm)))
                     .unwrap_or(false);
                 if changed && synced {
                     let _ = inner.signals.send(PoolSignal::Vm {
@@ -556,18 +574,45 @@ mod tests {
         assert_eq!(AgentEndpoint::parse("nohost"), None);
     }
 
-    #[test]
-    fn stale_runs_do_not_overwrite_newer_ones() {
-        let mut vms = HashMap::new();
-        let vm = |run| proto::Vm {
+    fn vm(run: u32, state: proto::VmState, ready: bool) -> proto::Vm {
+        proto::Vm {
             uid: "u".to_string(),
             run,
+            state: state as i32,
+            ready,
             ..Default::default()
-        };
-        assert!(merge_vm(&mut vms, vm(2)));
-        assert!(!merge_vm(&mut vms, vm(1)));
-        assert!(merge_vm(&mut vms, vm(2)));
+        }
+    }
+
+    #[test]
+    fn stale_runs_do_not_overwrite_newer_ones() {
+        use proto::VmState::Running;
+        let mut vms = HashMap::new();
+        assert!(merge_event(&mut vms, vm(2, Running, true)));
+        assert!(!merge_event(&mut vms, vm(1, Running, true)));
+        assert!(merge_event(&mut vms, vm(2, Running, true)));
         assert_eq!(vms["u"].run, 2);
+    }
+
+    #[test]
+    fn a_late_apply_answer_does_not_hide_the_streams_newer_state() {
+        use proto::VmState::{Exited, Running, Starting};
+        let mut vms = HashMap::new();
+        // The stream reported the VM ready before the ApplyVM answer (taken while it was
+        // still starting) came back: the answer must not turn it back to Starting.
+        assert!(merge_event(&mut vms, vm(0, Running, true)));
+        assert!(!merge_answer(&mut vms, vm(0, Starting, false)));
+        assert_eq!(vms["u"], vm(0, Running, true));
+        // An answer about a VM or a run the stream has not shown yet fills the gap ...
+        let mut fresh = HashMap::new();
+        assert!(merge_answer(&mut fresh, vm(0, Starting, false)));
+        assert!(merge_event(&mut vms, vm(0, Exited, false)));
+        assert!(merge_answer(&mut vms, vm(1, Starting, false)));
+        assert_eq!(vms["u"], vm(1, Starting, false));
+        // ... until the stream catches up, in order.
+        assert!(merge_event(&mut vms, vm(1, Running, true)));
+        assert!(!merge_answer(&mut vms, vm(1, Starting, false)));
+        assert_eq!(vms["u"], vm(1, Running, true));
     }
 
     #[test]

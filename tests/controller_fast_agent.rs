@@ -1,0 +1,160 @@
+//! The controller against an agent that answers faster than the API server: the simulated VMM
+//! is ready a few milliseconds after ApplyVM, so the agent's `Running` event races the
+//! controller's own ApplyVM answer and its first status write. Every MicroVM must still end
+//! `Running` with `Ready=True`, in several rounds of quickly created objects.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ignis::agent::{self, AcceleratorFlag, AgentConfig};
+use ignis::api::MicroVM;
+use ignis::controller::{self, ControllerConfig};
+use ignis::dev::apiserver::{self, ApiServerConfig};
+use kube::Api;
+use kube::api::{ListParams, PostParams};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const NODE: &str = "fast-node";
+const ROUNDS: usize = 4;
+const PER_ROUND: usize = 30;
+/// Far more than a simulated VM needs (milliseconds); only a lost update takes longer.
+const CONVERGE_WITHIN: Duration = Duration::from_secs(20);
+
+fn microvm(name: &str, kernel: &Path) -> MicroVM {
+    serde_json::from_value(json!({
+        "apiVersion": "ignis.dev/v1alpha1", "kind": "MicroVM",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "resources": {"vcpus": 1, "memory": "64Mi"},
+            "kernel": {"path": kernel.display().to_string()},
+            "network": {"interfaces": [{"name": "eth0", "mode": "none"}]},
+        }
+    }))
+    .expect("valid MicroVM")
+}
+
+/// Running with Ready=True on our node.
+fn converged(vm: &MicroVM) -> bool {
+    let Some(status) = &vm.status else {
+        return false;
+    };
+    let ready = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    status.phase == Some(ignis::api::Phase::Running)
+        && ready
+        && status.node_name.as_deref() == Some(NODE)
+}
+
+#[tokio::test]
+async fn every_microvm_reaches_running_although_the_agent_is_faster_than_the_api() {
+    ignis::telemetry::init_tracing(ignis::telemetry::LogFormat::Pretty, "warn");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shutdown = CancellationToken::new();
+
+    let mut api_config = ApiServerConfig::new(dir.path().join("apiserver"));
+    api_config.node_name = NODE.into();
+    let api = apiserver::start(api_config, shutdown.clone())
+        .await
+        .expect("start the dev API server");
+
+    let mut agent_config = AgentConfig::local(&dir.path().join("agent"));
+    agent_config.node_name = NODE.into();
+    agent_config.accelerator = AcceleratorFlag::Tcg;
+    agent_config.simulated = true;
+    agent_config.network = None;
+    agent_config.stop_vms_on_exit = true;
+    // Room for every round's VMs on this small host: the simulated VMM runs no guest.
+    agent_config.vcpu_overcommit = 64;
+    let stop_agent = CancellationToken::new();
+    let agent = agent::serve(agent_config, stop_agent.clone())
+        .await
+        .expect("start the agent");
+    let socket = agent.socket_path().expect("unix socket").to_path_buf();
+    // The simulated VMM runs no guest, but the agent still checks the kernel is readable.
+    let kernel = dir.path().join("vmlinuz");
+    std::fs::write(&kernel, b"not a kernel: the simulated VMM never reads it").expect("kernel");
+
+    let client = kube::Client::try_from(api.client_config()).expect("kube client");
+    let stop_controller = CancellationToken::new();
+    let handle = controller::start(
+        client.clone(),
+        ControllerConfig::with_unix_agents(BTreeMap::from([(NODE.to_string(), socket.clone())])),
+        stop_controller.clone(),
+    )
+    .await
+    .expect("start the controller");
+    let vms: Api<MicroVM> = Api::namespaced(client.clone(), "default");
+
+    for round in 0..ROUNDS {
+        let created = Instant::now();
+        let names: Vec<String> = (0..PER_ROUND).map(|i| format!("r{round}-vm-{i}")).collect();
+        for name in &names {
+            vms.create(&PostParams::default(), &microvm(name, &kernel))
+                .await
+                .expect("create a MicroVM");
+        }
+        println!(
+            "round {round}: created in {} ms",
+            created.elapsed().as_millis()
+        );
+        let deadline = created + CONVERGE_WITHIN;
+        loop {
+            let list =
+                tokio::time::timeout(Duration::from_secs(5), vms.list(&ListParams::default()))
+                    .await
+                    .expect("list in time")
+                    .expect("list MicroVMs");
+            let behind: Vec<&MicroVM> = list
+                .items
+                .iter()
+                .filter(|vm| names.contains(&vm.metadata.name.clone().unwrap_or_default()))
+                .filter(|vm| !converged(vm))
+                .collect();
+            if behind.is_empty() {
+                println!(
+                    "round {round}: {PER_ROUND} MicroVMs Running and Ready {} ms after the first create",
+                    created.elapsed().as_millis()
+                );
+                break;
+            }
+            if Instant::now() >= deadline {
+                let mut agent_client = common::connect(&socket, Duration::from_secs(5)).await;
+                let on_agent = agent_client
+                    .list_v_ms(ignis::proto::ListVMsRequest::default())
+                    .await
+                    .expect("ListVMs")
+                    .into_inner()
+                    .vms;
+                let first = behind[0];
+                let uid = first.metadata.uid.clone().unwrap_or_default();
+                panic!(
+                    "round {round}: {} of {PER_ROUND} MicroVMs not Running+Ready within {CONVERGE_WITHIN:?}; first: {}\nthe agent has it as: {:#?}\nthe controller's view: {:#?}",
+                    behind.len(),
+                    serde_json::to_string_pretty(first).unwrap_or_default(),
+                    on_agent.iter().find(|v| v.uid == uid),
+                    handle.pool.vm(NODE, &uid),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    stop_controller.cancel();
+    tokio::time::timeout(Duration::from_secs(30), handle.wait())
+        .await
+        .expect("the controller stops in time")
+        .expect("the controller stops cleanly");
+    stop_agent.cancel();
+    tokio::time::timeout(Duration::from_secs(20), agent.wait())
+        .await
+        .expect("the agent stops in time")
+        .expect("the agent stops cleanly");
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), api.stopped()).await;
+}
