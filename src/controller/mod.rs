@@ -166,9 +166,8 @@ impl ReconcileError {
     pub fn reason(&self) -> &'static str {
         match self {
             ReconcileError::NoNamespace => "NoNamespace",
-            ReconcileError::Kube(kube::Error::Api(s)) if s.code == 409 || s.code == 422 => {
-                "Conflict"
-            }
+            ReconcileError::Kube(kube::Error::Api(s)) if s.code == 409 => "Conflict",
+            ReconcileError::Kube(kube::Error::Api(s)) if s.code == 422 => "Invalid",
             ReconcileError::Kube(_) => "KubeApi",
             ReconcileError::Agent(e) => e.reason(),
         }
@@ -525,6 +524,13 @@ pub fn retry_delay(attempt: u32) -> Duration {
 }
 
 fn error_policy(mvm: Arc<MicroVM>, error: &ReconcileError, ctx: Arc<Context>) -> Requeue {
+    // A 409 means the cache lagged behind a write (often our own): a newer version exists and
+    // its watch event brings a fresh reconcile, so this is neither a failure to back off from
+    // nor worth a warning.
+    if error.reason() == "Conflict" {
+        tracing::debug!(name = %mvm.name_any(), "stale object; reconciling the newer version");
+        return Requeue::requeue(CONFLICT_RETRY);
+    }
     let uid = mvm.uid().unwrap_or_default();
     let attempt = ctx
         .failures
@@ -545,6 +551,9 @@ fn error_policy(mvm: Arc<MicroVM>, error: &ReconcileError, ctx: Arc<Context>) ->
     );
     Requeue::requeue(delay)
 }
+
+/// Retry after a 409, in case the newer version's watch event was already consumed.
+const CONFLICT_RETRY: Duration = Duration::from_millis(200);
 
 /// Reconciles in flight at once.
 const RECONCILE_CONCURRENCY: u16 = 32;
