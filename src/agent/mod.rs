@@ -397,7 +397,17 @@ pub async fn serve_with_metrics(
         _ => None,
     };
     let store = state::StateStore::open(&config.state_dir).map_err(AgentError::State)?;
-    let capacity = host::HostCapacity::read().map_err(AgentError::Host)?;
+    let mut capacity = host::HostCapacity::read().map_err(AgentError::Host)?;
+    // `ignis bench` places more VMs than the host has room for, on purpose and visibly.
+    if let Some(f) = std::env::var("IGNIS_BENCH_OVERCOMMIT")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    {
+        (capacity.vcpus, capacity.memory_bytes) = (
+            capacity.vcpus.saturating_mul(f),
+            capacity.memory_bytes.saturating_mul(f.into()),
+        );
+    }
     let probe = choose_accelerator(&config).await?;
     let (accelerator, accelerator_detail) = (probe.accelerator, probe.detail);
     let instance_id = uuid::Uuid::new_v4().to_string();

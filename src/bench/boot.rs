@@ -375,7 +375,7 @@ pub async fn run(args: &BootArgs, machine: &Machine, results: &Path) -> Result<(
         Ok::<_, BenchError>((seq, par, accel))
     }
     .await;
-    stack.stop().await;
+    stack.stop(outcome.is_err()).await;
     let _ = std::fs::remove_dir_all(&bare_root);
     let (seq, par, accel) = outcome?;
 

@@ -183,7 +183,7 @@ pub async fn run(args: &ChurnArgs, machine: &Machine, results: &Path) -> Result<
         Ok::<_, BenchError>((cycles, before, after, left))
     }
     .await;
-    stack.stop().await;
+    stack.stop(outcome.is_err()).await;
     let (cycles, before, after, left) = outcome?;
 
     let s = summarize(&cycles);

@@ -50,7 +50,9 @@ pub struct CountResult {
     pub count: usize,
     pub create_s: f64,
     pub scheduled_s: f64,
-    pub ready_s: f64,
+    /// All Ready after this long, if they all were.
+    pub ready_s: Option<f64>,
+    pub ready_count: usize,
     pub reconciles: f64,
     pub microvm_writes: u64,
     pub all_writes: u64,
@@ -69,7 +71,7 @@ async fn one(count: usize, parallel: usize) -> Result<CountResult, BenchError> {
     })
     .await?;
     let outcome = measure(&stack, count, parallel).await;
-    stack.stop().await;
+    stack.stop(outcome.is_err()).await;
     outcome
 }
 
@@ -94,7 +96,11 @@ async fn measure(stack: &Stack, count: usize, parallel: usize) -> Result<CountRe
     let deadline = Duration::from_secs(120).max(Duration::from_millis(20 * count as u64));
     let mut timeline = Vec::new();
     let mut scheduled_s = None;
-    let ready_s = loop {
+    // Ready is waited for at most READY_GRACE past the last Scheduled: some VMs on the
+    // simulated VMM stay `Starting` in status (see docs/benchmarks.md), and that must not
+    // hide the throughput figures.
+    const READY_GRACE: Duration = Duration::from_secs(30);
+    let (ready_s, ready_count) = loop {
         let scheduled = stack.count(|p| p.scheduled.is_some());
         let ready = stack.count(|p| p.ready.is_some());
         timeline.push((t0.elapsed().as_secs_f64(), scheduled));
@@ -102,18 +108,29 @@ async fn measure(stack: &Stack, count: usize, parallel: usize) -> Result<CountRe
             scheduled_s = Some(t0.elapsed().as_secs_f64());
         }
         if ready >= count {
-            break t0.elapsed().as_secs_f64();
+            break (Some(t0.elapsed().as_secs_f64()), ready);
+        }
+        if let Some(s) = scheduled_s {
+            if t0.elapsed().as_secs_f64() > s + READY_GRACE.as_secs_f64() {
+                let stuck = not_ready(stack).await;
+                println!(
+                    "  only {ready}/{count} Ready {READY_GRACE:?} after all were Scheduled: {stuck}"
+                );
+                break (None, ready);
+            }
         }
         if t0.elapsed() > deadline {
+            let stuck = not_ready(stack).await;
             return Err(BenchError::Timeout {
-                what: format!("{count} MicroVMs Ready ({scheduled} Scheduled, {ready} Ready)"),
+                what: format!(
+                    "{count} MicroVMs Scheduled ({scheduled} Scheduled, {ready} Ready; not Ready: {stuck})"
+                ),
                 after: deadline,
             });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    // Ready implies Scheduled, but the two can land in one watch event.
-    let scheduled_s = scheduled_s.unwrap_or(ready_s);
+    let scheduled_s = scheduled_s.or(ready_s).unwrap_or(0.0);
     let rec1 = stack.controller_metric(RECONCILES).await.unwrap_or(0.0);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let writes = stack.writes();
@@ -128,6 +145,7 @@ async fn measure(stack: &Stack, count: usize, parallel: usize) -> Result<CountRe
         create_s,
         scheduled_s,
         ready_s,
+        ready_count,
         reconciles: rec1 - rec0,
         microvm_writes,
         all_writes,
@@ -137,6 +155,32 @@ async fn measure(stack: &Stack, count: usize, parallel: usize) -> Result<CountRe
         bench_rss_loaded: own_rss().unwrap_or(0),
         timeline,
     })
+}
+
+/// A few MicroVMs that are not Ready, with their phase and Ready condition, for the error.
+async fn not_ready(stack: &Stack) -> String {
+    let Ok(list) = stack.microvms().list(&Default::default()).await else {
+        return "cannot list".into();
+    };
+    list.items
+        .iter()
+        .filter_map(|vm| {
+            let st = vm.status.clone().unwrap_or_default();
+            let ready =
+                crate::api::find_condition(&st.conditions, crate::api::ConditionType::Ready);
+            if ready.is_some_and(|c| c.status == "True") {
+                return None;
+            }
+            Some(format!(
+                "{} phase {:?} Ready {:?}",
+                vm.metadata.name.clone().unwrap_or_default(),
+                st.phase,
+                ready.map(|c| format!("{} {} {}", c.status, c.reason, c.message))
+            ))
+        })
+        .take(3)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The rows of one count.
@@ -166,22 +210,28 @@ pub fn count_rows(r: &CountResult) -> Vec<Row> {
             "VMs/s",
             Target::AtLeast(500.0),
         ),
-        Row::new(
-            format!("{c}: time to all Ready (simulated)"),
-            r.ready_s,
-            "s",
-            Target::None,
-        ),
+        match r.ready_s {
+            Some(s) => Row::new(
+                format!("{c}: time to all Ready (simulated)"),
+                s,
+                "s",
+                Target::None,
+            ),
+            None => Row::new(
+                format!("{c}: MicroVMs Ready 30 s after all Scheduled"),
+                r.ready_count as f64,
+                "VMs",
+                Target::AtLeast(n),
+            )
+            .note("the rest stayed Starting in status"),
+        },
         Row::new(
             format!("{c}: reconciles/s"),
-            if r.ready_s > 0.0 {
-                r.reconciles / r.ready_s
-            } else {
-                0.0
-            },
+            r.reconciles / r.ready_s.unwrap_or(r.scheduled_s).max(1e-3),
             "/s",
             Target::None,
-        ),
+        )
+        .note("over the time to all Ready (or all Scheduled)"),
         Row::new(
             format!("{c}: reconciles per VM"),
             per(r.reconciles),
@@ -262,7 +312,8 @@ mod tests {
             count: 1000,
             create_s: 2.0,
             scheduled_s: 4.0,
-            ready_s: 5.0,
+            ready_s: Some(5.0),
+            ready_count: 1000,
             reconciles: 3000.0,
             microvm_writes: 4000,
             all_writes: 6000,

@@ -189,7 +189,7 @@ async fn controller_start(dir: &Path, runs: usize) -> Result<(Vec<f64>, u64), Be
             let started = Instant::now();
             let mut child = spawn_ignis(
                 &args,
-                &[("KUBECONFIG", &kubeconfig)],
+                &[("KUBECONFIG", kubeconfig.as_os_str())],
                 &dir.join(format!("controller-{i}.log")),
             )?;
             let took = wait_readyz(
@@ -285,7 +285,7 @@ async fn agent_per_vm(steps: &[usize]) -> Result<(u64, Vec<(usize, u64)>), Bench
         Ok::<_, BenchError>((idle, out))
     }
     .await;
-    stack.stop().await;
+    stack.stop(outcome.is_err()).await;
     outcome
 }
 

@@ -26,6 +26,10 @@ use crate::dev::apiserver::{self, ApiServerConfig, ApiServerHandle};
 
 /// The node every bench stack runs on (the API server's seeded Node and the agent agree).
 pub const NODE: &str = "bench-node";
+/// How many times its real capacity the bench stack's agent advertises: the benches put
+/// more VMs on this host than it has vCPUs (20 concurrent boots, 10 000 simulated VMs), and
+/// measure the control plane and the VMM, not the scheduler refusing an overcommitted node.
+pub const OVERCOMMIT: u32 = 10_000;
 /// The MicroVMs' namespace.
 pub const NAMESPACE: &str = "default";
 /// The MicroVM the benches create, as a user would write it.
@@ -48,6 +52,8 @@ pub struct Progress {
     pub gone: Option<Instant>,
     pub accelerator: Option<String>,
     pub hypervisor: Option<String>,
+    /// Why the VM failed, when its phase went `Failed`.
+    pub failed: Option<String>,
 }
 
 pub type Tracker = Arc<Mutex<HashMap<String, Progress>>>;
@@ -69,11 +75,9 @@ pub struct Stack {
 
 /// A fresh scratch directory under the system temp dir (no `tempfile` outside tests).
 pub fn scratch_dir(what: &str) -> Result<PathBuf, BenchError> {
-    let dir = std::env::temp_dir().join(format!(
-        "ignis-bench-{what}-{}-{}",
-        std::process::id(),
-        uuid::Uuid::new_v4().simple()
-    ));
+    // Short: QEMU's QMP socket lives a few levels down and unix socket paths end at 108 bytes.
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let dir = std::env::temp_dir().join(format!("ib-{what}-{}", &id[..8]));
     std::fs::create_dir_all(&dir).map_err(|source| BenchError::Io {
         what: format!("create {}", dir.display()),
         source,
@@ -104,7 +108,7 @@ pub fn self_exe() -> Result<PathBuf, BenchError> {
 /// Start `ignis <args>` with its output in `log`.
 pub fn spawn_ignis(
     args: &[String],
-    envs: &[(&str, &Path)],
+    envs: &[(&str, &std::ffi::OsStr)],
     log: &Path,
 ) -> Result<Child, BenchError> {
     let exe = self_exe()?;
@@ -263,7 +267,12 @@ impl Stack {
             agent_args.push("--simulated".into());
         }
         let started = Instant::now();
-        let mut agent = spawn_ignis(&agent_args, &[], &dir.join("agent.log"))?;
+        let overcommit = OVERCOMMIT.to_string();
+        let mut agent = spawn_ignis(
+            &agent_args,
+            &[("IGNIS_BENCH_OVERCOMMIT", overcommit.as_ref())],
+            &dir.join("agent.log"),
+        )?;
         wait_readyz(
             agent_health,
             &mut agent,
@@ -287,7 +296,7 @@ impl Stack {
         let started = Instant::now();
         let mut controller = spawn_ignis(
             &controller_args,
-            &[("KUBECONFIG", &kubeconfig)],
+            &[("KUBECONFIG", kubeconfig.as_os_str())],
             &dir.join("controller.log"),
         )?;
         wait_readyz(
@@ -377,6 +386,12 @@ impl Stack {
             if done(&p) {
                 return Ok(p);
             }
+            if let Some(why) = &p.failed {
+                return Err(BenchError::Failed(format!(
+                    "MicroVM {name} failed while waiting for {what}: {why} (logs in {})",
+                    self.dir.display()
+                )));
+            }
             if Instant::now() > deadline {
                 return Err(BenchError::Timeout {
                     what: format!("MicroVM {name} {what}"),
@@ -410,13 +425,16 @@ impl Stack {
 
     /// Stop the controller, then the agent (which stops its VMs), then the API server, and
     /// remove the scratch directory.
-    pub async fn stop(mut self) {
+    /// `keep` leaves the directory (logs) behind, for a run that failed.
+    pub async fn stop(mut self, keep: bool) {
         self.stop_watch.cancel();
         terminate(&mut self.controller, Duration::from_secs(10)).await;
         terminate(&mut self.agent, Duration::from_secs(30)).await;
         self.stop_api.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.api.stopped()).await;
-        if let Err(error) = std::fs::remove_dir_all(&self.dir) {
+        if keep {
+            eprintln!("logs of the failed run kept in {}", self.dir.display());
+        } else if let Err(error) = std::fs::remove_dir_all(&self.dir) {
             tracing::warn!(%error, dir = %self.dir.display(), "cannot remove the scratch dir");
         }
     }
@@ -471,6 +489,12 @@ async fn track(api: Api<MicroVM>, tracker: Tracker, stop: CancellationToken) {
         }
         if is_true(ConditionType::Ready) {
             p.ready.get_or_insert(now);
+        }
+        if status.phase == Some(crate::api::Phase::Failed) {
+            let why = find_condition(&status.conditions, ConditionType::Ready)
+                .map(|c| format!("{}: {}", c.reason, c.message))
+                .unwrap_or_else(|| "phase Failed".into());
+            p.failed = Some(why);
         }
         if p.accelerator.is_none() {
             p.accelerator = status.accelerator.map(|a| a.to_string());
