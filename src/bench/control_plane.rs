@@ -110,14 +110,12 @@ async fn measure(stack: &Stack, count: usize, parallel: usize) -> Result<CountRe
         if ready >= count {
             break (Some(t0.elapsed().as_secs_f64()), ready);
         }
-        if let Some(s) = scheduled_s {
-            if t0.elapsed().as_secs_f64() > s + READY_GRACE.as_secs_f64() {
-                let stuck = not_ready(stack).await;
-                println!(
-                    "  only {ready}/{count} Ready {READY_GRACE:?} after all were Scheduled: {stuck}"
-                );
-                break (None, ready);
-            }
+        if scheduled_s.is_some_and(|s| t0.elapsed().as_secs_f64() > s + READY_GRACE.as_secs_f64()) {
+            let stuck = not_ready(stack).await;
+            println!(
+                "  only {ready}/{count} Ready {READY_GRACE:?} after all were Scheduled: {stuck}"
+            );
+            break (None, ready);
         }
         if t0.elapsed() > deadline {
             let stuck = not_ready(stack).await;
