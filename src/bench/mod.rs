@@ -206,12 +206,25 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> Result<(), Ben
             BenchCommand::Footprint(a) => footprint::run(&a, &machine, &dir).await,
             BenchCommand::Churn(a) => churn::run(&a, &machine, &dir).await,
             BenchCommand::All => {
-                // Footprint first: its idle figures want a quiet machine.
-                footprint::run(&footprint::FootprintArgs::default(), &machine, &dir).await?;
-                boot::run(&boot::BootArgs::default(), &machine, &dir).await?;
-                control_plane::run(&control_plane::ControlPlaneArgs::default(), &machine, &dir)
-                    .await?;
-                churn::run(&churn::ChurnArgs::default(), &machine, &dir).await
+                // Footprint first: its idle figures want a quiet machine. Every bench runs
+                // even when one fails; the first failure is the exit status.
+                let outcomes = [
+                    footprint::run(&footprint::FootprintArgs::default(), &machine, &dir).await,
+                    boot::run(&boot::BootArgs::default(), &machine, &dir).await,
+                    control_plane::run(&control_plane::ControlPlaneArgs::default(), &machine, &dir)
+                        .await,
+                    churn::run(&churn::ChurnArgs::default(), &machine, &dir).await,
+                ];
+                let mut first = Ok(());
+                for outcome in outcomes {
+                    if let Err(error) = outcome {
+                        eprintln!("bench failed: {error}");
+                        if first.is_ok() {
+                            first = Err(error);
+                        }
+                    }
+                }
+                first
             }
         }
     };
