@@ -100,6 +100,14 @@ pub struct AgentArgs {
     /// overcommitted like KubeVirt's default CPU allocation ratio; memory never is.
     #[arg(long, env = "IGNIS_VCPU_OVERCOMMIT", default_value_t = DEFAULT_VCPU_OVERCOMMIT, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub vcpu_overcommit: u32,
+    /// Benchmarks only, with `--simulated`: multiply the advertised vCPUs and memory.
+    #[arg(
+        long,
+        env = "IGNIS_CAPACITY_MULTIPLIER",
+        hide = true,
+        default_value_t = 1
+    )]
+    pub capacity_multiplier: u32,
     #[command(flatten)]
     pub network: net::NetworkArgs,
     /// Turn guest networking off: VMs asking for `nat`/`bridge` interfaces fail.
@@ -247,6 +255,8 @@ pub struct AgentConfig {
     pub stop_vms_on_exit: bool,
     /// vCPUs offered per host CPU.
     pub vcpu_overcommit: u32,
+    /// With `simulated` only: advertise this many times the host's capacity.
+    pub capacity_multiplier: u32,
     /// Guest networking; `None` turns it off (VMs asking for `nat`/`bridge` fail).
     pub network: Option<net::NetworkConfig>,
     pub network_setup: NetworkSetup,
@@ -271,6 +281,7 @@ impl AgentConfig {
             simulated: false,
             stop_vms_on_exit: false,
             vcpu_overcommit: DEFAULT_VCPU_OVERCOMMIT,
+            capacity_multiplier: 1,
             network: Some(net::NetworkConfig::new(state_dir.join("net"))),
             network_setup: NetworkSetup::OnFirstUse,
         }
@@ -300,6 +311,7 @@ impl AgentConfig {
             simulated: args.simulated,
             stop_vms_on_exit: args.stop_vms_on_exit,
             vcpu_overcommit: args.vcpu_overcommit,
+            capacity_multiplier: args.capacity_multiplier,
             network: (!args.no_network).then(|| args.network.config(&args.state_dir)),
             network_setup: NetworkSetup::AtStart,
         })
@@ -437,6 +449,13 @@ pub async fn serve_with_metrics(
     let store = state::StateStore::open(&config.state_dir).map_err(AgentError::State)?;
     let mut capacity = host::HostCapacity::read().map_err(AgentError::Host)?;
     capacity.vcpus = capacity.vcpus.saturating_mul(config.vcpu_overcommit.max(1));
+    // Control-plane benchmarks place thousands of simulated VMs on one node: on purpose,
+    // visibly (`hypervisor: simulated`), and never for real VMs.
+    if config.simulated && config.capacity_multiplier > 1 {
+        let f = config.capacity_multiplier;
+        capacity.vcpus = capacity.vcpus.saturating_mul(f);
+        capacity.memory_bytes = capacity.memory_bytes.saturating_mul(f.into());
+    }
     let probe = choose_accelerator(&config).await?;
     let (accelerator, accelerator_detail) = (probe.accelerator, probe.detail);
     let instance_id = uuid::Uuid::new_v4().to_string();

@@ -1,20 +1,235 @@
-//! `ignis bench`: see DESIGN.md section 2. Being built; tracked by its issue.
+//! `ignis bench`: measure Ignis against the targets of DESIGN.md section 5, side by side with
+//! the floor (the bare VMM boot) in the same run. Each bench prints a table, every figure
+//! beside its target, and writes `<results-dir>/<bench>.json` with the machine it ran on. The
+//! binary measures itself: a debug build says so and its numbers are not representative.
 
+pub mod boot;
+pub mod churn;
+pub mod control_plane;
+pub mod footprint;
+pub mod machine;
+pub mod stack;
+pub mod stats;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
+use self::machine::Machine;
+use self::stats::{Target, Verdict, trim};
+
 /// Flags of `ignis bench`.
 #[derive(Debug, clap::Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// Where the JSON results go (one file per bench, overwritten).
+    #[arg(long, global = true, default_value = "results")]
+    pub results_dir: PathBuf,
+    #[command(subcommand)]
+    pub command: BenchCommand,
+}
+
+/// The benches.
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// apply → Scheduled → Ready through the dev stack, beside the bare VMM boot.
+    Boot(boot::BootArgs),
+    /// MicroVMs/s to Scheduled and RSS with the simulated VMM.
+    ControlPlane(control_plane::ControlPlaneArgs),
+    /// Binary size, start → /readyz, idle RSS, agent RSS per VM.
+    Footprint(footprint::FootprintArgs),
+    /// Create/delete cycles and a leak check that fails the bench.
+    Churn(churn::ChurnArgs),
+    /// Every bench with its defaults.
+    All,
+}
 
 /// Errors of `ignis bench`.
 #[derive(Debug, Error)]
 pub enum BenchError {
-    #[error("`ignis bench` is not built yet")]
-    NotBuilt,
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the embedded API server did not start")]
+    ApiServer(#[source] crate::dev::apiserver::ApiServerError),
+    #[error("API request failed")]
+    Kube(#[source] kube::Error),
+    #[error("cannot prepare the demo guest")]
+    Guest(#[source] crate::agent::guest::GuestError),
+    #[error("{what} did not happen within {after:?}")]
+    Timeout { what: String, after: Duration },
+    #[error("{0}")]
+    Failed(String),
+    #[error("leak check failed: {0}")]
+    Leak(String),
+    #[error("cannot encode the results")]
+    Json(#[source] serde_json::Error),
+    #[error("interrupted")]
+    Interrupted,
 }
 
-/// Run until `shutdown` is cancelled.
-pub async fn run(_args: BenchArgs, _shutdown: CancellationToken) -> Result<(), BenchError> {
-    Err(BenchError::NotBuilt)
+impl BenchError {
+    /// A fixed word for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            BenchError::Io { .. } => "Io",
+            BenchError::ApiServer(_) => "ApiServer",
+            BenchError::Kube(_) => "Api",
+            BenchError::Guest(_) => "Guest",
+            BenchError::Timeout { .. } => "Timeout",
+            BenchError::Failed(_) => "Failed",
+            BenchError::Leak(_) => "Leak",
+            BenchError::Json(_) => "Json",
+            BenchError::Interrupted => "Interrupted",
+        }
+    }
+}
+
+/// One line of a result table.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub metric: String,
+    pub value: f64,
+    pub unit: String,
+    pub target: Target,
+    pub verdict: Verdict,
+    /// What exactly was measured, when the metric name alone does not say.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub note: String,
+}
+
+impl Row {
+    pub fn new(metric: impl Into<String>, value: f64, unit: &str, target: Target) -> Row {
+        Row {
+            metric: metric.into(),
+            value,
+            unit: unit.into(),
+            target,
+            verdict: target.judge(value),
+            note: String::new(),
+        }
+    }
+
+    pub fn note(mut self, note: impl Into<String>) -> Row {
+        self.note = note.into();
+        self
+    }
+}
+
+/// A bench's results: the table, the machine, and raw data for plots.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub bench: String,
+    pub machine: Machine,
+    pub rows: Vec<Row>,
+    pub notes: Vec<String>,
+    pub data: serde_json::Value,
+}
+
+impl Report {
+    pub fn new(bench: &str, machine: Machine) -> Report {
+        Report {
+            bench: bench.into(),
+            machine,
+            rows: Vec::new(),
+            notes: Vec::new(),
+            data: serde_json::Value::Null,
+        }
+    }
+
+    /// The table as Markdown (pasted as is into docs/benchmarks.md).
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "### {}\n\n| metric | value | target | |\n| --- | ---: | --- | --- |\n",
+            self.bench
+        );
+        for r in &self.rows {
+            let note = if r.note.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", r.note)
+            };
+            out.push_str(&format!(
+                "| {}{note} | {} {} | {} | {} |\n",
+                r.metric,
+                trim(r.value),
+                r.unit,
+                r.target.describe(&r.unit),
+                r.verdict.word()
+            ));
+        }
+        for n in &self.notes {
+            out.push_str(&format!("\n- {n}"));
+        }
+        out.push('\n');
+        out
+    }
+
+    /// Print the table and write `<dir>/<bench>.json`.
+    pub fn publish(&self, dir: &Path) -> Result<PathBuf, BenchError> {
+        println!("\n{}", self.table());
+        std::fs::create_dir_all(dir).map_err(|source| BenchError::Io {
+            what: format!("create {}", dir.display()),
+            source,
+        })?;
+        let path = dir.join(format!("{}.json", self.bench));
+        let json = serde_json::to_vec_pretty(self).map_err(BenchError::Json)?;
+        std::fs::write(&path, json).map_err(|source| BenchError::Io {
+            what: format!("write {}", path.display()),
+            source,
+        })?;
+        println!("results: {}", path.display());
+        Ok(path)
+    }
+}
+
+/// Run the chosen bench; Ctrl-C ends it (children are killed on drop).
+pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> Result<(), BenchError> {
+    let machine = machine::Machine::detect().await;
+    println!("{}", machine.describe());
+    if machine.debug_build {
+        println!(
+            "WARNING: this is a debug build; its numbers are not representative \
+             (build with `cargo build --release`)."
+        );
+    }
+    let dir = args.results_dir.clone();
+    let work = async {
+        match args.command {
+            BenchCommand::Boot(a) => boot::run(&a, &machine, &dir).await,
+            BenchCommand::ControlPlane(a) => control_plane::run(&a, &machine, &dir).await,
+            BenchCommand::Footprint(a) => footprint::run(&a, &machine, &dir).await,
+            BenchCommand::Churn(a) => churn::run(&a, &machine, &dir).await,
+            BenchCommand::All => {
+                // Footprint first: its idle figures want a quiet machine. Every bench runs
+                // even when one fails; the first failure is the exit status.
+                let outcomes = [
+                    footprint::run(&footprint::FootprintArgs::default(), &machine, &dir).await,
+                    boot::run(&boot::BootArgs::default(), &machine, &dir).await,
+                    control_plane::run(&control_plane::ControlPlaneArgs::default(), &machine, &dir)
+                        .await,
+                    churn::run(&churn::ChurnArgs::default(), &machine, &dir).await,
+                ];
+                let mut first = Ok(());
+                for outcome in outcomes {
+                    if let Err(error) = outcome {
+                        eprintln!("bench failed: {error}");
+                        if first.is_ok() {
+                            first = Err(error);
+                        }
+                    }
+                }
+                first
+            }
+        }
+    };
+    tokio::select! {
+        result = work => result,
+        () = shutdown.cancelled() => Err(BenchError::Interrupted),
+    }
 }
