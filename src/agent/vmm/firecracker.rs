@@ -16,7 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
-use super::http::{self, ApiRequest, Launch, VmmOutput};
+use super::http::{self, ApiRequest};
 use super::{GuestExit, Spawned, VmConfig, VmmBackend, VmmError, VmmHandle, VmmState};
 use crate::api::{Accelerator, Hypervisor};
 
@@ -204,43 +204,24 @@ impl VmmBackend for FirecrackerBackend {
     }
 
     async fn create(&self, config: &VmConfig) -> Result<Spawned, VmmError> {
-        if !self.supports(config.accelerator) {
-            return Err(VmmError::UnsupportedAccelerator {
-                hypervisor: Hypervisor::Firecracker,
-                accelerator: config.accelerator,
-            });
-        }
-        let requests = plan_create(config)?;
-        let binary = http::resolve_binary(&config.binary)?;
-        std::fs::create_dir_all(&config.state_dir).map_err(|source| VmmError::Io {
-            operation: "creating the state directory".to_owned(),
-            source,
-        })?;
-        let vmm_log = config.state_dir.join("vmm.log");
-        http::launch(Launch {
-            binary: &binary,
-            args: spawn_args(config),
-            output: VmmOutput {
-                stdout: &config.console_log,
-                stderr: &vmm_log,
-            },
-            api_socket: &config.api_socket,
-            console_log: &config.console_log,
-            requests: &requests,
-            socket_timeout: self.socket_timeout,
-            api_timeout: self.api_timeout,
-        })
+        http::create_vm(
+            Hypervisor::Firecracker,
+            config,
+            plan_create,
+            spawn_args(config),
+            true,
+            self.socket_timeout,
+            self.api_timeout,
+        )
         .await
     }
 
     async fn start(&self, handle: &VmmHandle) -> Result<(), VmmError> {
-        http::call(&handle.api_socket, &plan_start(), self.api_timeout).await?;
-        Ok(())
+        http::send_action(handle, &plan_start(), self.api_timeout).await
     }
 
     async fn stop(&self, handle: &VmmHandle) -> Result<(), VmmError> {
-        http::call(&handle.api_socket, &plan_stop(), self.api_timeout).await?;
-        Ok(())
+        http::send_action(handle, &plan_stop(), self.api_timeout).await
     }
 
     async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError> {
@@ -248,14 +229,7 @@ impl VmmBackend for FirecrackerBackend {
     }
 
     async fn state(&self, handle: &VmmHandle) -> Result<VmmState, VmmError> {
-        if !http::vmm_alive(handle) {
-            return Ok(VmmState::Exited);
-        }
-        let request = plan_state();
-        let operation = request.operation();
-        let response = http::call(&handle.api_socket, &request, self.api_timeout).await?;
-        parse_state(&response.json(&operation)?)
-            .map_err(|detail| VmmError::Protocol { operation, detail })
+        http::query_state(handle, &plan_state(), self.api_timeout, parse_state).await
     }
 
     fn classify_exit(

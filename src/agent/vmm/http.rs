@@ -19,7 +19,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::UnixStream;
 
-use super::{VmmError, VmmHandle};
+use super::{VmConfig, VmmError, VmmHandle, VmmState};
+use crate::api::{Accelerator, Hypervisor};
 
 /// One call to a VMM's HTTP API, as planned by a backend.
 #[derive(Clone, Debug, PartialEq)]
@@ -377,6 +378,75 @@ pub struct Launch<'a> {
     pub requests: &'a [ApiRequest],
     pub socket_timeout: Duration,
     pub api_timeout: Duration,
+}
+
+/// The create path both HTTP-API VMMs share: refuse what needs KVM without it, plan the
+/// pre-boot requests, then launch (`spawn_args` and where the guest console goes are the
+/// backend's own).
+pub async fn create_vm(
+    hypervisor: Hypervisor,
+    config: &VmConfig,
+    plan: impl FnOnce(&VmConfig) -> Result<Vec<ApiRequest>, VmmError>,
+    spawn_args: Vec<String>,
+    console_on_stdout: bool,
+    socket_timeout: Duration,
+    api_timeout: Duration,
+) -> Result<super::Spawned, VmmError> {
+    if config.accelerator != Accelerator::Kvm {
+        return Err(VmmError::UnsupportedAccelerator {
+            hypervisor,
+            accelerator: config.accelerator,
+        });
+    }
+    let requests = plan(config)?;
+    let binary = resolve_binary(&config.binary)?;
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| VmmError::Io {
+        operation: "creating the state directory".to_owned(),
+        source,
+    })?;
+    let vmm_log = config.state_dir.join("vmm.log");
+    launch(Launch {
+        binary: &binary,
+        args: spawn_args,
+        output: VmmOutput {
+            stdout: if console_on_stdout {
+                &config.console_log
+            } else {
+                &vmm_log
+            },
+            stderr: &vmm_log,
+        },
+        api_socket: &config.api_socket,
+        console_log: &config.console_log,
+        requests: &requests,
+        socket_timeout,
+        api_timeout,
+    })
+    .await
+}
+
+/// Send a request whose answer carries nothing the caller needs (start, stop).
+pub async fn send_action(
+    handle: &VmmHandle,
+    request: &ApiRequest,
+    timeout: Duration,
+) -> Result<(), VmmError> {
+    call(&handle.api_socket, request, timeout).await.map(|_| ())
+}
+
+/// Ask the VMM for its state; a VMM process that is gone is `Exited` without asking.
+pub async fn query_state(
+    handle: &VmmHandle,
+    request: &ApiRequest,
+    timeout: Duration,
+    parse: fn(&Value) -> Result<VmmState, String>,
+) -> Result<VmmState, VmmError> {
+    if !vmm_alive(handle) {
+        return Ok(VmmState::Exited);
+    }
+    let operation = request.operation();
+    let response = call(&handle.api_socket, request, timeout).await?;
+    parse(&response.json(&operation)?).map_err(|detail| VmmError::Protocol { operation, detail })
 }
 
 /// Spawn the VMM, wait for its socket, send the pre-boot requests. On any failure the VMM is
