@@ -304,18 +304,9 @@ pub fn log_tail(path: &Path, max_bytes: usize) -> String {
     String::from_utf8_lossy(&bytes[start..]).trim().to_owned()
 }
 
-/// Field 22 (start time in clock ticks) of a `/proc/<pid>/stat` line. The command name
-/// (field 2) may contain spaces and parentheses, so parsing starts after its last `)`.
-pub fn parse_stat_start_time(stat: &str) -> Option<u64> {
-    let after_comm = &stat[stat.rfind(')')? + 1..];
-    // after_comm starts at field 3 (state); field 22 is the 20th from there.
-    after_comm.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// The start time of a live process, `None` when it is gone.
+/// The start time of a process, `None` when it is gone.
 pub fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_stat_start_time(&stat)
+    crate::agent::host::proc_stat(pid).map(|stat| stat.start_time_ticks)
 }
 
 /// Whether the process behind `handle` is still our VMM (same pid and start time).
@@ -622,8 +613,9 @@ mod tests {
     fn stat_start_time_survives_odd_command_names() {
         let stat = "4242 (fire cracker) (x)) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 \
                     3 0 987654 1000000 200 18446744073709551615";
-        assert_eq!(parse_stat_start_time(stat), Some(987654));
-        assert_eq!(parse_stat_start_time("garbage"), None);
+        let parse = |s| crate::agent::host::parse_proc_stat(s).map(|s| s.start_time_ticks);
+        assert_eq!(parse(stat), Some(987654));
+        assert_eq!(parse("garbage"), None);
     }
 
     #[test]

@@ -320,34 +320,16 @@ pub fn classify(exit: ExitSummary, console_tail: &str, vmm_log_tail: &str) -> Gu
     }
 }
 
-/// Field 22 (start time in clock ticks) of a `/proc/<pid>/stat` line.
-pub fn parse_start_time(stat: &str) -> Option<u64> {
-    // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// The process state letter (field 3) of a `/proc/<pid>/stat` line.
-fn parse_state(stat: &str) -> Option<char> {
-    stat[stat.rfind(')')? + 1..]
-        .split_whitespace()
-        .next()?
-        .chars()
-        .next()
-}
-
 /// The start time of a live (non-zombie) process, if it exists.
 fn live_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    if matches!(parse_state(&stat), Some('Z') | Some('X')) {
-        return None;
-    }
-    parse_start_time(&stat)
+    crate::agent::host::proc_stat(pid)
+        .filter(|stat| crate::agent::host::is_live(Some(*stat), stat.start_time_ticks))
+        .map(|stat| stat.start_time_ticks)
 }
 
 /// Whether the handle still names the running VMM (not a gone or reused pid).
 pub fn is_alive(handle: &VmmHandle) -> bool {
-    live_start_time(handle.pid) == Some(handle.start_time_ticks)
+    crate::agent::host::is_same_live_process(handle.pid, handle.start_time_ticks)
 }
 
 /// The last `max` bytes of a file, lossily decoded; empty when unreadable.
@@ -822,9 +804,10 @@ mod tests {
     #[test]
     fn stat_parsing_survives_odd_names() {
         let stat = "1234 (qemu (x) y) S 1 1234 1234 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 3 0 987654 1000 10";
-        assert_eq!(parse_start_time(stat), Some(987654));
-        assert_eq!(parse_state(stat), Some('S'));
-        assert_eq!(parse_start_time("garbage"), None);
+        let parsed = crate::agent::host::parse_proc_stat(stat);
+        assert_eq!(parsed.map(|s| s.start_time_ticks), Some(987654));
+        assert_eq!(parsed.map(|s| s.state), Some('S'));
+        assert_eq!(crate::agent::host::parse_proc_stat("garbage"), None);
     }
 
     #[test]
