@@ -13,6 +13,7 @@ pub mod server;
 pub mod simulated;
 pub mod state;
 pub mod supervisor;
+pub mod tls;
 pub mod vmm;
 
 use std::net::SocketAddr;
@@ -491,7 +492,12 @@ pub async fn serve_with_metrics(
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).map_err(AgentError::Tls)?;
     }
-    let router = builder.add_service(crate::proto::agent_server::AgentServer::new(service));
+    let router = builder.add_service(crate::proto::agent_server::AgentServer::with_interceptor(
+        service,
+        tls::ControllerOnly {
+            enforce: matches!(config.listen, ListenAddr::Tcp(_)),
+        },
+    ));
     let stop_vms = config.stop_vms_on_exit;
     let (listen, join) = match &config.listen {
         ListenAddr::Unix(path) => {
@@ -601,6 +607,16 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
     )
     .await
     .map_err(AgentError::Telemetry)?;
+    if let Some(files) = &config.tls {
+        tls::watch_files(
+            vec![
+                files.cert.clone(),
+                files.key.clone(),
+                files.client_ca.clone(),
+            ],
+            shutdown.clone(),
+        );
+    }
     let handle = serve_with_metrics(config, shutdown, metrics).await?;
     readiness.set_ready(true);
     handle.wait().await
