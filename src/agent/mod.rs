@@ -4,6 +4,7 @@
 //! mode), or on a unix socket (`ignis dev`, tests).
 
 pub mod atomic_file;
+pub mod cgroup;
 pub mod console;
 pub mod guest;
 pub mod host;
@@ -109,6 +110,13 @@ pub struct AgentArgs {
         default_value_t = 1
     )]
     pub capacity_multiplier: u32,
+    /// The host's cgroup filesystem as mounted in the agent's pod (e.g. /host/sys/fs/cgroup):
+    /// VMMs are moved into a node-level cgroup there, so they outlive the agent's container.
+    #[arg(long, env = "IGNIS_VMM_CGROUP_ROOT")]
+    pub vmm_cgroup_root: Option<PathBuf>,
+    /// Name of that cgroup in each hierarchy.
+    #[arg(long, env = "IGNIS_VMM_CGROUP", default_value = "ignis-vms")]
+    pub vmm_cgroup: String,
     #[command(flatten)]
     pub network: net::NetworkArgs,
     /// Turn guest networking off: VMs asking for `nat`/`bridge` interfaces fail.
@@ -607,6 +615,9 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
     )
     .await
     .map_err(AgentError::Telemetry)?;
+    if let Some(root) = &args.vmm_cgroup_root {
+        cgroup::configure(root, &args.vmm_cgroup);
+    }
     if let Some(files) = &config.tls {
         tls::watch_files(
             vec![

@@ -257,7 +257,7 @@ pub fn spawn_vmm(
     };
     let stdout = open_append(output.stdout).map_err(spawn_error)?;
     let stderr = open_append(output.stderr).map_err(spawn_error)?;
-    tokio::process::Command::new(binary)
+    let mut child = tokio::process::Command::new(binary)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::from(stdout))
@@ -265,7 +265,17 @@ pub fn spawn_vmm(
         .process_group(0)
         .kill_on_drop(false)
         .spawn()
-        .map_err(spawn_error)
+        .map_err(spawn_error)?;
+    if let Some(pid) = child.id()
+        && let Err(source) = crate::agent::cgroup::place(pid)
+    {
+        let _ = child.start_kill();
+        return Err(VmmError::Io {
+            operation: "move the VMM out of the agent's cgroup".to_owned(),
+            source,
+        });
+    }
+    Ok(child)
 }
 
 /// Wait until the VMM accepts connections on `socket`. A VMM that exits first is reported

@@ -456,6 +456,11 @@ impl QemuBackend {
             operation: "create".into(),
             detail: "exited immediately".into(),
         })?;
+        if let Err(e) = crate::agent::cgroup::place(pid) {
+            let _ = child.start_kill();
+            let _ = tokio::time::timeout(API_TIMEOUT, child.wait()).await;
+            return Err(io("move the VMM out of the agent's cgroup")(e));
+        }
 
         let handle = VmmHandle {
             pid,
