@@ -11,6 +11,7 @@ pub mod plan;
 pub mod scheduler;
 pub mod status;
 pub mod tls;
+pub mod uninstall;
 pub mod vmspec;
 
 #[cfg(test)]
