@@ -14,6 +14,8 @@ use super::agents::{AgentEndpoint, AgentPool};
 
 /// Label selecting the agent pods.
 pub const AGENT_SELECTOR: &str = "app.kubernetes.io/name=ignis-agent";
+/// Label selecting the controller pods.
+pub const CONTROLLER_SELECTOR: &str = "app.kubernetes.io/name=ignis-controller";
 
 /// Agent endpoints from the agent pods: one per node, only pods that run and have an address.
 /// When a node briefly has two pods (rolling update), the running one with the newest name

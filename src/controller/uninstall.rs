@@ -3,11 +3,15 @@
 //! keep its VM running on a node with nobody to stop it, and its finalizer would never be
 //! served. So before anything is deleted this either deletes every MicroVM and waits until
 //! the controller has stopped their VMs and released them, or, when the user asked for it,
-//! refuses the uninstall while MicroVMs exist.
+//! refuses the uninstall while MicroVMs exist. Then it scales the controller to zero and waits
+//! for its pods to end, so no controller still runs when Helm deletes its RBAC (a controller
+//! outliving its Role would be refused by the apiserver while it shuts down).
 
 use std::time::{Duration, Instant};
 
-use kube::api::{DeleteParams, ListParams};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +36,12 @@ pub struct UninstallArgs {
     /// How long to wait for the MicroVMs to be gone (e.g. 5m).
     #[arg(long, env = "IGNIS_UNINSTALL_TIMEOUT", default_value = "5m", value_parser = super::parse_duration)]
     pub timeout: Duration,
+    /// The controller Deployment to scale to zero once the MicroVMs are gone.
+    #[arg(long, env = "IGNIS_CONTROLLER_DEPLOYMENT")]
+    pub controller_deployment: Option<String>,
+    /// Namespace of that Deployment.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "ignis-system")]
+    pub namespace: String,
 }
 
 /// Why the uninstall cannot go on.
@@ -41,6 +51,10 @@ pub enum UninstallError {
     Client(#[source] kube::Error),
     #[error("cannot list or delete MicroVMs")]
     Api(#[source] kube::Error),
+    #[error("cannot scale the controller Deployment {0} to zero")]
+    Scale(String, #[source] kube::Error),
+    #[error("controller pods still run after {timeout:?}: {names}")]
+    ControllerRemains { timeout: Duration, names: String },
     #[error("MicroVMs still exist and uninstall.microVMs is Refuse: {0}")]
     Refused(String),
     #[error("MicroVMs still exist after {timeout:?} (is the controller running?): {names}")]
@@ -54,6 +68,8 @@ impl UninstallError {
         match self {
             UninstallError::Client(_) => "KubeClient",
             UninstallError::Api(_) => "KubeApi",
+            UninstallError::Scale(..) => "ScaleFailed",
+            UninstallError::ControllerRemains { .. } => "ControllerRemains",
             UninstallError::Refused(_) => "MicroVmsExist",
             UninstallError::Timeout { .. } => "MicroVmsRemain",
             UninstallError::Interrupted => "Interrupted",
@@ -76,6 +92,74 @@ pub async fn run(args: UninstallArgs, shutdown: CancellationToken) -> Result<(),
     let client = Client::try_default()
         .await
         .map_err(UninstallError::Client)?;
+    let deadline = Instant::now() + args.timeout;
+    remove_microvms(&client, &args, deadline, &shutdown).await?;
+    if let Some(deployment) = &args.controller_deployment {
+        stop_controller(&client, &args, deployment, deadline, &shutdown).await?;
+    }
+    Ok(())
+}
+
+/// Sleep between polls, or give up when `shutdown` fires.
+async fn pause(shutdown: &CancellationToken) -> Result<(), UninstallError> {
+    tokio::select! {
+        _ = shutdown.cancelled() => Err(UninstallError::Interrupted),
+        _ = tokio::time::sleep(Duration::from_secs(2)) => Ok(()),
+    }
+}
+
+/// Scale the controller to zero and wait until none of its pods is left.
+async fn stop_controller(
+    client: &Client,
+    args: &UninstallArgs,
+    deployment: &str,
+    deadline: Instant,
+    shutdown: &CancellationToken,
+) -> Result<(), UninstallError> {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &args.namespace);
+    let scaled = deployments
+        .patch_scale(
+            deployment,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "spec": { "replicas": 0 } })),
+        )
+        .await;
+    match scaled {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 404 => return Ok(()),
+        Err(error) => return Err(UninstallError::Scale(deployment.to_string(), error)),
+    }
+    tracing::info!(%deployment, "scaled the controller to zero; waiting for its pods to end");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &args.namespace);
+    let selector = ListParams::default().labels(super::discovery::CONTROLLER_SELECTOR);
+    loop {
+        let left = pods
+            .list(&selector)
+            .await
+            .map_err(UninstallError::Api)?
+            .items;
+        if left.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let mut names: Vec<String> = left.iter().map(ResourceExt::name_any).collect();
+            names.sort();
+            return Err(UninstallError::ControllerRemains {
+                timeout: args.timeout,
+                names: names.join(", "),
+            });
+        }
+        pause(shutdown).await?;
+    }
+}
+
+/// Delete every MicroVM (or refuse) and wait until they are gone.
+async fn remove_microvms(
+    client: &Client,
+    args: &UninstallArgs,
+    deadline: Instant,
+    shutdown: &CancellationToken,
+) -> Result<(), UninstallError> {
     let api: Api<MicroVM> = Api::all(client.clone());
     let existing = api
         .list(&ListParams::default())
@@ -83,7 +167,7 @@ pub async fn run(args: UninstallArgs, shutdown: CancellationToken) -> Result<(),
         .map_err(UninstallError::Api)?
         .items;
     if existing.is_empty() {
-        tracing::info!("no MicroVMs; nothing to do before uninstall");
+        tracing::info!("no MicroVMs");
         return Ok(());
     }
     if args.microvms == ExistingMicroVms::Refuse {
@@ -102,7 +186,6 @@ pub async fn run(args: UninstallArgs, shutdown: CancellationToken) -> Result<(),
             Err(error) => return Err(UninstallError::Api(error)),
         }
     }
-    let deadline = Instant::now() + args.timeout;
     loop {
         let left = api
             .list(&ListParams::default())
@@ -119,10 +202,7 @@ pub async fn run(args: UninstallArgs, shutdown: CancellationToken) -> Result<(),
                 names: names(&left),
             });
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Err(UninstallError::Interrupted),
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-        }
+        pause(shutdown).await?;
     }
 }
 
