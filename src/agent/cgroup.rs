@@ -16,7 +16,8 @@ use std::sync::OnceLock;
 /// Where VMMs go: set once at agent start (`ignis agent --vmm-cgroup-root`).
 static TARGET: OnceLock<(PathBuf, String)> = OnceLock::new();
 
-/// Move every VMM spawned from now on into `<root>/<hierarchy>/<name>`.
+/// Move every VMM spawned from now on into `<root>/<hierarchy>/<name>` (`name` may be a
+/// path, e.g. `ignis-cluster/ignis-vms`).
 pub fn configure(root: &Path, name: &str) {
     let _ = TARGET.set((root.to_path_buf(), name.to_string()));
 }
@@ -56,17 +57,30 @@ pub fn place_under(root: &Path, name: &str, pid: u32) -> io::Result<()> {
         ));
     }
     for hierarchy in all {
-        let dir = hierarchy.join(name);
-        std::fs::create_dir_all(&dir)?;
-        // A new v1 cpuset cgroup starts with no CPUs and no memory nodes, and refuses
-        // processes until it is given its parent's.
-        for file in ["cpuset.cpus", "cpuset.mems"] {
-            let own = dir.join(file);
-            if own.exists() && std::fs::read_to_string(&own)?.trim().is_empty() {
-                std::fs::write(&own, std::fs::read_to_string(hierarchy.join(file))?.trim())?;
+        // Level by level: a new v1 cpuset cgroup starts with no CPUs and no memory nodes and
+        // refuses processes (and children with any) until it is given its parent's.
+        let mut dir = hierarchy.clone();
+        for part in Path::new(name).components() {
+            let parent = dir.clone();
+            dir.push(part);
+            match std::fs::create_dir(&dir) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+                _ => {}
             }
+            inherit_cpuset(&parent, &dir)?;
         }
         std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
+    }
+    Ok(())
+}
+
+/// Give the cgroup `dir` its `parent`'s CPUs and memory nodes when it has none (v1 cpuset).
+fn inherit_cpuset(parent: &Path, dir: &Path) -> io::Result<()> {
+    for file in ["cpuset.cpus", "cpuset.mems"] {
+        let own = dir.join(file);
+        if own.exists() && std::fs::read_to_string(&own)?.trim().is_empty() {
+            std::fs::write(&own, std::fs::read_to_string(parent.join(file))?.trim())?;
+        }
     }
     Ok(())
 }
@@ -108,11 +122,17 @@ mod tests {
         std::fs::write(cpuset.join("cpuset.mems"), "0\n").expect("file");
         std::fs::write(cpuset.join("vms/cpuset.cpus"), "").expect("file");
         std::fs::write(cpuset.join("vms/cpuset.mems"), "").expect("file");
-        place_under(tmp.path(), "vms", 4242).expect("placed");
-        let read = |f: &str| std::fs::read_to_string(cpuset.join("vms").join(f)).expect("read");
-        assert_eq!(read("cpuset.cpus"), "0-1");
-        assert_eq!(read("cpuset.mems"), "0");
-        assert_eq!(read("cgroup.procs"), "4242");
+        std::fs::create_dir_all(cpuset.join("vms/inner")).expect("dir");
+        std::fs::write(cpuset.join("vms/inner/cpuset.cpus"), "").expect("file");
+        std::fs::write(cpuset.join("vms/inner/cpuset.mems"), "").expect("file");
+        place_under(tmp.path(), "vms/inner", 4242).expect("placed");
+        for dir in ["vms", "vms/inner"] {
+            let read = |f: &str| std::fs::read_to_string(cpuset.join(dir).join(f)).expect("read");
+            assert_eq!(read("cpuset.cpus"), "0-1", "{dir}");
+            assert_eq!(read("cpuset.mems"), "0", "{dir}");
+        }
+        let procs = std::fs::read_to_string(cpuset.join("vms/inner/cgroup.procs")).expect("read");
+        assert_eq!(procs, "4242");
     }
 
     #[test]
