@@ -625,8 +625,16 @@ cmd_down() {
       find "$h$CGROUP" -depth -type d -exec rmdir {} + 2>/dev/null || true
     fi
   done
-  # CNI's result cache of this network (libcni keeps it in /var/lib/cni regardless of config).
+  # libcni's result cache (in /var/lib/cni whatever the configuration): this network's entries
+  # and the loopback ones of this cluster's pod sandboxes; then the directories, if that
+  # emptied them. The same for containerd's shim socket directory.
   rm -f /var/lib/cni/results/"$CNI_NETWORK"-* 2>/dev/null || true
+  local sandbox
+  for sandbox in "$DIR"/containerd/io.containerd.grpc.v1.cri/sandboxes/*/; do
+    [ -d "$sandbox" ] || continue
+    rm -f /var/lib/cni/results/cni-loopback-"$(basename "$sandbox")"-* 2>/dev/null || true
+  done
+  rmdir /var/lib/cni/results /var/lib/cni /run/containerd/s /run/containerd 2>/dev/null || true
   # The kubelet's /var/log/containers links into this cluster's pod logs.
   if [ -d /var/log/containers ]; then
     find /var/log/containers -maxdepth 1 -type l -lname "$DIR/*" -delete 2>/dev/null || true
