@@ -2,7 +2,10 @@
 //! (SQLite, loopback, bearer token), the controller and one local agent run in this process;
 //! `kubectl` drives them through the kubeconfig this command writes.
 
+mod admission;
 pub mod apiserver;
+
+pub use admission::{MicroVmResourceError, api_server_config, microvm_resource};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -65,6 +68,8 @@ pub enum DevError {
     Agent(#[source] agent::AgentError),
     #[error("the embedded API server did not start")]
     ApiServer(#[source] apiserver::ApiServerError),
+    #[error("the MicroVM resource could not be built")]
+    Resource(#[source] MicroVmResourceError),
     #[error("cannot write the kubeconfig to {path}")]
     Kubeconfig {
         path: PathBuf,
@@ -93,6 +98,7 @@ impl DevError {
             DevError::Guest(_) => "DemoGuest",
             DevError::Agent(_) => "Agent",
             DevError::ApiServer(_) => "ApiServer",
+            DevError::Resource(e) => e.reason(),
             DevError::Kubeconfig { .. } => "Kubeconfig",
             DevError::Client(_) => "Client",
             DevError::Controller(_) => "Controller",
@@ -144,7 +150,8 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), DevEr
         .map(Path::to_path_buf)
         .unwrap_or_else(|| data_dir.join("agent.sock"));
 
-    let mut api_config = apiserver::ApiServerConfig::new(data_dir.join("apiserver"));
+    let mut api_config =
+        api_server_config(data_dir.join("apiserver")).map_err(DevError::Resource)?;
     api_config.listen = SocketAddr::from(([127, 0, 0, 1], args.api_port));
     api_config.node_name = node_name.clone();
     if let Ok(capacity) = crate::agent::host::HostCapacity::read() {

@@ -32,7 +32,7 @@ pub enum ApiError {
         name: String,
         detail: String,
     },
-    #[error("{kind}.{group} \"{name}\" is invalid: {}", render_causes(.causes))]
+    #[error("{}{} \"{name}\" is invalid: {}", .kind, if .group.is_empty() { String::new() } else { format!(".{}", .group) }, render_causes(.causes))]
     Invalid {
         kind: String,
         group: String,
@@ -48,8 +48,14 @@ pub enum ApiError {
     Expired { requested: u64, oldest: u64 },
     #[error("Unauthorized")]
     Unauthorized,
+    #[error("{resource} \"{name}\" is forbidden: {reason}")]
+    Forbidden {
+        resource: String,
+        name: String,
+        reason: String,
+    },
     #[error("{0}")]
-    Forbidden(String),
+    TooLarge(String),
     #[error(
         "the body of the request was in an unknown format - accepted media types include: {accepted}"
     )]
@@ -101,7 +107,8 @@ impl ApiError {
             ApiError::Invalid { .. } => "Invalid",
             ApiError::Expired { .. } => "Expired",
             ApiError::Unauthorized => "Unauthorized",
-            ApiError::Forbidden(_) => "Forbidden",
+            ApiError::Forbidden { .. } => "Forbidden",
+            ApiError::TooLarge(_) => "RequestEntityTooLarge",
             ApiError::UnsupportedMediaType { .. } => "UnsupportedMediaType",
             ApiError::MethodNotAllowed => "MethodNotAllowed",
             ApiError::BadRequest(_) => "BadRequest",
@@ -120,7 +127,8 @@ impl ApiError {
             ApiError::Invalid { .. } => 422,
             ApiError::Expired { .. } => 410,
             ApiError::Unauthorized => 401,
-            ApiError::Forbidden(_) => 403,
+            ApiError::Forbidden { .. } => 403,
+            ApiError::TooLarge(_) => 413,
             ApiError::UnsupportedMediaType { .. } => 415,
             ApiError::MethodNotAllowed => 405,
             ApiError::BadRequest(_) => 400,
@@ -154,7 +162,8 @@ impl ApiError {
             ApiError::NotFound { resource, name }
             | ApiError::AlreadyExists { resource, name }
             | ApiError::Conflict { resource, name }
-            | ApiError::PreconditionFailed { resource, name, .. } => {
+            | ApiError::PreconditionFailed { resource, name, .. }
+            | ApiError::Forbidden { resource, name, .. } => {
                 let (kind, group) = split_qualified(resource);
                 Some(json!({ "name": name, "group": group, "kind": kind }))
             }

@@ -2,7 +2,6 @@
 //! synthetic ADDED events), then live events from the hub, with bookmarks, `timeoutSeconds`,
 //! and an ERROR `410 Expired` event when the history no longer reaches back far enough.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,11 +12,12 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 
 use super::errors::ApiError;
-use super::handlers::{Server, Shape};
+use super::http::Query;
 use super::resources::ResourceDef;
 use super::selector::{FieldSelector, LabelSelector};
+use super::server::Server;
 use super::store::{EventType, StoredEvent};
-use super::table::{self, IncludeObject};
+use super::table::{IncludeObject, Shape};
 
 /// The longest a watch stays open without `timeoutSeconds` (the real server's default is
 /// 30 to 60 minutes).
@@ -50,15 +50,15 @@ pub struct WatchRequest {
 
 impl WatchRequest {
     /// Read the watch parameters of a request.
-    pub fn from_query(
-        query: &HashMap<String, String>,
+    pub(crate) fn from_query(
+        query: &Query,
         namespace: Option<String>,
         labels: LabelSelector,
         fields: FieldSelector,
         shape: Shape,
     ) -> Result<Self, ApiError> {
-        let rv = query.get("resourceVersion").map_or("", String::as_str);
-        let send_initial_events = query.get("sendInitialEvents").is_some_and(|v| v == "true");
+        let rv = query.get("resourceVersion").unwrap_or_default();
+        let send_initial_events = query.get("sendInitialEvents") == Some("true");
         let since =
             if rv.is_empty() || rv == "0" || send_initial_events {
                 Since::Now
@@ -79,11 +79,9 @@ impl WatchRequest {
             labels,
             fields,
             shape,
-            include: IncludeObject::parse(query.get("includeObject").map(String::as_str)),
+            include: IncludeObject::parse(query.get("includeObject")),
             since,
-            bookmarks: query
-                .get("allowWatchBookmarks")
-                .is_some_and(|v| v == "true" || v == "1"),
+            bookmarks: query.is_true("allowWatchBookmarks"),
             send_initial_events,
             timeout,
         })
@@ -114,22 +112,7 @@ pub fn selection_change(
 
 /// One line of the watch stream.
 pub fn event_line(def: &ResourceDef, req: &WatchRequest, type_: &str, object: &Value) -> Bytes {
-    let object = match req.shape {
-        Shape::Object => object.clone(),
-        Shape::Metadata => table::partial_metadata(object),
-        Shape::Table => {
-            let rv = object["metadata"]["resourceVersion"]
-                .as_str()
-                .unwrap_or_default();
-            table::table(
-                def,
-                std::slice::from_ref(object),
-                req.include,
-                rv,
-                jiff::Timestamp::now(),
-            )
-        }
-    };
+    let object = req.shape.object(def, object.clone(), req.include);
     let mut line = json!({"type": type_, "object": object}).to_string();
     line.push('\n');
     Bytes::from(line)
@@ -160,7 +143,7 @@ fn streaming(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
 }
 
 /// Start a watch and return its streaming response.
-pub async fn serve(
+pub(crate) async fn serve(
     server: Arc<Server>,
     def: ResourceDef,
     req: WatchRequest,
@@ -273,10 +256,12 @@ mod tests {
     use super::*;
 
     fn req(query: &[(&str, &str)]) -> Result<WatchRequest, ApiError> {
-        let q: HashMap<String, String> = query
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let q = Query(
+            query
+                .iter()
+                .map(|(k, v)| (k.to_string(), vec![v.to_string()]))
+                .collect(),
+        );
         WatchRequest::from_query(
             &q,
             Some("default".into()),
