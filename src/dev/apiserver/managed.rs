@@ -185,15 +185,20 @@ pub(crate) fn apply(
         .filter(|e| !e.same_slot(writer.manager, "Apply", writer.subresource))
         .map(|e| &e.fields)
         .collect();
-    // Deepest first, so a list item's fields are looked at before the item.
+    // Shallowest first: a list item or map that goes takes its fields with it.
     let stale = previous.difference(&mine_applied);
-    for path in stale.iter().rev() {
+    let mut removed: Vec<&Path> = Vec::new();
+    for path in stale.iter() {
+        if removed.iter().any(|r| path.starts_with(r)) {
+            continue;
+        }
         let owned_elsewhere = others
             .iter()
             .any(|set| set.iter().any(|p| p.starts_with(path)));
         let below_still_applied = mine_applied.iter().any(|p| p.starts_with(path));
         if !owned_elsewhere && !below_still_applied {
             fields::remove_at(&mut merged, path);
+            removed.push(path);
         }
     }
 
