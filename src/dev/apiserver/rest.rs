@@ -194,7 +194,13 @@ pub(crate) async fn resource_request(
             return Err(ApiError::MethodNotAllowed);
         }
         let mut opts = http::write_options(query, headers, OptionsKind::Create, false, &[])?;
-        let obj = object_body(headers, &body, &mut opts)?;
+        // kubectl sends reviews as protobuf; the answer does not depend on the question.
+        let content_type = http::header_str(headers, header::CONTENT_TYPE);
+        let obj = if Format::of(content_type) == Some(Format::Protobuf) {
+            json!({})
+        } else {
+            object_body(headers, &body, &mut opts)?
+        };
         return Ok(json_response(201, &review(&def, obj)));
     }
     let ns = path.namespace.clone().unwrap_or_default();
@@ -374,6 +380,17 @@ pub(crate) async fn resource_request(
                 http::write_options(query, headers, OptionsKind::Delete, false, &body_dry_run)?;
             let obj = def.present(server.delete(&stored_def, &ns, &name, &options, &opts)?);
             record(server, &stored_def, &ns, &name, "delete", &opts);
+            // A custom resource that is gone at once is answered with a Status, one that waits
+            // for finalizers with itself (core kinds always answer with the object).
+            if def.custom && obj["metadata"].get("deletionTimestamp").is_none() {
+                return Ok(json_response(
+                    200,
+                    &json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                        "status": "Success",
+                        "details": {"name": name, "group": def.group, "kind": def.plural,
+                            "uid": obj["metadata"]["uid"]}}),
+                ));
+            }
             Ok(json_response(200, &obj))
         }
         (Method::DELETE, None) => {
