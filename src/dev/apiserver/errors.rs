@@ -56,6 +56,13 @@ pub enum ApiError {
     },
     #[error("{0}")]
     TooLarge(String),
+    /// A patch that decodes but cannot be applied (a failed JSON patch `test`, a missing path).
+    #[error("the server rejected our request due to an error in our request")]
+    Rejected,
+    /// An object over etcd's request limit: the real server passes etcd's error on as a 500
+    /// without a reason.
+    #[error("etcdserver: request is too large")]
+    StorageTooLarge,
     #[error(
         "the body of the request was in an unknown format - accepted media types include: {accepted}"
     )]
@@ -109,6 +116,8 @@ impl ApiError {
             ApiError::Unauthorized => "Unauthorized",
             ApiError::Forbidden { .. } => "Forbidden",
             ApiError::TooLarge(_) => "RequestEntityTooLarge",
+            ApiError::StorageTooLarge => "",
+            ApiError::Rejected => "Invalid",
             ApiError::UnsupportedMediaType { .. } => "UnsupportedMediaType",
             ApiError::MethodNotAllowed => "MethodNotAllowed",
             ApiError::BadRequest(_) => "BadRequest",
@@ -129,6 +138,8 @@ impl ApiError {
             ApiError::Unauthorized => 401,
             ApiError::Forbidden { .. } => 403,
             ApiError::TooLarge(_) => 413,
+            ApiError::StorageTooLarge => 500,
+            ApiError::Rejected => 422,
             ApiError::UnsupportedMediaType { .. } => 415,
             ApiError::MethodNotAllowed => 405,
             ApiError::BadRequest(_) => 400,
@@ -162,10 +173,26 @@ impl ApiError {
             ApiError::NotFound { resource, name }
             | ApiError::AlreadyExists { resource, name }
             | ApiError::Conflict { resource, name }
-            | ApiError::PreconditionFailed { resource, name, .. }
-            | ApiError::Forbidden { resource, name, .. } => {
+            | ApiError::PreconditionFailed { resource, name, .. } => {
                 let (kind, group) = split_qualified(resource);
                 Some(json!({ "name": name, "group": group, "kind": kind }))
+            }
+            ApiError::Forbidden {
+                resource,
+                name,
+                reason,
+            } => {
+                let (kind, group) = split_qualified(resource);
+                let mut details = json!({ "name": name, "group": group, "kind": kind });
+                if let Some(ns) = reason
+                    .strip_prefix("unable to create new content in namespace ")
+                    .and_then(|r| r.split(' ').next())
+                {
+                    details["causes"] = json!([{"reason": "NamespaceTerminating",
+                        "message": format!("namespace {ns} is being terminated"),
+                        "field": "metadata.namespace"}]);
+                }
+                Some(details)
             }
             ApiError::Invalid {
                 kind,
@@ -187,6 +214,7 @@ impl ApiError {
                     "field": field,
                 })).collect::<Vec<_>>(),
             })),
+            ApiError::Rejected => Some(json!({})),
             _ => None,
         };
         if let (Some(details), Some(map)) = (details, status.as_object_mut()) {

@@ -238,6 +238,13 @@ pub(crate) fn write_options(
             field: "force".into(),
         });
     }
+    if apply && query.get("fieldManager").is_none_or(str::is_empty) {
+        causes.push(Cause {
+            reason: "FieldValueRequired".into(),
+            message: "Required value: is required for apply patch".into(),
+            field: "fieldManager".into(),
+        });
+    }
     if !causes.is_empty() {
         return Err(ApiError::Invalid {
             kind: kind.name().into(),

@@ -42,7 +42,7 @@ impl PatchKind {
 pub fn json_patch(doc: &Value, body: &[u8]) -> Result<Value, ApiError> {
     body::check_depth(body)?;
     let patch: json_patch::Patch = serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON patch: {e}")))?;
+        .map_err(|e| ApiError::BadRequest(format!("error decoding patch: {e}")))?;
     let mut out = doc.clone();
     for op in &patch.0 {
         // Like the real server's JSON patch library, `test` of `null` passes for a missing
@@ -53,8 +53,10 @@ pub fn json_patch(doc: &Value, body: &[u8]) -> Result<Value, ApiError> {
         {
             continue;
         }
-        json_patch::patch(&mut out, std::slice::from_ref(op))
-            .map_err(|e| ApiError::BadRequest(format!("the JSON patch cannot be applied: {e}")))?;
+        json_patch::patch(&mut out, std::slice::from_ref(op)).map_err(|e| {
+            tracing::debug!(error = %e, "a JSON patch does not apply");
+            ApiError::Rejected
+        })?;
     }
     Ok(out)
 }
@@ -63,7 +65,7 @@ pub fn json_patch(doc: &Value, body: &[u8]) -> Result<Value, ApiError> {
 pub fn merge_patch(doc: &Value, body: &[u8]) -> Result<Value, ApiError> {
     body::check_depth(body)?;
     let patch: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid merge patch: {e}")))?;
+        .map_err(|e| ApiError::BadRequest(format!("error decoding patch: {e}")))?;
     if !patch.is_object() {
         return Err(ApiError::BadRequest(
             "a merge patch must be a JSON object".into(),

@@ -323,7 +323,7 @@ pub(crate) async fn resource_request(
             let apply = kind == PatchKind::Apply;
             let opts = http::write_options(query, headers, OptionsKind::Patch, apply, &[])?;
             body::check_depth(&body)?;
-            let obj = if def.stored_as().is_some() {
+            let (obj, created) = if def.stored_as().is_some() {
                 // Patch the served form, then store it as an update.
                 let old = server.get(&def, &ns, &name)?;
                 let new = match kind {
@@ -335,14 +335,9 @@ pub(crate) async fn resource_request(
                     }
                     PatchKind::Merge | PatchKind::Strategic => patch::merge_patch(&old, &body)?,
                 };
-                def.present(server.update(
-                    &stored_def,
-                    &ns,
-                    &name,
-                    def.to_stored(new),
-                    sub,
-                    &opts,
-                )?)
+                let updated =
+                    server.update(&stored_def, &ns, &name, def.to_stored(new), sub, &opts)?;
+                (def.present(updated), false)
             } else {
                 server.patch(&def, &ns, &name, kind, &body, sub, &opts)?
             };
@@ -356,7 +351,10 @@ pub(crate) async fn resource_request(
                 &opts,
             );
             Ok(with_warnings(
-                json_response(200, &shape.object(&def, obj, include)),
+                json_response(
+                    if created { 201 } else { 200 },
+                    &shape.object(&def, obj, include),
+                ),
                 &opts,
             ))
         }
@@ -380,15 +378,18 @@ pub(crate) async fn resource_request(
                 http::write_options(query, headers, OptionsKind::Delete, false, &body_dry_run)?;
             let obj = def.present(server.delete(&stored_def, &ns, &name, &options, &opts)?);
             record(server, &stored_def, &ns, &name, "delete", &opts);
-            // A custom resource that is gone at once is answered with a Status, one that waits
-            // for finalizers with itself (core kinds always answer with the object).
-            if def.custom && obj["metadata"].get("deletionTimestamp").is_none() {
+            // An object that is gone at once is answered with a Status, one that waits for
+            // finalizers with itself.
+            if obj["metadata"].get("deletionTimestamp").is_none() {
+                let mut details = json!({"name": name, "kind": def.plural,
+                    "uid": obj["metadata"]["uid"]});
+                if !def.group.is_empty() {
+                    details["group"] = json!(def.group);
+                }
                 return Ok(json_response(
                     200,
                     &json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
-                        "status": "Success",
-                        "details": {"name": name, "group": def.group, "kind": def.plural,
-                            "uid": obj["metadata"]["uid"]}}),
+                        "status": "Success", "details": details}),
                 ));
             }
             Ok(json_response(200, &obj))

@@ -254,7 +254,13 @@ impl Server {
     ) -> Result<(), ApiError> {
         let name = str_of(obj, "name");
         let mut causes: Vec<Cause> = Vec::new();
-        if old.is_none() {
+        if old.is_none() && name.is_empty() {
+            causes.push(Cause {
+                reason: "FieldValueRequired".into(),
+                message: "Required value: name or generateName is required".into(),
+                field: "metadata.name".into(),
+            });
+        } else if old.is_none() {
             let problems = match def.name_rule {
                 NameRule::Label if name.contains('.') => vec!["must not contain dots".into()],
                 rule => meta::name_problems(name, rule),
@@ -287,16 +293,23 @@ impl Server {
             }
         }
         if let Some(hook) = &def.admission {
-            causes.extend(hook.0.validate(obj, old));
+            if name.is_empty() {
+                // Like a CRD's CEL rules, the hook only runs on an object with a name.
+                causes.push(Cause {
+                    reason: "FieldValueInvalid".into(),
+                    message: "Invalid value: null: some validation rules were not checked because the object was invalid; correct the existing errors to complete validation".into(),
+                    field: "<nil>".into(),
+                });
+            } else {
+                causes.extend(hook.0.validate(obj, old));
+            }
         }
         if !causes.is_empty() {
             return Err(Self::invalid(def, name, causes));
         }
         let size = obj.to_string().len();
         if size > MAX_OBJECT_BYTES {
-            return Err(ApiError::TooLarge(
-                "etcdserver: request is too large".into(),
-            ));
+            return Err(ApiError::StorageTooLarge);
         }
         Ok(())
     }
@@ -312,6 +325,32 @@ impl Server {
         self.decode_fields(def, obj, opts)?;
         if def.kind == "Secret" && def.group.is_empty() {
             fold_string_data(obj);
+        }
+        if def.kind == "Namespace" && def.group.is_empty() {
+            // Every namespace carries its name as a label, so selectors can pick namespaces.
+            let name = str_of(obj, "name").to_string();
+            let m = meta(obj);
+            if !m.get("labels").is_some_and(Value::is_object) {
+                m.insert("labels".into(), json!({}));
+            }
+            if let Some(labels) = m.get_mut("labels").and_then(Value::as_object_mut) {
+                labels.insert("kubernetes.io/metadata.name".into(), Value::String(name));
+            }
+        }
+        if def.custom {
+            for f in obj["metadata"]["finalizers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                let f = f.as_str().unwrap_or_default();
+                if !f.contains('/') {
+                    opts.warn(format!(
+                        "metadata.finalizers: {}: prefer a domain-qualified finalizer name including a path (/) to avoid accidental conflicts with other finalizer writers",
+                        json!(f)
+                    ));
+                }
+            }
         }
         self.validate(def, obj, old)
     }
@@ -420,19 +459,10 @@ impl Server {
         }
         if str_of(&obj, "name").is_empty() {
             let generate = str_of(&obj, "generateName").to_string();
-            if generate.is_empty() {
-                return Err(Self::invalid(
-                    def,
-                    "",
-                    vec![Cause {
-                        reason: "FieldValueRequired".into(),
-                        message: "Required value: name or generateName is required".into(),
-                        field: "metadata.name".into(),
-                    }],
-                ));
+            if !generate.is_empty() {
+                let name = format!("{generate}{}", meta::random_suffix());
+                meta(&mut obj).insert("name".into(), Value::String(name));
             }
-            let name = format!("{generate}{}", meta::random_suffix());
-            meta(&mut obj).insert("name".into(), Value::String(name));
         }
         self.admit(def, &mut obj, None, opts)?;
         match applied {

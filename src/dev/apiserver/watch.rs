@@ -2,6 +2,7 @@
 //! synthetic ADDED events), then live events from the hub, with bookmarks, `timeoutSeconds`,
 //! and an ERROR `410 Expired` event when the history no longer reaches back far enough.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -174,15 +175,33 @@ pub(crate) async fn serve(
                     .history_since(&key, since)
                     .map_err(|e| ApiError::internal("reading the history", e))?
                 {
-                    Ok(events) => (
-                        events
-                            .into_iter()
-                            .map(|e| (e.type_, def.present(e.object)))
-                            .filter(|(_, o)| req.matches(o))
-                            .map(|(t, o)| event_line(&def, &req, t.as_str(), &o))
-                            .collect(),
-                        current.max(since),
-                    ),
+                    Ok(events) => {
+                        // Whether each object matched before its event, to report one that
+                        // leaves or enters the selection as DELETED or ADDED.
+                        let mut matched: HashMap<(String, String), bool> = HashMap::new();
+                        let mut lines = Vec::new();
+                        for e in events {
+                            let k = (e.namespace.clone(), e.name.clone());
+                            let was = match matched.get(&k) {
+                                Some(m) => Some(*m),
+                                None => store
+                                    .object_at(&key, &e.namespace, &e.name, since)
+                                    .map_err(|err| ApiError::internal("reading the history", err))?
+                                    .map(|o| req.matches(&def.present(o))),
+                            };
+                            let object = def.present(e.object);
+                            let matches = req.matches(&object);
+                            let type_ = match e.type_ {
+                                EventType::Deleted => was.unwrap_or(matches).then_some("DELETED"),
+                                t => selection_change(t, was, matches),
+                            };
+                            matched.insert(k, e.type_ != EventType::Deleted && matches);
+                            if let Some(t) = type_ {
+                                lines.push(event_line(&def, &req, t, &object));
+                            }
+                        }
+                        (lines, current.max(since))
+                    }
                     Err(compacted) => {
                         let status = ApiError::Expired {
                             requested: since,

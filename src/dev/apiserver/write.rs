@@ -179,7 +179,8 @@ impl Server {
         Ok(deleted)
     }
 
-    /// PATCH an object or its status (server-side apply may create the object).
+    /// PATCH an object or its status; server-side apply may create the object (then the
+    /// answer's flag is true).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn patch(
         &self,
@@ -190,7 +191,7 @@ impl Server {
         body: &[u8],
         subresource: Option<&str>,
         opts: &WriteOptions,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<(Value, bool), ApiError> {
         if kind == PatchKind::Strategic && def.custom {
             return Err(ApiError::UnsupportedMediaType {
                 accepted: patch::ACCEPTED.into(),
@@ -200,11 +201,6 @@ impl Server {
             PatchKind::Apply => {
                 let applied = patch::parse_apply(body)?;
                 Self::check_kind(def, &applied)?;
-                if opts.manager().is_empty() {
-                    return Err(ApiError::BadRequest(
-                        "PATCH /apply requires fieldManager to be set".into(),
-                    ));
-                }
                 let applied_name = str_of(&applied, "name");
                 if !applied_name.is_empty() && applied_name != name {
                     return Err(ApiError::BadRequest(format!(
@@ -229,7 +225,9 @@ impl Server {
         let Some(old) = old else {
             drop(store);
             return match (applied, subresource) {
-                (Some(applied), None) => self.apply_create(def, ns, name, applied, writer, opts),
+                (Some(applied), None) => self
+                    .apply_create(def, ns, name, applied, writer, opts)
+                    .map(|o| (o, true)),
                 _ => Err(Self::not_found(def, name)),
             };
         };
@@ -255,7 +253,7 @@ impl Server {
         if def.namespaced && !opts.dry_run {
             self.finish_namespace(ns);
         }
-        Ok(result)
+        Ok((result, false))
     }
 
     /// Server-side apply of an object that does not exist yet: a create owned by the applier.
