@@ -792,3 +792,65 @@ def namespace_terminating(t):
 @step
 def namespace_protected(t):
     return http_outcome(t.http("DELETE", "/api/v1/namespaces/default"))
+
+
+# --- Helm v4 (the CLI built by scripts/tools.sh) ---------------------------------------------------
+
+def helm_bin():
+    import subprocess
+    from realkube import ROOT
+    subprocess.run([str(ROOT / "scripts/tools.sh"), "build", "helm"], check=True, timeout=1800,
+                   capture_output=True)
+    out = subprocess.run([str(ROOT / "scripts/tools.sh"), "bindir", "helm"], check=True,
+                         capture_output=True, text=True, timeout=30)
+    return out.stdout.strip() + "/helm"
+
+
+def write_chart(base):
+    import os
+    chart = os.path.join(base, "chart")
+    os.makedirs(os.path.join(chart, "templates"), exist_ok=True)
+    files = {
+        "Chart.yaml": "apiVersion: v2\nname: diff\nversion: 0.1.0\n",
+        "values.yaml": "runPolicy: Always\n",
+        "templates/cm.yaml": "apiVersion: v1\nkind: ConfigMap\nmetadata:\n"
+                             "  name: {{ .Release.Name }}-cm\ndata:\n  p: {{ .Values.runPolicy }}\n",
+        "templates/vm.yaml": "apiVersion: ignis.dev/v1alpha1\nkind: MicroVM\nmetadata:\n"
+                             "  name: {{ .Release.Name }}-vm\nspec:\n"
+                             "  runPolicy: {{ .Values.runPolicy }}\n"
+                             "  resources: {vcpus: 1, memory: 256Mi}\n"
+                             "  kernel: {path: /boot/vmlinuz}\n",
+    }
+    for name, text in files.items():
+        with open(os.path.join(chart, name), "w") as f:
+            f.write(text)
+    return chart
+
+
+@step
+def helm_install_upgrade_uninstall_install(t):
+    import subprocess
+    helm = helm_bin()
+    chart = write_chart(str(t.dir))
+    home = str(t.dir / "helm-home")
+    env = {"HOME": home, "HELM_CACHE_HOME": home + "/cache", "HELM_CONFIG_HOME": home + "/config",
+           "HELM_DATA_HOME": home + "/data", "PATH": "/usr/bin:/bin"}
+
+    def helm_run(*args):
+        p = subprocess.run([helm, *args, "--kubeconfig", str(t.kubeconfig), "-n", NS],
+                           capture_output=True, text=True, timeout=120, env=env)
+        return p.returncode == 0 or p.stderr.strip().splitlines()[-1:]
+
+    def secrets():
+        r = t.http("GET", f"/api/v1/namespaces/{NS}/secrets?labelSelector=owner%3Dhelm")
+        return len(r.json().get("items", []))
+
+    steps = {}
+    steps["install"] = helm_run("install", "rel", chart)
+    steps["upgrade"] = helm_run("upgrade", "rel", chart, "--set", "runPolicy=Halted")
+    steps["secrets_after_upgrade"] = secrets()
+    steps["uninstall"] = helm_run("uninstall", "rel")
+    steps["secrets_after_uninstall"] = secrets()
+    steps["install_again"] = helm_run("install", "rel", chart)
+    steps["uninstall_again"] = helm_run("uninstall", "rel")
+    return Outcome(**steps)
