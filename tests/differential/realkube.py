@@ -39,6 +39,10 @@ def ensure_tools():
     return dirs["kube"], dirs["etcd"]
 
 
+def _terminate(signum, frame):
+    raise SystemExit(f"differential: stopped by signal {signum}")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -61,6 +65,16 @@ class RealKube:
         return proc
 
     def __enter__(self):
+        # A SIGTERM (the Rust test's deadline) unwinds through __exit__, which stops the
+        # servers; so does a failure half-way through starting them.
+        signal.signal(signal.SIGTERM, _terminate)
+        try:
+            return self._start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def _start(self):
         kube, etcd = ensure_tools()
         self.dir.mkdir(parents=True, exist_ok=True)
         client, peer, secure = free_port(), free_port(), free_port()
