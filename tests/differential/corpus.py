@@ -302,6 +302,17 @@ def http_body_over_3mib(t):
 
 
 @step
+def http_configmap_and_secret_over_1mib(t):
+    import base64
+    big = "x" * (1100 * 1024)
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bigs"},
+              "data": {"a": base64.b64encode(big.encode()).decode()}}
+    return Outcome(cm=http_outcome(t.http("POST", CM, cm("bigc", {"a": big}))).parts,
+                   secret=http_outcome(t.http("POST", f"/api/v1/namespaces/{NS}/secrets",
+                                              secret)).parts)
+
+
+@step
 def http_object_over_etcd_limit(t):
     return http_outcome(t.http("POST", MVM, vm("huge", spec={"userData": "x" * (1600 * 1024)})))
 

@@ -292,6 +292,9 @@ impl Server {
                 }
             }
         }
+        if let Some(cause) = data_too_long(def, obj) {
+            causes.push(cause);
+        }
         if let Some(hook) = &def.admission {
             if name.is_empty() {
                 // Like a CRD's CEL rules, the hook only runs on an object with a name.
@@ -659,6 +662,36 @@ impl Server {
             tracing::warn!(reason = error.reason(), %ns, "cannot remove an emptied namespace");
         }
     }
+}
+
+/// ConfigMaps and Secrets hold at most 1 MiB of data, as on a real server (which names the
+/// whole ConfigMap, `[]`, and a Secret's `data`).
+fn data_too_long(def: &ResourceDef, obj: &Value) -> Option<Cause> {
+    const MAX: usize = 1024 * 1024;
+    if !def.group.is_empty() {
+        return None;
+    }
+    let sum = |field: &str, decoded: bool| -> usize {
+        obj[field]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| {
+                let len = v.as_str().map_or(0, str::len);
+                k.len() + if decoded { len / 4 * 3 } else { len }
+            })
+            .sum()
+    };
+    let (size, field) = match def.kind.as_str() {
+        "ConfigMap" => (sum("data", false) + sum("binaryData", true), "[]"),
+        "Secret" => (sum("data", true), "data"),
+        _ => return None,
+    };
+    (size > MAX).then(|| Cause {
+        reason: "FieldValueTooLong".into(),
+        message: format!("Too long: may not be more than {MAX} bytes"),
+        field: field.into(),
+    })
 }
 
 fn namespaces_key() -> String {
