@@ -10,9 +10,11 @@
 //! resources come in as [`CustomResource`]s with an [`Admission`] hook, and write counting as a
 //! [`WriteObserver`].
 //!
-//! Layout: `http` (edge: auth, routing, options, responses) → `rest` (resource verbs) and
-//! `watch` → `server`/`write` (semantics) → `store` (SQLite) and `hub` (fan-out); `body`,
-//! `fields`, `managed`, `meta`, `patch`, `schema`, `selector` are pure helpers.
+//! Layout, each module importing only those to its right: `http` (edge: auth, routing) →
+//! `rest` (resource verbs) → `watch` → `server`/`write` (semantics) → `store` (SQLite) and
+//! `hub` (fan-out); `options` (request options) and `respond` (responses) serve the first
+//! three; `body`, `fields`, `managed`, `meta`, `patch`, `schema`, `selector`, `table` are pure
+//! helpers.
 
 mod body;
 mod convert;
@@ -24,9 +26,11 @@ mod hub;
 mod managed;
 mod meta;
 mod openapi;
+mod options;
 mod patch;
 mod protobuf;
 mod resources;
+mod respond;
 mod rest;
 mod route;
 mod schema;

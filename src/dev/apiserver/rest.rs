@@ -10,11 +10,12 @@ use serde_json::{Value, json};
 
 use super::body::{self, Format};
 use super::errors::ApiError;
-use super::http::{self, OptionsKind, Query, json_response, with_warnings};
 use super::hub::WriteRecord;
 use super::meta::str_of;
+use super::options::{self, OptionsKind, Query};
 use super::patch::{self, PatchKind};
 use super::resources::ResourceDef;
+use super::respond::{json_response, with_warnings};
 use super::route::ResourcePath;
 use super::selector::{FieldSelector, LabelSelector};
 use super::server::{Server, WriteOptions};
@@ -110,7 +111,7 @@ fn object_body(
     body: &[u8],
     opts: &mut WriteOptions,
 ) -> Result<Value, ApiError> {
-    let content_type = http::header_str(headers, header::CONTENT_TYPE);
+    let content_type = options::header_str(headers, header::CONTENT_TYPE);
     let format = Format::of(content_type).ok_or_else(|| ApiError::UnsupportedMediaType {
         accepted: body::ACCEPTED.into(),
     })?;
@@ -193,9 +194,9 @@ pub(crate) async fn resource_request(
         if *method != Method::POST || path.name.is_some() {
             return Err(ApiError::MethodNotAllowed);
         }
-        let mut opts = http::write_options(query, headers, OptionsKind::Create, false, &[])?;
+        let mut opts = options::write_options(query, headers, OptionsKind::Create, false, &[])?;
         // kubectl sends reviews as protobuf; the answer does not depend on the question.
-        let content_type = http::header_str(headers, header::CONTENT_TYPE);
+        let content_type = options::header_str(headers, header::CONTENT_TYPE);
         let obj = if Format::of(content_type) == Some(Format::Protobuf) {
             json!({})
         } else {
@@ -204,7 +205,7 @@ pub(crate) async fn resource_request(
         return Ok(json_response(201, &review(&def, obj)));
     }
     let ns = path.namespace.clone().unwrap_or_default();
-    let shape = Shape::of_accept(http::header_str(headers, header::ACCEPT));
+    let shape = Shape::of_accept(options::header_str(headers, header::ACCEPT));
     let include = IncludeObject::parse(query.get("includeObject"));
     let labels = LabelSelector::parse(query.get("labelSelector").unwrap_or_default())
         .map_err(ApiError::BadRequest)?;
@@ -274,7 +275,7 @@ pub(crate) async fn resource_request(
             if def.namespaced && path.namespace.is_none() {
                 return Err(ApiError::MethodNotAllowed);
             }
-            let mut opts = http::write_options(query, headers, OptionsKind::Create, false, &[])?;
+            let mut opts = options::write_options(query, headers, OptionsKind::Create, false, &[])?;
             let obj = object_body(headers, &body, &mut opts)?;
             let obj = server.create(&stored_def, &ns, def.to_stored(obj), &opts)?;
             let obj = def.present(obj);
@@ -292,7 +293,7 @@ pub(crate) async fn resource_request(
             ))
         }
         (Method::PUT, Some(name)) => {
-            let mut opts = http::write_options(query, headers, OptionsKind::Update, false, &[])?;
+            let mut opts = options::write_options(query, headers, OptionsKind::Update, false, &[])?;
             let obj = object_body(headers, &body, &mut opts)?;
             let obj = server.update(&stored_def, &ns, &name, def.to_stored(obj), sub, &opts)?;
             let obj = def.present(obj);
@@ -310,7 +311,7 @@ pub(crate) async fn resource_request(
             ))
         }
         (Method::PATCH, Some(name)) => {
-            let content_type = http::header_str(headers, header::CONTENT_TYPE);
+            let content_type = options::header_str(headers, header::CONTENT_TYPE);
             let kind = PatchKind::from_content_type(content_type).ok_or_else(|| {
                 ApiError::UnsupportedMediaType {
                     accepted: if def.custom {
@@ -321,7 +322,7 @@ pub(crate) async fn resource_request(
                 }
             })?;
             let apply = kind == PatchKind::Apply;
-            let opts = http::write_options(query, headers, OptionsKind::Patch, apply, &[])?;
+            let opts = options::write_options(query, headers, OptionsKind::Patch, apply, &[])?;
             body::check_depth(&body)?;
             let (obj, created) = if def.stored_as().is_some() {
                 // Patch the served form, then store it as an update.
@@ -362,7 +363,7 @@ pub(crate) async fn resource_request(
             let options = if body.is_empty() {
                 Value::Null
             } else {
-                let format = Format::of(http::header_str(headers, header::CONTENT_TYPE))
+                let format = Format::of(options::header_str(headers, header::CONTENT_TYPE))
                     .ok_or_else(|| ApiError::UnsupportedMediaType {
                         accepted: body::ACCEPTED.into(),
                     })?;
@@ -375,7 +376,7 @@ pub(crate) async fn resource_request(
                 .filter_map(|v| v.as_str().map(str::to_string))
                 .collect();
             let opts =
-                http::write_options(query, headers, OptionsKind::Delete, false, &body_dry_run)?;
+                options::write_options(query, headers, OptionsKind::Delete, false, &body_dry_run)?;
             let obj = def.present(server.delete(&stored_def, &ns, &name, &options, &opts)?);
             record(server, &stored_def, &ns, &name, "delete", &opts);
             // An object that is gone at once is answered with a Status, one that waits for
@@ -396,7 +397,7 @@ pub(crate) async fn resource_request(
         }
         (Method::DELETE, None) => {
             check_field_selector(&def, &fields)?;
-            let opts = http::write_options(query, headers, OptionsKind::Delete, false, &[])?;
+            let opts = options::write_options(query, headers, OptionsKind::Delete, false, &[])?;
             let (items, _) = server.list(&def, path.namespace.as_deref(), &labels, &fields)?;
             let mut deleted = Vec::new();
             for item in items {

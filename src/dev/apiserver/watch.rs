@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 
 use super::errors::ApiError;
-use super::http::Query;
+use super::options::Query;
 use super::resources::ResourceDef;
 use super::selector::{FieldSelector, LabelSelector};
 use super::server::Server;
