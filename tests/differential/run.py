@@ -19,6 +19,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import corpus_more  # noqa: E402,F401  (registers the second half of the corpus)
 from corpus import STEPS  # noqa: E402
 from harness import Outcome, Target  # noqa: E402
 from realkube import ROOT, RealKube  # noqa: E402
