@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use ignis::agent::{self, AcceleratorFlag, AgentConfig};
 use ignis::api::MicroVM;
 use ignis::controller::{self, ControllerConfig};
-use ignis::dev::apiserver::{self, ApiServerConfig};
+use ignis::dev::apiserver;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
 use serde_json::json;
@@ -57,7 +57,8 @@ async fn every_microvm_reaches_running_although_the_agent_is_faster_than_the_api
     let dir = tempfile::tempdir().expect("tempdir");
     let shutdown = CancellationToken::new();
 
-    let mut api_config = ApiServerConfig::new(dir.path().join("apiserver"));
+    let mut api_config =
+        ignis::dev::api_server_config(dir.path().join("apiserver")).expect("config");
     api_config.node_name = NODE.into();
     let api = apiserver::start(api_config, shutdown.clone())
         .await

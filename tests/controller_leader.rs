@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use ignis::agent::{self, AcceleratorFlag, AgentConfig};
 use ignis::api::{FINALIZER, MicroVM, NODE_LABEL};
-use ignis::dev::apiserver::{self, ApiServerConfig};
+use ignis::dev::apiserver;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use kube::api::PostParams;
@@ -248,7 +248,8 @@ async fn one_controller_leads_and_a_standby_takes_over_when_it_dies() {
     let dir = tempfile::tempdir().expect("tempdir");
     let shutdown = CancellationToken::new();
 
-    let mut api_config = ApiServerConfig::new(dir.path().join("apiserver"));
+    let mut api_config =
+        ignis::dev::api_server_config(dir.path().join("apiserver")).expect("config");
     api_config.node_name = NODE.into();
     let api = apiserver::start(api_config, shutdown.clone())
         .await

@@ -157,7 +157,7 @@ async fn ignis_boot(
     let p = stack
         .wait_for(name, "Ready", timeout, |p| p.ready.is_some())
         .await?;
-    let writes = stack.api.microvm_writes(NAMESPACE, name);
+    let writes = stack.write_counter.microvm(NAMESPACE, name);
     let ms = |t: Option<Instant>| t.map_or(f64::NAN, |t| (t - sent).as_secs_f64() * 1000.0);
     let user = writes.by_verb.get("create").copied().unwrap_or(0);
     let boot = IgnisBoot {

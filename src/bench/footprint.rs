@@ -12,7 +12,7 @@ use super::stack::{
 };
 use super::stats::{MIB, Target, summarize};
 use super::{BenchError, Report, Row};
-use crate::dev::apiserver::{self, ApiServerConfig};
+use crate::dev::apiserver;
 
 /// Flags of `ignis bench footprint`.
 #[derive(Debug, Default, clap::Args)]
@@ -133,7 +133,8 @@ async fn agent_start(dir: &Path, runs: usize) -> Result<(Vec<f64>, u64), BenchEr
 /// Start → /readyz of the controller against an in-process API server and a running agent.
 async fn controller_start(dir: &Path, runs: usize) -> Result<(Vec<f64>, u64), BenchError> {
     let stop_api = tokio_util::sync::CancellationToken::new();
-    let mut config = ApiServerConfig::new(dir.join("apiserver"));
+    let mut config = crate::dev::api_server_config(dir.join("apiserver"))
+        .map_err(|e| BenchError::Failed(format!("the MicroVM resource: {e}")))?;
     config.node_name = NODE.into();
     let api = apiserver::start(config, stop_api.clone())
         .await

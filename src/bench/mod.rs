@@ -10,6 +10,7 @@ pub mod footprint;
 pub mod machine;
 pub mod stack;
 pub mod stats;
+pub mod writes;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -20,9 +20,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::BenchError;
 use super::stats::parse_vm_rss;
+use super::writes::{ObjectWrites, WriteCounter};
 use crate::agent::guest;
 use crate::api::{ConditionType, MicroVM, find_condition};
-use crate::dev::apiserver::{self, ApiServerConfig, ApiServerHandle};
+use crate::dev::apiserver::{self, ApiServerHandle};
 
 /// The node every bench stack runs on (the API server's seeded Node and the agent agree).
 pub const NODE: &str = "bench-node";
@@ -63,6 +64,8 @@ pub struct Stack {
     pub dir: PathBuf,
     pub guest: guest::DemoGuest,
     pub api: ApiServerHandle,
+    /// Write requests per object, counted by an observer on the API server's hub.
+    pub write_counter: Arc<WriteCounter>,
     pub client: kube::Client,
     pub agent: Child,
     pub agent_health: SocketAddr,
@@ -227,7 +230,10 @@ impl Stack {
             .map_err(BenchError::Guest)?;
 
         let stop_api = CancellationToken::new();
-        let mut config = ApiServerConfig::new(dir.join("apiserver"));
+        let mut config = crate::dev::api_server_config(dir.join("apiserver"))
+            .map_err(|e| BenchError::Failed(format!("the MicroVM resource: {e}")))?;
+        let write_counter = Arc::new(WriteCounter::default());
+        config.observers.push(write_counter.clone());
         config.node_name = NODE.into();
         // The node advertises room for every VM a bench creates: the benches measure the
         // control plane and the VMM, not the scheduler refusing an overcommitted host.
@@ -316,6 +322,7 @@ impl Stack {
             dir,
             guest,
             api,
+            write_counter,
             client,
             agent,
             agent_health,
@@ -410,8 +417,8 @@ impl Stack {
     }
 
     /// Writes the dev server recorded, per object key.
-    pub fn writes(&self) -> BTreeMap<String, apiserver::ObjectWrites> {
-        self.api.writes()
+    pub fn writes(&self) -> BTreeMap<String, ObjectWrites> {
+        self.write_counter.snapshot()
     }
 
     /// Scrape one unlabelled sample from the controller's /metrics.
