@@ -28,6 +28,10 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" \
     || { [ -n "$added_policy" ] && $SUDO rm -f "$policy"; exit 1; }
   [ -n "$added_policy" ] && $SUDO rm -f "$policy"
+  # Nor at the next boot, where systemd runs.
+  if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+    $SUDO systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
+  fi
 fi
 for tool in qemu-img dnsmasq genisoimage isoinfo mkfs.ext4 docker-registry skopeo htpasswd debootstrap; do
   command -v "$tool" >/dev/null || PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null \

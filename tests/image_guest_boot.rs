@@ -268,7 +268,7 @@ fn debootstrap_guest_from_a_registry_boots_by_dhcp_and_by_ip_param() {
             cold.as_secs_f64(),
             cold_rootfs.as_secs_f64(),
             std::fs::metadata(&rootfs.path)
-                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512 >> 20)
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) / 2048)
                 .unwrap_or(0),
             cached.as_millis()
         );
@@ -334,7 +334,7 @@ fn debootstrap_guest_from_a_registry_boots_by_dhcp_and_by_ip_param() {
         // Boot 1: DHCP.
         let console = vm_dir.join("console.log");
         let started = Instant::now();
-        let mut vm = boot(&Boot {
+        let dhcp_boot = Boot {
             kernel: &kernel.path,
             initrd: &initrd.path,
             disk: &disk,
@@ -343,7 +343,8 @@ fn debootstrap_guest_from_a_registry_boots_by_dhcp_and_by_ip_param() {
             mac: &iface.mac,
             extra_cmdline: String::new(),
             console: console.clone(),
-        });
+        };
+        let mut vm = boot(&dhcp_boot);
         let ready = wait_ready(&mut vm, &console, started);
         let log = std::fs::read_to_string(&console).unwrap_or_default();
         assert!(
@@ -364,14 +365,8 @@ fn debootstrap_guest_from_a_registry_boots_by_dhcp_and_by_ip_param() {
         dhcp.remove_host(mac).expect("remove dhcp host");
         let started = Instant::now();
         let mut vm = boot(&Boot {
-            kernel: &kernel.path,
-            initrd: &initrd.path,
-            disk: &disk,
-            cidata: &cidata,
-            tap: &iface.tap,
-            mac: &iface.mac,
             extra_cmdline: kernel_ip_param(ip, prefix, Some(gw), "web-0", "eth0", &[gw]),
-            console: console.clone(),
+            ..dhcp_boot
         });
         let ready = wait_ready(&mut vm, &console, started);
         let log = std::fs::read_to_string(&console).unwrap_or_default();

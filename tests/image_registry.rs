@@ -5,6 +5,9 @@
 //! half-written.
 
 mod image_support;
+mod net_support;
+
+use net_support::runtime;
 
 use std::path::Path;
 use std::process::Command;
@@ -208,22 +211,8 @@ fn the_cache_is_shared_pinned_by_digest_and_survives_a_restart() {
     let v1 = fake_bzimage(4 << 20);
     let mut v2 = v1.clone();
     v2[0x300] = 1;
-    oci_image(
-        &layout,
-        "v1",
-        &[tar_layer(&[
-            Item::Dir("boot"),
-            Item::File("boot/vmlinuz", &v1),
-        ])],
-    );
-    oci_image(
-        &layout,
-        "v2",
-        &[tar_layer(&[
-            Item::Dir("boot"),
-            Item::File("boot/vmlinuz", &v2),
-        ])],
-    );
+    kernel_image(&layout, "v1", &v1);
+    kernel_image(&layout, "v2", &v2);
     reg.push(&layout, "v1", "k/kernel:stable");
     let reference = format!("{}/k/kernel:stable", reg.addr);
     let cache = dir.path().join("cache");
@@ -304,14 +293,7 @@ fn gc_removes_least_recently_used_images_no_vm_holds() {
     for (tag, byte) in [("a", 1u8), ("b", 2), ("c", 3)] {
         let mut k = fake_bzimage(1 << 20);
         k[0x300] = byte;
-        oci_image(
-            &layout,
-            tag,
-            &[tar_layer(&[
-                Item::Dir("boot"),
-                Item::File("boot/vmlinuz", &k),
-            ])],
-        );
+        kernel_image(&layout, tag, &k);
         reg.push(&layout, tag, &format!("k/{tag}:v1"));
     }
     let cache = dir.path().join("cache");
@@ -356,14 +338,7 @@ fn basic_auth_registry_takes_the_pull_secret() {
     let dir = tempfile::tempdir().expect("tempdir");
     let layout = dir.path().join("oci");
     let k = fake_bzimage(8192);
-    oci_image(
-        &layout,
-        "k",
-        &[tar_layer(&[
-            Item::Dir("boot"),
-            Item::File("boot/vmlinuz", &k),
-        ])],
-    );
+    kernel_image(&layout, "k", &k);
     reg.push(&layout, "k", "private/kernel:v1");
     let reference = format!("{}/private/kernel:v1", reg.addr);
     let cache = dir.path().join("cache");
@@ -415,27 +390,13 @@ fn each_pull_failure_has_its_reason_and_leaves_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let layout = dir.path().join("oci");
     let k = fake_bzimage(256 * 1024);
-    oci_image(
-        &layout,
-        "good",
-        &[tar_layer(&[
-            Item::Dir("boot"),
-            Item::File("boot/vmlinuz", &k),
-        ])],
-    );
+    kernel_image(&layout, "good", &k);
     oci_image(
         &layout,
         "nokernel",
         &[tar_layer(&[Item::Dir("etc"), Item::File("etc/x", b"x")])],
     );
-    oci_image(
-        &layout,
-        "notakernel",
-        &[tar_layer(&[
-            Item::Dir("boot"),
-            Item::File("boot/vmlinuz", b"#!/bin/sh\necho hi\n"),
-        ])],
-    );
+    kernel_image(&layout, "notakernel", b"#!/bin/sh\necho hi\n");
     oci_image(
         &layout,
         "twodisks",
@@ -471,14 +432,7 @@ fn each_pull_failure_has_its_reason_and_leaves_nothing() {
             Item::File("disk/d.qcow2", &backed),
         ])],
     );
-    let corrupt_digest = oci_image(
-        &layout,
-        "corrupt",
-        &[tar_layer(&[
-            Item::Dir("boot"),
-            Item::File("boot/vmlinuz", &fake_bzimage(300_000)),
-        ])],
-    );
+    let corrupt_digest = kernel_image(&layout, "corrupt", &fake_bzimage(300_000));
     for (tag, repo) in [
         ("good", "f/good:v1"),
         ("nokernel", "f/nokernel:v1"),

@@ -267,6 +267,18 @@ pub fn oci_image(layout: &Path, tag: &str, layers: &[Vec<u8>]) -> String {
     mdigest
 }
 
+/// A kernel image (`/boot/vmlinuz` = `kernel`) under `tag`; its manifest digest.
+pub fn kernel_image(layout: &Path, tag: &str, kernel: &[u8]) -> String {
+    oci_image(
+        layout,
+        tag,
+        &[tar_layer(&[
+            Item::Dir("boot"),
+            Item::File("boot/vmlinuz", kernel),
+        ])],
+    )
+}
+
 /// A fake but well-formed x86 bzImage header (`HdrS` at 0x202), padded to `len`.
 pub fn fake_bzimage(len: usize) -> Vec<u8> {
     let mut k = vec![0u8; len.max(0x300)];
@@ -289,14 +301,6 @@ pub fn tree(dir: &Path) -> Vec<String> {
     }
     out.sort();
     out
-}
-
-pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
 }
 
 /// `debugfs -R 'cat <path>'` on an ext4 image: an independent reader of the disk we made.

@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
@@ -401,7 +401,6 @@ async fn filesystem_disk(
         tool: "stat",
         source: e,
     })?;
-    let _ = fs::set_permissions(root, fs::Permissions::from_mode(0o755));
     tool::run(
         "mkfs.ext4",
         [
