@@ -539,3 +539,59 @@ fn each_pull_failure_has_its_reason_and_leaves_nothing() {
         assert_eq!(entry_count(&cache), 1);
     });
 }
+
+#[test]
+fn a_cancelled_pull_leaves_nothing_and_the_next_one_completes() {
+    let reg = Registry::start(false);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let layout = dir.path().join("oci");
+    let big = fake_bzimage(48 << 20);
+    kernel_image(&layout, "big", &big);
+    reg.push(&layout, "big", "k/big:v1");
+    let reference = format!("{}/k/big:v1", reg.addr);
+    let cache = dir.path().join("cache");
+    let rt = runtime();
+    // Cut the pull short at several points: during the download, the apply, the publish.
+    for cut_ms in [30u64, 150, 600] {
+        rt.block_on(async {
+            let store = ImageStore::open(ImageStoreConfig::new(&cache))
+                .await
+                .expect("open");
+            let pulled = tokio::time::timeout(
+                std::time::Duration::from_millis(cut_ms),
+                pull(&store, "vm-1", ImageKind::Kernel, &reference, &anon()),
+            )
+            .await;
+            if let Ok(done) = pulled {
+                // Fast enough to finish: a whole entry, then start over.
+                done.expect("pull");
+                store.release("vm-1").await.expect("release");
+                let mut config = ImageStoreConfig::new(&cache);
+                config.max_bytes = 0;
+                ImageStore::open(config)
+                    .await
+                    .expect("open")
+                    .gc()
+                    .await
+                    .expect("gc");
+            }
+        });
+        // What an agent finds on its next start: no staging, no half entry.
+        rt.block_on(async {
+            ImageStore::open(ImageStoreConfig::new(&cache))
+                .await
+                .expect("reopen");
+        });
+        assert_clean(&cache);
+        assert_eq!(entry_count(&cache), 0, "cut at {cut_ms} ms left an entry");
+    }
+    rt.block_on(async {
+        let store = ImageStore::open(ImageStoreConfig::new(&cache))
+            .await
+            .expect("open");
+        let k = pull(&store, "vm-1", ImageKind::Kernel, &reference, &anon())
+            .await
+            .expect("complete pull");
+        assert_eq!(std::fs::read(&k.path).expect("kernel"), big);
+    });
+}

@@ -504,6 +504,31 @@ mod tests {
     }
 
     #[test]
+    fn agent_flags_set_the_cache_limit_and_insecure_registries() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            images: ImageArgs,
+        }
+        let cli = Cli::try_parse_from([
+            "agent",
+            "--image-cache-size",
+            "5Gi",
+            "--insecure-registry",
+            "reg.lan:5000,mirror.lan",
+        ])
+        .expect("parse");
+        let config = cli.images.config(Path::new("/var/lib/ignis"));
+        assert_eq!(config.max_bytes, 5 << 30);
+        assert_eq!(config.insecure_registries, ["reg.lan:5000", "mirror.lan"]);
+        assert_eq!(config.root, Path::new("/var/lib/ignis/images"));
+        let defaults = Cli::try_parse_from(["agent"]).expect("defaults");
+        assert_eq!(defaults.images.cache_max_bytes, DEFAULT_CACHE_MAX_BYTES);
+        assert!(Cli::try_parse_from(["agent", "--image-cache-size", "lots"]).is_err());
+    }
+
+    #[test]
     fn holders_are_safe_file_names() {
         assert!(check_holder("0b3c-uid_1.x").is_ok());
         for bad in ["", "..", ".hidden", "a/b", &"x".repeat(129)] {
