@@ -17,7 +17,7 @@ set -euo pipefail
 
 SUITE=bookworm
 MIRROR=${IGNIS_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-CACHE_ROOT=${IGNIS_CACHE_DIR:-$HOME/.cache/ignis}/test-guest
+CACHE_ROOT=${IGNIS_CACHE:-${HOME:-/root}/.cache/ignis}/test-guest
 
 die() { echo "build-test-guest: $*" >&2; exit 1; }
 for tool in debootstrap skopeo cpio gzip sha256sum modprobe tar; do
@@ -213,6 +213,8 @@ build() {
   echo "debootstrap_seconds=$deb_secs total_seconds=$((SECONDS - started))" > "$layout/build-times"
   rm -rf "$out"
   mv "$layout" "$out"
+  # Builds of older versions of this script or another kernel are not used any more.
+  find "$CACHE_ROOT" -mindepth 1 -maxdepth 1 -type d ! -name "$key" ! -name '.*' -exec rm -rf {} +
   echo "build-test-guest: built in $((SECONDS - started)) s (debootstrap $deb_secs s): $out" >&2
 }
 
