@@ -4,9 +4,11 @@
 //! mode), or on a unix socket (`ignis dev`, tests).
 
 pub mod atomic_file;
+pub mod cloud_init;
 pub mod console;
 pub mod guest;
 pub mod host;
+pub mod image;
 pub mod kvm;
 pub mod net;
 pub mod server;

@@ -9,6 +9,7 @@
 //! is created, so a crash part-way leaves a record that `detach`/`garbage_collect` finish.
 //! [`NetworkManager::attach`] undoes what it created when it fails part-way.
 
+pub mod dhcp;
 pub mod ipam;
 pub mod link;
 pub mod mac;
