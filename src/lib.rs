@@ -9,7 +9,10 @@ pub mod api;
 pub mod bench;
 pub mod controller;
 pub mod dev;
+pub mod error;
 pub mod telemetry;
+
+pub use error::ErrorReason;
 
 /// The agent's gRPC API, generated from `proto/agent.proto`.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

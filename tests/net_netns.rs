@@ -7,6 +7,7 @@ mod net_support;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use ignis::ErrorReason;
 use ignis::agent::net::tap::tap_name;
 use ignis::agent::net::{
     InterfaceMode, InterfaceRequest, NetError, NetworkConfig, NetworkManager, kernel_cmdline,

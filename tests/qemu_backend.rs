@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use ignis::ErrorReason;
 use ignis::agent::guest::{DEFAULT_CMDLINE, DEMO_MARKER, DemoGuest, build_demo_guest};
 use ignis::agent::kvm::{self, ProbeOptions};
 use ignis::agent::vmm::qemu::{self, QemuBackend};

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use ignis::ErrorReason;
 use ignis::agent::vmm::cloud_hypervisor::{self as ch, CloudHypervisorBackend};
 use ignis::agent::vmm::firecracker::{self as fc, FirecrackerBackend};
 use ignis::agent::vmm::http::{ApiRequest, process_start_time};

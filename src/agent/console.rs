@@ -16,23 +16,15 @@ use thiserror::Error;
 pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Errors of the console log.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum ConsoleError {
     #[error("console log I/O on {path}")]
+    #[strum(serialize = "ConsoleIoError")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-}
-
-impl ConsoleError {
-    /// A fixed word for logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            ConsoleError::Io { .. } => "ConsoleIoError",
-        }
-    }
 }
 
 /// The rotated predecessor of a console log.

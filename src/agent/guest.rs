@@ -46,36 +46,27 @@ pub struct DemoGuest {
 }
 
 /// Errors building the demo guest.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum GuestError {
     #[error("no kernel found: {dir} has no vmlinuz-* (install linux-image-cloud-amd64)")]
     NoKernel { dir: PathBuf },
     #[error("busybox not found at {tried} (install busybox-static)")]
     NoBusybox { tried: String },
     #[error("{path} is a dynamically linked busybox; the guest needs busybox-static")]
+    #[strum(serialize = "NoBusybox")]
     BusyboxNotStatic { path: PathBuf },
     #[error("kernel modules of {version} not found: {path} is missing")]
     NoModules { version: String, path: PathBuf },
     #[error("module {module} is listed in modules.dep but {path} is missing")]
+    #[strum(serialize = "NoModules")]
     ModuleFileMissing { module: String, path: PathBuf },
     #[error("I/O on {path}")]
+    #[strum(serialize = "GuestIoError")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-}
-
-impl GuestError {
-    /// A fixed word for logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            GuestError::NoKernel { .. } => "NoKernel",
-            GuestError::NoBusybox { .. } | GuestError::BusyboxNotStatic { .. } => "NoBusybox",
-            GuestError::NoModules { .. } | GuestError::ModuleFileMissing { .. } => "NoModules",
-            GuestError::Io { .. } => "GuestIoError",
-        }
-    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> GuestError + '_ {

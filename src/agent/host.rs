@@ -7,26 +7,18 @@ use std::path::Path;
 use thiserror::Error;
 
 /// Errors reading the host's capacity.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum HostError {
     #[error("cannot read {path}")]
+    #[strum(serialize = "HostReadFailed")]
     Read {
         path: String,
         #[source]
         source: std::io::Error,
     },
     #[error("{path} has no {field} line")]
+    #[strum(serialize = "HostParseFailed")]
     Parse { path: String, field: &'static str },
-}
-
-impl HostError {
-    /// A fixed word for logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            HostError::Read { .. } => "HostReadFailed",
-            HostError::Parse { .. } => "HostParseFailed",
-        }
-    }
 }
 
 /// The node's total capacity.

@@ -57,19 +57,11 @@ impl ProbeOptions {
 }
 
 /// Errors of the probe. Only a forced `kvm` can fail; `auto` always falls back to TCG.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum KvmError {
     #[error("--accelerator kvm was requested but KVM is unusable: {detail}")]
+    #[strum(serialize = "KvmUnavailable")]
     KvmRequired { detail: String },
-}
-
-impl KvmError {
-    /// A fixed word for conditions and metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            KvmError::KvmRequired { .. } => "KvmUnavailable",
-        }
-    }
 }
 
 /// Whether `/dev/kvm` can be used.
@@ -309,6 +301,7 @@ async fn probe_boot(opts: &ProbeOptions) -> ProbeBoot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorReason;
 
     #[test]
     fn forced_choices() {

@@ -116,59 +116,50 @@ pub struct AgentArgs {
 }
 
 /// Errors of `ignis agent`.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum AgentError {
     #[error("invalid --listen {value:?}: use unix:///path/agent.sock or HOST:PORT")]
     InvalidListen { value: String },
     #[error("listening on TCP {addr} needs mutual TLS: give --tls-cert, --tls-key and --client-ca")]
     TlsRequired { addr: SocketAddr },
     #[error("cannot read TLS file {path}")]
+    #[strum(serialize = "TlsInvalid")]
     TlsFile {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
     #[error("invalid TLS configuration")]
+    #[strum(serialize = "TlsInvalid")]
     Tls(#[source] tonic::transport::Error),
     #[error("cannot listen on {what}")]
+    #[strum(serialize = "BindFailed")]
     Bind {
         what: String,
         #[source]
         source: std::io::Error,
     },
     #[error("cannot read the host's capacity")]
+    #[strum(serialize = "HostReadFailed")]
     Host(#[source] host::HostError),
     #[error("cannot open the state directory")]
+    #[strum(serialize = "StateIoError")]
     State(#[source] state::StateError),
     #[error("cannot re-adopt VMs")]
+    #[strum(serialize = "AdoptFailed")]
     Adopt(#[source] supervisor::SupervisorError),
     #[error("gRPC server failed")]
+    #[strum(serialize = "ServeFailed")]
     Serve(#[source] tonic::transport::Error),
     #[error("health server")]
+    #[strum(serialize = "TelemetryFailed")]
     Telemetry(#[source] telemetry::TelemetryError),
     #[error("KVM")]
+    #[strum(transparent)]
     Kvm(#[source] kvm::KvmError),
     #[error("the agent task ended abnormally")]
+    #[strum(serialize = "AgentPanicked")]
     Join(#[source] tokio::task::JoinError),
-}
-
-impl AgentError {
-    /// A fixed word for logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            AgentError::InvalidListen { .. } => "InvalidListen",
-            AgentError::TlsRequired { .. } => "TlsRequired",
-            AgentError::TlsFile { .. } | AgentError::Tls(_) => "TlsInvalid",
-            AgentError::Bind { .. } => "BindFailed",
-            AgentError::Host(_) => "HostReadFailed",
-            AgentError::State(_) => "StateIoError",
-            AgentError::Adopt(_) => "AdoptFailed",
-            AgentError::Serve(_) => "ServeFailed",
-            AgentError::Telemetry(_) => "TelemetryFailed",
-            AgentError::Join(_) => "AgentPanicked",
-            AgentError::Kvm(e) => e.reason(),
-        }
-    }
 }
 
 /// Where the gRPC server listens.
@@ -609,6 +600,7 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorReason;
 
     #[test]
     fn listen_addresses_parse() {

@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::agent::console;
 use crate::agent::supervisor::{Supervisor, SupervisorError};
+use crate::error::ErrorReason;
 use crate::proto;
 use crate::proto::vm_event::Event;
 

@@ -16,33 +16,24 @@ use crate::agent::vmm::VmmHandle;
 use crate::proto;
 
 /// Errors of the state store.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum StateError {
     #[error("VM uid {uid:?} cannot name a directory: use letters, digits, `-`, `_` or `.`")]
     InvalidUid { uid: String },
     #[error("state directory I/O on {path}")]
+    #[strum(serialize = "StateIoError")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
     #[error("state file {path} is not valid")]
+    #[strum(serialize = "StateCorrupt")]
     Corrupt {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
     },
-}
-
-impl StateError {
-    /// A fixed word for logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            StateError::InvalidUid { .. } => "InvalidUid",
-            StateError::Io { .. } => "StateIoError",
-            StateError::Corrupt { .. } => "StateCorrupt",
-        }
-    }
 }
 
 /// One network interface as asked for.
@@ -411,6 +402,7 @@ impl StateStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorReason;
 
     #[test]
     fn uids_that_could_escape_the_root_are_refused() {

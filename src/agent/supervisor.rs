@@ -31,6 +31,7 @@ use crate::agent::net::{
 use crate::agent::state::{ExitRecord, Phase, SpecRecord, StateError, StateStore, StatusRecord};
 use crate::agent::vmm::{API_TIMEOUT, GuestExit, VmConfig, VmmBackend, VmmError, VmmHandle};
 use crate::api::{Accelerator, Hypervisor};
+use crate::error::ErrorReason;
 use crate::proto;
 use crate::telemetry::MetricsRegistry;
 
@@ -48,9 +49,9 @@ const HUB_CAPACITY: usize = 4096;
 /// answer ARP, and a connect would otherwise hang for seconds.
 const TCP_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// Why a VM could not be created or booted. Each variant names the cause; `reason()` is the
+/// Why a VM could not be created or booted. Each variant names the cause; its reason is the
 /// word that lands in `ExitInfo.reason`, conditions and metric labels.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum BootError {
     #[error("invalid VM spec: {field} {detail}")]
     InvalidSpec { field: &'static str, detail: String },
@@ -111,86 +112,61 @@ pub enum BootError {
     ReadinessUnreachable { port: u32 },
     /// The interfaces could not be attached; the reason is the network's own word.
     #[error(transparent)]
+    #[strum(transparent)]
     Network(NetError),
     #[error("cannot prepare the VM's state directory")]
+    #[strum(transparent)]
     State(#[source] StateError),
-    #[error("VMM {operation} failed")]
-    Vmm {
-        operation: &'static str,
-        #[source]
-        source: VmmError,
-    },
+    #[error(transparent)]
+    #[strum(transparent)]
+    Vmm(VmmCall),
 }
 
 impl BootError {
-    /// A fixed word for `ExitInfo.reason`, conditions and metric labels.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            BootError::InvalidSpec { .. } => "InvalidSpec",
-            BootError::UnknownHypervisor { .. } => "UnknownHypervisor",
-            BootError::KernelNotFound { .. } => "KernelNotFound",
-            BootError::KernelUnreadable { .. } => "KernelUnreadable",
-            BootError::InitrdNotFound { .. } => "InitrdNotFound",
-            BootError::InitrdUnreadable { .. } => "InitrdUnreadable",
-            BootError::RootfsUnreadable { .. } => "RootfsUnreadable",
-            BootError::InsufficientMemory { .. } => "InsufficientMemory",
-            BootError::HypervisorUnavailable { .. } => "HypervisorUnavailable",
-            BootError::KvmUnavailable { .. } => "KvmUnavailable",
-            BootError::AcceleratorUnsupported { .. } => "AcceleratorUnsupported",
-            BootError::NetworkingUnavailable { .. } => "NetworkingUnavailable",
-            BootError::ReadinessUnreachable { .. } => "ReadinessUnreachable",
-            BootError::Network(e) => e.reason(),
-            BootError::State(e) => e.reason(),
-            BootError::Vmm { source, .. } => source.reason(),
-        }
-    }
-
     /// Whether the same request will fail the same way again.
     pub fn is_permanent(&self) -> bool {
         match self {
             BootError::State(_) => false,
             BootError::Network(e) => e.is_permanent(),
-            BootError::Vmm { source, .. } => source.is_permanent(),
+            BootError::Vmm(call) => call.source.is_permanent(),
             _ => true,
         }
     }
 
     /// The message with its causes, for a person.
     pub fn full_message(&self) -> String {
-        let mut message = self.to_string();
-        let mut source = std::error::Error::source(self);
-        while let Some(cause) = source {
-            message.push_str(": ");
-            message.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        message
+        crate::error::chain(self)
+    }
+}
+
+/// A VMM call that failed while creating or starting a VM; its reason is the VMM error's.
+#[derive(Debug, Error)]
+#[error("VMM {operation} failed")]
+pub struct VmmCall {
+    pub operation: &'static str,
+    #[source]
+    pub source: VmmError,
+}
+
+impl From<&VmmCall> for &'static str {
+    fn from(call: &VmmCall) -> Self {
+        (&call.source).into()
     }
 }
 
 /// Errors of the supervisor's API (as opposed to a VM's failure, which is a VM state).
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum SupervisorError {
     #[error("invalid request: {detail}")]
     InvalidRequest { detail: String },
     #[error("no VM {uid} on this agent")]
     NotFound { uid: String },
     #[error("state directory")]
+    #[strum(transparent)]
     State(#[source] StateError),
     #[error("console log")]
+    #[strum(transparent)]
     Console(#[source] console::ConsoleError),
-}
-
-impl SupervisorError {
-    /// A fixed word for logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            SupervisorError::InvalidRequest { .. } => "InvalidRequest",
-            SupervisorError::NotFound { .. } => "NotFound",
-            SupervisorError::State(e) => e.reason(),
-            SupervisorError::Console(e) => e.reason(),
-        }
-    }
 }
 
 /// A VMM backend and the binary it runs.
@@ -1500,10 +1476,10 @@ impl Inner {
             match tokio::time::timeout(self.config.boot_timeout, backend.create(&config)).await {
                 Ok(Ok(spawned)) => spawned,
                 Ok(Err(source)) => {
-                    let error = BootError::Vmm {
+                    let error = BootError::Vmm(VmmCall {
                         operation: "create",
                         source,
-                    };
+                    });
                     return self.fail_boot(slot, None, &error).await;
                 }
                 Err(_) => {
@@ -1511,10 +1487,10 @@ impl Inner {
                         operation: "create".into(),
                         timeout: self.config.boot_timeout,
                     };
-                    let error = BootError::Vmm {
+                    let error = BootError::Vmm(VmmCall {
                         operation: "create",
                         source,
-                    };
+                    });
                     return self.fail_boot(slot, None, &error).await;
                 }
             };
@@ -1546,17 +1522,17 @@ impl Inner {
         .await
         {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(source)) => Err(BootError::Vmm {
+            Ok(Err(source)) => Err(BootError::Vmm(VmmCall {
                 operation: "start",
                 source,
-            }),
-            Err(_) => Err(BootError::Vmm {
+            })),
+            Err(_) => Err(BootError::Vmm(VmmCall {
                 operation: "start",
                 source: VmmError::ApiTimeout {
                     operation: "start".into(),
                     timeout: API_TIMEOUT,
                 },
-            }),
+            })),
         };
         if let Err(error) = started {
             if !run.stopping.swap(true, Ordering::SeqCst) {

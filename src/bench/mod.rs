@@ -47,7 +47,7 @@ pub enum BenchCommand {
 }
 
 /// Errors of `ignis bench`.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum BenchError {
     #[error("{what}")]
     Io {
@@ -58,6 +58,7 @@ pub enum BenchError {
     #[error("the embedded API server did not start")]
     ApiServer(#[source] crate::dev::apiserver::ApiServerError),
     #[error("API request failed")]
+    #[strum(serialize = "Api")]
     Kube(#[source] kube::Error),
     #[error("cannot prepare the demo guest")]
     Guest(#[source] crate::agent::guest::GuestError),
@@ -71,23 +72,6 @@ pub enum BenchError {
     Json(#[source] serde_json::Error),
     #[error("interrupted")]
     Interrupted,
-}
-
-impl BenchError {
-    /// A fixed word for logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            BenchError::Io { .. } => "Io",
-            BenchError::ApiServer(_) => "ApiServer",
-            BenchError::Kube(_) => "Api",
-            BenchError::Guest(_) => "Guest",
-            BenchError::Timeout { .. } => "Timeout",
-            BenchError::Failed(_) => "Failed",
-            BenchError::Leak(_) => "Leak",
-            BenchError::Json(_) => "Json",
-            BenchError::Interrupted => "Interrupted",
-        }
-    }
 }
 
 /// One line of a result table.

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Uri};
 
 use super::plan::AgentLink;
+use crate::error::ErrorReason;
 use crate::proto::{self, agent_client::AgentClient, vm_event};
 
 /// Bound on connecting and on each unary call that is not a delete.
@@ -46,28 +47,20 @@ impl AgentEndpoint {
 }
 
 /// Failures talking to an agent.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum AgentError {
     #[error("no connected agent for node {0}")]
+    #[strum(serialize = "AgentNotConnected")]
     NotConnected(String),
     #[error("cannot connect to the agent")]
+    #[strum(serialize = "AgentConnect")]
     Connect(#[source] tonic::transport::Error),
     #[error("agent call failed")]
+    #[strum(serialize = "AgentRpc")]
     Rpc(#[source] tonic::Status),
     #[error("agent call timed out after {0:?}")]
+    #[strum(serialize = "AgentTimeout")]
     Timeout(Duration),
-}
-
-impl AgentError {
-    /// Fixed word for metric labels and condition reasons.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            AgentError::NotConnected(_) => "AgentNotConnected",
-            AgentError::Connect(_) => "AgentConnect",
-            AgentError::Rpc(_) => "AgentRpc",
-            AgentError::Timeout(_) => "AgentTimeout",
-        }
-    }
 }
 
 /// What the pool asks the controller to reconcile.

@@ -26,6 +26,7 @@ use super::plan::AgentLink;
 use super::scheduler::PlacementStrategy;
 use super::{Context, NodeLabels, reconcile};
 use crate::api::{FIELD_MANAGER, FINALIZER, MicroVM, NODE_LABEL};
+use crate::error::ErrorReason;
 use crate::proto::{self, agent_server};
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;

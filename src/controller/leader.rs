@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::error::ErrorReason;
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -14,18 +15,11 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
 /// Leader election failures.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum LeaderError {
     #[error("cannot read or write the Lease")]
+    #[strum(serialize = "LeaseApi")]
     Kube(#[source] kube::Error),
-}
-
-impl LeaderError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            LeaderError::Kube(_) => "LeaseApi",
-        }
-    }
 }
 
 /// What a candidate should do with the Lease as it is now.

@@ -43,6 +43,7 @@ use self::metrics::ControllerMetrics;
 use self::plan::{Action, EventKind, Observed, SpecProblem, placed_node};
 use self::scheduler::{Candidate, PlacementRequest, PlacementStrategy};
 use crate::api::{FIELD_MANAGER, MicroVM, Phase};
+use crate::error::ErrorReason;
 use crate::proto;
 use crate::telemetry::{MetricsRegistry, Readiness};
 
@@ -122,9 +123,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Errors of `ignis controller`.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum ControllerError {
     #[error("cannot create a Kubernetes client")]
+    #[strum(serialize = "KubeClient")]
     Client(#[source] kube::Error),
     #[error("cannot start the health server")]
     Telemetry(#[source] crate::telemetry::TelemetryError),
@@ -138,38 +140,35 @@ pub enum ControllerError {
     Task(#[source] tokio::task::JoinError),
 }
 
-impl ControllerError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            ControllerError::Client(_) => "KubeClient",
-            ControllerError::Telemetry(_) => "Telemetry",
-            ControllerError::BadEndpoint(_) => "BadEndpoint",
-            ControllerError::Tls(_) => "Tls",
-            ControllerError::LostLeadership => "LostLeadership",
-            ControllerError::Task(_) => "Task",
-        }
-    }
-}
-
-/// Failures of one reconcile; all retried with back-off.
-#[derive(Debug, Error)]
+/// Failures of one reconcile; all retried with back-off, except a [`Conflict`] (see
+/// `error_policy`).
+///
+/// [`Conflict`]: ReconcileError::Conflict
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum ReconcileError {
     #[error("MicroVM has no namespace")]
     NoNamespace,
+    /// 409: the object changed since the cache saw it.
     #[error("Kubernetes API call failed")]
+    Conflict(#[source] kube::Error),
+    /// 422: the API server refused what we wrote.
+    #[error("Kubernetes API call failed")]
+    Invalid(#[source] kube::Error),
+    #[error("Kubernetes API call failed")]
+    #[strum(serialize = "KubeApi")]
     Kube(#[source] kube::Error),
     #[error("agent call failed")]
+    #[strum(transparent)]
     Agent(#[source] AgentError),
 }
 
 impl ReconcileError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            ReconcileError::NoNamespace => "NoNamespace",
-            ReconcileError::Kube(kube::Error::Api(s)) if s.code == 409 => "Conflict",
-            ReconcileError::Kube(kube::Error::Api(s)) if s.code == 422 => "Invalid",
-            ReconcileError::Kube(_) => "KubeApi",
-            ReconcileError::Agent(e) => e.reason(),
+    /// A failed Kubernetes API call, classified by its status code.
+    fn kube(error: kube::Error) -> Self {
+        match &error {
+            kube::Error::Api(s) if s.code == 409 => ReconcileError::Conflict(error),
+            kube::Error::Api(s) if s.code == 422 => ReconcileError::Invalid(error),
+            _ => ReconcileError::Kube(error),
         }
     }
 }
@@ -527,7 +526,7 @@ fn error_policy(mvm: Arc<MicroVM>, error: &ReconcileError, ctx: Arc<Context>) ->
     // A 409 means the cache lagged behind a write (often our own): a newer version exists and
     // its watch event brings a fresh reconcile, so this is neither a failure to back off from
     // nor worth a warning.
-    if error.reason() == "Conflict" {
+    if matches!(error, ReconcileError::Conflict(_)) {
         tracing::debug!(name = %mvm.name_any(), "stale object; reconciling the newer version");
         return Requeue::requeue(CONFLICT_RETRY);
     }
@@ -708,7 +707,7 @@ async fn act(
         let patch = status::metadata_patch(mvm, add_finalizer, place.as_deref());
         api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
             .await
-            .map_err(ReconcileError::Kube)?;
+            .map_err(ReconcileError::kube)?;
     }
     let mut requeue = None;
     for action in actions {
@@ -746,7 +745,7 @@ async fn act(
                         Ok(_) => {}
                         // Already gone: the release is done.
                         Err(kube::Error::Api(s)) if s.code == 404 => {}
-                        Err(error) => return Err(ReconcileError::Kube(error)),
+                        Err(error) => return Err(ReconcileError::kube(error)),
                     }
                 }
             }
@@ -758,7 +757,7 @@ async fn act(
                     &Patch::Apply(body),
                 )
                 .await
-                .map_err(ReconcileError::Kube)?;
+                .map_err(ReconcileError::kube)?;
             }
             Action::Event {
                 kind,

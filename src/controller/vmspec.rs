@@ -11,11 +11,12 @@ use crate::api::{
 use crate::proto;
 
 /// A MicroVM the agent API cannot express. Permanent: the object must change first.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Error, PartialEq, Eq, strum::IntoStaticStr)]
 pub enum VmSpecError {
     #[error("the MicroVM has no uid yet")]
     MissingUid,
     #[error("spec.resources.memory {memory:?} is not a valid quantity")]
+    #[strum(serialize = "InvalidMemory")]
     Memory {
         memory: String,
         #[source]
@@ -27,18 +28,6 @@ pub enum VmSpecError {
     ImageUnsupported { field: &'static str },
     #[error("spec.kernel needs a path")]
     MissingKernel,
-}
-
-impl VmSpecError {
-    /// Fixed word for condition reasons and metric labels.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            VmSpecError::MissingUid => "MissingUid",
-            VmSpecError::Memory { .. } => "InvalidMemory",
-            VmSpecError::ImageUnsupported { .. } => "ImageUnsupported",
-            VmSpecError::MissingKernel => "MissingKernel",
-        }
-    }
 }
 
 /// The VM description the agent gets, and its hash.
@@ -156,6 +145,7 @@ pub fn reserved(mvm: &MicroVM) -> Option<(u32, u64)> {
 mod tests {
     use super::*;
     use crate::controller::fixtures::microvm;
+    use crate::error::ErrorReason;
 
     #[test]
     fn builds_every_field() {

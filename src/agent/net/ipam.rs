@@ -61,36 +61,28 @@ impl std::fmt::Display for RangeProblem {
 }
 
 /// Errors of the allocator.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum IpamError {
     #[error("address {ip} cannot be used in {range}: {problem}")]
+    #[strum(serialize = "AddressOutOfRange")]
     OutOfRange {
         ip: Ipv4Addr,
         range: Ipv4Net,
         problem: RangeProblem,
     },
     #[error("address {ip} is already held by VM {} interface {}", owner.uid, owner.ifname)]
+    #[strum(serialize = "AddressInUse")]
     InUse { ip: Ipv4Addr, owner: Owner },
     #[error("no free address left in {range}")]
+    #[strum(serialize = "RangeExhausted")]
     Exhausted { range: Ipv4Net },
     #[error("I/O on the address store {path}")]
+    #[strum(serialize = "StateIoError")]
     Io {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-}
-
-impl IpamError {
-    /// A fixed word for logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            IpamError::OutOfRange { .. } => "AddressOutOfRange",
-            IpamError::InUse { .. } => "AddressInUse",
-            IpamError::Exhausted { .. } => "RangeExhausted",
-            IpamError::Io { .. } => "StateIoError",
-        }
-    }
 }
 
 /// The gateway of a range: its first host address, which the bridge carries.
@@ -346,6 +338,7 @@ fn remove_if_present(path: &Path) -> Result<(), IpamError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorReason;
 
     fn net(s: &str) -> Ipv4Net {
         s.parse().expect("test cidr")

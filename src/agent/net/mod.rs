@@ -184,11 +184,13 @@ pub struct GcReport {
 }
 
 /// Errors of guest networking. `reason()` is the word shown on the VM's status.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum NetError {
     #[error("invalid network configuration: {detail}")]
+    #[strum(serialize = "InvalidNetworkConfig")]
     InvalidConfig { detail: String },
     #[error("invalid interface request: {detail}")]
+    #[strum(serialize = "InvalidInterface")]
     InvalidRequest { detail: String },
     #[error("interface {interface}: bridge {bridge} does not exist on this node")]
     BridgeNotFound { interface: String, bridge: String },
@@ -228,6 +230,7 @@ pub enum NetError {
     #[error("no free address left in {range}")]
     RangeExhausted { range: Ipv4Net },
     #[error("cannot create tap {tap}")]
+    #[strum(serialize = "TapCreateFailed")]
     Tap {
         tap: String,
         #[source]
@@ -236,14 +239,17 @@ pub enum NetError {
     #[error("kernel network configuration failed")]
     Netlink(#[source] LinkError),
     #[error("outbound NAT setup failed")]
+    #[strum(serialize = "NatSetupFailed")]
     Nat(#[source] NatError),
     #[error("cannot set {path}")]
+    #[strum(serialize = "SysctlFailed")]
     Sysctl {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
     #[error("I/O on network state {path}")]
+    #[strum(serialize = "NetworkStateIoError")]
     State {
         path: PathBuf,
         #[source]
@@ -252,27 +258,6 @@ pub enum NetError {
 }
 
 impl NetError {
-    /// A fixed word for condition reasons, Events and metric labels.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            NetError::InvalidConfig { .. } => "InvalidNetworkConfig",
-            NetError::InvalidRequest { .. } => "InvalidInterface",
-            NetError::BridgeNotFound { .. } => "BridgeNotFound",
-            NetError::NotABridge { .. } => "NotABridge",
-            NetError::InvalidAddress { .. } => "InvalidAddress",
-            NetError::AddressOutOfRange { .. } => "AddressOutOfRange",
-            NetError::AddressInUse { .. } => "AddressInUse",
-            NetError::InvalidMac { .. } => "InvalidMac",
-            NetError::DuplicateMac { .. } => "DuplicateMac",
-            NetError::RangeExhausted { .. } => "RangeExhausted",
-            NetError::Tap { .. } => "TapCreateFailed",
-            NetError::Netlink(_) => "Netlink",
-            NetError::Nat(_) => "NatSetupFailed",
-            NetError::Sysctl { .. } => "SysctlFailed",
-            NetError::State { .. } => "NetworkStateIoError",
-        }
-    }
-
     /// Whether the same request can never succeed (the spec must change).
     pub fn is_permanent(&self) -> bool {
         matches!(
@@ -985,6 +970,7 @@ fn enable_ip_forward() -> Result<(), NetError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorReason;
 
     fn iface(name: &str, address: Option<(&str, u8)>, gw: Option<&str>) -> AttachedInterface {
         AttachedInterface {

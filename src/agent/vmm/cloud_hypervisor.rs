@@ -226,6 +226,7 @@ impl VmmBackend for CloudHypervisorBackend {
 mod tests {
     use super::*;
     use crate::agent::vmm::DiskConfig;
+    use crate::error::ErrorReason;
 
     fn config() -> VmConfig {
         VmConfig {

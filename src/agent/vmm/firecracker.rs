@@ -246,6 +246,7 @@ impl VmmBackend for FirecrackerBackend {
 mod tests {
     use super::*;
     use crate::agent::vmm::{DiskConfig, NetConfig};
+    use crate::error::ErrorReason;
 
     fn config() -> VmConfig {
         VmConfig {

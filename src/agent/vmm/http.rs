@@ -139,7 +139,7 @@ async fn exchange(
     let response = sender
         .send_request(http_request)
         .await
-        .map_err(|e| protocol(format!("no response: {}", error_chain(&e))))?;
+        .map_err(|e| protocol(format!("no response: {}", crate::error::chain(&e))))?;
     let status = response.status().as_u16();
     let body = response
         .into_body()
@@ -189,17 +189,6 @@ pub fn fault_text(body: &[u8]) -> String {
         _ if text.is_empty() => "(no error message in the response)".to_owned(),
         _ => text,
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
 }
 
 /// Find a VMM binary: a path with a `/` must exist as an executable file; a bare name is

@@ -139,45 +139,55 @@ pub trait VmmBackend: Send + Sync {
 pub const API_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors of every backend. `reason()` is the machine-matchable word used in status and metrics.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum VmmError {
     #[error("VMM binary {path} not found: install it or choose another hypervisor")]
+    #[strum(serialize = "HypervisorUnavailable")]
     BinaryNotFound { path: PathBuf },
     #[error("cannot start the VMM process {binary}")]
+    #[strum(serialize = "VmmSpawnFailed")]
     Spawn {
         binary: PathBuf,
         #[source]
         source: std::io::Error,
     },
     #[error("VMM API socket {path} did not appear within {timeout:?}")]
+    #[strum(serialize = "VmmTimeout")]
     SocketTimeout { path: PathBuf, timeout: Duration },
     #[error("VMM API call {operation} did not answer within {timeout:?}")]
+    #[strum(serialize = "VmmTimeout")]
     ApiTimeout {
         operation: String,
         timeout: Duration,
     },
     #[error("VMM API call {operation} failed with HTTP {status}: {fault}")]
+    #[strum(serialize = "VmmApiError")]
     ApiFault {
         operation: String,
         status: u16,
         fault: String,
     },
     #[error("VMM API call {operation} failed: {detail}")]
+    #[strum(serialize = "VmmApiError")]
     Protocol { operation: String, detail: String },
     #[error("VMM API I/O during {operation}")]
+    #[strum(serialize = "VmmIoError")]
     Io {
         operation: String,
         #[source]
         source: std::io::Error,
     },
     #[error("{hypervisor} cannot run with accelerator {accelerator}")]
+    #[strum(serialize = "AcceleratorUnsupported")]
     UnsupportedAccelerator {
         hypervisor: Hypervisor,
         accelerator: Accelerator,
     },
     #[error("VMM process exited during {operation}: {detail}")]
+    #[strum(serialize = "VmmCrashed")]
     Exited { operation: String, detail: String },
     #[error("{hypervisor} cannot run this VM: {detail}")]
+    #[strum(serialize = "InvalidVmConfig")]
     InvalidConfig {
         hypervisor: Hypervisor,
         detail: String,
@@ -185,20 +195,6 @@ pub enum VmmError {
 }
 
 impl VmmError {
-    /// A fixed word for condition reasons, Events and metric labels.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            VmmError::BinaryNotFound { .. } => "HypervisorUnavailable",
-            VmmError::Spawn { .. } => "VmmSpawnFailed",
-            VmmError::SocketTimeout { .. } | VmmError::ApiTimeout { .. } => "VmmTimeout",
-            VmmError::ApiFault { .. } | VmmError::Protocol { .. } => "VmmApiError",
-            VmmError::Io { .. } => "VmmIoError",
-            VmmError::UnsupportedAccelerator { .. } => "AcceleratorUnsupported",
-            VmmError::Exited { .. } => "VmmCrashed",
-            VmmError::InvalidConfig { .. } => "InvalidVmConfig",
-        }
-    }
-
     /// Whether retrying the same request can succeed.
     pub fn is_permanent(&self) -> bool {
         matches!(

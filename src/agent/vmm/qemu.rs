@@ -613,6 +613,7 @@ impl VmmBackend for QemuBackend {
 mod tests {
     use super::*;
     use crate::agent::vmm::{DiskConfig, NetConfig};
+    use crate::error::ErrorReason;
 
     fn config() -> VmConfig {
         VmConfig {

@@ -38,48 +38,41 @@ pub enum QmpMessage {
 }
 
 /// Errors of the QMP client.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum QmpError {
     #[error("cannot connect to QMP socket {path}")]
+    #[strum(serialize = "QmpConnectFailed")]
     Connect {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
     #[error("QMP {operation} did not answer within {timeout:?}")]
+    #[strum(serialize = "QmpTimeout")]
     Timeout {
         operation: String,
         timeout: Duration,
     },
     #[error("QMP I/O during {operation}")]
+    #[strum(serialize = "QmpIoError")]
     Io {
         operation: String,
         #[source]
         source: std::io::Error,
     },
     #[error("QMP {operation}: QEMU closed the connection")]
+    #[strum(serialize = "QmpIoError")]
     Closed { operation: String },
     #[error("QMP {operation}: unexpected message: {detail}")]
+    #[strum(serialize = "QmpProtocolError")]
     Protocol { operation: String, detail: String },
     #[error("QMP {operation} failed: {class}: {desc}")]
+    #[strum(serialize = "QmpCommandFailed")]
     Command {
         operation: String,
         class: String,
         desc: String,
     },
-}
-
-impl QmpError {
-    /// A fixed word for logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            QmpError::Connect { .. } => "QmpConnectFailed",
-            QmpError::Timeout { .. } => "QmpTimeout",
-            QmpError::Io { .. } | QmpError::Closed { .. } => "QmpIoError",
-            QmpError::Protocol { .. } => "QmpProtocolError",
-            QmpError::Command { .. } => "QmpCommandFailed",
-        }
-    }
 }
 
 /// Parse one QMP line.
