@@ -11,6 +11,7 @@ pub mod controller;
 pub mod dev;
 pub mod error;
 pub mod telemetry;
+pub mod time;
 
 pub use error::ErrorReason;
 

@@ -85,7 +85,7 @@ pub struct AgentArgs {
     )]
     pub cloud_hypervisor_binary: PathBuf,
     /// How long a guest gets to become ready (`60s`, `1500ms`, `2m`).
-    #[arg(long, env = "IGNIS_BOOT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "IGNIS_BOOT_TIMEOUT", default_value = "60s", value_parser = crate::time::parse_duration)]
     pub boot_timeout: Duration,
     /// Size cap of each VM's console log before it is rotated.
     #[arg(long, env = "IGNIS_CONSOLE_MAX_BYTES", default_value_t = 1 << 20)]
@@ -190,23 +190,6 @@ pub fn parse_listen(value: &str) -> Result<ListenAddr, AgentError> {
         return Ok(ListenAddr::Unix(PathBuf::from(path)));
     }
     value.parse().map(ListenAddr::Tcp).map_err(|_| invalid())
-}
-
-/// Parse `60s`, `1500ms`, `2m` or a bare number of seconds.
-pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    let value = value.trim();
-    let (number, unit) = value
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((value, ""), |i| value.split_at(i));
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{value:?} is not a duration like 60s, 1500ms or 2m"))?;
-    match unit {
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "ms" => Ok(Duration::from_millis(n)),
-        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
-        _ => Err(format!("{value:?} has an unknown unit; use ms, s or m")),
-    }
 }
 
 /// The agent's TLS files.
@@ -615,16 +598,6 @@ mod tests {
         for bad in ["unix://relative.sock", "unix://", "agent.sock", "host:port"] {
             assert_eq!(parse_listen(bad).expect_err(bad).reason(), "InvalidListen");
         }
-    }
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
-        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_duration("5h").is_err());
-        assert!(parse_duration("soon").is_err());
     }
 
     #[test]

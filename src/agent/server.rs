@@ -59,13 +59,6 @@ pub fn status_of(error: &SupervisorError) -> Status {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -177,7 +170,7 @@ impl proto::agent_server::Agent for AgentService {
                         sequence,
                         event: Some(Event::Heartbeat(proto::Heartbeat {
                             instance_id: instance_id.clone(),
-                            at_unix_ms: now_ms(),
+                            at_unix_ms: crate::time::now_unix_ms(),
                         })),
                     },
                 };

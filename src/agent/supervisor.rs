@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -647,13 +647,6 @@ pub fn exit_while_down(exit: &GuestExit) -> GuestExit {
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 fn grace_from_seconds(seconds: i64) -> Duration {
     Duration::from_secs(u64::try_from(seconds).unwrap_or(0))
 }
@@ -917,7 +910,7 @@ impl Supervisor {
         &self,
         request: proto::ApplyVmRequest,
     ) -> Result<proto::Vm, SupervisorError> {
-        let applied_at = now_ms();
+        let applied_at = crate::time::now_unix_ms();
         let spec = request
             .spec
             .as_ref()
@@ -1298,7 +1291,7 @@ impl Inner {
             message: error.full_message(),
             permanent: error.is_permanent(),
             exit_code: -1,
-            at_unix_ms: now_ms(),
+            at_unix_ms: crate::time::now_unix_ms(),
         };
         self.fail_with(slot, generation, exit);
     }
@@ -1540,7 +1533,7 @@ impl Inner {
             }
             return self.fail_boot(slot, Some(generation), &error).await;
         }
-        let started_at = now_ms();
+        let started_at = crate::time::now_unix_ms();
         self.update(slot, Some(generation), |rt| {
             if rt.status.phase == Phase::Creating {
                 rt.status.phase = Phase::Starting;
@@ -1627,7 +1620,7 @@ impl Inner {
             exit.message = "the re-adopted VMM ended; its exit status is unknown because it is not the agent's child".into();
         }
         tracing::info!(uid = %slot.uid, reason = exit.reason, ready, "VMM exited");
-        let record = exit_record(&exit, now_ms());
+        let record = exit_record(&exit, crate::time::now_unix_ms());
         if ready {
             let _ = std::fs::remove_file(&run.handle.api_socket);
             self.update(slot, Some(generation), |rt| {
@@ -1778,7 +1771,7 @@ impl Inner {
     }
 
     fn mark_ready(&self, slot: &VmSlot, generation: u64) {
-        let now = now_ms();
+        let now = crate::time::now_unix_ms();
         let mut took = None;
         self.update(slot, Some(generation), |rt| {
             if rt.status.phase != Phase::Starting {
@@ -1829,7 +1822,7 @@ impl Inner {
                 message,
                 permanent: false,
                 exit_code: -1,
-                at_unix_ms: now_ms(),
+                at_unix_ms: crate::time::now_unix_ms(),
             },
         );
         self.spawn_release_if_failed(slot);
@@ -1907,7 +1900,7 @@ impl Inner {
                 "VMM ended while the agent was down"
             );
             let _ = std::fs::remove_file(&handle.api_socket);
-            let record = exit_record(&exit, now_ms());
+            let record = exit_record(&exit, crate::time::now_unix_ms());
             self.update(&slot, None, |rt| {
                 rt.status.phase = Phase::Exited;
                 rt.status.ready = false;
@@ -1944,7 +1937,8 @@ impl Inner {
         );
         Self::spawn_proc_watcher(self, &slot, generation, handle.clone(), exited_tx);
         if phase == Phase::Starting {
-            let elapsed = u64::try_from(now_ms() - status.started_at_unix_ms).unwrap_or(0);
+            let elapsed =
+                u64::try_from(crate::time::now_unix_ms() - status.started_at_unix_ms).unwrap_or(0);
             let left = self
                 .config
                 .boot_timeout
@@ -1973,7 +1967,7 @@ fn lost(message: &str) -> ExitRecord {
         message: message.to_owned(),
         permanent: false,
         exit_code: -1,
-        at_unix_ms: now_ms(),
+        at_unix_ms: crate::time::now_unix_ms(),
     }
 }
 

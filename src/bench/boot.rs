@@ -28,7 +28,7 @@ pub struct BootArgs {
     #[arg(long, default_value_t = 20)]
     pub count: usize,
     /// Deadline of one boot, Ignis or bare.
-    #[arg(long, default_value = "300s", value_parser = crate::agent::parse_duration)]
+    #[arg(long, default_value = "300s", value_parser = crate::time::parse_duration)]
     pub timeout: Duration,
 }
 

@@ -85,7 +85,7 @@ pub struct ControllerArgs {
     #[command(flatten)]
     pub leader: Box<LeaderArgs>,
     /// How long an agent may be unreachable before its VMs turn Ready=Unknown (e.g. 10s).
-    #[arg(long, env = "IGNIS_AGENT_LOST_GRACE", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "IGNIS_AGENT_LOST_GRACE", default_value = "10s", value_parser = crate::time::parse_duration)]
     pub agent_lost_grace: Duration,
 }
 
@@ -102,24 +102,8 @@ pub struct LeaderArgs {
     #[arg(long, env = "IGNIS_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
     /// How long a leader holds the Lease without renewing (e.g. 15s).
-    #[arg(long, env = "IGNIS_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, env = "IGNIS_LEASE_DURATION", default_value = "15s", value_parser = crate::time::parse_duration)]
     pub lease_duration: Duration,
-}
-
-/// Parse `500ms`, `10s`, `2m`, or plain seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 10s"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?}: unit must be ms, s or m")),
-    }
 }
 
 /// Errors of `ignis controller`.
@@ -884,16 +868,6 @@ mod tests {
         let owned_now = HashSet::from(["owned".to_string(), "orphan".to_string()]);
         assert!(drift_due(&held, &owned_now, &mut orphans, Duration::ZERO).is_empty());
         assert!(orphans.is_empty());
-    }
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5h").is_err());
     }
 
     #[test]
