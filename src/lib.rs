@@ -12,6 +12,7 @@ pub mod dev;
 pub mod error;
 pub mod telemetry;
 pub mod time;
+pub mod vm;
 
 pub use error::ErrorReason;
 

@@ -15,7 +15,8 @@ use axum::response::{IntoResponse, Response};
 use ignis::ErrorReason;
 use ignis::agent::vmm::cloud_hypervisor::{self as ch, CloudHypervisorBackend};
 use ignis::agent::vmm::firecracker::{self as fc, FirecrackerBackend};
-use ignis::agent::vmm::http::{ApiRequest, process_start_time};
+use ignis::agent::vmm::http::ApiRequest;
+use ignis::agent::vmm::process::start_time as process_start_time;
 use ignis::agent::vmm::{
     DiskConfig, NetConfig, VmConfig, VmmBackend, VmmError, VmmHandle, VmmState,
 };

@@ -330,8 +330,8 @@ async fn choose_accelerator(config: &AgentConfig) -> Result<kvm::KvmProbe, Agent
         .map(|version| PathBuf::from(format!("/boot/vmlinuz-{version}")))
         .unwrap_or_default();
     let options = kvm::ProbeOptions::new(
-        supervisor::resolve_binary(&config.qemu_binary)
-            .unwrap_or_else(|| config.qemu_binary.clone()),
+        vmm::process::resolve_binary(&config.qemu_binary)
+            .unwrap_or_else(|_| config.qemu_binary.clone()),
         kernel,
         Some(config.state_dir.clone()),
     );

@@ -9,7 +9,7 @@
 //! `stopping` flag owns its teardown, so a boot timeout racing a `DeleteVM` kills once.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,13 +23,15 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::console;
-use crate::agent::host::{self, HostCapacity};
+use crate::agent::host::HostCapacity;
 use crate::agent::net::{
     self, AttachedInterface, InterfaceMode, InterfaceRequest, NetError, NetworkConfig,
     NetworkManager,
 };
 use crate::agent::state::{ExitRecord, Phase, SpecRecord, StateError, StateStore, StatusRecord};
-use crate::agent::vmm::{API_TIMEOUT, GuestExit, VmConfig, VmmBackend, VmmError, VmmHandle};
+use crate::agent::vmm::{
+    API_TIMEOUT, GuestExit, VmConfig, VmmBackend, VmmError, VmmHandle, process,
+};
 use crate::api::{Accelerator, Hypervisor};
 use crate::error::ErrorReason;
 use crate::proto;
@@ -178,25 +180,10 @@ pub struct BackendEntry {
 }
 
 impl BackendEntry {
-    /// The binary's full path when it is present (always `Some` for the simulated backend).
+    /// The binary's full path when it is present.
     pub fn resolved_binary(&self) -> Option<PathBuf> {
-        if self.backend.kind() == Hypervisor::Simulated {
-            return Some(self.binary.clone());
-        }
-        resolve_binary(&self.binary)
+        process::resolve_binary(&self.binary).ok()
     }
-}
-
-/// A binary given as a path is checked as is; a bare name is searched in `PATH`.
-pub fn resolve_binary(binary: &Path) -> Option<PathBuf> {
-    let is_file = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.is_file());
-    if binary.components().count() > 1 || binary.is_absolute() {
-        return is_file(binary).then(|| binary.to_path_buf());
-    }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(binary))
-        .find(|p| is_file(p))
 }
 
 /// Fixed settings of the supervisor.
@@ -622,28 +609,11 @@ impl Networking {
 pub fn exit_record(exit: &GuestExit, at_unix_ms: i64) -> ExitRecord {
     ExitRecord {
         success: exit.success,
-        reason: exit.reason.to_owned(),
+        reason: exit.reason.as_str().to_owned(),
         message: exit.message.clone(),
         permanent: false,
         exit_code: exit.exit_code.unwrap_or(-1),
         at_unix_ms,
-    }
-}
-
-/// The exit reported for a VMM found dead at re-adoption: the backend's word when it knows
-/// what the guest did, `VmmExitedWhileAgentDown` otherwise.
-pub fn exit_while_down(exit: &GuestExit) -> GuestExit {
-    match exit.reason {
-        "GuestShutdown" | "GuestReboot" | "GuestPanic" | "VmmExitedWhileAgentDown" => exit.clone(),
-        _ => GuestExit {
-            success: false,
-            reason: "VmmExitedWhileAgentDown",
-            message: format!(
-                "the VMM ended while the agent was not running: {}",
-                exit.message
-            ),
-            exit_code: exit.exit_code,
-        },
     }
 }
 
@@ -1578,7 +1548,7 @@ impl Inner {
         let slot = slot.clone();
         tokio::spawn(async move {
             loop {
-                if !host::is_same_live_process(handle.pid, handle.start_time_ticks) {
+                if !process::is_alive(&handle) {
                     break;
                 }
                 tokio::select! {
@@ -1612,14 +1582,11 @@ impl Inner {
             (run, rt.status.ready, console_log)
         };
         let tail = console::tail_text(&console_log, CONSOLE_TAIL);
-        let mut exit = run.backend.classify_exit(&run.handle, status, &tail);
-        if status.is_none() && exit.reason == "VmmExitedWhileAgentDown" {
-            // A re-adopted VMM is not our child: its exit status is unknowable, but it ended
-            // under this agent's watch, not while the agent was down.
-            exit.reason = "VmmExited";
-            exit.message = "the re-adopted VMM ended; its exit status is unknown because it is not the agent's child".into();
-        }
-        tracing::info!(uid = %slot.uid, reason = exit.reason, ready, "VMM exited");
+        let exit = run
+            .backend
+            .classify_exit(&run.handle, status, &tail)
+            .seen_ending_unreaped();
+        tracing::info!(uid = %slot.uid, reason = %exit.reason, ready, "VMM exited");
         let record = exit_record(&exit, crate::time::now_unix_ms());
         if ready {
             let _ = std::fs::remove_file(&run.handle.api_socket);
@@ -1632,7 +1599,7 @@ impl Inner {
                 rt.status.exit = Some(record);
             });
         } else {
-            self.metrics.boot_failed(exit.reason);
+            self.metrics.boot_failed(exit.reason.as_str());
             self.fail_with(slot, Some(generation), record);
             self.spawn_release_if_failed(slot);
         }
@@ -1677,8 +1644,7 @@ impl Inner {
     }
 
     fn has_exited(run: &RunHandle, exited: &mut watch::Receiver<bool>) -> bool {
-        *exited.borrow_and_update()
-            || !host::is_same_live_process(run.handle.pid, run.handle.start_time_ticks)
+        *exited.borrow_and_update() || !process::is_alive(&run.handle)
     }
 
     async fn wait_exited(
@@ -1891,12 +1857,14 @@ impl Inner {
                 )),
             );
         };
-        if !host::is_same_live_process(handle.pid, handle.start_time_ticks) {
+        if !process::is_alive(&handle) {
             let tail = console::tail_text(&handle.console_log, CONSOLE_TAIL);
-            let exit = exit_while_down(&backend.classify_exit(&handle, None, &tail));
+            let exit = backend
+                .classify_exit(&handle, None, &tail)
+                .seen_dead_at_adoption();
             tracing::info!(
                 uid,
-                reason = exit.reason,
+                reason = %exit.reason,
                 "VMM ended while the agent was down"
             );
             let _ = std::fs::remove_file(&handle.api_socket);
@@ -1971,18 +1939,10 @@ fn lost(message: &str) -> ExitRecord {
     }
 }
 
-/// SIGKILL the VMM by pid, only if the pid still is that VMM.
+/// SIGKILL the VMM, only if the handle still names it.
 fn force_kill(handle: &VmmHandle) {
-    use nix::sys::signal::{Signal, kill};
-    use nix::unistd::Pid;
-    if !host::is_same_live_process(handle.pid, handle.start_time_ticks) {
-        return;
-    }
-    let Ok(pid) = i32::try_from(handle.pid) else {
-        return;
-    };
-    if let Err(error) = kill(Pid::from_raw(pid), Signal::SIGKILL) {
-        tracing::warn!(pid, %error, "SIGKILL failed");
+    if let Err(error) = process::signal(handle, nix::sys::signal::Signal::SIGKILL) {
+        tracing::warn!(pid = handle.pid, %error, "SIGKILL failed");
     }
 }
 
@@ -2040,6 +2000,9 @@ impl Readiness {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+
+    use crate::agent::host;
     use crate::agent::simulated::SimulatedBackend;
 
     fn held(hash: &str, run: u32, phase: Phase, booted: bool) -> HeldRun {
@@ -2500,13 +2463,8 @@ mod tests {
         async fn state(&self, handle: &VmmHandle) -> Result<crate::agent::vmm::VmmState, VmmError> {
             self.0.state(handle).await
         }
-        fn classify_exit(
-            &self,
-            h: &VmmHandle,
-            s: Option<std::process::ExitStatus>,
-            t: &str,
-        ) -> GuestExit {
-            self.0.classify_exit(h, s, t)
+        fn exit_quirks(&self) -> &'static crate::agent::vmm::ExitQuirks {
+            self.0.exit_quirks()
         }
     }
 

@@ -17,7 +17,7 @@ pub const CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
 
 /// Whether QEMU is here; tests that boot guests skip (saying why) only when it is not.
 pub fn qemu_present() -> bool {
-    let found = ignis::agent::supervisor::resolve_binary(Path::new("qemu-system-x86_64")).is_some();
+    let found = ignis::agent::vmm::process::resolve_binary(Path::new("qemu-system-x86_64")).is_ok();
     if !found {
         eprintln!("SKIP: qemu-system-x86_64 is not installed");
     }

@@ -17,7 +17,8 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 
 use super::http::{self, ApiRequest};
-use super::{GuestExit, Spawned, VmConfig, VmmBackend, VmmError, VmmHandle, VmmState};
+use super::process;
+use super::{ExitQuirks, Spawned, VmConfig, VmmBackend, VmmError, VmmHandle, VmmState};
 use crate::api::{Accelerator, Hypervisor};
 
 /// The API version the requests are written against.
@@ -39,7 +40,7 @@ impl FirecrackerBackend {
     /// `PATH`). Fails with `BinaryNotFound` when there is no such executable.
     pub fn new(binary: impl AsRef<Path>) -> Result<Self, VmmError> {
         Ok(FirecrackerBackend {
-            binary: http::resolve_binary(binary.as_ref())?,
+            binary: process::resolve_binary(binary.as_ref())?,
             socket_timeout: SOCKET_TIMEOUT,
             api_timeout: super::API_TIMEOUT,
         })
@@ -225,20 +226,15 @@ impl VmmBackend for FirecrackerBackend {
     }
 
     async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError> {
-        http::kill_vmm(handle)
+        process::kill(handle).await
     }
 
     async fn state(&self, handle: &VmmHandle) -> Result<VmmState, VmmError> {
         http::query_state(handle, &plan_state(), self.api_timeout, parse_state).await
     }
 
-    fn classify_exit(
-        &self,
-        _handle: &VmmHandle,
-        status: Option<std::process::ExitStatus>,
-        console_tail: &str,
-    ) -> GuestExit {
-        http::classify_exit("firecracker", status, console_tail)
+    fn exit_quirks(&self) -> &'static ExitQuirks {
+        &super::exit::FIRECRACKER
     }
 }
 

@@ -2,6 +2,8 @@
 //! [`VmConfig`]. QEMU `microvm` runs for real here; Firecracker and Cloud Hypervisor follow
 //! their official API specs (`../shared/specs/`).
 
+pub mod exit;
+pub mod process;
 pub mod qemu;
 pub mod qmp;
 
@@ -13,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::api::{Accelerator, Hypervisor};
+pub use exit::{ExitQuirks, GuestExit};
 
 pub mod cloud_hypervisor;
 pub mod firecracker;
@@ -82,19 +85,6 @@ pub struct Spawned {
     pub child: tokio::process::Child,
 }
 
-/// How a guest's run ended, as far as the backend can tell.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GuestExit {
-    /// The guest shut itself down cleanly.
-    pub success: bool,
-    /// Machine-matchable word: `GuestShutdown`, `GuestReboot`, `GuestPanic`, `VmmCrashed`,
-    /// `VmmKilled`, `VmmExitedWhileAgentDown`.
-    pub reason: &'static str,
-    /// For a person.
-    pub message: String,
-    pub exit_code: Option<i32>,
-}
-
 /// What a backend can tell about a VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmmState {
@@ -124,6 +114,8 @@ pub trait VmmBackend: Send + Sync {
     async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError>;
     /// Ask the VMM what state its VM is in.
     async fn state(&self, handle: &VmmHandle) -> Result<VmmState, VmmError>;
+    /// What sets this VMM apart when its process ends.
+    fn exit_quirks(&self) -> &'static ExitQuirks;
     /// Explain why the VMM process ended. `status` is known only for a child of this agent
     /// (not for a VMM re-adopted after an agent restart); `console_tail` is the end of the
     /// guest's console log.
@@ -132,7 +124,14 @@ pub trait VmmBackend: Send + Sync {
         handle: &VmmHandle,
         status: Option<std::process::ExitStatus>,
         console_tail: &str,
-    ) -> GuestExit;
+    ) -> GuestExit {
+        exit::classify(
+            self.exit_quirks(),
+            exit::ProcessEnd::from_status(status),
+            console_tail,
+            &process::log_tail(&process::log_path_of(handle)),
+        )
+    }
 }
 
 /// Default deadline for one VMM API call.
