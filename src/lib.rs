@@ -11,6 +11,8 @@ pub mod controller;
 pub mod dev;
 pub mod error;
 pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod time;
 pub mod vm;
 

@@ -51,7 +51,7 @@ fn nat_spec(uid: &str, guest: &ignis::agent::guest::DemoGuest) -> proto::VmSpec 
     proto::VmSpec {
         interfaces: vec![proto::NetworkInterface {
             name: "eth0".into(),
-            mode: "nat".into(),
+            mode: proto::InterfaceMode::Nat as i32,
             ..Default::default()
         }],
         readiness_console_marker: String::new(),
@@ -197,7 +197,7 @@ fn nat_guest_gets_an_address_answers_survives_a_restart_and_leaves_nothing() {
         bad.readiness_console_marker = common::MARKER.into();
         bad.interfaces = vec![proto::NetworkInterface {
             name: "eth0".into(),
-            mode: "bridge".into(),
+            mode: proto::InterfaceMode::Bridge as i32,
             bridge: "br-nope".into(),
             ..Default::default()
         }];

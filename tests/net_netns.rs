@@ -10,14 +10,19 @@ use std::time::{Duration, Instant};
 use ignis::ErrorReason;
 use ignis::agent::net::tap::tap_name;
 use ignis::agent::net::{
-    InterfaceMode, InterfaceRequest, NetError, NetworkConfig, NetworkManager, kernel_cmdline,
+    Interface, InterfaceMode, NetError, NetworkConfig, NetworkManager, kernel_cmdline,
 };
+use ignis::vm::VmUid;
 use net_support::*;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-fn nat(name: &str) -> InterfaceRequest {
-    InterfaceRequest {
+fn vm(uid: &str) -> VmUid {
+    VmUid::new(uid).expect("uid")
+}
+
+fn nat(name: &str) -> Interface {
+    Interface {
         name: name.into(),
         mode: InterfaceMode::Nat,
         ..Default::default()
@@ -103,10 +108,10 @@ fn attach_detach_creates_and_removes_tap_and_address() {
         let t0 = Instant::now();
         let ifaces = mgr
             .attach(
-                uid,
+                &vm(uid),
                 &[
                     nat("eth0"),
-                    InterfaceRequest {
+                    Interface {
                         name: "eth1".into(),
                         mode: InterfaceMode::None,
                         ..Default::default()
@@ -153,16 +158,19 @@ fn attach_detach_creates_and_removes_tap_and_address() {
         assert!(persisted.contains(&format!("vms/{uid}.json")));
 
         // Idempotent: the same answer, no second tap or address.
-        let again = mgr.attach(uid, &[nat("eth0")]).await.expect("attach again");
+        let again = mgr
+            .attach(&vm(uid), &[nat("eth0")])
+            .await
+            .expect("attach again");
         assert_eq!(again, ifaces);
         assert_eq!(taps(), vec![eth0.tap.clone()]);
         assert_eq!(
-            mgr.attached(uid).await.expect("record"),
+            mgr.attached(&vm(uid)).await.expect("record"),
             Some(ifaces.clone())
         );
 
         let t0 = Instant::now();
-        mgr.detach(uid).await.expect("detach");
+        mgr.detach(&vm(uid)).await.expect("detach");
         println!("detach took {:?}", t0.elapsed());
         assert!(link(&eth0.tap).is_none(), "tap removed");
         assert!(taps().is_empty());
@@ -171,7 +179,7 @@ fn attach_detach_creates_and_removes_tap_and_address() {
             vec!["ipam/10.88.0.0_16/last_reserved".to_string()],
             "address and record released"
         );
-        mgr.detach(uid).await.expect("detach is idempotent");
+        mgr.detach(&vm(uid)).await.expect("detach is idempotent");
     });
 }
 
@@ -192,7 +200,7 @@ fn twenty_cycles_leak_nothing() {
             let uid = format!("cycle-{i}");
             let t0 = Instant::now();
             let ifaces = mgr
-                .attach(&uid, &[nat("eth0"), nat("eth1")])
+                .attach(&vm(&uid), &[nat("eth0"), nat("eth1")])
                 .await
                 .unwrap_or_else(|e| panic!("cycle {i}: {e}"));
             attach.push(t0.elapsed());
@@ -202,7 +210,7 @@ fn twenty_cycles_leak_nothing() {
                 assert!(seen.insert(iface.address.expect("address").0), "{iface:?}");
             }
             let t0 = Instant::now();
-            mgr.detach(&uid).await.expect("detach");
+            mgr.detach(&vm(&uid)).await.expect("detach");
             detach.push(t0.elapsed());
         }
         let after_files: Vec<String> = files_under(state.path());
@@ -237,25 +245,31 @@ fn restart_keeps_allocations_and_gc_cleans_the_dead() {
         let first = NetworkManager::new(NetworkConfig::new(state.path()))
             .await
             .expect("manager");
-        let a = first.attach("vm-a", &[nat("eth0")]).await.expect("a");
-        let b = first.attach("vm-b", &[nat("eth0")]).await.expect("b");
+        let a = first.attach(&vm("vm-a"), &[nat("eth0")]).await.expect("a");
+        let b = first.attach(&vm("vm-b"), &[nat("eth0")]).await.expect("b");
         drop(first);
 
         let second = NetworkManager::new(NetworkConfig::new(state.path()))
             .await
             .expect("manager after restart");
-        assert_eq!(second.attached("vm-a").await.expect("a"), Some(a.clone()));
+        assert_eq!(
+            second.attached(&vm("vm-a")).await.expect("a"),
+            Some(a.clone())
+        );
         // Re-attaching a known VM yields the same address, tap and MAC.
-        assert_eq!(second.attach("vm-a", &[nat("eth0")]).await.expect("a"), a);
-        let c = second.attach("vm-c", &[nat("eth0")]).await.expect("c");
+        assert_eq!(
+            second.attach(&vm("vm-a"), &[nat("eth0")]).await.expect("a"),
+            a
+        );
+        let c = second.attach(&vm("vm-c"), &[nat("eth0")]).await.expect("c");
         let addr = |v: &Vec<ignis::agent::net::AttachedInterface>| v[0].address.expect("ip").0;
         assert_ne!(addr(&c), addr(&a));
         assert_ne!(addr(&c), addr(&b));
         // A spec asking for a held address is refused.
         let err = second
             .attach(
-                "vm-d",
-                &[InterfaceRequest {
+                &vm("vm-d"),
+                &[Interface {
                     address: Some(addr(&a).to_string()),
                     ..nat("eth0")
                 }],
@@ -280,12 +294,12 @@ fn restart_keeps_allocations_and_gc_cleans_the_dead() {
         assert_eq!(report.taps, expected_taps);
         assert_eq!(report.addresses.len(), 2);
         assert_eq!(taps(), vec![a[0].tap.clone()]);
-        assert_eq!(second.attached("vm-b").await.expect("b"), None);
+        assert_eq!(second.attached(&vm("vm-b")).await.expect("b"), None);
         // The freed address of vm-b can be asked for again.
         let d = second
             .attach(
-                "vm-d",
-                &[InterfaceRequest {
+                &vm("vm-d"),
+                &[Interface {
                     address: Some(format!("{}/16", addr(&b))),
                     ..nat("eth0")
                 }],
@@ -325,8 +339,8 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
             .expect("manager");
         let keep = mgr
             .attach(
-                "vm-keep",
-                &[InterfaceRequest {
+                &vm("vm-keep"),
+                &[Interface {
                     mac: Some("02:00:00:aa:bb:cc".into()),
                     ..nat("eth0")
                 }],
@@ -345,10 +359,10 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
 
         let err = mgr
             .attach(
-                "vm-bad",
+                &vm("vm-bad"),
                 &[
                     nat("eth0"),
-                    InterfaceRequest {
+                    Interface {
                         name: "eth1".into(),
                         mode: InterfaceMode::Bridge,
                         bridge: Some("br-missing".into()),
@@ -372,8 +386,8 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
         ] {
             let err = mgr
                 .attach(
-                    "vm-bad",
-                    &[InterfaceRequest {
+                    &vm("vm-bad"),
+                    &[Interface {
                         address: Some(address.into()),
                         ..nat("eth0")
                     }],
@@ -385,8 +399,8 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
 
         let err = mgr
             .attach(
-                "vm-bad",
-                &[InterfaceRequest {
+                &vm("vm-bad"),
+                &[Interface {
                     mac: Some("02:00:00:AA:BB:CC".into()),
                     ..nat("eth0")
                 }],
@@ -406,8 +420,8 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
             .to_string();
         let err = mgr
             .attach(
-                "vm-bad",
-                &[InterfaceRequest {
+                &vm("vm-bad"),
+                &[Interface {
                     mac: Some(bridge_mac.clone()),
                     ..nat("eth0")
                 }],
@@ -430,7 +444,7 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
             .expect("ip link add");
         assert!(ok.success());
         let err = mgr
-            .attach("vm-bad", &[nat("eth0"), nat("eth1")])
+            .attach(&vm("vm-bad"), &[nat("eth0"), nat("eth1")])
             .await
             .expect_err("tap name taken");
         assert_eq!(err.reason(), "TapCreateFailed", "{err}");
@@ -463,7 +477,7 @@ fn bridge_mode_and_address_changes() {
             .status()
             .expect("ip link add");
         assert!(ok.success());
-        let bridged = InterfaceRequest {
+        let bridged = Interface {
             name: "eth1".into(),
             mode: InterfaceMode::Bridge,
             bridge: Some("br-user".into()),
@@ -471,7 +485,7 @@ fn bridge_mode_and_address_changes() {
             ..Default::default()
         };
         let ifaces = mgr
-            .attach("vm-br", std::slice::from_ref(&bridged))
+            .attach(&vm("vm-br"), std::slice::from_ref(&bridged))
             .await
             .expect("bridge mode");
         assert_eq!(ifaces[0].bridge, "br-user");
@@ -495,8 +509,8 @@ fn bridge_mode_and_address_changes() {
         // Without an address, the guest gets none (DHCP on that network is the user's).
         let plain = mgr
             .attach(
-                "vm-br2",
-                &[InterfaceRequest {
+                &vm("vm-br2"),
+                &[Interface {
                     address: None,
                     ..bridged.clone()
                 }],
@@ -507,14 +521,14 @@ fn bridge_mode_and_address_changes() {
         assert_eq!(kernel_cmdline(&plain), "");
 
         // A nat interface whose spec address changes: the new one is held, the old freed...
-        let with = |a: &str| InterfaceRequest {
+        let with = |a: &str| Interface {
             address: Some(a.into()),
             ..nat("eth0")
         };
-        mgr.attach("vm-n", &[with("10.88.3.3")])
+        mgr.attach(&vm("vm-n"), &[with("10.88.3.3")])
             .await
             .expect("first");
-        mgr.attach("vm-n", &[with("10.88.3.4/16")])
+        mgr.attach(&vm("vm-n"), &[with("10.88.3.4/16")])
             .await
             .expect("changed");
         assert_eq!(
@@ -522,11 +536,11 @@ fn bridge_mode_and_address_changes() {
             vec!["ipam/10.88.0.0_16/10.88.3.4".to_string()]
         );
         // ...but a change that fails keeps the old one held.
-        mgr.attach("vm-other", &[with("10.88.3.5")])
+        mgr.attach(&vm("vm-other"), &[with("10.88.3.5")])
             .await
             .expect("other");
         let err = mgr
-            .attach("vm-n", &[with("10.88.3.5")])
+            .attach(&vm("vm-n"), &[with("10.88.3.5")])
             .await
             .expect_err("taken");
         assert_eq!(err.reason(), "AddressInUse");
@@ -536,10 +550,10 @@ fn bridge_mode_and_address_changes() {
             "{held:?}"
         );
         // Dropping an interface from the request removes its tap.
-        mgr.attach("vm-br", &[]).await.expect("no interfaces");
+        mgr.attach(&vm("vm-br"), &[]).await.expect("no interfaces");
         assert!(link(&ifaces[0].tap).is_none());
         for uid in ["vm-br", "vm-br2", "vm-n", "vm-other"] {
-            mgr.detach(uid).await.expect("detach");
+            mgr.detach(&vm(uid)).await.expect("detach");
         }
         assert!(taps().is_empty());
         assert!(allocations(state.path()).is_empty());

@@ -465,7 +465,7 @@ pub async fn serve_with_metrics(
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).map_err(AgentError::Tls)?;
     }
-    let router = builder.add_service(crate::proto::agent_server::AgentServer::new(service));
+    let router = builder.add_service(service.into_server());
     let stop_vms = config.stop_vms_on_exit;
     let (listen, join) = match &config.listen {
         ListenAddr::Unix(path) => {

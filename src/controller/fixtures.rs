@@ -5,7 +5,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use crate::api::{
     KernelSource, MicroVM, MicroVMSpec, MicroVMStatus, ReadinessProbe, Resources, RunPolicy,
 };
-use crate::proto;
+use crate::vm::{Accelerator, ExitReason, Hypervisor, RunExit, RunState, VmStatus, VmUid};
 
 /// A new MicroVM `name` in `default`, uid `uid-<name>`, generation 1, no status.
 pub fn microvm(name: &str) -> MicroVM {
@@ -75,34 +75,36 @@ pub fn at(secs: i64) -> Time {
 }
 
 /// The agent's view of `mvm`'s VM in `state`, run `run`.
-pub fn agent_vm(mvm: &MicroVM, hash: &str, run: u32, state: proto::VmState) -> proto::Vm {
-    proto::Vm {
-        uid: mvm.metadata.uid.clone().unwrap_or_default(),
-        namespace: mvm.metadata.namespace.clone().unwrap_or_default(),
-        name: mvm.metadata.name.clone().unwrap_or_default(),
+pub fn agent_vm(mvm: &MicroVM, hash: &str, run: u32, state: RunState) -> VmStatus {
+    let uid = mvm.metadata.uid.clone().unwrap_or_default();
+    VmStatus {
         spec_hash: hash.to_string(),
         run,
-        state: state as i32,
-        ready: state == proto::VmState::Running,
-        hypervisor: "qemu".to_string(),
-        accelerator: "tcg".to_string(),
+        state,
+        ready: state == RunState::Running,
+        hypervisor: Some(Hypervisor::Qemu),
+        accelerator: Some(Accelerator::Tcg),
         ip_addresses: vec!["10.88.0.5".to_string()],
         created_at_unix_ms: 1_000_000,
         started_at_unix_ms: 1_000_100,
         ready_at_unix_ms: 1_000_512,
         apply_to_ready_ms: 412,
-        exit: None,
         pid: 4242,
         vcpus: 1,
         memory_bytes: 256 << 20,
+        ..VmStatus::new(
+            VmUid::new(uid).unwrap_or_else(|e| panic!("fixture uid: {e}")),
+            mvm.metadata.namespace.clone().unwrap_or_default(),
+            mvm.metadata.name.clone().unwrap_or_default(),
+        )
     }
 }
 
 /// An exit record.
-pub fn exit(success: bool, reason: &str, permanent: bool, at_unix_ms: i64) -> proto::ExitInfo {
-    proto::ExitInfo {
+pub fn exit(success: bool, reason: &str, permanent: bool, at_unix_ms: i64) -> RunExit {
+    RunExit {
         success,
-        reason: reason.to_string(),
+        reason: ExitReason::from_word(reason),
         message: format!("guest ended: {reason}"),
         permanent,
         exit_code: if success { 0 } else { 1 },

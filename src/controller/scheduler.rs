@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::api::{AcceleratorChoice, HypervisorChoice};
+use crate::api::{Accelerator, AcceleratorChoice, Hypervisor, HypervisorChoice};
 
 /// How candidates that fit are ranked.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -31,10 +31,10 @@ pub struct PlacementRequest {
 pub struct Candidate {
     pub node: String,
     pub labels: BTreeMap<String, String>,
-    /// VMMs the agent offers ("qemu", "firecracker", ...).
-    pub hypervisors: Vec<String>,
-    /// "kvm" or "tcg", as the agent's probe reported.
-    pub accelerator: String,
+    /// VMMs the agent offers.
+    pub hypervisors: Vec<Hypervisor>,
+    /// What the agent's probe found.
+    pub accelerator: Accelerator,
     pub vcpus_total: u32,
     pub memory_total_bytes: u64,
     /// Already reserved on the node (MicroVMs placed there, or what the agent holds if more).
@@ -153,13 +153,10 @@ pub fn selector_matches(
 }
 
 fn offers_hypervisor(choice: HypervisorChoice, c: &Candidate) -> bool {
-    let wanted = match choice {
-        HypervisorChoice::Auto => return !c.hypervisors.is_empty(),
-        HypervisorChoice::Qemu => "qemu",
-        HypervisorChoice::Firecracker => "firecracker",
-        HypervisorChoice::CloudHypervisor => "cloud-hypervisor",
-    };
-    c.hypervisors.iter().any(|h| h == wanted)
+    match choice.pinned() {
+        None => !c.hypervisors.is_empty(),
+        Some(wanted) => c.hypervisors.contains(&wanted),
+    }
 }
 
 fn offers_accelerator(
@@ -169,11 +166,11 @@ fn offers_accelerator(
 ) -> bool {
     match choice {
         AcceleratorChoice::Auto => true,
-        AcceleratorChoice::Kvm => c.accelerator == "kvm",
+        AcceleratorChoice::Kvm => c.accelerator == Accelerator::Kvm,
         // Only QEMU emulates; a VM pinned to another VMM can never run under TCG.
         AcceleratorChoice::Tcg => {
             matches!(hypervisor, HypervisorChoice::Auto | HypervisorChoice::Qemu)
-                && c.hypervisors.iter().any(|h| h == "qemu")
+                && c.hypervisors.contains(&Hypervisor::Qemu)
         }
     }
 }
@@ -202,8 +199,8 @@ mod tests {
         Candidate {
             node: name.to_string(),
             labels: BTreeMap::from([("kubernetes.io/hostname".to_string(), name.to_string())]),
-            hypervisors: vec!["qemu".to_string()],
-            accelerator: "tcg".to_string(),
+            hypervisors: vec![Hypervisor::Qemu],
+            accelerator: Accelerator::Tcg,
             vcpus_total: 8,
             memory_total_bytes: 16 * GI,
             vcpus_reserved,
@@ -274,7 +271,7 @@ mod tests {
         let mut req = request();
         req.hypervisor = HypervisorChoice::Firecracker;
         let mut fc = node("b", 0, 0);
-        fc.hypervisors = vec!["firecracker".to_string()];
+        fc.hypervisors = vec![Hypervisor::Firecracker];
         assert_eq!(
             place(&req, &[node("a", 0, 0), fc], PlacementStrategy::Spread),
             Ok("b".to_string())
@@ -292,7 +289,7 @@ mod tests {
             place(&req, &[node("a", 0, 0)], PlacementStrategy::Spread).expect_err("must fail");
         assert_eq!(err.constraint, Constraint::Accelerator);
         let mut kvm = node("b", 0, 0);
-        kvm.accelerator = "kvm".to_string();
+        kvm.accelerator = Accelerator::Kvm;
         assert_eq!(
             place(&req, &[node("a", 0, 0), kvm], PlacementStrategy::Spread),
             Ok("b".to_string())
@@ -304,7 +301,7 @@ mod tests {
         let mut req = request();
         req.accelerator = AcceleratorChoice::Tcg;
         let mut fc = node("a", 0, 0);
-        fc.hypervisors = vec!["firecracker".to_string()];
+        fc.hypervisors = vec![Hypervisor::Firecracker];
         let err = place(&req, &[fc.clone()], PlacementStrategy::Spread).expect_err("must fail");
         assert_eq!(err.constraint, Constraint::Accelerator);
         assert_eq!(
@@ -314,7 +311,7 @@ mod tests {
         // A VM pinned to Firecracker cannot be emulated anywhere.
         req.hypervisor = HypervisorChoice::Firecracker;
         let mut both = node("c", 0, 0);
-        both.hypervisors.push("firecracker".to_string());
+        both.hypervisors.push(Hypervisor::Firecracker);
         let err = place(&req, &[both], PlacementStrategy::Spread).expect_err("must fail");
         assert_eq!(err.constraint, Constraint::Accelerator);
     }

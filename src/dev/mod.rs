@@ -17,7 +17,6 @@ use crate::agent::supervisor::Supervisor;
 use crate::agent::{self, AcceleratorFlag, AgentConfig, guest};
 use crate::api::{ConditionType, FIELD_MANAGER, MicroVM, find_condition};
 use crate::controller::{self, ControllerConfig};
-use crate::proto;
 use crate::telemetry::{self, MetricsRegistry, Readiness};
 
 /// The MicroVM `--demo` applies (the same file as `config/samples/microvm-minimal.yaml`).
@@ -258,8 +257,9 @@ async fn run_demo(
             .metadata
             .uid
             .as_deref()
-            .and_then(|uid| supervisor.get(uid))
-            .is_some_and(|vm| vm.ready && vm.state == proto::VmState::Running as i32);
+            .and_then(|uid| crate::vm::VmUid::new(uid).ok())
+            .and_then(|uid| supervisor.get(&uid))
+            .is_some_and(|vm| vm.ready && vm.state == crate::vm::RunState::Running);
         match find_condition(&status.conditions, ConditionType::Ready) {
             Some(c) if c.status == "True" && agent_ready => break obj,
             Some(c) => {

@@ -63,8 +63,8 @@ pub fn demo_spec(uid: &str, guest: &DemoGuest) -> proto::VmSpec {
         uid: uid.to_owned(),
         namespace: "default".into(),
         name: format!("vm-{uid}"),
-        hypervisor: "qemu".into(),
-        accelerator: "tcg".into(),
+        hypervisor: proto::Hypervisor::Qemu as i32,
+        accelerator: proto::Accelerator::Tcg as i32,
         vcpus: 1,
         memory_bytes: 128 << 20,
         kernel_path: guest.kernel.display().to_string(),
@@ -72,7 +72,7 @@ pub fn demo_spec(uid: &str, guest: &DemoGuest) -> proto::VmSpec {
         initrd_path: guest.initrd.display().to_string(),
         interfaces: vec![proto::NetworkInterface {
             name: "eth0".into(),
-            mode: "none".into(),
+            mode: proto::InterfaceMode::None as i32,
             ..Default::default()
         }],
         readiness_console_marker: MARKER.into(),

@@ -11,12 +11,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::agent::console;
-use crate::agent::state::{ExitRecord, Phase, SpecRecord};
 use crate::agent::vmm::process;
-use crate::api::Hypervisor;
+use crate::vm::{ExitReason, RunExit};
 
 impl Inner {
-    pub(super) async fn adopt_one(self: &Arc<Self>, uid: &str) {
+    pub(super) async fn adopt_one(self: &Arc<Self>, uid: &VmUid) {
         let status = match self.store.read_status(uid) {
             Ok(Some(status)) => status,
             Ok(None) | Err(_) => {
@@ -24,41 +23,29 @@ impl Inner {
                 if let Ok(Some(handle)) = self.store.read_handle(uid) {
                     force_kill(&handle);
                 }
-                tracing::warn!(uid, "removing a VM directory without status");
+                tracing::warn!(%uid, "removing a VM directory without status");
                 let _ = self.store.remove_vm(uid);
                 return;
             }
         };
-        let spec = self
-            .store
-            .read_spec(uid)
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| SpecRecord {
-                uid: status.uid.clone(),
-                namespace: status.namespace.clone(),
-                name: status.name.clone(),
-                spec_hash: status.spec_hash.clone(),
-                run: status.run,
-                vcpus: status.vcpus,
-                memory_bytes: status.memory_bytes,
-                ..Default::default()
-            });
+        // Without its spec (a crash before it was written) the VM is still held: it can be
+        // stopped (with no grace period) and deleted, and its readiness is its start.
+        let request = self.store.read_spec(uid).ok().flatten();
         let slot = self.slot_or_insert(uid);
-        let phase = status.phase;
+        let state = status.state;
         {
             let mut rt = slot.lock();
-            rt.spec = spec.clone();
+            rt.request = request.clone();
             rt.status = status.clone();
+            rt.recorded = true;
         }
-        if phase.is_ended() {
+        if state.is_ended() {
             self.update(&slot, None, |_| {});
             return;
         }
         let handle = self.store.read_handle(uid).ok().flatten();
-        let backend = parse_hypervisor(&status.hypervisor)
-            .ok()
-            .flatten()
+        let backend = status
+            .hypervisor
             .and_then(|kind| self.backend(kind))
             .map(|b| b.backend.clone());
         let Some(handle) = handle else {
@@ -73,10 +60,12 @@ impl Inner {
             return self.fail_with(
                 &slot,
                 None,
-                lost(&format!(
-                    "hypervisor {:?} is not available to this agent any more",
-                    status.hypervisor
-                )),
+                lost(&match status.hypervisor {
+                    Some(kind) => {
+                        format!("hypervisor {kind} is not available to this agent any more")
+                    }
+                    None => "the VM's hypervisor was never recorded".to_owned(),
+                }),
             );
         };
         if !process::is_alive(&handle) {
@@ -85,21 +74,21 @@ impl Inner {
                 .classify_exit(&handle, None, &tail)
                 .seen_dead_at_adoption();
             tracing::info!(
-                uid,
+                %uid,
                 reason = %exit.reason,
                 "VMM ended while the agent was down"
             );
             let _ = std::fs::remove_file(&handle.api_socket);
             let record = exit_record(&exit, crate::time::now_unix_ms());
             self.update(&slot, None, |rt| {
-                rt.status.phase = Phase::Exited;
+                rt.status.state = RunState::Exited;
                 rt.status.ready = false;
                 rt.status.pid = 0;
                 rt.status.exit = Some(record);
             });
             return;
         }
-        if phase == Phase::Creating {
+        if state == RunState::Creating {
             // It never got its start call: it cannot be trusted to be configured.
             force_kill(&handle);
             return self.fail_with(
@@ -120,28 +109,29 @@ impl Inner {
         };
         self.update(&slot, None, |rt| rt.run = Some(run.clone()));
         tracing::info!(
-            uid,
+            %uid,
             pid = handle.pid,
-            phase = phase.as_str(),
+            state = state.as_str(),
             "re-adopted VMM"
         );
         Self::spawn_proc_watcher(self, &slot, generation, handle.clone(), exited_tx);
-        if phase == Phase::Starting {
+        if state == RunState::Starting {
             let elapsed =
                 u64::try_from(crate::time::now_unix_ms() - status.started_at_unix_ms).unwrap_or(0);
             let left = self
                 .config
                 .boot_timeout
                 .saturating_sub(Duration::from_millis(elapsed));
-            let kind = parse_hypervisor(&status.hypervisor)
-                .ok()
-                .flatten()
-                .unwrap_or(Hypervisor::Qemu);
+            let kind = status.hypervisor.unwrap_or(Hypervisor::Qemu);
+            let readiness = match &request {
+                Some(request) => Readiness::of(&request.spec, kind, &status.ip_addresses),
+                None => Readiness::Immediate,
+            };
             Self::spawn_readiness(
                 self,
                 &slot,
                 &run,
-                Readiness::of(&spec, kind, &status.ip_addresses),
+                readiness,
                 handle.console_log.clone(),
                 Instant::now() + left.max(Duration::from_secs(1)),
             );
@@ -150,10 +140,10 @@ impl Inner {
 }
 
 /// The failure recorded for a VM whose run the agent lost track of.
-pub(super) fn lost(message: &str) -> ExitRecord {
-    ExitRecord {
+pub(super) fn lost(message: &str) -> RunExit {
+    RunExit {
         success: false,
-        reason: "VmmLost".into(),
+        reason: ExitReason::VmmLost,
         message: message.to_owned(),
         permanent: false,
         exit_code: -1,

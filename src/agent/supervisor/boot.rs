@@ -12,30 +12,29 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::agent::net::{self, AttachedInterface};
-use crate::agent::state::{Phase, SpecRecord};
 use crate::agent::vmm::{API_TIMEOUT, VmConfig, VmmError};
 
 impl Inner {
     pub(super) async fn boot(
         self: &Arc<Self>,
         slot: &Arc<VmSlot>,
-        spec: SpecRecord,
+        request: ApplyRequest,
         applied_at: i64,
+        refused: Option<SpecError>,
     ) {
         let deadline = Instant::now() + self.config.boot_timeout;
-        let status = Self::fresh_status(slot, &spec, applied_at);
-        {
-            let mut rt = slot.lock();
-            rt.spec = spec.clone();
-            rt.status = status;
-            rt.run = None;
+        let status = Self::fresh_status(slot, &request, applied_at);
+        Self::begin_run(slot, request.clone(), status);
+        if let Some(error) = refused {
+            return self.fail_boot(slot, None, &BootError::Spec(error)).await;
         }
+        let spec = &request.spec;
         let env = self.plan_env();
-        let planned = plan_boot(&spec, &env).and_then(|plan| {
-            check_files(&spec)?;
-            Ok((plan, interface_requests(&spec)?))
+        let planned = plan_boot(spec, &env).and_then(|plan| {
+            check_files(spec)?;
+            Ok(plan)
         });
-        let (plan, requests) = match planned {
+        let plan = match planned {
             Ok(planned) => planned,
             Err(error) => return self.fail_boot(slot, None, &error).await,
         };
@@ -54,40 +53,42 @@ impl Inner {
         let dir = match self
             .store
             .create_vm_dir(&spec.uid)
-            .and_then(|dir| self.store.write_spec(&spec).map(|()| dir))
+            .and_then(|dir| self.store.write_spec(&request).map(|()| dir))
         {
             Ok(dir) => dir,
             Err(error) => return self.fail_boot(slot, None, &BootError::State(error)).await,
         };
         // Before the VMM exists: it opens the taps by name. Idempotent for the same uid, so a
         // new run of the VM keeps its taps, MACs and addresses.
-        let interfaces = match self.attach_network(&spec.uid, &requests).await {
+        let interfaces = match self.attach_network(&spec.uid, &spec.interfaces).await {
             Ok(interfaces) => interfaces,
             Err(error) => return self.fail_boot(slot, None, &error).await,
         };
         let ip_addresses = net::ip_addresses(&interfaces);
-        if spec.readiness_tcp_port != 0 && ip_addresses.is_empty() {
-            let error = BootError::ReadinessUnreachable {
-                port: spec.readiness_tcp_port,
-            };
+        if let Some(port) = spec.readiness_tcp_port
+            && ip_addresses.is_empty()
+        {
+            let error = BootError::ReadinessUnreachable { port };
             return self.fail_boot(slot, None, &error).await;
         }
         self.update(slot, None, |rt| {
-            rt.status.hypervisor = plan.hypervisor.as_str().to_owned();
-            rt.status.accelerator = plan.accelerator.as_str().to_owned();
+            rt.status.hypervisor = Some(plan.hypervisor);
+            rt.status.accelerator = Some(plan.accelerator);
             rt.status.ip_addresses = ip_addresses.clone();
         });
         let config = VmConfig {
-            id: spec.uid.clone(),
+            id: spec.uid.to_string(),
             vcpus: spec.vcpus,
             memory_mib: plan.memory_mib,
             kernel: PathBuf::from(&spec.kernel_path),
             cmdline: guest_cmdline(&spec.kernel_cmdline, &interfaces),
-            initrd: (!spec.initrd_path.is_empty()).then(|| PathBuf::from(&spec.initrd_path)),
-            disks: (!spec.rootfs_path.is_empty())
-                .then(|| crate::agent::vmm::DiskConfig {
+            initrd: spec.initrd_path.as_ref().map(PathBuf::from),
+            disks: spec
+                .rootfs_path
+                .as_ref()
+                .map(|path| crate::agent::vmm::DiskConfig {
                     id: "rootfs".into(),
-                    path: PathBuf::from(&spec.rootfs_path),
+                    path: PathBuf::from(path),
                     read_only: spec.rootfs_read_only,
                     root: true,
                 })
@@ -97,7 +98,7 @@ impl Inner {
                 .iter()
                 .map(AttachedInterface::net_config)
                 .collect(),
-            user_data: (!spec.user_data.is_empty()).then(|| spec.user_data.clone()),
+            user_data: spec.user_data.clone(),
             accelerator: plan.accelerator,
             state_dir: dir.clone(),
             console_log: dir.join("console.log"),
@@ -177,13 +178,13 @@ impl Inner {
         }
         let started_at = crate::time::now_unix_ms();
         self.update(slot, Some(generation), |rt| {
-            if rt.status.phase == Phase::Creating {
-                rt.status.phase = Phase::Starting;
+            if rt.status.state == RunState::Creating {
+                rt.status.state = RunState::Starting;
             }
             rt.status.started_at_unix_ms = started_at;
         });
         tracing::info!(uid = %spec.uid, name = %spec.name, pid, hypervisor = %plan.hypervisor, accelerator = %plan.accelerator, "VMM started");
-        let readiness = Readiness::of(&spec, plan.hypervisor, &ip_addresses);
+        let readiness = Readiness::of(spec, plan.hypervisor, &ip_addresses);
         Self::spawn_readiness(self, slot, &run, readiness, config.console_log, deadline);
     }
 }

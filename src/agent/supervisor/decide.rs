@@ -1,7 +1,7 @@
 //! The convergence rule of `ApplyVM`: idempotent by (uid, spec hash, run) and desired
 //! state. Pure.
 
-use crate::agent::state::Phase;
+use crate::vm::RunState;
 
 /// What `ApplyVM` must do, given what the agent holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,7 +23,7 @@ pub enum ApplyAction {
 pub struct HeldRun {
     pub spec_hash: String,
     pub run: u32,
-    pub phase: Phase,
+    pub state: RunState,
     /// Whether this run ever started a VMM.
     pub booted: bool,
 }
@@ -52,7 +52,7 @@ pub fn decide_apply(
     if run < held.run {
         return ApplyAction::Nothing;
     }
-    let active = !held.phase.is_ended();
+    let active = !held.state.is_ended();
     if !want_running {
         return if active {
             ApplyAction::Stop
@@ -65,7 +65,7 @@ pub fn decide_apply(
     if run == held.run {
         // A run that ended stays ended; only a run recorded as stopped before it ever
         // booted is still owed its boot.
-        return if held.phase == Phase::Stopped && !held.booted {
+        return if held.state == RunState::Stopped && !held.booted {
             ApplyAction::Boot
         } else {
             ApplyAction::Nothing
@@ -82,11 +82,11 @@ pub fn decide_apply(
 mod tests {
     use super::*;
 
-    fn held(hash: &str, run: u32, phase: Phase, booted: bool) -> HeldRun {
+    fn held(hash: &str, run: u32, state: RunState, booted: bool) -> HeldRun {
         HeldRun {
             spec_hash: hash.into(),
             run,
-            phase,
+            state,
             booted,
         }
     }
@@ -96,7 +96,7 @@ mod tests {
         use ApplyAction::*;
         assert_eq!(decide_apply(None, "h", 1, true), Boot);
         assert_eq!(decide_apply(None, "h", 1, false), RecordStopped);
-        let running = held("h", 1, Phase::Running, true);
+        let running = held("h", 1, RunState::Running, true);
         assert_eq!(decide_apply(Some(&running), "h", 1, true), Nothing);
         assert_eq!(
             decide_apply(Some(&running), "h2", 1, true),
@@ -115,7 +115,7 @@ mod tests {
             Nothing,
             "stale run"
         );
-        let exited = held("h", 1, Phase::Exited, true);
+        let exited = held("h", 1, RunState::Exited, true);
         assert_eq!(
             decide_apply(Some(&exited), "h", 1, true),
             Nothing,
@@ -127,12 +127,12 @@ mod tests {
             "run N+1 boots again"
         );
         assert_eq!(decide_apply(Some(&exited), "h", 2, false), AdoptRun);
-        let failed = held("h", 3, Phase::Failed, false);
+        let failed = held("h", 3, RunState::Failed, false);
         assert_eq!(decide_apply(Some(&failed), "h", 3, true), Nothing);
         assert_eq!(decide_apply(Some(&failed), "h", 4, true), Boot);
-        let never_booted = held("h", 1, Phase::Stopped, false);
+        let never_booted = held("h", 1, RunState::Stopped, false);
         assert_eq!(decide_apply(Some(&never_booted), "h", 1, true), Boot);
-        let stopped = held("h", 1, Phase::Stopped, true);
+        let stopped = held("h", 1, RunState::Stopped, true);
         assert_eq!(decide_apply(Some(&stopped), "h", 1, true), Nothing);
     }
 }

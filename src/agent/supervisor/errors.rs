@@ -7,16 +7,17 @@ use crate::agent::console;
 use crate::agent::net::NetError;
 use crate::agent::state::StateError;
 use crate::agent::vmm::VmmError;
-use crate::api::{Accelerator, Hypervisor};
+use crate::api::{Accelerator, Hypervisor, InterfaceMode};
+use crate::vm::wire::SpecError;
 
 /// Why a VM could not be created or booted. Each variant names the cause; its reason is the
 /// word that lands in `ExitInfo.reason`, conditions and metric labels.
 #[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum BootError {
-    #[error("invalid VM spec: {field} {detail}")]
-    InvalidSpec { field: &'static str, detail: String },
-    #[error("unknown hypervisor {name:?}: use auto, qemu, firecracker or cloud-hypervisor")]
-    UnknownHypervisor { name: String },
+    /// The spec itself is wrong (`InvalidSpec`, `UnknownHypervisor`).
+    #[error(transparent)]
+    #[strum(transparent)]
+    Spec(SpecError),
     #[error("kernel {path} not found")]
     KernelNotFound {
         path: String,
@@ -63,13 +64,13 @@ pub enum BootError {
     )]
     NetworkingUnavailable {
         interface: String,
-        mode: String,
+        mode: InterfaceMode,
         detail: String,
     },
     #[error(
         "readiness on TCP port {port} needs a guest address: give the VM an interface in mode nat, or in mode bridge with an address"
     )]
-    ReadinessUnreachable { port: u32 },
+    ReadinessUnreachable { port: u16 },
     /// The interfaces could not be attached; the reason is the network's own word.
     #[error(transparent)]
     #[strum(transparent)]

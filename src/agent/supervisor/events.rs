@@ -10,9 +10,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::broadcast;
 
-use crate::agent::state::Phase;
-use crate::proto;
 use crate::telemetry::MetricsRegistry;
+use crate::vm::{RunState, SequencedEvent, VmEvent, VmUid};
 
 /// Capacity of the event hub; a watcher that falls further behind gets a fresh snapshot.
 const HUB_CAPACITY: usize = 4096;
@@ -61,7 +60,7 @@ impl AgentMetrics {
             .inc();
     }
 
-    pub(super) fn phase_gauge(&self, phase: Phase) -> Gauge {
+    pub(super) fn phase_gauge(&self, phase: RunState) -> Gauge {
         self.vms
             .get_or_create(&vec![("state".to_owned(), phase.as_str().to_owned())])
             .clone()
@@ -70,14 +69,14 @@ impl AgentMetrics {
 
 /// Sequenced VM events for `WatchVMs`, and the per-state gauge kept in step with them.
 pub(super) struct EventHub {
-    pub(super) tx: broadcast::Sender<proto::VmEvent>,
+    pub(super) tx: broadcast::Sender<SequencedEvent>,
     pub(super) state: Mutex<HubState>,
 }
 
 #[derive(Default)]
 pub(super) struct HubState {
     pub(super) sequence: u64,
-    pub(super) phases: HashMap<String, Phase>,
+    pub(super) states: HashMap<VmUid, RunState>,
 }
 
 impl EventHub {
@@ -90,16 +89,16 @@ impl EventHub {
 
     pub(super) fn publish(
         &self,
-        event: proto::vm_event::Event,
-        uid: &str,
-        phase: Option<Phase>,
+        event: VmEvent,
+        uid: &VmUid,
+        phase: Option<RunState>,
         metrics: &AgentMetrics,
     ) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.sequence += 1;
         let old = match phase {
-            Some(phase) => state.phases.insert(uid.to_owned(), phase),
-            None => state.phases.remove(uid),
+            Some(phase) => state.states.insert(uid.clone(), phase),
+            None => state.states.remove(uid),
         };
         if old != phase {
             if let Some(old) = old {
@@ -110,13 +109,13 @@ impl EventHub {
             }
         }
         // No receivers is fine: nobody watches yet.
-        let _ = self.tx.send(proto::VmEvent {
+        let _ = self.tx.send(SequencedEvent {
             sequence: state.sequence,
-            event: Some(event),
+            event,
         });
     }
 
-    pub(super) fn subscribe(&self) -> (broadcast::Receiver<proto::VmEvent>, u64) {
+    pub(super) fn subscribe(&self) -> (broadcast::Receiver<SequencedEvent>, u64) {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         (self.tx.subscribe(), state.sequence)
     }

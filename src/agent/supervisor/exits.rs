@@ -9,17 +9,17 @@ use tokio::sync::watch;
 
 use super::*;
 use crate::agent::console;
-use crate::agent::state::{ExitRecord, Phase};
 use crate::agent::vmm::{GuestExit, VmmHandle, process};
+use crate::vm::RunExit;
 
 /// How often a re-adopted VMM (not our child, so no `wait()`) is checked in `/proc`.
 const ADOPTED_POLL: Duration = Duration::from_millis(250);
 
 /// An exit as recorded in status: the backend's classification for a VM that was up.
-pub fn exit_record(exit: &GuestExit, at_unix_ms: i64) -> ExitRecord {
-    ExitRecord {
+pub fn exit_record(exit: &GuestExit, at_unix_ms: i64) -> RunExit {
+    RunExit {
         success: exit.success,
-        reason: exit.reason.as_str().to_owned(),
+        reason: exit.reason.clone(),
         message: exit.message.clone(),
         permanent: false,
         exit_code: exit.exit_code.unwrap_or(-1),
@@ -107,7 +107,7 @@ impl Inner {
                 if let Some(run) = rt.run.take() {
                     run.cancel.cancel();
                 }
-                rt.status.phase = Phase::Exited;
+                rt.status.state = RunState::Exited;
                 rt.status.ready = false;
                 rt.status.exit = Some(record);
             });

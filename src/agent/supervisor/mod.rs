@@ -34,11 +34,14 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::console;
 use crate::agent::host::HostCapacity;
 use crate::agent::net::NetworkConfig;
-use crate::agent::state::{Phase, SpecRecord, StateStore};
+use crate::agent::state::StateStore;
 use crate::agent::vmm::{VmmBackend, process};
-use crate::api::{Accelerator, Hypervisor};
 use crate::error::ErrorReason;
-use crate::proto;
+use crate::vm::wire::SpecError;
+use crate::vm::{
+    Accelerator, ApplyRequest, HostInfo, Hypervisor, RunState, SequencedEvent, VmEvent, VmStatus,
+    VmUid,
+};
 
 pub use decide::{ApplyAction, HeldRun, decide_apply};
 pub use errors::{BootError, SupervisorError, VmmCall};
@@ -46,10 +49,8 @@ pub use events::AgentMetrics;
 use events::EventHub;
 pub use exits::exit_record;
 use network::Networking;
-pub use plan::{
-    BootPlan, PlanEnv, check_files, guest_cmdline, interface_requests, parse_hypervisor, plan_boot,
-};
-use plan::{mode_word, needs_tap};
+use plan::needs_tap;
+pub use plan::{BootPlan, PlanEnv, check_files, guest_cmdline, plan_boot};
 use readiness::Readiness;
 use slots::{RunHandle, VmSlot};
 use stop::force_kill;
@@ -92,15 +93,11 @@ pub struct SupervisorConfig {
     pub network: Option<NetworkConfig>,
 }
 
-fn grace_from_seconds(seconds: i64) -> Duration {
-    Duration::from_secs(u64::try_from(seconds).unwrap_or(0))
-}
-
 struct Inner {
     config: SupervisorConfig,
     store: StateStore,
     backends: Vec<BackendEntry>,
-    slots: Mutex<HashMap<String, Arc<VmSlot>>>,
+    slots: Mutex<HashMap<VmUid, Arc<VmSlot>>>,
     hub: EventHub,
     metrics: AgentMetrics,
     /// Ends every watcher when the agent stops (VMMs keep running).
@@ -163,8 +160,8 @@ impl Supervisor {
             .inner
             .slots()
             .iter()
-            .filter(|slot| slot.lock().status.phase != Phase::Failed)
-            .map(|slot| slot.uid.clone())
+            .filter(|slot| slot.lock().status.state != RunState::Failed)
+            .map(|slot| slot.uid.to_string())
             .collect();
         match manager.garbage_collect(&live).await {
             Ok(report) => tracing::info!(
@@ -193,9 +190,7 @@ impl Supervisor {
                     if !active {
                         continue;
                     }
-                    let Ok(dir) = inner.store.vm_dir(&slot.uid) else {
-                        continue;
-                    };
+                    let dir = inner.store.vm_dir(&slot.uid);
                     if let Err(error) = console::rotate_if_needed(
                         &dir.join("console.log"),
                         inner.config.console_max_bytes,
@@ -209,30 +204,22 @@ impl Supervisor {
 
     /// Converge a VM onto the request. A VM that cannot be created or booted is not an error
     /// here: it comes back in state FAILED with the reason.
-    pub async fn apply(
-        &self,
-        request: proto::ApplyVmRequest,
-    ) -> Result<proto::Vm, SupervisorError> {
+    pub async fn apply(&self, request: ApplyRequest) -> VmStatus {
+        self.converge(request, None).await
+    }
+
+    /// Converge a VM onto a request whose spec this agent cannot boot as sent (a value it does
+    /// not know): like [`Supervisor::apply`], except a boot is recorded as failed with `error`.
+    pub async fn refuse(&self, request: ApplyRequest, error: SpecError) -> VmStatus {
+        self.converge(request, Some(error)).await
+    }
+
+    async fn converge(&self, request: ApplyRequest, refused: Option<SpecError>) -> VmStatus {
         let applied_at = crate::time::now_unix_ms();
-        let spec = request
-            .spec
-            .as_ref()
-            .ok_or_else(|| SupervisorError::InvalidRequest {
-                detail: "spec is required".into(),
-            })?;
-        if !crate::agent::state::valid_uid(&spec.uid) {
-            return Err(SupervisorError::InvalidRequest {
-                detail: format!(
-                    "uid {:?} must be 1-64 letters, digits, '-', '_' or '.'",
-                    spec.uid
-                ),
-            });
-        }
-        let want_running = request.desired_state != proto::DesiredState::Stopped as i32;
-        let spec = SpecRecord::from_apply(spec, &request.spec_hash, request.run, want_running);
         let inner = &self.inner;
+        let uid = request.spec.uid.clone();
         let (slot, _op) = loop {
-            let slot = inner.slot_or_insert(&spec.uid);
+            let slot = inner.slot_or_insert(&uid);
             let op = slot.op.clone().lock_owned().await;
             if !slot.lock().deleted {
                 break (slot, op);
@@ -240,72 +227,69 @@ impl Supervisor {
         };
         let held = {
             let rt = slot.lock();
-            (!rt.status.uid.is_empty()).then(|| HeldRun {
+            rt.recorded.then(|| HeldRun {
                 spec_hash: rt.status.spec_hash.clone(),
                 run: rt.status.run,
-                phase: rt.status.phase,
+                state: rt.status.state,
                 booted: rt.status.started_at_unix_ms != 0 || rt.status.pid != 0,
             })
         };
-        let action = decide_apply(held.as_ref(), &spec.spec_hash, spec.run, want_running);
-        tracing::info!(uid = %spec.uid, name = %spec.name, namespace = %spec.namespace, run = spec.run, ?action, "ApplyVM");
+        let want_running = request.desired == crate::vm::DesiredState::Running;
+        let action = decide_apply(held.as_ref(), &request.spec_hash, request.run, want_running);
+        tracing::info!(%uid, name = %request.spec.name, namespace = %request.spec.namespace, run = request.run, ?action, "ApplyVM");
         match action {
             ApplyAction::Nothing => {}
             ApplyAction::AdoptRun => {
-                let run = spec.run;
+                let (run, desired) = (request.run, request.desired);
                 inner.update(&slot, None, |rt| {
-                    rt.spec.run = run;
-                    rt.spec.want_running = want_running;
+                    if let Some(held) = rt.request.as_mut() {
+                        held.run = run;
+                        held.desired = desired;
+                    }
                     rt.status.run = run;
                 });
                 let rt = slot.lock();
-                if let Err(error) = inner.store.write_spec(&rt.spec) {
-                    tracing::warn!(uid = %spec.uid, error = %error, "cannot record the new run");
+                if let Some(Err(error)) = rt.request.as_ref().map(|r| inner.store.write_spec(r)) {
+                    tracing::warn!(%uid, error = %error, "cannot record the new run");
                 }
             }
             ApplyAction::Stop => {
-                let grace = grace_from_seconds(spec.termination_grace_period_seconds);
-                Inner::stop_run(inner, &slot, grace).await;
-                let run = spec.run.max(held.map(|h| h.run).unwrap_or(0));
+                Inner::stop_run(inner, &slot, request.spec.grace_period()).await;
+                let run = request.run.max(held.map(|h| h.run).unwrap_or(0));
                 inner.update(&slot, None, |rt| {
-                    rt.spec.want_running = false;
-                    rt.spec.run = run;
+                    if let Some(held) = rt.request.as_mut() {
+                        held.run = run;
+                        held.desired = crate::vm::DesiredState::Stopped;
+                    }
                     rt.status.run = run;
-                    rt.status.phase = Phase::Stopped;
+                    rt.status.state = RunState::Stopped;
                     rt.status.ready = false;
                 });
             }
             ApplyAction::RecordStopped => {
                 inner.clear_previous(&slot).await;
-                inner.record_stopped(&slot, spec, applied_at);
+                inner.record_stopped(&slot, request, applied_at);
             }
             ApplyAction::Boot => {
                 inner.clear_previous(&slot).await;
-                Inner::boot(inner, &slot, spec, applied_at).await;
+                Inner::boot(inner, &slot, request, applied_at, refused).await;
             }
         }
-        let vm = slot.lock().status.to_proto();
-        Ok(vm)
+        slot.lock().status.clone()
     }
 
     /// Stop the VM within `grace` (its own grace period when `None`), kill it after, remove
     /// its files. Returns whether the agent held it.
     pub async fn delete(
         &self,
-        uid: &str,
+        uid: &VmUid,
         grace: Option<Duration>,
     ) -> Result<bool, SupervisorError> {
         let inner = &self.inner;
-        let dir = inner
-            .store
-            .vm_dir(uid)
-            .map_err(|_| SupervisorError::InvalidRequest {
-                detail: format!("uid {uid:?} is not a valid VM uid"),
-            })?;
-        let slot = inner.slots().into_iter().find(|s| s.uid == uid);
+        let slot = inner.slots().into_iter().find(|s| &s.uid == uid);
         let Some(slot) = slot else {
             // A directory the agent does not hold (a crash mid-create): remove it anyway.
-            let existed = dir.exists();
+            let existed = inner.store.vm_dir(uid).exists();
             inner.store.remove_vm(uid).map_err(SupervisorError::State)?;
             return Ok(existed);
         };
@@ -315,9 +299,9 @@ impl Supervisor {
             if rt.deleted {
                 return Ok(false);
             }
-            grace.unwrap_or_else(|| grace_from_seconds(rt.spec.termination_grace_period_seconds))
+            grace.unwrap_or_else(|| rt.grace_period())
         };
-        tracing::info!(uid, grace_ms = grace.as_millis() as u64, "DeleteVM");
+        tracing::info!(%uid, grace_ms = grace.as_millis() as u64, "DeleteVM");
         Inner::stop_run(inner, &slot, grace).await;
         // A failure here is logged, not returned: the slot goes away regardless, and the next
         // agent start collects what is left of a VM it does not hold.
@@ -330,37 +314,30 @@ impl Supervisor {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(uid);
-            inner.hub.publish(
-                proto::vm_event::Event::Deleted(proto::VmDeleted {
-                    uid: uid.to_owned(),
-                }),
-                uid,
-                None,
-                &inner.metrics,
-            );
+            inner
+                .hub
+                .publish(VmEvent::Deleted(uid.clone()), uid, None, &inner.metrics);
         }
         inner.store.remove_vm(uid).map_err(SupervisorError::State)?;
         Ok(true)
     }
 
     /// One VM's status.
-    pub fn get(&self, uid: &str) -> Option<proto::Vm> {
+    pub fn get(&self, uid: &VmUid) -> Option<VmStatus> {
         self.inner
             .slots()
             .into_iter()
-            .find(|s| s.uid == uid)
-            .map(|s| s.lock().status.to_proto())
-            .filter(|vm| !vm.uid.is_empty())
+            .find(|s| &s.uid == uid)
+            .and_then(|s| s.lock().recorded_status())
     }
 
     /// Every VM's status, by uid.
-    pub fn list(&self) -> Vec<proto::Vm> {
-        let mut vms: Vec<proto::Vm> = self
+    pub fn list(&self) -> Vec<VmStatus> {
+        let mut vms: Vec<VmStatus> = self
             .inner
             .slots()
             .into_iter()
-            .map(|s| s.lock().status.to_proto())
-            .filter(|vm| !vm.uid.is_empty())
+            .filter_map(|s| s.lock().recorded_status())
             .collect();
         vms.sort_by(|a, b| a.uid.cmp(&b.uid));
         vms
@@ -368,7 +345,7 @@ impl Supervisor {
 
     /// Subscribe to changes; returns the receiver and the sequence number it starts after.
     /// Take the snapshot with [`Supervisor::list`] after subscribing, so nothing is missed.
-    pub fn subscribe(&self) -> (broadcast::Receiver<proto::VmEvent>, u64) {
+    pub fn subscribe(&self) -> (broadcast::Receiver<SequencedEvent>, u64) {
         self.inner.hub.subscribe()
     }
 
@@ -379,7 +356,7 @@ impl Supervisor {
             .iter()
             .fold((0u32, 0u64), |(cpus, mem), slot| {
                 let rt = slot.lock();
-                if rt.status.phase == Phase::Failed || rt.status.uid.is_empty() {
+                if rt.status.state == RunState::Failed || !rt.recorded {
                     (cpus, mem)
                 } else {
                     (
@@ -391,13 +368,31 @@ impl Supervisor {
     }
 
     /// The hypervisors whose binaries are present.
-    pub fn hypervisors(&self) -> Vec<String> {
+    pub fn hypervisors(&self) -> Vec<Hypervisor> {
         self.inner
             .backends
             .iter()
             .filter(|b| b.resolved_binary().is_some())
-            .map(|b| b.backend.kind().as_str().to_owned())
+            .map(|b| b.backend.kind())
             .collect()
+    }
+
+    /// The node as this agent offers it.
+    pub fn host(&self, node_name: &str, instance_id: &str) -> HostInfo {
+        let config = &self.inner.config;
+        let (vcpus_used, memory_used_bytes) = self.usage();
+        HostInfo {
+            node_name: node_name.to_owned(),
+            vcpus_total: config.host.vcpus,
+            memory_total_bytes: config.host.memory_bytes,
+            vcpus_used,
+            memory_used_bytes,
+            hypervisors: self.hypervisors(),
+            accelerator: config.accelerator,
+            accelerator_detail: config.accelerator_detail.clone(),
+            agent_version: crate::VERSION.to_owned(),
+            instance_id: instance_id.to_owned(),
+        }
     }
 
     pub fn config(&self) -> &SupervisorConfig {
@@ -405,18 +400,13 @@ impl Supervisor {
     }
 
     /// The console log of a held VM.
-    pub fn console_path(&self, uid: &str) -> Result<PathBuf, SupervisorError> {
+    pub fn console_path(&self, uid: &VmUid) -> Result<PathBuf, SupervisorError> {
         if self.get(uid).is_none() {
             return Err(SupervisorError::NotFound {
-                uid: uid.to_owned(),
+                uid: uid.to_string(),
             });
         }
-        let dir = self
-            .inner
-            .store
-            .vm_dir(uid)
-            .map_err(SupervisorError::State)?;
-        Ok(dir.join("console.log"))
+        Ok(self.inner.store.vm_dir(uid).join("console.log"))
     }
 
     /// Stop supervising. VMs keep running unless `stop_vms`, in which case each is stopped
@@ -428,11 +418,10 @@ impl Supervisor {
                 let inner = inner.clone();
                 async move {
                     let _op = slot.op.clone().lock_owned().await;
-                    let grace =
-                        grace_from_seconds(slot.lock().spec.termination_grace_period_seconds);
+                    let grace = slot.lock().grace_period();
                     if Inner::stop_run(&inner, &slot, grace).await {
                         inner.update(&slot, None, |rt| {
-                            rt.status.phase = Phase::Stopped;
+                            rt.status.state = RunState::Stopped;
                             rt.status.ready = false;
                         });
                     }

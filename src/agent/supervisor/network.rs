@@ -4,9 +4,8 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::agent::net::{AttachedInterface, InterfaceRequest, NetworkConfig, NetworkManager};
-use crate::agent::state::Phase;
-use crate::error::ErrorReason;
+use crate::agent::net::{AttachedInterface, NetworkConfig, NetworkManager};
+use crate::vm::Interface;
 
 /// The node's guest networking as the supervisor holds it: the manager is made once (at start
 /// or on first use); when that fails, why is kept and reported by every VM that needs it.
@@ -71,8 +70,8 @@ impl Inner {
     /// run of the same uid had is released.
     pub(super) async fn attach_network(
         &self,
-        uid: &str,
-        requests: &[InterfaceRequest],
+        uid: &VmUid,
+        requests: &[Interface],
     ) -> Result<Vec<AttachedInterface>, BootError> {
         let Some(first) = requests.iter().find(|r| needs_tap(r)) else {
             self.release_network(uid).await;
@@ -84,7 +83,7 @@ impl Inner {
                 .await
                 .map_err(|detail| BootError::NetworkingUnavailable {
                     interface: first.name.clone(),
-                    mode: mode_word(first.mode).to_owned(),
+                    mode: first.mode,
                     detail,
                 })?;
         manager
@@ -95,12 +94,12 @@ impl Inner {
 
     /// Remove the VM's taps and free its addresses, if networking was ever set up. Failures
     /// are logged: the next agent start collects what a VM no longer held left behind.
-    pub(super) async fn release_network(&self, uid: &str) {
+    pub(super) async fn release_network(&self, uid: &VmUid) {
         let Some(manager) = self.network.existing() else {
             return;
         };
         if let Err(error) = manager.detach(uid).await {
-            tracing::warn!(uid, reason = error.reason(), error = %BootError::Network(error).full_message(), "cannot release the VM's network");
+            tracing::warn!(%uid, reason = error.reason(), error = %BootError::Network(error).full_message(), "cannot release the VM's network");
         }
     }
 
@@ -116,7 +115,7 @@ impl Inner {
             let _op = slot.op.clone().lock_owned().await;
             let still_failed = {
                 let rt = slot.lock();
-                !rt.deleted && rt.run.is_none() && rt.status.phase == Phase::Failed
+                !rt.deleted && rt.run.is_none() && rt.status.state == RunState::Failed
             };
             if still_failed {
                 inner.release_network(&slot.uid).await;

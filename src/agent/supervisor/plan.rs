@@ -3,9 +3,8 @@
 //! the kernel, initrd and rootfs files. Pure but for the file checks.
 
 use super::*;
-use crate::agent::net::{self, AttachedInterface, InterfaceMode, InterfaceRequest};
-use crate::agent::state::SpecRecord;
-use crate::api::{Accelerator, Hypervisor};
+use crate::agent::net::{self, AttachedInterface};
+use crate::vm::{Interface, InterfaceMode, VmSpec};
 
 /// What the node offers, for [`plan_boot`].
 #[derive(Clone, Debug)]
@@ -28,35 +27,21 @@ pub struct BootPlan {
     pub memory_mib: u64,
 }
 
-/// Parse the spec's hypervisor word; `None` = auto.
-pub fn parse_hypervisor(name: &str) -> Result<Option<Hypervisor>, BootError> {
-    match name {
-        "" | "auto" => Ok(None),
-        "qemu" => Ok(Some(Hypervisor::Qemu)),
-        "firecracker" => Ok(Some(Hypervisor::Firecracker)),
-        "cloud-hypervisor" => Ok(Some(Hypervisor::CloudHypervisor)),
-        "simulated" => Ok(Some(Hypervisor::Simulated)),
-        other => Err(BootError::UnknownHypervisor {
-            name: other.to_owned(),
-        }),
-    }
-}
-
 /// Validate a spec against the node (files are checked separately by [`check_files`]) and
 /// choose the VMM and accelerator.
-pub fn plan_boot(spec: &SpecRecord, env: &PlanEnv) -> Result<BootPlan, BootError> {
-    let requested = parse_hypervisor(&spec.hypervisor)?;
+pub fn plan_boot(spec: &VmSpec, env: &PlanEnv) -> Result<BootPlan, BootError> {
+    let requested = spec.hypervisor;
     if spec.vcpus == 0 {
-        return Err(BootError::InvalidSpec {
+        return Err(BootError::Spec(SpecError::InvalidSpec {
             field: "vcpus",
             detail: "must be at least 1".into(),
-        });
+        }));
     }
     if spec.memory_bytes == 0 {
-        return Err(BootError::InvalidSpec {
+        return Err(BootError::Spec(SpecError::InvalidSpec {
             field: "memory_bytes",
             detail: "must be more than 0".into(),
-        });
+        }));
     }
     if spec.memory_bytes > env.host_memory_bytes {
         return Err(BootError::InsufficientMemory {
@@ -64,17 +49,7 @@ pub fn plan_boot(spec: &SpecRecord, env: &PlanEnv) -> Result<BootPlan, BootError
             host: env.host_memory_bytes,
         });
     }
-    let accel_choice = match spec.accelerator.as_str() {
-        "" | "auto" => None,
-        "kvm" => Some(Accelerator::Kvm),
-        "tcg" => Some(Accelerator::Tcg),
-        other => {
-            return Err(BootError::InvalidSpec {
-                field: "accelerator",
-                detail: format!("{other:?} is not one of auto, kvm, tcg"),
-            });
-        }
-    };
+    let accel_choice = spec.accelerator;
     if accel_choice == Some(Accelerator::Kvm) && env.accelerator != Accelerator::Kvm {
         return Err(BootError::KvmUnavailable {
             detail: env.accelerator_detail.clone(),
@@ -84,7 +59,7 @@ pub fn plan_boot(spec: &SpecRecord, env: &PlanEnv) -> Result<BootPlan, BootError
     let (hypervisor, kvm, tcg) = match requested {
         Some(Hypervisor::Simulated) if !env.simulated => {
             return Err(BootError::HypervisorUnavailable {
-                hypervisor: "simulated".into(),
+                hypervisor: Hypervisor::Simulated.to_string(),
                 detail:
                     "the simulated VMM exists for benchmarks only; start the agent with --simulated"
                         .into(),
@@ -101,7 +76,7 @@ pub fn plan_boot(spec: &SpecRecord, env: &PlanEnv) -> Result<BootPlan, BootError
         })?,
         None if env.simulated => {
             find(Hypervisor::Simulated).ok_or_else(|| BootError::HypervisorUnavailable {
-                hypervisor: "simulated".into(),
+                hypervisor: Hypervisor::Simulated.to_string(),
                 detail: "no simulated backend registered".into(),
             })?
         }
@@ -149,17 +124,10 @@ pub fn plan_boot(spec: &SpecRecord, env: &PlanEnv) -> Result<BootPlan, BootError
             });
         }
     };
-    let requests = interface_requests(spec)?;
-    if spec.readiness_tcp_port > u32::from(u16::MAX) {
-        return Err(BootError::InvalidSpec {
-            field: "readiness.tcpPort",
-            detail: format!("{} is not a TCP port (1-65535)", spec.readiness_tcp_port),
-        });
-    }
-    if spec.readiness_tcp_port != 0 && !requests.iter().any(gets_an_address) {
-        return Err(BootError::ReadinessUnreachable {
-            port: spec.readiness_tcp_port,
-        });
+    if let Some(port) = spec.readiness_tcp_port
+        && !spec.interfaces.iter().any(gets_an_address)
+    {
+        return Err(BootError::ReadinessUnreachable { port });
     }
     Ok(BootPlan {
         hypervisor,
@@ -169,7 +137,7 @@ pub fn plan_boot(spec: &SpecRecord, env: &PlanEnv) -> Result<BootPlan, BootError
 }
 
 /// Check that the kernel, initrd and rootfs exist and can be read, before anything is created.
-pub fn check_files(spec: &SpecRecord) -> Result<(), BootError> {
+pub fn check_files(spec: &VmSpec) -> Result<(), BootError> {
     check_readable(&spec.kernel_path).map_err(|(missing, source)| {
         let path = spec.kernel_path.clone();
         if missing {
@@ -178,9 +146,9 @@ pub fn check_files(spec: &SpecRecord) -> Result<(), BootError> {
             BootError::KernelUnreadable { path, source }
         }
     })?;
-    if !spec.initrd_path.is_empty() {
-        check_readable(&spec.initrd_path).map_err(|(missing, source)| {
-            let path = spec.initrd_path.clone();
+    if let Some(initrd) = &spec.initrd_path {
+        check_readable(initrd).map_err(|(missing, source)| {
+            let path = initrd.clone();
             if missing {
                 BootError::InitrdNotFound { path, source }
             } else {
@@ -188,9 +156,9 @@ pub fn check_files(spec: &SpecRecord) -> Result<(), BootError> {
             }
         })?;
     }
-    if !spec.rootfs_path.is_empty() {
-        check_readable(&spec.rootfs_path).map_err(|(_, source)| BootError::RootfsUnreadable {
-            path: spec.rootfs_path.clone(),
+    if let Some(rootfs) = &spec.rootfs_path {
+        check_readable(rootfs).map_err(|(_, source)| BootError::RootfsUnreadable {
+            path: rootfs.clone(),
             source,
         })?;
     }
@@ -227,37 +195,13 @@ pub(super) fn check_readable(path: &str) -> Result<(), (bool, std::io::Error)> {
     }
 }
 
-/// The spec's interfaces as the network module takes them (empty words mean "not given").
-pub fn interface_requests(spec: &SpecRecord) -> Result<Vec<InterfaceRequest>, BootError> {
-    let given = |s: &str| (!s.is_empty()).then(|| s.to_owned());
-    spec.interfaces
-        .iter()
-        .map(|i| {
-            let mode = i
-                .mode
-                .parse::<InterfaceMode>()
-                .map_err(|_| BootError::InvalidSpec {
-                    field: "interfaces.mode",
-                    detail: format!("{:?} is not one of nat, bridge, none", i.mode),
-                })?;
-            Ok(InterfaceRequest {
-                name: i.name.clone(),
-                mode,
-                bridge: given(&i.bridge),
-                address: given(&i.address),
-                mac: given(&i.mac),
-            })
-        })
-        .collect()
-}
-
 /// Whether an interface needs a tap (and so the node's networking).
-pub(super) fn needs_tap(request: &InterfaceRequest) -> bool {
+pub(super) fn needs_tap(request: &Interface) -> bool {
     request.mode != InterfaceMode::None
 }
 
 /// Whether an interface will carry an address the agent knows (for TCP readiness).
-pub(super) fn gets_an_address(request: &InterfaceRequest) -> bool {
+pub(super) fn gets_an_address(request: &Interface) -> bool {
     match request.mode {
         InterfaceMode::Nat => true,
         InterfaceMode::Bridge => request.address.is_some(),
@@ -272,15 +216,6 @@ pub fn guest_cmdline(spec_cmdline: &str, interfaces: &[AttachedInterface]) -> St
         (_, true) => spec_cmdline.to_owned(),
         (true, false) => net,
         (false, false) => format!("{} {net}", spec_cmdline.trim_end()),
-    }
-}
-
-/// The spec's word for a mode, for messages.
-pub(super) fn mode_word(mode: InterfaceMode) -> &'static str {
-    match mode {
-        InterfaceMode::Nat => "nat",
-        InterfaceMode::Bridge => "bridge",
-        InterfaceMode::None => "none",
     }
 }
 

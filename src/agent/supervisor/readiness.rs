@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::agent::console;
-use crate::agent::state::{ExitRecord, Phase, SpecRecord};
-use crate::api::Hypervisor;
+use crate::vm::{ExitReason, RunExit, VmSpec};
 
 /// The longest one TCP readiness probe may take: a guest whose network is not up yet does not
 /// answer ARP, and a connect would otherwise hang for seconds.
@@ -29,22 +28,19 @@ pub(super) enum Readiness {
 impl Readiness {
     /// A TCP port wins over a console marker; without a known guest address (a VM re-adopted
     /// from an agent that did not record one) the marker, or nothing, is used.
-    pub(super) fn of(spec: &SpecRecord, hypervisor: Hypervisor, ip_addresses: &[String]) -> Self {
+    pub(super) fn of(spec: &VmSpec, hypervisor: Hypervisor, ip_addresses: &[String]) -> Self {
         if hypervisor == Hypervisor::Simulated {
             return Readiness::Immediate;
         }
         let first_ip = ip_addresses
             .first()
             .and_then(|ip| ip.parse::<std::net::IpAddr>().ok());
-        if let (Ok(port), Some(ip)) = (u16::try_from(spec.readiness_tcp_port), first_ip)
-            && port != 0
-        {
+        if let (Some(port), Some(ip)) = (spec.readiness_tcp_port, first_ip) {
             return Readiness::Tcp(std::net::SocketAddr::new(ip, port));
         }
-        if spec.readiness_console_marker.is_empty() {
-            Readiness::Immediate
-        } else {
-            Readiness::Marker(spec.readiness_console_marker.clone())
+        match &spec.readiness_console_marker {
+            Some(marker) => Readiness::Marker(marker.clone()),
+            None => Readiness::Immediate,
         }
     }
 }
@@ -118,11 +114,11 @@ impl Inner {
         let now = crate::time::now_unix_ms();
         let mut took = None;
         self.update(slot, Some(generation), |rt| {
-            if rt.status.phase != Phase::Starting {
+            if rt.status.state != RunState::Starting {
                 return;
             }
             let ms = u64::try_from(now - rt.status.applied_at_unix_ms).unwrap_or(0);
-            rt.status.phase = Phase::Running;
+            rt.status.state = RunState::Running;
             rt.status.ready = true;
             rt.status.ready_at_unix_ms = now;
             rt.status.apply_to_ready_ms = ms;
@@ -155,14 +151,14 @@ impl Inner {
             self.config.boot_timeout,
             tail.trim()
         );
-        self.metrics.boot_failed("BootTimeout");
+        self.metrics.boot_failed(ExitReason::BootTimeout.as_str());
         tracing::warn!(uid = %slot.uid, "boot timeout");
         self.fail_with(
             slot,
             Some(run.generation),
-            ExitRecord {
+            RunExit {
                 success: false,
-                reason: "BootTimeout".into(),
+                reason: ExitReason::BootTimeout,
                 message,
                 permanent: false,
                 exit_code: -1,
@@ -176,32 +172,21 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::state::SpecRecord;
-
-    fn spec() -> SpecRecord {
-        SpecRecord {
-            uid: "u".into(),
-            hypervisor: "auto".into(),
-            accelerator: "auto".into(),
-            vcpus: 1,
-            memory_bytes: 256 << 20,
-            ..Default::default()
-        }
-    }
+    use crate::testing::vm_spec as spec;
 
     #[test]
     fn readiness_prefers_the_tcp_port_on_the_first_address() {
-        let marker = SpecRecord {
-            readiness_console_marker: "ready".into(),
-            ..spec()
+        let marker = VmSpec {
+            readiness_console_marker: Some("ready".into()),
+            ..spec("u")
         };
         let ips = vec!["10.88.0.7".to_string(), "192.168.1.4".to_string()];
         assert_eq!(
             Readiness::of(&marker, Hypervisor::Qemu, &ips),
             Readiness::Marker("ready".into())
         );
-        let tcp = SpecRecord {
-            readiness_tcp_port: 80,
+        let tcp = VmSpec {
+            readiness_tcp_port: Some(80),
             ..marker.clone()
         };
         assert_eq!(
@@ -218,7 +203,7 @@ mod tests {
             Readiness::Immediate
         );
         assert_eq!(
-            Readiness::of(&spec(), Hypervisor::Qemu, &[]),
+            Readiness::of(&spec("u"), Hypervisor::Qemu, &[]),
             Readiness::Immediate
         );
     }

@@ -8,24 +8,23 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::agent::state::{ExitRecord, Phase, SpecRecord, StatusRecord};
 use crate::agent::vmm::VmmHandle;
-use crate::api::Hypervisor;
-use crate::error::ErrorReason;
-use crate::proto;
+use crate::vm::{ExitReason, RunExit};
 
 /// One VM held by the agent.
 pub(super) struct VmSlot {
-    pub(super) uid: String,
+    pub(super) uid: VmUid,
     /// Serializes the controller's operations (apply, delete) on this VM.
     pub(super) op: Arc<tokio::sync::Mutex<()>>,
     pub(super) rt: Mutex<VmRuntime>,
 }
 
-#[derive(Default)]
 pub(super) struct VmRuntime {
-    pub(super) spec: SpecRecord,
-    pub(super) status: StatusRecord,
+    /// What the controller last asked for (`None` for a VM re-adopted without its spec).
+    pub(super) request: Option<ApplyRequest>,
+    pub(super) status: VmStatus,
+    /// Whether `status` describes a VM yet: a slot exists a moment before its first record.
+    pub(super) recorded: bool,
     pub(super) run: Option<RunHandle>,
     /// Set once `DeleteVM` took the VM away: no more writes, no more events.
     pub(super) deleted: bool,
@@ -45,6 +44,30 @@ pub(super) struct RunHandle {
     pub(super) cancel: CancellationToken,
 }
 
+impl VmRuntime {
+    fn new(uid: &VmUid) -> Self {
+        VmRuntime {
+            request: None,
+            status: VmStatus::new(uid.clone(), String::new(), String::new()),
+            recorded: false,
+            run: None,
+            deleted: false,
+        }
+    }
+
+    /// The status, once there is one to tell.
+    pub(super) fn recorded_status(&self) -> Option<VmStatus> {
+        self.recorded.then(|| self.status.clone())
+    }
+
+    /// The VM's own grace period between a graceful stop and a kill.
+    pub(super) fn grace_period(&self) -> Duration {
+        self.request
+            .as_ref()
+            .map_or(Duration::ZERO, |r| r.spec.grace_period())
+    }
+}
+
 impl VmSlot {
     pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, VmRuntime> {
         self.rt.lock().unwrap_or_else(|p| p.into_inner())
@@ -61,16 +84,16 @@ impl Inner {
             .collect()
     }
 
-    pub(super) fn slot_or_insert(&self, uid: &str) -> Arc<VmSlot> {
+    pub(super) fn slot_or_insert(&self, uid: &VmUid) -> Arc<VmSlot> {
         self.slots
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(uid.to_owned())
+            .entry(uid.clone())
             .or_insert_with(|| {
                 Arc::new(VmSlot {
-                    uid: uid.to_owned(),
+                    uid: uid.clone(),
                     op: Arc::new(tokio::sync::Mutex::new(())),
-                    rt: Mutex::new(VmRuntime::default()),
+                    rt: Mutex::new(VmRuntime::new(uid)),
                 })
             })
             .clone()
@@ -102,9 +125,9 @@ impl Inner {
             tracing::warn!(uid = %slot.uid, error = %error, "cannot persist VM status");
         }
         self.hub.publish(
-            proto::vm_event::Event::Vm(rt.status.to_proto()),
+            VmEvent::Changed(Box::new(rt.status.clone())),
             &slot.uid,
-            Some(rt.status.phase),
+            Some(rt.status.state),
             &self.metrics,
         );
         true
@@ -116,14 +139,15 @@ impl Inner {
 
     /// Stop the previous run of a slot (if any) and clear its files, before a new run.
     pub(super) async fn clear_previous(self: &Arc<Self>, slot: &Arc<VmSlot>) {
-        let grace = grace_from_seconds(slot.lock().spec.termination_grace_period_seconds);
+        let grace = slot.lock().grace_period();
         Self::stop_run(self, slot, grace).await;
         if let Err(error) = self.store.remove_vm(&slot.uid) {
             tracing::warn!(uid = %slot.uid, error = %error, "cannot clear the previous run's files");
         }
     }
 
-    pub(super) fn fresh_status(slot: &VmSlot, spec: &SpecRecord, applied_at: i64) -> StatusRecord {
+    /// The status a new run starts from (the VM's creation time carries over).
+    pub(super) fn fresh_status(slot: &VmSlot, request: &ApplyRequest, applied_at: i64) -> VmStatus {
         let created_at = {
             let rt = slot.lock();
             if rt.status.created_at_unix_ms != 0 {
@@ -132,47 +156,51 @@ impl Inner {
                 applied_at
             }
         };
-        StatusRecord {
-            uid: spec.uid.clone(),
-            namespace: spec.namespace.clone(),
-            name: spec.name.clone(),
-            spec_hash: spec.spec_hash.clone(),
-            run: spec.run,
-            phase: Phase::Creating,
-            hypervisor: spec.hypervisor.clone(),
-            accelerator: spec.accelerator.clone(),
+        let spec = &request.spec;
+        VmStatus {
+            spec_hash: request.spec_hash.clone(),
+            run: request.run,
+            state: RunState::Creating,
+            hypervisor: spec.hypervisor,
+            accelerator: spec.accelerator,
             created_at_unix_ms: created_at,
             applied_at_unix_ms: applied_at,
             vcpus: spec.vcpus,
             memory_bytes: spec.memory_bytes,
-            ..Default::default()
+            ..VmStatus::new(spec.uid.clone(), spec.namespace.clone(), spec.name.clone())
         }
     }
 
-    pub(super) fn record_stopped(&self, slot: &VmSlot, spec: SpecRecord, applied_at: i64) {
-        let mut status = Self::fresh_status(slot, &spec, applied_at);
-        status.phase = Phase::Stopped;
+    /// Hold a new run as the VM's, before anything of it exists.
+    pub(super) fn begin_run(slot: &VmSlot, request: ApplyRequest, status: VmStatus) {
+        let mut rt = slot.lock();
+        rt.request = Some(request);
+        rt.status = status;
+        rt.recorded = true;
+        rt.run = None;
+    }
+
+    pub(super) fn record_stopped(&self, slot: &VmSlot, request: ApplyRequest, applied_at: i64) {
+        let mut status = Self::fresh_status(slot, &request, applied_at);
+        status.state = RunState::Stopped;
         if let Err(error) = self
             .store
-            .create_vm_dir(&spec.uid)
-            .and_then(|_| self.store.write_spec(&spec))
+            .create_vm_dir(&slot.uid)
+            .and_then(|_| self.store.write_spec(&request))
         {
-            tracing::warn!(uid = %spec.uid, error = %error, "cannot record the stopped VM");
+            tracing::warn!(uid = %slot.uid, error = %error, "cannot record the stopped VM");
         }
-        self.update(slot, None, |rt| {
-            rt.spec = spec;
-            rt.status = status;
-            rt.run = None;
-        });
+        Self::begin_run(slot, request, status);
+        self.update(slot, None, |_| {});
     }
 
     /// Record a failed create or boot: state FAILED, nothing left but `status.json`.
     pub(super) fn fail(&self, slot: &VmSlot, generation: Option<u64>, error: &BootError) {
         tracing::warn!(uid = %slot.uid, reason = error.reason(), error = %error.full_message(), "VM failed to boot");
         self.metrics.boot_failed(error.reason());
-        let exit = ExitRecord {
+        let exit = RunExit {
             success: false,
-            reason: error.reason().to_owned(),
+            reason: ExitReason::boot_failed(error.reason()),
             message: error.full_message(),
             permanent: error.is_permanent(),
             exit_code: -1,
@@ -181,7 +209,7 @@ impl Inner {
         self.fail_with(slot, generation, exit);
     }
 
-    pub(super) fn fail_with(&self, slot: &VmSlot, generation: Option<u64>, exit: ExitRecord) {
+    pub(super) fn fail_with(&self, slot: &VmSlot, generation: Option<u64>, exit: RunExit) {
         if let Err(error) = self.store.remove_all_but_status(&slot.uid) {
             tracing::warn!(uid = %slot.uid, error = %error, "cannot clean up the failed VM");
         }
@@ -193,7 +221,7 @@ impl Inner {
             if let Some(run) = rt.run.take() {
                 run.cancel.cancel();
             }
-            rt.status.phase = Phase::Failed;
+            rt.status.state = RunState::Failed;
             rt.status.ready = false;
             rt.status.pid = 0;
             rt.status.exit = Some(exit);

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::*;
-use crate::agent::state::Phase;
 use crate::agent::vmm::{API_TIMEOUT, VmmHandle, process};
 
 /// How long a killed VMM gets to disappear before the agent SIGKILLs the pid itself.
@@ -23,8 +22,8 @@ impl Inner {
         let first = !run.stopping.swap(true, Ordering::SeqCst);
         if first {
             self.update(slot, Some(run.generation), |rt| {
-                if !rt.status.phase.is_ended() {
-                    rt.status.phase = Phase::Stopping;
+                if !rt.status.state.is_ended() {
+                    rt.status.state = RunState::Stopping;
                 }
             });
         }

@@ -9,8 +9,8 @@ use crate::agent::host;
 use crate::agent::simulated::SimulatedBackend;
 use crate::agent::state::StateStore;
 use crate::agent::vmm::{VmConfig, VmmBackend, VmmError, VmmHandle};
-use crate::api::{Accelerator, Hypervisor};
 use crate::telemetry::MetricsRegistry;
+use crate::vm::{DesiredState, ExitReason, Interface, InterfaceMode, VmSpec};
 
 #[tokio::test]
 async fn networking_turned_off_fails_nat_but_not_none() {
@@ -18,30 +18,29 @@ async fn networking_turned_off_fails_nat_but_not_none() {
     let kernel = tmp.path().join("vmlinuz");
     std::fs::write(&kernel, b"k").expect("kernel");
     let sup = supervisor(tmp.path(), Arc::new(SimulatedBackend::default()), true).await;
-    let mut nat = request("n", &kernel, "h", 1, proto::DesiredState::Running);
-    if let Some(spec) = nat.spec.as_mut() {
-        spec.interfaces = vec![proto::NetworkInterface {
-            name: "eth0".into(),
-            mode: "nat".into(),
-            ..Default::default()
-        }];
-    }
-    let vm = sup.apply(nat).await.expect("apply");
+    let mut nat = request("n", &kernel, "h", 1, DesiredState::Running);
+    nat.spec.interfaces = vec![Interface {
+        name: "eth0".into(),
+        mode: InterfaceMode::Nat,
+        ..Default::default()
+    }];
+    let vm = sup.apply(nat).await;
     let exit = vm.exit.expect("failed");
-    assert_eq!(exit.reason, "NetworkingUnavailable");
+    assert_eq!(
+        exit.reason,
+        ExitReason::boot_failed("NetworkingUnavailable")
+    );
     assert!(exit.permanent);
     assert!(exit.message.contains("turned off"), "{}", exit.message);
-    let mut none = request("o", &kernel, "h", 1, proto::DesiredState::Running);
-    if let Some(spec) = none.spec.as_mut() {
-        spec.interfaces = vec![proto::NetworkInterface {
-            name: "eth0".into(),
-            mode: "none".into(),
-            ..Default::default()
-        }];
-    }
-    sup.apply(none).await.expect("apply");
+    let mut none = request("o", &kernel, "h", 1, DesiredState::Running);
+    none.spec.interfaces = vec![Interface {
+        name: "eth0".into(),
+        mode: InterfaceMode::None,
+        ..Default::default()
+    }];
+    sup.apply(none).await;
     assert!(
-        wait_state(&sup, "o", proto::VmState::Running)
+        wait_state(&sup, "o", RunState::Running)
             .await
             .ip_addresses
             .is_empty()
@@ -106,43 +105,37 @@ async fn supervisor(dir: &Path, backend: Arc<dyn VmmBackend>, simulated: bool) -
     )
 }
 
-fn request(
-    uid: &str,
-    kernel: &Path,
-    hash: &str,
-    run: u32,
-    state: proto::DesiredState,
-) -> proto::ApplyVmRequest {
-    proto::ApplyVmRequest {
-        spec: Some(proto::VmSpec {
-            uid: uid.into(),
-            hypervisor: "auto".into(),
-            accelerator: "auto".into(),
-            vcpus: 1,
+fn request(uid: &str, kernel: &Path, hash: &str, run: u32, desired: DesiredState) -> ApplyRequest {
+    ApplyRequest {
+        spec: VmSpec {
             memory_bytes: 64 << 20,
             kernel_path: kernel.display().to_string(),
-            readiness_console_marker: "ignis: ready".into(),
-            termination_grace_period_seconds: 0,
-            ..Default::default()
-        }),
+            readiness_console_marker: Some("ignis: ready".into()),
+            ..crate::testing::vm_spec(uid)
+        },
         spec_hash: hash.into(),
         run,
-        desired_state: state as i32,
+        desired,
     }
 }
 
-async fn wait_state(sup: &Supervisor, uid: &str, state: proto::VmState) -> proto::Vm {
+fn uid(uid: &str) -> VmUid {
+    VmUid::new(uid).expect("uid")
+}
+
+async fn wait_state(sup: &Supervisor, name: &str, state: RunState) -> VmStatus {
     let deadline = Instant::now() + Duration::from_secs(10);
+    let uid = uid(name);
     loop {
-        if let Some(vm) = sup.get(uid)
-            && vm.state() == state
+        if let Some(vm) = sup.get(&uid)
+            && vm.state == state
         {
             return vm;
         }
         assert!(
             Instant::now() < deadline,
             "{uid} never reached {state:?}: {:?}",
-            sup.get(uid)
+            sup.get(&uid)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -156,24 +149,21 @@ async fn simulated_vms_converge_replace_stop_and_delete() {
     let sup = supervisor(tmp.path(), Arc::new(SimulatedBackend::default()), true).await;
     let (mut events, _) = sup.subscribe();
     let vm = sup
-        .apply(request("a", &kernel, "h1", 1, proto::DesiredState::Running))
-        .await
-        .expect("apply");
-    assert_eq!(vm.hypervisor, "simulated");
-    let first = wait_state(&sup, "a", proto::VmState::Running).await;
+        .apply(request("a", &kernel, "h1", 1, DesiredState::Running))
+        .await;
+    assert_eq!(vm.hypervisor, Some(Hypervisor::Simulated));
+    let first = wait_state(&sup, "a", RunState::Running).await;
     assert!(first.ready && first.pid > 0);
     assert!(events.try_recv().is_ok(), "changes are published");
 
     let same = sup
-        .apply(request("a", &kernel, "h1", 1, proto::DesiredState::Running))
-        .await
-        .expect("again");
+        .apply(request("a", &kernel, "h1", 1, DesiredState::Running))
+        .await;
     assert_eq!(same.pid, first.pid, "same request, same VM");
 
-    sup.apply(request("a", &kernel, "h2", 1, proto::DesiredState::Running))
-        .await
-        .expect("replace");
-    let second = wait_state(&sup, "a", proto::VmState::Running).await;
+    sup.apply(request("a", &kernel, "h2", 1, DesiredState::Running))
+        .await;
+    let second = wait_state(&sup, "a", RunState::Running).await;
     assert_ne!(second.pid, first.pid, "a new hash replaces the VMM");
     assert!(
         !host::is_same_live_process(first.pid, 0)
@@ -181,18 +171,21 @@ async fn simulated_vms_converge_replace_stop_and_delete() {
     );
 
     let stopped = sup
-        .apply(request("a", &kernel, "h2", 1, proto::DesiredState::Stopped))
-        .await
-        .expect("stop");
-    assert_eq!(stopped.state(), proto::VmState::Stopped);
+        .apply(request("a", &kernel, "h2", 1, DesiredState::Stopped))
+        .await;
+    assert_eq!(stopped.state, RunState::Stopped);
     assert_eq!(
         sup.usage(),
         (1, 64 << 20),
         "a stopped VM still holds its reservation"
     );
 
-    assert!(sup.delete("a", Some(Duration::ZERO)).await.expect("delete"));
-    assert!(!sup.delete("a", None).await.expect("delete twice"));
+    assert!(
+        sup.delete(&uid("a"), Some(Duration::ZERO))
+            .await
+            .expect("delete")
+    );
+    assert!(!sup.delete(&uid("a"), None).await.expect("delete twice"));
     assert!(!tmp.path().join("vms/a").exists());
     assert_eq!(sup.usage(), (0, 0));
     sup.shutdown(false).await;
@@ -210,20 +203,13 @@ async fn a_guest_that_never_gets_ready_fails_with_boot_timeout_and_is_killed() {
     )
     .await;
     let vm = sup
-        .apply(request(
-            "slow",
-            &kernel,
-            "h",
-            1,
-            proto::DesiredState::Running,
-        ))
-        .await
-        .expect("apply");
-    assert_eq!(vm.state(), proto::VmState::Starting);
+        .apply(request("slow", &kernel, "h", 1, DesiredState::Running))
+        .await;
+    assert_eq!(vm.state, RunState::Starting);
     let pid = vm.pid;
-    let failed = wait_state(&sup, "slow", proto::VmState::Failed).await;
+    let failed = wait_state(&sup, "slow", RunState::Failed).await;
     let exit = failed.exit.expect("exit");
-    assert_eq!(exit.reason, "BootTimeout");
+    assert_eq!(exit.reason, ExitReason::BootTimeout);
     assert!(!exit.permanent);
     let deadline = Instant::now() + Duration::from_secs(5);
     while host::proc_stat(pid).is_some_and(|s| s.state != 'Z') {
@@ -239,18 +225,11 @@ async fn a_guest_that_never_gets_ready_fails_with_boot_timeout_and_is_killed() {
     // Run 2 boots again (the controller's restart), and a re-adopting supervisor on the
     // same directory finds the failure recorded.
     let again = sup
-        .apply(request(
-            "slow",
-            &kernel,
-            "h",
-            2,
-            proto::DesiredState::Running,
-        ))
-        .await
-        .expect("run 2");
-    assert_eq!(again.state(), proto::VmState::Starting);
+        .apply(request("slow", &kernel, "h", 2, DesiredState::Running))
+        .await;
+    assert_eq!(again.state, RunState::Starting);
     assert_ne!(again.pid, pid);
-    wait_state(&sup, "slow", proto::VmState::Failed).await;
+    wait_state(&sup, "slow", RunState::Failed).await;
     sup.shutdown(false).await;
     let next = supervisor(
         tmp.path(),
@@ -260,8 +239,8 @@ async fn a_guest_that_never_gets_ready_fails_with_boot_timeout_and_is_killed() {
     .await;
     assert_eq!(next.adopt().await.expect("adopt"), 1);
     assert_eq!(
-        next.get("slow").expect("held").state(),
-        proto::VmState::Failed
+        next.get(&uid("slow")).expect("held").state,
+        RunState::Failed
     );
     next.shutdown(false).await;
 }

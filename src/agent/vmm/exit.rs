@@ -21,7 +21,7 @@ use std::os::unix::process::ExitStatusExt;
 
 use nix::sys::signal::Signal;
 
-use crate::vm::ExitReason;
+use crate::vm::{ExitReason, Hypervisor};
 
 /// How a guest's run ended, as far as the VMM process and the console tell.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,8 +95,8 @@ impl ProcessEnd {
 /// What sets one VMM apart when its process ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExitQuirks {
-    /// How messages name the VMM.
-    pub vmm: &'static str,
+    /// The VMM, as messages name it.
+    pub vmm: Hypervisor,
     /// A line the VMM writes to its own log when it caught a termination signal and then
     /// exited 0, so a clean exit code hides a kill.
     pub caught_signal_log: Option<&'static str>,
@@ -107,26 +107,26 @@ pub struct ExitQuirks {
 
 /// QEMU catches SIGTERM, SIGINT and SIGHUP, logs it and exits 0.
 pub const QEMU: ExitQuirks = ExitQuirks {
-    vmm: "qemu",
+    vmm: Hypervisor::Qemu,
     caught_signal_log: Some("terminating on signal"),
     has_guest: true,
 };
 
 pub const FIRECRACKER: ExitQuirks = ExitQuirks {
-    vmm: "firecracker",
+    vmm: Hypervisor::Firecracker,
     caught_signal_log: None,
     has_guest: true,
 };
 
 pub const CLOUD_HYPERVISOR: ExitQuirks = ExitQuirks {
-    vmm: "cloud-hypervisor",
+    vmm: Hypervisor::CloudHypervisor,
     caught_signal_log: None,
     has_guest: true,
 };
 
 /// The benchmarks' stand-in: a `sleep`, no guest.
 pub const SIMULATED: ExitQuirks = ExitQuirks {
-    vmm: "simulated",
+    vmm: Hypervisor::Simulated,
     caught_signal_log: None,
     has_guest: false,
 };

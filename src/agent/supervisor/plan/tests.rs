@@ -1,5 +1,6 @@
 use super::*;
 use crate::error::ErrorReason;
+use crate::vm::wire::SpecError;
 
 fn env(accelerator: Accelerator) -> PlanEnv {
     PlanEnv {
@@ -18,15 +19,8 @@ fn env(accelerator: Accelerator) -> PlanEnv {
     }
 }
 
-fn spec() -> SpecRecord {
-    SpecRecord {
-        uid: "u".into(),
-        hypervisor: "auto".into(),
-        accelerator: "auto".into(),
-        vcpus: 1,
-        memory_bytes: 256 << 20,
-        ..Default::default()
-    }
+fn spec() -> VmSpec {
+    crate::testing::vm_spec("u")
 }
 
 #[test]
@@ -41,8 +35,8 @@ fn planning_picks_the_vmm_and_accelerator() {
         (plan.hypervisor, plan.accelerator),
         (Hypervisor::Qemu, Accelerator::Kvm)
     );
-    let fc = SpecRecord {
-        hypervisor: "firecracker".into(),
+    let fc = VmSpec {
+        hypervisor: Some(Hypervisor::Firecracker),
         ..spec()
     };
     assert_eq!(
@@ -57,8 +51,8 @@ fn planning_picks_the_vmm_and_accelerator() {
             .reason(),
         "KvmUnavailable"
     );
-    let fc_tcg = SpecRecord {
-        accelerator: "tcg".into(),
+    let fc_tcg = VmSpec {
+        accelerator: Some(Accelerator::Tcg),
         ..fc
     };
     assert_eq!(
@@ -73,76 +67,57 @@ fn planning_picks_the_vmm_and_accelerator() {
 fn planning_refuses_bad_input_with_a_named_cause() {
     let cases = [
         (
-            SpecRecord {
-                hypervisor: "xen".into(),
-                ..spec()
-            },
-            "UnknownHypervisor",
-        ),
-        (
-            SpecRecord {
+            VmSpec {
                 memory_bytes: 9 << 30,
                 ..spec()
             },
             "InsufficientMemory",
         ),
         (
-            SpecRecord {
+            VmSpec {
                 memory_bytes: 0,
                 ..spec()
             },
             "InvalidSpec",
         ),
         (
-            SpecRecord {
-                accelerator: "kvm".into(),
+            VmSpec {
+                accelerator: Some(Accelerator::Kvm),
                 ..spec()
             },
             "KvmUnavailable",
         ),
         (
-            SpecRecord {
-                hypervisor: "cloud-hypervisor".into(),
+            VmSpec {
+                hypervisor: Some(Hypervisor::CloudHypervisor),
                 ..spec()
             },
             "HypervisorUnavailable",
         ),
         (
-            SpecRecord {
-                hypervisor: "simulated".into(),
+            VmSpec {
+                hypervisor: Some(Hypervisor::Simulated),
                 ..spec()
             },
             "HypervisorUnavailable",
         ),
         (
-            SpecRecord {
-                readiness_tcp_port: 80,
+            VmSpec {
+                readiness_tcp_port: Some(80),
                 ..spec()
             },
             "ReadinessUnreachable",
         ),
         (
-            SpecRecord {
-                readiness_tcp_port: 80,
-                interfaces: vec![iface("eth0", "none", ""), iface("eth1", "bridge", "")],
+            VmSpec {
+                readiness_tcp_port: Some(80),
+                interfaces: vec![
+                    iface("eth0", InterfaceMode::None, None),
+                    iface("eth1", InterfaceMode::Bridge, None),
+                ],
                 ..spec()
             },
             "ReadinessUnreachable",
-        ),
-        (
-            SpecRecord {
-                readiness_tcp_port: 70000,
-                interfaces: vec![iface("eth0", "nat", "")],
-                ..spec()
-            },
-            "InvalidSpec",
-        ),
-        (
-            SpecRecord {
-                interfaces: vec![iface("eth0", "macvtap", "")],
-                ..spec()
-            },
-            "InvalidSpec",
         ),
     ];
     for (spec, reason) in cases {
@@ -150,9 +125,28 @@ fn planning_refuses_bad_input_with_a_named_cause() {
         assert_eq!(error.reason(), reason, "{error}");
         assert!(error.is_permanent());
     }
+    // What the agent cannot even read (an unknown hypervisor, mode or accelerator, a port out
+    // of range) is refused where the request comes in (`vm::wire`), the same way.
+    for (error, reason) in [
+        (
+            SpecError::UnknownHypervisor { value: 99 },
+            "UnknownHypervisor",
+        ),
+        (
+            SpecError::InvalidSpec {
+                field: "interfaces.mode",
+                detail: "42 is not one of nat, bridge, none".into(),
+            },
+            "InvalidSpec",
+        ),
+    ] {
+        let error = BootError::Spec(error);
+        assert_eq!(error.reason(), reason, "{error}");
+        assert!(error.is_permanent());
+    }
     let unavailable = plan_boot(
-        &SpecRecord {
-            hypervisor: "cloud-hypervisor".into(),
+        &VmSpec {
+            hypervisor: Some(Hypervisor::CloudHypervisor),
             ..spec()
         },
         &env(Accelerator::Tcg),
@@ -165,45 +159,45 @@ fn planning_refuses_bad_input_with_a_named_cause() {
     );
 }
 
-fn iface(name: &str, mode: &str, address: &str) -> crate::agent::state::InterfaceRecord {
-    crate::agent::state::InterfaceRecord {
+fn iface(name: &str, mode: InterfaceMode, address: Option<&str>) -> Interface {
+    Interface {
         name: name.into(),
-        mode: mode.into(),
-        address: address.into(),
+        mode,
+        address: address.map(str::to_owned),
         ..Default::default()
     }
 }
 
 #[test]
 fn networked_specs_plan_and_convert() {
-    let nat = SpecRecord {
-        readiness_tcp_port: 80,
-        interfaces: vec![iface("eth0", "nat", "")],
+    let nat = VmSpec {
+        readiness_tcp_port: Some(80),
+        interfaces: vec![iface("eth0", InterfaceMode::Nat, None)],
         ..spec()
     };
     assert!(plan_boot(&nat, &env(Accelerator::Tcg)).is_ok());
-    let bridged = SpecRecord {
-        readiness_tcp_port: 8080,
+    let bridged = VmSpec {
+        readiness_tcp_port: Some(8080),
         interfaces: vec![
-            iface("eth0", "none", ""),
-            crate::agent::state::InterfaceRecord {
-                bridge: "br-lan".into(),
-                ..iface("eth1", "bridge", "192.168.1.20/24")
+            iface("eth0", InterfaceMode::None, None),
+            Interface {
+                bridge: Some("br-lan".into()),
+                ..iface("eth1", InterfaceMode::Bridge, Some("192.168.1.20/24"))
             },
         ],
         ..spec()
     };
     assert!(plan_boot(&bridged, &env(Accelerator::Tcg)).is_ok());
-    let requests = interface_requests(&bridged).expect("requests");
+    let requests = &bridged.interfaces;
     assert_eq!(
         requests,
-        vec![
-            InterfaceRequest {
+        &vec![
+            Interface {
                 name: "eth0".into(),
                 mode: InterfaceMode::None,
                 ..Default::default()
             },
-            InterfaceRequest {
+            Interface {
                 name: "eth1".into(),
                 mode: InterfaceMode::Bridge,
                 bridge: Some("br-lan".into()),
@@ -213,16 +207,6 @@ fn networked_specs_plan_and_convert() {
         ]
     );
     assert!(!needs_tap(&requests[0]) && needs_tap(&requests[1]));
-    assert_eq!(
-        interface_requests(&SpecRecord {
-            interfaces: vec![iface("eth0", "", "")],
-            ..spec()
-        })
-        .expect("default")[0]
-            .mode,
-        InterfaceMode::Nat,
-        "an empty mode is nat"
-    );
 }
 
 #[test]
@@ -252,12 +236,12 @@ fn file_checks_tell_missing_from_unreadable() {
     let tmp = tempfile::tempdir().expect("tmp");
     let kernel = tmp.path().join("vmlinuz");
     std::fs::write(&kernel, b"k").expect("kernel");
-    let ok = SpecRecord {
+    let ok = VmSpec {
         kernel_path: kernel.display().to_string(),
         ..spec()
     };
     assert!(check_files(&ok).is_ok());
-    let missing = SpecRecord {
+    let missing = VmSpec {
         kernel_path: "/nope".into(),
         ..spec()
     };
@@ -265,8 +249,8 @@ fn file_checks_tell_missing_from_unreadable() {
         check_files(&missing).expect_err("missing").reason(),
         "KernelNotFound"
     );
-    let dir_initrd = SpecRecord {
-        initrd_path: tmp.path().display().to_string(),
+    let dir_initrd = VmSpec {
+        initrd_path: Some(tmp.path().display().to_string()),
         ..ok.clone()
     };
     assert_eq!(
@@ -275,8 +259,8 @@ fn file_checks_tell_missing_from_unreadable() {
     );
     let empty = tmp.path().join("empty");
     std::fs::write(&empty, b"").expect("empty");
-    let empty_initrd = SpecRecord {
-        initrd_path: empty.display().to_string(),
+    let empty_initrd = VmSpec {
+        initrd_path: Some(empty.display().to_string()),
         ..ok
     };
     assert_eq!(
