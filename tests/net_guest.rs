@@ -9,11 +9,12 @@
 //! traffic itself, a second cpio archive with two CGI scripts is appended to its initramfs
 //! (the kernel unpacks concatenated archives in order); `/init` itself is unchanged.
 
-mod net_support;
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::net::*;
 use ignis::agent::guest::{DEFAULT_CMDLINE, DEMO_MARKER, NewcWriter, build_demo_guest};
 use ignis::agent::net::{
     AttachedInterface, Interface, InterfaceMode, NetworkConfig, NetworkManager, kernel_cmdline,
@@ -22,7 +23,6 @@ use ignis::agent::vmm::qemu::QemuBackend;
 use ignis::agent::vmm::{Spawned, VmConfig, VmmBackend};
 use ignis::api::Accelerator;
 use ignis::vm::VmUid;
-use net_support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";

@@ -2,18 +2,18 @@
 //! namespace it creates: bridge setup, attach/detach, leaks over 20 cycles, restarts, and bad
 //! input that must leave nothing behind.
 
-mod net_support;
+mod common;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use common::net::*;
 use ignis::ErrorReason;
 use ignis::agent::net::tap::tap_name;
 use ignis::agent::net::{
     Interface, InterfaceMode, NetError, NetworkConfig, NetworkManager, kernel_cmdline,
 };
 use ignis::vm::VmUid;
-use net_support::*;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -150,7 +150,7 @@ fn attach_detach_creates_and_removes_tap_and_address() {
                 .any(|f| f == "UP"),
             "{tap}"
         );
-        let persisted = files_under(state.path());
+        let persisted = relative_files(state.path());
         assert!(
             persisted.contains(&format!("ipam/10.88.0.0_16/{ip}")),
             "{persisted:?}"
@@ -175,7 +175,7 @@ fn attach_detach_creates_and_removes_tap_and_address() {
         assert!(link(&eth0.tap).is_none(), "tap removed");
         assert!(taps().is_empty());
         assert_eq!(
-            files_under(state.path()),
+            relative_files(state.path()),
             vec!["ipam/10.88.0.0_16/last_reserved".to_string()],
             "address and record released"
         );
@@ -193,7 +193,7 @@ fn twenty_cycles_leak_nothing() {
         let mgr = NetworkManager::new(NetworkConfig::new(state.path()))
             .await
             .expect("manager");
-        let before = (links().len(), nft_rules().len(), files_under(state.path()));
+        let before = (links().len(), nft_rules().len(), relative_files(state.path()));
         let (mut attach, mut detach) = (Vec::new(), Vec::new());
         let mut seen = BTreeSet::new();
         for i in 0..20 {
@@ -213,7 +213,7 @@ fn twenty_cycles_leak_nothing() {
             mgr.detach(&vm(&uid)).await.expect("detach");
             detach.push(t0.elapsed());
         }
-        let after_files: Vec<String> = files_under(state.path());
+        let after_files: Vec<String> = relative_files(state.path());
         assert_eq!(links().len(), before.0, "no link leaked");
         assert_eq!(nft_rules().len(), before.1, "no nftables rule leaked");
         assert!(taps().is_empty());
@@ -313,7 +313,7 @@ fn restart_keeps_allocations_and_gc_cleans_the_dead() {
 /// After a refused attach: only `keep`'s tap, allocation and record exist.
 fn assert_only(state: &std::path::Path, keep_tap: &str, keep_uid: &str, ctx: &str) {
     assert_eq!(taps(), vec![keep_tap.to_string()], "{ctx}: taps");
-    let files = files_under(state);
+    let files = relative_files(state);
     let allocations: Vec<&String> = files
         .iter()
         .filter(|f| f.starts_with("ipam/") && !f.ends_with("last_reserved"))
@@ -497,7 +497,7 @@ fn bridge_mode_and_address_changes() {
         assert_eq!(kernel_cmdline(&ifaces), "ignis.ip=192.168.50.7/24");
         assert_eq!(link(&ifaces[0].tap).expect("tap")["master"], "br-user");
         let allocations = |s: &std::path::Path| {
-            files_under(s)
+            relative_files(s)
                 .into_iter()
                 .filter(|f| f.starts_with("ipam/") && !f.ends_with("last_reserved"))
                 .collect::<Vec<_>>()

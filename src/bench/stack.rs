@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::BenchError;
 use super::stats::parse_vm_rss;
 use crate::agent::guest;
-use crate::api::{ConditionType, MicroVM, find_condition};
+use crate::api::{ConditionType, MicroVM, MicroVmBuilder, find_condition};
 use crate::dev::apiserver::{self, ApiServerConfig, ApiServerHandle};
 
 /// The node every bench stack runs on (the API server's seeded Node and the agent agree).
@@ -32,8 +32,6 @@ pub const NODE: &str = "bench-node";
 pub const OVERCOMMIT: u32 = 10_000;
 /// The MicroVMs' namespace.
 pub const NAMESPACE: &str = "default";
-/// The MicroVM the benches create, as a user would write it.
-const SAMPLE: &str = include_str!("../../config/samples/microvm-minimal.yaml");
 
 /// What the stack runs on.
 #[derive(Clone, Debug)]
@@ -201,19 +199,14 @@ pub fn own_rss() -> Option<u64> {
 }
 
 /// The MicroVM `name` as the sample manifest has it, pointed at this stack's guest.
-pub fn sample_microvm(name: &str, guest: &guest::DemoGuest) -> Result<MicroVM, BenchError> {
-    let mut vm: MicroVM = serde_yaml::from_str(SAMPLE)
-        .map_err(|e| BenchError::Failed(format!("the sample manifest does not parse: {e}")))?;
-    vm.metadata.name = Some(name.to_string());
-    vm.metadata.namespace = Some(NAMESPACE.into());
-    vm.spec.kernel.path = Some(guest.kernel.display().to_string());
-    if let Some(initrd) = vm.spec.initrd.as_mut() {
-        initrd.path = Some(guest.initrd.display().to_string());
-    }
-    // Deleted VMs are killed at once instead of idling through a grace period, so they do
-    // not load the CPU under the next measurement.
-    vm.spec.termination_grace_period_seconds = 0;
-    Ok(vm)
+pub fn sample_microvm(name: &str, guest: &guest::DemoGuest) -> MicroVM {
+    MicroVmBuilder::sample(name)
+        .namespace(NAMESPACE)
+        .guest(&guest.kernel, &guest.initrd)
+        // Deleted VMs are killed at once instead of idling through a grace period, so they
+        // do not load the CPU under the next measurement.
+        .grace_period_seconds(0)
+        .build()
 }
 
 impl Stack {
@@ -342,7 +335,7 @@ impl Stack {
     /// Create the sample MicroVM `name` (POST, as `kubectl create -f` / client-side
     /// `kubectl apply` of a new object does); the instant the request was sent.
     pub async fn create(&self, name: &str) -> Result<Instant, BenchError> {
-        let vm = sample_microvm(name, &self.guest)?;
+        let vm = sample_microvm(name, &self.guest);
         let sent = Instant::now();
         self.microvms()
             .create(&PostParams::default(), &vm)

@@ -138,7 +138,10 @@ async fn expect_event(handle: &mut Handle, reason: &str) {
     ok(respond, &body);
 }
 
-const OBJECT: &str = "/apis/ignis.dev/v1alpha1/namespaces/default/microvms/web";
+/// The path of the MicroVM `default/web`.
+fn object() -> String {
+    crate::testing::microvm_path("default", "web")
+}
 
 async fn wait_connected(pool: &AgentPool, node: &str) {
     tokio::time::timeout(DEADLINE, async {
@@ -176,7 +179,7 @@ async fn new_vm_is_placed_started_and_reported_in_three_writes() {
         let (_, _, _, respond) = expect(&mut handle, Method::GET, "/api/v1/nodes/node-a").await;
         not_found(respond);
         // Write 1: finalizer and node label in one merge patch, guarded by resourceVersion.
-        let (_, body, content_type, respond) = expect(&mut handle, Method::PATCH, OBJECT).await;
+        let (_, body, content_type, respond) = expect(&mut handle, Method::PATCH, &object()).await;
         assert_eq!(
             content_type.as_deref(),
             Some("application/merge-patch+json")
@@ -193,7 +196,7 @@ async fn new_vm_is_placed_started_and_reported_in_three_writes() {
         patched.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
         ok(respond, &patched);
         // Write 2: the status, by server-side apply with our field manager, forced.
-        let status_path = format!("{OBJECT}/status");
+        let status_path = format!("{}/status", object());
         let (query, body, content_type, respond) =
             expect(&mut handle, Method::PATCH, &status_path).await;
         assert_eq!(
@@ -205,7 +208,7 @@ async fn new_vm_is_placed_started_and_reported_in_three_writes() {
             Some(FIELD_MANAGER)
         );
         assert_eq!(query.get("force").map(String::as_str), Some("true"));
-        assert_eq!(body["apiVersion"], "ignis.dev/v1alpha1");
+        assert_eq!(body["apiVersion"], crate::api::API_VERSION);
         assert_eq!(body["kind"], "MicroVM");
         assert_eq!(body["status"]["phase"], "Starting");
         assert_eq!(body["status"]["nodeName"], "node-a");
@@ -279,14 +282,14 @@ async fn unschedulable_vm_gets_finalizer_condition_and_event() {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let ctx = context(Client::new(service, "default"), pool);
     let verifier = tokio::spawn(async move {
-        let (_, body, _, respond) = expect(&mut handle, Method::PATCH, OBJECT).await;
+        let (_, body, _, respond) = expect(&mut handle, Method::PATCH, &object()).await;
         assert_eq!(
             body,
             json!({"metadata": {"resourceVersion": "1", "finalizers": [FINALIZER]}})
         );
         ok(respond, &microvm("web"));
         let (query, body, _, respond) =
-            expect(&mut handle, Method::PATCH, &format!("{OBJECT}/status")).await;
+            expect(&mut handle, Method::PATCH, &format!("{}/status", object())).await;
         assert_eq!(
             query.get("fieldManager").map(String::as_str),
             Some(FIELD_MANAGER)
@@ -341,7 +344,7 @@ async fn deleted_vm_is_removed_from_the_agent_before_the_finalizer_goes() {
     let ctx = context(Client::new(service, "default"), pool);
     let agent_calls = calls.clone();
     let verifier = tokio::spawn(async move {
-        let (_, body, _, respond) = expect(&mut handle, Method::PATCH, OBJECT).await;
+        let (_, body, _, respond) = expect(&mut handle, Method::PATCH, &object()).await;
         // The agent was asked first.
         assert_eq!(
             agent_calls.lock().expect("calls").deleted,
@@ -383,7 +386,7 @@ async fn a_failed_status_write_is_an_error_with_a_reason() {
     mvm.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
     let verifier = tokio::spawn(async move {
         let (_, _, _, respond) =
-            expect(&mut handle, Method::PATCH, &format!("{OBJECT}/status")).await;
+            expect(&mut handle, Method::PATCH, &format!("{}/status", object())).await;
         let status = json!({
             "kind": "Status", "apiVersion": "v1", "status": "Failure",
             "reason": "Conflict", "code": 409, "message": "conflict",

@@ -19,7 +19,7 @@ pub mod vmspec;
 #[cfg(test)]
 mod api_tests;
 #[cfg(test)]
-pub(crate) mod fixtures;
+pub(crate) use crate::testing as fixtures;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};

@@ -4,14 +4,14 @@
 
 use serde_json::{Value, json};
 
-use crate::api::{API_VERSION, FINALIZER, MicroVM, MicroVMStatus, NODE_LABEL};
+use crate::api::{API_VERSION, FINALIZER, KIND, MicroVM, MicroVMStatus, NODE_LABEL};
 
 /// The apply configuration for the status subresource. Sending the whole computed status means
 /// fields the controller no longer sets are dropped, which is what apply semantics give.
 pub fn status_apply_body(status: &MicroVMStatus) -> Value {
     json!({
         "apiVersion": API_VERSION,
-        "kind": "MicroVM",
+        "kind": KIND,
         "status": status,
     })
 }
@@ -115,8 +115,8 @@ mod tests {
         assert_eq!(
             status_apply_body(&status),
             json!({
-                "apiVersion": "ignis.dev/v1alpha1",
-                "kind": "MicroVM",
+                "apiVersion": API_VERSION,
+                "kind": KIND,
                 "status": {"phase": "Running", "nodeName": "node-a", "restartCount": 0},
             })
         );

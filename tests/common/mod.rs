@@ -1,7 +1,10 @@
-//! Helpers for agent integration tests: the demo guest, an agent (in-process or the real
-//! binary), a gRPC client over its unix socket, and waits that always have a deadline.
+//! What the integration tests share: the demo guest, an agent (in-process or the real
+//! binary), a gRPC client over its unix socket, waits that always have a deadline, and (in
+//! [`net`]) network namespaces of the test's own.
 
 #![allow(dead_code)]
+
+pub mod net;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

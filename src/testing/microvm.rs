@@ -1,58 +1,33 @@
-//! Test-only builders: MicroVM objects and agent views in the states the tests need.
+//! API fixtures: MicroVM objects in the states the tests need, the agent's view of their VMs,
+//! and the paths and lists an API server serves.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use serde_json::{Value, json};
 
 use crate::api::{
-    KernelSource, MicroVM, MicroVMSpec, MicroVMStatus, ReadinessProbe, Resources, RunPolicy,
+    API_VERSION, FINALIZER, GROUP, KIND, MicroVM, MicroVMStatus, MicroVmBuilder, NODE_LABEL,
+    PLURAL, VERSION,
 };
 use crate::vm::{Accelerator, ExitReason, Hypervisor, RunExit, RunState, VmStatus, VmUid};
 
-/// A new MicroVM `name` in `default`, uid `uid-<name>`, generation 1, no status.
+/// A stored MicroVM `name` in `default`, uid `uid-<name>`, generation 1, resourceVersion 1,
+/// no status: 1 vCPU, 256Mi, the demo kernel with `console=ttyS0 panic=-1`, ready on
+/// `ignis: ready`.
 pub fn microvm(name: &str) -> MicroVM {
-    let mut mvm = MicroVM::new(
-        name,
-        MicroVMSpec {
-            run_policy: RunPolicy::Always,
-            hypervisor: Default::default(),
-            accelerator: Default::default(),
-            resources: Resources {
-                vcpus: 1,
-                memory: "256Mi".to_string(),
-            },
-            kernel: KernelSource {
-                path: Some("/var/lib/ignis/guest/vmlinuz".to_string()),
-                image: None,
-                cmdline: Some("console=ttyS0 panic=-1".to_string()),
-            },
-            initrd: None,
-            rootfs: None,
-            network: None,
-            user_data: None,
-            node_selector: None,
-            readiness: Some(ReadinessProbe {
-                console_marker: Some("ignis: ready".to_string()),
-                tcp_port: None,
-            }),
-            termination_grace_period_seconds: 30,
-        },
-    );
-    mvm.metadata = ObjectMeta {
-        name: Some(name.to_string()),
-        namespace: Some("default".to_string()),
-        uid: Some(format!("uid-{name}")),
-        generation: Some(1),
-        resource_version: Some("1".to_string()),
-        ..Default::default()
-    };
-    mvm
+    MicroVmBuilder::new(name)
+        .namespace("default")
+        .stored(&format!("uid-{name}"), 1, "1")
+        .cmdline("console=ttyS0 panic=-1")
+        .console_marker("ignis: ready")
+        .build()
 }
 
 /// `microvm` with the finalizer, placed on `node` (label and status), phase `phase`.
 pub fn placed(name: &str, node: &str) -> MicroVM {
     let mut mvm = microvm(name);
-    mvm.metadata.finalizers = Some(vec![crate::api::FINALIZER.to_string()]);
+    mvm.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
     mvm.metadata.labels = Some(
-        [(crate::api::NODE_LABEL.to_string(), node.to_string())]
+        [(NODE_LABEL.to_string(), node.to_string())]
             .into_iter()
             .collect(),
     );
@@ -110,4 +85,19 @@ pub fn exit(success: bool, reason: &str, permanent: bool, at_unix_ms: i64) -> Ru
         exit_code: if success { 0 } else { 1 },
         at_unix_ms,
     }
+}
+
+/// The path of MicroVM `name` in `namespace` on an API server.
+pub fn microvm_path(namespace: &str, name: &str) -> String {
+    format!("/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}")
+}
+
+/// A `MicroVMList` of `items`, as an API server lists them.
+pub fn microvm_list(items: Vec<Value>, resource_version: &str) -> Value {
+    json!({
+        "apiVersion": API_VERSION,
+        "kind": format!("{KIND}List"),
+        "metadata": {"resourceVersion": resource_version},
+        "items": items,
+    })
 }
