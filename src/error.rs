@@ -23,7 +23,7 @@ where
 }
 
 /// The error's message followed by each of its causes, `: `-separated, for a person.
-pub fn chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -13,7 +13,7 @@ pub mod error;
 pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
-pub mod time;
+pub(crate) mod time;
 pub mod vm;
 
 pub use error::ErrorReason;

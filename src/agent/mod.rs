@@ -3,16 +3,16 @@
 //! restart, and serves the gRPC API of `proto/agent.proto` — over mutual TLS on TCP (cluster
 //! mode), or on a unix socket (`ignis dev`, tests).
 
-pub mod atomic_file;
-pub mod console;
+pub(crate) mod atomic_file;
+pub(crate) mod console;
 pub mod guest;
-pub mod host;
+pub(crate) mod host;
 pub mod kvm;
 pub mod net;
-pub mod server;
-pub mod simulated;
-pub mod state;
-pub mod supervisor;
+pub(crate) mod server;
+pub(crate) mod simulated;
+pub(crate) mod state;
+pub(crate) mod supervisor;
 pub mod vmm;
 
 use std::net::SocketAddr;
@@ -29,7 +29,7 @@ use crate::telemetry::{self, MetricsRegistry, Readiness};
 use supervisor::{AgentMetrics, BackendEntry, Supervisor, SupervisorConfig};
 
 /// vCPUs offered per host CPU by default (KubeVirt's default CPU allocation ratio).
-pub const DEFAULT_VCPU_OVERCOMMIT: u32 = 10;
+pub(crate) const DEFAULT_VCPU_OVERCOMMIT: u32 = 10;
 
 /// Which accelerator the agent offers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -48,58 +48,58 @@ pub enum AcceleratorFlag {
 pub struct AgentArgs {
     /// The node this agent runs on (default: the host name).
     #[arg(long, env = "IGNIS_NODE_NAME")]
-    pub node_name: Option<String>,
+    pub(crate) node_name: Option<String>,
     /// Where VM state lives (one directory per VM).
     #[arg(long, env = "IGNIS_STATE_DIR", default_value = "/var/lib/ignis")]
-    pub state_dir: PathBuf,
+    pub(crate) state_dir: PathBuf,
     /// `unix:///path/agent.sock`, or `HOST:PORT` (needs --tls-cert, --tls-key, --client-ca).
     #[arg(
         long,
         env = "IGNIS_AGENT_LISTEN",
         default_value = "unix:///var/lib/ignis/agent.sock"
     )]
-    pub listen: String,
+    pub(crate) listen: String,
     /// The agent's TLS certificate (PEM), for TCP.
     #[arg(long, env = "IGNIS_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
+    pub(crate) tls_cert: Option<PathBuf>,
     /// The agent's TLS private key (PEM), for TCP.
     #[arg(long, env = "IGNIS_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
+    pub(crate) tls_key: Option<PathBuf>,
     /// The CA that signs client certificates (PEM); clients without one are refused.
     #[arg(long, env = "IGNIS_CLIENT_CA")]
-    pub client_ca: Option<PathBuf>,
+    pub(crate) client_ca: Option<PathBuf>,
     /// Address of the /healthz, /readyz and /metrics server.
     #[arg(long, env = "IGNIS_HEALTH_ADDR", default_value = "0.0.0.0:9441")]
-    pub health_addr: SocketAddr,
+    pub(crate) health_addr: SocketAddr,
     /// Which accelerator to offer.
     #[arg(long, env = "IGNIS_ACCELERATOR", value_enum, default_value_t = AcceleratorFlag::Auto)]
-    pub accelerator: AcceleratorFlag,
+    pub(crate) accelerator: AcceleratorFlag,
     #[arg(long, env = "IGNIS_QEMU_BINARY", default_value = "qemu-system-x86_64")]
-    pub qemu_binary: PathBuf,
+    pub(crate) qemu_binary: PathBuf,
     #[arg(long, env = "IGNIS_FIRECRACKER_BINARY", default_value = "firecracker")]
-    pub firecracker_binary: PathBuf,
+    pub(crate) firecracker_binary: PathBuf,
     #[arg(
         long,
         env = "IGNIS_CLOUD_HYPERVISOR_BINARY",
         default_value = "cloud-hypervisor"
     )]
-    pub cloud_hypervisor_binary: PathBuf,
+    pub(crate) cloud_hypervisor_binary: PathBuf,
     /// How long a guest gets to become ready (`60s`, `1500ms`, `2m`).
     #[arg(long, env = "IGNIS_BOOT_TIMEOUT", default_value = "60s", value_parser = crate::time::parse_duration)]
-    pub boot_timeout: Duration,
+    pub(crate) boot_timeout: Duration,
     /// Size cap of each VM's console log before it is rotated.
     #[arg(long, env = "IGNIS_CONSOLE_MAX_BYTES", default_value_t = 1 << 20)]
-    pub console_max_bytes: u64,
+    pub(crate) console_max_bytes: u64,
     /// Benchmarks only: run VMs on the simulated VMM (no guest; reported as `simulated`).
     #[arg(long, env = "IGNIS_SIMULATED")]
-    pub simulated: bool,
+    pub(crate) simulated: bool,
     /// Stop every VM when the agent exits (`ignis dev`); by default VMs outlive the agent.
     #[arg(long, env = "IGNIS_STOP_VMS_ON_EXIT")]
-    pub stop_vms_on_exit: bool,
+    pub(crate) stop_vms_on_exit: bool,
     /// vCPUs offered for placement per host CPU. Guests idle most of the time, so vCPUs are
     /// overcommitted like KubeVirt's default CPU allocation ratio; memory never is.
     #[arg(long, env = "IGNIS_VCPU_OVERCOMMIT", default_value_t = DEFAULT_VCPU_OVERCOMMIT, value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub vcpu_overcommit: u32,
+    pub(crate) vcpu_overcommit: u32,
     /// Benchmarks only, with `--simulated`: multiply the advertised vCPUs and memory.
     #[arg(
         long,
@@ -107,12 +107,12 @@ pub struct AgentArgs {
         hide = true,
         default_value_t = 1
     )]
-    pub capacity_multiplier: u32,
+    pub(crate) capacity_multiplier: u32,
     #[command(flatten)]
-    pub network: net::NetworkArgs,
+    pub(crate) network: net::NetworkArgs,
     /// Turn guest networking off: VMs asking for `nat`/`bridge` interfaces fail.
     #[arg(long, env = "IGNIS_NO_NETWORK")]
-    pub no_network: bool,
+    pub(crate) no_network: bool,
 }
 
 /// Errors of `ignis agent`.
@@ -179,7 +179,7 @@ impl std::fmt::Display for ListenAddr {
 }
 
 /// Parse `--listen`.
-pub fn parse_listen(value: &str) -> Result<ListenAddr, AgentError> {
+pub(crate) fn parse_listen(value: &str) -> Result<ListenAddr, AgentError> {
     let invalid = || AgentError::InvalidListen {
         value: value.to_owned(),
     };
@@ -216,21 +216,21 @@ pub enum NetworkSetup {
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub node_name: String,
-    pub state_dir: PathBuf,
+    pub(crate) state_dir: PathBuf,
     pub listen: ListenAddr,
     pub tls: Option<TlsFiles>,
     pub accelerator: AcceleratorFlag,
-    pub qemu_binary: PathBuf,
-    pub firecracker_binary: PathBuf,
-    pub cloud_hypervisor_binary: PathBuf,
+    pub(crate) qemu_binary: PathBuf,
+    pub(crate) firecracker_binary: PathBuf,
+    pub(crate) cloud_hypervisor_binary: PathBuf,
     pub boot_timeout: Duration,
-    pub console_max_bytes: u64,
+    pub(crate) console_max_bytes: u64,
     pub simulated: bool,
     pub stop_vms_on_exit: bool,
     /// vCPUs offered per host CPU.
     pub vcpu_overcommit: u32,
     /// With `simulated` only: advertise this many times the host's capacity.
-    pub capacity_multiplier: u32,
+    pub(crate) capacity_multiplier: u32,
     /// Guest networking; `None` turns it off (VMs asking for `nat`/`bridge` fail).
     pub network: Option<net::NetworkConfig>,
     pub network_setup: NetworkSetup,
@@ -262,7 +262,7 @@ impl AgentConfig {
     }
 
     /// From the command line.
-    pub fn from_args(args: &AgentArgs) -> Result<Self, AgentError> {
+    pub(crate) fn from_args(args: &AgentArgs) -> Result<Self, AgentError> {
         let tls = match (&args.tls_cert, &args.tls_key, &args.client_ca) {
             (Some(cert), Some(key), Some(client_ca)) => Some(TlsFiles {
                 cert: cert.clone(),
@@ -298,7 +298,7 @@ pub struct AgentHandle {
     pub listen: ListenAddr,
     /// Changes on every start.
     pub instance_id: String,
-    pub supervisor: Supervisor,
+    pub(crate) supervisor: Supervisor,
     join: JoinHandle<Result<(), AgentError>>,
 }
 
@@ -406,7 +406,7 @@ pub async fn serve(
 }
 
 /// [`serve`], registering the agent's metrics in `metrics`.
-pub async fn serve_with_metrics(
+pub(crate) async fn serve_with_metrics(
     config: AgentConfig,
     shutdown: CancellationToken,
     metrics: MetricsRegistry,

@@ -22,7 +22,7 @@ use crate::proto::vm_event::Event;
 use crate::vm::{VmUid, wire};
 
 /// How often `WatchVMs` sends a heartbeat.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+pub(crate) const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 /// The largest console chunk sent at once.
 const CONSOLE_CHUNK: u64 = 64 * 1024;
 /// The largest tail a client can ask for.
@@ -30,7 +30,7 @@ const CONSOLE_MAX_TAIL: u64 = 16 * 1024 * 1024;
 
 /// The gRPC service.
 #[derive(Clone)]
-pub struct AgentService {
+pub(crate) struct AgentService {
     supervisor: Supervisor,
     node_name: String,
     instance_id: String,
@@ -39,7 +39,7 @@ pub struct AgentService {
 }
 
 impl AgentService {
-    pub fn new(
+    pub(crate) fn new(
         supervisor: Supervisor,
         node_name: String,
         instance_id: String,
@@ -56,13 +56,13 @@ impl AgentService {
 
 impl AgentService {
     /// The tonic service to add to a server.
-    pub fn into_server(self) -> proto::agent_server::AgentServer<Self> {
+    pub(crate) fn into_server(self) -> proto::agent_server::AgentServer<Self> {
         proto::agent_server::AgentServer::new(self)
     }
 }
 
 /// A supervisor error as a gRPC status.
-pub fn status_of(error: &SupervisorError) -> Status {
+pub(crate) fn status_of(error: &SupervisorError) -> Status {
     let message = format!("{}: {error}", error.reason());
     match error {
         SupervisorError::InvalidRequest { .. } => Status::invalid_argument(message),

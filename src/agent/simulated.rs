@@ -17,8 +17,8 @@ use crate::api::{Accelerator, Hypervisor};
 
 /// The simulated backend; `binary` is the `sleep` it runs.
 #[derive(Clone, Debug)]
-pub struct SimulatedBackend {
-    pub binary: PathBuf,
+pub(crate) struct SimulatedBackend {
+    pub(crate) binary: PathBuf,
 }
 
 impl Default for SimulatedBackend {

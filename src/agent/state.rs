@@ -41,13 +41,13 @@ const STATUS: &str = "status.json";
 
 /// The state directory root (`<root>/vms/<uid>/...`).
 #[derive(Clone, Debug)]
-pub struct StateStore {
+pub(crate) struct StateStore {
     root: PathBuf,
 }
 
 impl StateStore {
     /// Open (creating if needed) the store under `root`.
-    pub fn open(root: &Path) -> Result<Self, StateError> {
+    pub(crate) fn open(root: &Path) -> Result<Self, StateError> {
         let vms = root.join("vms");
         std::fs::create_dir_all(&vms).map_err(|source| StateError::Io {
             path: vms.clone(),
@@ -58,17 +58,13 @@ impl StateStore {
         })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// The VM's directory (a [`VmUid`] never escapes the root).
-    pub fn vm_dir(&self, uid: &VmUid) -> PathBuf {
+    pub(crate) fn vm_dir(&self, uid: &VmUid) -> PathBuf {
         self.root.join("vms").join(uid.as_str())
     }
 
     /// Create the VM's directory.
-    pub fn create_vm_dir(&self, uid: &VmUid) -> Result<PathBuf, StateError> {
+    pub(crate) fn create_vm_dir(&self, uid: &VmUid) -> Result<PathBuf, StateError> {
         let dir = self.vm_dir(uid);
         std::fs::create_dir_all(&dir).map_err(|source| StateError::Io {
             path: dir.clone(),
@@ -78,7 +74,7 @@ impl StateStore {
     }
 
     /// Every VM directory's uid (directories whose name is no uid are not ours).
-    pub fn list(&self) -> Result<Vec<VmUid>, StateError> {
+    pub(crate) fn list(&self) -> Result<Vec<VmUid>, StateError> {
         let vms = self.root.join("vms");
         let entries = std::fs::read_dir(&vms).map_err(|source| StateError::Io {
             path: vms.clone(),
@@ -94,33 +90,33 @@ impl StateStore {
         Ok(uids)
     }
 
-    pub fn write_spec(&self, request: &ApplyRequest) -> Result<(), StateError> {
+    pub(crate) fn write_spec(&self, request: &ApplyRequest) -> Result<(), StateError> {
         self.write_json(&request.spec.uid, SPEC, request)
     }
 
-    pub fn read_spec(&self, uid: &VmUid) -> Result<Option<ApplyRequest>, StateError> {
+    pub(crate) fn read_spec(&self, uid: &VmUid) -> Result<Option<ApplyRequest>, StateError> {
         self.read_json(uid, SPEC)
     }
 
-    pub fn write_handle(&self, uid: &VmUid, handle: &VmmHandle) -> Result<(), StateError> {
+    pub(crate) fn write_handle(&self, uid: &VmUid, handle: &VmmHandle) -> Result<(), StateError> {
         self.write_json(uid, HANDLE, handle)
     }
 
-    pub fn read_handle(&self, uid: &VmUid) -> Result<Option<VmmHandle>, StateError> {
+    pub(crate) fn read_handle(&self, uid: &VmUid) -> Result<Option<VmmHandle>, StateError> {
         self.read_json(uid, HANDLE)
     }
 
-    pub fn write_status(&self, status: &VmStatus) -> Result<(), StateError> {
+    pub(crate) fn write_status(&self, status: &VmStatus) -> Result<(), StateError> {
         self.write_json(&status.uid, STATUS, status)
     }
 
-    pub fn read_status(&self, uid: &VmUid) -> Result<Option<VmStatus>, StateError> {
+    pub(crate) fn read_status(&self, uid: &VmUid) -> Result<Option<VmStatus>, StateError> {
         self.read_json(uid, STATUS)
     }
 
     /// Remove everything of the VM except `status.json`, so a failure stays reportable
     /// without leaving the run's files behind.
-    pub fn remove_all_but_status(&self, uid: &VmUid) -> Result<(), StateError> {
+    pub(crate) fn remove_all_but_status(&self, uid: &VmUid) -> Result<(), StateError> {
         let dir = self.vm_dir(uid);
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
@@ -147,7 +143,7 @@ impl StateStore {
     }
 
     /// Remove the VM's directory; removing what is not there is fine.
-    pub fn remove_vm(&self, uid: &VmUid) -> Result<(), StateError> {
+    pub(crate) fn remove_vm(&self, uid: &VmUid) -> Result<(), StateError> {
         let dir = self.vm_dir(uid);
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),

@@ -7,12 +7,14 @@ mod builder;
 mod conditions;
 mod microvm;
 mod quantity;
-pub mod validation;
+pub(crate) mod validation;
 
 pub use builder::MicroVmBuilder;
-pub use conditions::{ConditionType, Reason, find_condition, set_condition, set_condition_status};
+#[cfg(test)]
+pub(crate) use conditions::set_condition;
+pub(crate) use conditions::{ConditionType, Reason, find_condition, set_condition_status};
 pub use microvm::*;
-pub use quantity::{QuantityError, parse_quantity_bytes};
+pub(crate) use quantity::{QuantityError, parse_quantity_bytes};
 
 /// The API group of every Ignis resource.
 pub const GROUP: &str = "ignis.dev";
@@ -27,7 +29,7 @@ pub const PLURAL: &str = "microvms";
 /// The finalizer the controller adds so a VM is stopped before its object goes.
 pub const FINALIZER: &str = "ignis.dev/vm-cleanup";
 /// Field manager for every write the controller makes.
-pub const FIELD_MANAGER: &str = "ignis-controller";
+pub(crate) const FIELD_MANAGER: &str = "ignis-controller";
 /// Label recording the node a VM was placed on.
 pub const NODE_LABEL: &str = "ignis.dev/node";
 

@@ -16,10 +16,10 @@ use crate::dev::apiserver::{self, ApiServerConfig};
 
 /// Flags of `ignis bench footprint`.
 #[derive(Debug, Default, clap::Args)]
-pub struct FootprintArgs {
+pub(crate) struct FootprintArgs {
     /// Skip the musl release build (measure this binary stripped) and use fewer runs and VMs.
     #[arg(long)]
-    pub quick: bool,
+    pub(crate) quick: bool,
 }
 
 const MUSL: &str = "x86_64-unknown-linux-musl";
@@ -290,14 +290,14 @@ async fn agent_per_vm(steps: &[usize]) -> Result<(u64, Vec<(usize, u64)>), Bench
 }
 
 /// Per-VM extra: (RSS with k VMs − idle) / k, in KiB.
-pub fn per_vm_kib(idle: u64, with: u64, k: usize) -> f64 {
+pub(crate) fn per_vm_kib(idle: u64, with: u64, k: usize) -> f64 {
     if k == 0 {
         return 0.0;
     }
     (with as f64 - idle as f64) / 1024.0 / k as f64
 }
 
-pub async fn run(
+pub(crate) async fn run(
     args: &FootprintArgs,
     machine: &Machine,
     results: &Path,

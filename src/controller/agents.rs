@@ -23,13 +23,13 @@ use crate::proto::{self, agent_client::AgentClient, vm_event};
 use crate::vm::{ApplyRequest, HostInfo, VmStatus, VmUid, wire};
 
 /// Bound on connecting and on each unary call that is not a delete.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the host (capacity) is refreshed while the stream is healthy.
 const HOST_REFRESH: Duration = Duration::from_secs(30);
 
 /// Where an agent listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum AgentEndpoint {
+pub(crate) enum AgentEndpoint {
     /// `ignis dev` and tests: a unix socket.
     Unix(PathBuf),
     /// In a cluster: pod IP (host network) and port, TLS when the pool has a config.
@@ -38,7 +38,7 @@ pub enum AgentEndpoint {
 
 impl AgentEndpoint {
     /// Parse `unix:///path` or `host:port`.
-    pub fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         if let Some(path) = s.strip_prefix("unix://") {
             return (!path.is_empty()).then(|| AgentEndpoint::Unix(PathBuf::from(path)));
         }
@@ -131,7 +131,7 @@ impl AgentPool {
 
     /// Make the pool talk to exactly these agents: new ones are connected, gone ones dropped,
     /// moved ones reconnected.
-    pub fn set_agents(&self, agents: &BTreeMap<String, AgentEndpoint>) {
+    pub(crate) fn set_agents(&self, agents: &BTreeMap<String, AgentEndpoint>) {
         let mut start = Vec::new();
         {
             let Ok(mut slots) = self.inner.slots.write() else {
@@ -171,7 +171,7 @@ impl AgentPool {
     }
 
     /// The link to `node`'s agent now.
-    pub fn link(&self, node: &str) -> AgentLink {
+    pub(crate) fn link(&self, node: &str) -> AgentLink {
         let Ok(slots) = self.inner.slots.read() else {
             return AgentLink::Absent;
         };
@@ -200,7 +200,7 @@ impl AgentPool {
     }
 
     /// Hosts of every connected agent, for the scheduler.
-    pub fn hosts(&self) -> Vec<(String, HostInfo)> {
+    pub(crate) fn hosts(&self) -> Vec<(String, HostInfo)> {
         let Ok(slots) = self.inner.slots.read() else {
             return Vec::new();
         };
@@ -214,7 +214,7 @@ impl AgentPool {
     }
 
     /// Number of connected agents.
-    pub fn connected(&self) -> usize {
+    pub(crate) fn connected(&self) -> usize {
         self.inner
             .slots
             .read()
@@ -223,7 +223,7 @@ impl AgentPool {
     }
 
     /// `(node, uid)` of every VM the connected agents hold.
-    pub fn held_vms(&self) -> Vec<(String, VmUid)> {
+    pub(crate) fn held_vms(&self) -> Vec<(String, VmUid)> {
         let Ok(slots) = self.inner.slots.read() else {
             return Vec::new();
         };
@@ -249,7 +249,7 @@ impl AgentPool {
 
     /// `ApplyVM`; an answer about a run the view has not seen yet goes into the view at once,
     /// so the next reconcile does not act on a view older than what it just did.
-    pub async fn apply_vm(
+    pub(crate) async fn apply_vm(
         &self,
         node: &str,
         request: &ApplyRequest,
@@ -269,7 +269,7 @@ impl AgentPool {
     }
 
     /// `DeleteVM`, bounded by the VM's grace period plus a margin; forgets the VM after.
-    pub async fn delete_vm(
+    pub(crate) async fn delete_vm(
         &self,
         node: &str,
         uid: &VmUid,
@@ -405,7 +405,7 @@ async fn agent_loop(
 
 /// Back-off between reconnects: 200 ms doubling to 5 s, with up to 25% jitter so a restarted
 /// controller does not hit every agent in lockstep.
-pub fn reconnect_delay(failures: u32) -> Duration {
+pub(crate) fn reconnect_delay(failures: u32) -> Duration {
     let base = Duration::from_millis(200u64 << failures.min(5)).min(Duration::from_secs(5));
     let jitter = rand::random_range(0.0..0.25);
     base.mul_f64(1.0 + jitter)

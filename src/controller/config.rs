@@ -18,41 +18,41 @@ use crate::telemetry::MetricsRegistry;
 pub struct ControllerArgs {
     /// Watch MicroVMs in this namespace only (default: all namespaces).
     #[arg(long, env = "IGNIS_WATCH_NAMESPACE")]
-    pub namespace: Option<String>,
+    pub(crate) namespace: Option<String>,
     /// How new VMs are spread over nodes.
     #[arg(long, env = "IGNIS_PLACEMENT", value_enum, default_value_t = PlacementStrategy::Spread)]
-    pub placement: PlacementStrategy,
+    pub(crate) placement: PlacementStrategy,
     /// Port the agents listen on (host network, discovered from the agent pods).
     #[arg(long, env = "IGNIS_AGENT_PORT", default_value_t = 9443)]
-    pub agent_port: u16,
+    pub(crate) agent_port: u16,
     /// Namespace of the agent pods (default: all namespaces).
     #[arg(long, env = "IGNIS_AGENT_NAMESPACE")]
-    pub agent_namespace: Option<String>,
+    pub(crate) agent_namespace: Option<String>,
     /// A static agent, NODE=unix:///path or NODE=host:port; disables pod discovery. Repeatable.
     #[arg(
         long = "agent-endpoint",
         env = "IGNIS_AGENT_ENDPOINTS",
         value_delimiter = ','
     )]
-    pub agent_endpoints: Vec<String>,
+    pub(crate) agent_endpoints: Vec<String>,
     /// Secret holding the CA and certificates for agent mTLS; created when missing.
     #[arg(long, env = "IGNIS_TLS_SECRET", default_value = "ignis-agent-tls")]
-    pub tls_secret: String,
+    pub(crate) tls_secret: String,
     /// Namespace of the TLS Secret and the Lease (default: the pod's namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "ignis-system")]
-    pub system_namespace: String,
+    pub(crate) system_namespace: String,
     /// Talk to TCP agents without TLS (testing only).
     #[arg(long, env = "IGNIS_INSECURE_AGENTS")]
-    pub insecure_agents: bool,
+    pub(crate) insecure_agents: bool,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "IGNIS_HEALTH_ADDR", default_value = "0.0.0.0:9440")]
-    pub health_addr: SocketAddr,
+    pub(crate) health_addr: SocketAddr,
     /// Leader election.
     #[command(flatten)]
-    pub leader: Box<LeaderArgs>,
+    pub(crate) leader: Box<LeaderArgs>,
     /// How long an agent may be unreachable before its VMs turn Ready=Unknown (e.g. 10s).
     #[arg(long, env = "IGNIS_AGENT_LOST_GRACE", default_value = "10s", value_parser = crate::time::parse_duration)]
-    pub agent_lost_grace: Duration,
+    pub(crate) agent_lost_grace: Duration,
 }
 
 /// Leader election flags of `ignis controller`.
@@ -60,16 +60,16 @@ pub struct ControllerArgs {
 pub struct LeaderArgs {
     /// Elect a leader through a Lease so only one replica reconciles.
     #[arg(long, env = "IGNIS_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
-    pub leader_election: bool,
+    pub(crate) leader_election: bool,
     /// Name of the leader election Lease.
     #[arg(long, env = "IGNIS_LEASE_NAME", default_value = "ignis-controller")]
-    pub lease_name: String,
+    pub(crate) lease_name: String,
     /// Namespace of the Lease (default: --system-namespace).
     #[arg(long, env = "IGNIS_LEASE_NAMESPACE")]
-    pub lease_namespace: Option<String>,
+    pub(crate) lease_namespace: Option<String>,
     /// How long a leader holds the Lease without renewing (e.g. 15s).
     #[arg(long, env = "IGNIS_LEASE_DURATION", default_value = "15s", value_parser = crate::time::parse_duration)]
-    pub lease_duration: Duration,
+    pub(crate) lease_duration: Duration,
 }
 
 /// Errors of `ignis controller`.
@@ -93,30 +93,30 @@ pub enum ControllerError {
 /// Where pod discovery looks for agents.
 #[derive(Clone, Debug)]
 pub struct DiscoveryConfig {
-    pub namespace: Option<String>,
-    pub port: u16,
+    pub(crate) namespace: Option<String>,
+    pub(crate) port: u16,
 }
 
 /// Everything `start` needs; `ignis dev` and tests build it directly.
 #[derive(Clone)]
 pub struct ControllerConfig {
     /// Watch one namespace, or all.
-    pub namespace: Option<String>,
-    pub placement: PlacementStrategy,
+    pub(crate) namespace: Option<String>,
+    pub(crate) placement: PlacementStrategy,
     /// Static agents (node name → endpoint); used when `discovery` is `None`.
-    pub static_agents: BTreeMap<String, AgentEndpoint>,
+    pub(crate) static_agents: BTreeMap<String, AgentEndpoint>,
     /// Discover agents from their pods (cluster mode).
-    pub discovery: Option<DiscoveryConfig>,
+    pub(crate) discovery: Option<DiscoveryConfig>,
     /// Client TLS for TCP agents.
-    pub tls: Option<ClientTlsConfig>,
-    pub agent_lost_grace: Duration,
+    pub(crate) tls: Option<ClientTlsConfig>,
+    pub(crate) agent_lost_grace: Duration,
     /// A stream silent this long (no heartbeat) counts as broken.
-    pub heartbeat_timeout: Duration,
+    pub(crate) heartbeat_timeout: Duration,
     /// How long a VM no MicroVM owns may live on an agent.
-    pub drift_grace: Duration,
-    pub metrics: MetricsRegistry,
+    pub(crate) drift_grace: Duration,
+    pub(crate) metrics: MetricsRegistry,
     /// Reporting instance for Events (the pod name in a cluster).
-    pub instance: Option<String>,
+    pub(crate) instance: Option<String>,
 }
 
 impl ControllerConfig {

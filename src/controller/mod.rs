@@ -3,18 +3,18 @@
 //! the pure [`plan::plan`], and acts (metadata patch, agent calls, status apply, Events).
 //! Agent `WatchVMs` streams trigger reconciles, so a VM that changes is noticed at once.
 
-pub mod agents;
+pub(crate) mod agents;
 mod config;
-pub mod discovery;
+pub(crate) mod discovery;
 mod drift;
-pub mod leader;
-pub mod metrics;
-pub mod plan;
+pub(crate) mod leader;
+pub(crate) mod metrics;
+pub(crate) mod plan;
 mod reconcile;
-pub mod scheduler;
-pub mod status;
-pub mod tls;
-pub mod vmspec;
+pub(crate) mod scheduler;
+pub(crate) mod status;
+pub(crate) mod tls;
+pub(crate) mod vmspec;
 
 #[cfg(test)]
 mod api_tests;
@@ -45,12 +45,10 @@ use crate::telemetry::{MetricsRegistry, Readiness};
 pub use config::{ControllerArgs, ControllerConfig, ControllerError, DiscoveryConfig, LeaderArgs};
 use drift::housekeeping;
 use reconcile::{Context, NodeLabels, RECONCILE_CONCURRENCY, error_policy, reconcile};
-pub use reconcile::{ReconcileError, retry_delay};
 
 /// A running controller.
 pub struct ControllerHandle {
     pub pool: AgentPool,
-    pub metrics: ControllerMetrics,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -166,11 +164,7 @@ pub async fn start(
             .await;
         tracing::info!("controller stopped");
     });
-    Ok(ControllerHandle {
-        pool,
-        metrics,
-        task,
-    })
+    Ok(ControllerHandle { pool, task })
 }
 
 /// `ignis controller`: health server, leader election, TLS, then [`start`] until `shutdown`.

@@ -28,7 +28,7 @@ use crate::vm::{ApplyRequest, VmUid};
 ///
 /// [`Conflict`]: ReconcileError::Conflict
 #[derive(Debug, Error, strum::IntoStaticStr)]
-pub enum ReconcileError {
+pub(crate) enum ReconcileError {
     #[error("MicroVM has no namespace")]
     NoNamespace,
     /// 409: the object changed since the cache saw it.
@@ -118,7 +118,7 @@ impl NodeLabels {
 
 /// Retry delay after `attempt` consecutive failures: 500 ms doubling to 60 s, plus up to 50%
 /// jitter so objects that failed together do not retry together.
-pub fn retry_delay(attempt: u32) -> Duration {
+pub(crate) fn retry_delay(attempt: u32) -> Duration {
     let base = Duration::from_millis(500u64 << attempt.min(7)).min(Duration::from_secs(60));
     base.mul_f64(1.0 + rand::random_range(0.0..0.5))
 }

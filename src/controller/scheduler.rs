@@ -8,7 +8,7 @@ use crate::api::{Accelerator, AcceleratorChoice, Hypervisor, HypervisorChoice};
 
 /// How candidates that fit are ranked.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum PlacementStrategy {
+pub(crate) enum PlacementStrategy {
     /// The node with the least reserved wins: spreads load and failure domains.
     #[default]
     Spread,
@@ -18,33 +18,33 @@ pub enum PlacementStrategy {
 
 /// What a VM needs from a node.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PlacementRequest {
-    pub vcpus: u32,
-    pub memory_bytes: u64,
-    pub node_selector: BTreeMap<String, String>,
-    pub hypervisor: HypervisorChoice,
-    pub accelerator: AcceleratorChoice,
+pub(crate) struct PlacementRequest {
+    pub(crate) vcpus: u32,
+    pub(crate) memory_bytes: u64,
+    pub(crate) node_selector: BTreeMap<String, String>,
+    pub(crate) hypervisor: HypervisorChoice,
+    pub(crate) accelerator: AcceleratorChoice,
 }
 
 /// One node with a connected agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Candidate {
-    pub node: String,
-    pub labels: BTreeMap<String, String>,
+pub(crate) struct Candidate {
+    pub(crate) node: String,
+    pub(crate) labels: BTreeMap<String, String>,
     /// VMMs the agent offers.
-    pub hypervisors: Vec<Hypervisor>,
+    pub(crate) hypervisors: Vec<Hypervisor>,
     /// What the agent's probe found.
-    pub accelerator: Accelerator,
-    pub vcpus_total: u32,
-    pub memory_total_bytes: u64,
+    pub(crate) accelerator: Accelerator,
+    pub(crate) vcpus_total: u32,
+    pub(crate) memory_total_bytes: u64,
     /// Already reserved on the node (MicroVMs placed there, or what the agent holds if more).
-    pub vcpus_reserved: u32,
-    pub memory_reserved_bytes: u64,
+    pub(crate) vcpus_reserved: u32,
+    pub(crate) memory_reserved_bytes: u64,
 }
 
 /// The filter that left no node standing, in the order filters run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Constraint {
+pub(crate) enum Constraint {
     /// No agent is connected at all.
     NoAgents,
     NodeSelector,
@@ -55,7 +55,7 @@ pub enum Constraint {
 
 impl Constraint {
     /// The spelling used in condition messages and metric labels.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Constraint::NoAgents => "noAgents",
             Constraint::NodeSelector => "nodeSelector",
@@ -68,11 +68,11 @@ impl Constraint {
 
 /// No node fits.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Unschedulable {
+pub(crate) struct Unschedulable {
     /// The filter that eliminated the last candidates.
-    pub constraint: Constraint,
+    pub(crate) constraint: Constraint,
     /// For a person, kube-scheduler style: how many nodes each filter turned away.
-    pub message: String,
+    pub(crate) message: String,
 }
 
 /// A filter stage: the constraint it checks and whether a candidate passes.
@@ -80,7 +80,7 @@ type Filter<'a> = (Constraint, &'a dyn Fn(&Candidate) -> bool);
 
 /// Pick a node, or say which constraint failed. Ties break on the node name, so the same
 /// inputs always give the same answer.
-pub fn place(
+pub(crate) fn place(
     request: &PlacementRequest,
     candidates: &[Candidate],
     strategy: PlacementStrategy,
@@ -145,7 +145,7 @@ pub fn place(
 }
 
 /// Whether every selector label is present on the node with the same value.
-pub fn selector_matches(
+pub(crate) fn selector_matches(
     selector: &BTreeMap<String, String>,
     labels: &BTreeMap<String, String>,
 ) -> bool {

@@ -8,7 +8,7 @@ use crate::vm::{Interface, VmSpec, VmUid};
 
 /// A MicroVM the agent API cannot express. Permanent: the object must change first.
 #[derive(Debug, Error, PartialEq, Eq, strum::IntoStaticStr)]
-pub enum VmSpecError {
+pub(crate) enum VmSpecError {
     #[error("the MicroVM has no uid yet")]
     MissingUid,
     #[error("metadata.uid cannot name a VM")]
@@ -31,13 +31,13 @@ pub enum VmSpecError {
 
 /// The VM description the agent gets, and its hash.
 #[derive(Clone, Debug, PartialEq)]
-pub struct BuiltSpec {
-    pub spec: VmSpec,
-    pub hash: String,
+pub(crate) struct BuiltSpec {
+    pub(crate) spec: VmSpec,
+    pub(crate) hash: String,
 }
 
 /// Build the agent's [`VmSpec`] for a MicroVM.
-pub fn build(mvm: &MicroVM) -> Result<BuiltSpec, VmSpecError> {
+pub(crate) fn build(mvm: &MicroVM) -> Result<BuiltSpec, VmSpecError> {
     let meta = &mvm.metadata;
     let uid = meta.uid.clone().ok_or(VmSpecError::MissingUid)?;
     let uid = VmUid::new(uid).map_err(VmSpecError::Uid)?;
@@ -101,7 +101,7 @@ pub fn build(mvm: &MicroVM) -> Result<BuiltSpec, VmSpecError> {
 }
 
 /// vCPUs and memory a MicroVM reserves; `None` when the memory quantity is invalid.
-pub fn reserved(mvm: &MicroVM) -> Option<(u32, u64)> {
+pub(crate) fn reserved(mvm: &MicroVM) -> Option<(u32, u64)> {
     let memory = parse_quantity_bytes(&mvm.spec.resources.memory).ok()?;
     Some((mvm.spec.resources.vcpus, memory))
 }

@@ -49,7 +49,7 @@ impl ExitReason {
     ];
 
     /// The reason's word.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         match self {
             ExitReason::GuestShutdown => "GuestShutdown",
             ExitReason::GuestReboot => "GuestReboot",
@@ -65,7 +65,7 @@ impl ExitReason {
     }
 
     /// The reason a word names; a word that is none of the named reasons is a boot failure's.
-    pub fn from_word(word: &str) -> Self {
+    pub(crate) fn from_word(word: &str) -> Self {
         Self::NAMED
             .into_iter()
             .find(|r| r.as_str() == word)
@@ -73,7 +73,7 @@ impl ExitReason {
     }
 
     /// A failed create or boot, by the reason of the error that stopped it.
-    pub fn boot_failed(reason: &'static str) -> Self {
+    pub(crate) fn boot_failed(reason: &'static str) -> Self {
         match Self::from_word(reason) {
             ExitReason::BootFailed(_) => ExitReason::BootFailed(Cow::Borrowed(reason)),
             named => named,

@@ -13,7 +13,7 @@ mod exit;
 mod spec;
 mod status;
 mod uid;
-pub mod wire;
+pub(crate) mod wire;
 
 pub use crate::api::{Accelerator, Hypervisor, InterfaceMode};
 pub use exit::ExitReason;

@@ -30,45 +30,45 @@ pub struct Interface {
 /// The backend-neutral description of a VM, derived from a MicroVM by the controller.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpec {
-    pub uid: VmUid,
-    pub namespace: String,
-    pub name: String,
+    pub(crate) uid: VmUid,
+    pub(crate) namespace: String,
+    pub(crate) name: String,
     /// `None`: the best VMM the node offers.
     #[serde(default, deserialize_with = "absent_if_auto")]
-    pub hypervisor: Option<Hypervisor>,
+    pub(crate) hypervisor: Option<Hypervisor>,
     /// `None`: KVM when the node's probe says it works, else TCG.
     #[serde(default, deserialize_with = "absent_if_auto")]
-    pub accelerator: Option<Accelerator>,
-    pub vcpus: u32,
-    pub memory_bytes: u64,
-    pub kernel_path: String,
+    pub(crate) accelerator: Option<Accelerator>,
+    pub(crate) vcpus: u32,
+    pub(crate) memory_bytes: u64,
+    pub(crate) kernel_path: String,
     #[serde(default)]
-    pub kernel_cmdline: String,
+    pub(crate) kernel_cmdline: String,
     #[serde(default, deserialize_with = "absent_if_empty")]
-    pub initrd_path: Option<String>,
+    pub(crate) initrd_path: Option<String>,
     #[serde(default, deserialize_with = "absent_if_empty")]
-    pub rootfs_path: Option<String>,
+    pub(crate) rootfs_path: Option<String>,
     #[serde(default)]
-    pub rootfs_read_only: bool,
+    pub(crate) rootfs_read_only: bool,
     #[serde(default)]
-    pub interfaces: Vec<Interface>,
+    pub(crate) interfaces: Vec<Interface>,
     #[serde(default, deserialize_with = "absent_if_empty")]
-    pub user_data: Option<String>,
+    pub(crate) user_data: Option<String>,
     /// Ready once this text appears on the serial console.
     #[serde(default, deserialize_with = "absent_if_empty")]
-    pub readiness_console_marker: Option<String>,
+    pub(crate) readiness_console_marker: Option<String>,
     /// Ready once this port on the guest's first address accepts a connection; wins over the
     /// marker when the guest has an address.
     #[serde(default, deserialize_with = "absent_if_empty")]
-    pub readiness_tcp_port: Option<u16>,
+    pub(crate) readiness_tcp_port: Option<u16>,
     #[serde(default)]
-    pub termination_grace_period_seconds: i64,
+    pub(crate) termination_grace_period_seconds: i64,
 }
 
 impl VmSpec {
     /// Hash of every boot-relevant field. The grace period is left out: it only matters when
     /// stopping, so changing it must not replace a running guest.
-    pub fn boot_hash(&self) -> String {
+    pub(crate) fn boot_hash(&self) -> String {
         let boot = VmSpec {
             termination_grace_period_seconds: 0,
             ..self.clone()
@@ -80,7 +80,7 @@ impl VmSpec {
     }
 
     /// The grace period between a graceful stop and a kill.
-    pub fn grace_period(&self) -> std::time::Duration {
+    pub(crate) fn grace_period(&self) -> std::time::Duration {
         std::time::Duration::from_secs(
             u64::try_from(self.termination_grace_period_seconds).unwrap_or(0),
         )
@@ -99,13 +99,13 @@ pub enum DesiredState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApplyRequest {
     #[serde(flatten)]
-    pub spec: VmSpec,
+    pub(crate) spec: VmSpec,
     /// Hash of the spec fields that need a new boot to change; a different hash replaces the VM.
-    pub spec_hash: String,
+    pub(crate) spec_hash: String,
     /// The agent boots run N once; a run that ended stays ended until run N+1 is asked for.
-    pub run: u32,
+    pub(crate) run: u32,
     #[serde(rename = "want_running", with = "desired_as_bool")]
-    pub desired: DesiredState,
+    pub(crate) desired: DesiredState,
 }
 
 mod desired_as_bool {

@@ -25,7 +25,7 @@ pub enum RunState {
 
 impl RunState {
     /// A fixed word for metric labels.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             RunState::Creating => "creating",
             RunState::Starting => "starting",
@@ -38,7 +38,7 @@ impl RunState {
     }
 
     /// The run is over: nothing of it runs any more.
-    pub fn is_ended(self) -> bool {
+    pub(crate) fn is_ended(self) -> bool {
         matches!(
             self,
             RunState::Stopped | RunState::Exited | RunState::Failed
@@ -50,55 +50,55 @@ impl RunState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunExit {
     /// The guest shut itself down cleanly.
-    pub success: bool,
-    pub reason: ExitReason,
+    pub(crate) success: bool,
+    pub(crate) reason: ExitReason,
     /// For a person: what happened and what to do.
-    pub message: String,
+    pub(crate) message: String,
     /// The same request will fail the same way again: retrying is pointless.
-    pub permanent: bool,
-    pub exit_code: i32,
-    pub at_unix_ms: i64,
+    pub(crate) permanent: bool,
+    pub(crate) exit_code: i32,
+    pub(crate) at_unix_ms: i64,
 }
 
 /// A VM as its agent sees it (the agent keeps it as the VM's `status.json`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmStatus {
-    pub uid: VmUid,
-    pub namespace: String,
-    pub name: String,
-    pub spec_hash: String,
-    pub run: u32,
+    pub(crate) uid: VmUid,
+    pub(crate) namespace: String,
+    pub(crate) name: String,
+    pub(crate) spec_hash: String,
+    pub(crate) run: u32,
     #[serde(rename = "phase")]
-    pub state: RunState,
-    pub ready: bool,
+    pub(crate) state: RunState,
+    pub(crate) ready: bool,
     /// The VMM the run uses, once chosen.
     #[serde(default, deserialize_with = "super::spec::absent_if_auto")]
-    pub hypervisor: Option<Hypervisor>,
+    pub(crate) hypervisor: Option<Hypervisor>,
     /// The accelerator the run uses, once chosen.
     #[serde(default, deserialize_with = "super::spec::absent_if_auto")]
-    pub accelerator: Option<Accelerator>,
+    pub(crate) accelerator: Option<Accelerator>,
     #[serde(default)]
-    pub ip_addresses: Vec<String>,
+    pub(crate) ip_addresses: Vec<String>,
     #[serde(default)]
-    pub created_at_unix_ms: i64,
+    pub(crate) created_at_unix_ms: i64,
     #[serde(default)]
-    pub started_at_unix_ms: i64,
+    pub(crate) started_at_unix_ms: i64,
     #[serde(default)]
-    pub ready_at_unix_ms: i64,
+    pub(crate) ready_at_unix_ms: i64,
     /// When the `ApplyVM` that started this run arrived; the origin of `apply_to_ready_ms`.
     /// Known to the agent only.
     #[serde(default)]
-    pub applied_at_unix_ms: i64,
+    pub(crate) applied_at_unix_ms: i64,
     #[serde(default)]
-    pub apply_to_ready_ms: u64,
+    pub(crate) apply_to_ready_ms: u64,
     #[serde(default)]
-    pub exit: Option<RunExit>,
+    pub(crate) exit: Option<RunExit>,
     #[serde(default)]
-    pub pid: u32,
+    pub(crate) pid: u32,
     #[serde(default)]
-    pub vcpus: u32,
+    pub(crate) vcpus: u32,
     #[serde(default)]
-    pub memory_bytes: u64,
+    pub(crate) memory_bytes: u64,
 }
 
 impl VmStatus {
@@ -131,21 +131,21 @@ impl VmStatus {
 /// A node as its agent describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostInfo {
-    pub node_name: String,
-    pub vcpus_total: u32,
-    pub memory_total_bytes: u64,
+    pub(crate) node_name: String,
+    pub(crate) vcpus_total: u32,
+    pub(crate) memory_total_bytes: u64,
     /// Reserved by the VMs the agent holds (running or not yet deleted).
-    pub vcpus_used: u32,
-    pub memory_used_bytes: u64,
+    pub(crate) vcpus_used: u32,
+    pub(crate) memory_used_bytes: u64,
     /// The VMMs whose binaries are present.
-    pub hypervisors: Vec<Hypervisor>,
+    pub(crate) hypervisors: Vec<Hypervisor>,
     /// KVM when the bounded probe booted a guest under it, else TCG.
-    pub accelerator: Accelerator,
+    pub(crate) accelerator: Accelerator,
     /// Why that accelerator, in words.
-    pub accelerator_detail: String,
-    pub agent_version: String,
+    pub(crate) accelerator_detail: String,
+    pub(crate) agent_version: String,
     /// Changes on every agent start, so a client can tell a restart from a blip.
-    pub instance_id: String,
+    pub(crate) instance_id: String,
 }
 
 /// A change an agent publishes.
@@ -158,8 +158,8 @@ pub enum VmEvent {
 /// A [`VmEvent`] with its place in the agent's sequence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SequencedEvent {
-    pub sequence: u64,
-    pub event: VmEvent,
+    pub(crate) sequence: u64,
+    pub(crate) event: VmEvent,
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ const MAX_LEN: usize = 64;
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
 #[error("VM uid {uid:?} must be 1-{MAX_LEN} letters, digits, '-', '_' or '.'")]
 pub struct InvalidUid {
-    pub uid: String,
+    pub(crate) uid: String,
 }
 
 /// A VM's uid: 1 to 64 ASCII letters, digits, `-`, `_` or `.`, and never `.` or `..`, so it
@@ -38,7 +38,7 @@ impl VmUid {
         }
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }

@@ -16,7 +16,7 @@ use crate::proto;
 
 /// An `ApplyVM` the agent cannot take at all: refused as a request, nothing is recorded.
 #[derive(Debug, Error, strum::IntoStaticStr)]
-pub enum RequestError {
+pub(crate) enum RequestError {
     #[error("spec is required")]
     #[strum(serialize = "InvalidRequest")]
     MissingSpec,
@@ -174,7 +174,7 @@ impl From<&ApplyRequest> for proto::ApplyVmRequest {
 
 /// An `ApplyVM` as the agent takes it. A spec naming values this agent does not know still
 /// gives a request (those values at their defaults) with the error to record it failed by.
-pub fn apply_request(
+pub(crate) fn apply_request(
     request: proto::ApplyVmRequest,
 ) -> Result<(ApplyRequest, Option<SpecError>), RequestError> {
     let spec = request.spec.ok_or(RequestError::MissingSpec)?;
@@ -288,7 +288,7 @@ impl From<&VmStatus> for proto::Vm {
 }
 
 /// A VM as an agent reported it. Values this side does not know read as not known.
-pub fn vm_status(vm: proto::Vm) -> Result<VmStatus, InvalidUid> {
+pub(crate) fn vm_status(vm: proto::Vm) -> Result<VmStatus, InvalidUid> {
     Ok(VmStatus {
         uid: VmUid::new(vm.uid)?,
         namespace: vm.namespace,
@@ -342,7 +342,7 @@ impl From<&HostInfo> for proto::Host {
 
 /// A node as its agent described it. VMMs this side does not know are left out; an
 /// accelerator it does not know reads as TCG, the one that asks nothing of the node.
-pub fn host_info(host: proto::Host) -> HostInfo {
+pub(crate) fn host_info(host: proto::Host) -> HostInfo {
     HostInfo {
         node_name: host.node_name,
         vcpus_total: host.vcpus_total,

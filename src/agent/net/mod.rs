@@ -10,16 +10,15 @@
 //! [`NetworkManager::attach`] undoes what it created when it fails part-way.
 
 mod error;
-pub mod ipam;
-pub mod link;
-pub mod mac;
-pub mod nat;
+pub(crate) mod ipam;
+pub(crate) mod link;
+pub(crate) mod mac;
+pub(crate) mod nat;
 mod plan;
 pub mod tap;
 
 pub use error::NetError;
 use plan::Planned;
-pub use plan::{find_mac_holder, parse_bridge_address, parse_nat_address};
 
 use std::collections::BTreeSet;
 use std::io;
@@ -37,9 +36,9 @@ use link::{Link, Netlink};
 use mac::Mac;
 
 /// The node bridge's default name.
-pub const DEFAULT_BRIDGE: &str = "ignis0";
+pub(crate) const DEFAULT_BRIDGE: &str = "ignis0";
 /// The node's default guest range.
-pub const DEFAULT_CIDR: &str = "10.88.0.0/16";
+pub(crate) const DEFAULT_CIDR: &str = "10.88.0.0/16";
 /// Taps carry `ignis:<uid>/<interface>` as their alias, so leftovers can be found after a
 /// crash even without a record.
 const ALIAS_PREFIX: &str = "ignis:";
@@ -54,7 +53,7 @@ pub struct NetworkConfig {
     /// The guests' range; the bridge carries its first address as the guests' gateway.
     pub cidr: Ipv4Net,
     /// Where allocations and per-VM records are kept (survives agent restarts).
-    pub state_dir: PathBuf,
+    pub(crate) state_dir: PathBuf,
 }
 
 impl NetworkConfig {
@@ -75,18 +74,18 @@ impl NetworkConfig {
 
 /// The agent's network flags; flatten into `AgentArgs` with `#[command(flatten)]`.
 #[derive(Clone, Debug, clap::Args)]
-pub struct NetworkArgs {
+pub(crate) struct NetworkArgs {
     /// Node bridge that `nat` interfaces' taps attach to (created if missing).
     #[arg(long = "bridge", env = "IGNIS_BRIDGE", default_value = DEFAULT_BRIDGE)]
-    pub bridge: String,
+    pub(crate) bridge: String,
     /// Range guests' `nat` addresses come from; the bridge gets its first address.
     #[arg(long = "cidr", env = "IGNIS_CIDR", default_value = DEFAULT_CIDR)]
-    pub cidr: Ipv4Net,
+    pub(crate) cidr: Ipv4Net,
 }
 
 impl NetworkArgs {
     /// The configuration, with state under `<agent state dir>/net`.
-    pub fn config(&self, agent_state_dir: &Path) -> NetworkConfig {
+    pub(crate) fn config(&self, agent_state_dir: &Path) -> NetworkConfig {
         NetworkConfig {
             bridge: self.bridge.clone(),
             cidr: self.cidr,
@@ -103,8 +102,8 @@ pub use crate::vm::Interface;
 /// An interface as attached: what the VMM and the guest need, and what status shows.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttachedInterface {
-    pub name: String,
-    pub mode: InterfaceMode,
+    pub(crate) name: String,
+    pub(crate) mode: InterfaceMode,
     /// The host tap the VMM opens.
     pub tap: String,
     pub mac: String,
@@ -144,7 +143,7 @@ pub fn kernel_cmdline(interfaces: &[AttachedInterface]) -> String {
 }
 
 /// The guest addresses for `status.ipAddresses`.
-pub fn ip_addresses(interfaces: &[AttachedInterface]) -> Vec<String> {
+pub(crate) fn ip_addresses(interfaces: &[AttachedInterface]) -> Vec<String> {
     interfaces
         .iter()
         .filter_map(|i| i.address.map(|(ip, _)| ip.to_string()))
@@ -156,7 +155,7 @@ pub fn ip_addresses(interfaces: &[AttachedInterface]) -> Vec<String> {
 pub struct GcReport {
     pub taps: Vec<String>,
     pub addresses: Vec<Ipv4Addr>,
-    pub records: Vec<String>,
+    pub(crate) records: Vec<String>,
 }
 
 /// Names we put into file names, netlink aliases and the address store.
@@ -586,12 +585,12 @@ fn owner(uid: &str, ifname: &str) -> Owner {
 }
 
 /// The alias a tap carries: `ignis:<uid>/<interface>`.
-pub fn tap_alias(uid: &str, ifname: &str) -> String {
+pub(crate) fn tap_alias(uid: &str, ifname: &str) -> String {
     format!("{ALIAS_PREFIX}{uid}/{ifname}")
 }
 
 /// The VM uid in a tap's alias, if the alias is ours.
-pub fn alias_uid(alias: Option<&str>) -> Option<&str> {
+pub(crate) fn alias_uid(alias: Option<&str>) -> Option<&str> {
     alias?
         .strip_prefix(ALIAS_PREFIX)?
         .split_once('/')

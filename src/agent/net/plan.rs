@@ -13,7 +13,7 @@ use super::*;
 
 /// Parse a `nat` address: plain or in CIDR form. The guest always gets the node range's
 /// prefix length; a prefix in the spec (the CRD asks for CIDR form) is accepted and ignored.
-pub fn parse_nat_address(text: &str) -> Result<Ipv4Addr, String> {
+pub(crate) fn parse_nat_address(text: &str) -> Result<Ipv4Addr, String> {
     let ip = match text.split_once('/') {
         None => text,
         Some((ip, prefix)) => {
@@ -30,7 +30,7 @@ pub fn parse_nat_address(text: &str) -> Result<Ipv4Addr, String> {
 }
 
 /// Parse a `bridge` address: `a.b.c.d/prefix`.
-pub fn parse_bridge_address(text: &str) -> Result<(Ipv4Addr, u8), String> {
+pub(crate) fn parse_bridge_address(text: &str) -> Result<(Ipv4Addr, u8), String> {
     let net: Ipv4Net = text.parse().map_err(|_| {
         "expected an IPv4 address with prefix length like 192.168.1.20/24".to_string()
     })?;
@@ -38,7 +38,7 @@ pub fn parse_bridge_address(text: &str) -> Result<(Ipv4Addr, u8), String> {
 }
 
 /// Who on the node already uses a MAC: links and other VMs' recorded interfaces.
-pub fn find_mac_holder(
+pub(crate) fn find_mac_holder(
     mac: Mac,
     links: &[Link],
     other_vms: &BTreeMap<String, Vec<AttachedInterface>>,

@@ -1,5 +1,6 @@
 use std::collections::BTreeMap;
 
+use super::plan::{find_mac_holder, parse_bridge_address, parse_nat_address};
 use super::*;
 use crate::agent::net::ipam::IpamError;
 use crate::error::ErrorReason;

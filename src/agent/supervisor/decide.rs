@@ -5,7 +5,7 @@ use crate::vm::RunState;
 
 /// What `ApplyVM` must do, given what the agent holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ApplyAction {
+pub(crate) enum ApplyAction {
     /// Nothing changes (same request again, or a stale run).
     Nothing,
     /// Boot the requested run (stopping and clearing whatever ran before).
@@ -20,16 +20,16 @@ pub enum ApplyAction {
 
 /// The part of a held VM that decides an apply.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HeldRun {
-    pub spec_hash: String,
-    pub run: u32,
-    pub state: RunState,
+pub(crate) struct HeldRun {
+    pub(crate) spec_hash: String,
+    pub(crate) run: u32,
+    pub(crate) state: RunState,
     /// Whether this run ever started a VMM.
-    pub booted: bool,
+    pub(crate) booted: bool,
 }
 
 /// The convergence rule: idempotent by (uid, spec_hash, run) and desired state.
-pub fn decide_apply(
+pub(crate) fn decide_apply(
     held: Option<&HeldRun>,
     spec_hash: &str,
     run: u32,

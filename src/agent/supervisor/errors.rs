@@ -95,7 +95,7 @@ impl BootError {
     }
 
     /// The message with its causes, for a person.
-    pub fn full_message(&self) -> String {
+    pub(crate) fn full_message(&self) -> String {
         crate::error::chain(self)
     }
 }
@@ -104,9 +104,9 @@ impl BootError {
 #[derive(Debug, Error)]
 #[error("VMM {operation} failed")]
 pub struct VmmCall {
-    pub operation: &'static str,
+    pub(crate) operation: &'static str,
     #[source]
-    pub source: VmmError,
+    pub(crate) source: VmmError,
 }
 
 impl From<&VmmCall> for &'static str {

@@ -18,7 +18,7 @@ const HUB_CAPACITY: usize = 4096;
 
 /// The agent's metrics.
 #[derive(Clone)]
-pub struct AgentMetrics {
+pub(crate) struct AgentMetrics {
     pub(super) vms: Family<Vec<(String, String)>, Gauge>,
     pub(super) boots: Counter,
     pub(super) boot_failures: Family<Vec<(String, String)>, Counter>,
@@ -27,7 +27,7 @@ pub struct AgentMetrics {
 
 impl AgentMetrics {
     /// Create and register the agent's metrics.
-    pub async fn register(registry: &MetricsRegistry) -> Self {
+    pub(crate) async fn register(registry: &MetricsRegistry) -> Self {
         let metrics = Self {
             vms: Family::default(),
             boots: Counter::default(),

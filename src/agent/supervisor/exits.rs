@@ -16,7 +16,7 @@ use crate::vm::RunExit;
 const ADOPTED_POLL: Duration = Duration::from_millis(250);
 
 /// An exit as recorded in status: the backend's classification for a VM that was up.
-pub fn exit_record(exit: &GuestExit, at_unix_ms: i64) -> RunExit {
+pub(crate) fn exit_record(exit: &GuestExit, at_unix_ms: i64) -> RunExit {
     RunExit {
         success: exit.success,
         reason: exit.reason.clone(),

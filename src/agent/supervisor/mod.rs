@@ -43,14 +43,14 @@ use crate::vm::{
     VmUid,
 };
 
-pub use decide::{ApplyAction, HeldRun, decide_apply};
-pub use errors::{BootError, SupervisorError, VmmCall};
-pub use events::AgentMetrics;
+pub(crate) use decide::{ApplyAction, HeldRun, decide_apply};
+pub(crate) use errors::{BootError, SupervisorError, VmmCall};
+pub(crate) use events::AgentMetrics;
 use events::EventHub;
-pub use exits::exit_record;
+pub(crate) use exits::exit_record;
 use network::Networking;
 use plan::needs_tap;
-pub use plan::{BootPlan, PlanEnv, check_files, guest_cmdline, plan_boot};
+pub(crate) use plan::{check_files, guest_cmdline, plan_boot};
 use readiness::Readiness;
 use slots::{RunHandle, VmSlot};
 use stop::force_kill;
@@ -62,35 +62,35 @@ const ROTATE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// A VMM backend and the binary it runs.
 #[derive(Clone)]
-pub struct BackendEntry {
-    pub backend: Arc<dyn VmmBackend>,
+pub(crate) struct BackendEntry {
+    pub(crate) backend: Arc<dyn VmmBackend>,
     /// The VMM binary as configured (a bare name is looked up in `PATH`).
-    pub binary: PathBuf,
+    pub(crate) binary: PathBuf,
 }
 
 impl BackendEntry {
     /// The binary's full path when it is present.
-    pub fn resolved_binary(&self) -> Option<PathBuf> {
+    pub(crate) fn resolved_binary(&self) -> Option<PathBuf> {
         process::resolve_binary(&self.binary).ok()
     }
 }
 
 /// Fixed settings of the supervisor.
 #[derive(Clone, Debug)]
-pub struct SupervisorConfig {
-    pub boot_timeout: Duration,
+pub(crate) struct SupervisorConfig {
+    pub(crate) boot_timeout: Duration,
     /// Console log size cap (0 = no cap).
-    pub console_max_bytes: u64,
-    pub host: HostCapacity,
+    pub(crate) console_max_bytes: u64,
+    pub(crate) host: HostCapacity,
     /// What the KVM probe found.
-    pub accelerator: Accelerator,
-    pub accelerator_detail: String,
+    pub(crate) accelerator: Accelerator,
+    pub(crate) accelerator_detail: String,
     /// `--simulated`: `auto` means the simulated backend (benchmarks only).
-    pub simulated: bool,
+    pub(crate) simulated: bool,
     /// VMMs this agent knows but cannot run here, with why (reported in failures).
-    pub unavailable: Vec<(Hypervisor, String)>,
+    pub(crate) unavailable: Vec<(Hypervisor, String)>,
     /// Guest networking; `None` = turned off.
-    pub network: Option<NetworkConfig>,
+    pub(crate) network: Option<NetworkConfig>,
 }
 
 struct Inner {
@@ -108,13 +108,13 @@ struct Inner {
 
 /// The VM supervisor; cheap to clone.
 #[derive(Clone)]
-pub struct Supervisor {
+pub(crate) struct Supervisor {
     inner: Arc<Inner>,
 }
 
 impl Supervisor {
     /// A supervisor over `store`, with `backends` to boot VMs.
-    pub fn new(
+    pub(crate) fn new(
         config: SupervisorConfig,
         store: StateStore,
         backends: Vec<BackendEntry>,
@@ -136,7 +136,7 @@ impl Supervisor {
     }
 
     /// Re-adopt every VM of the state directory; returns how many VMs are held.
-    pub async fn adopt(&self) -> Result<usize, SupervisorError> {
+    pub(crate) async fn adopt(&self) -> Result<usize, SupervisorError> {
         let uids = self.inner.store.list().map_err(SupervisorError::State)?;
         for uid in &uids {
             Inner::adopt_one(&self.inner, uid).await;
@@ -147,7 +147,7 @@ impl Supervisor {
     /// Set up the node's guest networking now if `eager`, or if earlier attachments exist;
     /// then remove the attachments of VMs this agent no longer holds (call after
     /// [`Supervisor::adopt`]). A node that cannot do networking still serves VMs without it.
-    pub async fn start_network(&self, eager: bool) {
+    pub(crate) async fn start_network(&self, eager: bool) {
         let network = &self.inner.network;
         if network.config.is_none() || !(eager || network.has_records()) {
             return;
@@ -177,7 +177,7 @@ impl Supervisor {
     }
 
     /// Start background housekeeping (console log rotation).
-    pub fn spawn_housekeeping(&self) {
+    pub(crate) fn spawn_housekeeping(&self) {
         let inner = self.inner.clone();
         tokio::spawn(async move {
             loop {
@@ -204,13 +204,13 @@ impl Supervisor {
 
     /// Converge a VM onto the request. A VM that cannot be created or booted is not an error
     /// here: it comes back in state FAILED with the reason.
-    pub async fn apply(&self, request: ApplyRequest) -> VmStatus {
+    pub(crate) async fn apply(&self, request: ApplyRequest) -> VmStatus {
         self.converge(request, None).await
     }
 
     /// Converge a VM onto a request whose spec this agent cannot boot as sent (a value it does
     /// not know): like [`Supervisor::apply`], except a boot is recorded as failed with `error`.
-    pub async fn refuse(&self, request: ApplyRequest, error: SpecError) -> VmStatus {
+    pub(crate) async fn refuse(&self, request: ApplyRequest, error: SpecError) -> VmStatus {
         self.converge(request, Some(error)).await
     }
 
@@ -280,7 +280,7 @@ impl Supervisor {
 
     /// Stop the VM within `grace` (its own grace period when `None`), kill it after, remove
     /// its files. Returns whether the agent held it.
-    pub async fn delete(
+    pub(crate) async fn delete(
         &self,
         uid: &VmUid,
         grace: Option<Duration>,
@@ -323,7 +323,7 @@ impl Supervisor {
     }
 
     /// One VM's status.
-    pub fn get(&self, uid: &VmUid) -> Option<VmStatus> {
+    pub(crate) fn get(&self, uid: &VmUid) -> Option<VmStatus> {
         self.inner
             .slots()
             .into_iter()
@@ -332,7 +332,7 @@ impl Supervisor {
     }
 
     /// Every VM's status, by uid.
-    pub fn list(&self) -> Vec<VmStatus> {
+    pub(crate) fn list(&self) -> Vec<VmStatus> {
         let mut vms: Vec<VmStatus> = self
             .inner
             .slots()
@@ -345,12 +345,12 @@ impl Supervisor {
 
     /// Subscribe to changes; returns the receiver and the sequence number it starts after.
     /// Take the snapshot with [`Supervisor::list`] after subscribing, so nothing is missed.
-    pub fn subscribe(&self) -> (broadcast::Receiver<SequencedEvent>, u64) {
+    pub(crate) fn subscribe(&self) -> (broadcast::Receiver<SequencedEvent>, u64) {
         self.inner.hub.subscribe()
     }
 
     /// vCPUs and memory reserved by the VMs held (failed ones hold nothing).
-    pub fn usage(&self) -> (u32, u64) {
+    pub(crate) fn usage(&self) -> (u32, u64) {
         self.inner
             .slots()
             .iter()
@@ -368,7 +368,7 @@ impl Supervisor {
     }
 
     /// The hypervisors whose binaries are present.
-    pub fn hypervisors(&self) -> Vec<Hypervisor> {
+    pub(crate) fn hypervisors(&self) -> Vec<Hypervisor> {
         self.inner
             .backends
             .iter()
@@ -378,7 +378,7 @@ impl Supervisor {
     }
 
     /// The node as this agent offers it.
-    pub fn host(&self, node_name: &str, instance_id: &str) -> HostInfo {
+    pub(crate) fn host(&self, node_name: &str, instance_id: &str) -> HostInfo {
         let config = &self.inner.config;
         let (vcpus_used, memory_used_bytes) = self.usage();
         HostInfo {
@@ -395,12 +395,8 @@ impl Supervisor {
         }
     }
 
-    pub fn config(&self) -> &SupervisorConfig {
-        &self.inner.config
-    }
-
     /// The console log of a held VM.
-    pub fn console_path(&self, uid: &VmUid) -> Result<PathBuf, SupervisorError> {
+    pub(crate) fn console_path(&self, uid: &VmUid) -> Result<PathBuf, SupervisorError> {
         if self.get(uid).is_none() {
             return Err(SupervisorError::NotFound {
                 uid: uid.to_string(),
@@ -411,7 +407,7 @@ impl Supervisor {
 
     /// Stop supervising. VMs keep running unless `stop_vms`, in which case each is stopped
     /// within its grace period first.
-    pub async fn shutdown(&self, stop_vms: bool) {
+    pub(crate) async fn shutdown(&self, stop_vms: bool) {
         let inner = &self.inner;
         if stop_vms {
             let stops = inner.slots().into_iter().map(|slot| {

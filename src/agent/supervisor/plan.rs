@@ -8,28 +8,28 @@ use crate::vm::{Interface, InterfaceMode, VmSpec};
 
 /// What the node offers, for [`plan_boot`].
 #[derive(Clone, Debug)]
-pub struct PlanEnv {
-    pub host_memory_bytes: u64,
-    pub accelerator: Accelerator,
-    pub accelerator_detail: String,
+pub(crate) struct PlanEnv {
+    pub(crate) host_memory_bytes: u64,
+    pub(crate) accelerator: Accelerator,
+    pub(crate) accelerator_detail: String,
     /// Backends whose binary is present: kind, and whether it can use KVM / TCG.
-    pub available: Vec<(Hypervisor, bool, bool)>,
+    pub(crate) available: Vec<(Hypervisor, bool, bool)>,
     /// Backends this agent knows but cannot run, with why.
-    pub unavailable: Vec<(Hypervisor, String)>,
-    pub simulated: bool,
+    pub(crate) unavailable: Vec<(Hypervisor, String)>,
+    pub(crate) simulated: bool,
 }
 
 /// A validated boot: which VMM, which accelerator.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BootPlan {
-    pub hypervisor: Hypervisor,
-    pub accelerator: Accelerator,
-    pub memory_mib: u64,
+pub(crate) struct BootPlan {
+    pub(crate) hypervisor: Hypervisor,
+    pub(crate) accelerator: Accelerator,
+    pub(crate) memory_mib: u64,
 }
 
 /// Validate a spec against the node (files are checked separately by [`check_files`]) and
 /// choose the VMM and accelerator.
-pub fn plan_boot(spec: &VmSpec, env: &PlanEnv) -> Result<BootPlan, BootError> {
+pub(crate) fn plan_boot(spec: &VmSpec, env: &PlanEnv) -> Result<BootPlan, BootError> {
     let requested = spec.hypervisor;
     if spec.vcpus == 0 {
         return Err(BootError::Spec(SpecError::InvalidSpec {
@@ -137,7 +137,7 @@ pub fn plan_boot(spec: &VmSpec, env: &PlanEnv) -> Result<BootPlan, BootError> {
 }
 
 /// Check that the kernel, initrd and rootfs exist and can be read, before anything is created.
-pub fn check_files(spec: &VmSpec) -> Result<(), BootError> {
+pub(crate) fn check_files(spec: &VmSpec) -> Result<(), BootError> {
     check_readable(&spec.kernel_path).map_err(|(missing, source)| {
         let path = spec.kernel_path.clone();
         if missing {
@@ -210,7 +210,7 @@ pub(super) fn gets_an_address(request: &Interface) -> bool {
 }
 
 /// The guest command line: the spec's, then the network's parameters.
-pub fn guest_cmdline(spec_cmdline: &str, interfaces: &[AttachedInterface]) -> String {
+pub(crate) fn guest_cmdline(spec_cmdline: &str, interfaces: &[AttachedInterface]) -> String {
     let net = net::kernel_cmdline(interfaces);
     match (spec_cmdline.trim().is_empty(), net.is_empty()) {
         (_, true) => spec_cmdline.to_owned(),

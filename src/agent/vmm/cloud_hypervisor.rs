@@ -10,7 +10,7 @@
 //! `<state_dir>/vmm.log`. Cloud Hypervisor has no metadata service, so `user_data` is not
 //! passed on by this backend.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -25,15 +25,14 @@ use crate::api::{Accelerator, Hypervisor};
 pub const SPEC_VERSION: &str = "0.3.0";
 
 /// The spec's server base path.
-pub const API_PREFIX: &str = "/api/v1";
+pub(crate) const API_PREFIX: &str = "/api/v1";
 
 /// How long a freshly spawned Cloud Hypervisor may take to open its API socket.
-pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Cloud Hypervisor over its HTTP API on a unix socket.
 #[derive(Clone, Debug)]
 pub struct CloudHypervisorBackend {
-    binary: PathBuf,
     socket_timeout: Duration,
     api_timeout: Duration,
 }
@@ -42,8 +41,8 @@ impl CloudHypervisorBackend {
     /// A backend for the `cloud-hypervisor` binary at `binary` (a path, or a name looked up in
     /// `PATH`). Fails with `BinaryNotFound` when there is no such executable.
     pub fn new(binary: impl AsRef<Path>) -> Result<Self, VmmError> {
+        process::resolve_binary(binary.as_ref())?;
         Ok(CloudHypervisorBackend {
-            binary: process::resolve_binary(binary.as_ref())?,
             socket_timeout: SOCKET_TIMEOUT,
             api_timeout: super::API_TIMEOUT,
         })
@@ -54,11 +53,6 @@ impl CloudHypervisorBackend {
         self.socket_timeout = socket_timeout;
         self.api_timeout = api_timeout;
         self
-    }
-
-    /// The resolved binary.
-    pub fn binary(&self) -> &Path {
-        &self.binary
     }
 }
 
@@ -83,7 +77,7 @@ pub fn plan_create(config: &VmConfig) -> Result<Vec<ApiRequest>, VmmError> {
 }
 
 /// The `VmConfig` body of `vm.create`.
-pub fn vm_config(config: &VmConfig) -> Result<Value, VmmError> {
+pub(crate) fn vm_config(config: &VmConfig) -> Result<Value, VmmError> {
     let invalid = |detail: String| VmmError::InvalidConfig {
         hypervisor: Hypervisor::CloudHypervisor,
         detail,
@@ -163,7 +157,7 @@ pub fn plan_state() -> ApiRequest {
 
 /// The VM state in a `VmInfo` body. `Shutdown` means the guest is off: as far as the agent
 /// is concerned the VM has ended.
-pub fn parse_state(info: &Value) -> Result<VmmState, String> {
+pub(crate) fn parse_state(info: &Value) -> Result<VmmState, String> {
     match info.get("state").and_then(Value::as_str) {
         Some("Created") => Ok(VmmState::Created),
         Some("Running") => Ok(VmmState::Running),

@@ -30,15 +30,15 @@ pub struct GuestExit {
     pub success: bool,
     pub reason: ExitReason,
     /// For a person.
-    pub message: String,
-    pub exit_code: Option<i32>,
+    pub(crate) message: String,
+    pub(crate) exit_code: Option<i32>,
 }
 
 impl GuestExit {
     /// The exit of a VMM found dead when the agent re-adopted it: what the guest did when the
     /// console tells, `VmmExitedWhileAgentDown` otherwise (nothing else about a process that
     /// ended unwatched is known).
-    pub fn seen_dead_at_adoption(self) -> Self {
+    pub(crate) fn seen_dead_at_adoption(self) -> Self {
         match self.reason {
             ExitReason::GuestShutdown
             | ExitReason::GuestReboot
@@ -58,7 +58,7 @@ impl GuestExit {
 
     /// The exit of a re-adopted VMM that ended under this agent's watch: its status is
     /// unknowable (it is not the agent's child), but it did not end while the agent was down.
-    pub fn seen_ending_unreaped(self) -> Self {
+    pub(crate) fn seen_ending_unreaped(self) -> Self {
         match self.reason {
             ExitReason::VmmExitedWhileAgentDown => GuestExit {
                 reason: ExitReason::VmmExited,
@@ -72,7 +72,7 @@ impl GuestExit {
 
 /// How a VMM process ended, as far as the agent knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProcessEnd {
+pub(crate) enum ProcessEnd {
     Code(i32),
     Signal(i32),
     /// The VMM was not the agent's child (re-adopted after an agent restart).
@@ -80,7 +80,7 @@ pub enum ProcessEnd {
 }
 
 impl ProcessEnd {
-    pub fn from_status(status: Option<std::process::ExitStatus>) -> Self {
+    pub(crate) fn from_status(status: Option<std::process::ExitStatus>) -> Self {
         match status {
             None => ProcessEnd::Unknown,
             Some(s) => match (s.code(), s.signal()) {
@@ -96,36 +96,36 @@ impl ProcessEnd {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExitQuirks {
     /// The VMM, as messages name it.
-    pub vmm: Hypervisor,
+    pub(crate) vmm: Hypervisor,
     /// A line the VMM writes to its own log when it caught a termination signal and then
     /// exited 0, so a clean exit code hides a kill.
-    pub caught_signal_log: Option<&'static str>,
+    pub(crate) caught_signal_log: Option<&'static str>,
     /// Whether a guest runs at all. Without one nothing can shut down cleanly: SIGTERM is the
     /// VMM's clean stop, and any end it was not asked for is a crash.
-    pub has_guest: bool,
+    pub(crate) has_guest: bool,
 }
 
 /// QEMU catches SIGTERM, SIGINT and SIGHUP, logs it and exits 0.
-pub const QEMU: ExitQuirks = ExitQuirks {
+pub(crate) const QEMU: ExitQuirks = ExitQuirks {
     vmm: Hypervisor::Qemu,
     caught_signal_log: Some("terminating on signal"),
     has_guest: true,
 };
 
-pub const FIRECRACKER: ExitQuirks = ExitQuirks {
+pub(crate) const FIRECRACKER: ExitQuirks = ExitQuirks {
     vmm: Hypervisor::Firecracker,
     caught_signal_log: None,
     has_guest: true,
 };
 
-pub const CLOUD_HYPERVISOR: ExitQuirks = ExitQuirks {
+pub(crate) const CLOUD_HYPERVISOR: ExitQuirks = ExitQuirks {
     vmm: Hypervisor::CloudHypervisor,
     caught_signal_log: None,
     has_guest: true,
 };
 
 /// The benchmarks' stand-in: a `sleep`, no guest.
-pub const SIMULATED: ExitQuirks = ExitQuirks {
+pub(crate) const SIMULATED: ExitQuirks = ExitQuirks {
     vmm: Hypervisor::Simulated,
     caught_signal_log: None,
     has_guest: false,
@@ -188,7 +188,7 @@ fn sent_from_outside(signal: i32) -> bool {
 }
 
 /// Why a VMM ended (see the module documentation for the rules).
-pub fn classify(
+pub(crate) fn classify(
     quirks: &ExitQuirks,
     end: ProcessEnd,
     console_tail: &str,

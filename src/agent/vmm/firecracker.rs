@@ -10,7 +10,7 @@
 //! stdout is the console log; its own log (stderr) is `<state_dir>/vmm.log`. User data goes to
 //! the guest through MMDS (v2, EC2 layout: `/latest/user-data`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -25,12 +25,11 @@ use crate::api::{Accelerator, Hypervisor};
 pub const SPEC_VERSION: &str = "1.17.0-dev";
 
 /// How long a freshly spawned Firecracker may take to open its API socket.
-pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Firecracker over its HTTP API on a unix socket.
 #[derive(Clone, Debug)]
 pub struct FirecrackerBackend {
-    binary: PathBuf,
     socket_timeout: Duration,
     api_timeout: Duration,
 }
@@ -39,8 +38,8 @@ impl FirecrackerBackend {
     /// A backend for the `firecracker` binary at `binary` (a path, or a name looked up in
     /// `PATH`). Fails with `BinaryNotFound` when there is no such executable.
     pub fn new(binary: impl AsRef<Path>) -> Result<Self, VmmError> {
+        process::resolve_binary(binary.as_ref())?;
         Ok(FirecrackerBackend {
-            binary: process::resolve_binary(binary.as_ref())?,
             socket_timeout: SOCKET_TIMEOUT,
             api_timeout: super::API_TIMEOUT,
         })
@@ -51,11 +50,6 @@ impl FirecrackerBackend {
         self.socket_timeout = socket_timeout;
         self.api_timeout = api_timeout;
         self
-    }
-
-    /// The resolved binary.
-    pub fn binary(&self) -> &Path {
-        &self.binary
     }
 }
 
@@ -184,7 +178,7 @@ pub fn plan_state() -> ApiRequest {
 }
 
 /// The VM state in an `InstanceInfo` body.
-pub fn parse_state(info: &Value) -> Result<VmmState, String> {
+pub(crate) fn parse_state(info: &Value) -> Result<VmmState, String> {
     match info.get("state").and_then(Value::as_str) {
         Some("Not started") => Ok(VmmState::Created),
         Some("Running") => Ok(VmmState::Running),
@@ -354,7 +348,6 @@ mod tests {
     #[test]
     fn kvm_only() {
         let backend = FirecrackerBackend {
-            binary: "/bin/true".into(),
             socket_timeout: SOCKET_TIMEOUT,
             api_timeout: super::super::API_TIMEOUT,
         };

@@ -57,14 +57,14 @@ impl ApiRequest {
 
 /// A VMM's answer: status and raw body.
 #[derive(Clone, Debug, PartialEq)]
-pub struct ApiResponse {
-    pub status: u16,
-    pub body: Bytes,
+pub(crate) struct ApiResponse {
+    pub(crate) status: u16,
+    pub(crate) body: Bytes,
 }
 
 impl ApiResponse {
     /// The body as JSON, or a `Protocol` error naming `operation`.
-    pub fn json(&self, operation: &str) -> Result<Value, VmmError> {
+    pub(crate) fn json(&self, operation: &str) -> Result<Value, VmmError> {
         serde_json::from_slice(&self.body).map_err(|e| VmmError::Protocol {
             operation: operation.to_owned(),
             detail: format!("response is not JSON: {e}"),
@@ -84,7 +84,7 @@ impl Drop for AbortOnDrop {
 
 /// Send one request on a fresh connection and read the whole response, all within `timeout`.
 /// Any HTTP status is a success here; see [`call`] for the status check.
-pub async fn send(
+pub(crate) async fn send(
     socket: &Path,
     request: &ApiRequest,
     timeout: Duration,
@@ -152,7 +152,7 @@ async fn exchange(
 
 /// Send a request and require a 2xx answer; anything else becomes `ApiFault` carrying the
 /// VMM's own message.
-pub async fn call(
+pub(crate) async fn call(
     socket: &Path,
     request: &ApiRequest,
     timeout: Duration,
@@ -171,7 +171,7 @@ pub async fn call(
 
 /// The human message in a VMM error body. Firecracker answers `{"fault_message": ...}`;
 /// Cloud Hypervisor answers a JSON list of its error chain (older releases: plain text).
-pub fn fault_text(body: &[u8]) -> String {
+pub(crate) fn fault_text(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body).trim().to_owned();
     let message = match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => ["fault_message", "error", "message"]
@@ -193,7 +193,7 @@ pub fn fault_text(body: &[u8]) -> String {
 
 /// Wait until the VMM accepts connections on `socket`. A VMM that exits first is reported
 /// with the end of its log, since that is where it says why.
-pub async fn wait_for_socket(
+pub(crate) async fn wait_for_socket(
     socket: &Path,
     child: &mut tokio::process::Child,
     timeout: Duration,
@@ -221,25 +221,25 @@ pub async fn wait_for_socket(
 }
 
 /// Everything [`launch`] needs to bring an HTTP-API VMM up to "configured, not booted".
-pub struct Launch<'a> {
-    pub binary: &'a Path,
-    pub args: Vec<String>,
+pub(crate) struct Launch<'a> {
+    pub(crate) binary: &'a Path,
+    pub(crate) args: Vec<String>,
     /// Where the VMM's stdout goes (Firecracker writes the guest serial console there).
-    pub stdout: &'a Path,
+    pub(crate) stdout: &'a Path,
     /// The VMM's own log (`<state_dir>/vmm.log`), its stderr.
-    pub vmm_log: &'a Path,
-    pub api_socket: &'a Path,
-    pub console_log: &'a Path,
+    pub(crate) vmm_log: &'a Path,
+    pub(crate) api_socket: &'a Path,
+    pub(crate) console_log: &'a Path,
     /// The pre-boot requests, in order.
-    pub requests: &'a [ApiRequest],
-    pub socket_timeout: Duration,
-    pub api_timeout: Duration,
+    pub(crate) requests: &'a [ApiRequest],
+    pub(crate) socket_timeout: Duration,
+    pub(crate) api_timeout: Duration,
 }
 
 /// The create path both HTTP-API VMMs share: refuse what needs KVM without it, plan the
 /// pre-boot requests, then launch (`spawn_args` and where the guest console goes are the
 /// backend's own).
-pub async fn create_vm(
+pub(crate) async fn create_vm(
     hypervisor: Hypervisor,
     config: &VmConfig,
     plan: impl FnOnce(&VmConfig) -> Result<Vec<ApiRequest>, VmmError>,
@@ -280,7 +280,7 @@ pub async fn create_vm(
 }
 
 /// Send a request whose answer carries nothing the caller needs (start, stop).
-pub async fn send_action(
+pub(crate) async fn send_action(
     handle: &VmmHandle,
     request: &ApiRequest,
     timeout: Duration,
@@ -289,7 +289,7 @@ pub async fn send_action(
 }
 
 /// Ask the VMM for its state; a VMM process that is gone is `Exited` without asking.
-pub async fn query_state(
+pub(crate) async fn query_state(
     handle: &VmmHandle,
     request: &ApiRequest,
     timeout: Duration,
@@ -305,7 +305,7 @@ pub async fn query_state(
 
 /// Spawn the VMM, wait for its socket, send the pre-boot requests. On any failure the VMM is
 /// killed and reaped, so a failed create leaves no process behind.
-pub async fn launch(launch: Launch<'_>) -> Result<super::Spawned, VmmError> {
+pub(crate) async fn launch(launch: Launch<'_>) -> Result<super::Spawned, VmmError> {
     // A socket left by an earlier run would make the VMM refuse to bind (and would let us
     // talk to nobody); the state dir belongs to this VM, so it is ours to remove.
     match std::fs::remove_file(launch.api_socket) {
@@ -345,7 +345,7 @@ pub async fn launch(launch: Launch<'_>) -> Result<super::Spawned, VmmError> {
 }
 
 /// Send planned requests in order, stopping at the first failure.
-pub async fn configure(
+pub(crate) async fn configure(
     socket: &Path,
     requests: &[ApiRequest],
     timeout: Duration,

@@ -2,10 +2,10 @@
 //! [`VmConfig`]. QEMU `microvm` runs for real here; Firecracker and Cloud Hypervisor follow
 //! their official API specs (`../shared/specs/`).
 
-pub mod exit;
+pub(crate) mod exit;
 pub mod process;
 pub mod qemu;
-pub mod qmp;
+pub(crate) mod qmp;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -135,7 +135,7 @@ pub trait VmmBackend: Send + Sync {
 }
 
 /// Default deadline for one VMM API call.
-pub const API_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const API_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors of every backend. `reason()` is the machine-matchable word used in status and metrics.
 #[derive(Debug, Error, strum::IntoStaticStr)]

@@ -16,7 +16,7 @@ use crate::agent::{console, host};
 
 /// The VMM's own output (stderr, and stdout unless the guest console goes there), in the VM's
 /// state directory.
-pub const VMM_LOG: &str = "vmm.log";
+pub(crate) const VMM_LOG: &str = "vmm.log";
 
 /// How much of the VMM's log an error message or an exit classification reads.
 const LOG_TAIL_BYTES: u64 = 2048;
@@ -53,7 +53,7 @@ fn is_executable(path: &Path) -> bool {
 
 /// Where one of the VMM's output streams goes.
 #[derive(Clone, Copy, Debug)]
-pub enum Output<'a> {
+pub(crate) enum Output<'a> {
     /// Discarded.
     Null,
     /// Appended to this file (created when missing).
@@ -75,7 +75,7 @@ impl Output<'_> {
 
 /// Start a VMM in a process group of its own. The child is never killed on drop: a VMM
 /// outlives the agent that started it.
-pub fn spawn(
+pub(crate) fn spawn(
     binary: &Path,
     args: impl IntoIterator<Item = impl AsRef<OsStr>>,
     stdout: Output<'_>,
@@ -97,7 +97,7 @@ pub fn spawn(
 }
 
 /// The handle of a VMM just spawned: its pid and start time, and where it keeps its files.
-pub fn handle_for(
+pub(crate) fn handle_for(
     child: &tokio::process::Child,
     api_socket: &Path,
     console_log: &Path,
@@ -128,7 +128,7 @@ pub fn is_alive(handle: &VmmHandle) -> bool {
 
 /// Send `signal` to the VMM's process group and to the VMM itself, only while the handle still
 /// names it (never to a pid that now belongs to someone else). A VMM already gone is no error.
-pub fn signal(handle: &VmmHandle, signal: Signal) -> Result<(), VmmError> {
+pub(crate) fn signal(handle: &VmmHandle, signal: Signal) -> Result<(), VmmError> {
     use nix::errno::Errno;
     use nix::unistd::Pid;
     if !is_alive(handle) {
@@ -151,13 +151,13 @@ pub fn signal(handle: &VmmHandle, signal: Signal) -> Result<(), VmmError> {
 }
 
 /// Ask the VMM process to end (SIGTERM), for VMMs whose graceful stop is a signal.
-pub fn stop(handle: &VmmHandle) -> Result<(), VmmError> {
+pub(crate) fn stop(handle: &VmmHandle) -> Result<(), VmmError> {
     signal(handle, Signal::SIGTERM)
 }
 
 /// SIGKILL the VMM and wait until it is dead (gone, or a zombie its parent reaps), within
 /// [`API_TIMEOUT`]: when this returns `Ok`, no guest of it runs any more.
-pub async fn kill(handle: &VmmHandle) -> Result<(), VmmError> {
+pub(crate) async fn kill(handle: &VmmHandle) -> Result<(), VmmError> {
     signal(handle, Signal::SIGKILL)?;
     let deadline = Instant::now() + API_TIMEOUT;
     while is_alive(handle) {
@@ -173,17 +173,17 @@ pub async fn kill(handle: &VmmHandle) -> Result<(), VmmError> {
 }
 
 /// The VMM log of a VM whose state directory is `state_dir`.
-pub fn log_path(state_dir: &Path) -> PathBuf {
+pub(crate) fn log_path(state_dir: &Path) -> PathBuf {
     state_dir.join(VMM_LOG)
 }
 
 /// The VMM log of the VM behind `handle` (next to its API socket, in the state directory).
-pub fn log_path_of(handle: &VmmHandle) -> PathBuf {
+pub(crate) fn log_path_of(handle: &VmmHandle) -> PathBuf {
     log_path(handle.api_socket.parent().unwrap_or(Path::new("")))
 }
 
 /// The end of a VMM log, trimmed; empty when it cannot be read.
-pub fn log_tail(path: &Path) -> String {
+pub(crate) fn log_tail(path: &Path) -> String {
     console::tail_text(path, LOG_TAIL_BYTES).trim().to_owned()
 }
 

@@ -52,7 +52,7 @@ impl QemuBackend {
     }
 
     /// The resolved QEMU binary.
-    pub fn binary(&self) -> &Path {
+    pub(crate) fn binary(&self) -> &Path {
         &self.binary
     }
 }
@@ -114,7 +114,7 @@ pub fn guest_cmdline(config: &VmConfig, host_tsc_khz: Option<u64>) -> String {
 }
 
 /// The full QEMU argv (without the binary) for a VM.
-pub fn qemu_args(config: &VmConfig, host_tsc_khz: Option<u64>) -> Vec<OsString> {
+pub(crate) fn qemu_args(config: &VmConfig, host_tsc_khz: Option<u64>) -> Vec<OsString> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     let (accel, cpu) = match config.accelerator {
@@ -228,7 +228,7 @@ async fn qmp_call(
 }
 
 /// Map `query-status`'s `status` to a backend-neutral state.
-pub fn state_from_status(status: &str) -> VmmState {
+pub(crate) fn state_from_status(status: &str) -> VmmState {
     match status {
         "prelaunch" => VmmState::Created,
         "running" => VmmState::Running,

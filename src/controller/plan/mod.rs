@@ -20,13 +20,13 @@ const STABLE_RUN: Duration = Duration::from_secs(60);
 /// Ceiling of the crash-loop restart delay.
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(300);
 /// How often an unschedulable VM is retried when nothing else triggers it.
-pub const UNSCHEDULABLE_RETRY: Duration = Duration::from_secs(30);
+pub(crate) const UNSCHEDULABLE_RETRY: Duration = Duration::from_secs(30);
 /// How often a deletion blocked on an unreachable agent is retried.
 const DELETE_RETRY: Duration = Duration::from_secs(5);
 
 /// The connection to the agent of the VM's node, as the agent pool sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum AgentLink {
+pub(crate) enum AgentLink {
     /// Connected and synced: `Observed::vm` is the agent's current view.
     Connected,
     /// The stream broke; the agent counts as lost after `lost_after` more.
@@ -39,30 +39,30 @@ pub enum AgentLink {
 
 /// A MicroVM the agent API cannot express (see `vmspec::VmSpecError`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SpecProblem {
-    pub reason: &'static str,
-    pub message: String,
+pub(crate) struct SpecProblem {
+    pub(crate) reason: &'static str,
+    pub(crate) message: String,
 }
 
 /// Everything reconcile looked at, besides the object itself.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Observed {
-    pub now: Timestamp,
+pub(crate) struct Observed {
+    pub(crate) now: Timestamp,
     /// The hash of the spec the agent should run, or why there is none.
-    pub spec_hash: Result<String, SpecProblem>,
+    pub(crate) spec_hash: Result<String, SpecProblem>,
     /// The link to the agent of the placed node (or of the node being chosen now).
-    pub agent: AgentLink,
+    pub(crate) agent: AgentLink,
     /// The agent's view of this VM (meaningful when `agent` is `Connected`).
-    pub vm: Option<VmStatus>,
+    pub(crate) vm: Option<VmStatus>,
     /// The scheduler's answer; only computed for a VM without a node.
-    pub placement: Option<Result<String, Unschedulable>>,
+    pub(crate) placement: Option<Result<String, Unschedulable>>,
     /// Labels of the placed node, when known.
-    pub node_labels: Option<BTreeMap<String, String>>,
+    pub(crate) node_labels: Option<BTreeMap<String, String>>,
 }
 
 /// Event severity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EventKind {
+pub(crate) enum EventKind {
     Normal,
     Warning,
 }
@@ -70,7 +70,7 @@ pub enum EventKind {
 /// One step of converging a MicroVM; `act` runs them in this order of kinds: metadata,
 /// agent calls, status, events, requeue.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Action {
+pub(crate) enum Action {
     AddFinalizer,
     /// Record the node in the `ignis.dev/node` label (status carries it too).
     Place {
@@ -95,7 +95,7 @@ pub enum Action {
 }
 
 /// Decide what converges `mvm`.
-pub fn plan(mvm: &MicroVM, obs: &Observed) -> Vec<Action> {
+pub(crate) fn plan(mvm: &MicroVM, obs: &Observed) -> Vec<Action> {
     let mut p = Planner::new(mvm, obs);
     if mvm.metadata.deletion_timestamp.is_some() {
         p.finalize();
@@ -106,7 +106,7 @@ pub fn plan(mvm: &MicroVM, obs: &Observed) -> Vec<Action> {
 }
 
 /// Where the VM is placed: status first, the label as a fallback (status write may have lagged).
-pub fn placed_node(mvm: &MicroVM) -> Option<String> {
+pub(crate) fn placed_node(mvm: &MicroVM) -> Option<String> {
     mvm.status
         .as_ref()
         .and_then(|s| s.node_name.clone())
@@ -675,7 +675,7 @@ impl<'a> Planner<'a> {
 
 /// Crash-loop back-off before restarting: none after a run that lasted, else doubling from 1s
 /// with the restart count, capped.
-pub fn restart_delay(vm: &VmStatus, restarts: u32, now: Timestamp) -> Duration {
+pub(crate) fn restart_delay(vm: &VmStatus, restarts: u32, now: Timestamp) -> Duration {
     let exit_ms = vm.exit.as_ref().map_or(0, |e| e.at_unix_ms);
     let lasted_ms = exit_ms.saturating_sub(vm.started_at_unix_ms.max(vm.created_at_unix_ms));
     if vm.started_at_unix_ms > 0 && lasted_ms >= STABLE_RUN.as_millis() as i64 {
