@@ -211,23 +211,8 @@ mod tests {
         store.create_vm_dir(&vm).expect("dir");
         let spec = ApplyRequest {
             spec: VmSpec {
-                uid: vm.clone(),
-                namespace: String::new(),
-                name: String::new(),
-                hypervisor: None,
-                accelerator: None,
-                vcpus: 0,
                 memory_bytes: 64 << 20,
-                kernel_path: String::new(),
-                kernel_cmdline: String::new(),
-                initrd_path: None,
-                rootfs_path: None,
-                rootfs_read_only: false,
-                interfaces: Vec::new(),
-                user_data: None,
-                readiness_console_marker: None,
-                readiness_tcp_port: None,
-                termination_grace_period_seconds: 0,
+                ..crate::testing::vm_spec("vm-1")
             },
             spec_hash: String::new(),
             run: 2,

@@ -164,25 +164,11 @@ fn mode_or_nat<'de, D: Deserializer<'de>>(d: D) -> Result<InterfaceMode, D::Erro
 mod tests {
     use super::*;
 
-    pub(crate) fn spec() -> VmSpec {
+    fn spec() -> VmSpec {
         VmSpec {
-            uid: VmUid::new("u").expect("uid"),
-            namespace: "default".into(),
             name: "web".into(),
-            hypervisor: None,
-            accelerator: None,
-            vcpus: 1,
-            memory_bytes: 256 << 20,
-            kernel_path: "/k".into(),
-            kernel_cmdline: String::new(),
-            initrd_path: None,
-            rootfs_path: None,
-            rootfs_read_only: false,
-            interfaces: Vec::new(),
-            user_data: None,
-            readiness_console_marker: None,
-            readiness_tcp_port: None,
             termination_grace_period_seconds: 30,
+            ..crate::testing::vm_spec("u")
         }
     }
 

@@ -3,11 +3,7 @@
 //! down is reported as exited; a run the agent cannot trust is failed as lost.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
-
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::agent::console;
@@ -97,16 +93,8 @@ impl Inner {
                 lost("the agent stopped while the VM was being created"),
             );
         }
-        let generation = self.next_generation();
-        let (exited_tx, exited_rx) = watch::channel(false);
-        let run = RunHandle {
-            generation,
-            backend: backend.clone(),
-            handle: handle.clone(),
-            exited: exited_rx,
-            stopping: Arc::new(AtomicBool::new(false)),
-            cancel: CancellationToken::new(),
-        };
+        let (run, exited_tx) = self.new_run(&backend, &handle);
+        let generation = run.generation;
         self.update(&slot, None, |rt| rt.run = Some(run.clone()));
         tracing::info!(
             %uid,

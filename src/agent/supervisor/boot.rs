@@ -4,11 +4,8 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::agent::net::{self, AttachedInterface};
@@ -135,16 +132,8 @@ impl Inner {
         if let Err(error) = self.store.write_handle(&spec.uid, &handle) {
             tracing::warn!(uid = %spec.uid, error = %error, "cannot persist the VMM handle");
         }
-        let generation = self.next_generation();
-        let (exited_tx, exited_rx) = watch::channel(false);
-        let run = RunHandle {
-            generation,
-            backend: backend.clone(),
-            handle: handle.clone(),
-            exited: exited_rx,
-            stopping: Arc::new(AtomicBool::new(false)),
-            cancel: CancellationToken::new(),
-        };
+        let (run, exited_tx) = self.new_run(&backend, &handle);
+        let generation = run.generation;
         let pid = handle.pid;
         self.update(slot, None, |rt| {
             rt.run = Some(run.clone());

@@ -99,8 +99,23 @@ impl Inner {
             .clone()
     }
 
-    pub(super) fn next_generation(&self) -> u64 {
-        self.generation.fetch_add(1, Ordering::Relaxed)
+    /// A run of `backend`'s VMM behind `handle`, with the sender its exit watcher signals
+    /// the VMM's end on.
+    pub(super) fn new_run(
+        &self,
+        backend: &Arc<dyn VmmBackend>,
+        handle: &VmmHandle,
+    ) -> (RunHandle, watch::Sender<bool>) {
+        let (exited_tx, exited_rx) = watch::channel(false);
+        let run = RunHandle {
+            generation: self.generation.fetch_add(1, Ordering::Relaxed),
+            backend: backend.clone(),
+            handle: handle.clone(),
+            exited: exited_rx,
+            stopping: Arc::new(AtomicBool::new(false)),
+            cancel: CancellationToken::new(),
+        };
+        (run, exited_tx)
     }
 
     /// Change a VM's runtime, persist its status and publish it. `generation` guards updates

@@ -10,16 +10,13 @@
 //! `<state_dir>/vmm.log`. Cloud Hypervisor has no metadata service, so `user_data` is not
 //! passed on by this backend.
 
-use std::path::Path;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use serde_json::{Value, json};
 
 use super::http::{self, ApiRequest};
-use super::process;
-use super::{ExitQuirks, Spawned, VmConfig, VmmBackend, VmmError, VmmHandle, VmmState};
-use crate::api::{Accelerator, Hypervisor};
+use super::{ExitQuirks, VmConfig, VmmError, VmmState};
+use crate::api::Hypervisor;
 
 /// The API version the requests are written against.
 pub const SPEC_VERSION: &str = "0.3.0";
@@ -31,28 +28,40 @@ pub(crate) const API_PREFIX: &str = "/api/v1";
 pub(crate) const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Cloud Hypervisor over its HTTP API on a unix socket.
-#[derive(Clone, Debug)]
-pub struct CloudHypervisorBackend {
-    socket_timeout: Duration,
-    api_timeout: Duration,
-}
+/// Cloud Hypervisor over its HTTP API on a unix socket.
+pub type CloudHypervisorBackend = http::HttpBackend<CloudHypervisor>;
 
-impl CloudHypervisorBackend {
-    /// A backend for the `cloud-hypervisor` binary at `binary` (a path, or a name looked up in
-    /// `PATH`). Fails with `BinaryNotFound` when there is no such executable.
-    pub fn new(binary: impl AsRef<Path>) -> Result<Self, VmmError> {
-        process::resolve_binary(binary.as_ref())?;
-        Ok(CloudHypervisorBackend {
-            socket_timeout: SOCKET_TIMEOUT,
-            api_timeout: super::API_TIMEOUT,
-        })
+/// Cloud Hypervisor's wire: the plans below.
+pub struct CloudHypervisor;
+
+impl http::HttpApi for CloudHypervisor {
+    const KIND: Hypervisor = Hypervisor::CloudHypervisor;
+    const QUIRKS: &'static ExitQuirks = &super::exit::CLOUD_HYPERVISOR;
+    const CONSOLE_ON_STDOUT: bool = false;
+    const SOCKET_TIMEOUT: Duration = SOCKET_TIMEOUT;
+
+    fn spawn_args(config: &VmConfig) -> Vec<String> {
+        spawn_args(config)
     }
 
-    /// Override the deadlines (the socket wait, and each API call).
-    pub fn with_timeouts(mut self, socket_timeout: Duration, api_timeout: Duration) -> Self {
-        self.socket_timeout = socket_timeout;
-        self.api_timeout = api_timeout;
-        self
+    fn plan_create(config: &VmConfig) -> Result<Vec<ApiRequest>, VmmError> {
+        plan_create(config)
+    }
+
+    fn plan_start() -> ApiRequest {
+        plan_start()
+    }
+
+    fn plan_stop() -> ApiRequest {
+        plan_stop()
+    }
+
+    fn plan_state() -> ApiRequest {
+        plan_state()
+    }
+
+    fn parse_state(info: &Value) -> Result<VmmState, String> {
+        parse_state(info)
     }
 }
 
@@ -168,54 +177,11 @@ pub(crate) fn parse_state(info: &Value) -> Result<VmmState, String> {
     }
 }
 
-#[async_trait]
-impl VmmBackend for CloudHypervisorBackend {
-    fn kind(&self) -> Hypervisor {
-        Hypervisor::CloudHypervisor
-    }
-
-    fn supports(&self, accelerator: Accelerator) -> bool {
-        accelerator == Accelerator::Kvm
-    }
-
-    async fn create(&self, config: &VmConfig) -> Result<Spawned, VmmError> {
-        http::create_vm(
-            Hypervisor::CloudHypervisor,
-            config,
-            plan_create,
-            spawn_args(config),
-            false,
-            self.socket_timeout,
-            self.api_timeout,
-        )
-        .await
-    }
-
-    async fn start(&self, handle: &VmmHandle) -> Result<(), VmmError> {
-        http::send_action(handle, &plan_start(), self.api_timeout).await
-    }
-
-    async fn stop(&self, handle: &VmmHandle) -> Result<(), VmmError> {
-        http::send_action(handle, &plan_stop(), self.api_timeout).await
-    }
-
-    async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError> {
-        process::kill(handle).await
-    }
-
-    async fn state(&self, handle: &VmmHandle) -> Result<VmmState, VmmError> {
-        http::query_state(handle, &plan_state(), self.api_timeout, parse_state).await
-    }
-
-    fn exit_quirks(&self) -> &'static ExitQuirks {
-        &super::exit::CLOUD_HYPERVISOR
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::agent::vmm::DiskConfig;
+    use crate::api::Accelerator;
     use crate::error::ErrorReason;
 
     fn config() -> VmConfig {

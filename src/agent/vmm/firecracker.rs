@@ -10,16 +10,13 @@
 //! stdout is the console log; its own log (stderr) is `<state_dir>/vmm.log`. User data goes to
 //! the guest through MMDS (v2, EC2 layout: `/latest/user-data`).
 
-use std::path::Path;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use serde_json::{Value, json};
 
 use super::http::{self, ApiRequest};
-use super::process;
-use super::{ExitQuirks, Spawned, VmConfig, VmmBackend, VmmError, VmmHandle, VmmState};
-use crate::api::{Accelerator, Hypervisor};
+use super::{ExitQuirks, VmConfig, VmmError, VmmState};
+use crate::api::Hypervisor;
 
 /// The API version the requests are written against.
 pub const SPEC_VERSION: &str = "1.17.0-dev";
@@ -28,28 +25,40 @@ pub const SPEC_VERSION: &str = "1.17.0-dev";
 pub(crate) const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Firecracker over its HTTP API on a unix socket.
-#[derive(Clone, Debug)]
-pub struct FirecrackerBackend {
-    socket_timeout: Duration,
-    api_timeout: Duration,
-}
+/// Firecracker over its HTTP API on a unix socket.
+pub type FirecrackerBackend = http::HttpBackend<Firecracker>;
 
-impl FirecrackerBackend {
-    /// A backend for the `firecracker` binary at `binary` (a path, or a name looked up in
-    /// `PATH`). Fails with `BinaryNotFound` when there is no such executable.
-    pub fn new(binary: impl AsRef<Path>) -> Result<Self, VmmError> {
-        process::resolve_binary(binary.as_ref())?;
-        Ok(FirecrackerBackend {
-            socket_timeout: SOCKET_TIMEOUT,
-            api_timeout: super::API_TIMEOUT,
-        })
+/// Firecracker's wire: the plans below.
+pub struct Firecracker;
+
+impl http::HttpApi for Firecracker {
+    const KIND: Hypervisor = Hypervisor::Firecracker;
+    const QUIRKS: &'static ExitQuirks = &super::exit::FIRECRACKER;
+    const CONSOLE_ON_STDOUT: bool = true;
+    const SOCKET_TIMEOUT: Duration = SOCKET_TIMEOUT;
+
+    fn spawn_args(config: &VmConfig) -> Vec<String> {
+        spawn_args(config)
     }
 
-    /// Override the deadlines (the socket wait, and each API call).
-    pub fn with_timeouts(mut self, socket_timeout: Duration, api_timeout: Duration) -> Self {
-        self.socket_timeout = socket_timeout;
-        self.api_timeout = api_timeout;
-        self
+    fn plan_create(config: &VmConfig) -> Result<Vec<ApiRequest>, VmmError> {
+        plan_create(config)
+    }
+
+    fn plan_start() -> ApiRequest {
+        plan_start()
+    }
+
+    fn plan_stop() -> ApiRequest {
+        plan_stop()
+    }
+
+    fn plan_state() -> ApiRequest {
+        plan_state()
+    }
+
+    fn parse_state(info: &Value) -> Result<VmmState, String> {
+        parse_state(info)
     }
 }
 
@@ -188,54 +197,12 @@ pub(crate) fn parse_state(info: &Value) -> Result<VmmState, String> {
     }
 }
 
-#[async_trait]
-impl VmmBackend for FirecrackerBackend {
-    fn kind(&self) -> Hypervisor {
-        Hypervisor::Firecracker
-    }
-
-    fn supports(&self, accelerator: Accelerator) -> bool {
-        accelerator == Accelerator::Kvm
-    }
-
-    async fn create(&self, config: &VmConfig) -> Result<Spawned, VmmError> {
-        http::create_vm(
-            Hypervisor::Firecracker,
-            config,
-            plan_create,
-            spawn_args(config),
-            true,
-            self.socket_timeout,
-            self.api_timeout,
-        )
-        .await
-    }
-
-    async fn start(&self, handle: &VmmHandle) -> Result<(), VmmError> {
-        http::send_action(handle, &plan_start(), self.api_timeout).await
-    }
-
-    async fn stop(&self, handle: &VmmHandle) -> Result<(), VmmError> {
-        http::send_action(handle, &plan_stop(), self.api_timeout).await
-    }
-
-    async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError> {
-        process::kill(handle).await
-    }
-
-    async fn state(&self, handle: &VmmHandle) -> Result<VmmState, VmmError> {
-        http::query_state(handle, &plan_state(), self.api_timeout, parse_state).await
-    }
-
-    fn exit_quirks(&self) -> &'static ExitQuirks {
-        &super::exit::FIRECRACKER
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::vmm::VmmBackend;
     use crate::agent::vmm::{DiskConfig, NetConfig};
+    use crate::api::Accelerator;
     use crate::error::ErrorReason;
 
     fn config() -> VmConfig {
@@ -347,10 +314,8 @@ mod tests {
 
     #[test]
     fn kvm_only() {
-        let backend = FirecrackerBackend {
-            socket_timeout: SOCKET_TIMEOUT,
-            api_timeout: super::super::API_TIMEOUT,
-        };
+        // `sh` stands in for the binary: only its presence is checked.
+        let backend = FirecrackerBackend::new("sh").expect("sh is on PATH");
         assert!(backend.supports(Accelerator::Kvm));
         assert!(!backend.supports(Accelerator::Tcg));
         assert_eq!(backend.kind(), Hypervisor::Firecracker);

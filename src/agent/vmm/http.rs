@@ -19,7 +19,7 @@ use serde_json::Value;
 use tokio::net::UnixStream;
 
 use super::process::{self, Output};
-use super::{VmConfig, VmmError, VmmHandle, VmmState};
+use super::{ExitQuirks, VmConfig, VmmError, VmmHandle, VmmState};
 use crate::api::{Accelerator, Hypervisor};
 
 /// One call to a VMM's HTTP API, as planned by a backend.
@@ -372,6 +372,110 @@ async fn abandon(mut child: tokio::process::Child, error: VmmError, vmm_log: &Pa
             }
         }
         other => other,
+    }
+}
+
+/// What one HTTP-API VMM puts on the wire, as pure functions: the rest of a backend (spawn,
+/// the create path, start, stop, kill, state, how its end is told) is [`HttpBackend`]'s, the
+/// same for both.
+pub trait HttpApi: Send + Sync + 'static {
+    const KIND: Hypervisor;
+    const QUIRKS: &'static ExitQuirks;
+    /// Whether the VMM writes the guest console to its stdout (Firecracker) rather than to a
+    /// file it opens itself.
+    const CONSOLE_ON_STDOUT: bool;
+    /// How long a freshly spawned VMM may take to open its API socket.
+    const SOCKET_TIMEOUT: Duration;
+    fn spawn_args(config: &VmConfig) -> Vec<String>;
+    /// The pre-boot requests, in order.
+    fn plan_create(config: &VmConfig) -> Result<Vec<ApiRequest>, VmmError>;
+    fn plan_start() -> ApiRequest;
+    fn plan_stop() -> ApiRequest;
+    fn plan_state() -> ApiRequest;
+    fn parse_state(info: &Value) -> Result<VmmState, String>;
+}
+
+/// A VMM driven over its HTTP API on a unix socket; KVM only.
+pub struct HttpBackend<A> {
+    socket_timeout: Duration,
+    api_timeout: Duration,
+    api: std::marker::PhantomData<A>,
+}
+
+impl<A> std::fmt::Debug for HttpBackend<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpBackend")
+            .field("socket_timeout", &self.socket_timeout)
+            .field("api_timeout", &self.api_timeout)
+            .finish()
+    }
+}
+
+impl<A: HttpApi> HttpBackend<A> {
+    /// A backend for the VMM binary at `binary` (a path, or a name looked up in `PATH`).
+    /// Fails with `BinaryNotFound` when there is no such executable.
+    pub fn new(binary: impl AsRef<Path>) -> Result<Self, VmmError> {
+        process::resolve_binary(binary.as_ref())?;
+        Ok(Self::with_default_timeouts())
+    }
+
+    fn with_default_timeouts() -> Self {
+        HttpBackend {
+            socket_timeout: A::SOCKET_TIMEOUT,
+            api_timeout: super::API_TIMEOUT,
+            api: std::marker::PhantomData,
+        }
+    }
+
+    /// Override the deadlines (the socket wait, and each API call).
+    pub fn with_timeouts(mut self, socket_timeout: Duration, api_timeout: Duration) -> Self {
+        self.socket_timeout = socket_timeout;
+        self.api_timeout = api_timeout;
+        self
+    }
+}
+
+#[async_trait::async_trait]
+impl<A: HttpApi> super::VmmBackend for HttpBackend<A> {
+    fn kind(&self) -> Hypervisor {
+        A::KIND
+    }
+
+    fn supports(&self, accelerator: Accelerator) -> bool {
+        accelerator == Accelerator::Kvm
+    }
+
+    async fn create(&self, config: &VmConfig) -> Result<super::Spawned, VmmError> {
+        create_vm(
+            A::KIND,
+            config,
+            A::plan_create,
+            A::spawn_args(config),
+            A::CONSOLE_ON_STDOUT,
+            self.socket_timeout,
+            self.api_timeout,
+        )
+        .await
+    }
+
+    async fn start(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        send_action(handle, &A::plan_start(), self.api_timeout).await
+    }
+
+    async fn stop(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        send_action(handle, &A::plan_stop(), self.api_timeout).await
+    }
+
+    async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        process::kill(handle).await
+    }
+
+    async fn state(&self, handle: &VmmHandle) -> Result<VmmState, VmmError> {
+        query_state(handle, &A::plan_state(), self.api_timeout, A::parse_state).await
+    }
+
+    fn exit_quirks(&self) -> &'static ExitQuirks {
+        A::QUIRKS
     }
 }
 

@@ -440,6 +440,12 @@ impl<'a> Planner<'a> {
         self.kstatus(true, None);
     }
 
+    fn stopping(&mut self, message: &str) {
+        self.set_phase(Phase::Stopping);
+        self.cond(ConditionType::Ready, "False", Reason::STOPPING, message);
+        self.kstatus(true, None);
+    }
+
     fn halted(&mut self) {
         if self.old.phase != Some(Phase::Stopped) {
             self.event(
@@ -516,26 +522,10 @@ impl<'a> Planner<'a> {
                     }
                     self.halted();
                 }
-                RunState::Stopping => {
-                    self.set_phase(Phase::Stopping);
-                    self.cond(
-                        ConditionType::Ready,
-                        "False",
-                        Reason::STOPPING,
-                        "runPolicy is Halted: stopping the guest",
-                    );
-                    self.kstatus(true, None);
-                }
+                RunState::Stopping => self.stopping("runPolicy is Halted: stopping the guest"),
                 _ => {
                     apply(self, vm.run, DesiredState::Stopped);
-                    self.set_phase(Phase::Stopping);
-                    self.cond(
-                        ConditionType::Ready,
-                        "False",
-                        Reason::STOPPING,
-                        "runPolicy is Halted: stopping the guest",
-                    );
-                    self.kstatus(true, None);
+                    self.stopping("runPolicy is Halted: stopping the guest");
                 }
             }
             return;
@@ -570,16 +560,7 @@ impl<'a> Planner<'a> {
                 );
                 self.kstatus(false, None);
             }
-            RunState::Stopping => {
-                self.set_phase(Phase::Stopping);
-                self.cond(
-                    ConditionType::Ready,
-                    "False",
-                    Reason::STOPPING,
-                    "the guest is stopping",
-                );
-                self.kstatus(true, None);
-            }
+            RunState::Stopping => self.stopping("the guest is stopping"),
             RunState::Stopped => {
                 // Stopped on request earlier (runPolicy was Halted) and now wanted running again:
                 // the stopped run is over, so boot the next one.
