@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use super::machine::Machine;
 use super::stack::{
-    NODE, Stack, StackOptions, free_addr, rss_of, scratch_dir, self_exe, spawn_ignis, terminate,
-    wait_readyz,
+    NODE, Stack, StackOptions, controller_args, free_addr, rss_of, scratch_dir, self_exe,
+    spawn_ignis, start_ignis, terminate, wait_readyz,
 };
 use super::stats::{MIB, Target, summarize};
 use super::{BenchError, Report, Row};
@@ -110,16 +110,15 @@ async fn agent_start(dir: &Path, runs: usize) -> Result<(Vec<f64>, u64), BenchEr
             what: format!("create {}", state.display()),
             source,
         })?;
-        let started = Instant::now();
-        let mut child = spawn_ignis(&args, &[], &dir.join(format!("agent-{i}.log")))?;
-        let took = wait_readyz(
+        let (mut child, took) = start_ignis(
+            &args,
+            &[],
+            &dir.join(format!("agent-{i}.log")),
             health,
-            &mut child,
-            started,
             "agent",
             Duration::from_secs(30),
         )
-        .await;
+        .await?;
         if took.is_ok() && i + 1 == runs {
             tokio::time::sleep(IDLE).await;
             rss = child.id().and_then(rss_of).unwrap_or(0);
@@ -176,30 +175,15 @@ async fn controller_start(dir: &Path, runs: usize) -> Result<(Vec<f64>, u64), Be
         let mut rss = 0;
         for i in 0..runs {
             let health = free_addr()?;
-            let args: Vec<String> = vec![
-                "controller".into(),
-                "--agent-endpoint".into(),
-                format!("{NODE}=unix://{}", socket.display()),
-                "--insecure-agents".into(),
-                "--leader-election".into(),
-                "false".into(),
-                "--health-addr".into(),
-                health.to_string(),
-            ];
-            let started = Instant::now();
-            let mut child = spawn_ignis(
-                &args,
+            let (mut child, took) = start_ignis(
+                &controller_args(&socket, health),
                 &[("KUBECONFIG", kubeconfig.as_os_str())],
                 &dir.join(format!("controller-{i}.log")),
-            )?;
-            let took = wait_readyz(
                 health,
-                &mut child,
-                started,
                 "controller",
                 Duration::from_secs(30),
             )
-            .await;
+            .await?;
             if took.is_ok() && i + 1 == runs {
                 tokio::time::sleep(IDLE).await;
                 rss = child.id().and_then(rss_of).unwrap_or(0);
@@ -231,16 +215,15 @@ async fn dev_start(dir: &Path) -> Result<(f64, u64), BenchError> {
         "--accelerator".into(),
         "tcg".into(),
     ];
-    let started = Instant::now();
-    let mut child = spawn_ignis(&args, &[], &dir.join("dev.log"))?;
-    let took = wait_readyz(
+    let (mut child, took) = start_ignis(
+        &args,
+        &[],
+        &dir.join("dev.log"),
         health,
-        &mut child,
-        started,
         "ignis dev",
         Duration::from_secs(120),
     )
-    .await;
+    .await?;
     let mut rss = 0;
     if took.is_ok() {
         tokio::time::sleep(IDLE).await;

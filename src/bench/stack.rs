@@ -163,6 +163,37 @@ pub(crate) async fn http_get(
 }
 
 /// Poll `/readyz` every millisecond until it answers 200; the time it took from `since`.
+/// Spawn `ignis` with `args` and wait up to `timeout` until it answers `/readyz` on `health`:
+/// the child, and how long it took to get ready (or why it did not).
+pub(crate) async fn start_ignis(
+    args: &[String],
+    envs: &[(&str, &std::ffi::OsStr)],
+    log: &Path,
+    health: SocketAddr,
+    what: &str,
+    timeout: Duration,
+) -> Result<(Child, Result<Duration, BenchError>), BenchError> {
+    let started = Instant::now();
+    let mut child = spawn_ignis(args, envs, log)?;
+    let took = wait_readyz(health, &mut child, started, what, timeout).await;
+    Ok((child, took))
+}
+
+/// The flags of a controller that talks to the local agent at `socket` (node [`NODE`]),
+/// without leader election, serving its health on `health`.
+pub(crate) fn controller_args(socket: &Path, health: SocketAddr) -> Vec<String> {
+    vec![
+        "controller".into(),
+        "--agent-endpoint".into(),
+        format!("{NODE}=unix://{}", socket.display()),
+        "--insecure-agents".into(),
+        "--leader-election".into(),
+        "false".into(),
+        "--health-addr".into(),
+        health.to_string(),
+    ]
+}
+
 pub(crate) async fn wait_readyz(
     addr: SocketAddr,
     child: &mut Child,
@@ -263,42 +294,28 @@ impl Stack {
             agent_args.push("--capacity-multiplier".into());
             agent_args.push(OVERCOMMIT.to_string());
         }
-        let started = Instant::now();
-        let mut agent = spawn_ignis(&agent_args, &[], &dir.join("agent.log"))?;
-        wait_readyz(
+        let (agent, ready) = start_ignis(
+            &agent_args,
+            &[],
+            &dir.join("agent.log"),
             agent_health,
-            &mut agent,
-            started,
             "agent",
             Duration::from_secs(60),
         )
         .await?;
+        ready?;
 
         let controller_health = free_addr()?;
-        let controller_args: Vec<String> = vec![
-            "controller".into(),
-            "--agent-endpoint".into(),
-            format!("{NODE}=unix://{}", socket.display()),
-            "--insecure-agents".into(),
-            "--leader-election".into(),
-            "false".into(),
-            "--health-addr".into(),
-            controller_health.to_string(),
-        ];
-        let started = Instant::now();
-        let mut controller = spawn_ignis(
-            &controller_args,
+        let (controller, ready) = start_ignis(
+            &controller_args(&socket, controller_health),
             &[("KUBECONFIG", kubeconfig.as_os_str())],
             &dir.join("controller.log"),
-        )?;
-        wait_readyz(
             controller_health,
-            &mut controller,
-            started,
             "controller",
             Duration::from_secs(60),
         )
         .await?;
+        ready?;
 
         let tracker: Tracker = Arc::default();
         let stop_watch = CancellationToken::new();

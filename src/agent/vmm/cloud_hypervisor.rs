@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::http::{self, ApiRequest};
+use super::http::{self, ApiRequest, HttpApi};
 use super::{ExitQuirks, VmConfig, VmmError, VmmState};
 use crate::api::Hypervisor;
 
@@ -28,61 +28,64 @@ pub(crate) const API_PREFIX: &str = "/api/v1";
 pub(crate) const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Cloud Hypervisor over its HTTP API on a unix socket.
-/// Cloud Hypervisor over its HTTP API on a unix socket.
 pub type CloudHypervisorBackend = http::HttpBackend<CloudHypervisor>;
 
 /// Cloud Hypervisor's wire: the plans below.
 pub struct CloudHypervisor;
 
-impl http::HttpApi for CloudHypervisor {
+impl HttpApi for CloudHypervisor {
     const KIND: Hypervisor = Hypervisor::CloudHypervisor;
     const QUIRKS: &'static ExitQuirks = &super::exit::CLOUD_HYPERVISOR;
     const CONSOLE_ON_STDOUT: bool = false;
     const SOCKET_TIMEOUT: Duration = SOCKET_TIMEOUT;
 
+    /// The command line: only the API socket; the VM is described through `vm.create`.
     fn spawn_args(config: &VmConfig) -> Vec<String> {
-        spawn_args(config)
+        vec![
+            "--api-socket".to_owned(),
+            format!("path={}", config.api_socket.display()),
+        ]
     }
 
+    /// `vmm.ping` then `vm.create`.
     fn plan_create(config: &VmConfig) -> Result<Vec<ApiRequest>, VmmError> {
-        plan_create(config)
+        Ok(vec![
+            ApiRequest::get(endpoint("vmm.ping")),
+            ApiRequest::put(endpoint("vm.create"), Some(vm_config(config)?)),
+        ])
     }
 
+    /// Boot the created VM.
     fn plan_start() -> ApiRequest {
-        plan_start()
+        ApiRequest::put(endpoint("vm.boot"), None)
     }
 
+    /// Ask the guest to shut down through the ACPI power button.
     fn plan_stop() -> ApiRequest {
-        plan_stop()
+        ApiRequest::put(endpoint("vm.power-button"), None)
     }
 
+    /// VM information, including its state.
     fn plan_state() -> ApiRequest {
-        plan_state()
+        ApiRequest::get(endpoint("vm.info"))
     }
 
+    /// The VM state in a `VmInfo` body. `Shutdown` means the guest is off: as far as the agent
+    /// is concerned the VM has ended.
     fn parse_state(info: &Value) -> Result<VmmState, String> {
-        parse_state(info)
+        match info.get("state").and_then(Value::as_str) {
+            Some("Created") => Ok(VmmState::Created),
+            Some("Running") => Ok(VmmState::Running),
+            Some("Paused") | Some("BreakPoint") => Ok(VmmState::Paused),
+            Some("Shutdown") => Ok(VmmState::Exited),
+            Some(other) => Err(format!("unknown VM state {other:?}")),
+            None => Err("VmInfo without a state".to_owned()),
+        }
     }
 }
 
 fn endpoint(name: &str) -> String {
     format!("{API_PREFIX}/{name}")
-}
-
-/// The command line: only the API socket; the VM is described through `vm.create`.
-pub fn spawn_args(config: &VmConfig) -> Vec<String> {
-    vec![
-        "--api-socket".to_owned(),
-        format!("path={}", config.api_socket.display()),
-    ]
-}
-
-/// `vmm.ping` then `vm.create`.
-pub fn plan_create(config: &VmConfig) -> Result<Vec<ApiRequest>, VmmError> {
-    Ok(vec![
-        ApiRequest::get(endpoint("vmm.ping")),
-        ApiRequest::put(endpoint("vm.create"), Some(vm_config(config)?)),
-    ])
 }
 
 /// The `VmConfig` body of `vm.create`.
@@ -147,34 +150,6 @@ pub(crate) fn vm_config(config: &VmConfig) -> Result<Value, VmmError> {
             .collect();
     }
     Ok(body)
-}
-
-/// Boot the created VM.
-pub fn plan_start() -> ApiRequest {
-    ApiRequest::put(endpoint("vm.boot"), None)
-}
-
-/// Ask the guest to shut down through the ACPI power button.
-pub fn plan_stop() -> ApiRequest {
-    ApiRequest::put(endpoint("vm.power-button"), None)
-}
-
-/// VM information, including its state.
-pub fn plan_state() -> ApiRequest {
-    ApiRequest::get(endpoint("vm.info"))
-}
-
-/// The VM state in a `VmInfo` body. `Shutdown` means the guest is off: as far as the agent
-/// is concerned the VM has ended.
-pub(crate) fn parse_state(info: &Value) -> Result<VmmState, String> {
-    match info.get("state").and_then(Value::as_str) {
-        Some("Created") => Ok(VmmState::Created),
-        Some("Running") => Ok(VmmState::Running),
-        Some("Paused") | Some("BreakPoint") => Ok(VmmState::Paused),
-        Some("Shutdown") => Ok(VmmState::Exited),
-        Some(other) => Err(format!("unknown VM state {other:?}")),
-        None => Err("VmInfo without a state".to_owned()),
-    }
 }
 
 #[cfg(test)]
@@ -258,16 +233,31 @@ mod tests {
             ("BreakPoint", VmmState::Paused),
             ("Shutdown", VmmState::Exited),
         ] {
-            assert_eq!(parse_state(&json!({ "state": state })), Ok(expected));
+            assert_eq!(
+                CloudHypervisor::parse_state(&json!({ "state": state })),
+                Ok(expected)
+            );
         }
-        assert!(parse_state(&json!({"state": "Melted"})).is_err());
+        assert!(CloudHypervisor::parse_state(&json!({"state": "Melted"})).is_err());
     }
 
     #[test]
     fn endpoints_live_under_the_api_prefix() {
-        assert_eq!(plan_start().operation(), "PUT /api/v1/vm.boot");
-        assert_eq!(plan_stop().operation(), "PUT /api/v1/vm.power-button");
-        assert_eq!(plan_state().operation(), "GET /api/v1/vm.info");
-        assert_eq!(spawn_args(&config()), ["--api-socket", "path=/s/api.sock"]);
+        assert_eq!(
+            CloudHypervisor::plan_start().operation(),
+            "PUT /api/v1/vm.boot"
+        );
+        assert_eq!(
+            CloudHypervisor::plan_stop().operation(),
+            "PUT /api/v1/vm.power-button"
+        );
+        assert_eq!(
+            CloudHypervisor::plan_state().operation(),
+            "GET /api/v1/vm.info"
+        );
+        assert_eq!(
+            CloudHypervisor::spawn_args(&config()),
+            ["--api-socket", "path=/s/api.sock"]
+        );
     }
 }
