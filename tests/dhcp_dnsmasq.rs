@@ -5,16 +5,16 @@
 //! dnsmasq restarted when it dies; a dnsmasq left by a killed agent is stopped, never doubled;
 //! nothing left after shutdown.
 
-mod net_support;
+mod common;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::net::*;
 use ignis::agent::net::dhcp::{DhcpConfig, DhcpHost, DhcpServer};
 use ignis::agent::net::mac::Mac;
-use net_support::*;
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 const GUEST_MAC: &str = "52:54:00:12:34:56";
@@ -119,9 +119,7 @@ fn dnsmasq_pids(dir: &Path) -> Vec<u32> {
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
             cmdline.contains("dnsmasq") && cmdline.contains(&needle)
         })
-        .filter(|pid| {
-            ignis::agent::host::proc_stat(*pid).is_some_and(|s| !matches!(s.state, 'Z' | 'X'))
-        })
+        .filter(|pid| ignis::agent::vmm::process::is_running(*pid))
         .collect()
 }
 

@@ -8,8 +8,8 @@
 //! DHCP entry). Each must answer HTTP from the node and show that its user data ran. Prints
 //! pull times (cold and cached) and boot times. Two boots only: TCG is slow.
 
+mod common;
 mod image_support;
-mod net_support;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
@@ -23,7 +23,8 @@ use ignis::agent::image::{
     ResolvedImage, VmDisk,
 };
 use ignis::agent::net::dhcp::{DhcpConfig, DhcpHost, DhcpServer, kernel_ip_param};
-use ignis::agent::net::{InterfaceMode, InterfaceRequest, NetworkConfig, NetworkManager};
+use ignis::agent::net::{Interface, InterfaceMode, NetworkConfig, NetworkManager};
+use ignis::vm::VmUid;
 use image_support::Registry;
 
 const TIMEOUT: Duration = Duration::from_secs(900);
@@ -197,7 +198,7 @@ fn debootstrap_guest_from_a_registry_boots_by_dhcp_and_by_ip_param() {
     {
         guest_layout();
     }
-    if !net_support::in_fresh_netns(NAME, TIMEOUT) {
+    if !common::net::in_fresh_netns(NAME, TIMEOUT) {
         return;
     }
     image_support::require(&[
@@ -231,7 +232,7 @@ fn debootstrap_guest_from_a_registry_boots_by_dhcp_and_by_ip_param() {
     let vm_dir = state.join("vms").join(UID);
     std::fs::create_dir_all(&vm_dir).expect("vm dir");
 
-    net_support::runtime().block_on(async {
+    common::net::runtime().block_on(async {
         let store = ImageStore::open(ImageStoreConfig::new(state.join("images")))
             .await
             .expect("image store");
@@ -278,8 +279,8 @@ fn debootstrap_guest_from_a_registry_boots_by_dhcp_and_by_ip_param() {
             .expect("network");
         let ifaces = net
             .attach(
-                UID,
-                &[InterfaceRequest {
+                &VmUid::new(UID).expect("uid"),
+                &[Interface {
                     name: "eth0".into(),
                     mode: InterfaceMode::Nat,
                     ..Default::default()
@@ -389,7 +390,7 @@ fn debootstrap_guest_from_a_registry_boots_by_dhcp_and_by_ip_param() {
 
         // Everything goes with the VM.
         dhcp.shutdown().await;
-        net.detach(UID).await.expect("detach");
+        net.detach(&VmUid::new(UID).expect("uid")).await.expect("detach");
         VmDisk::remove(&vm_dir).expect("remove disk");
         NoCloudDrive::remove(&cidata).expect("remove drive");
         store.release(UID).await.expect("release");

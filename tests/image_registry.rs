@@ -4,10 +4,10 @@
 //! leased entries, basic auth with a pull secret, and each failure with its reason and nothing
 //! half-written.
 
+mod common;
 mod image_support;
-mod net_support;
 
-use net_support::runtime;
+use common::net::runtime;
 
 use std::path::Path;
 use std::process::Command;

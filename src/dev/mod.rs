@@ -23,7 +23,6 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{self, AcceleratorFlag, AgentConfig, guest};
 use crate::api::{ConditionType, FIELD_MANAGER, MicroVM, find_condition};
 use crate::controller::{self, ControllerConfig};
-use crate::proto;
 use crate::telemetry::{self, MetricsRegistry, Readiness};
 
 /// The MicroVM `--demo` applies (the same file as `config/samples/microvm-minimal.yaml`).
@@ -270,15 +269,13 @@ async fn run_demo(
             continue;
         };
         let status = obj.status.clone().unwrap_or_default();
-        let agent_ready = match obj.metadata.uid.as_deref() {
-            Some(uid) => agent
-                .vm(uid)
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|vm| vm.ready && vm.state == proto::VmState::Running as i32),
-            None => false,
-        };
+        let agent_ready =
+            match obj.metadata.uid.as_deref() {
+                Some(uid) => agent.vm(uid).await.ok().flatten().is_some_and(|vm| {
+                    vm.ready && vm.state == crate::proto::VmState::Running as i32
+                }),
+                None => false,
+            };
         match find_condition(&status.conditions, ConditionType::Ready) {
             Some(c) if c.status == "True" && agent_ready => break obj,
             Some(c) => {
