@@ -9,7 +9,14 @@ pub mod api;
 pub mod bench;
 pub mod controller;
 pub mod dev;
+pub mod error;
 pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+pub(crate) mod time;
+pub mod vm;
+
+pub use error::ErrorReason;
 
 /// The agent's gRPC API, generated from `proto/agent.proto`.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

@@ -55,21 +55,21 @@ pub fn init_tracing(format: LogFormat, default_level: &str) {
 
 /// A Prometheus registry shared by the parts of one process.
 #[derive(Clone, Default)]
-pub struct MetricsRegistry(Arc<Mutex<Registry>>);
+pub(crate) struct MetricsRegistry(Arc<Mutex<Registry>>);
 
 impl MetricsRegistry {
     /// A registry whose metrics all start with `prefix_`.
-    pub fn with_prefix(prefix: &str) -> Self {
+    pub(crate) fn with_prefix(prefix: &str) -> Self {
         Self(Arc::new(Mutex::new(Registry::with_prefix(prefix))))
     }
 
     /// Register metrics; called once per component at start-up.
-    pub async fn register(&self, f: impl FnOnce(&mut Registry)) {
+    pub(crate) async fn register(&self, f: impl FnOnce(&mut Registry)) {
         f(&mut *self.0.lock().await);
     }
 
     /// The text exposition format.
-    pub async fn encode(&self) -> String {
+    pub(crate) async fn encode(&self) -> String {
         let mut out = String::new();
         // Encoding into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &*self.0.lock().await);
@@ -79,14 +79,14 @@ impl MetricsRegistry {
 
 /// Whether the process is ready to serve; components flip it once their start-up is done.
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub(crate) struct Readiness(Arc<AtomicBool>);
 
 impl Readiness {
-    pub fn set_ready(&self, ready: bool) {
+    pub(crate) fn set_ready(&self, ready: bool) {
         self.0.store(ready, Ordering::SeqCst);
     }
 
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
 }
@@ -98,7 +98,7 @@ struct HealthState {
 }
 
 /// The router serving `/metrics`, `/healthz` and `/readyz`.
-pub fn health_router(metrics: MetricsRegistry, readiness: Readiness) -> Router {
+pub(crate) fn health_router(metrics: MetricsRegistry, readiness: Readiness) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -125,7 +125,7 @@ async fn metrics_handler(State(state): State<HealthState>) -> impl IntoResponse 
 }
 
 /// Bind the health server now (so a bad address fails start-up) and serve it until `shutdown`.
-pub async fn spawn_health_server(
+pub(crate) async fn spawn_health_server(
     addr: SocketAddr,
     metrics: MetricsRegistry,
     readiness: Readiness,

@@ -114,8 +114,11 @@ async fn boots_the_demo_guest_then_delete_leaves_nothing() {
         .await
         .expect("host")
         .into_inner();
-    assert!(host.hypervisors.contains(&"qemu".to_owned()), "{host:?}");
-    assert_eq!(host.accelerator, "tcg");
+    assert!(
+        host.hypervisors().any(|h| h == proto::Hypervisor::Qemu),
+        "{host:?}"
+    );
+    assert_eq!(host.accelerator(), proto::Accelerator::Tcg);
     assert!(host.memory_total_bytes > 0 && host.vcpus_total > 0);
 
     let bare_ms = bare_qemu_boot_ms(&guest, tmp.path()).await;
@@ -128,8 +131,8 @@ async fn boots_the_demo_guest_then_delete_leaves_nothing() {
         .into_inner();
     assert!(applied.pid > 0, "{applied:?}");
     reaper.0.push(applied.pid);
-    assert_eq!(applied.hypervisor, "qemu");
-    assert_eq!(applied.accelerator, "tcg");
+    assert_eq!(applied.hypervisor(), proto::Hypervisor::Qemu);
+    assert_eq!(applied.accelerator(), proto::Accelerator::Tcg);
 
     // Idempotent: the same apply changes nothing.
     let again = client
@@ -305,8 +308,8 @@ async fn bad_input_fails_with_the_cause_and_leaves_nothing() {
 
     let base = proto::VmSpec {
         uid: String::new(),
-        hypervisor: "qemu".into(),
-        accelerator: "tcg".into(),
+        hypervisor: proto::Hypervisor::Qemu as i32,
+        accelerator: proto::Accelerator::Tcg as i32,
         vcpus: 1,
         memory_bytes: 64 << 20,
         kernel_path: kernel.display().to_string(),
@@ -344,17 +347,18 @@ async fn bad_input_fails_with_the_cause_and_leaves_nothing() {
         (
             "unknown-hv",
             proto::VmSpec {
-                hypervisor: "xen".into(),
+                // A hypervisor this agent does not know (a newer controller's).
+                hypervisor: 99,
                 ..base.clone()
             },
             "UnknownHypervisor",
-            "xen",
+            "99",
         ),
         (
             "no-firecracker",
             proto::VmSpec {
-                hypervisor: "firecracker".into(),
-                accelerator: "auto".into(),
+                hypervisor: proto::Hypervisor::Firecracker as i32,
+                accelerator: proto::Accelerator::Unspecified as i32,
                 ..base.clone()
             },
             "HypervisorUnavailable",
@@ -365,7 +369,7 @@ async fn bad_input_fails_with_the_cause_and_leaves_nothing() {
             proto::VmSpec {
                 interfaces: vec![proto::NetworkInterface {
                     name: "eth0".into(),
-                    mode: "nat".into(),
+                    mode: proto::InterfaceMode::Nat as i32,
                     ..Default::default()
                 }],
                 ..base.clone()
@@ -376,7 +380,7 @@ async fn bad_input_fails_with_the_cause_and_leaves_nothing() {
         (
             "needs-kvm",
             proto::VmSpec {
-                accelerator: "kvm".into(),
+                accelerator: proto::Accelerator::Kvm as i32,
                 ..base.clone()
             },
             "KvmUnavailable",

@@ -8,7 +8,6 @@
 //! namespace and the IPAM files of the state directory.
 
 mod common;
-mod net_support;
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -51,7 +50,7 @@ fn nat_spec(uid: &str, guest: &ignis::agent::guest::DemoGuest) -> proto::VmSpec 
     proto::VmSpec {
         interfaces: vec![proto::NetworkInterface {
             name: "eth0".into(),
-            mode: "nat".into(),
+            mode: proto::InterfaceMode::Nat as i32,
             ..Default::default()
         }],
         readiness_console_marker: String::new(),
@@ -116,7 +115,7 @@ fn nat_guest_gets_an_address_answers_survives_a_restart_and_leaves_nothing() {
     if !common::qemu_present() {
         return;
     }
-    if !net_support::in_fresh_netns(
+    if !common::net::in_fresh_netns(
         "nat_guest_gets_an_address_answers_survives_a_restart_and_leaves_nothing",
         Duration::from_secs(900),
     ) {
@@ -125,13 +124,13 @@ fn nat_guest_gets_an_address_answers_survives_a_restart_and_leaves_nothing() {
     let guest = common::demo_guest();
     let tmp = tempfile::tempdir().expect("tmp");
     let state = tmp.path();
-    net_support::runtime().block_on(async {
+    common::net::runtime().block_on(async {
         let range: Ipv4Net = "10.88.0.0/16".parse().expect("range");
         let (agent, shutdown) = start(state).await;
         let socket = agent.socket_path().expect("unix").to_path_buf();
         let mut client = common::connect(&socket, Duration::from_secs(5)).await;
         assert!(
-            net_support::link("ignis0").is_some(),
+            common::net::link("ignis0").is_some(),
             "the node bridge is set up at start"
         );
 
@@ -177,9 +176,9 @@ fn nat_guest_gets_an_address_answers_survives_a_restart_and_leaves_nothing() {
         );
         let page = page_of(ip).await;
         assert!(page.contains("kernel:"), "{page}");
-        let taps = net_support::taps();
+        let taps = common::net::taps();
         assert_eq!(taps.len(), 1, "one tap for the VM: {taps:?}");
-        let tap = net_support::link(&taps[0]).expect("tap");
+        let tap = common::net::link(&taps[0]).expect("tap");
         assert_eq!(tap["master"], "ignis0", "{tap}");
         assert_eq!(allocated(state), vec![ip.to_string()]);
 
@@ -197,7 +196,7 @@ fn nat_guest_gets_an_address_answers_survives_a_restart_and_leaves_nothing() {
         bad.readiness_console_marker = common::MARKER.into();
         bad.interfaces = vec![proto::NetworkInterface {
             name: "eth0".into(),
-            mode: "bridge".into(),
+            mode: proto::InterfaceMode::Bridge as i32,
             bridge: "br-nope".into(),
             ..Default::default()
         }];
@@ -212,7 +211,7 @@ fn nat_guest_gets_an_address_answers_survives_a_restart_and_leaves_nothing() {
         assert!(exit.message.contains("br-nope"), "{}", exit.message);
         assert_eq!(failed.pid, 0);
         assert!(failed.ip_addresses.is_empty());
-        assert_eq!(net_support::taps(), taps, "no tap for the failed VM");
+        assert_eq!(common::net::taps(), taps, "no tap for the failed VM");
         assert!(!state.join("net/vms/net-bad.json").exists());
         assert_eq!(allocated(state), vec![ip.to_string()]);
         client
@@ -234,7 +233,7 @@ fn nat_guest_gets_an_address_answers_survives_a_restart_and_leaves_nothing() {
             .into_inner();
         assert!(adopted.ready, "{adopted:?}");
         assert_eq!((adopted.pid, the_ip(&adopted)), (vm.pid, ip));
-        assert_eq!(net_support::taps(), taps, "the tap survives the restart");
+        assert_eq!(common::net::taps(), taps, "the tap survives the restart");
         assert_eq!(allocated(state), vec![ip.to_string()]);
         page_of(ip).await;
 
@@ -249,9 +248,9 @@ fn nat_guest_gets_an_address_answers_survives_a_restart_and_leaves_nothing() {
             .into_inner();
         assert!(deleted.existed);
         assert!(
-            net_support::taps().is_empty(),
+            common::net::taps().is_empty(),
             "{:?}",
-            net_support::taps()
+            common::net::taps()
         );
         assert!(allocated(state).is_empty(), "{:?}", allocated(state));
         assert!(!state.join(format!("net/vms/{uid}.json")).exists());

@@ -15,6 +15,8 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use ignis::testing::{KIND, MicroVmBuilder, microvm_list};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde_json::{Value, json};
 
 #[derive(Default)]
@@ -31,20 +33,13 @@ struct Fake {
 }
 
 fn microvm(i: usize) -> Value {
-    json!({
-        "apiVersion": "ignis.dev/v1alpha1",
-        "kind": "MicroVM",
-        "metadata": {
-            "name": format!("vm-{i}"), "namespace": "default",
-            "uid": format!("uid-{i}"), "generation": 1, "resourceVersion": format!("{}", i + 1),
-            "creationTimestamp": "2026-11-22T10:00:00Z",
-        },
-        "spec": {
-            "resources": {"vcpus": 1, "memory": "256Mi"},
-            "kernel": {"path": "/var/lib/ignis/guest/vmlinuz", "cmdline": "console=ttyS0"},
-            "readiness": {"consoleMarker": "ignis: ready"},
-        }
-    })
+    MicroVmBuilder::new(&format!("vm-{i}"))
+        .namespace("default")
+        .stored(&format!("uid-{i}"), 1, &format!("{}", i + 1))
+        .created_at(Time("2026-11-22T10:00:00Z".parse().expect("time")))
+        .cmdline("console=ttyS0")
+        .console_marker("ignis: ready")
+        .json()
 }
 
 async fn api(State(fake): State<Fake>, method: Method, uri: Uri, body: Bytes) -> Response {
@@ -74,13 +69,7 @@ async fn api(State(fake): State<Fake>, method: Method, uri: Uri, body: Bytes) ->
                 .unwrap_or_default();
         }
         let items: Vec<Value> = fake.objects.values().cloned().collect();
-        return json_response(
-            StatusCode::OK,
-            &json!({
-                "apiVersion": "ignis.dev/v1alpha1", "kind": "MicroVMList",
-                "metadata": {"resourceVersion": "100000"}, "items": items,
-            }),
-        );
+        return json_response(StatusCode::OK, &microvm_list(items, "100000"));
     }
     if path.contains("/microvms/") && method == Method::PATCH {
         let name = path
@@ -244,7 +233,7 @@ async fn controller_binary_reconciles_against_a_plain_api_server_and_stops_on_si
                 assert!(query.contains("fieldManager=ignis-controller"), "{query}");
                 assert!(query.contains("force=true"), "{query}");
                 let body = &seen.bodies[i];
-                assert_eq!(body["kind"], "MicroVM");
+                assert_eq!(body["kind"], KIND);
                 // The agent socket does not exist: every VM waits for a node.
                 assert_eq!(body["status"]["phase"], "Pending");
             }

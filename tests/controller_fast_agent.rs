@@ -10,12 +10,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ignis::agent::{self, AcceleratorFlag, AgentConfig};
-use ignis::api::MicroVM;
+use ignis::api::{InterfaceMode, MicroVM};
 use ignis::controller::{self, ControllerConfig};
-use ignis::dev::apiserver::{self, ApiServerConfig};
+use ignis::dev::apiserver;
+use ignis::testing::MicroVmBuilder;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 const NODE: &str = "fast-node";
@@ -25,16 +25,12 @@ const PER_ROUND: usize = 30;
 const CONVERGE_WITHIN: Duration = Duration::from_secs(20);
 
 fn microvm(name: &str, kernel: &Path) -> MicroVM {
-    serde_json::from_value(json!({
-        "apiVersion": "ignis.dev/v1alpha1", "kind": "MicroVM",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "resources": {"vcpus": 1, "memory": "64Mi"},
-            "kernel": {"path": kernel.display().to_string()},
-            "network": {"interfaces": [{"name": "eth0", "mode": "none"}]},
-        }
-    }))
-    .expect("valid MicroVM")
+    MicroVmBuilder::new(name)
+        .namespace("default")
+        .memory("64Mi")
+        .kernel(kernel)
+        .interface("eth0", InterfaceMode::None)
+        .build()
 }
 
 /// Running with Ready=True on our node.
@@ -57,7 +53,8 @@ async fn every_microvm_reaches_running_although_the_agent_is_faster_than_the_api
     let dir = tempfile::tempdir().expect("tempdir");
     let shutdown = CancellationToken::new();
 
-    let mut api_config = ApiServerConfig::new(dir.path().join("apiserver"));
+    let mut api_config =
+        ignis::dev::api_server_config(dir.path().join("apiserver")).expect("config");
     api_config.node_name = NODE.into();
     let api = apiserver::start(api_config, shutdown.clone())
         .await

@@ -11,14 +11,15 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use ignis::agent::{self, AcceleratorFlag, AgentConfig};
-use ignis::api::{FINALIZER, MicroVM, NODE_LABEL};
-use ignis::dev::apiserver::{self, ApiServerConfig};
+use ignis::api::{FINALIZER, InterfaceMode, MicroVM, NODE_LABEL};
+use ignis::dev::apiserver;
+use ignis::testing::MicroVmBuilder;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use kube::api::PostParams;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 const NODE: &str = "leader-node";
@@ -174,16 +175,12 @@ async fn holder(leases: &Api<Lease>) -> Option<String> {
 }
 
 fn microvm(name: &str, kernel: &Path) -> MicroVM {
-    serde_json::from_value(json!({
-        "apiVersion": "ignis.dev/v1alpha1", "kind": "MicroVM",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "resources": {"vcpus": 1, "memory": "128Mi"},
-            "kernel": {"path": kernel.display().to_string()},
-            "network": {"interfaces": [{"name": "eth0", "mode": "none"}]},
-        }
-    }))
-    .expect("valid MicroVM")
+    MicroVmBuilder::new(name)
+        .namespace("default")
+        .memory("128Mi")
+        .kernel(kernel)
+        .interface("eth0", InterfaceMode::None)
+        .build()
 }
 
 /// Wait for [`reconciled`]; on timeout the panic shows the object and the agent's VMs.
@@ -248,7 +245,8 @@ async fn one_controller_leads_and_a_standby_takes_over_when_it_dies() {
     let dir = tempfile::tempdir().expect("tempdir");
     let shutdown = CancellationToken::new();
 
-    let mut api_config = ApiServerConfig::new(dir.path().join("apiserver"));
+    let mut api_config =
+        ignis::dev::api_server_config(dir.path().join("apiserver")).expect("config");
     api_config.node_name = NODE.into();
     let api = apiserver::start(api_config, shutdown.clone())
         .await

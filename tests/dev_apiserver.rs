@@ -1,148 +1,19 @@
 //! The dev API server against real clients: kubectl (as installed) and kube-rs.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod dev_support;
+
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use dev_support::*;
 use futures::{StreamExt, TryStreamExt};
 use ignis::api::MicroVM;
-use ignis::dev::apiserver::{self, ApiServerConfig, ApiServerHandle};
+use ignis::dev::apiserver;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use kube::runtime::watcher;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-
-const VM_YAML: &str = "apiVersion: ignis.dev/v1alpha1
-kind: MicroVM
-metadata:
-  name: NAME
-  labels: {app: web, tier: front}
-spec:
-  resources: { vcpus: VCPUS, memory: 256Mi }
-  kernel:
-    path: /var/lib/ignis/guest/vmlinuz
-    cmdline: \"console=ttyS0 panic=-1\"
-";
-
-fn vm_yaml(name: &str, vcpus: u32) -> String {
-    VM_YAML
-        .replace("NAME", name)
-        .replace("VCPUS", &vcpus.to_string())
-}
-
-fn vm_object(name: &str) -> MicroVM {
-    serde_json::from_value(json!({
-        "apiVersion": "ignis.dev/v1alpha1", "kind": "MicroVM",
-        "metadata": {"name": name, "namespace": "default", "labels": {"app": "api"}},
-        "spec": {"resources": {"vcpus": 1, "memory": "128Mi"},
-                 "kernel": {"path": "/boot/vmlinuz"}}
-    }))
-    .expect("valid MicroVM")
-}
-
-fn ready_status(manager_phase: &str) -> Value {
-    json!({
-        "apiVersion": "ignis.dev/v1alpha1", "kind": "MicroVM",
-        "status": {"phase": manager_phase, "nodeName": "dev-node", "ipAddresses": ["10.88.0.5"],
-            "restartCount": 0,
-            "conditions": [{"type": "Ready", "status": "True", "reason": "GuestReady",
-                "message": "booted", "lastTransitionTime": "2026-11-22T10:00:00Z"}]}
-    })
-}
-
-async fn client(dev: &Dev) -> kube::Client {
-    kube::Client::try_from(dev.handle.client_config()).expect("kube client")
-}
-
-struct Dev {
-    handle: ApiServerHandle,
-    shutdown: CancellationToken,
-    kubeconfig: PathBuf,
-    dir: PathBuf,
-}
-
-async fn start_in(dir: &Path, tweak: impl FnOnce(&mut ApiServerConfig)) -> Dev {
-    let mut config = ApiServerConfig::new(dir.join("data"));
-    config.node_name = "dev-node".into();
-    config.bookmark_interval = Duration::from_millis(200);
-    tweak(&mut config);
-    let shutdown = CancellationToken::new();
-    let handle = apiserver::start(config, shutdown.clone())
-        .await
-        .expect("start");
-    let kubeconfig = dir.join("kubeconfig");
-    handle.write_kubeconfig(&kubeconfig).expect("kubeconfig");
-    Dev {
-        handle,
-        shutdown,
-        kubeconfig,
-        dir: dir.to_path_buf(),
-    }
-}
-
-impl Dev {
-    /// Run kubectl with a deadline; returns its output.
-    fn kubectl(&self, args: &[&str]) -> Output {
-        self.kubectl_stdin(args, None)
-    }
-
-    fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut cmd = Command::new("kubectl");
-        cmd.arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg("--request-timeout=20s")
-            .args(args)
-            .env("HOME", &self.dir)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn kubectl");
-        if let Some(input) = stdin {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(input.as_bytes())
-                .expect("write stdin");
-        }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if child.try_wait().expect("wait").is_some() {
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("kubectl {args:?} did not finish within 60s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        child.wait_with_output().expect("output")
-    }
-
-    fn kubectl_ok(&self, args: &[&str]) -> String {
-        let out = self.kubectl(args);
-        assert!(
-            out.status.success(),
-            "kubectl {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    async fn stop(self) -> PathBuf {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.handle.stopped())
-            .await
-            .expect("server stops within 10s");
-        self.dir
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_drives_the_microvm_lifecycle() {
@@ -353,12 +224,16 @@ async fn kubectl_drives_the_microvm_lifecycle() {
         "the object goes once its finalizers are gone"
     );
 
-    // The write log counts create, finalizer patch and status apply of `web`.
-    let writes = dev.handle.microvm_writes("default", "web");
-    assert_eq!(writes.by_verb.get("create"), Some(&1));
-    assert_eq!(writes.by_verb.get("apply/status"), Some(&1));
-    let raw = dev.kubectl_ok(&["get", "--raw", "/debug/ignis/requests"]);
-    assert!(raw.contains("ignis.dev/microvms/default/web"), "{raw}");
+    // The observer saw create, finalizer patch and status apply of `web`.
+    let writes = dev.writes.of("default", "web");
+    assert_eq!(writes.iter().filter(|v| *v == "create").count(), 1);
+    assert_eq!(writes.iter().filter(|v| *v == "apply/status").count(), 1);
+    // No debug routes: the counting is the embedder's business.
+    assert!(
+        !dev.kubectl(&["get", "--raw", "/debug/ignis/requests"])
+            .status
+            .success()
+    );
     dev.stop().await;
 }
 
@@ -759,7 +634,7 @@ async fn restart_keeps_objects_versions_and_token() {
 #[tokio::test]
 async fn refuses_non_loopback_and_unauthenticated_requests() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let mut config = ApiServerConfig::new(tmp.path().join("data"));
+    let mut config = ignis::dev::api_server_config(tmp.path().join("data")).expect("config");
     config.listen = "0.0.0.0:0".parse().expect("addr");
     let err = apiserver::start(config, CancellationToken::new())
         .await
@@ -860,7 +735,7 @@ async fn many_concurrent_writers_get_unique_versions() {
             .iter()
             .all(|vm| vm.status.as_ref().and_then(|s| s.phase).is_some())
     );
-    assert_eq!(dev.handle.microvm_writes("default", "vm-7").total(), 2);
+    assert_eq!(dev.writes.of("default", "vm-7"), ["create", "apply/status"]);
     dev.stop().await;
 }
 

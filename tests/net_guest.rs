@@ -9,20 +9,20 @@
 //! traffic itself, a second cpio archive with two CGI scripts is appended to its initramfs
 //! (the kernel unpacks concatenated archives in order); `/init` itself is unchanged.
 
-mod net_support;
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::net::*;
 use ignis::agent::guest::{DEFAULT_CMDLINE, DEMO_MARKER, NewcWriter, build_demo_guest};
 use ignis::agent::net::{
-    AttachedInterface, InterfaceMode, InterfaceRequest, NetworkConfig, NetworkManager,
-    kernel_cmdline,
+    AttachedInterface, Interface, InterfaceMode, NetworkConfig, NetworkManager, kernel_cmdline,
 };
 use ignis::agent::vmm::qemu::QemuBackend;
 use ignis::agent::vmm::{Spawned, VmConfig, VmmBackend};
 use ignis::api::Accelerator;
-use net_support::*;
+use ignis::vm::VmUid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
@@ -134,8 +134,8 @@ async fn boot(
 ) -> Guest {
     let ifaces = mgr
         .attach(
-            uid,
-            &[InterfaceRequest {
+            &VmUid::new(uid).expect("uid"),
+            &[Interface {
                 name: "eth0".into(),
                 mode: InterfaceMode::Nat,
                 ..Default::default()
@@ -356,7 +356,9 @@ fn guests_on_the_nat_bridge_reach_the_node_and_each_other() {
         for (uid, mut g) in [("vm-a", a), ("vm-b", b)] {
             backend.kill(&g.spawned.handle).await.expect("kill");
             let _ = tokio::time::timeout(Duration::from_secs(10), g.spawned.child.wait()).await;
-            mgr.detach(uid).await.expect("detach");
+            mgr.detach(&VmUid::new(uid).expect("uid"))
+                .await
+                .expect("detach");
         }
         server.abort();
         assert!(taps().is_empty(), "taps left: {:?}", taps());

@@ -2,21 +2,27 @@
 //! namespace it creates: bridge setup, attach/detach, leaks over 20 cycles, restarts, and bad
 //! input that must leave nothing behind.
 
-mod net_support;
+mod common;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use common::net::*;
+use ignis::ErrorReason;
 use ignis::agent::net::tap::tap_name;
 use ignis::agent::net::{
-    InterfaceMode, InterfaceRequest, NetError, NetworkConfig, NetworkManager, kernel_cmdline,
+    Interface, InterfaceMode, NetError, NetworkConfig, NetworkManager, kernel_cmdline,
 };
-use net_support::*;
+use ignis::vm::VmUid;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-fn nat(name: &str) -> InterfaceRequest {
-    InterfaceRequest {
+fn vm(uid: &str) -> VmUid {
+    VmUid::new(uid).expect("uid")
+}
+
+fn nat(name: &str) -> Interface {
+    Interface {
         name: name.into(),
         mode: InterfaceMode::Nat,
         ..Default::default()
@@ -102,10 +108,10 @@ fn attach_detach_creates_and_removes_tap_and_address() {
         let t0 = Instant::now();
         let ifaces = mgr
             .attach(
-                uid,
+                &vm(uid),
                 &[
                     nat("eth0"),
-                    InterfaceRequest {
+                    Interface {
                         name: "eth1".into(),
                         mode: InterfaceMode::None,
                         ..Default::default()
@@ -144,7 +150,7 @@ fn attach_detach_creates_and_removes_tap_and_address() {
                 .any(|f| f == "UP"),
             "{tap}"
         );
-        let persisted = files_under(state.path());
+        let persisted = relative_files(state.path());
         assert!(
             persisted.contains(&format!("ipam/10.88.0.0_16/{ip}")),
             "{persisted:?}"
@@ -152,25 +158,28 @@ fn attach_detach_creates_and_removes_tap_and_address() {
         assert!(persisted.contains(&format!("vms/{uid}.json")));
 
         // Idempotent: the same answer, no second tap or address.
-        let again = mgr.attach(uid, &[nat("eth0")]).await.expect("attach again");
+        let again = mgr
+            .attach(&vm(uid), &[nat("eth0")])
+            .await
+            .expect("attach again");
         assert_eq!(again, ifaces);
         assert_eq!(taps(), vec![eth0.tap.clone()]);
         assert_eq!(
-            mgr.attached(uid).await.expect("record"),
+            mgr.attached(&vm(uid)).await.expect("record"),
             Some(ifaces.clone())
         );
 
         let t0 = Instant::now();
-        mgr.detach(uid).await.expect("detach");
+        mgr.detach(&vm(uid)).await.expect("detach");
         println!("detach took {:?}", t0.elapsed());
         assert!(link(&eth0.tap).is_none(), "tap removed");
         assert!(taps().is_empty());
         assert_eq!(
-            files_under(state.path()),
+            relative_files(state.path()),
             vec!["ipam/10.88.0.0_16/last_reserved".to_string()],
             "address and record released"
         );
-        mgr.detach(uid).await.expect("detach is idempotent");
+        mgr.detach(&vm(uid)).await.expect("detach is idempotent");
     });
 }
 
@@ -184,14 +193,14 @@ fn twenty_cycles_leak_nothing() {
         let mgr = NetworkManager::new(NetworkConfig::new(state.path()))
             .await
             .expect("manager");
-        let before = (links().len(), nft_rules().len(), files_under(state.path()));
+        let before = (links().len(), nft_rules().len(), relative_files(state.path()));
         let (mut attach, mut detach) = (Vec::new(), Vec::new());
         let mut seen = BTreeSet::new();
         for i in 0..20 {
             let uid = format!("cycle-{i}");
             let t0 = Instant::now();
             let ifaces = mgr
-                .attach(&uid, &[nat("eth0"), nat("eth1")])
+                .attach(&vm(&uid), &[nat("eth0"), nat("eth1")])
                 .await
                 .unwrap_or_else(|e| panic!("cycle {i}: {e}"));
             attach.push(t0.elapsed());
@@ -201,10 +210,10 @@ fn twenty_cycles_leak_nothing() {
                 assert!(seen.insert(iface.address.expect("address").0), "{iface:?}");
             }
             let t0 = Instant::now();
-            mgr.detach(&uid).await.expect("detach");
+            mgr.detach(&vm(&uid)).await.expect("detach");
             detach.push(t0.elapsed());
         }
-        let after_files: Vec<String> = files_under(state.path());
+        let after_files: Vec<String> = relative_files(state.path());
         assert_eq!(links().len(), before.0, "no link leaked");
         assert_eq!(nft_rules().len(), before.1, "no nftables rule leaked");
         assert!(taps().is_empty());
@@ -236,25 +245,31 @@ fn restart_keeps_allocations_and_gc_cleans_the_dead() {
         let first = NetworkManager::new(NetworkConfig::new(state.path()))
             .await
             .expect("manager");
-        let a = first.attach("vm-a", &[nat("eth0")]).await.expect("a");
-        let b = first.attach("vm-b", &[nat("eth0")]).await.expect("b");
+        let a = first.attach(&vm("vm-a"), &[nat("eth0")]).await.expect("a");
+        let b = first.attach(&vm("vm-b"), &[nat("eth0")]).await.expect("b");
         drop(first);
 
         let second = NetworkManager::new(NetworkConfig::new(state.path()))
             .await
             .expect("manager after restart");
-        assert_eq!(second.attached("vm-a").await.expect("a"), Some(a.clone()));
+        assert_eq!(
+            second.attached(&vm("vm-a")).await.expect("a"),
+            Some(a.clone())
+        );
         // Re-attaching a known VM yields the same address, tap and MAC.
-        assert_eq!(second.attach("vm-a", &[nat("eth0")]).await.expect("a"), a);
-        let c = second.attach("vm-c", &[nat("eth0")]).await.expect("c");
+        assert_eq!(
+            second.attach(&vm("vm-a"), &[nat("eth0")]).await.expect("a"),
+            a
+        );
+        let c = second.attach(&vm("vm-c"), &[nat("eth0")]).await.expect("c");
         let addr = |v: &Vec<ignis::agent::net::AttachedInterface>| v[0].address.expect("ip").0;
         assert_ne!(addr(&c), addr(&a));
         assert_ne!(addr(&c), addr(&b));
         // A spec asking for a held address is refused.
         let err = second
             .attach(
-                "vm-d",
-                &[InterfaceRequest {
+                &vm("vm-d"),
+                &[Interface {
                     address: Some(addr(&a).to_string()),
                     ..nat("eth0")
                 }],
@@ -279,12 +294,12 @@ fn restart_keeps_allocations_and_gc_cleans_the_dead() {
         assert_eq!(report.taps, expected_taps);
         assert_eq!(report.addresses.len(), 2);
         assert_eq!(taps(), vec![a[0].tap.clone()]);
-        assert_eq!(second.attached("vm-b").await.expect("b"), None);
+        assert_eq!(second.attached(&vm("vm-b")).await.expect("b"), None);
         // The freed address of vm-b can be asked for again.
         let d = second
             .attach(
-                "vm-d",
-                &[InterfaceRequest {
+                &vm("vm-d"),
+                &[Interface {
                     address: Some(format!("{}/16", addr(&b))),
                     ..nat("eth0")
                 }],
@@ -298,7 +313,7 @@ fn restart_keeps_allocations_and_gc_cleans_the_dead() {
 /// After a refused attach: only `keep`'s tap, allocation and record exist.
 fn assert_only(state: &std::path::Path, keep_tap: &str, keep_uid: &str, ctx: &str) {
     assert_eq!(taps(), vec![keep_tap.to_string()], "{ctx}: taps");
-    let files = files_under(state);
+    let files = relative_files(state);
     let allocations: Vec<&String> = files
         .iter()
         .filter(|f| f.starts_with("ipam/") && !f.ends_with("last_reserved"))
@@ -324,8 +339,8 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
             .expect("manager");
         let keep = mgr
             .attach(
-                "vm-keep",
-                &[InterfaceRequest {
+                &vm("vm-keep"),
+                &[Interface {
                     mac: Some("02:00:00:aa:bb:cc".into()),
                     ..nat("eth0")
                 }],
@@ -344,10 +359,10 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
 
         let err = mgr
             .attach(
-                "vm-bad",
+                &vm("vm-bad"),
                 &[
                     nat("eth0"),
-                    InterfaceRequest {
+                    Interface {
                         name: "eth1".into(),
                         mode: InterfaceMode::Bridge,
                         bridge: Some("br-missing".into()),
@@ -371,8 +386,8 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
         ] {
             let err = mgr
                 .attach(
-                    "vm-bad",
-                    &[InterfaceRequest {
+                    &vm("vm-bad"),
+                    &[Interface {
                         address: Some(address.into()),
                         ..nat("eth0")
                     }],
@@ -384,8 +399,8 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
 
         let err = mgr
             .attach(
-                "vm-bad",
-                &[InterfaceRequest {
+                &vm("vm-bad"),
+                &[Interface {
                     mac: Some("02:00:00:AA:BB:CC".into()),
                     ..nat("eth0")
                 }],
@@ -405,8 +420,8 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
             .to_string();
         let err = mgr
             .attach(
-                "vm-bad",
-                &[InterfaceRequest {
+                &vm("vm-bad"),
+                &[Interface {
                     mac: Some(bridge_mac.clone()),
                     ..nat("eth0")
                 }],
@@ -429,7 +444,7 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
             .expect("ip link add");
         assert!(ok.success());
         let err = mgr
-            .attach("vm-bad", &[nat("eth0"), nat("eth1")])
+            .attach(&vm("vm-bad"), &[nat("eth0"), nat("eth1")])
             .await
             .expect_err("tap name taken");
         assert_eq!(err.reason(), "TapCreateFailed", "{err}");
@@ -462,7 +477,7 @@ fn bridge_mode_and_address_changes() {
             .status()
             .expect("ip link add");
         assert!(ok.success());
-        let bridged = InterfaceRequest {
+        let bridged = Interface {
             name: "eth1".into(),
             mode: InterfaceMode::Bridge,
             bridge: Some("br-user".into()),
@@ -470,7 +485,7 @@ fn bridge_mode_and_address_changes() {
             ..Default::default()
         };
         let ifaces = mgr
-            .attach("vm-br", std::slice::from_ref(&bridged))
+            .attach(&vm("vm-br"), std::slice::from_ref(&bridged))
             .await
             .expect("bridge mode");
         assert_eq!(ifaces[0].bridge, "br-user");
@@ -482,7 +497,7 @@ fn bridge_mode_and_address_changes() {
         assert_eq!(kernel_cmdline(&ifaces), "ignis.ip=192.168.50.7/24");
         assert_eq!(link(&ifaces[0].tap).expect("tap")["master"], "br-user");
         let allocations = |s: &std::path::Path| {
-            files_under(s)
+            relative_files(s)
                 .into_iter()
                 .filter(|f| f.starts_with("ipam/") && !f.ends_with("last_reserved"))
                 .collect::<Vec<_>>()
@@ -494,8 +509,8 @@ fn bridge_mode_and_address_changes() {
         // Without an address, the guest gets none (DHCP on that network is the user's).
         let plain = mgr
             .attach(
-                "vm-br2",
-                &[InterfaceRequest {
+                &vm("vm-br2"),
+                &[Interface {
                     address: None,
                     ..bridged.clone()
                 }],
@@ -506,14 +521,14 @@ fn bridge_mode_and_address_changes() {
         assert_eq!(kernel_cmdline(&plain), "");
 
         // A nat interface whose spec address changes: the new one is held, the old freed...
-        let with = |a: &str| InterfaceRequest {
+        let with = |a: &str| Interface {
             address: Some(a.into()),
             ..nat("eth0")
         };
-        mgr.attach("vm-n", &[with("10.88.3.3")])
+        mgr.attach(&vm("vm-n"), &[with("10.88.3.3")])
             .await
             .expect("first");
-        mgr.attach("vm-n", &[with("10.88.3.4/16")])
+        mgr.attach(&vm("vm-n"), &[with("10.88.3.4/16")])
             .await
             .expect("changed");
         assert_eq!(
@@ -521,11 +536,11 @@ fn bridge_mode_and_address_changes() {
             vec!["ipam/10.88.0.0_16/10.88.3.4".to_string()]
         );
         // ...but a change that fails keeps the old one held.
-        mgr.attach("vm-other", &[with("10.88.3.5")])
+        mgr.attach(&vm("vm-other"), &[with("10.88.3.5")])
             .await
             .expect("other");
         let err = mgr
-            .attach("vm-n", &[with("10.88.3.5")])
+            .attach(&vm("vm-n"), &[with("10.88.3.5")])
             .await
             .expect_err("taken");
         assert_eq!(err.reason(), "AddressInUse");
@@ -535,10 +550,10 @@ fn bridge_mode_and_address_changes() {
             "{held:?}"
         );
         // Dropping an interface from the request removes its tap.
-        mgr.attach("vm-br", &[]).await.expect("no interfaces");
+        mgr.attach(&vm("vm-br"), &[]).await.expect("no interfaces");
         assert!(link(&ifaces[0].tap).is_none());
         for uid in ["vm-br", "vm-br2", "vm-n", "vm-other"] {
-            mgr.detach(uid).await.expect("detach");
+            mgr.detach(&vm(uid)).await.expect("detach");
         }
         assert!(taps().is_empty());
         assert!(allocations(state.path()).is_empty());

@@ -6,11 +6,14 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use ignis::ErrorReason;
 use ignis::agent::guest::{DEFAULT_CMDLINE, DEMO_MARKER, DemoGuest, build_demo_guest};
 use ignis::agent::kvm::{self, ProbeOptions};
+use ignis::agent::vmm::process;
 use ignis::agent::vmm::qemu::{self, QemuBackend};
 use ignis::agent::vmm::{GuestExit, NetConfig, Spawned, VmConfig, VmmBackend, VmmState};
 use ignis::api::{Accelerator, AcceleratorChoice};
+use ignis::vm::ExitReason;
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(60);
 const EXIT_DEADLINE: Duration = Duration::from_secs(30);
@@ -19,7 +22,7 @@ const EXIT_DEADLINE: Duration = Duration::from_secs(30);
 static VM_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn prerequisites() -> Option<PathBuf> {
-    let qemu = match qemu::probe_binary(Path::new(qemu::DEFAULT_BINARY)) {
+    let qemu = match process::resolve_binary(Path::new(qemu::DEFAULT_BINARY)) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("SKIP: {e}");
@@ -188,7 +191,7 @@ async fn boots_to_marker_then_powers_down_and_leaves_nothing_running() {
     // system_powerdown reaches the guest's ACPI power button; the demo init powers off.
     backend.stop(&spawned.handle).await.expect("stop");
     let exit = wait_exit(&backend, &mut spawned).await;
-    assert_eq!(exit.reason, "GuestShutdown", "{exit:?}");
+    assert_eq!(exit.reason, ExitReason::GuestShutdown, "{exit:?}");
     assert!(exit.success);
     assert!(!pid_alive(spawned.handle.pid));
     assert_eq!(
@@ -215,8 +218,8 @@ async fn kill_ends_the_vmm() {
     backend.kill(&spawned.handle).await.expect("kill");
     let exit = wait_exit(&backend, &mut spawned).await;
     assert_eq!(
-        (exit.success, exit.reason),
-        (false, "VmmKilled"),
+        (exit.success, exit.reason.clone()),
+        (false, ExitReason::VmmKilled),
         "{exit:?}"
     );
     assert!(!pid_alive(spawned.handle.pid));
@@ -241,7 +244,7 @@ async fn guest_exit_success_is_classified_as_success() {
     let console = std::fs::read_to_string(&cfg.console_log).unwrap_or_default();
     assert!(console.contains(DEMO_MARKER), "{console}");
     assert!(exit.success, "{exit:?}\n{console}");
-    assert_eq!(exit.reason, "GuestShutdown");
+    assert_eq!(exit.reason, ExitReason::GuestShutdown);
 }
 
 #[tokio::test]
@@ -261,7 +264,7 @@ async fn guest_exit_failure_is_classified_as_failure() {
     let console = std::fs::read_to_string(&cfg.console_log).unwrap_or_default();
     assert!(console.contains(DEMO_MARKER), "{console}");
     assert!(!exit.success, "{exit:?}");
-    assert_eq!(exit.reason, "GuestPanic", "{exit:?}\n{console}");
+    assert_eq!(exit.reason, ExitReason::GuestPanic, "{exit:?}\n{console}");
 }
 
 #[tokio::test]
@@ -571,15 +574,15 @@ async fn readopted_handle_controls_and_explains_the_vm() {
     );
     backend.stop(&handle).await.expect("stop");
     let until = Instant::now() + EXIT_DEADLINE;
-    while qemu::is_alive(&handle) {
+    while process::is_alive(&handle) {
         assert!(Instant::now() < until, "VM did not power off");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let console = std::fs::read_to_string(&cfg.console_log).expect("console");
     let exit = backend.classify_exit(&handle, None, &console);
     assert_eq!(
-        (exit.success, exit.reason),
-        (true, "GuestShutdown"),
+        (exit.success, exit.reason.clone()),
+        (true, ExitReason::GuestShutdown),
         "{exit:?}"
     );
     assert_eq!(
@@ -588,7 +591,7 @@ async fn readopted_handle_controls_and_explains_the_vm() {
     );
     // A VMM that died with no trace on the console, status unknown.
     let exit = backend.classify_exit(&handle, None, "ignis: ready\n");
-    assert_eq!(exit.reason, "VmmExitedWhileAgentDown");
+    assert_eq!(exit.reason, ExitReason::VmmExitedWhileAgentDown);
 }
 
 #[tokio::test]
@@ -614,8 +617,8 @@ async fn guest_exit_after_delay() {
         ready.elapsed()
     );
     assert_eq!(
-        (exit.success, exit.reason),
-        (true, "GuestShutdown"),
+        (exit.success, exit.reason.clone()),
+        (true, ExitReason::GuestShutdown),
         "{exit:?}"
     );
 }

@@ -12,9 +12,11 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use ignis::ErrorReason;
 use ignis::agent::vmm::cloud_hypervisor::{self as ch, CloudHypervisorBackend};
 use ignis::agent::vmm::firecracker::{self as fc, FirecrackerBackend};
-use ignis::agent::vmm::http::{ApiRequest, process_start_time};
+use ignis::agent::vmm::http::{ApiRequest, HttpApi};
+use ignis::agent::vmm::process::start_time as process_start_time;
 use ignis::agent::vmm::{
     DiskConfig, NetConfig, VmConfig, VmmBackend, VmmError, VmmHandle, VmmState,
 };
@@ -414,14 +416,22 @@ fn configs(dir: &Path) -> Vec<(&'static str, VmConfig)> {
 }
 
 fn firecracker_sequence(config: &VmConfig) -> Vec<ApiRequest> {
-    let mut all = fc::plan_create(config).expect("plan");
-    all.extend([fc::plan_start(), fc::plan_state(), fc::plan_stop()]);
+    let mut all = fc::Firecracker::plan_create(config).expect("plan");
+    all.extend([
+        fc::Firecracker::plan_start(),
+        fc::Firecracker::plan_state(),
+        fc::Firecracker::plan_stop(),
+    ]);
     all
 }
 
 fn cloud_hypervisor_sequence(config: &VmConfig) -> Vec<ApiRequest> {
-    let mut all = ch::plan_create(config).expect("plan");
-    all.extend([ch::plan_start(), ch::plan_state(), ch::plan_stop()]);
+    let mut all = ch::CloudHypervisor::plan_create(config).expect("plan");
+    all.extend([
+        ch::CloudHypervisor::plan_start(),
+        ch::CloudHypervisor::plan_state(),
+        ch::CloudHypervisor::plan_stop(),
+    ]);
     all
 }
 
@@ -562,7 +572,7 @@ fn the_spec_checker_rejects_what_the_vmms_would() {
         );
     }
     let wrong_order = vec![
-        fc::plan_start(),
+        fc::Firecracker::plan_start(),
         ApiRequest::put("/boot-source", Some(json!({"kernel_image_path": "/k"}))),
     ];
     assert!(check_firecracker_order(&spec, &wrong_order).is_err());
@@ -605,7 +615,7 @@ fn the_spec_checker_rejects_what_the_vmms_would() {
             request.body
         );
     }
-    assert!(check_cloud_hypervisor_order(&spec, &[ch::plan_start()]).is_err());
+    assert!(check_cloud_hypervisor_order(&spec, &[ch::CloudHypervisor::plan_start()]).is_err());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -857,7 +867,10 @@ async fn firecracker_create_start_state_stop_against_the_spec() {
         let spawned = backend.create(&config).await.expect("create");
         server.await.expect("server task");
         let args = std::fs::read_to_string(dir.path().join("args")).expect("args");
-        assert_eq!(args.lines().collect::<Vec<_>>(), fc::spawn_args(&config));
+        assert_eq!(
+            args.lines().collect::<Vec<_>>(),
+            fc::Firecracker::spawn_args(&config)
+        );
         assert!(dir.path().join("vmm.log").exists());
 
         let handle = &spawned.handle;
@@ -872,12 +885,12 @@ async fn firecracker_create_start_state_stop_against_the_spec() {
         );
         backend.stop(handle).await.expect("stop");
 
-        let mut expected = fc::plan_create(&config).expect("plan");
+        let mut expected = fc::Firecracker::plan_create(&config).expect("plan");
         expected.extend([
-            fc::plan_state(),
-            fc::plan_start(),
-            fc::plan_state(),
-            fc::plan_stop(),
+            fc::Firecracker::plan_state(),
+            fc::Firecracker::plan_start(),
+            fc::Firecracker::plan_state(),
+            fc::Firecracker::plan_stop(),
         ]);
         pretty_assertions::assert_eq!(fake.requests(), expected);
         assert_eq!(fake.violations(), Vec::<String>::new());
@@ -906,7 +919,10 @@ async fn cloud_hypervisor_create_boot_info_power_button_against_the_spec() {
         let spawned = backend.create(&config).await.expect("create");
         server.await.expect("server task");
         let args = std::fs::read_to_string(dir.path().join("args")).expect("args");
-        assert_eq!(args.lines().collect::<Vec<_>>(), ch::spawn_args(&config));
+        assert_eq!(
+            args.lines().collect::<Vec<_>>(),
+            ch::CloudHypervisor::spawn_args(&config)
+        );
 
         let handle = &spawned.handle;
         assert_eq!(
@@ -920,12 +936,12 @@ async fn cloud_hypervisor_create_boot_info_power_button_against_the_spec() {
         );
         backend.stop(handle).await.expect("power button");
 
-        let mut expected = ch::plan_create(&config).expect("plan");
+        let mut expected = ch::CloudHypervisor::plan_create(&config).expect("plan");
         expected.extend([
-            ch::plan_state(),
-            ch::plan_start(),
-            ch::plan_state(),
-            ch::plan_stop(),
+            ch::CloudHypervisor::plan_state(),
+            ch::CloudHypervisor::plan_start(),
+            ch::CloudHypervisor::plan_state(),
+            ch::CloudHypervisor::plan_stop(),
         ]);
         pretty_assertions::assert_eq!(fake.requests(), expected);
         assert_eq!(fake.violations(), Vec::<String>::new());

@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use ignis::api::RunPolicy;
+use ignis::testing::MicroVmBuilder;
+
 /// What a kubectl call returned.
 #[derive(Debug)]
 pub struct Kubectl {
@@ -283,28 +286,20 @@ impl Cluster {
         }
     }
 
-    /// A MicroVM manifest booting the demo guest.
+    /// A MicroVM manifest booting the demo guest. `run_policy` as the manifest spells it.
     pub fn demo_vm(&self, name: &str, extra_cmdline: &str, run_policy: &str) -> String {
-        let guest = self.guest_dir.display();
-        format!(
-            r#"apiVersion: ignis.dev/v1alpha1
-kind: MicroVM
-metadata:
-  name: {name}
-spec:
-  runPolicy: {run_policy}
-  resources:
-    memory: 128Mi
-  kernel:
-    path: {guest}/vmlinuz
-    cmdline: "console=ttyS0 panic=-1 quiet {extra_cmdline}"
-  initrd:
-    path: {guest}/initrd.cpio
-  readiness:
-    consoleMarker: "ignis: ready"
-  terminationGracePeriodSeconds: 5
-"#
-        )
+        let policy: RunPolicy = serde_json::from_value(run_policy.into())
+            .unwrap_or_else(|e| panic!("runPolicy {run_policy:?}: {e}"));
+        MicroVmBuilder::sample(name)
+            .guest(
+                &self.guest_dir.join("vmlinuz"),
+                &self.guest_dir.join("initrd.cpio"),
+            )
+            .memory("128Mi")
+            .cmdline(&format!("console=ttyS0 panic=-1 quiet {extra_cmdline}"))
+            .run_policy(policy)
+            .grace_period_seconds(5)
+            .yaml()
     }
 
     /// Poll `jsonpath` of `object` until `predicate` holds or `timeout` passes.

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Write `bytes` to a unique hidden temporary name beside `path`, flush it to disk, and rename
 /// it over `path`. Never creates the parent directory, so a late write cannot resurrect a
 /// directory that was removed on purpose.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = temporary_name(path);
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;

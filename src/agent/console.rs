@@ -13,12 +13,13 @@ use std::time::Duration;
 use thiserror::Error;
 
 /// How often a follower or a marker watcher looks for new output.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Errors of the console log.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum ConsoleError {
     #[error("console log I/O on {path}")]
+    #[strum(serialize = "ConsoleIoError")]
     Io {
         path: PathBuf,
         #[source]
@@ -26,29 +27,20 @@ pub enum ConsoleError {
     },
 }
 
-impl ConsoleError {
-    /// A fixed word for logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            ConsoleError::Io { .. } => "ConsoleIoError",
-        }
-    }
-}
-
 /// The rotated predecessor of a console log.
-pub fn rotated_path(path: &Path) -> PathBuf {
+pub(crate) fn rotated_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(".1");
     PathBuf::from(name)
 }
 
 /// Whether a log of `size` bytes must be rotated under a cap of `max_bytes` (0 = no cap).
-pub fn needs_rotation(size: u64, max_bytes: u64) -> bool {
+pub(crate) fn needs_rotation(size: u64, max_bytes: u64) -> bool {
     max_bytes > 0 && size > max_bytes
 }
 
 /// Rotate the log when it is over `max_bytes`; returns whether it did.
-pub fn rotate_if_needed(path: &Path, max_bytes: u64) -> Result<bool, ConsoleError> {
+pub(crate) fn rotate_if_needed(path: &Path, max_bytes: u64) -> Result<bool, ConsoleError> {
     let io = |source| ConsoleError::Io {
         path: path.to_path_buf(),
         source,
@@ -72,7 +64,7 @@ pub fn rotate_if_needed(path: &Path, max_bytes: u64) -> Result<bool, ConsoleErro
 
 /// The last `n` bytes of the console (reaching into the rotated file when the current one is
 /// shorter), NUL holes removed.
-pub fn read_tail(path: &Path, n: u64) -> Result<Vec<u8>, ConsoleError> {
+pub(crate) fn read_tail(path: &Path, n: u64) -> Result<Vec<u8>, ConsoleError> {
     let current = read_last(path, n)?;
     let mut out = if (current.len() as u64) < n {
         read_last(&rotated_path(path), n - current.len() as u64)?
@@ -84,7 +76,7 @@ pub fn read_tail(path: &Path, n: u64) -> Result<Vec<u8>, ConsoleError> {
 }
 
 /// The end of the console as text, for exit classification (`GuestPanic`, ...).
-pub fn tail_text(path: &Path, n: u64) -> String {
+pub(crate) fn tail_text(path: &Path, n: u64) -> String {
     read_tail(path, n)
         .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
         .unwrap_or_default()
@@ -111,14 +103,14 @@ fn read_last(path: &Path, n: u64) -> Result<Vec<u8>, ConsoleError> {
 
 /// Reads what was appended since the last call; copes with rotation (the file shrinking).
 #[derive(Debug)]
-pub struct LogCursor {
+pub(crate) struct LogCursor {
     path: PathBuf,
     offset: u64,
 }
 
 impl LogCursor {
     /// A cursor at `offset` (the current end of the file when `None`).
-    pub fn new(path: &Path, offset: Option<u64>) -> Self {
+    pub(crate) fn new(path: &Path, offset: Option<u64>) -> Self {
         let offset =
             offset.unwrap_or_else(|| std::fs::metadata(path).map(|m| m.len()).unwrap_or(0));
         Self {
@@ -128,7 +120,7 @@ impl LogCursor {
     }
 
     /// New bytes since the last read (at most `max` bytes), NULs removed.
-    pub fn read_new(&mut self, max: u64) -> Result<Vec<u8>, ConsoleError> {
+    pub(crate) fn read_new(&mut self, max: u64) -> Result<Vec<u8>, ConsoleError> {
         let io = |source| ConsoleError::Io {
             path: self.path.clone(),
             source,
@@ -157,13 +149,13 @@ impl LogCursor {
 
 /// Finds a marker in a stream of chunks, including one split across two chunks.
 #[derive(Debug)]
-pub struct MarkerScanner {
+pub(crate) struct MarkerScanner {
     marker: Vec<u8>,
     carry: Vec<u8>,
 }
 
 impl MarkerScanner {
-    pub fn new(marker: &str) -> Self {
+    pub(crate) fn new(marker: &str) -> Self {
         Self {
             marker: marker.as_bytes().to_vec(),
             carry: Vec::new(),
@@ -171,7 +163,7 @@ impl MarkerScanner {
     }
 
     /// Feed the next chunk; true once the marker has been seen.
-    pub fn feed(&mut self, chunk: &[u8]) -> bool {
+    pub(crate) fn feed(&mut self, chunk: &[u8]) -> bool {
         if self.marker.is_empty() {
             return true;
         }

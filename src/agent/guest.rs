@@ -46,36 +46,27 @@ pub struct DemoGuest {
 }
 
 /// Errors building the demo guest.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum GuestError {
     #[error("no kernel found: {dir} has no vmlinuz-* (install linux-image-cloud-amd64)")]
     NoKernel { dir: PathBuf },
     #[error("busybox not found at {tried} (install busybox-static)")]
     NoBusybox { tried: String },
     #[error("{path} is a dynamically linked busybox; the guest needs busybox-static")]
+    #[strum(serialize = "NoBusybox")]
     BusyboxNotStatic { path: PathBuf },
     #[error("kernel modules of {version} not found: {path} is missing")]
     NoModules { version: String, path: PathBuf },
     #[error("module {module} is listed in modules.dep but {path} is missing")]
+    #[strum(serialize = "NoModules")]
     ModuleFileMissing { module: String, path: PathBuf },
     #[error("I/O on {path}")]
+    #[strum(serialize = "GuestIoError")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-}
-
-impl GuestError {
-    /// A fixed word for logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            GuestError::NoKernel { .. } => "NoKernel",
-            GuestError::NoBusybox { .. } | GuestError::BusyboxNotStatic { .. } => "NoBusybox",
-            GuestError::NoModules { .. } | GuestError::ModuleFileMissing { .. } => "NoModules",
-            GuestError::Io { .. } => "GuestIoError",
-        }
-    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> GuestError + '_ {
@@ -108,7 +99,7 @@ pub fn find_newest_kernel(boot_dir: &Path) -> Result<String, GuestError> {
 
 /// Build the guest for one kernel. Skips all work when a previous build from the same inputs
 /// (same files, sizes and mtimes, same `/init`) is already in `out_dir`.
-pub fn build_demo_guest_from(
+pub(crate) fn build_demo_guest_from(
     kernel: &Path,
     version: &str,
     modules_root: &Path,
@@ -244,7 +235,7 @@ fn is_static_elf(bytes: &[u8]) -> bool {
 }
 
 /// The newest version among `vmlinuz-<version>` names (version-aware: `6.10` > `6.9`).
-pub fn newest_kernel_version(names: &[String]) -> Option<String> {
+pub(crate) fn newest_kernel_version(names: &[String]) -> Option<String> {
     names
         .iter()
         .filter_map(|n| n.strip_prefix("vmlinuz-"))
@@ -278,7 +269,7 @@ fn version_key(v: &str) -> Vec<(u64, String)> {
 }
 
 /// `modules.dep`: module path (relative to the modules dir) → its dependencies' paths.
-pub fn parse_modules_dep(text: &str) -> BTreeMap<String, Vec<String>> {
+pub(crate) fn parse_modules_dep(text: &str) -> BTreeMap<String, Vec<String>> {
     text.lines()
         .filter_map(|line| {
             let (module, deps) = line.split_once(':')?;
@@ -295,7 +286,7 @@ pub fn parse_modules_dep(text: &str) -> BTreeMap<String, Vec<String>> {
 }
 
 /// The module name of a path: `kernel/drivers/net/virtio_net.ko.xz` → `virtio_net`.
-pub fn module_name(path: &str) -> String {
+pub(crate) fn module_name(path: &str) -> String {
     let file = path.rsplit('/').next().unwrap_or(path);
     let stem = file.split(".ko").next().unwrap_or(file);
     stem.replace('-', "_")
@@ -303,7 +294,10 @@ pub fn module_name(path: &str) -> String {
 
 /// The module files to load, dependencies first. Wanted modules absent from `modules.dep` are
 /// taken to be built into the kernel and skipped.
-pub fn module_load_order(deps: &BTreeMap<String, Vec<String>>, wanted: &[&str]) -> Vec<String> {
+pub(crate) fn module_load_order(
+    deps: &BTreeMap<String, Vec<String>>,
+    wanted: &[&str],
+) -> Vec<String> {
     let by_name: HashMap<String, &String> = deps.keys().map(|p| (module_name(p), p)).collect();
     let mut order = Vec::new();
     let mut seen = BTreeSet::new();
@@ -332,7 +326,7 @@ pub fn module_load_order(deps: &BTreeMap<String, Vec<String>>, wanted: &[&str]) 
 }
 
 /// The guest's `/init` (busybox sh).
-pub fn init_script(version: &str, modules: &[String]) -> String {
+pub(crate) fn init_script(version: &str, modules: &[String]) -> String {
     let module_paths: Vec<String> = modules
         .iter()
         .map(|m| format!("/lib/modules/{version}/{m}"))
@@ -417,7 +411,7 @@ const S_IFCHR: u32 = 0o020_000;
 
 impl NewcWriter {
     /// A directory (parents are added as needed).
-    pub fn dir(&mut self, path: &str) {
+    pub(crate) fn dir(&mut self, path: &str) {
         let path = path.trim_matches('/');
         if path.is_empty() || self.dirs.contains(path) {
             return;
@@ -434,12 +428,12 @@ impl NewcWriter {
         self.entry(path, S_IFREG | perm, 1, (0, 0), data);
     }
 
-    pub fn symlink(&mut self, path: &str, target: &str) {
+    pub(crate) fn symlink(&mut self, path: &str, target: &str) {
         self.parent(path);
         self.entry(path, S_IFLNK | 0o777, 1, (0, 0), target.as_bytes());
     }
 
-    pub fn char_device(&mut self, path: &str, perm: u32, major: u32, minor: u32) {
+    pub(crate) fn char_device(&mut self, path: &str, perm: u32, major: u32, minor: u32) {
         self.parent(path);
         self.entry(path, S_IFCHR | perm, 1, (major, minor), b"");
     }

@@ -7,38 +7,30 @@ use std::path::Path;
 use thiserror::Error;
 
 /// Errors reading the host's capacity.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum HostError {
     #[error("cannot read {path}")]
+    #[strum(serialize = "HostReadFailed")]
     Read {
         path: String,
         #[source]
         source: std::io::Error,
     },
     #[error("{path} has no {field} line")]
+    #[strum(serialize = "HostParseFailed")]
     Parse { path: String, field: &'static str },
-}
-
-impl HostError {
-    /// A fixed word for logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            HostError::Read { .. } => "HostReadFailed",
-            HostError::Parse { .. } => "HostParseFailed",
-        }
-    }
 }
 
 /// The node's total capacity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HostCapacity {
-    pub vcpus: u32,
-    pub memory_bytes: u64,
+pub(crate) struct HostCapacity {
+    pub(crate) vcpus: u32,
+    pub(crate) memory_bytes: u64,
 }
 
 impl HostCapacity {
     /// Read `/proc/cpuinfo` and `/proc/meminfo`.
-    pub fn read() -> Result<Self, HostError> {
+    pub(crate) fn read() -> Result<Self, HostError> {
         let read = |path: &str| {
             std::fs::read_to_string(path).map_err(|source| HostError::Read {
                 path: path.to_owned(),
@@ -65,7 +57,7 @@ impl HostCapacity {
 }
 
 /// `MemTotal:  24684524 kB` → bytes.
-pub fn parse_mem_total(meminfo: &str) -> Option<u64> {
+pub(crate) fn parse_mem_total(meminfo: &str) -> Option<u64> {
     meminfo.lines().find_map(|line| {
         let rest = line.strip_prefix("MemTotal:")?;
         let mut parts = rest.split_whitespace();
@@ -80,7 +72,7 @@ pub fn parse_mem_total(meminfo: &str) -> Option<u64> {
 }
 
 /// The number of `processor` lines.
-pub fn parse_cpu_count(cpuinfo: &str) -> u32 {
+pub(crate) fn parse_cpu_count(cpuinfo: &str) -> u32 {
     let n = cpuinfo
         .lines()
         .filter(|l| {
@@ -94,16 +86,16 @@ pub fn parse_cpu_count(cpuinfo: &str) -> u32 {
 
 /// The two fields of `/proc/<pid>/stat` that matter to a supervisor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ProcStat {
+pub(crate) struct ProcStat {
     /// `R`, `S`, `Z`, ...
-    pub state: char,
+    pub(crate) state: char,
     /// Field 22: start time in clock ticks since boot.
-    pub start_time_ticks: u64,
+    pub(crate) start_time_ticks: u64,
 }
 
 /// Parse `/proc/<pid>/stat`. The command name (field 2) may hold spaces and parentheses, so
 /// fields are counted from the last `)`.
-pub fn parse_proc_stat(stat: &str) -> Option<ProcStat> {
+pub(crate) fn parse_proc_stat(stat: &str) -> Option<ProcStat> {
     let after = &stat[stat.rfind(')')? + 1..];
     let mut fields = after.split_whitespace();
     // Fields after the name start at field 3 (state); start time is field 22.
@@ -116,7 +108,7 @@ pub fn parse_proc_stat(stat: &str) -> Option<ProcStat> {
 }
 
 /// Read `/proc/<pid>/stat`; `None` when the process does not exist.
-pub fn proc_stat(pid: u32) -> Option<ProcStat> {
+pub(crate) fn proc_stat(pid: u32) -> Option<ProcStat> {
     let text =
         std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")).ok()?;
     parse_proc_stat(&text)
@@ -124,12 +116,12 @@ pub fn proc_stat(pid: u32) -> Option<ProcStat> {
 
 /// Whether `pid` is still the process that started at `start_time_ticks` and has not ended
 /// (a zombie has ended: it only waits for its parent to reap it).
-pub fn is_same_live_process(pid: u32, start_time_ticks: u64) -> bool {
+pub(crate) fn is_same_live_process(pid: u32, start_time_ticks: u64) -> bool {
     is_live(proc_stat(pid), start_time_ticks)
 }
 
 /// The decision behind [`is_same_live_process`], on an already-read stat.
-pub fn is_live(stat: Option<ProcStat>, start_time_ticks: u64) -> bool {
+pub(crate) fn is_live(stat: Option<ProcStat>, start_time_ticks: u64) -> bool {
     match stat {
         Some(stat) => {
             stat.start_time_ticks == start_time_ticks && !matches!(stat.state, 'Z' | 'X' | 'x')
@@ -139,7 +131,7 @@ pub fn is_live(stat: Option<ProcStat>, start_time_ticks: u64) -> bool {
 }
 
 /// This machine's host name, for the default node name.
-pub fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_owned())

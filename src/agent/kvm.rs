@@ -33,14 +33,14 @@ pub struct KvmProbe {
 /// Inputs of a probe.
 #[derive(Clone, Debug)]
 pub struct ProbeOptions {
-    pub qemu_binary: PathBuf,
+    pub(crate) qemu_binary: PathBuf,
     /// The kernel to boot; any bootable x86_64 kernel works.
-    pub kernel: PathBuf,
+    pub(crate) kernel: PathBuf,
     pub timeout: Duration,
     /// The `-cpu` model; `host`, as the QEMU backend uses under KVM.
     pub cpu: String,
     /// Where to cache the answer (the agent's state root); `None` disables the cache.
-    pub cache_dir: Option<PathBuf>,
+    pub(crate) cache_dir: Option<PathBuf>,
 }
 
 impl ProbeOptions {
@@ -57,24 +57,16 @@ impl ProbeOptions {
 }
 
 /// Errors of the probe. Only a forced `kvm` can fail; `auto` always falls back to TCG.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum KvmError {
     #[error("--accelerator kvm was requested but KVM is unusable: {detail}")]
+    #[strum(serialize = "KvmUnavailable")]
     KvmRequired { detail: String },
-}
-
-impl KvmError {
-    /// A fixed word for conditions and metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            KvmError::KvmRequired { .. } => "KvmUnavailable",
-        }
-    }
 }
 
 /// Whether `/dev/kvm` can be used.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DevKvm {
+pub(crate) enum DevKvm {
     Usable,
     Missing,
     NotOpenable(String),
@@ -82,7 +74,7 @@ pub enum DevKvm {
 
 /// What the probe boot saw.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ProbeBoot {
+pub(crate) enum ProbeBoot {
     /// The guest printed to its console after this long.
     Progress(Duration),
     /// Nothing on the console before the deadline.
@@ -93,13 +85,13 @@ pub enum ProbeBoot {
 
 /// The cached answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CachedProbe {
-    pub boot_id: String,
-    pub probe: KvmProbe,
+pub(crate) struct CachedProbe {
+    pub(crate) boot_id: String,
+    pub(crate) probe: KvmProbe,
 }
 
 /// The answer for a forced choice, or `None` when the device must be checked / booted.
-pub fn decide_forced(
+pub(crate) fn decide_forced(
     choice: AcceleratorChoice,
     dev: &DevKvm,
 ) -> Option<Result<KvmProbe, KvmError>> {
@@ -136,7 +128,7 @@ fn device_detail(dev: &DevKvm) -> String {
 }
 
 /// The answer from a probe boot.
-pub fn decide_boot(boot: &ProbeBoot) -> KvmProbe {
+pub(crate) fn decide_boot(boot: &ProbeBoot) -> KvmProbe {
     match boot {
         ProbeBoot::Progress(after) => KvmProbe {
             accelerator: Accelerator::Kvm,
@@ -157,7 +149,7 @@ pub fn decide_boot(boot: &ProbeBoot) -> KvmProbe {
 }
 
 /// A cached answer is valid only for the boot it was taken in.
-pub fn cached_answer(cache: Option<&CachedProbe>, boot_id: &str) -> Option<KvmProbe> {
+pub(crate) fn cached_answer(cache: Option<&CachedProbe>, boot_id: &str) -> Option<KvmProbe> {
     cache
         .filter(|c| !boot_id.is_empty() && c.boot_id == boot_id)
         .map(|c| c.probe.clone())
@@ -217,7 +209,7 @@ pub async fn probe(choice: AcceleratorChoice, opts: &ProbeOptions) -> Result<Kvm
 /// Whether console output shows the kernel itself running. The real-mode setup stub prints
 /// (e.g. "Probing EDD") before the kernel proper; seen here under KVM with `-cpu qemu64`
 /// followed by a hang, so stub output alone does not count.
-pub fn kernel_progress(console: &str) -> bool {
+pub(crate) fn kernel_progress(console: &str) -> bool {
     console.contains("Linux version")
         || console
             .lines()
@@ -309,6 +301,7 @@ async fn probe_boot(opts: &ProbeOptions) -> ProbeBoot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorReason;
 
     #[test]
     fn forced_choices() {

@@ -3,18 +3,20 @@
 //! restart, and serves the gRPC API of `proto/agent.proto` — over mutual TLS on TCP (cluster
 //! mode), or on a unix socket (`ignis dev`, tests).
 
-pub mod atomic_file;
-pub mod cgroup;
-pub mod console;
+pub(crate) mod atomic_file;
+pub(crate) mod cgroup;
+pub mod cloud_init;
+pub(crate) mod console;
 pub mod guest;
-pub mod host;
+pub(crate) mod host;
+pub mod image;
 pub mod kvm;
 pub mod net;
-pub mod server;
-pub mod simulated;
-pub mod state;
-pub mod supervisor;
-pub mod tls;
+pub(crate) mod server;
+pub(crate) mod simulated;
+pub(crate) mod state;
+pub(crate) mod supervisor;
+pub(crate) mod tls;
 pub mod vmm;
 
 use std::net::SocketAddr;
@@ -31,7 +33,7 @@ use crate::telemetry::{self, MetricsRegistry, Readiness};
 use supervisor::{AgentMetrics, BackendEntry, Supervisor, SupervisorConfig};
 
 /// vCPUs offered per host CPU by default (KubeVirt's default CPU allocation ratio).
-pub const DEFAULT_VCPU_OVERCOMMIT: u32 = 10;
+pub(crate) const DEFAULT_VCPU_OVERCOMMIT: u32 = 10;
 
 /// Which accelerator the agent offers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -50,58 +52,58 @@ pub enum AcceleratorFlag {
 pub struct AgentArgs {
     /// The node this agent runs on (default: the host name).
     #[arg(long, env = "IGNIS_NODE_NAME")]
-    pub node_name: Option<String>,
+    pub(crate) node_name: Option<String>,
     /// Where VM state lives (one directory per VM).
     #[arg(long, env = "IGNIS_STATE_DIR", default_value = "/var/lib/ignis")]
-    pub state_dir: PathBuf,
+    pub(crate) state_dir: PathBuf,
     /// `unix:///path/agent.sock`, or `HOST:PORT` (needs --tls-cert, --tls-key, --client-ca).
     #[arg(
         long,
         env = "IGNIS_AGENT_LISTEN",
         default_value = "unix:///var/lib/ignis/agent.sock"
     )]
-    pub listen: String,
+    pub(crate) listen: String,
     /// The agent's TLS certificate (PEM), for TCP.
     #[arg(long, env = "IGNIS_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
+    pub(crate) tls_cert: Option<PathBuf>,
     /// The agent's TLS private key (PEM), for TCP.
     #[arg(long, env = "IGNIS_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
+    pub(crate) tls_key: Option<PathBuf>,
     /// The CA that signs client certificates (PEM); clients without one are refused.
     #[arg(long, env = "IGNIS_CLIENT_CA")]
-    pub client_ca: Option<PathBuf>,
+    pub(crate) client_ca: Option<PathBuf>,
     /// Address of the /healthz, /readyz and /metrics server.
     #[arg(long, env = "IGNIS_HEALTH_ADDR", default_value = "0.0.0.0:9441")]
-    pub health_addr: SocketAddr,
+    pub(crate) health_addr: SocketAddr,
     /// Which accelerator to offer.
     #[arg(long, env = "IGNIS_ACCELERATOR", value_enum, default_value_t = AcceleratorFlag::Auto)]
-    pub accelerator: AcceleratorFlag,
+    pub(crate) accelerator: AcceleratorFlag,
     #[arg(long, env = "IGNIS_QEMU_BINARY", default_value = "qemu-system-x86_64")]
-    pub qemu_binary: PathBuf,
+    pub(crate) qemu_binary: PathBuf,
     #[arg(long, env = "IGNIS_FIRECRACKER_BINARY", default_value = "firecracker")]
-    pub firecracker_binary: PathBuf,
+    pub(crate) firecracker_binary: PathBuf,
     #[arg(
         long,
         env = "IGNIS_CLOUD_HYPERVISOR_BINARY",
         default_value = "cloud-hypervisor"
     )]
-    pub cloud_hypervisor_binary: PathBuf,
+    pub(crate) cloud_hypervisor_binary: PathBuf,
     /// How long a guest gets to become ready (`60s`, `1500ms`, `2m`).
-    #[arg(long, env = "IGNIS_BOOT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
-    pub boot_timeout: Duration,
+    #[arg(long, env = "IGNIS_BOOT_TIMEOUT", default_value = "60s", value_parser = crate::time::parse_duration)]
+    pub(crate) boot_timeout: Duration,
     /// Size cap of each VM's console log before it is rotated.
     #[arg(long, env = "IGNIS_CONSOLE_MAX_BYTES", default_value_t = 1 << 20)]
-    pub console_max_bytes: u64,
+    pub(crate) console_max_bytes: u64,
     /// Benchmarks only: run VMs on the simulated VMM (no guest; reported as `simulated`).
     #[arg(long, env = "IGNIS_SIMULATED")]
-    pub simulated: bool,
+    pub(crate) simulated: bool,
     /// Stop every VM when the agent exits (`ignis dev`); by default VMs outlive the agent.
     #[arg(long, env = "IGNIS_STOP_VMS_ON_EXIT")]
-    pub stop_vms_on_exit: bool,
+    pub(crate) stop_vms_on_exit: bool,
     /// vCPUs offered for placement per host CPU. Guests idle most of the time, so vCPUs are
     /// overcommitted like KubeVirt's default CPU allocation ratio; memory never is.
     #[arg(long, env = "IGNIS_VCPU_OVERCOMMIT", default_value_t = DEFAULT_VCPU_OVERCOMMIT, value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub vcpu_overcommit: u32,
+    pub(crate) vcpu_overcommit: u32,
     /// Benchmarks only, with `--simulated`: multiply the advertised vCPUs and memory.
     #[arg(
         long,
@@ -109,75 +111,66 @@ pub struct AgentArgs {
         hide = true,
         default_value_t = 1
     )]
-    pub capacity_multiplier: u32,
+    pub(crate) capacity_multiplier: u32,
     /// The host's cgroup filesystem as mounted in the agent's pod (e.g. /host/sys/fs/cgroup):
     /// VMMs are moved into a node-level cgroup there, so they outlive the agent's container.
     #[arg(long, env = "IGNIS_VMM_CGROUP_ROOT")]
-    pub vmm_cgroup_root: Option<PathBuf>,
-    /// Name of that cgroup in each hierarchy.
+    pub(crate) vmm_cgroup_root: Option<PathBuf>,
+    /// Name (or path) of that cgroup in each hierarchy.
     #[arg(long, env = "IGNIS_VMM_CGROUP", default_value = "ignis-vms")]
-    pub vmm_cgroup: String,
+    pub(crate) vmm_cgroup: String,
     #[command(flatten)]
-    pub network: net::NetworkArgs,
+    pub(crate) network: net::NetworkArgs,
     /// Turn guest networking off: VMs asking for `nat`/`bridge` interfaces fail.
     #[arg(long, env = "IGNIS_NO_NETWORK")]
-    pub no_network: bool,
+    pub(crate) no_network: bool,
 }
 
 /// Errors of `ignis agent`.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum AgentError {
     #[error("invalid --listen {value:?}: use unix:///path/agent.sock or HOST:PORT")]
     InvalidListen { value: String },
     #[error("listening on TCP {addr} needs mutual TLS: give --tls-cert, --tls-key and --client-ca")]
     TlsRequired { addr: SocketAddr },
     #[error("cannot read TLS file {path}")]
+    #[strum(serialize = "TlsInvalid")]
     TlsFile {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
     #[error("invalid TLS configuration")]
+    #[strum(serialize = "TlsInvalid")]
     Tls(#[source] tonic::transport::Error),
     #[error("cannot listen on {what}")]
+    #[strum(serialize = "BindFailed")]
     Bind {
         what: String,
         #[source]
         source: std::io::Error,
     },
     #[error("cannot read the host's capacity")]
+    #[strum(serialize = "HostReadFailed")]
     Host(#[source] host::HostError),
     #[error("cannot open the state directory")]
+    #[strum(serialize = "StateIoError")]
     State(#[source] state::StateError),
     #[error("cannot re-adopt VMs")]
+    #[strum(serialize = "AdoptFailed")]
     Adopt(#[source] supervisor::SupervisorError),
     #[error("gRPC server failed")]
+    #[strum(serialize = "ServeFailed")]
     Serve(#[source] tonic::transport::Error),
     #[error("health server")]
+    #[strum(serialize = "TelemetryFailed")]
     Telemetry(#[source] telemetry::TelemetryError),
     #[error("KVM")]
+    #[strum(transparent)]
     Kvm(#[source] kvm::KvmError),
     #[error("the agent task ended abnormally")]
+    #[strum(serialize = "AgentPanicked")]
     Join(#[source] tokio::task::JoinError),
-}
-
-impl AgentError {
-    /// A fixed word for logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            AgentError::InvalidListen { .. } => "InvalidListen",
-            AgentError::TlsRequired { .. } => "TlsRequired",
-            AgentError::TlsFile { .. } | AgentError::Tls(_) => "TlsInvalid",
-            AgentError::Bind { .. } => "BindFailed",
-            AgentError::Host(_) => "HostReadFailed",
-            AgentError::State(_) => "StateIoError",
-            AgentError::Adopt(_) => "AdoptFailed",
-            AgentError::Serve(_) => "ServeFailed",
-            AgentError::Telemetry(_) => "TelemetryFailed",
-            AgentError::Join(_) => "AgentPanicked",
-            AgentError::Kvm(e) => e.reason(),
-        }
-    }
 }
 
 /// Where the gRPC server listens.
@@ -197,7 +190,7 @@ impl std::fmt::Display for ListenAddr {
 }
 
 /// Parse `--listen`.
-pub fn parse_listen(value: &str) -> Result<ListenAddr, AgentError> {
+pub(crate) fn parse_listen(value: &str) -> Result<ListenAddr, AgentError> {
     let invalid = || AgentError::InvalidListen {
         value: value.to_owned(),
     };
@@ -208,23 +201,6 @@ pub fn parse_listen(value: &str) -> Result<ListenAddr, AgentError> {
         return Ok(ListenAddr::Unix(PathBuf::from(path)));
     }
     value.parse().map(ListenAddr::Tcp).map_err(|_| invalid())
-}
-
-/// Parse `60s`, `1500ms`, `2m` or a bare number of seconds.
-pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    let value = value.trim();
-    let (number, unit) = value
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((value, ""), |i| value.split_at(i));
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{value:?} is not a duration like 60s, 1500ms or 2m"))?;
-    match unit {
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "ms" => Ok(Duration::from_millis(n)),
-        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
-        _ => Err(format!("{value:?} has an unknown unit; use ms, s or m")),
-    }
 }
 
 /// The agent's TLS files.
@@ -251,21 +227,21 @@ pub enum NetworkSetup {
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub node_name: String,
-    pub state_dir: PathBuf,
+    pub(crate) state_dir: PathBuf,
     pub listen: ListenAddr,
     pub tls: Option<TlsFiles>,
     pub accelerator: AcceleratorFlag,
-    pub qemu_binary: PathBuf,
-    pub firecracker_binary: PathBuf,
-    pub cloud_hypervisor_binary: PathBuf,
+    pub(crate) qemu_binary: PathBuf,
+    pub(crate) firecracker_binary: PathBuf,
+    pub(crate) cloud_hypervisor_binary: PathBuf,
     pub boot_timeout: Duration,
-    pub console_max_bytes: u64,
+    pub(crate) console_max_bytes: u64,
     pub simulated: bool,
     pub stop_vms_on_exit: bool,
     /// vCPUs offered per host CPU.
     pub vcpu_overcommit: u32,
     /// With `simulated` only: advertise this many times the host's capacity.
-    pub capacity_multiplier: u32,
+    pub(crate) capacity_multiplier: u32,
     /// Guest networking; `None` turns it off (VMs asking for `nat`/`bridge` fail).
     pub network: Option<net::NetworkConfig>,
     pub network_setup: NetworkSetup,
@@ -297,7 +273,7 @@ impl AgentConfig {
     }
 
     /// From the command line.
-    pub fn from_args(args: &AgentArgs) -> Result<Self, AgentError> {
+    pub(crate) fn from_args(args: &AgentArgs) -> Result<Self, AgentError> {
         let tls = match (&args.tls_cert, &args.tls_key, &args.client_ca) {
             (Some(cert), Some(key), Some(client_ca)) => Some(TlsFiles {
                 cert: cert.clone(),
@@ -333,7 +309,6 @@ pub struct AgentHandle {
     pub listen: ListenAddr,
     /// Changes on every start.
     pub instance_id: String,
-    pub supervisor: Supervisor,
     join: JoinHandle<Result<(), AgentError>>,
 }
 
@@ -365,8 +340,8 @@ async fn choose_accelerator(config: &AgentConfig) -> Result<kvm::KvmProbe, Agent
         .map(|version| PathBuf::from(format!("/boot/vmlinuz-{version}")))
         .unwrap_or_default();
     let options = kvm::ProbeOptions::new(
-        supervisor::resolve_binary(&config.qemu_binary)
-            .unwrap_or_else(|| config.qemu_binary.clone()),
+        vmm::process::resolve_binary(&config.qemu_binary)
+            .unwrap_or_else(|_| config.qemu_binary.clone()),
         kernel,
         Some(config.state_dir.clone()),
     );
@@ -441,7 +416,7 @@ pub async fn serve(
 }
 
 /// [`serve`], registering the agent's metrics in `metrics`.
-pub async fn serve_with_metrics(
+pub(crate) async fn serve_with_metrics(
     config: AgentConfig,
     shutdown: CancellationToken,
     metrics: MetricsRegistry,
@@ -500,8 +475,8 @@ pub async fn serve_with_metrics(
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).map_err(AgentError::Tls)?;
     }
-    let router = builder.add_service(crate::proto::agent_server::AgentServer::with_interceptor(
-        service,
+    let router = builder.add_service(tonic::service::interceptor::InterceptedService::new(
+        service.into_server(),
         tls::ControllerOnly {
             enforce: matches!(config.listen, ListenAddr::Tcp(_)),
         },
@@ -576,7 +551,6 @@ pub async fn serve_with_metrics(
     Ok(AgentHandle {
         listen,
         instance_id,
-        supervisor,
         join,
     })
 }
@@ -636,6 +610,7 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorReason;
 
     #[test]
     fn listen_addresses_parse() {
@@ -650,16 +625,6 @@ mod tests {
         for bad in ["unix://relative.sock", "unix://", "agent.sock", "host:port"] {
             assert_eq!(parse_listen(bad).expect_err(bad).reason(), "InvalidListen");
         }
-    }
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
-        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_duration("5h").is_err());
-        assert!(parse_duration("soon").is_err());
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! The agent's gRPC service (`proto/agent.proto`): a thin layer that turns requests into
 //! supervisor calls and supervisor errors into gRPC statuses. VM failures are not gRPC
 //! errors: they come back as a VM in state FAILED with the reason.
+//!
+//! This is the agent's gRPC edge: messages are converted to the domain model
+//! ([`crate::vm::wire`]) as they come in and back as they go out; nothing behind it sees a
+//! generated type.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -12,11 +16,13 @@ use tonic::{Request, Response, Status};
 
 use crate::agent::console;
 use crate::agent::supervisor::{Supervisor, SupervisorError};
+use crate::error::ErrorReason;
 use crate::proto;
 use crate::proto::vm_event::Event;
+use crate::vm::{VmUid, wire};
 
 /// How often `WatchVMs` sends a heartbeat.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+pub(crate) const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 /// The largest console chunk sent at once.
 const CONSOLE_CHUNK: u64 = 64 * 1024;
 /// The largest tail a client can ask for.
@@ -24,7 +30,7 @@ const CONSOLE_MAX_TAIL: u64 = 16 * 1024 * 1024;
 
 /// The gRPC service.
 #[derive(Clone)]
-pub struct AgentService {
+pub(crate) struct AgentService {
     supervisor: Supervisor,
     node_name: String,
     instance_id: String,
@@ -33,7 +39,7 @@ pub struct AgentService {
 }
 
 impl AgentService {
-    pub fn new(
+    pub(crate) fn new(
         supervisor: Supervisor,
         node_name: String,
         instance_id: String,
@@ -48,21 +54,21 @@ impl AgentService {
     }
 }
 
+impl AgentService {
+    /// The tonic service to add to a server.
+    pub(crate) fn into_server(self) -> proto::agent_server::AgentServer<Self> {
+        proto::agent_server::AgentServer::new(self)
+    }
+}
+
 /// A supervisor error as a gRPC status.
-pub fn status_of(error: &SupervisorError) -> Status {
+pub(crate) fn status_of(error: &SupervisorError) -> Status {
     let message = format!("{}: {error}", error.reason());
     match error {
         SupervisorError::InvalidRequest { .. } => Status::invalid_argument(message),
         SupervisorError::NotFound { .. } => Status::not_found(message),
         SupervisorError::State(_) | SupervisorError::Console(_) => Status::internal(message),
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
@@ -73,31 +79,24 @@ impl proto::agent_server::Agent for AgentService {
         &self,
         _request: Request<proto::GetHostRequest>,
     ) -> Result<Response<proto::Host>, Status> {
-        let config = self.supervisor.config();
-        let (vcpus_used, memory_used_bytes) = self.supervisor.usage();
-        Ok(Response::new(proto::Host {
-            node_name: self.node_name.clone(),
-            vcpus_total: config.host.vcpus,
-            memory_total_bytes: config.host.memory_bytes,
-            vcpus_used,
-            memory_used_bytes,
-            hypervisors: self.supervisor.hypervisors(),
-            accelerator: config.accelerator.as_str().to_owned(),
-            accelerator_detail: config.accelerator_detail.clone(),
-            agent_version: crate::VERSION.to_owned(),
-            instance_id: self.instance_id.clone(),
-        }))
+        let host = self.supervisor.host(&self.node_name, &self.instance_id);
+        Ok(Response::new((&host).into()))
     }
 
     async fn apply_vm(
         &self,
         request: Request<proto::ApplyVmRequest>,
     ) -> Result<Response<proto::Vm>, Status> {
-        self.supervisor
-            .apply(request.into_inner())
-            .await
-            .map(Response::new)
-            .map_err(|e| status_of(&e))
+        let (request, refused) = wire::apply_request(request.into_inner()).map_err(|e| {
+            status_of(&SupervisorError::InvalidRequest {
+                detail: e.to_string(),
+            })
+        })?;
+        let status = match refused {
+            None => self.supervisor.apply(request).await,
+            Some(error) => self.supervisor.refuse(request, error).await,
+        };
+        Ok(Response::new((&status).into()))
     }
 
     async fn delete_vm(
@@ -108,8 +107,13 @@ impl proto::agent_server::Agent for AgentService {
         let grace = u64::try_from(request.grace_period_seconds)
             .ok()
             .map(Duration::from_secs);
+        let uid = VmUid::new(request.uid).map_err(|e| {
+            status_of(&SupervisorError::InvalidRequest {
+                detail: e.to_string(),
+            })
+        })?;
         self.supervisor
-            .delete(&request.uid, grace)
+            .delete(&uid, grace)
             .await
             .map(|existed| Response::new(proto::DeleteVmResponse { existed }))
             .map_err(|e| status_of(&e))
@@ -120,9 +124,10 @@ impl proto::agent_server::Agent for AgentService {
         request: Request<proto::GetVmRequest>,
     ) -> Result<Response<proto::Vm>, Status> {
         let uid = request.into_inner().uid;
-        self.supervisor
-            .get(&uid)
-            .map(Response::new)
+        VmUid::new(uid.clone())
+            .ok()
+            .and_then(|uid| self.supervisor.get(&uid))
+            .map(|vm| Response::new((&vm).into()))
             .ok_or_else(|| status_of(&SupervisorError::NotFound { uid }))
     }
 
@@ -131,7 +136,7 @@ impl proto::agent_server::Agent for AgentService {
         _request: Request<proto::ListVMsRequest>,
     ) -> Result<Response<proto::ListVMsResponse>, Status> {
         Ok(Response::new(proto::ListVMsResponse {
-            vms: self.supervisor.list(),
+            vms: self.supervisor.list().iter().map(proto::Vm::from).collect(),
         }))
     }
 
@@ -162,7 +167,7 @@ impl proto::agent_server::Agent for AgentService {
                     event = events.recv() => match event {
                         Ok(event) => {
                             sequence = event.sequence;
-                            event
+                            proto::VmEvent::from(&event)
                         }
                         Err(broadcast::error::RecvError::Lagged(_)) => {
                             if !send_snapshot(&tx, &supervisor, sequence).await {
@@ -176,7 +181,7 @@ impl proto::agent_server::Agent for AgentService {
                         sequence,
                         event: Some(Event::Heartbeat(proto::Heartbeat {
                             instance_id: instance_id.clone(),
-                            at_unix_ms: now_ms(),
+                            at_unix_ms: crate::time::now_unix_ms(),
                         })),
                     },
                 };
@@ -195,9 +200,14 @@ impl proto::agent_server::Agent for AgentService {
         request: Request<proto::ConsoleRequest>,
     ) -> Result<Response<Self::ConsoleStream>, Status> {
         let request = request.into_inner();
+        let uid = VmUid::new(request.uid.clone()).map_err(|_| {
+            status_of(&SupervisorError::NotFound {
+                uid: request.uid.clone(),
+            })
+        })?;
         let path = self
             .supervisor
-            .console_path(&request.uid)
+            .console_path(&uid)
             .map_err(|e| status_of(&e))?;
         // The follow cursor is placed before the tail is read: a line written in between may
         // come twice, but none is lost.
@@ -207,7 +217,6 @@ impl proto::agent_server::Agent for AgentService {
         let (tx, rx) = mpsc::channel(16);
         let supervisor = self.supervisor.clone();
         let shutdown = self.shutdown.clone();
-        let uid = request.uid;
         let follow = request.follow;
         tokio::spawn(async move {
             if !tail.is_empty()
@@ -223,12 +232,7 @@ impl proto::agent_server::Agent for AgentService {
             }
             loop {
                 // Read first, then check whether the VM is over, so its last output is sent.
-                let ended = supervisor.get(&uid).is_none_or(|vm| {
-                    matches!(
-                        vm.state(),
-                        proto::VmState::Exited | proto::VmState::Failed | proto::VmState::Stopped
-                    )
-                });
+                let ended = supervisor.get(&uid).is_none_or(|vm| vm.state.is_ended());
                 loop {
                     match cursor.read_new(CONSOLE_CHUNK) {
                         Ok(data) if data.is_empty() => break,
@@ -268,7 +272,7 @@ async fn send_snapshot(
     for vm in supervisor.list() {
         let event = proto::VmEvent {
             sequence,
-            event: Some(Event::Vm(vm)),
+            event: Some(Event::Vm((&vm).into())),
         };
         if tx.send(Ok(event)).await.is_err() {
             return false;

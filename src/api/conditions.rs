@@ -5,7 +5,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 /// The condition types Ignis writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ConditionType {
+pub(crate) enum ConditionType {
     /// The VM has a node.
     Scheduled,
     /// The guest passed its readiness check.
@@ -18,7 +18,7 @@ pub enum ConditionType {
 
 impl ConditionType {
     /// The `type` string in the condition list.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ConditionType::Scheduled => "Scheduled",
             ConditionType::Ready => "Ready",
@@ -29,29 +29,31 @@ impl ConditionType {
 }
 
 /// Condition reasons: stable CamelCase words a program can match on.
-pub struct Reason;
+pub(crate) struct Reason;
 
 impl Reason {
-    pub const PLACED: &'static str = "Placed";
-    pub const UNSCHEDULABLE: &'static str = "Unschedulable";
-    pub const PENDING: &'static str = "Pending";
-    pub const STARTING: &'static str = "Starting";
-    pub const GUEST_READY: &'static str = "GuestReady";
-    pub const GUEST_EXITED: &'static str = "GuestExited";
-    pub const GUEST_FAILED: &'static str = "GuestFailed";
-    pub const HALTED: &'static str = "Halted";
-    pub const STOPPING: &'static str = "Stopping";
-    pub const AGENT_UNREACHABLE: &'static str = "AgentUnreachable";
-    pub const NODE_MISMATCH: &'static str = "NodeNoLongerMatches";
-    pub const RECONCILED: &'static str = "Reconciled";
-    pub const PROGRESSING: &'static str = "Progressing";
+    pub(crate) const PLACED: &'static str = "Placed";
+    pub(crate) const UNSCHEDULABLE: &'static str = "Unschedulable";
+    pub(crate) const PENDING: &'static str = "Pending";
+    pub(crate) const STARTING: &'static str = "Starting";
+    pub(crate) const GUEST_READY: &'static str = "GuestReady";
+    pub(crate) const GUEST_EXITED: &'static str = "GuestExited";
+    pub(crate) const GUEST_FAILED: &'static str = "GuestFailed";
+    pub(crate) const HALTED: &'static str = "Halted";
+    pub(crate) const STOPPING: &'static str = "Stopping";
+    pub(crate) const AGENT_UNREACHABLE: &'static str = "AgentUnreachable";
+    pub(crate) const NODE_MISMATCH: &'static str = "NodeNoLongerMatches";
+    pub(crate) const RECONCILED: &'static str = "Reconciled";
+    pub(crate) const PROGRESSING: &'static str = "Progressing";
 }
 
 /// Set `type_` to the given status, reason and message.
 ///
 /// `lastTransitionTime` moves only when the status itself changes: a new reason or message
 /// with the same status is an update, not a transition. Returns whether anything changed.
-pub fn set_condition(
+#[cfg(test)]
+#[cfg(test)]
+pub(crate) fn set_condition(
     conditions: &mut Vec<Condition>,
     type_: ConditionType,
     status: bool,
@@ -72,7 +74,7 @@ pub fn set_condition(
 }
 
 /// Like [`set_condition`], for the tri-state `Unknown`.
-pub fn set_condition_status(
+pub(crate) fn set_condition_status(
     conditions: &mut Vec<Condition>,
     type_: ConditionType,
     status: &str,
@@ -113,7 +115,7 @@ pub fn set_condition_status(
 }
 
 /// Find a condition by type.
-pub fn find_condition(conditions: &[Condition], type_: ConditionType) -> Option<&Condition> {
+pub(crate) fn find_condition(conditions: &[Condition], type_: ConditionType) -> Option<&Condition> {
     conditions.iter().find(|c| c.type_ == type_.as_str())
 }
 

@@ -125,6 +125,18 @@ pub enum HypervisorChoice {
     CloudHypervisor,
 }
 
+impl HypervisorChoice {
+    /// The VMM this choice pins; `None` for `auto`.
+    pub fn pinned(self) -> Option<Hypervisor> {
+        match self {
+            HypervisorChoice::Auto => None,
+            HypervisorChoice::Qemu => Some(Hypervisor::Qemu),
+            HypervisorChoice::Firecracker => Some(Hypervisor::Firecracker),
+            HypervisorChoice::CloudHypervisor => Some(Hypervisor::CloudHypervisor),
+        }
+    }
+}
+
 /// The accelerator a user asks for.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -136,6 +148,17 @@ pub enum AcceleratorChoice {
     Kvm,
     /// Software emulation (QEMU only).
     Tcg,
+}
+
+impl AcceleratorChoice {
+    /// The accelerator this choice pins; `None` for `auto`.
+    pub fn pinned(self) -> Option<Accelerator> {
+        match self {
+            AcceleratorChoice::Auto => None,
+            AcceleratorChoice::Kvm => Some(Accelerator::Kvm),
+            AcceleratorChoice::Tcg => Some(Accelerator::Tcg),
+        }
+    }
 }
 
 /// The VMM a VM actually runs under, as reported in status.
@@ -312,6 +335,23 @@ pub enum InterfaceMode {
     Bridge,
     /// No connectivity (the device exists, nothing is behind it).
     None,
+}
+
+impl InterfaceMode {
+    /// The spelling used in manifests and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InterfaceMode::Nat => "nat",
+            InterfaceMode::Bridge => "bridge",
+            InterfaceMode::None => "none",
+        }
+    }
+}
+
+impl std::fmt::Display for InterfaceMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// How readiness of the guest is decided.

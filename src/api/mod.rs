@@ -3,14 +3,18 @@
 //! Everything here is plain data plus the validation rules a real API server
 //! enforces (OpenAPI schema from schemars, CEL `x-kubernetes-validations`).
 
+mod builder;
 mod conditions;
 mod microvm;
 mod quantity;
-pub mod validation;
+pub(crate) mod validation;
 
-pub use conditions::{ConditionType, Reason, find_condition, set_condition, set_condition_status};
+pub use builder::MicroVmBuilder;
+#[cfg(test)]
+pub(crate) use conditions::set_condition;
+pub(crate) use conditions::{ConditionType, Reason, find_condition, set_condition_status};
 pub use microvm::*;
-pub use quantity::{QuantityError, parse_quantity_bytes};
+pub(crate) use quantity::{QuantityError, parse_quantity_bytes};
 
 /// The API group of every Ignis resource.
 pub const GROUP: &str = "ignis.dev";
@@ -18,10 +22,14 @@ pub const GROUP: &str = "ignis.dev";
 pub const VERSION: &str = "v1alpha1";
 /// `apiVersion` as it appears in manifests.
 pub const API_VERSION: &str = "ignis.dev/v1alpha1";
+/// The kind of a MicroVM object.
+pub const KIND: &str = "MicroVM";
+/// The plural, as it appears in paths.
+pub const PLURAL: &str = "microvms";
 /// The finalizer the controller adds so a VM is stopped before its object goes.
 pub const FINALIZER: &str = "ignis.dev/vm-cleanup";
 /// Field manager for every write the controller makes.
-pub const FIELD_MANAGER: &str = "ignis-controller";
+pub(crate) const FIELD_MANAGER: &str = "ignis-controller";
 /// Label recording the node a VM was placed on.
 pub const NODE_LABEL: &str = "ignis.dev/node";
 
@@ -64,6 +72,9 @@ mod tests {
             serde_yaml::from_str(&yaml).expect("CRD parses back");
         assert_eq!(parsed, MicroVM::crd());
         assert_eq!(parsed.spec.group, GROUP);
+        assert_eq!(API_VERSION, format!("{GROUP}/{VERSION}"));
+        assert_eq!(parsed.spec.names.kind, KIND);
+        assert_eq!(parsed.spec.names.plural, PLURAL);
         assert_eq!(parsed.spec.names.short_names, Some(vec!["mvm".to_string()]));
         let version = &parsed.spec.versions[0];
         assert_eq!(version.name, VERSION);

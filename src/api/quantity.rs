@@ -4,7 +4,7 @@ use thiserror::Error;
 
 /// A memory quantity that cannot be turned into bytes.
 #[derive(Debug, Error, PartialEq, Eq)]
-pub enum QuantityError {
+pub(crate) enum QuantityError {
     #[error("quantity {0:?} is empty")]
     Empty(String),
     #[error(
@@ -19,7 +19,7 @@ pub enum QuantityError {
 
 /// Parse a Kubernetes quantity into a whole number of bytes (rounded up, as the API server
 /// rounds memory requests up to whole units).
-pub fn parse_quantity_bytes(input: &str) -> Result<u64, QuantityError> {
+pub(crate) fn parse_quantity_bytes(input: &str) -> Result<u64, QuantityError> {
     let s = input.trim();
     if s.is_empty() {
         return Err(QuantityError::Empty(input.to_string()));

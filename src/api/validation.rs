@@ -25,7 +25,7 @@ pub enum SchemaError {
 
 /// Why a field was refused, named like the API server's `metav1.CauseType`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FieldErrorKind {
+pub(crate) enum FieldErrorKind {
     /// `FieldValueInvalid`
     Invalid,
     /// `FieldValueRequired`
@@ -40,7 +40,7 @@ pub enum FieldErrorKind {
 
 impl FieldErrorKind {
     /// The cause type in a Kubernetes `Status`.
-    pub fn cause_type(self) -> &'static str {
+    pub(crate) fn cause_type(self) -> &'static str {
         match self {
             FieldErrorKind::Invalid => "FieldValueInvalid",
             FieldErrorKind::Required => "FieldValueRequired",
@@ -62,12 +62,12 @@ impl FieldErrorKind {
 
 /// One refused field, in the API server's words.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FieldError {
+pub(crate) struct FieldError {
     /// Dotted path, e.g. `spec.resources.vcpus` or `spec.network.interfaces[1].name`.
-    pub field: String,
-    pub kind: FieldErrorKind,
+    pub(crate) field: String,
+    pub(crate) kind: FieldErrorKind,
     /// What is wrong, naming the field.
-    pub detail: String,
+    pub(crate) detail: String,
 }
 
 impl std::fmt::Display for FieldError {
@@ -77,7 +77,7 @@ impl std::fmt::Display for FieldError {
 }
 
 /// Validates `MicroVM` objects against the CRD generated from the Rust types.
-pub struct MicroVmValidator {
+pub(crate) struct MicroVmValidator {
     structural: jsonschema::Validator,
     rules: kube_cel::CompiledSchema,
 }
@@ -90,7 +90,7 @@ impl std::fmt::Debug for MicroVmValidator {
 
 impl MicroVmValidator {
     /// Build the validator from `MicroVM::crd()`.
-    pub fn new() -> Result<Self, SchemaError> {
+    pub(crate) fn new() -> Result<Self, SchemaError> {
         let crd = MicroVM::crd();
         let schema = crd
             .spec
@@ -105,7 +105,7 @@ impl MicroVmValidator {
     }
 
     /// Build a validator from an `openAPIV3Schema` value.
-    pub fn from_schema(schema: &Value) -> Result<Self, SchemaError> {
+    pub(crate) fn from_schema(schema: &Value) -> Result<Self, SchemaError> {
         let structural = jsonschema::options()
             .with_draft(jsonschema::Draft::Draft4)
             .should_validate_formats(false)
@@ -125,7 +125,7 @@ impl MicroVmValidator {
 
     /// Validate a whole object (`apiVersion`, `kind`, `metadata`, `spec`, `status`). `old` is the
     /// stored object on updates, so transition rules (immutability) are checked.
-    pub fn validate(&self, object: &Value, old: Option<&Value>) -> Vec<FieldError> {
+    pub(crate) fn validate(&self, object: &Value, old: Option<&Value>) -> Vec<FieldError> {
         let mut errors: Vec<FieldError> = self
             .structural
             .iter_errors(object)
@@ -174,7 +174,7 @@ fn openapi_to_json_schema(schema: &Value) -> Value {
 }
 
 /// `/spec/network/interfaces/0/name` → `spec.network.interfaces[0].name`
-pub fn pointer_to_field_path(pointer: &str) -> String {
+pub(crate) fn pointer_to_field_path(pointer: &str) -> String {
     let mut out = String::new();
     for segment in pointer.split('/').filter(|s| !s.is_empty()) {
         let segment = segment.replace("~1", "/").replace("~0", "~");

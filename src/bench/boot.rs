@@ -23,13 +23,13 @@ use crate::api::parse_quantity_bytes;
 
 /// Flags of `ignis bench boot`.
 #[derive(Debug, clap::Args)]
-pub struct BootArgs {
+pub(crate) struct BootArgs {
     /// MicroVMs per mode (sequential, then concurrent), and as many bare boots.
     #[arg(long, default_value_t = 20)]
-    pub count: usize,
+    pub(crate) count: usize,
     /// Deadline of one boot, Ignis or bare.
-    #[arg(long, default_value = "300s", value_parser = crate::agent::parse_duration)]
-    pub timeout: Duration,
+    #[arg(long, default_value = "300s", value_parser = crate::time::parse_duration)]
+    pub(crate) timeout: Duration,
 }
 
 impl Default for BootArgs {
@@ -43,26 +43,26 @@ impl Default for BootArgs {
 
 /// One Ignis boot.
 #[derive(Clone, Debug, Serialize)]
-pub struct IgnisBoot {
-    pub name: String,
-    pub scheduled_ms: f64,
-    pub ready_ms: f64,
+pub(crate) struct IgnisBoot {
+    pub(crate) name: String,
+    pub(crate) scheduled_ms: f64,
+    pub(crate) ready_ms: f64,
     /// Writes to the MicroVM and its status by the user (the one `create`).
-    pub user_writes: u64,
+    pub(crate) user_writes: u64,
     /// Writes by everyone else (the controller) from create to Ready.
-    pub controller_writes: u64,
-    pub by_verb: std::collections::BTreeMap<String, u64>,
+    pub(crate) controller_writes: u64,
+    pub(crate) by_verb: std::collections::BTreeMap<String, u64>,
 }
 
 /// Both sides of one mode.
 #[derive(Debug, Default, Serialize)]
-pub struct ModeResult {
-    pub ignis: Vec<IgnisBoot>,
-    pub bare_ms: Vec<f64>,
+pub(crate) struct ModeResult {
+    pub(crate) ignis: Vec<IgnisBoot>,
+    pub(crate) bare_ms: Vec<f64>,
 }
 
 /// The bare QEMU of one boot: the backend's argv without `-S`, so the guest runs at once.
-pub fn bare_argv(config: &VmConfig, tsc_khz: Option<u64>) -> Vec<std::ffi::OsString> {
+pub(crate) fn bare_argv(config: &VmConfig, tsc_khz: Option<u64>) -> Vec<std::ffi::OsString> {
     qemu_args(config, tsc_khz)
         .into_iter()
         .filter(|a| a != "-S")
@@ -71,7 +71,7 @@ pub fn bare_argv(config: &VmConfig, tsc_khz: Option<u64>) -> Vec<std::ffi::OsStr
 
 /// The VM config the agent would build for the sample MicroVM.
 fn bare_config(guest: &DemoGuest, dir: &Path, id: &str) -> Result<VmConfig, BenchError> {
-    let vm = sample_microvm(id, guest)?;
+    let vm = sample_microvm(id, guest);
     let memory = parse_quantity_bytes(&vm.spec.resources.memory)
         .map_err(|e| BenchError::Failed(format!("sample memory: {e}")))?;
     Ok(VmConfig {
@@ -93,7 +93,7 @@ fn bare_config(guest: &DemoGuest, dir: &Path, id: &str) -> Result<VmConfig, Benc
 }
 
 /// Boot the guest on bare QEMU; milliseconds from spawn to the marker on the console.
-pub async fn bare_boot(
+pub(crate) async fn bare_boot(
     guest: &DemoGuest,
     root: &Path,
     id: &str,
@@ -157,7 +157,7 @@ async fn ignis_boot(
     let p = stack
         .wait_for(name, "Ready", timeout, |p| p.ready.is_some())
         .await?;
-    let writes = stack.api.microvm_writes(NAMESPACE, name);
+    let writes = stack.write_counter.microvm(NAMESPACE, name);
     let ms = |t: Option<Instant>| t.map_or(f64::NAN, |t| (t - sent).as_secs_f64() * 1000.0);
     let user = writes.by_verb.get("create").copied().unwrap_or(0);
     let boot = IgnisBoot {
@@ -255,7 +255,7 @@ async fn concurrent(
 }
 
 /// The rows of one mode.
-pub fn mode_rows(mode: &str, r: &ModeResult) -> (Vec<Row>, serde_json::Value) {
+pub(crate) fn mode_rows(mode: &str, r: &ModeResult) -> (Vec<Row>, serde_json::Value) {
     let ready: Vec<f64> = r.ignis.iter().map(|b| b.ready_ms).collect();
     let scheduled: Vec<f64> = r.ignis.iter().map(|b| b.scheduled_ms).collect();
     let ig = summarize(&ready);
@@ -317,7 +317,7 @@ fn summary_json(s: &Summary) -> serde_json::Value {
 }
 
 /// The write rows over every Ignis boot.
-pub fn write_rows(boots: &[&IgnisBoot]) -> Vec<Row> {
+pub(crate) fn write_rows(boots: &[&IgnisBoot]) -> Vec<Row> {
     let controller: Vec<f64> = boots.iter().map(|b| b.controller_writes as f64).collect();
     let user: Vec<f64> = boots.iter().map(|b| b.user_writes as f64).collect();
     let c = summarize(&controller);
@@ -353,7 +353,11 @@ pub fn write_rows(boots: &[&IgnisBoot]) -> Vec<Row> {
     ]
 }
 
-pub async fn run(args: &BootArgs, machine: &Machine, results: &Path) -> Result<(), BenchError> {
+pub(crate) async fn run(
+    args: &BootArgs,
+    machine: &Machine,
+    results: &Path,
+) -> Result<(), BenchError> {
     println!(
         "boot: {} MicroVMs sequential, then {} concurrent, each beside a bare QEMU boot",
         args.count, args.count

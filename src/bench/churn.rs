@@ -16,10 +16,10 @@ use super::{BenchError, Report, Row};
 
 /// Flags of `ignis bench churn`.
 #[derive(Debug, clap::Args)]
-pub struct ChurnArgs {
+pub(crate) struct ChurnArgs {
     /// Create/delete cycles.
     #[arg(long, default_value_t = 100)]
-    pub cycles: usize,
+    pub(crate) cycles: usize,
 }
 
 impl Default for ChurnArgs {
@@ -30,16 +30,16 @@ impl Default for ChurnArgs {
 
 /// What the agent holds on the host.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Holdings {
-    pub fds: usize,
-    pub processes: BTreeSet<u32>,
-    pub sockets: BTreeSet<String>,
-    pub files: BTreeSet<String>,
-    pub net_devices: BTreeSet<String>,
+pub(crate) struct Holdings {
+    pub(crate) fds: usize,
+    pub(crate) processes: BTreeSet<u32>,
+    pub(crate) sockets: BTreeSet<String>,
+    pub(crate) files: BTreeSet<String>,
+    pub(crate) net_devices: BTreeSet<String>,
 }
 
 /// What `after` holds that `before` did not, one line per kind; empty when nothing leaked.
-pub fn leaks(before: &Holdings, after: &Holdings) -> Vec<String> {
+pub(crate) fn leaks(before: &Holdings, after: &Holdings) -> Vec<String> {
     let mut out = Vec::new();
     if after.fds > before.fds {
         out.push(format!("agent fds {} → {}", before.fds, after.fds));
@@ -87,7 +87,7 @@ fn walk(dir: &Path, sockets: &mut BTreeSet<String>, files: &mut BTreeSet<String>
 }
 
 /// A snapshot of what the stack's agent holds.
-pub fn holdings(stack: &Stack) -> Holdings {
+pub(crate) fn holdings(stack: &Stack) -> Holdings {
     let agent = stack.agent_pid();
     let fds = std::fs::read_dir(format!("/proc/{agent}/fd")).map_or(0, |d| d.count());
     let dir = stack.dir.display().to_string();
@@ -131,7 +131,11 @@ pub fn holdings(stack: &Stack) -> Holdings {
     }
 }
 
-pub async fn run(args: &ChurnArgs, machine: &Machine, results: &Path) -> Result<(), BenchError> {
+pub(crate) async fn run(
+    args: &ChurnArgs,
+    machine: &Machine,
+    results: &Path,
+) -> Result<(), BenchError> {
     println!(
         "churn: {} create → Ready → delete → gone cycles on QEMU",
         args.cycles

@@ -14,13 +14,13 @@ use super::{BenchError, Report, Row};
 
 /// Flags of `ignis bench control-plane`.
 #[derive(Debug, clap::Args)]
-pub struct ControlPlaneArgs {
+pub(crate) struct ControlPlaneArgs {
     /// How many MicroVMs, one fresh stack per count.
     #[arg(long, value_delimiter = ',', default_values_t = [1000usize, 10000])]
-    pub counts: Vec<usize>,
+    pub(crate) counts: Vec<usize>,
     /// Creates in flight at once.
     #[arg(long, default_value_t = 32)]
-    pub parallel: usize,
+    pub(crate) parallel: usize,
 }
 
 impl Default for ControlPlaneArgs {
@@ -33,7 +33,7 @@ impl Default for ControlPlaneArgs {
 }
 
 /// The controller RSS target at a count (DESIGN.md §5 names 0, 1 000 and 10 000).
-pub fn rss_target_mib(count: usize) -> Target {
+pub(crate) fn rss_target_mib(count: usize) -> Target {
     match count {
         0 => Target::AtMost(15.0),
         1000 => Target::AtMost(25.0),
@@ -46,22 +46,22 @@ const RECONCILES: &str = "ignis_controller_reconciles_total";
 
 /// Results of one count.
 #[derive(Debug, serde::Serialize)]
-pub struct CountResult {
-    pub count: usize,
-    pub create_s: f64,
-    pub scheduled_s: f64,
+pub(crate) struct CountResult {
+    pub(crate) count: usize,
+    pub(crate) create_s: f64,
+    pub(crate) scheduled_s: f64,
     /// All Ready after this long, if they all were.
-    pub ready_s: Option<f64>,
-    pub ready_count: usize,
-    pub reconciles: f64,
-    pub microvm_writes: u64,
-    pub all_writes: u64,
-    pub controller_rss_idle: u64,
-    pub controller_rss_loaded: u64,
-    pub bench_rss_idle: u64,
-    pub bench_rss_loaded: u64,
+    pub(crate) ready_s: Option<f64>,
+    pub(crate) ready_count: usize,
+    pub(crate) reconciles: f64,
+    pub(crate) microvm_writes: u64,
+    pub(crate) all_writes: u64,
+    pub(crate) controller_rss_idle: u64,
+    pub(crate) controller_rss_loaded: u64,
+    pub(crate) bench_rss_idle: u64,
+    pub(crate) bench_rss_loaded: u64,
     /// (seconds since the first create, MicroVMs Scheduled) every 100 ms.
-    pub timeline: Vec<(f64, usize)>,
+    pub(crate) timeline: Vec<(f64, usize)>,
 }
 
 async fn one(count: usize, parallel: usize) -> Result<CountResult, BenchError> {
@@ -184,7 +184,7 @@ async fn not_ready(stack: &Stack) -> String {
 }
 
 /// The rows of one count.
-pub fn count_rows(r: &CountResult) -> Vec<Row> {
+pub(crate) fn count_rows(r: &CountResult) -> Vec<Row> {
     let n = r.count as f64;
     let per = |x: f64| if r.count > 0 { x / n } else { 0.0 };
     let rate = |s: f64| if s > 0.0 { n / s } else { 0.0 };
@@ -274,7 +274,7 @@ pub fn count_rows(r: &CountResult) -> Vec<Row> {
     ]
 }
 
-pub async fn run(
+pub(crate) async fn run(
     args: &ControlPlaneArgs,
     machine: &Machine,
     results: &Path,

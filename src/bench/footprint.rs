@@ -7,19 +7,19 @@ use std::time::{Duration, Instant};
 
 use super::machine::Machine;
 use super::stack::{
-    NODE, Stack, StackOptions, free_addr, rss_of, scratch_dir, self_exe, spawn_ignis, terminate,
-    wait_readyz,
+    NODE, Stack, StackOptions, controller_args, free_addr, rss_of, scratch_dir, self_exe,
+    spawn_ignis, start_ignis, terminate, wait_readyz,
 };
 use super::stats::{MIB, Target, summarize};
 use super::{BenchError, Report, Row};
-use crate::dev::apiserver::{self, ApiServerConfig};
+use crate::dev::apiserver;
 
 /// Flags of `ignis bench footprint`.
 #[derive(Debug, Default, clap::Args)]
-pub struct FootprintArgs {
+pub(crate) struct FootprintArgs {
     /// Skip the musl release build (measure this binary stripped) and use fewer runs and VMs.
     #[arg(long)]
-    pub quick: bool,
+    pub(crate) quick: bool,
 }
 
 const MUSL: &str = "x86_64-unknown-linux-musl";
@@ -110,16 +110,15 @@ async fn agent_start(dir: &Path, runs: usize) -> Result<(Vec<f64>, u64), BenchEr
             what: format!("create {}", state.display()),
             source,
         })?;
-        let started = Instant::now();
-        let mut child = spawn_ignis(&args, &[], &dir.join(format!("agent-{i}.log")))?;
-        let took = wait_readyz(
+        let (mut child, took) = start_ignis(
+            &args,
+            &[],
+            &dir.join(format!("agent-{i}.log")),
             health,
-            &mut child,
-            started,
             "agent",
             Duration::from_secs(30),
         )
-        .await;
+        .await?;
         if took.is_ok() && i + 1 == runs {
             tokio::time::sleep(IDLE).await;
             rss = child.id().and_then(rss_of).unwrap_or(0);
@@ -133,7 +132,8 @@ async fn agent_start(dir: &Path, runs: usize) -> Result<(Vec<f64>, u64), BenchEr
 /// Start → /readyz of the controller against an in-process API server and a running agent.
 async fn controller_start(dir: &Path, runs: usize) -> Result<(Vec<f64>, u64), BenchError> {
     let stop_api = tokio_util::sync::CancellationToken::new();
-    let mut config = ApiServerConfig::new(dir.join("apiserver"));
+    let mut config = crate::dev::api_server_config(dir.join("apiserver"))
+        .map_err(|e| BenchError::Failed(format!("the MicroVM resource: {e}")))?;
     config.node_name = NODE.into();
     let api = apiserver::start(config, stop_api.clone())
         .await
@@ -176,30 +176,15 @@ async fn controller_start(dir: &Path, runs: usize) -> Result<(Vec<f64>, u64), Be
         let mut rss = 0;
         for i in 0..runs {
             let health = free_addr()?;
-            let args: Vec<String> = vec![
-                "controller".into(),
-                "--agent-endpoint".into(),
-                format!("{NODE}=unix://{}", socket.display()),
-                "--insecure-agents".into(),
-                "--leader-election".into(),
-                "false".into(),
-                "--health-addr".into(),
-                health.to_string(),
-            ];
-            let started = Instant::now();
-            let mut child = spawn_ignis(
-                &args,
+            let (mut child, took) = start_ignis(
+                &controller_args(&socket, health),
                 &[("KUBECONFIG", kubeconfig.as_os_str())],
                 &dir.join(format!("controller-{i}.log")),
-            )?;
-            let took = wait_readyz(
                 health,
-                &mut child,
-                started,
                 "controller",
                 Duration::from_secs(30),
             )
-            .await;
+            .await?;
             if took.is_ok() && i + 1 == runs {
                 tokio::time::sleep(IDLE).await;
                 rss = child.id().and_then(rss_of).unwrap_or(0);
@@ -231,16 +216,15 @@ async fn dev_start(dir: &Path) -> Result<(f64, u64), BenchError> {
         "--accelerator".into(),
         "tcg".into(),
     ];
-    let started = Instant::now();
-    let mut child = spawn_ignis(&args, &[], &dir.join("dev.log"))?;
-    let took = wait_readyz(
+    let (mut child, took) = start_ignis(
+        &args,
+        &[],
+        &dir.join("dev.log"),
         health,
-        &mut child,
-        started,
         "ignis dev",
         Duration::from_secs(120),
     )
-    .await;
+    .await?;
     let mut rss = 0;
     if took.is_ok() {
         tokio::time::sleep(IDLE).await;
@@ -290,14 +274,14 @@ async fn agent_per_vm(steps: &[usize]) -> Result<(u64, Vec<(usize, u64)>), Bench
 }
 
 /// Per-VM extra: (RSS with k VMs − idle) / k, in KiB.
-pub fn per_vm_kib(idle: u64, with: u64, k: usize) -> f64 {
+pub(crate) fn per_vm_kib(idle: u64, with: u64, k: usize) -> f64 {
     if k == 0 {
         return 0.0;
     }
     (with as f64 - idle as f64) / 1024.0 / k as f64
 }
 
-pub async fn run(
+pub(crate) async fn run(
     args: &FootprintArgs,
     machine: &Machine,
     results: &Path,

@@ -5,25 +5,25 @@ use serde::Serialize;
 
 /// What the results depend on.
 #[derive(Clone, Debug, Serialize)]
-pub struct Machine {
-    pub cpu_model: String,
-    pub cores: usize,
-    pub memory_mib: u64,
-    pub kernel: String,
-    pub qemu: String,
+pub(crate) struct Machine {
+    pub(crate) cpu_model: String,
+    pub(crate) cores: usize,
+    pub(crate) memory_mib: u64,
+    pub(crate) kernel: String,
+    pub(crate) qemu: String,
     /// The accelerator the benches use: TCG (KVM hangs guests on the reference host).
-    pub accelerator: String,
-    pub kvm_device: bool,
-    pub load_average: String,
-    pub git_commit: Option<String>,
-    pub ignis_version: String,
-    pub debug_build: bool,
-    pub binary: String,
-    pub timestamp: String,
+    pub(crate) accelerator: String,
+    pub(crate) kvm_device: bool,
+    pub(crate) load_average: String,
+    pub(crate) git_commit: Option<String>,
+    pub(crate) ignis_version: String,
+    pub(crate) debug_build: bool,
+    pub(crate) binary: String,
+    pub(crate) timestamp: String,
 }
 
 /// The first value of `key` in `/proc/cpuinfo`-style text.
-pub fn cpuinfo_field(text: &str, key: &str) -> Option<String> {
+pub(crate) fn cpuinfo_field(text: &str, key: &str) -> Option<String> {
     text.lines()
         .find(|l| l.split(':').next().is_some_and(|k| k.trim() == key))
         .and_then(|l| l.split_once(':'))
@@ -31,7 +31,7 @@ pub fn cpuinfo_field(text: &str, key: &str) -> Option<String> {
 }
 
 /// `MemTotal` in MiB from `/proc/meminfo` text.
-pub fn mem_total_mib(text: &str) -> Option<u64> {
+pub(crate) fn mem_total_mib(text: &str) -> Option<u64> {
     let kib: u64 = text
         .lines()
         .find(|l| l.starts_with("MemTotal:"))?
@@ -61,7 +61,7 @@ async fn first_line_of(program: &str, args: &[&str]) -> Option<String> {
 }
 
 impl Machine {
-    pub async fn detect() -> Machine {
+    pub(crate) async fn detect() -> Machine {
         let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
         let cpuinfo = read("/proc/cpuinfo");
         let source_dir = env!("CARGO_MANIFEST_DIR");
@@ -94,7 +94,7 @@ impl Machine {
     }
 
     /// One paragraph for the top of the output.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         format!(
             "machine: {} × {}, {} MiB, Linux {}, {}, accelerator {} (/dev/kvm {}), load {}\n\
              ignis {} ({} build, commit {}) at {}",

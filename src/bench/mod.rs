@@ -3,13 +3,14 @@
 //! beside its target, and writes `<results-dir>/<bench>.json` with the machine it ran on. The
 //! binary measures itself: a debug build says so and its numbers are not representative.
 
-pub mod boot;
-pub mod churn;
-pub mod control_plane;
-pub mod footprint;
-pub mod machine;
-pub mod stack;
-pub mod stats;
+pub(crate) mod boot;
+pub(crate) mod churn;
+pub(crate) mod control_plane;
+pub(crate) mod footprint;
+pub(crate) mod machine;
+pub(crate) mod stack;
+pub(crate) mod stats;
+pub(crate) mod writes;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -26,14 +27,14 @@ use self::stats::{Target, Verdict, trim};
 pub struct BenchArgs {
     /// Where the JSON results go (one file per bench, overwritten).
     #[arg(long, global = true, default_value = "results")]
-    pub results_dir: PathBuf,
+    pub(crate) results_dir: PathBuf,
     #[command(subcommand)]
-    pub command: BenchCommand,
+    pub(crate) command: BenchCommand,
 }
 
 /// The benches.
 #[derive(Debug, clap::Subcommand)]
-pub enum BenchCommand {
+pub(crate) enum BenchCommand {
     /// apply → Scheduled → Ready through the dev stack, beside the bare VMM boot.
     Boot(boot::BootArgs),
     /// MicroVMs/s to Scheduled and RSS with the simulated VMM.
@@ -47,7 +48,7 @@ pub enum BenchCommand {
 }
 
 /// Errors of `ignis bench`.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum BenchError {
     #[error("{what}")]
     Io {
@@ -58,6 +59,7 @@ pub enum BenchError {
     #[error("the embedded API server did not start")]
     ApiServer(#[source] crate::dev::apiserver::ApiServerError),
     #[error("API request failed")]
+    #[strum(serialize = "Api")]
     Kube(#[source] kube::Error),
     #[error("cannot prepare the demo guest")]
     Guest(#[source] crate::agent::guest::GuestError),
@@ -73,38 +75,21 @@ pub enum BenchError {
     Interrupted,
 }
 
-impl BenchError {
-    /// A fixed word for logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            BenchError::Io { .. } => "Io",
-            BenchError::ApiServer(_) => "ApiServer",
-            BenchError::Kube(_) => "Api",
-            BenchError::Guest(_) => "Guest",
-            BenchError::Timeout { .. } => "Timeout",
-            BenchError::Failed(_) => "Failed",
-            BenchError::Leak(_) => "Leak",
-            BenchError::Json(_) => "Json",
-            BenchError::Interrupted => "Interrupted",
-        }
-    }
-}
-
 /// One line of a result table.
 #[derive(Clone, Debug, Serialize)]
-pub struct Row {
-    pub metric: String,
-    pub value: f64,
-    pub unit: String,
-    pub target: Target,
-    pub verdict: Verdict,
+pub(crate) struct Row {
+    pub(crate) metric: String,
+    pub(crate) value: f64,
+    pub(crate) unit: String,
+    pub(crate) target: Target,
+    pub(crate) verdict: Verdict,
     /// What exactly was measured, when the metric name alone does not say.
     #[serde(skip_serializing_if = "String::is_empty")]
-    pub note: String,
+    pub(crate) note: String,
 }
 
 impl Row {
-    pub fn new(metric: impl Into<String>, value: f64, unit: &str, target: Target) -> Row {
+    pub(crate) fn new(metric: impl Into<String>, value: f64, unit: &str, target: Target) -> Row {
         Row {
             metric: metric.into(),
             value,
@@ -115,7 +100,7 @@ impl Row {
         }
     }
 
-    pub fn note(mut self, note: impl Into<String>) -> Row {
+    pub(crate) fn note(mut self, note: impl Into<String>) -> Row {
         self.note = note.into();
         self
     }
@@ -123,16 +108,16 @@ impl Row {
 
 /// A bench's results: the table, the machine, and raw data for plots.
 #[derive(Debug, Serialize)]
-pub struct Report {
-    pub bench: String,
-    pub machine: Machine,
-    pub rows: Vec<Row>,
-    pub notes: Vec<String>,
-    pub data: serde_json::Value,
+pub(crate) struct Report {
+    pub(crate) bench: String,
+    pub(crate) machine: Machine,
+    pub(crate) rows: Vec<Row>,
+    pub(crate) notes: Vec<String>,
+    pub(crate) data: serde_json::Value,
 }
 
 impl Report {
-    pub fn new(bench: &str, machine: Machine) -> Report {
+    pub(crate) fn new(bench: &str, machine: Machine) -> Report {
         Report {
             bench: bench.into(),
             machine,
@@ -143,7 +128,7 @@ impl Report {
     }
 
     /// The table as Markdown (pasted as is into docs/benchmarks.md).
-    pub fn table(&self) -> String {
+    pub(crate) fn table(&self) -> String {
         let mut out = format!(
             "### {}\n\n| metric | value | target | |\n| --- | ---: | --- | --- |\n",
             self.bench
@@ -171,7 +156,7 @@ impl Report {
     }
 
     /// Print the table and write `<dir>/<bench>.json`.
-    pub fn publish(&self, dir: &Path) -> Result<PathBuf, BenchError> {
+    pub(crate) fn publish(&self, dir: &Path) -> Result<PathBuf, BenchError> {
         println!("\n{}", self.table());
         std::fs::create_dir_all(dir).map_err(|source| BenchError::Io {
             what: format!("create {}", dir.display()),

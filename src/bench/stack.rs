@@ -20,61 +20,61 @@ use tokio_util::sync::CancellationToken;
 
 use super::BenchError;
 use super::stats::parse_vm_rss;
+use super::writes::{ObjectWrites, WriteCounter};
 use crate::agent::guest;
-use crate::api::{ConditionType, MicroVM, find_condition};
-use crate::dev::apiserver::{self, ApiServerConfig, ApiServerHandle};
+use crate::api::{ConditionType, MicroVM, MicroVmBuilder, find_condition};
+use crate::dev::apiserver::{self, ApiServerHandle};
 
 /// The node every bench stack runs on (the API server's seeded Node and the agent agree).
-pub const NODE: &str = "bench-node";
+pub(crate) const NODE: &str = "bench-node";
 /// How many times its real capacity the bench stack's agent advertises: the benches put
 /// more VMs on this host than it has vCPUs (20 concurrent boots, 10 000 simulated VMs), and
 /// measure the control plane and the VMM, not the scheduler refusing an overcommitted node.
-pub const OVERCOMMIT: u32 = 10_000;
+pub(crate) const OVERCOMMIT: u32 = 10_000;
 /// The MicroVMs' namespace.
-pub const NAMESPACE: &str = "default";
-/// The MicroVM the benches create, as a user would write it.
-const SAMPLE: &str = include_str!("../../config/samples/microvm-minimal.yaml");
+pub(crate) const NAMESPACE: &str = "default";
 
 /// What the stack runs on.
 #[derive(Clone, Debug)]
-pub struct StackOptions {
+pub(crate) struct StackOptions {
     /// The agent runs the `simulated` VMM (control-plane bench only).
-    pub simulated: bool,
+    pub(crate) simulated: bool,
     /// The agent's guest boot deadline.
-    pub boot_timeout: Duration,
+    pub(crate) boot_timeout: Duration,
 }
 
 /// When a MicroVM was first seen in each state, by the bench's own watch.
 #[derive(Clone, Debug, Default)]
-pub struct Progress {
-    pub scheduled: Option<Instant>,
-    pub ready: Option<Instant>,
-    pub gone: Option<Instant>,
-    pub accelerator: Option<String>,
-    pub hypervisor: Option<String>,
+pub(crate) struct Progress {
+    pub(crate) scheduled: Option<Instant>,
+    pub(crate) ready: Option<Instant>,
+    pub(crate) gone: Option<Instant>,
+    pub(crate) accelerator: Option<String>,
+    pub(crate) hypervisor: Option<String>,
     /// Why the VM failed, when its phase went `Failed`.
-    pub failed: Option<String>,
+    pub(crate) failed: Option<String>,
 }
 
-pub type Tracker = Arc<Mutex<HashMap<String, Progress>>>;
+pub(crate) type Tracker = Arc<Mutex<HashMap<String, Progress>>>;
 
 /// A running stack. Stop it with [`Stack::stop`]; dropping it kills the children.
-pub struct Stack {
-    pub dir: PathBuf,
-    pub guest: guest::DemoGuest,
-    pub api: ApiServerHandle,
-    pub client: kube::Client,
-    pub agent: Child,
-    pub agent_health: SocketAddr,
-    pub controller: Child,
-    pub controller_health: SocketAddr,
-    pub tracker: Tracker,
+pub(crate) struct Stack {
+    pub(crate) dir: PathBuf,
+    pub(crate) guest: guest::DemoGuest,
+    pub(crate) api: ApiServerHandle,
+    /// Write requests per object, counted by an observer on the API server's hub.
+    pub(crate) write_counter: Arc<WriteCounter>,
+    pub(crate) client: kube::Client,
+    pub(crate) agent: Child,
+    pub(crate) controller: Child,
+    pub(crate) controller_health: SocketAddr,
+    pub(crate) tracker: Tracker,
     stop_api: CancellationToken,
     stop_watch: CancellationToken,
 }
 
 /// A fresh scratch directory under the system temp dir (no `tempfile` outside tests).
-pub fn scratch_dir(what: &str) -> Result<PathBuf, BenchError> {
+pub(crate) fn scratch_dir(what: &str) -> Result<PathBuf, BenchError> {
     // Short: QEMU's QMP socket lives a few levels down and unix socket paths end at 108 bytes.
     let id = uuid::Uuid::new_v4().simple().to_string();
     let dir = std::env::temp_dir().join(format!("ib-{what}-{}", &id[..8]));
@@ -86,7 +86,7 @@ pub fn scratch_dir(what: &str) -> Result<PathBuf, BenchError> {
 }
 
 /// A loopback address with a port that was free a moment ago.
-pub fn free_addr() -> Result<SocketAddr, BenchError> {
+pub(crate) fn free_addr() -> Result<SocketAddr, BenchError> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| BenchError::Io {
         what: "pick a free port".into(),
         source,
@@ -98,7 +98,7 @@ pub fn free_addr() -> Result<SocketAddr, BenchError> {
 }
 
 /// This binary, to run `ignis agent` / `ignis controller` / `ignis dev` from.
-pub fn self_exe() -> Result<PathBuf, BenchError> {
+pub(crate) fn self_exe() -> Result<PathBuf, BenchError> {
     std::env::current_exe().map_err(|source| BenchError::Io {
         what: "find the ignis binary".into(),
         source,
@@ -106,7 +106,7 @@ pub fn self_exe() -> Result<PathBuf, BenchError> {
 }
 
 /// Start `ignis <args>` with its output in `log`.
-pub fn spawn_ignis(
+pub(crate) fn spawn_ignis(
     args: &[String],
     envs: &[(&str, &std::ffi::OsStr)],
     log: &Path,
@@ -137,7 +137,10 @@ pub fn spawn_ignis(
 }
 
 /// One `GET` over HTTP/1.0; the status code and body.
-pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), std::io::Error> {
+pub(crate) async fn http_get(
+    addr: SocketAddr,
+    path: &str,
+) -> Result<(u16, String), std::io::Error> {
     let work = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
         stream
@@ -163,7 +166,38 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), std
 }
 
 /// Poll `/readyz` every millisecond until it answers 200; the time it took from `since`.
-pub async fn wait_readyz(
+/// Spawn `ignis` with `args` and wait up to `timeout` until it answers `/readyz` on `health`:
+/// the child, and how long it took to get ready (or why it did not).
+pub(crate) async fn start_ignis(
+    args: &[String],
+    envs: &[(&str, &std::ffi::OsStr)],
+    log: &Path,
+    health: SocketAddr,
+    what: &str,
+    timeout: Duration,
+) -> Result<(Child, Result<Duration, BenchError>), BenchError> {
+    let started = Instant::now();
+    let mut child = spawn_ignis(args, envs, log)?;
+    let took = wait_readyz(health, &mut child, started, what, timeout).await;
+    Ok((child, took))
+}
+
+/// The flags of a controller that talks to the local agent at `socket` (node [`NODE`]),
+/// without leader election, serving its health on `health`.
+pub(crate) fn controller_args(socket: &Path, health: SocketAddr) -> Vec<String> {
+    vec![
+        "controller".into(),
+        "--agent-endpoint".into(),
+        format!("{NODE}=unix://{}", socket.display()),
+        "--insecure-agents".into(),
+        "--leader-election".into(),
+        "false".into(),
+        "--health-addr".into(),
+        health.to_string(),
+    ]
+}
+
+pub(crate) async fn wait_readyz(
     addr: SocketAddr,
     child: &mut Child,
     since: Instant,
@@ -189,36 +223,31 @@ pub async fn wait_readyz(
 }
 
 /// Resident memory of a process, in bytes.
-pub fn rss_of(pid: u32) -> Option<u64> {
+pub(crate) fn rss_of(pid: u32) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| parse_vm_rss(&s))
 }
 
 /// Resident memory of this process.
-pub fn own_rss() -> Option<u64> {
+pub(crate) fn own_rss() -> Option<u64> {
     rss_of(std::process::id())
 }
 
 /// The MicroVM `name` as the sample manifest has it, pointed at this stack's guest.
-pub fn sample_microvm(name: &str, guest: &guest::DemoGuest) -> Result<MicroVM, BenchError> {
-    let mut vm: MicroVM = serde_yaml::from_str(SAMPLE)
-        .map_err(|e| BenchError::Failed(format!("the sample manifest does not parse: {e}")))?;
-    vm.metadata.name = Some(name.to_string());
-    vm.metadata.namespace = Some(NAMESPACE.into());
-    vm.spec.kernel.path = Some(guest.kernel.display().to_string());
-    if let Some(initrd) = vm.spec.initrd.as_mut() {
-        initrd.path = Some(guest.initrd.display().to_string());
-    }
-    // Deleted VMs are killed at once instead of idling through a grace period, so they do
-    // not load the CPU under the next measurement.
-    vm.spec.termination_grace_period_seconds = 0;
-    Ok(vm)
+pub(crate) fn sample_microvm(name: &str, guest: &guest::DemoGuest) -> MicroVM {
+    MicroVmBuilder::sample(name)
+        .namespace(NAMESPACE)
+        .guest(&guest.kernel, &guest.initrd)
+        // Deleted VMs are killed at once instead of idling through a grace period, so they
+        // do not load the CPU under the next measurement.
+        .grace_period_seconds(0)
+        .build()
 }
 
 impl Stack {
     /// Start the API server here, then the agent and the controller as children.
-    pub async fn start(options: &StackOptions) -> Result<Stack, BenchError> {
+    pub(crate) async fn start(options: &StackOptions) -> Result<Stack, BenchError> {
         let dir = scratch_dir(if options.simulated { "sim" } else { "qemu" })?;
         let guest_dir = dir.join("guest");
         let guest = tokio::task::spawn_blocking(move || guest::build_demo_guest(&guest_dir))
@@ -227,7 +256,10 @@ impl Stack {
             .map_err(BenchError::Guest)?;
 
         let stop_api = CancellationToken::new();
-        let mut config = ApiServerConfig::new(dir.join("apiserver"));
+        let mut config = crate::dev::api_server_config(dir.join("apiserver"))
+            .map_err(|e| BenchError::Failed(format!("the MicroVM resource: {e}")))?;
+        let write_counter = Arc::new(WriteCounter::default());
+        config.observers.push(write_counter.clone());
         config.node_name = NODE.into();
         // The node advertises room for every VM a bench creates: the benches measure the
         // control plane and the VMM, not the scheduler refusing an overcommitted host.
@@ -268,42 +300,28 @@ impl Stack {
             agent_args.push("--capacity-multiplier".into());
             agent_args.push(OVERCOMMIT.to_string());
         }
-        let started = Instant::now();
-        let mut agent = spawn_ignis(&agent_args, &[], &dir.join("agent.log"))?;
-        wait_readyz(
+        let (agent, ready) = start_ignis(
+            &agent_args,
+            &[],
+            &dir.join("agent.log"),
             agent_health,
-            &mut agent,
-            started,
             "agent",
             Duration::from_secs(60),
         )
         .await?;
+        ready?;
 
         let controller_health = free_addr()?;
-        let controller_args: Vec<String> = vec![
-            "controller".into(),
-            "--agent-endpoint".into(),
-            format!("{NODE}=unix://{}", socket.display()),
-            "--insecure-agents".into(),
-            "--leader-election".into(),
-            "false".into(),
-            "--health-addr".into(),
-            controller_health.to_string(),
-        ];
-        let started = Instant::now();
-        let mut controller = spawn_ignis(
-            &controller_args,
+        let (controller, ready) = start_ignis(
+            &controller_args(&socket, controller_health),
             &[("KUBECONFIG", kubeconfig.as_os_str())],
             &dir.join("controller.log"),
-        )?;
-        wait_readyz(
             controller_health,
-            &mut controller,
-            started,
             "controller",
             Duration::from_secs(60),
         )
         .await?;
+        ready?;
 
         let tracker: Tracker = Arc::default();
         let stop_watch = CancellationToken::new();
@@ -316,9 +334,9 @@ impl Stack {
             dir,
             guest,
             api,
+            write_counter,
             client,
             agent,
-            agent_health,
             controller,
             controller_health,
             tracker,
@@ -327,22 +345,22 @@ impl Stack {
         })
     }
 
-    pub fn microvms(&self) -> Api<MicroVM> {
+    pub(crate) fn microvms(&self) -> Api<MicroVM> {
         Api::namespaced(self.client.clone(), NAMESPACE)
     }
 
-    pub fn agent_pid(&self) -> u32 {
+    pub(crate) fn agent_pid(&self) -> u32 {
         self.agent.id().unwrap_or(0)
     }
 
-    pub fn controller_pid(&self) -> u32 {
+    pub(crate) fn controller_pid(&self) -> u32 {
         self.controller.id().unwrap_or(0)
     }
 
     /// Create the sample MicroVM `name` (POST, as `kubectl create -f` / client-side
     /// `kubectl apply` of a new object does); the instant the request was sent.
-    pub async fn create(&self, name: &str) -> Result<Instant, BenchError> {
-        let vm = sample_microvm(name, &self.guest)?;
+    pub(crate) async fn create(&self, name: &str) -> Result<Instant, BenchError> {
+        let vm = sample_microvm(name, &self.guest);
         let sent = Instant::now();
         self.microvms()
             .create(&PostParams::default(), &vm)
@@ -352,7 +370,7 @@ impl Stack {
     }
 
     /// Delete `name` (`kubectl delete mvm NAME --wait=false`).
-    pub async fn delete(&self, name: &str) -> Result<(), BenchError> {
+    pub(crate) async fn delete(&self, name: &str) -> Result<(), BenchError> {
         match self.microvms().delete(name, &DeleteParams::default()).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
@@ -360,7 +378,7 @@ impl Stack {
         }
     }
 
-    pub fn progress(&self, name: &str) -> Progress {
+    pub(crate) fn progress(&self, name: &str) -> Progress {
         self.tracker
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -370,7 +388,7 @@ impl Stack {
     }
 
     /// Wait until `done` holds for `name`'s progress; its progress then.
-    pub async fn wait_for(
+    pub(crate) async fn wait_for(
         &self,
         name: &str,
         what: &str,
@@ -400,7 +418,7 @@ impl Stack {
     }
 
     /// How many tracked MicroVMs satisfy `f`.
-    pub fn count(&self, f: impl Fn(&Progress) -> bool) -> usize {
+    pub(crate) fn count(&self, f: impl Fn(&Progress) -> bool) -> usize {
         self.tracker
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -410,12 +428,12 @@ impl Stack {
     }
 
     /// Writes the dev server recorded, per object key.
-    pub fn writes(&self) -> BTreeMap<String, apiserver::ObjectWrites> {
-        self.api.writes()
+    pub(crate) fn writes(&self) -> BTreeMap<String, ObjectWrites> {
+        self.write_counter.snapshot()
     }
 
     /// Scrape one unlabelled sample from the controller's /metrics.
-    pub async fn controller_metric(&self, name: &str) -> Option<f64> {
+    pub(crate) async fn controller_metric(&self, name: &str) -> Option<f64> {
         let (_, body) = http_get(self.controller_health, "/metrics").await.ok()?;
         super::stats::prometheus_value(&body, name)
     }
@@ -423,7 +441,7 @@ impl Stack {
     /// Stop the controller, then the agent (which stops its VMs), then the API server, and
     /// remove the scratch directory.
     /// `keep` leaves the directory (logs) behind, for a run that failed.
-    pub async fn stop(mut self, keep: bool) {
+    pub(crate) async fn stop(mut self, keep: bool) {
         self.stop_watch.cancel();
         terminate(&mut self.controller, Duration::from_secs(10)).await;
         terminate(&mut self.agent, Duration::from_secs(30)).await;
@@ -438,7 +456,7 @@ impl Stack {
 }
 
 /// SIGTERM, then SIGKILL after `grace`.
-pub async fn terminate(child: &mut Child, grace: Duration) {
+pub(crate) async fn terminate(child: &mut Child, grace: Duration) {
     if let Some(pid) = child.id() {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),

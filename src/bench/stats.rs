@@ -5,19 +5,19 @@ use serde::Serialize;
 
 /// A latency (or any sample) distribution, in milliseconds.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct Summary {
-    pub n: usize,
-    pub min: f64,
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub max: f64,
-    pub mean: f64,
+pub(crate) struct Summary {
+    pub(crate) n: usize,
+    pub(crate) min: f64,
+    pub(crate) p50: f64,
+    pub(crate) p90: f64,
+    pub(crate) p99: f64,
+    pub(crate) max: f64,
+    pub(crate) mean: f64,
 }
 
 /// The `q`-quantile (0..=1) of sorted samples, nearest-rank (no interpolation, so every
 /// reported figure is a value that was actually measured).
-pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+pub(crate) fn quantile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -26,7 +26,7 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
 }
 
 /// Summarise samples (any order; non-finite values are dropped).
-pub fn summarize(samples: &[f64]) -> Summary {
+pub(crate) fn summarize(samples: &[f64]) -> Summary {
     let mut v: Vec<f64> = samples.iter().copied().filter(|x| x.is_finite()).collect();
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
@@ -43,15 +43,9 @@ pub fn summarize(samples: &[f64]) -> Summary {
     }
 }
 
-/// Pairwise differences `a[i] - b[i]` (the Ignis boot minus the bare boot it was paired
-/// with), over the shorter of the two.
-pub fn differences(a: &[f64], b: &[f64]) -> Vec<f64> {
-    a.iter().zip(b).map(|(x, y)| x - y).collect()
-}
-
 /// How a figure compares with its target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Meets,
     Misses,
     /// No target (an informational figure).
@@ -59,7 +53,7 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub fn word(self) -> &'static str {
+    pub(crate) fn word(self) -> &'static str {
         match self {
             Verdict::Meets => "ok",
             Verdict::Misses => "MISSES",
@@ -70,14 +64,14 @@ impl Verdict {
 
 /// A target: a bound on a figure.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-pub enum Target {
+pub(crate) enum Target {
     AtMost(f64),
     AtLeast(f64),
     None,
 }
 
 impl Target {
-    pub fn judge(self, value: f64) -> Verdict {
+    pub(crate) fn judge(self, value: f64) -> Verdict {
         match self {
             Target::AtMost(t) if value <= t => Verdict::Meets,
             Target::AtLeast(t) if value >= t => Verdict::Meets,
@@ -86,7 +80,7 @@ impl Target {
         }
     }
 
-    pub fn describe(self, unit: &str) -> String {
+    pub(crate) fn describe(self, unit: &str) -> String {
         match self {
             Target::AtMost(t) => format!("≤ {} {unit}", trim(t)),
             Target::AtLeast(t) => format!("≥ {} {unit}", trim(t)),
@@ -96,7 +90,7 @@ impl Target {
 }
 
 /// A number for a table: integers without decimals, others with one or two.
-pub fn trim(x: f64) -> String {
+pub(crate) fn trim(x: f64) -> String {
     if (x - x.round()).abs() < 1e-9 && x.abs() < 1e12 {
         format!("{}", x.round() as i64)
     } else if x.abs() >= 100.0 {
@@ -109,14 +103,14 @@ pub fn trim(x: f64) -> String {
 }
 
 /// `VmRSS` (bytes) from the text of `/proc/<pid>/status`.
-pub fn parse_vm_rss(status: &str) -> Option<u64> {
+pub(crate) fn parse_vm_rss(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
 
 /// The value of an unlabelled Prometheus sample `name` in a text exposition.
-pub fn prometheus_value(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn prometheus_value(text: &str, name: &str) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
         let (metric, value) = l.rsplit_once(' ')?;
         (metric == name).then(|| value.trim().parse().ok())?
@@ -124,12 +118,12 @@ pub fn prometheus_value(text: &str, name: &str) -> Option<f64> {
 }
 
 /// The parent pid (field 4) of a `/proc/<pid>/stat` line.
-pub fn parse_ppid(stat: &str) -> Option<u32> {
+pub(crate) fn parse_ppid(stat: &str) -> Option<u32> {
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
-pub const MIB: f64 = 1024.0 * 1024.0;
+pub(crate) const MIB: f64 = 1024.0 * 1024.0;
 
 #[cfg(test)]
 mod tests {
@@ -153,14 +147,6 @@ mod tests {
         assert_eq!(s.n, 3);
         assert_eq!((s.min, s.p50, s.max, s.mean), (1.0, 2.0, 3.0, 2.0));
         assert_eq!(summarize(&[]), Summary::default());
-    }
-
-    #[test]
-    fn differences_pair_by_index() {
-        assert_eq!(
-            differences(&[10.0, 20.0, 30.0], &[4.0, 5.0]),
-            vec![6.0, 15.0]
-        );
     }
 
     #[test]

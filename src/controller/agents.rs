@@ -2,6 +2,9 @@
 //! in-memory view (uid → VM) and turns every change into a reconcile trigger. A broken stream
 //! reconnects with back-off; the link state (connected, reconnecting, lost after the grace
 //! period) is derived from timestamps when asked, so no timer has to fire for it.
+//!
+//! This is the controller's gRPC edge: what the agents send is converted to the domain model
+//! ([`crate::vm::wire`]) as it arrives, and requests are converted as they leave.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -15,16 +18,18 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Uri};
 
 use super::plan::AgentLink;
+use crate::error::ErrorReason;
 use crate::proto::{self, agent_client::AgentClient, vm_event};
+use crate::vm::{ApplyRequest, HostInfo, VmStatus, VmUid, wire};
 
 /// Bound on connecting and on each unary call that is not a delete.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the host (capacity) is refreshed while the stream is healthy.
 const HOST_REFRESH: Duration = Duration::from_secs(30);
 
 /// Where an agent listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum AgentEndpoint {
+pub(crate) enum AgentEndpoint {
     /// `ignis dev` and tests: a unix socket.
     Unix(PathBuf),
     /// In a cluster: pod IP (host network) and port, TLS when the pool has a config.
@@ -33,7 +38,7 @@ pub enum AgentEndpoint {
 
 impl AgentEndpoint {
     /// Parse `unix:///path` or `host:port`.
-    pub fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         if let Some(path) = s.strip_prefix("unix://") {
             return (!path.is_empty()).then(|| AgentEndpoint::Unix(PathBuf::from(path)));
         }
@@ -46,28 +51,23 @@ impl AgentEndpoint {
 }
 
 /// Failures talking to an agent.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum AgentError {
     #[error("no connected agent for node {0}")]
+    #[strum(serialize = "AgentNotConnected")]
     NotConnected(String),
     #[error("cannot connect to the agent")]
+    #[strum(serialize = "AgentConnect")]
     Connect(#[source] tonic::transport::Error),
     #[error("agent call failed")]
+    #[strum(serialize = "AgentRpc")]
     Rpc(#[source] tonic::Status),
+    #[error("the agent answered with a VM whose uid is unusable")]
+    #[strum(serialize = "AgentAnswer")]
+    Answer(#[source] crate::vm::InvalidUid),
     #[error("agent call timed out after {0:?}")]
+    #[strum(serialize = "AgentTimeout")]
     Timeout(Duration),
-}
-
-impl AgentError {
-    /// Fixed word for metric labels and condition reasons.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            AgentError::NotConnected(_) => "AgentNotConnected",
-            AgentError::Connect(_) => "AgentConnect",
-            AgentError::Rpc(_) => "AgentRpc",
-            AgentError::Timeout(_) => "AgentTimeout",
-        }
-    }
 }
 
 /// What the pool asks the controller to reconcile.
@@ -84,8 +84,8 @@ struct Slot {
     client: Option<AgentClient<Channel>>,
     /// Set while not connected and synced; the agent counts as lost `grace` after it.
     down_since: Option<Instant>,
-    host: Option<proto::Host>,
-    vms: HashMap<String, proto::Vm>,
+    host: Option<HostInfo>,
+    vms: HashMap<VmUid, VmStatus>,
     cancel: CancellationToken,
 }
 
@@ -131,7 +131,7 @@ impl AgentPool {
 
     /// Make the pool talk to exactly these agents: new ones are connected, gone ones dropped,
     /// moved ones reconnected.
-    pub fn set_agents(&self, agents: &BTreeMap<String, AgentEndpoint>) {
+    pub(crate) fn set_agents(&self, agents: &BTreeMap<String, AgentEndpoint>) {
         let mut start = Vec::new();
         {
             let Ok(mut slots) = self.inner.slots.write() else {
@@ -171,7 +171,7 @@ impl AgentPool {
     }
 
     /// The link to `node`'s agent now.
-    pub fn link(&self, node: &str) -> AgentLink {
+    pub(crate) fn link(&self, node: &str) -> AgentLink {
         let Ok(slots) = self.inner.slots.read() else {
             return AgentLink::Absent;
         };
@@ -194,13 +194,13 @@ impl AgentPool {
     }
 
     /// The agent's view of one VM.
-    pub fn vm(&self, node: &str, uid: &str) -> Option<proto::Vm> {
+    pub fn vm(&self, node: &str, uid: &str) -> Option<VmStatus> {
         let slots = self.inner.slots.read().ok()?;
         slots.get(node)?.vms.get(uid).cloned()
     }
 
     /// Hosts of every connected agent, for the scheduler.
-    pub fn hosts(&self) -> Vec<(String, proto::Host)> {
+    pub(crate) fn hosts(&self) -> Vec<(String, HostInfo)> {
         let Ok(slots) = self.inner.slots.read() else {
             return Vec::new();
         };
@@ -214,7 +214,7 @@ impl AgentPool {
     }
 
     /// Number of connected agents.
-    pub fn connected(&self) -> usize {
+    pub(crate) fn connected(&self) -> usize {
         self.inner
             .slots
             .read()
@@ -223,7 +223,7 @@ impl AgentPool {
     }
 
     /// `(node, uid)` of every VM the connected agents hold.
-    pub fn held_vms(&self) -> Vec<(String, String)> {
+    pub(crate) fn held_vms(&self) -> Vec<(String, VmUid)> {
         let Ok(slots) = self.inner.slots.read() else {
             return Vec::new();
         };
@@ -249,26 +249,30 @@ impl AgentPool {
 
     /// `ApplyVM`; an answer about a run the view has not seen yet goes into the view at once,
     /// so the next reconcile does not act on a view older than what it just did.
-    pub async fn apply_vm(
+    pub(crate) async fn apply_vm(
         &self,
         node: &str,
-        request: proto::ApplyVmRequest,
-    ) -> Result<proto::Vm, AgentError> {
+        request: &ApplyRequest,
+    ) -> Result<VmStatus, AgentError> {
         let mut client = self.client(node)?;
-        let vm = tokio::time::timeout(CALL_TIMEOUT, client.apply_vm(request))
-            .await
-            .map_err(|_| AgentError::Timeout(CALL_TIMEOUT))?
-            .map_err(AgentError::Rpc)?
-            .into_inner();
+        let answer = tokio::time::timeout(
+            CALL_TIMEOUT,
+            client.apply_vm(proto::ApplyVmRequest::from(request)),
+        )
+        .await
+        .map_err(|_| AgentError::Timeout(CALL_TIMEOUT))?
+        .map_err(AgentError::Rpc)?
+        .into_inner();
+        let vm = wire::vm_status(answer).map_err(AgentError::Answer)?;
         self.record(node, vm.clone());
         Ok(vm)
     }
 
     /// `DeleteVM`, bounded by the VM's grace period plus a margin; forgets the VM after.
-    pub async fn delete_vm(
+    pub(crate) async fn delete_vm(
         &self,
         node: &str,
-        uid: &str,
+        uid: &VmUid,
         grace: Duration,
     ) -> Result<bool, AgentError> {
         let mut client = self.client(node)?;
@@ -293,7 +297,7 @@ impl AgentPool {
         Ok(existed)
     }
 
-    fn record(&self, node: &str, vm: proto::Vm) {
+    fn record(&self, node: &str, vm: VmStatus) {
         if let Ok(mut slots) = self.inner.slots.write()
             && let Some(slot) = slots.get_mut(node)
         {
@@ -305,7 +309,7 @@ impl AgentPool {
 /// A `WatchVMs` event into the view. The stream is ordered, so within a run its latest event
 /// is the truth; only an event about an older run than one we already hold (an ApplyVM answer
 /// for the next run raced ahead of it) is stale.
-fn merge_event(vms: &mut HashMap<String, proto::Vm>, vm: proto::Vm) -> bool {
+fn merge_event(vms: &mut HashMap<VmUid, VmStatus>, vm: VmStatus) -> bool {
     match vms.get(&vm.uid) {
         Some(old) if old.run > vm.run => false,
         _ => {
@@ -322,7 +326,7 @@ fn merge_event(vms: &mut HashMap<String, proto::Vm>, vm: proto::Vm) -> bool {
 /// it. So an answer only fills a gap: a VM the view does not hold yet, or a newer run than the
 /// one it holds. Whatever it says about a run the stream already reported, the stream says
 /// again, in order.
-fn merge_answer(vms: &mut HashMap<String, proto::Vm>, vm: proto::Vm) -> bool {
+fn merge_answer(vms: &mut HashMap<VmUid, VmStatus>, vm: VmStatus) -> bool {
     match vms.get(&vm.uid) {
         Some(old) if old.run >= vm.run => false,
         _ => {
@@ -401,7 +405,7 @@ async fn agent_loop(
 
 /// Back-off between reconnects: 200 ms doubling to 5 s, with up to 25% jitter so a restarted
 /// controller does not hit every agent in lockstep.
-pub fn reconnect_delay(failures: u32) -> Duration {
+pub(crate) fn reconnect_delay(failures: u32) -> Duration {
     let base = Duration::from_millis(200u64 << failures.min(5)).min(Duration::from_secs(5));
     let jitter = rand::random_range(0.0..0.25);
     base.mul_f64(1.0 + jitter)
@@ -435,9 +439,9 @@ async fn session(
 ) -> Result<(), AgentError> {
     let channel = connect(endpoint, inner.tls.as_ref()).await?;
     let mut client = AgentClient::new(channel);
-    let host = unary(client.get_host(proto::GetHostRequest {})).await?;
+    let host = wire::host_info(unary(client.get_host(proto::GetHostRequest {})).await?);
     let mut stream = unary(client.watch_v_ms(proto::WatchVMsRequest {})).await?;
-    let mut snapshot: HashSet<String> = HashSet::new();
+    let mut snapshot: HashSet<VmUid> = HashSet::new();
     let mut synced = false;
     let mut host = Some(host);
     let mut refresh = tokio::time::interval(HOST_REFRESH);
@@ -446,7 +450,7 @@ async fn session(
         let next = tokio::select! {
             n = tokio::time::timeout(inner.heartbeat_timeout, stream.message()) => n,
             _ = refresh.tick(), if synced => {
-                let fresh = unary(client.get_host(proto::GetHostRequest {})).await?;
+                let fresh = wire::host_info(unary(client.get_host(proto::GetHostRequest {})).await?);
                 update_host(inner, node, fresh);
                 continue;
             }
@@ -459,6 +463,13 @@ async fn session(
         };
         match event.event {
             Some(vm_event::Event::Vm(vm)) => {
+                let vm = match wire::vm_status(vm) {
+                    Ok(vm) => vm,
+                    Err(error) => {
+                        tracing::warn!(%node, %error, "agent reported a VM with an unusable uid");
+                        continue;
+                    }
+                };
                 if !synced {
                     snapshot.insert(vm.uid.clone());
                 }
@@ -477,11 +488,10 @@ async fn session(
                 }
             }
             Some(vm_event::Event::Deleted(deleted)) => {
-                let gone = inner
-                    .slots
-                    .write()
-                    .ok()
-                    .and_then(|mut slots| slots.get_mut(node)?.vms.remove(&deleted.uid));
+                let gone =
+                    inner.slots.write().ok().and_then(|mut slots| {
+                        slots.get_mut(node)?.vms.remove(deleted.uid.as_str())
+                    });
                 if let Some(vm) = gone {
                     let _ = inner.signals.send(PoolSignal::Vm {
                         namespace: vm.namespace,
@@ -524,7 +534,7 @@ async fn session(
     }
 }
 
-fn update_host(inner: &Inner, node: &str, host: proto::Host) {
+fn update_host(inner: &Inner, node: &str, host: HostInfo) {
     if let Ok(mut slots) = inner.slots.write()
         && let Some(slot) = slots.get_mut(node)
     {
@@ -549,6 +559,7 @@ async fn unary<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vm::RunState;
 
     #[test]
     fn endpoints_parse() {
@@ -574,19 +585,18 @@ mod tests {
         assert_eq!(AgentEndpoint::parse("nohost"), None);
     }
 
-    fn vm(run: u32, state: proto::VmState, ready: bool) -> proto::Vm {
-        proto::Vm {
-            uid: "u".to_string(),
+    fn vm(run: u32, state: RunState, ready: bool) -> VmStatus {
+        VmStatus {
             run,
-            state: state as i32,
+            state,
             ready,
-            ..Default::default()
+            ..VmStatus::new(VmUid::new("u").expect("uid"), String::new(), String::new())
         }
     }
 
     #[test]
     fn stale_runs_do_not_overwrite_newer_ones() {
-        use proto::VmState::Running;
+        use RunState::Running;
         let mut vms = HashMap::new();
         assert!(merge_event(&mut vms, vm(2, Running, true)));
         assert!(!merge_event(&mut vms, vm(1, Running, true)));
@@ -596,7 +606,7 @@ mod tests {
 
     #[test]
     fn a_late_apply_answer_does_not_hide_the_streams_newer_state() {
-        use proto::VmState::{Exited, Running, Starting};
+        use RunState::{Exited, Running, Starting};
         let mut vms = HashMap::new();
         // The stream reported the VM ready before the ApplyVM answer (taken while it was
         // still starting) came back: the answer must not turn it back to Starting.
@@ -642,7 +652,8 @@ mod tests {
         ));
         assert!(pool.hosts().is_empty());
         assert!(matches!(
-            pool.apply_vm("node-a", Default::default()).await,
+            pool.apply_vm("node-a", &crate::testing::apply_request("u"))
+                .await,
             Err(AgentError::NotConnected(_))
         ));
         shutdown.cancel();

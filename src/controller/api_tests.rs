@@ -15,9 +15,7 @@ use kube::runtime::reflector;
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
-use tonic::{Response as GrpcResponse, Status};
 
 use super::agents::{AgentEndpoint, AgentPool};
 use super::fixtures::{deleting, microvm, placed};
@@ -26,163 +24,20 @@ use super::plan::AgentLink;
 use super::scheduler::PlacementStrategy;
 use super::{Context, NodeLabels, reconcile};
 use crate::api::{FIELD_MANAGER, FINALIZER, MicroVM, NODE_LABEL};
-use crate::proto::{self, agent_server};
+use crate::error::ErrorReason;
+use crate::testing::fake_agent::{Calls, serve_fake_agent};
+use crate::vm::{DesiredState, RunState, SequencedEvent, VmEvent};
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 type Respond = tower_test::mock::SendResponse<Response<Body>>;
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
-/// What the fake agent was asked to do.
-#[derive(Default)]
-struct Calls {
-    applied: Vec<proto::ApplyVmRequest>,
-    deleted: Vec<String>,
-}
-
-struct FakeAgent {
-    calls: Arc<Mutex<Calls>>,
-    /// Keeps every watch stream open; dropping them breaks the streams.
-    watchers: Watchers,
-    /// Sent on connect, before `synced`.
-    initial: Vec<proto::Vm>,
-}
-
-type Watchers = Arc<Mutex<Vec<mpsc::Sender<Result<proto::VmEvent, Status>>>>>;
-
-#[tonic::async_trait]
-impl agent_server::Agent for FakeAgent {
-    async fn get_host(
-        &self,
-        _: tonic::Request<proto::GetHostRequest>,
-    ) -> Result<GrpcResponse<proto::Host>, Status> {
-        Ok(GrpcResponse::new(proto::Host {
-            node_name: "node-a".to_string(),
-            vcpus_total: 4,
-            memory_total_bytes: 8 << 30,
-            hypervisors: vec!["qemu".to_string()],
-            accelerator: "tcg".to_string(),
-            instance_id: "fake".to_string(),
-            ..Default::default()
-        }))
-    }
-
-    async fn apply_vm(
-        &self,
-        request: tonic::Request<proto::ApplyVmRequest>,
-    ) -> Result<GrpcResponse<proto::Vm>, Status> {
-        let req = request.into_inner();
-        let spec = req.spec.clone().unwrap_or_default();
-        let vm = proto::Vm {
-            uid: spec.uid,
-            namespace: spec.namespace,
-            name: spec.name,
-            spec_hash: req.spec_hash.clone(),
-            run: req.run,
-            state: proto::VmState::Creating as i32,
-            ..Default::default()
-        };
-        if let Ok(mut calls) = self.calls.lock() {
-            calls.applied.push(req);
-        }
-        Ok(GrpcResponse::new(vm))
-    }
-
-    async fn delete_vm(
-        &self,
-        request: tonic::Request<proto::DeleteVmRequest>,
-    ) -> Result<GrpcResponse<proto::DeleteVmResponse>, Status> {
-        if let Ok(mut calls) = self.calls.lock() {
-            calls.deleted.push(request.into_inner().uid);
-        }
-        Ok(GrpcResponse::new(proto::DeleteVmResponse { existed: true }))
-    }
-
-    async fn get_vm(
-        &self,
-        _: tonic::Request<proto::GetVmRequest>,
-    ) -> Result<GrpcResponse<proto::Vm>, Status> {
-        Err(Status::not_found("no such VM"))
-    }
-
-    async fn list_v_ms(
-        &self,
-        _: tonic::Request<proto::ListVMsRequest>,
-    ) -> Result<GrpcResponse<proto::ListVMsResponse>, Status> {
-        Ok(GrpcResponse::new(proto::ListVMsResponse::default()))
-    }
-
-    type WatchVMsStream = ReceiverStream<Result<proto::VmEvent, Status>>;
-
-    async fn watch_v_ms(
-        &self,
-        _: tonic::Request<proto::WatchVMsRequest>,
-    ) -> Result<GrpcResponse<Self::WatchVMsStream>, Status> {
-        let (tx, rx) = mpsc::channel(8);
-        for vm in &self.initial {
-            let event = proto::VmEvent {
-                sequence: 0,
-                event: Some(proto::vm_event::Event::Vm(vm.clone())),
-            };
-            tx.send(Ok(event))
-                .await
-                .map_err(|_| Status::internal("closed"))?;
-        }
-        let synced = proto::VmEvent {
-            sequence: 1,
-            event: Some(proto::vm_event::Event::Synced(true)),
-        };
-        tx.send(Ok(synced))
-            .await
-            .map_err(|_| Status::internal("closed"))?;
-        if let Ok(mut w) = self.watchers.lock() {
-            w.push(tx);
-        }
-        Ok(GrpcResponse::new(ReceiverStream::new(rx)))
-    }
-
-    type ConsoleStream = ReceiverStream<Result<proto::ConsoleChunk, Status>>;
-
-    async fn console(
-        &self,
-        _: tonic::Request<proto::ConsoleRequest>,
-    ) -> Result<GrpcResponse<Self::ConsoleStream>, Status> {
-        Err(Status::unimplemented("no console in the fake"))
-    }
-}
-
 /// Serve a fake agent on a unix socket; returns its calls and the socket's directory.
 async fn fake_agent(shutdown: CancellationToken) -> (Arc<Mutex<Calls>>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (calls, _) = serve_fake(&dir.path().join("agent.sock"), Vec::new(), shutdown);
+    let (calls, _) = serve_fake_agent(&dir.path().join("agent.sock"), Vec::new(), shutdown);
     (calls, dir)
-}
-
-/// Serve a fake agent at `path` holding `initial` VMs.
-fn serve_fake(
-    path: &std::path::Path,
-    initial: Vec<proto::Vm>,
-    shutdown: CancellationToken,
-) -> (Arc<Mutex<Calls>>, Watchers) {
-    let _ = std::fs::remove_file(path);
-    let listener = tokio::net::UnixListener::bind(path).expect("bind");
-    let calls = Arc::new(Mutex::new(Calls::default()));
-    let watchers: Watchers = Arc::new(Mutex::new(Vec::new()));
-    let agent = FakeAgent {
-        calls: calls.clone(),
-        watchers: watchers.clone(),
-        initial,
-    };
-    tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
-            .add_service(agent_server::AgentServer::new(agent))
-            .serve_with_incoming_shutdown(
-                UnixListenerStream::new(listener),
-                shutdown.cancelled_owned(),
-            )
-            .await;
-    });
-    (calls, watchers)
 }
 
 fn context(client: Client, pool: AgentPool) -> Arc<Context> {
@@ -283,7 +138,10 @@ async fn expect_event(handle: &mut Handle, reason: &str) {
     ok(respond, &body);
 }
 
-const OBJECT: &str = "/apis/ignis.dev/v1alpha1/namespaces/default/microvms/web";
+/// The path of the MicroVM `default/web`.
+fn object() -> String {
+    crate::testing::microvm_path("default", "web")
+}
 
 async fn wait_connected(pool: &AgentPool, node: &str) {
     tokio::time::timeout(DEADLINE, async {
@@ -321,7 +179,7 @@ async fn new_vm_is_placed_started_and_reported_in_three_writes() {
         let (_, _, _, respond) = expect(&mut handle, Method::GET, "/api/v1/nodes/node-a").await;
         not_found(respond);
         // Write 1: finalizer and node label in one merge patch, guarded by resourceVersion.
-        let (_, body, content_type, respond) = expect(&mut handle, Method::PATCH, OBJECT).await;
+        let (_, body, content_type, respond) = expect(&mut handle, Method::PATCH, &object()).await;
         assert_eq!(
             content_type.as_deref(),
             Some("application/merge-patch+json")
@@ -338,7 +196,7 @@ async fn new_vm_is_placed_started_and_reported_in_three_writes() {
         patched.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
         ok(respond, &patched);
         // Write 2: the status, by server-side apply with our field manager, forced.
-        let status_path = format!("{OBJECT}/status");
+        let status_path = format!("{}/status", object());
         let (query, body, content_type, respond) =
             expect(&mut handle, Method::PATCH, &status_path).await;
         assert_eq!(
@@ -350,7 +208,7 @@ async fn new_vm_is_placed_started_and_reported_in_three_writes() {
             Some(FIELD_MANAGER)
         );
         assert_eq!(query.get("force").map(String::as_str), Some("true"));
-        assert_eq!(body["apiVersion"], "ignis.dev/v1alpha1");
+        assert_eq!(body["apiVersion"], crate::api::API_VERSION);
         assert_eq!(body["kind"], "MicroVM");
         assert_eq!(body["status"]["phase"], "Starting");
         assert_eq!(body["status"]["nodeName"], "node-a");
@@ -384,7 +242,7 @@ async fn new_vm_is_placed_started_and_reported_in_three_writes() {
         .expect("reconcile succeeds");
     assert_eq!(
         action,
-        kube::runtime::controller::Action::requeue(super::RESYNC)
+        kube::runtime::controller::Action::requeue(super::reconcile::RESYNC)
     );
     let mut handle = tokio::time::timeout(DEADLINE, verifier)
         .await
@@ -395,8 +253,8 @@ async fn new_vm_is_placed_started_and_reported_in_three_writes() {
         assert_eq!(calls.applied.len(), 1);
         let applied = &calls.applied[0];
         assert_eq!(applied.run, 0);
-        assert_eq!(applied.desired_state, proto::DesiredState::Running as i32);
-        let spec = applied.spec.clone().expect("spec");
+        assert_eq!(applied.desired, DesiredState::Running);
+        let spec = &applied.spec;
         assert_eq!((spec.uid.as_str(), spec.name.as_str()), ("uid-web", "web"));
         assert_eq!(spec.memory_bytes, 256 << 20);
     }
@@ -424,14 +282,14 @@ async fn unschedulable_vm_gets_finalizer_condition_and_event() {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let ctx = context(Client::new(service, "default"), pool);
     let verifier = tokio::spawn(async move {
-        let (_, body, _, respond) = expect(&mut handle, Method::PATCH, OBJECT).await;
+        let (_, body, _, respond) = expect(&mut handle, Method::PATCH, &object()).await;
         assert_eq!(
             body,
             json!({"metadata": {"resourceVersion": "1", "finalizers": [FINALIZER]}})
         );
         ok(respond, &microvm("web"));
         let (query, body, _, respond) =
-            expect(&mut handle, Method::PATCH, &format!("{OBJECT}/status")).await;
+            expect(&mut handle, Method::PATCH, &format!("{}/status", object())).await;
         assert_eq!(
             query.get("fieldManager").map(String::as_str),
             Some(FIELD_MANAGER)
@@ -486,7 +344,7 @@ async fn deleted_vm_is_removed_from_the_agent_before_the_finalizer_goes() {
     let ctx = context(Client::new(service, "default"), pool);
     let agent_calls = calls.clone();
     let verifier = tokio::spawn(async move {
-        let (_, body, _, respond) = expect(&mut handle, Method::PATCH, OBJECT).await;
+        let (_, body, _, respond) = expect(&mut handle, Method::PATCH, &object()).await;
         // The agent was asked first.
         assert_eq!(
             agent_calls.lock().expect("calls").deleted,
@@ -528,7 +386,7 @@ async fn a_failed_status_write_is_an_error_with_a_reason() {
     mvm.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
     let verifier = tokio::spawn(async move {
         let (_, _, _, respond) =
-            expect(&mut handle, Method::PATCH, &format!("{OBJECT}/status")).await;
+            expect(&mut handle, Method::PATCH, &format!("{}/status", object())).await;
         let status = json!({
             "kind": "Status", "apiVersion": "v1", "status": "Failure",
             "reason": "Conflict", "code": 409, "message": "conflict",
@@ -577,9 +435,9 @@ async fn agent_stream_feeds_the_view_and_triggers_reconciles_and_loss_heals() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("agent.sock");
     let web = microvm("web");
-    let running = super::fixtures::agent_vm(&web, "h", 0, proto::VmState::Running);
+    let running = super::fixtures::agent_vm(&web, "h", 0, RunState::Running);
     let agent_stop = shutdown.child_token();
-    let (_, watchers) = serve_fake(&path, vec![running.clone()], agent_stop.clone());
+    let (_, watchers) = serve_fake_agent(&path, vec![running.clone()], agent_stop.clone());
     let grace = Duration::from_millis(400);
     let (pool, mut signals) =
         AgentPool::new(grace, Duration::from_secs(30), None, shutdown.clone());
@@ -597,19 +455,20 @@ async fn agent_stream_feeds_the_view_and_triggers_reconciles_and_loss_heals() {
     assert_eq!(pool.hosts().len(), 1);
     assert_eq!(
         pool.held_vms(),
-        vec![("node-a".to_string(), "uid-web".to_string())]
+        vec![("node-a".to_string(), running.uid.clone())]
     );
 
     // A change on the stream triggers exactly that object.
     let mut exited = running.clone();
-    exited.state = proto::VmState::Exited as i32;
-    let tx = watchers.lock().expect("watchers")[0].clone();
-    tx.send(Ok(proto::VmEvent {
-        sequence: 2,
-        event: Some(proto::vm_event::Event::Vm(exited.clone())),
-    }))
-    .await
-    .expect("send");
+    exited.state = RunState::Exited;
+    assert!(
+        watchers
+            .send(SequencedEvent {
+                sequence: 2,
+                event: VmEvent::Changed(Box::new(exited.clone())),
+            })
+            .await
+    );
     assert_eq!(
         next_signal(&mut signals).await,
         PoolSignal::Vm {
@@ -620,9 +479,8 @@ async fn agent_stream_feeds_the_view_and_triggers_reconciles_and_loss_heals() {
     assert_eq!(pool.vm("node-a", "uid-web"), Some(exited));
 
     // The agent goes away: reconnecting within the grace period, lost after it.
-    drop(tx);
     agent_stop.cancel();
-    watchers.lock().expect("watchers").clear();
+    watchers.close();
     assert_eq!(
         next_signal(&mut signals).await,
         PoolSignal::Vm {
@@ -638,7 +496,7 @@ async fn agent_stream_feeds_the_view_and_triggers_reconciles_and_loss_heals() {
     assert!(pool.hosts().is_empty());
 
     // It comes back: the link heals and the node is reconciled again.
-    let (_, _watchers) = serve_fake(&path, vec![running], shutdown.child_token());
+    let (_, _watchers) = serve_fake_agent(&path, vec![running], shutdown.child_token());
     tokio::time::timeout(DEADLINE, async {
         loop {
             if next_signal(&mut signals).await == PoolSignal::Node("node-a".to_string()) {

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::error::ErrorReason;
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -14,23 +15,16 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
 /// Leader election failures.
-#[derive(Debug, Error)]
-pub enum LeaderError {
+#[derive(Debug, Error, strum::IntoStaticStr)]
+pub(crate) enum LeaderError {
     #[error("cannot read or write the Lease")]
+    #[strum(serialize = "LeaseApi")]
     Kube(#[source] kube::Error),
-}
-
-impl LeaderError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            LeaderError::Kube(_) => "LeaseApi",
-        }
-    }
 }
 
 /// What a candidate should do with the Lease as it is now.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LeaseDecision {
+pub(crate) enum LeaseDecision {
     /// Free or expired: take it.
     Acquire,
     /// Ours: renew it.
@@ -43,7 +37,7 @@ pub enum LeaseDecision {
 }
 
 /// Decide from the Lease's spec (None when the Lease does not exist).
-pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> LeaseDecision {
+pub(crate) fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> LeaseDecision {
     let Some(spec) = spec else {
         return LeaseDecision::Acquire;
     };
@@ -78,7 +72,7 @@ pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> LeaseDecisi
 }
 
 /// The Lease spec after `me` acquires or renews it.
-pub fn next_spec(
+pub(crate) fn next_spec(
     current: Option<&LeaseSpec>,
     me: &str,
     duration: Duration,
@@ -99,7 +93,7 @@ pub fn next_spec(
 
 /// A candidate for one Lease.
 #[derive(Clone)]
-pub struct LeaderElector {
+pub(crate) struct LeaderElector {
     api: Api<Lease>,
     name: String,
     identity: String,
@@ -107,7 +101,7 @@ pub struct LeaderElector {
 }
 
 impl LeaderElector {
-    pub fn new(api: Api<Lease>, name: &str, identity: &str, duration: Duration) -> Self {
+    pub(crate) fn new(api: Api<Lease>, name: &str, identity: &str, duration: Duration) -> Self {
         Self {
             api,
             name: name.to_string(),
@@ -118,7 +112,7 @@ impl LeaderElector {
 
     /// One round: returns whether we hold the Lease afterwards. A lost write race is `false`,
     /// not an error.
-    pub async fn try_once(&self) -> Result<bool, LeaderError> {
+    pub(crate) async fn try_once(&self) -> Result<bool, LeaderError> {
         self.round().await.map(|(held, _)| held)
     }
 
@@ -163,7 +157,7 @@ impl LeaderElector {
 
     /// Wait until we hold the Lease (`true`) or `shutdown` (`false`). API errors are retried:
     /// a standby must survive API server blips.
-    pub async fn acquire(&self, shutdown: &CancellationToken) -> bool {
+    pub(crate) async fn acquire(&self, shutdown: &CancellationToken) -> bool {
         let retry = self.duration / 3;
         loop {
             // Wake right after the holder's Lease would expire, so a dead leader is replaced
@@ -190,7 +184,7 @@ impl LeaderElector {
     /// Keep renewing in the background. [`Leadership::lost`] fires when leadership is lost
     /// (someone else holds the Lease, or renewals failed for a whole lease duration);
     /// [`Leadership::step_down`] ends it on purpose.
-    pub fn hold(self) -> Leadership {
+    pub(crate) fn hold(self) -> Leadership {
         let lost = CancellationToken::new();
         let stop = CancellationToken::new();
         let renewer = tokio::spawn(self.clone().renew(lost.clone(), stop.clone()));
@@ -255,7 +249,7 @@ impl LeaderElector {
 }
 
 /// A held Lease, renewed in the background until [`Leadership::step_down`].
-pub struct Leadership {
+pub(crate) struct Leadership {
     elector: LeaderElector,
     lost: CancellationToken,
     stop: CancellationToken,
@@ -264,7 +258,7 @@ pub struct Leadership {
 
 impl Leadership {
     /// Fires when leadership was lost without stepping down.
-    pub fn lost(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+    pub(crate) fn lost(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
         self.lost.cancelled()
     }
 
@@ -272,7 +266,7 @@ impl Leadership {
     /// reconciling: a standby may take over the moment the Lease is released. The renewer is
     /// stopped first so a renewal in flight cannot take the released Lease back. Bounded by
     /// one lease duration; past that the Lease expires on its own anyway.
-    pub async fn step_down(self) {
+    pub(crate) async fn step_down(self) {
         self.stop.cancel();
         let elector = self.elector;
         let renewer = self.renewer;

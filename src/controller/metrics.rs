@@ -11,30 +11,30 @@ use crate::api::Phase;
 use crate::telemetry::MetricsRegistry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
-    pub reason: String,
+pub(crate) struct ReasonLabel {
+    pub(crate) reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PhaseLabel {
-    pub phase: String,
+pub(crate) struct PhaseLabel {
+    pub(crate) phase: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ConstraintLabel {
-    pub constraint: String,
+pub(crate) struct ConstraintLabel {
+    pub(crate) constraint: String,
 }
 
 /// Every metric the controller exports.
 #[derive(Clone)]
-pub struct ControllerMetrics {
-    pub reconciles: Counter,
-    pub errors: Family<ReasonLabel, Counter>,
-    pub duration: Histogram,
-    pub vms: Family<PhaseLabel, Gauge>,
-    pub placement_failures: Family<ConstraintLabel, Counter>,
-    pub agents_connected: Gauge,
-    pub drift_removed: Counter,
+pub(crate) struct ControllerMetrics {
+    pub(crate) reconciles: Counter,
+    pub(crate) errors: Family<ReasonLabel, Counter>,
+    pub(crate) duration: Histogram,
+    pub(crate) vms: Family<PhaseLabel, Gauge>,
+    pub(crate) placement_failures: Family<ConstraintLabel, Counter>,
+    pub(crate) agents_connected: Gauge,
+    pub(crate) drift_removed: Counter,
 }
 
 impl Default for ControllerMetrics {
@@ -54,7 +54,7 @@ impl Default for ControllerMetrics {
 
 impl ControllerMetrics {
     /// Create the metrics and register them under `controller_`.
-    pub async fn register(registry: &MetricsRegistry) -> Self {
+    pub(crate) async fn register(registry: &MetricsRegistry) -> Self {
         let m = Self::default();
         let c = m.clone();
         registry
@@ -89,7 +89,7 @@ impl ControllerMetrics {
     }
 
     /// Record the phase census of the cache.
-    pub fn set_phases(&self, counts: &[(Phase, i64)]) {
+    pub(crate) fn set_phases(&self, counts: &[(Phase, i64)]) {
         for phase in Phase::ALL {
             let n = counts
                 .iter()
@@ -103,7 +103,7 @@ impl ControllerMetrics {
         }
     }
 
-    pub fn error(&self, reason: &str) {
+    pub(crate) fn error(&self, reason: &str) {
         self.errors
             .get_or_create(&ReasonLabel {
                 reason: reason.to_string(),
@@ -111,7 +111,7 @@ impl ControllerMetrics {
             .inc();
     }
 
-    pub fn placement_failure(&self, constraint: &str) {
+    pub(crate) fn placement_failure(&self, constraint: &str) {
         self.placement_failures
             .get_or_create(&ConstraintLabel {
                 constraint: constraint.to_string(),

@@ -4,11 +4,11 @@
 
 use std::collections::BTreeMap;
 
-use crate::api::{AcceleratorChoice, HypervisorChoice};
+use crate::api::{Accelerator, AcceleratorChoice, Hypervisor, HypervisorChoice};
 
 /// How candidates that fit are ranked.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum PlacementStrategy {
+pub(crate) enum PlacementStrategy {
     /// The node with the least reserved wins: spreads load and failure domains.
     #[default]
     Spread,
@@ -18,33 +18,33 @@ pub enum PlacementStrategy {
 
 /// What a VM needs from a node.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PlacementRequest {
-    pub vcpus: u32,
-    pub memory_bytes: u64,
-    pub node_selector: BTreeMap<String, String>,
-    pub hypervisor: HypervisorChoice,
-    pub accelerator: AcceleratorChoice,
+pub(crate) struct PlacementRequest {
+    pub(crate) vcpus: u32,
+    pub(crate) memory_bytes: u64,
+    pub(crate) node_selector: BTreeMap<String, String>,
+    pub(crate) hypervisor: HypervisorChoice,
+    pub(crate) accelerator: AcceleratorChoice,
 }
 
 /// One node with a connected agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Candidate {
-    pub node: String,
-    pub labels: BTreeMap<String, String>,
-    /// VMMs the agent offers ("qemu", "firecracker", ...).
-    pub hypervisors: Vec<String>,
-    /// "kvm" or "tcg", as the agent's probe reported.
-    pub accelerator: String,
-    pub vcpus_total: u32,
-    pub memory_total_bytes: u64,
+pub(crate) struct Candidate {
+    pub(crate) node: String,
+    pub(crate) labels: BTreeMap<String, String>,
+    /// VMMs the agent offers.
+    pub(crate) hypervisors: Vec<Hypervisor>,
+    /// What the agent's probe found.
+    pub(crate) accelerator: Accelerator,
+    pub(crate) vcpus_total: u32,
+    pub(crate) memory_total_bytes: u64,
     /// Already reserved on the node (MicroVMs placed there, or what the agent holds if more).
-    pub vcpus_reserved: u32,
-    pub memory_reserved_bytes: u64,
+    pub(crate) vcpus_reserved: u32,
+    pub(crate) memory_reserved_bytes: u64,
 }
 
 /// The filter that left no node standing, in the order filters run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Constraint {
+pub(crate) enum Constraint {
     /// No agent is connected at all.
     NoAgents,
     NodeSelector,
@@ -55,7 +55,7 @@ pub enum Constraint {
 
 impl Constraint {
     /// The spelling used in condition messages and metric labels.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Constraint::NoAgents => "noAgents",
             Constraint::NodeSelector => "nodeSelector",
@@ -68,11 +68,11 @@ impl Constraint {
 
 /// No node fits.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Unschedulable {
+pub(crate) struct Unschedulable {
     /// The filter that eliminated the last candidates.
-    pub constraint: Constraint,
+    pub(crate) constraint: Constraint,
     /// For a person, kube-scheduler style: how many nodes each filter turned away.
-    pub message: String,
+    pub(crate) message: String,
 }
 
 /// A filter stage: the constraint it checks and whether a candidate passes.
@@ -80,7 +80,7 @@ type Filter<'a> = (Constraint, &'a dyn Fn(&Candidate) -> bool);
 
 /// Pick a node, or say which constraint failed. Ties break on the node name, so the same
 /// inputs always give the same answer.
-pub fn place(
+pub(crate) fn place(
     request: &PlacementRequest,
     candidates: &[Candidate],
     strategy: PlacementStrategy,
@@ -145,7 +145,7 @@ pub fn place(
 }
 
 /// Whether every selector label is present on the node with the same value.
-pub fn selector_matches(
+pub(crate) fn selector_matches(
     selector: &BTreeMap<String, String>,
     labels: &BTreeMap<String, String>,
 ) -> bool {
@@ -153,13 +153,10 @@ pub fn selector_matches(
 }
 
 fn offers_hypervisor(choice: HypervisorChoice, c: &Candidate) -> bool {
-    let wanted = match choice {
-        HypervisorChoice::Auto => return !c.hypervisors.is_empty(),
-        HypervisorChoice::Qemu => "qemu",
-        HypervisorChoice::Firecracker => "firecracker",
-        HypervisorChoice::CloudHypervisor => "cloud-hypervisor",
-    };
-    c.hypervisors.iter().any(|h| h == wanted)
+    match choice.pinned() {
+        None => !c.hypervisors.is_empty(),
+        Some(wanted) => c.hypervisors.contains(&wanted),
+    }
 }
 
 fn offers_accelerator(
@@ -169,11 +166,11 @@ fn offers_accelerator(
 ) -> bool {
     match choice {
         AcceleratorChoice::Auto => true,
-        AcceleratorChoice::Kvm => c.accelerator == "kvm",
+        AcceleratorChoice::Kvm => c.accelerator == Accelerator::Kvm,
         // Only QEMU emulates; a VM pinned to another VMM can never run under TCG.
         AcceleratorChoice::Tcg => {
             matches!(hypervisor, HypervisorChoice::Auto | HypervisorChoice::Qemu)
-                && c.hypervisors.iter().any(|h| h == "qemu")
+                && c.hypervisors.contains(&Hypervisor::Qemu)
         }
     }
 }
@@ -202,8 +199,8 @@ mod tests {
         Candidate {
             node: name.to_string(),
             labels: BTreeMap::from([("kubernetes.io/hostname".to_string(), name.to_string())]),
-            hypervisors: vec!["qemu".to_string()],
-            accelerator: "tcg".to_string(),
+            hypervisors: vec![Hypervisor::Qemu],
+            accelerator: Accelerator::Tcg,
             vcpus_total: 8,
             memory_total_bytes: 16 * GI,
             vcpus_reserved,
@@ -274,7 +271,7 @@ mod tests {
         let mut req = request();
         req.hypervisor = HypervisorChoice::Firecracker;
         let mut fc = node("b", 0, 0);
-        fc.hypervisors = vec!["firecracker".to_string()];
+        fc.hypervisors = vec![Hypervisor::Firecracker];
         assert_eq!(
             place(&req, &[node("a", 0, 0), fc], PlacementStrategy::Spread),
             Ok("b".to_string())
@@ -292,7 +289,7 @@ mod tests {
             place(&req, &[node("a", 0, 0)], PlacementStrategy::Spread).expect_err("must fail");
         assert_eq!(err.constraint, Constraint::Accelerator);
         let mut kvm = node("b", 0, 0);
-        kvm.accelerator = "kvm".to_string();
+        kvm.accelerator = Accelerator::Kvm;
         assert_eq!(
             place(&req, &[node("a", 0, 0), kvm], PlacementStrategy::Spread),
             Ok("b".to_string())
@@ -304,7 +301,7 @@ mod tests {
         let mut req = request();
         req.accelerator = AcceleratorChoice::Tcg;
         let mut fc = node("a", 0, 0);
-        fc.hypervisors = vec!["firecracker".to_string()];
+        fc.hypervisors = vec![Hypervisor::Firecracker];
         let err = place(&req, &[fc.clone()], PlacementStrategy::Spread).expect_err("must fail");
         assert_eq!(err.constraint, Constraint::Accelerator);
         assert_eq!(
@@ -314,7 +311,7 @@ mod tests {
         // A VM pinned to Firecracker cannot be emulated anywhere.
         req.hypervisor = HypervisorChoice::Firecracker;
         let mut both = node("c", 0, 0);
-        both.hypervisors.push("firecracker".to_string());
+        both.hypervisors.push(Hypervisor::Firecracker);
         let err = place(&req, &[both], PlacementStrategy::Spread).expect_err("must fail");
         assert_eq!(err.constraint, Constraint::Accelerator);
     }

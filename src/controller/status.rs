@@ -4,14 +4,14 @@
 
 use serde_json::{Value, json};
 
-use crate::api::{API_VERSION, FINALIZER, MicroVM, MicroVMStatus, NODE_LABEL};
+use crate::api::{API_VERSION, FINALIZER, KIND, MicroVM, MicroVMStatus, NODE_LABEL};
 
 /// The apply configuration for the status subresource. Sending the whole computed status means
 /// fields the controller no longer sets are dropped, which is what apply semantics give.
-pub fn status_apply_body(status: &MicroVMStatus) -> Value {
+pub(crate) fn status_apply_body(status: &MicroVMStatus) -> Value {
     json!({
         "apiVersion": API_VERSION,
-        "kind": "MicroVM",
+        "kind": KIND,
         "status": status,
     })
 }
@@ -19,7 +19,7 @@ pub fn status_apply_body(status: &MicroVMStatus) -> Value {
 /// One merge patch that adds the finalizer and/or the node label. Finalizers are a list, which
 /// a merge patch replaces whole, so the patch carries the object's resourceVersion: the API
 /// server refuses it with a conflict if anything changed since we read the list.
-pub fn metadata_patch(mvm: &MicroVM, add_finalizer: bool, node: Option<&str>) -> Value {
+pub(crate) fn metadata_patch(mvm: &MicroVM, add_finalizer: bool, node: Option<&str>) -> Value {
     let mut meta = serde_json::Map::new();
     if let Some(rv) = &mvm.metadata.resource_version {
         meta.insert("resourceVersion".to_string(), json!(rv));
@@ -39,7 +39,7 @@ pub fn metadata_patch(mvm: &MicroVM, add_finalizer: bool, node: Option<&str>) ->
 
 /// Merge patch removing our finalizer (same resourceVersion guard); `None` when the object
 /// does not carry it.
-pub fn remove_finalizer_patch(mvm: &MicroVM) -> Option<Value> {
+pub(crate) fn remove_finalizer_patch(mvm: &MicroVM) -> Option<Value> {
     let list = mvm.metadata.finalizers.as_ref()?;
     if !list.iter().any(|f| f == FINALIZER) {
         return None;
@@ -115,8 +115,8 @@ mod tests {
         assert_eq!(
             status_apply_body(&status),
             json!({
-                "apiVersion": "ignis.dev/v1alpha1",
-                "kind": "MicroVM",
+                "apiVersion": API_VERSION,
+                "kind": KIND,
                 "status": {"phase": "Running", "nodeName": "node-a", "restartCount": 0},
             })
         );

@@ -53,34 +53,27 @@ const RENEW_BEFORE_SECONDS: i64 = 30 * 24 * 3600;
 const WRITE_ATTEMPTS: usize = 5;
 
 /// TLS set-up failures.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum TlsError {
     #[error("cannot generate certificates")]
+    #[strum(serialize = "CertGenerate")]
     Generate(#[source] rcgen::Error),
     #[error("cannot read or write the TLS Secrets")]
+    #[strum(serialize = "TlsSecretApi")]
     Kube(#[source] kube::Error),
     #[error("Secret {secret} lacks key {key}")]
+    #[strum(serialize = "TlsSecretIncomplete")]
     MissingKey { secret: String, key: &'static str },
     #[error("Secret {secret} holds an unusable CA")]
+    #[strum(serialize = "TlsCaInvalid")]
     BadCa {
         secret: String,
         #[source]
         source: rcgen::Error,
     },
     #[error("Secret {0} kept changing under us; giving up")]
+    #[strum(serialize = "TlsSecretConflict")]
     Conflict(String),
-}
-
-impl TlsError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            TlsError::Generate(_) => "CertGenerate",
-            TlsError::Kube(_) => "TlsSecretApi",
-            TlsError::MissingKey { .. } => "TlsSecretIncomplete",
-            TlsError::BadCa { .. } => "TlsCaInvalid",
-            TlsError::Conflict(_) => "TlsSecretConflict",
-        }
-    }
 }
 
 /// The CA: its certificate as PEM and an issuer holding its key.
@@ -375,6 +368,7 @@ pub async fn ensure_secret(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorReason;
 
     #[test]
     fn the_agents_data_holds_no_ca_key_and_fits_its_ca() {

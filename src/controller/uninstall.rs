@@ -34,7 +34,7 @@ pub struct UninstallArgs {
     #[arg(long, env = "IGNIS_UNINSTALL_MICROVMS", value_enum, default_value_t = ExistingMicroVms::Delete)]
     pub microvms: ExistingMicroVms,
     /// How long to wait for the MicroVMs to be gone (e.g. 5m).
-    #[arg(long, env = "IGNIS_UNINSTALL_TIMEOUT", default_value = "5m", value_parser = super::parse_duration)]
+    #[arg(long, env = "IGNIS_UNINSTALL_TIMEOUT", default_value = "5m", value_parser = crate::time::parse_duration)]
     pub timeout: Duration,
     /// The controller Deployment to scale to zero once the MicroVMs are gone.
     #[arg(long, env = "IGNIS_CONTROLLER_DEPLOYMENT")]
@@ -45,36 +45,29 @@ pub struct UninstallArgs {
 }
 
 /// Why the uninstall cannot go on.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum UninstallError {
     #[error("cannot create a Kubernetes client")]
+    #[strum(serialize = "KubeClient")]
     Client(#[source] kube::Error),
     #[error("cannot list or delete MicroVMs")]
+    #[strum(serialize = "KubeApi")]
     Api(#[source] kube::Error),
     #[error("cannot scale the controller Deployment {0} to zero")]
+    #[strum(serialize = "ScaleFailed")]
     Scale(String, #[source] kube::Error),
     #[error("controller pods still run after {timeout:?}: {names}")]
+    #[strum(serialize = "ControllerRemains")]
     ControllerRemains { timeout: Duration, names: String },
     #[error("MicroVMs still exist and uninstall.microVMs is Refuse: {0}")]
+    #[strum(serialize = "MicroVmsExist")]
     Refused(String),
     #[error("MicroVMs still exist after {timeout:?} (is the controller running?): {names}")]
+    #[strum(serialize = "MicroVmsRemain")]
     Timeout { timeout: Duration, names: String },
     #[error("interrupted")]
+    #[strum(serialize = "Interrupted")]
     Interrupted,
-}
-
-impl UninstallError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            UninstallError::Client(_) => "KubeClient",
-            UninstallError::Api(_) => "KubeApi",
-            UninstallError::Scale(..) => "ScaleFailed",
-            UninstallError::ControllerRemains { .. } => "ControllerRemains",
-            UninstallError::Refused(_) => "MicroVmsExist",
-            UninstallError::Timeout { .. } => "MicroVmsRemain",
-            UninstallError::Interrupted => "Interrupted",
-        }
-    }
 }
 
 /// `namespace/name` of each object, for messages.

@@ -1,21 +1,21 @@
-//! MicroVM → the agent's backend-neutral `VmSpec`, and the hash of what needs a new boot to
-//! change. Pure.
+//! MicroVM → the agent's backend-neutral [`VmSpec`], and the hash of what needs a new boot
+//! to change. Pure.
 
-use prost::Message;
-use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::api::{
-    AcceleratorChoice, HypervisorChoice, InterfaceMode, MicroVM, parse_quantity_bytes,
-};
-use crate::proto;
+use crate::api::{MicroVM, parse_quantity_bytes};
+use crate::vm::{Interface, VmSpec, VmUid};
 
 /// A MicroVM the agent API cannot express. Permanent: the object must change first.
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum VmSpecError {
+#[derive(Debug, Error, PartialEq, Eq, strum::IntoStaticStr)]
+pub(crate) enum VmSpecError {
     #[error("the MicroVM has no uid yet")]
     MissingUid,
+    #[error("metadata.uid cannot name a VM")]
+    #[strum(serialize = "InvalidUid")]
+    Uid(#[source] crate::vm::InvalidUid),
     #[error("spec.resources.memory {memory:?} is not a valid quantity")]
+    #[strum(serialize = "InvalidMemory")]
     Memory {
         memory: String,
         #[source]
@@ -29,29 +29,18 @@ pub enum VmSpecError {
     MissingKernel,
 }
 
-impl VmSpecError {
-    /// Fixed word for condition reasons and metric labels.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            VmSpecError::MissingUid => "MissingUid",
-            VmSpecError::Memory { .. } => "InvalidMemory",
-            VmSpecError::ImageUnsupported { .. } => "ImageUnsupported",
-            VmSpecError::MissingKernel => "MissingKernel",
-        }
-    }
-}
-
 /// The VM description the agent gets, and its hash.
 #[derive(Clone, Debug, PartialEq)]
-pub struct BuiltSpec {
-    pub spec: proto::VmSpec,
-    pub hash: String,
+pub(crate) struct BuiltSpec {
+    pub(crate) spec: VmSpec,
+    pub(crate) hash: String,
 }
 
-/// Build the agent's `VmSpec` for a MicroVM.
-pub fn build(mvm: &MicroVM) -> Result<BuiltSpec, VmSpecError> {
+/// Build the agent's [`VmSpec`] for a MicroVM.
+pub(crate) fn build(mvm: &MicroVM) -> Result<BuiltSpec, VmSpecError> {
     let meta = &mvm.metadata;
     let uid = meta.uid.clone().ok_or(VmSpecError::MissingUid)?;
+    let uid = VmUid::new(uid).map_err(VmSpecError::Uid)?;
     let s = &mvm.spec;
     let memory_bytes =
         parse_quantity_bytes(&s.resources.memory).map_err(|source| VmSpecError::Memory {
@@ -63,53 +52,37 @@ pub fn build(mvm: &MicroVM) -> Result<BuiltSpec, VmSpecError> {
     }
     let kernel_path = s.kernel.path.clone().ok_or(VmSpecError::MissingKernel)?;
     let initrd_path = match &s.initrd {
-        None => String::new(),
+        None => None,
         Some(i) if i.image.is_some() => {
             return Err(VmSpecError::ImageUnsupported { field: "initrd" });
         }
-        Some(i) => i.path.clone().unwrap_or_default(),
+        Some(i) => i.path.clone(),
     };
     let (rootfs_path, rootfs_read_only) = match &s.rootfs {
-        None => (String::new(), false),
+        None => (None, false),
         Some(r) if r.image.is_some() => {
             return Err(VmSpecError::ImageUnsupported { field: "rootfs" });
         }
-        Some(r) => (r.path.clone().unwrap_or_default(), r.read_only),
+        Some(r) => (r.path.clone(), r.read_only),
     };
     let interfaces = s
         .network
         .iter()
         .flat_map(|n| n.interfaces.iter())
-        .map(|i| proto::NetworkInterface {
+        .map(|i| Interface {
             name: i.name.clone(),
-            mode: match i.mode {
-                InterfaceMode::Nat => "nat",
-                InterfaceMode::Bridge => "bridge",
-                InterfaceMode::None => "none",
-            }
-            .to_string(),
-            bridge: i.bridge.clone().unwrap_or_default(),
-            address: i.address.clone().unwrap_or_default(),
-            mac: i.mac.clone().unwrap_or_default(),
+            mode: i.mode,
+            bridge: i.bridge.clone(),
+            address: i.address.clone(),
+            mac: i.mac.clone(),
         })
         .collect();
-    let spec = proto::VmSpec {
+    let spec = VmSpec {
         uid,
         namespace: meta.namespace.clone().unwrap_or_default(),
         name: meta.name.clone().unwrap_or_default(),
-        hypervisor: match s.hypervisor {
-            HypervisorChoice::Auto => "auto",
-            HypervisorChoice::Qemu => "qemu",
-            HypervisorChoice::Firecracker => "firecracker",
-            HypervisorChoice::CloudHypervisor => "cloud-hypervisor",
-        }
-        .to_string(),
-        accelerator: match s.accelerator {
-            AcceleratorChoice::Auto => "auto",
-            AcceleratorChoice::Kvm => "kvm",
-            AcceleratorChoice::Tcg => "tcg",
-        }
-        .to_string(),
+        hypervisor: s.hypervisor.pinned(),
+        accelerator: s.accelerator.pinned(),
         vcpus: s.resources.vcpus,
         memory_bytes,
         kernel_path,
@@ -118,36 +91,17 @@ pub fn build(mvm: &MicroVM) -> Result<BuiltSpec, VmSpecError> {
         rootfs_path,
         rootfs_read_only,
         interfaces,
-        user_data: s.user_data.clone().unwrap_or_default(),
-        readiness_console_marker: s
-            .readiness
-            .as_ref()
-            .and_then(|r| r.console_marker.clone())
-            .unwrap_or_default(),
-        readiness_tcp_port: s
-            .readiness
-            .as_ref()
-            .and_then(|r| r.tcp_port)
-            .map(u32::from)
-            .unwrap_or_default(),
+        user_data: s.user_data.clone(),
+        readiness_console_marker: s.readiness.as_ref().and_then(|r| r.console_marker.clone()),
+        readiness_tcp_port: s.readiness.as_ref().and_then(|r| r.tcp_port),
         termination_grace_period_seconds: s.termination_grace_period_seconds,
     };
-    let hash = spec_hash(&spec);
+    let hash = spec.boot_hash();
     Ok(BuiltSpec { spec, hash })
 }
 
-/// Hash of every boot-relevant field. The grace period is left out: it only matters when
-/// stopping, so changing it must not replace a running guest.
-pub fn spec_hash(spec: &proto::VmSpec) -> String {
-    let mut boot = spec.clone();
-    boot.termination_grace_period_seconds = 0;
-    // prost encodes fields in tag order and VmSpec has no maps, so the bytes are canonical.
-    let digest = Sha256::digest(boot.encode_to_vec());
-    hex::encode(&digest[..8])
-}
-
 /// vCPUs and memory a MicroVM reserves; `None` when the memory quantity is invalid.
-pub fn reserved(mvm: &MicroVM) -> Option<(u32, u64)> {
+pub(crate) fn reserved(mvm: &MicroVM) -> Option<(u32, u64)> {
     let memory = parse_quantity_bytes(&mvm.spec.resources.memory).ok()?;
     Some((mvm.spec.resources.vcpus, memory))
 }
@@ -156,17 +110,21 @@ pub fn reserved(mvm: &MicroVM) -> Option<(u32, u64)> {
 mod tests {
     use super::*;
     use crate::controller::fixtures::microvm;
+    use crate::error::ErrorReason;
 
     #[test]
     fn builds_every_field() {
         let mvm = microvm("web");
         let built = build(&mvm).expect("builds");
-        assert_eq!(built.spec.uid, "uid-web");
+        assert_eq!(built.spec.uid.as_str(), "uid-web");
         assert_eq!(built.spec.namespace, "default");
         assert_eq!(built.spec.memory_bytes, 256 << 20);
         assert_eq!(built.spec.kernel_path, "/var/lib/ignis/guest/vmlinuz");
-        assert_eq!(built.spec.hypervisor, "auto");
-        assert_eq!(built.spec.readiness_console_marker, "ignis: ready");
+        assert_eq!(built.spec.hypervisor, None);
+        assert_eq!(
+            built.spec.readiness_console_marker.as_deref(),
+            Some("ignis: ready")
+        );
         assert_eq!(built.spec.termination_grace_period_seconds, 30);
         assert_eq!(built.hash.len(), 16);
     }

@@ -2,7 +2,14 @@
 //! (SQLite, loopback, bearer token), the controller and one local agent run in this process;
 //! `kubectl` drives them through the kubeconfig this command writes.
 
+mod admission;
+mod agent_link;
 pub mod apiserver;
+
+pub use admission::{MicroVmResourceError, api_server_config, microvm_resource};
+pub use agent_link::AgentLinkError;
+
+use agent_link::AgentLink;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,11 +20,9 @@ use kube::api::{Api, Patch, PatchParams};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::supervisor::Supervisor;
 use crate::agent::{self, AcceleratorFlag, AgentConfig, guest};
 use crate::api::{ConditionType, FIELD_MANAGER, MicroVM, find_condition};
 use crate::controller::{self, ControllerConfig};
-use crate::proto;
 use crate::telemetry::{self, MetricsRegistry, Readiness};
 
 /// The MicroVM `--demo` applies (the same file as `config/samples/microvm-minimal.yaml`).
@@ -65,6 +70,8 @@ pub enum DevError {
     Agent(#[source] agent::AgentError),
     #[error("the embedded API server did not start")]
     ApiServer(#[source] apiserver::ApiServerError),
+    #[error("the MicroVM resource could not be built")]
+    Resource(#[source] MicroVmResourceError),
     #[error("cannot write the kubeconfig to {path}")]
     Kubeconfig {
         path: PathBuf,
@@ -81,6 +88,8 @@ pub enum DevError {
     Demo(#[source] kube::Error),
     #[error("the demo MicroVM did not become Ready in {0:?}; see `kubectl describe mvm hello`")]
     DemoTimeout(Duration),
+    #[error("cannot reach the local agent")]
+    AgentLink(#[source] AgentLinkError),
     #[error("the demo manifest is not valid YAML")]
     DemoManifest(#[source] serde_yaml::Error),
 }
@@ -93,12 +102,14 @@ impl DevError {
             DevError::Guest(_) => "DemoGuest",
             DevError::Agent(_) => "Agent",
             DevError::ApiServer(_) => "ApiServer",
+            DevError::Resource(e) => e.reason(),
             DevError::Kubeconfig { .. } => "Kubeconfig",
             DevError::Client(_) => "Client",
             DevError::Controller(_) => "Controller",
             DevError::Telemetry(_) => "Telemetry",
             DevError::Demo(_) | DevError::DemoManifest(_) => "Demo",
             DevError::DemoTimeout(_) => "DemoTimeout",
+            DevError::AgentLink(e) => e.reason(),
         }
     }
 }
@@ -144,7 +155,8 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), DevEr
         .map(Path::to_path_buf)
         .unwrap_or_else(|| data_dir.join("agent.sock"));
 
-    let mut api_config = apiserver::ApiServerConfig::new(data_dir.join("apiserver"));
+    let mut api_config =
+        api_server_config(data_dir.join("apiserver")).map_err(DevError::Resource)?;
     api_config.listen = SocketAddr::from(([127, 0, 0, 1], args.api_port));
     api_config.node_name = node_name.clone();
     if let Ok(capacity) = crate::agent::host::HostCapacity::read() {
@@ -166,7 +178,7 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), DevEr
 
     let client = kube::Client::try_from(api.client_config()).map_err(DevError::Client)?;
     let mut controller_config =
-        ControllerConfig::with_unix_agents(BTreeMap::from([(node_name.clone(), socket)]));
+        ControllerConfig::with_unix_agents(BTreeMap::from([(node_name.clone(), socket.clone())]));
     controller_config.metrics = metrics.clone();
     let controller = controller::start(client.clone(), controller_config, stop_controller.clone())
         .await
@@ -191,7 +203,7 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), DevEr
 
     let outcome = if args.demo {
         tokio::select! {
-            result = run_demo(client, &agent.supervisor, &data_dir) => result,
+            result = run_demo(client, &socket, &data_dir) => result,
             () = shutdown.cancelled() => Ok(()),
         }
     } else {
@@ -219,10 +231,13 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), DevEr
 /// Apply the minimal sample, wait for Ready, print how long it took and the guest's console.
 async fn run_demo(
     client: kube::Client,
-    supervisor: &Supervisor,
+    agent_socket: &Path,
     data_dir: &Path,
 ) -> Result<(), DevError> {
     const TIMEOUT: Duration = Duration::from_secs(120);
+    let agent = AgentLink::connect(agent_socket)
+        .await
+        .map_err(DevError::AgentLink)?;
     let mut vm: MicroVM = serde_yaml::from_str(DEMO_MANIFEST).map_err(DevError::DemoManifest)?;
     let guest = data_dir.join("guest");
     vm.spec.kernel.path = Some(guest.join("vmlinuz").display().to_string());
@@ -254,12 +269,13 @@ async fn run_demo(
             continue;
         };
         let status = obj.status.clone().unwrap_or_default();
-        let agent_ready = obj
-            .metadata
-            .uid
-            .as_deref()
-            .and_then(|uid| supervisor.get(uid))
-            .is_some_and(|vm| vm.ready && vm.state == proto::VmState::Running as i32);
+        let agent_ready =
+            match obj.metadata.uid.as_deref() {
+                Some(uid) => agent.vm(uid).await.ok().flatten().is_some_and(|vm| {
+                    vm.ready && vm.state == crate::proto::VmState::Running as i32
+                }),
+                None => false,
+            };
         match find_condition(&status.conditions, ConditionType::Ready) {
             Some(c) if c.status == "True" && agent_ready => break obj,
             Some(c) => {
@@ -284,14 +300,18 @@ async fn run_demo(
             .unwrap_or_default(),
     );
     if let Some(uid) = obj.metadata.uid {
-        let console = data_dir.join("vms").join(uid).join("console.log");
-        if let Ok(text) = std::fs::read_to_string(&console) {
-            println!("--- console ({}) ---", console.display());
-            let lines: Vec<&str> = text.lines().collect();
-            for line in &lines[lines.len().saturating_sub(20)..] {
-                println!("{line}");
+        // Through the agent's Console call, as any client of the agent would read it.
+        match agent.console_tail(&uid, 8 * 1024).await {
+            Ok(bytes) => {
+                let text = String::from_utf8_lossy(&bytes);
+                println!("--- console of {name} ---");
+                let lines: Vec<&str> = text.lines().collect();
+                for line in &lines[lines.len().saturating_sub(20)..] {
+                    println!("{line}");
+                }
+                println!("---");
             }
-            println!("---");
+            Err(error) => tracing::warn!(reason = error.reason(), "cannot read the console"),
         }
     }
     println!("kubectl get mvm  (Ctrl-C stops ignis dev and its VMs)");

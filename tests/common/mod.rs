@@ -1,7 +1,10 @@
-//! Helpers for agent integration tests: the demo guest, an agent (in-process or the real
-//! binary), a gRPC client over its unix socket, and waits that always have a deadline.
+//! What the integration tests share: the demo guest, an agent (in-process or the real
+//! binary), a gRPC client over its unix socket, waits that always have a deadline, and (in
+//! [`net`]) network namespaces of the test's own.
 
 #![allow(dead_code)]
+
+pub mod net;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,7 +20,7 @@ pub const CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
 
 /// Whether QEMU is here; tests that boot guests skip (saying why) only when it is not.
 pub fn qemu_present() -> bool {
-    let found = ignis::agent::supervisor::resolve_binary(Path::new("qemu-system-x86_64")).is_some();
+    let found = ignis::agent::vmm::process::resolve_binary(Path::new("qemu-system-x86_64")).is_ok();
     if !found {
         eprintln!("SKIP: qemu-system-x86_64 is not installed");
     }
@@ -63,8 +66,8 @@ pub fn demo_spec(uid: &str, guest: &DemoGuest) -> proto::VmSpec {
         uid: uid.to_owned(),
         namespace: "default".into(),
         name: format!("vm-{uid}"),
-        hypervisor: "qemu".into(),
-        accelerator: "tcg".into(),
+        hypervisor: proto::Hypervisor::Qemu as i32,
+        accelerator: proto::Accelerator::Tcg as i32,
         vcpus: 1,
         memory_bytes: 128 << 20,
         kernel_path: guest.kernel.display().to_string(),
@@ -72,7 +75,7 @@ pub fn demo_spec(uid: &str, guest: &DemoGuest) -> proto::VmSpec {
         initrd_path: guest.initrd.display().to_string(),
         interfaces: vec![proto::NetworkInterface {
             name: "eth0".into(),
-            mode: "none".into(),
+            mode: proto::InterfaceMode::None as i32,
             ..Default::default()
         }],
         readiness_console_marker: MARKER.into(),

@@ -21,9 +21,9 @@ const LAST_RESERVED: &str = "last_reserved";
 
 /// Who holds an address.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Owner {
-    pub uid: String,
-    pub ifname: String,
+pub(crate) struct Owner {
+    pub(crate) uid: String,
+    pub(crate) ifname: String,
 }
 
 impl Owner {
@@ -61,19 +61,23 @@ impl std::fmt::Display for RangeProblem {
 }
 
 /// Errors of the allocator.
-#[derive(Debug, Error)]
-pub enum IpamError {
+#[derive(Debug, Error, strum::IntoStaticStr)]
+pub(crate) enum IpamError {
     #[error("address {ip} cannot be used in {range}: {problem}")]
+    #[strum(serialize = "AddressOutOfRange")]
     OutOfRange {
         ip: Ipv4Addr,
         range: Ipv4Net,
         problem: RangeProblem,
     },
     #[error("address {ip} is already held by VM {} interface {}", owner.uid, owner.ifname)]
+    #[strum(serialize = "AddressInUse")]
     InUse { ip: Ipv4Addr, owner: Owner },
     #[error("no free address left in {range}")]
+    #[strum(serialize = "RangeExhausted")]
     Exhausted { range: Ipv4Net },
     #[error("I/O on the address store {path}")]
+    #[strum(serialize = "StateIoError")]
     Io {
         path: PathBuf,
         #[source]
@@ -81,25 +85,13 @@ pub enum IpamError {
     },
 }
 
-impl IpamError {
-    /// A fixed word for logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            IpamError::OutOfRange { .. } => "AddressOutOfRange",
-            IpamError::InUse { .. } => "AddressInUse",
-            IpamError::Exhausted { .. } => "RangeExhausted",
-            IpamError::Io { .. } => "StateIoError",
-        }
-    }
-}
-
 /// The gateway of a range: its first host address, which the bridge carries.
-pub fn gateway_of(range: Ipv4Net) -> Ipv4Addr {
+pub(crate) fn gateway_of(range: Ipv4Net) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(range.network()).saturating_add(1))
 }
 
 /// Whether `ip` may be given to a guest in `range`.
-pub fn check_assignable(range: Ipv4Net, ip: Ipv4Addr) -> Result<(), RangeProblem> {
+pub(crate) fn check_assignable(range: Ipv4Net, ip: Ipv4Addr) -> Result<(), RangeProblem> {
     if !range.contains(&ip) {
         return Err(RangeProblem::Outside);
     }
@@ -117,7 +109,7 @@ pub fn check_assignable(range: Ipv4Net, ip: Ipv4Addr) -> Result<(), RangeProblem
 
 /// The next free address after `last` (round-robin, wrapping), skipping the network,
 /// broadcast and gateway addresses and everything in `used`.
-pub fn next_free(
+pub(crate) fn next_free(
     range: Ipv4Net,
     used: &BTreeSet<Ipv4Addr>,
     last: Option<Ipv4Addr>,
@@ -139,21 +131,21 @@ pub fn next_free(
 
 /// An address this call reserved, and whether it is new (so a rollback frees only new ones).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Reserved {
-    pub ip: Ipv4Addr,
-    pub new: bool,
+pub(crate) struct Reserved {
+    pub(crate) ip: Ipv4Addr,
+    pub(crate) new: bool,
 }
 
 /// The persistent allocator of one range.
 #[derive(Clone, Debug)]
-pub struct Ipam {
+pub(crate) struct Ipam {
     dir: PathBuf,
     range: Ipv4Net,
 }
 
 impl Ipam {
     /// Open (creating if needed) the store of `range` under `state_dir`.
-    pub fn open(state_dir: &Path, range: Ipv4Net) -> Result<Ipam, IpamError> {
+    pub(crate) fn open(state_dir: &Path, range: Ipv4Net) -> Result<Ipam, IpamError> {
         let dir =
             state_dir
                 .join("ipam")
@@ -162,12 +154,8 @@ impl Ipam {
         Ok(Ipam { dir, range })
     }
 
-    pub fn range(&self) -> Ipv4Net {
-        self.range
-    }
-
     /// Every allocation in the store.
-    pub fn allocations(&self) -> Result<Vec<(Ipv4Addr, Owner)>, IpamError> {
+    pub(crate) fn allocations(&self) -> Result<Vec<(Ipv4Addr, Owner)>, IpamError> {
         let entries = std::fs::read_dir(&self.dir).map_err(io_at(&self.dir))?;
         let mut out = Vec::new();
         for entry in entries {
@@ -196,7 +184,7 @@ impl Ipam {
     }
 
     /// The address `owner` holds, if any.
-    pub fn find(&self, owner: &Owner) -> Result<Option<Ipv4Addr>, IpamError> {
+    pub(crate) fn find(&self, owner: &Owner) -> Result<Option<Ipv4Addr>, IpamError> {
         Ok(self
             .allocations()?
             .into_iter()
@@ -205,7 +193,7 @@ impl Ipam {
     }
 
     /// Reserve `ip` for `owner`; already holding it is fine.
-    pub fn reserve(&self, ip: Ipv4Addr, owner: &Owner) -> Result<Reserved, IpamError> {
+    pub(crate) fn reserve(&self, ip: Ipv4Addr, owner: &Owner) -> Result<Reserved, IpamError> {
         check_assignable(self.range, ip).map_err(|problem| IpamError::OutOfRange {
             ip,
             range: self.range,
@@ -234,7 +222,7 @@ impl Ipam {
     }
 
     /// Reserve the next free address for `owner`, or return the one it already holds.
-    pub fn reserve_next(&self, owner: &Owner) -> Result<Reserved, IpamError> {
+    pub(crate) fn reserve_next(&self, owner: &Owner) -> Result<Reserved, IpamError> {
         let allocations = self.allocations()?;
         if let Some((ip, _)) = allocations.iter().find(|(_, o)| o == owner) {
             return Ok(Reserved {
@@ -258,7 +246,7 @@ impl Ipam {
     }
 
     /// Free `ip` if `owner` holds it. Returns whether something was freed.
-    pub fn release(&self, ip: Ipv4Addr, owner: &Owner) -> Result<bool, IpamError> {
+    pub(crate) fn release(&self, ip: Ipv4Addr, owner: &Owner) -> Result<bool, IpamError> {
         let path = self.dir.join(ip.to_string());
         match std::fs::read_to_string(&path) {
             Ok(text) if Owner::decode(&text).as_ref() == Some(owner) => {
@@ -272,7 +260,7 @@ impl Ipam {
     }
 
     /// Free every address of VM `uid`; returns them.
-    pub fn release_uid(&self, uid: &str) -> Result<Vec<Ipv4Addr>, IpamError> {
+    pub(crate) fn release_uid(&self, uid: &str) -> Result<Vec<Ipv4Addr>, IpamError> {
         let mut freed = Vec::new();
         for (ip, owner) in self.allocations()? {
             if owner.uid == uid && self.release(ip, &owner)? {
@@ -346,6 +334,7 @@ fn remove_if_present(path: &Path) -> Result<(), IpamError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorReason;
 
     fn net(s: &str) -> Ipv4Net {
         s.parse().expect("test cidr")

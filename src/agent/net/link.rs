@@ -38,7 +38,7 @@ pub enum LinkError {
 
 impl LinkError {
     /// The errno of a kernel refusal, if that is what this is.
-    pub fn errno(&self) -> Option<i32> {
+    pub(crate) fn errno(&self) -> Option<i32> {
         match self {
             LinkError::Request {
                 source: rtnetlink::Error::NetlinkError(msg),
@@ -51,24 +51,24 @@ impl LinkError {
 
 /// What we need to know about a link.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Link {
-    pub index: u32,
-    pub name: String,
+pub(crate) struct Link {
+    pub(crate) index: u32,
+    pub(crate) name: String,
     /// `bridge`, `tun`, ... (`None` for physical devices and loopback).
-    pub kind: Option<String>,
-    pub mac: Option<Mac>,
+    pub(crate) kind: Option<String>,
+    pub(crate) mac: Option<Mac>,
     /// The bridge this link is a port of.
-    pub master: Option<u32>,
-    pub up: bool,
-    pub alias: Option<String>,
+    pub(crate) master: Option<u32>,
+    pub(crate) up: bool,
+    pub(crate) alias: Option<String>,
 }
 
 impl Link {
-    pub fn is_bridge(&self) -> bool {
+    pub(crate) fn is_bridge(&self) -> bool {
         self.kind.as_deref() == Some("bridge")
     }
 
-    pub fn is_tun(&self) -> bool {
+    pub(crate) fn is_tun(&self) -> bool {
         self.kind.as_deref() == Some("tun")
     }
 
@@ -113,7 +113,7 @@ fn kind_name(kind: &InfoKind) -> String {
 }
 
 /// A netlink connection in the caller's network namespace.
-pub struct Netlink {
+pub(crate) struct Netlink {
     handle: Handle,
     task: tokio::task::JoinHandle<()>,
 }
@@ -141,14 +141,14 @@ async fn with_deadline<T>(
 
 impl Netlink {
     /// Open a connection; must be called inside a Tokio runtime.
-    pub fn connect() -> Result<Netlink, LinkError> {
+    pub(crate) fn connect() -> Result<Netlink, LinkError> {
         let (connection, handle, _) = rtnetlink::new_connection().map_err(LinkError::Connect)?;
         let task = tokio::spawn(connection);
         Ok(Netlink { handle, task })
     }
 
     /// Every link of the namespace.
-    pub async fn links(&self) -> Result<Vec<Link>, LinkError> {
+    pub(crate) async fn links(&self) -> Result<Vec<Link>, LinkError> {
         let msgs: Vec<LinkMessage> = with_deadline(
             "list links",
             self.handle.link().get().execute().try_collect(),
@@ -158,7 +158,7 @@ impl Netlink {
     }
 
     /// The link called `name`, if there is one.
-    pub async fn link(&self, name: &str) -> Result<Option<Link>, LinkError> {
+    pub(crate) async fn link(&self, name: &str) -> Result<Option<Link>, LinkError> {
         let result: Result<Vec<LinkMessage>, LinkError> = with_deadline(
             format!("get link {name}"),
             self.handle
@@ -177,7 +177,7 @@ impl Netlink {
     }
 
     /// Create a bridge with a fixed MAC (so it never changes as ports come and go), up.
-    pub async fn create_bridge(&self, name: &str, mac: Mac) -> Result<(), LinkError> {
+    pub(crate) async fn create_bridge(&self, name: &str, mac: Mac) -> Result<(), LinkError> {
         let msg = LinkBridge::new(name).address(mac.0.to_vec()).up().build();
         match with_deadline(
             format!("create bridge {name}"),
@@ -191,7 +191,7 @@ impl Netlink {
     }
 
     /// Bring a link up.
-    pub async fn set_up(&self, index: u32) -> Result<(), LinkError> {
+    pub(crate) async fn set_up(&self, index: u32) -> Result<(), LinkError> {
         let msg = LinkUnspec::new_with_index(index).up().build();
         with_deadline(
             format!("set link {index} up"),
@@ -201,7 +201,12 @@ impl Netlink {
     }
 
     /// Make a link a port of `master`, label it with `alias`, and bring it up.
-    pub async fn enslave_up(&self, index: u32, master: u32, alias: &str) -> Result<(), LinkError> {
+    pub(crate) async fn enslave_up(
+        &self,
+        index: u32,
+        master: u32,
+        alias: &str,
+    ) -> Result<(), LinkError> {
         let msg = LinkUnspec::new_with_index(index)
             .controller(master)
             .alias(alias.to_string())
@@ -215,7 +220,7 @@ impl Netlink {
     }
 
     /// Delete a link; a link that is already gone is fine.
-    pub async fn delete(&self, index: u32) -> Result<(), LinkError> {
+    pub(crate) async fn delete(&self, index: u32) -> Result<(), LinkError> {
         match with_deadline(
             format!("delete link {index}"),
             self.handle.link().del(index).execute(),
@@ -228,7 +233,7 @@ impl Netlink {
     }
 
     /// Delete the link called `name` if it exists. Returns whether something was deleted.
-    pub async fn delete_by_name(&self, name: &str) -> Result<bool, LinkError> {
+    pub(crate) async fn delete_by_name(&self, name: &str) -> Result<bool, LinkError> {
         match self.link(name).await? {
             Some(link) => self.delete(link.index).await.map(|()| true),
             None => Ok(false),
@@ -236,7 +241,10 @@ impl Netlink {
     }
 
     /// The IPv4 addresses on a link, with their prefix lengths.
-    pub async fn ipv4_addresses(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, LinkError> {
+    pub(crate) async fn ipv4_addresses(
+        &self,
+        index: u32,
+    ) -> Result<Vec<(Ipv4Addr, u8)>, LinkError> {
         let msgs: Vec<AddressMessage> = with_deadline(
             format!("list addresses of link {index}"),
             self.handle
@@ -260,7 +268,12 @@ impl Netlink {
     }
 
     /// Add an address to a link; already having it is fine.
-    pub async fn add_address(&self, index: u32, ip: Ipv4Addr, prefix: u8) -> Result<(), LinkError> {
+    pub(crate) async fn add_address(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<(), LinkError> {
         match with_deadline(
             format!("add {ip}/{prefix} to link {index}"),
             self.handle

@@ -35,20 +35,20 @@ impl fmt::Display for MacProblem {
 impl Mac {
     /// The MAC of interface `ifname` of VM `uid`: `02:` (locally administered, unicast)
     /// followed by 40 bits of a SHA-256 of both.
-    pub fn derive(uid: &str, ifname: &str) -> Mac {
+    pub(crate) fn derive(uid: &str, ifname: &str) -> Mac {
         let digest = Sha256::digest(format!("ignis-mac/{uid}/{ifname}").as_bytes());
         Mac([0x02, digest[0], digest[1], digest[2], digest[3], digest[4]])
     }
 
     /// A stable MAC for a host-side link (the bridge), so it never changes when ports come and
     /// go (a bridge otherwise takes the lowest port MAC and guests' ARP caches go stale).
-    pub fn derive_host(name: &str) -> Mac {
+    pub(crate) fn derive_host(name: &str) -> Mac {
         let digest = Sha256::digest(format!("ignis-host-mac/{name}").as_bytes());
         Mac([0x02, digest[0], digest[1], digest[2], digest[3], digest[4]])
     }
 
     /// Parse and check a MAC given by a user.
-    pub fn parse_unicast(text: &str) -> Result<Mac, MacProblem> {
+    pub(crate) fn parse_unicast(text: &str) -> Result<Mac, MacProblem> {
         let mac: Mac = text.parse()?;
         if mac.0 == [0; 6] {
             return Err(MacProblem::Zero);

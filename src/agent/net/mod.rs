@@ -9,32 +9,37 @@
 //! is created, so a crash part-way leaves a record that `detach`/`garbage_collect` finish.
 //! [`NetworkManager::attach`] undoes what it created when it fails part-way.
 
-pub mod ipam;
-pub mod link;
+pub mod dhcp;
+mod error;
+pub(crate) mod ipam;
+pub(crate) mod link;
 pub mod mac;
-pub mod nat;
+pub(crate) mod nat;
+mod plan;
 pub mod tap;
 
-use std::collections::{BTreeMap, BTreeSet};
+pub use error::NetError;
+use plan::Planned;
+
+use std::collections::BTreeSet;
 use std::io;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
-use thiserror::Error;
 use tokio::sync::Mutex;
 
 use crate::agent::vmm::NetConfig;
-use ipam::{Ipam, IpamError, Owner, RangeProblem};
-use link::{Link, LinkError, Netlink};
-use mac::{Mac, MacProblem};
-use nat::NatError;
+use crate::vm::VmUid;
+use ipam::{Ipam, Owner};
+use link::{Link, Netlink};
+use mac::Mac;
 
 /// The node bridge's default name.
-pub const DEFAULT_BRIDGE: &str = "ignis0";
+pub(crate) const DEFAULT_BRIDGE: &str = "ignis0";
 /// The node's default guest range.
-pub const DEFAULT_CIDR: &str = "10.88.0.0/16";
+pub(crate) const DEFAULT_CIDR: &str = "10.88.0.0/16";
 /// Taps carry `ignis:<uid>/<interface>` as their alias, so leftovers can be found after a
 /// crash even without a record.
 const ALIAS_PREFIX: &str = "ignis:";
@@ -49,7 +54,7 @@ pub struct NetworkConfig {
     /// The guests' range; the bridge carries its first address as the guests' gateway.
     pub cidr: Ipv4Net,
     /// Where allocations and per-VM records are kept (survives agent restarts).
-    pub state_dir: PathBuf,
+    pub(crate) state_dir: PathBuf,
 }
 
 impl NetworkConfig {
@@ -70,18 +75,18 @@ impl NetworkConfig {
 
 /// The agent's network flags; flatten into `AgentArgs` with `#[command(flatten)]`.
 #[derive(Clone, Debug, clap::Args)]
-pub struct NetworkArgs {
+pub(crate) struct NetworkArgs {
     /// Node bridge that `nat` interfaces' taps attach to (created if missing).
     #[arg(long = "bridge", env = "IGNIS_BRIDGE", default_value = DEFAULT_BRIDGE)]
-    pub bridge: String,
+    pub(crate) bridge: String,
     /// Range guests' `nat` addresses come from; the bridge gets its first address.
     #[arg(long = "cidr", env = "IGNIS_CIDR", default_value = DEFAULT_CIDR)]
-    pub cidr: Ipv4Net,
+    pub(crate) cidr: Ipv4Net,
 }
 
 impl NetworkArgs {
     /// The configuration, with state under `<agent state dir>/net`.
-    pub fn config(&self, agent_state_dir: &Path) -> NetworkConfig {
+    pub(crate) fn config(&self, agent_state_dir: &Path) -> NetworkConfig {
         NetworkConfig {
             bridge: self.bridge.clone(),
             cidr: self.cidr,
@@ -92,43 +97,14 @@ impl NetworkArgs {
 
 /// The interface modes of the MicroVM spec (`nat`, `bridge`, `none`).
 pub use crate::api::InterfaceMode;
-
-impl std::str::FromStr for InterfaceMode {
-    type Err = NetError;
-
-    /// The proto's and CRD's words; empty means the default, `nat`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "" | "nat" => Ok(InterfaceMode::Nat),
-            "bridge" => Ok(InterfaceMode::Bridge),
-            "none" => Ok(InterfaceMode::None),
-            other => Err(NetError::InvalidRequest {
-                detail: format!("unknown interface mode {other:?} (nat, bridge or none)"),
-            }),
-        }
-    }
-}
-
-/// One interface of a MicroVM spec.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct InterfaceRequest {
-    /// Guest-side name (`eth0`).
-    pub name: String,
-    pub mode: InterfaceMode,
-    /// `bridge` mode only: the existing bridge to attach to.
-    pub bridge: Option<String>,
-    /// `nat`: an address in the node's range (`10.88.0.9` or `10.88.0.9/16`), else one is
-    /// allocated. `bridge`: `a.b.c.d/prefix` handed to the guest as is.
-    pub address: Option<String>,
-    /// A unicast MAC; else one derived from the VM uid and interface name.
-    pub mac: Option<String>,
-}
+/// One interface of a VM as asked for.
+pub use crate::vm::Interface;
 
 /// An interface as attached: what the VMM and the guest need, and what status shows.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttachedInterface {
-    pub name: String,
-    pub mode: InterfaceMode,
+    pub(crate) name: String,
+    pub(crate) mode: InterfaceMode,
     /// The host tap the VMM opens.
     pub tap: String,
     pub mac: String,
@@ -168,7 +144,7 @@ pub fn kernel_cmdline(interfaces: &[AttachedInterface]) -> String {
 }
 
 /// The guest addresses for `status.ipAddresses`.
-pub fn ip_addresses(interfaces: &[AttachedInterface]) -> Vec<String> {
+pub(crate) fn ip_addresses(interfaces: &[AttachedInterface]) -> Vec<String> {
     interfaces
         .iter()
         .filter_map(|i| i.address.map(|(ip, _)| ip.to_string()))
@@ -180,135 +156,7 @@ pub fn ip_addresses(interfaces: &[AttachedInterface]) -> Vec<String> {
 pub struct GcReport {
     pub taps: Vec<String>,
     pub addresses: Vec<Ipv4Addr>,
-    pub records: Vec<String>,
-}
-
-/// Errors of guest networking. `reason()` is the word shown on the VM's status.
-#[derive(Debug, Error)]
-pub enum NetError {
-    #[error("invalid network configuration: {detail}")]
-    InvalidConfig { detail: String },
-    #[error("invalid interface request: {detail}")]
-    InvalidRequest { detail: String },
-    #[error("interface {interface}: bridge {bridge} does not exist on this node")]
-    BridgeNotFound { interface: String, bridge: String },
-    #[error("interface {interface}: {name} exists but is not a bridge")]
-    NotABridge { interface: String, name: String },
-    #[error("interface {interface}: address {address:?} is not valid: {detail}")]
-    InvalidAddress {
-        interface: String,
-        address: String,
-        detail: String,
-    },
-    #[error("interface {interface}: address {address} cannot be used in {range}: {problem}")]
-    AddressOutOfRange {
-        interface: String,
-        address: Ipv4Addr,
-        range: Ipv4Net,
-        problem: RangeProblem,
-    },
-    #[error("interface {interface}: address {address} is already used by VM {holder}")]
-    AddressInUse {
-        interface: String,
-        address: Ipv4Addr,
-        holder: String,
-    },
-    #[error("interface {interface}: MAC {mac:?} is not valid: {problem}")]
-    InvalidMac {
-        interface: String,
-        mac: String,
-        problem: MacProblem,
-    },
-    #[error("interface {interface}: MAC {mac} is already used by {holder} on this node")]
-    DuplicateMac {
-        interface: String,
-        mac: Mac,
-        holder: String,
-    },
-    #[error("no free address left in {range}")]
-    RangeExhausted { range: Ipv4Net },
-    #[error("cannot create tap {tap}")]
-    Tap {
-        tap: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("kernel network configuration failed")]
-    Netlink(#[source] LinkError),
-    #[error("outbound NAT setup failed")]
-    Nat(#[source] NatError),
-    #[error("cannot set {path}")]
-    Sysctl {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("I/O on network state {path}")]
-    State {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-}
-
-impl NetError {
-    /// A fixed word for condition reasons, Events and metric labels.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            NetError::InvalidConfig { .. } => "InvalidNetworkConfig",
-            NetError::InvalidRequest { .. } => "InvalidInterface",
-            NetError::BridgeNotFound { .. } => "BridgeNotFound",
-            NetError::NotABridge { .. } => "NotABridge",
-            NetError::InvalidAddress { .. } => "InvalidAddress",
-            NetError::AddressOutOfRange { .. } => "AddressOutOfRange",
-            NetError::AddressInUse { .. } => "AddressInUse",
-            NetError::InvalidMac { .. } => "InvalidMac",
-            NetError::DuplicateMac { .. } => "DuplicateMac",
-            NetError::RangeExhausted { .. } => "RangeExhausted",
-            NetError::Tap { .. } => "TapCreateFailed",
-            NetError::Netlink(_) => "Netlink",
-            NetError::Nat(_) => "NatSetupFailed",
-            NetError::Sysctl { .. } => "SysctlFailed",
-            NetError::State { .. } => "NetworkStateIoError",
-        }
-    }
-
-    /// Whether the same request can never succeed (the spec must change).
-    pub fn is_permanent(&self) -> bool {
-        matches!(
-            self,
-            NetError::InvalidConfig { .. }
-                | NetError::InvalidRequest { .. }
-                | NetError::InvalidAddress { .. }
-                | NetError::AddressOutOfRange { .. }
-                | NetError::InvalidMac { .. }
-                | NetError::NotABridge { .. }
-        )
-    }
-
-    fn from_ipam(interface: &str, e: IpamError) -> NetError {
-        match e {
-            IpamError::OutOfRange { ip, range, problem } => NetError::AddressOutOfRange {
-                interface: interface.to_string(),
-                address: ip,
-                range,
-                problem,
-            },
-            IpamError::InUse { ip, owner } => NetError::AddressInUse {
-                interface: interface.to_string(),
-                address: ip,
-                holder: format!("{} (interface {})", owner.uid, owner.ifname),
-            },
-            IpamError::Exhausted { range } => NetError::RangeExhausted { range },
-            IpamError::Io { path, source } => NetError::State { path, source },
-        }
-    }
-}
-
-impl From<LinkError> for NetError {
-    fn from(e: LinkError) -> Self {
-        NetError::Netlink(e)
-    }
+    pub(crate) records: Vec<String>,
 }
 
 /// Names we put into file names, netlink aliases and the address store.
@@ -319,60 +167,6 @@ fn is_safe_token(s: &str, max: usize) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         && s != "."
         && s != ".."
-}
-
-/// Parse a `nat` address: plain or in CIDR form. The guest always gets the node range's
-/// prefix length; a prefix in the spec (the CRD asks for CIDR form) is accepted and ignored.
-pub fn parse_nat_address(text: &str) -> Result<Ipv4Addr, String> {
-    let ip = match text.split_once('/') {
-        None => text,
-        Some((ip, prefix)) => {
-            prefix
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= 32)
-                .ok_or_else(|| "the prefix length must be a number from 0 to 32".to_string())?;
-            ip
-        }
-    };
-    ip.parse()
-        .map_err(|_| "expected an IPv4 address like 10.88.0.9".to_string())
-}
-
-/// Parse a `bridge` address: `a.b.c.d/prefix`.
-pub fn parse_bridge_address(text: &str) -> Result<(Ipv4Addr, u8), String> {
-    let net: Ipv4Net = text.parse().map_err(|_| {
-        "expected an IPv4 address with prefix length like 192.168.1.20/24".to_string()
-    })?;
-    Ok((net.addr(), net.prefix_len()))
-}
-
-/// Who on the node already uses a MAC: links and other VMs' recorded interfaces.
-pub fn find_mac_holder(
-    mac: Mac,
-    links: &[Link],
-    other_vms: &BTreeMap<String, Vec<AttachedInterface>>,
-) -> Option<String> {
-    if let Some(link) = links.iter().find(|l| l.mac == Some(mac)) {
-        return Some(format!("link {}", link.name));
-    }
-    other_vms.iter().find_map(|(uid, ifaces)| {
-        ifaces
-            .iter()
-            .find(|i| i.mac.parse::<Mac>().ok() == Some(mac))
-            .map(|i| format!("VM {uid} (interface {})", i.name))
-    })
-}
-
-/// One interface decided, before anything is created.
-#[derive(Clone, Debug)]
-struct Planned {
-    request: InterfaceRequest,
-    tap: String,
-    mac: Mac,
-    bridge: String,
-    /// `nat`: the requested address (else allocate); `bridge`: the address to hand over.
-    address: Option<(Ipv4Addr, u8)>,
 }
 
 /// The per-VM record: what `detach` and `garbage_collect` remove.
@@ -482,11 +276,11 @@ impl NetworkManager {
     /// call created is left behind.
     pub async fn attach(
         &self,
-        uid: &str,
-        requests: &[InterfaceRequest],
+        uid: &VmUid,
+        requests: &[Interface],
     ) -> Result<Vec<AttachedInterface>, NetError> {
         let _guard = self.lock.lock().await;
-        check_uid(uid)?;
+        let uid = uid.as_str();
         let previous = self.read_record(uid)?;
         let links = self.netlink.links().await?;
         let plan = self.plan(uid, requests, &links)?;
@@ -531,146 +325,6 @@ impl NetworkManager {
                 Err(e)
             }
         }
-    }
-
-    /// Decide every interface and check every input before touching anything.
-    fn plan(
-        &self,
-        uid: &str,
-        requests: &[InterfaceRequest],
-        links: &[Link],
-    ) -> Result<Vec<Planned>, NetError> {
-        let mut names = BTreeSet::new();
-        let others: BTreeMap<String, Vec<AttachedInterface>> = self
-            .records()?
-            .into_iter()
-            .filter(|r| r.uid != uid)
-            .map(|r| (r.uid, r.interfaces))
-            .collect();
-        let mut plan: Vec<Planned> = Vec::new();
-        for req in requests {
-            if !is_safe_token(&req.name, IFNAMSIZ_MAX) {
-                return Err(NetError::InvalidRequest {
-                    detail: format!(
-                        "interface name {:?} must be 1-15 letters, digits, '-', '_' or '.'",
-                        req.name
-                    ),
-                });
-            }
-            if !names.insert(req.name.clone()) {
-                return Err(NetError::InvalidRequest {
-                    detail: format!("interface {} is listed twice", req.name),
-                });
-            }
-            if req.mode == InterfaceMode::None {
-                continue;
-            }
-            let mac = match &req.mac {
-                Some(text) => Mac::parse_unicast(text).map_err(|problem| NetError::InvalidMac {
-                    interface: req.name.clone(),
-                    mac: text.clone(),
-                    problem,
-                })?,
-                None => Mac::derive(uid, &req.name),
-            };
-            if plan.iter().any(|p| p.mac == mac) {
-                return Err(NetError::DuplicateMac {
-                    interface: req.name.clone(),
-                    mac,
-                    holder: "another interface of the same VM".into(),
-                });
-            }
-            if let Some(holder) = find_mac_holder(mac, links, &others) {
-                return Err(NetError::DuplicateMac {
-                    interface: req.name.clone(),
-                    mac,
-                    holder,
-                });
-            }
-            let (bridge, address) = match req.mode {
-                InterfaceMode::Nat => {
-                    if req
-                        .bridge
-                        .as_ref()
-                        .is_some_and(|b| b != &self.config.bridge)
-                    {
-                        return Err(NetError::InvalidRequest {
-                            detail: format!(
-                                "interface {}: a bridge can only be chosen in mode bridge",
-                                req.name
-                            ),
-                        });
-                    }
-                    let address = match &req.address {
-                        Some(text) => {
-                            let ip = parse_nat_address(text).map_err(|detail| {
-                                NetError::InvalidAddress {
-                                    interface: req.name.clone(),
-                                    address: text.clone(),
-                                    detail,
-                                }
-                            })?;
-                            ipam::check_assignable(self.config.cidr, ip).map_err(|problem| {
-                                NetError::AddressOutOfRange {
-                                    interface: req.name.clone(),
-                                    address: ip,
-                                    range: self.config.cidr,
-                                    problem,
-                                }
-                            })?;
-                            Some((ip, self.config.cidr.prefix_len()))
-                        }
-                        None => None,
-                    };
-                    (self.config.bridge.clone(), address)
-                }
-                InterfaceMode::Bridge => {
-                    let Some(bridge) = req.bridge.clone() else {
-                        return Err(NetError::InvalidRequest {
-                            detail: format!(
-                                "interface {}: mode bridge needs a bridge name",
-                                req.name
-                            ),
-                        });
-                    };
-                    match links.iter().find(|l| l.name == bridge) {
-                        None => {
-                            return Err(NetError::BridgeNotFound {
-                                interface: req.name.clone(),
-                                bridge,
-                            });
-                        }
-                        Some(l) if !l.is_bridge() => {
-                            return Err(NetError::NotABridge {
-                                interface: req.name.clone(),
-                                name: bridge,
-                            });
-                        }
-                        Some(_) => {}
-                    }
-                    let address = match &req.address {
-                        Some(text) => Some(parse_bridge_address(text).map_err(|detail| {
-                            NetError::InvalidAddress {
-                                interface: req.name.clone(),
-                                address: text.clone(),
-                                detail,
-                            }
-                        })?),
-                        None => None,
-                    };
-                    (bridge, address)
-                }
-                InterfaceMode::None => continue,
-            };
-            plan.push(Planned {
-                request: req.clone(),
-                tap: tap::tap_name(uid, &req.name),
-                mac,
-                bridge,
-                address,
-            });
-        }
-        Ok(plan)
     }
 
     async fn apply_plan(
@@ -782,17 +436,16 @@ impl NetworkManager {
     }
 
     /// The interfaces recorded for VM `uid` (after an agent restart, for re-adopted VMs).
-    pub async fn attached(&self, uid: &str) -> Result<Option<Vec<AttachedInterface>>, NetError> {
-        check_uid(uid)?;
-        Ok(self.read_record(uid)?.map(|r| r.interfaces))
+    pub async fn attached(&self, uid: &VmUid) -> Result<Option<Vec<AttachedInterface>>, NetError> {
+        Ok(self.read_record(uid.as_str())?.map(|r| r.interfaces))
     }
 
     /// Remove VM `uid`'s taps and free its addresses. Idempotent; finds leftovers of a crashed
     /// attach through the record and the taps' aliases.
-    pub async fn detach(&self, uid: &str) -> Result<(), NetError> {
+    pub async fn detach(&self, uid: &VmUid) -> Result<(), NetError> {
         let _guard = self.lock.lock().await;
-        check_uid(uid)?;
-        self.detach_locked(uid, &self.netlink.links().await?).await
+        self.detach_locked(uid.as_str(), &self.netlink.links().await?)
+            .await
     }
 
     async fn detach_locked(&self, uid: &str, links: &[Link]) -> Result<(), NetError> {
@@ -932,23 +585,13 @@ fn owner(uid: &str, ifname: &str) -> Owner {
     }
 }
 
-fn check_uid(uid: &str) -> Result<(), NetError> {
-    if is_safe_token(uid, 128) {
-        Ok(())
-    } else {
-        Err(NetError::InvalidRequest {
-            detail: format!("VM uid {uid:?} must be 1-128 letters, digits, '-', '_' or '.'"),
-        })
-    }
-}
-
 /// The alias a tap carries: `ignis:<uid>/<interface>`.
-pub fn tap_alias(uid: &str, ifname: &str) -> String {
+pub(crate) fn tap_alias(uid: &str, ifname: &str) -> String {
     format!("{ALIAS_PREFIX}{uid}/{ifname}")
 }
 
 /// The VM uid in a tap's alias, if the alias is ours.
-pub fn alias_uid(alias: Option<&str>) -> Option<&str> {
+pub(crate) fn alias_uid(alias: Option<&str>) -> Option<&str> {
     alias?
         .strip_prefix(ALIAS_PREFIX)?
         .split_once('/')
@@ -983,156 +626,4 @@ fn enable_ip_forward() -> Result<(), NetError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn iface(name: &str, address: Option<(&str, u8)>, gw: Option<&str>) -> AttachedInterface {
-        AttachedInterface {
-            name: name.into(),
-            mode: InterfaceMode::Nat,
-            tap: tap::tap_name("u", name),
-            mac: Mac::derive("u", name).to_string(),
-            bridge: DEFAULT_BRIDGE.into(),
-            address: address.map(|(ip, p)| (ip.parse().expect("ip"), p)),
-            gateway: gw.map(|g| g.parse().expect("gw")),
-        }
-    }
-
-    #[test]
-    fn defaults() {
-        let c = NetworkConfig::new("/tmp/x");
-        assert_eq!(c.bridge, "ignis0");
-        assert_eq!(c.cidr.to_string(), DEFAULT_CIDR);
-        assert_eq!(c.gateway(), Ipv4Addr::new(10, 88, 0, 1));
-    }
-
-    #[test]
-    fn cmdline_uses_the_first_addressed_interface() {
-        let ifaces = vec![
-            iface("eth0", Some(("10.88.0.5", 16)), Some("10.88.0.1")),
-            iface("eth1", Some(("192.168.1.4", 24)), None),
-        ];
-        assert_eq!(
-            kernel_cmdline(&ifaces),
-            "ignis.ip=10.88.0.5/16 ignis.gw=10.88.0.1"
-        );
-        assert_eq!(ip_addresses(&ifaces), vec!["10.88.0.5", "192.168.1.4"]);
-        assert_eq!(kernel_cmdline(&[iface("eth0", None, None)]), "");
-        assert_eq!(
-            kernel_cmdline(&[iface("eth0", Some(("192.168.1.4", 24)), None)]),
-            "ignis.ip=192.168.1.4/24"
-        );
-        let nc = ifaces[0].net_config();
-        assert_eq!(
-            (nc.id.as_str(), nc.tap.as_str()),
-            ("eth0", ifaces[0].tap.as_str())
-        );
-    }
-
-    #[test]
-    fn modes_and_flags_parse() {
-        assert_eq!("".parse::<InterfaceMode>().ok(), Some(InterfaceMode::Nat));
-        assert_eq!(
-            "bridge".parse::<InterfaceMode>().ok(),
-            Some(InterfaceMode::Bridge)
-        );
-        assert_eq!(
-            "none".parse::<InterfaceMode>().ok(),
-            Some(InterfaceMode::None)
-        );
-        assert_eq!(
-            "macvtap".parse::<InterfaceMode>().err().map(|e| e.reason()),
-            Some("InvalidInterface")
-        );
-        use clap::Parser;
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            net: NetworkArgs,
-        }
-        let cli = Cli::try_parse_from(["x"]).expect("defaults");
-        let cfg = cli.net.config(Path::new("/var/lib/ignis"));
-        assert_eq!(cfg, NetworkConfig::new("/var/lib/ignis/net"));
-        let cli = Cli::try_parse_from(["x", "--bridge", "br-vm", "--cidr", "172.20.0.0/24"])
-            .expect("flags");
-        assert_eq!(cli.net.bridge, "br-vm");
-        assert_eq!(cli.net.cidr.to_string(), "172.20.0.0/24");
-        assert!(Cli::try_parse_from(["x", "--cidr", "nope"]).is_err());
-    }
-
-    #[test]
-    fn address_parsing() {
-        for text in ["10.88.0.9", "10.88.0.9/16", "10.88.0.9/24"] {
-            assert_eq!(parse_nat_address(text), Ok(Ipv4Addr::new(10, 88, 0, 9)));
-        }
-        assert!(parse_nat_address("10.88.0.9/33").is_err());
-        assert!(parse_nat_address("banana").is_err());
-        assert_eq!(
-            parse_bridge_address("192.168.1.20/24"),
-            Ok((Ipv4Addr::new(192, 168, 1, 20), 24))
-        );
-        assert!(parse_bridge_address("192.168.1.20").is_err());
-    }
-
-    #[test]
-    fn mac_holders_are_links_and_other_vms() {
-        let mac = Mac::derive("u", "eth0");
-        let links = vec![Link {
-            index: 3,
-            name: "eth9".into(),
-            kind: None,
-            mac: Some(mac),
-            master: None,
-            up: true,
-            alias: None,
-        }];
-        assert_eq!(
-            find_mac_holder(mac, &links, &BTreeMap::new()).as_deref(),
-            Some("link eth9")
-        );
-        let mut others = BTreeMap::new();
-        others.insert("other".to_string(), vec![iface("eth0", None, None)]);
-        assert_eq!(
-            find_mac_holder(mac, &[], &others).as_deref(),
-            Some("VM other (interface eth0)")
-        );
-        assert_eq!(
-            find_mac_holder(Mac::derive("v", "eth0"), &links, &others),
-            None
-        );
-    }
-
-    #[test]
-    fn aliases_and_tokens() {
-        let a = tap_alias("abc-1", "eth0");
-        assert_eq!(alias_uid(Some(&a)), Some("abc-1"));
-        assert_eq!(alias_uid(Some("something else")), None);
-        assert_eq!(alias_uid(None), None);
-        assert!(is_safe_token("6f1c2f7e-0000-4000-8000-000000000001", 128));
-        assert!(!is_safe_token("a b", 128));
-        assert!(!is_safe_token("../x", 128));
-        assert!(!is_safe_token("..", 128));
-        assert!(!is_safe_token("", 128));
-        assert!(!is_safe_token("sixteen-chars-xx", IFNAMSIZ_MAX));
-    }
-
-    #[test]
-    fn error_reasons_are_fixed_words() {
-        let e = NetError::BridgeNotFound {
-            interface: "eth0".into(),
-            bridge: "br-x".into(),
-        };
-        assert_eq!(e.reason(), "BridgeNotFound");
-        assert_eq!(
-            e.to_string(),
-            "interface eth0: bridge br-x does not exist on this node"
-        );
-        let e = NetError::from_ipam(
-            "eth0",
-            IpamError::Exhausted {
-                range: "10.0.0.0/30".parse().expect("cidr"),
-            },
-        );
-        assert_eq!(e.reason(), "RangeExhausted");
-    }
-}
+mod tests;

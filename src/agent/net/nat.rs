@@ -17,7 +17,7 @@ use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use thiserror::Error;
 
 /// The nftables table Ignis owns (family `ip`).
-pub const TABLE: &str = "ignis";
+pub(crate) const TABLE: &str = "ignis";
 const POSTROUTING: &str = "postrouting";
 /// `srcnat`: the standard priority of source NAT.
 const SRCNAT_PRIORITY: i32 = 100;
@@ -66,7 +66,7 @@ fn ip_prefix_match(field: &'static str, range: Ipv4Net, op: Operator) -> Stateme
 
 /// The transaction that (re)creates the table: `add` first so the `delete` never fails, then
 /// `delete` to drop whatever an older agent left in it, then the fresh content.
-pub fn setup_batch(range: Ipv4Net) -> Nftables<'static> {
+pub(crate) fn setup_batch(range: Ipv4Net) -> Nftables<'static> {
     let mut batch = Batch::new();
     batch.add(NfListObject::Table(table()));
     batch.delete(NfListObject::Table(table()));
@@ -99,7 +99,7 @@ pub fn setup_batch(range: Ipv4Net) -> Nftables<'static> {
 }
 
 /// The transaction that removes the table if it exists.
-pub fn teardown_batch() -> Nftables<'static> {
+pub(crate) fn teardown_batch() -> Nftables<'static> {
     let mut batch = Batch::new();
     batch.add(NfListObject::Table(table()));
     batch.delete(NfListObject::Table(table()));
@@ -117,12 +117,12 @@ async fn apply(operation: &'static str, ruleset: &Nftables<'_>) -> Result<(), Na
 }
 
 /// Install (or refresh) the masquerade rule for `range`.
-pub async fn ensure(range: Ipv4Net) -> Result<(), NatError> {
+pub(crate) async fn ensure(range: Ipv4Net) -> Result<(), NatError> {
     apply("setup", &setup_batch(range)).await
 }
 
 /// Remove Ignis' table with everything in it.
-pub async fn teardown() -> Result<(), NatError> {
+pub(crate) async fn teardown() -> Result<(), NatError> {
     apply("teardown", &teardown_batch()).await
 }
 

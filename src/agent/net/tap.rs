@@ -11,7 +11,7 @@ use std::io;
 use sha2::{Digest, Sha256};
 
 /// Every tap Ignis creates starts with this.
-pub const TAP_PREFIX: &str = "ig";
+pub(crate) const TAP_PREFIX: &str = "ig";
 /// Hex characters of the hash after the prefix: `ig` + 11 = 13, under IFNAMSIZ-1 (15).
 const TAP_HASH_CHARS: usize = 11;
 
@@ -24,7 +24,7 @@ pub fn tap_name(uid: &str, ifname: &str) -> String {
 }
 
 /// Whether a link name has the shape of an Ignis tap.
-pub fn looks_like_tap_name(name: &str) -> bool {
+pub(crate) fn looks_like_tap_name(name: &str) -> bool {
     name.len() == TAP_PREFIX.len() + TAP_HASH_CHARS
         && name.starts_with(TAP_PREFIX)
         && name[TAP_PREFIX.len()..]
@@ -34,7 +34,7 @@ pub fn looks_like_tap_name(name: &str) -> bool {
 
 /// Create the tap `name` (or attach to it if it exists) and make it persistent. The device is
 /// left down; the caller brings it up once it is a bridge port.
-pub fn create_persistent_tap(name: &str) -> io::Result<()> {
+pub(crate) fn create_persistent_tap(name: &str) -> io::Result<()> {
     let device = tun_rs::DeviceBuilder::new()
         .name(name)
         .layer(tun_rs::Layer::L2)

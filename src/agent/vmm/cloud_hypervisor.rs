@@ -10,54 +10,77 @@
 //! `<state_dir>/vmm.log`. Cloud Hypervisor has no metadata service, so `user_data` is not
 //! passed on by this backend.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use serde_json::{Value, json};
 
-use super::http::{self, ApiRequest};
-use super::{GuestExit, Spawned, VmConfig, VmmBackend, VmmError, VmmHandle, VmmState};
-use crate::api::{Accelerator, Hypervisor};
+use super::http::{self, ApiRequest, HttpApi};
+use super::{ExitQuirks, VmConfig, VmmError, VmmState};
+use crate::api::Hypervisor;
 
 /// The API version the requests are written against.
 pub const SPEC_VERSION: &str = "0.3.0";
 
 /// The spec's server base path.
-pub const API_PREFIX: &str = "/api/v1";
+pub(crate) const API_PREFIX: &str = "/api/v1";
 
 /// How long a freshly spawned Cloud Hypervisor may take to open its API socket.
-pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Cloud Hypervisor over its HTTP API on a unix socket.
-#[derive(Clone, Debug)]
-pub struct CloudHypervisorBackend {
-    binary: PathBuf,
-    socket_timeout: Duration,
-    api_timeout: Duration,
-}
+pub type CloudHypervisorBackend = http::HttpBackend<CloudHypervisor>;
 
-impl CloudHypervisorBackend {
-    /// A backend for the `cloud-hypervisor` binary at `binary` (a path, or a name looked up in
-    /// `PATH`). Fails with `BinaryNotFound` when there is no such executable.
-    pub fn new(binary: impl AsRef<Path>) -> Result<Self, VmmError> {
-        Ok(CloudHypervisorBackend {
-            binary: http::resolve_binary(binary.as_ref())?,
-            socket_timeout: SOCKET_TIMEOUT,
-            api_timeout: super::API_TIMEOUT,
-        })
+/// Cloud Hypervisor's wire: the plans below.
+pub struct CloudHypervisor;
+
+impl HttpApi for CloudHypervisor {
+    const KIND: Hypervisor = Hypervisor::CloudHypervisor;
+    const QUIRKS: &'static ExitQuirks = &super::exit::CLOUD_HYPERVISOR;
+    const CONSOLE_ON_STDOUT: bool = false;
+    const SOCKET_TIMEOUT: Duration = SOCKET_TIMEOUT;
+
+    /// The command line: only the API socket; the VM is described through `vm.create`.
+    fn spawn_args(config: &VmConfig) -> Vec<String> {
+        vec![
+            "--api-socket".to_owned(),
+            format!("path={}", config.api_socket.display()),
+        ]
     }
 
-    /// Override the deadlines (the socket wait, and each API call).
-    pub fn with_timeouts(mut self, socket_timeout: Duration, api_timeout: Duration) -> Self {
-        self.socket_timeout = socket_timeout;
-        self.api_timeout = api_timeout;
-        self
+    /// `vmm.ping` then `vm.create`.
+    fn plan_create(config: &VmConfig) -> Result<Vec<ApiRequest>, VmmError> {
+        Ok(vec![
+            ApiRequest::get(endpoint("vmm.ping")),
+            ApiRequest::put(endpoint("vm.create"), Some(vm_config(config)?)),
+        ])
     }
 
-    /// The resolved binary.
-    pub fn binary(&self) -> &Path {
-        &self.binary
+    /// Boot the created VM.
+    fn plan_start() -> ApiRequest {
+        ApiRequest::put(endpoint("vm.boot"), None)
+    }
+
+    /// Ask the guest to shut down through the ACPI power button.
+    fn plan_stop() -> ApiRequest {
+        ApiRequest::put(endpoint("vm.power-button"), None)
+    }
+
+    /// VM information, including its state.
+    fn plan_state() -> ApiRequest {
+        ApiRequest::get(endpoint("vm.info"))
+    }
+
+    /// The VM state in a `VmInfo` body. `Shutdown` means the guest is off: as far as the agent
+    /// is concerned the VM has ended.
+    fn parse_state(info: &Value) -> Result<VmmState, String> {
+        match info.get("state").and_then(Value::as_str) {
+            Some("Created") => Ok(VmmState::Created),
+            Some("Running") => Ok(VmmState::Running),
+            Some("Paused") | Some("BreakPoint") => Ok(VmmState::Paused),
+            Some("Shutdown") => Ok(VmmState::Exited),
+            Some(other) => Err(format!("unknown VM state {other:?}")),
+            None => Err("VmInfo without a state".to_owned()),
+        }
     }
 }
 
@@ -65,24 +88,8 @@ fn endpoint(name: &str) -> String {
     format!("{API_PREFIX}/{name}")
 }
 
-/// The command line: only the API socket; the VM is described through `vm.create`.
-pub fn spawn_args(config: &VmConfig) -> Vec<String> {
-    vec![
-        "--api-socket".to_owned(),
-        format!("path={}", config.api_socket.display()),
-    ]
-}
-
-/// `vmm.ping` then `vm.create`.
-pub fn plan_create(config: &VmConfig) -> Result<Vec<ApiRequest>, VmmError> {
-    Ok(vec![
-        ApiRequest::get(endpoint("vmm.ping")),
-        ApiRequest::put(endpoint("vm.create"), Some(vm_config(config)?)),
-    ])
-}
-
 /// The `VmConfig` body of `vm.create`.
-pub fn vm_config(config: &VmConfig) -> Result<Value, VmmError> {
+pub(crate) fn vm_config(config: &VmConfig) -> Result<Value, VmmError> {
     let invalid = |detail: String| VmmError::InvalidConfig {
         hypervisor: Hypervisor::CloudHypervisor,
         detail,
@@ -145,87 +152,12 @@ pub fn vm_config(config: &VmConfig) -> Result<Value, VmmError> {
     Ok(body)
 }
 
-/// Boot the created VM.
-pub fn plan_start() -> ApiRequest {
-    ApiRequest::put(endpoint("vm.boot"), None)
-}
-
-/// Ask the guest to shut down through the ACPI power button.
-pub fn plan_stop() -> ApiRequest {
-    ApiRequest::put(endpoint("vm.power-button"), None)
-}
-
-/// VM information, including its state.
-pub fn plan_state() -> ApiRequest {
-    ApiRequest::get(endpoint("vm.info"))
-}
-
-/// The VM state in a `VmInfo` body. `Shutdown` means the guest is off: as far as the agent
-/// is concerned the VM has ended.
-pub fn parse_state(info: &Value) -> Result<VmmState, String> {
-    match info.get("state").and_then(Value::as_str) {
-        Some("Created") => Ok(VmmState::Created),
-        Some("Running") => Ok(VmmState::Running),
-        Some("Paused") | Some("BreakPoint") => Ok(VmmState::Paused),
-        Some("Shutdown") => Ok(VmmState::Exited),
-        Some(other) => Err(format!("unknown VM state {other:?}")),
-        None => Err("VmInfo without a state".to_owned()),
-    }
-}
-
-#[async_trait]
-impl VmmBackend for CloudHypervisorBackend {
-    fn kind(&self) -> Hypervisor {
-        Hypervisor::CloudHypervisor
-    }
-
-    fn supports(&self, accelerator: Accelerator) -> bool {
-        accelerator == Accelerator::Kvm
-    }
-
-    async fn create(&self, config: &VmConfig) -> Result<Spawned, VmmError> {
-        http::create_vm(
-            Hypervisor::CloudHypervisor,
-            config,
-            plan_create,
-            spawn_args(config),
-            false,
-            self.socket_timeout,
-            self.api_timeout,
-        )
-        .await
-    }
-
-    async fn start(&self, handle: &VmmHandle) -> Result<(), VmmError> {
-        http::send_action(handle, &plan_start(), self.api_timeout).await
-    }
-
-    async fn stop(&self, handle: &VmmHandle) -> Result<(), VmmError> {
-        http::send_action(handle, &plan_stop(), self.api_timeout).await
-    }
-
-    async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError> {
-        http::kill_vmm(handle)
-    }
-
-    async fn state(&self, handle: &VmmHandle) -> Result<VmmState, VmmError> {
-        http::query_state(handle, &plan_state(), self.api_timeout, parse_state).await
-    }
-
-    fn classify_exit(
-        &self,
-        _handle: &VmmHandle,
-        status: Option<std::process::ExitStatus>,
-        console_tail: &str,
-    ) -> GuestExit {
-        http::classify_exit("cloud-hypervisor", status, console_tail)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::agent::vmm::DiskConfig;
+    use crate::api::Accelerator;
+    use crate::error::ErrorReason;
 
     fn config() -> VmConfig {
         VmConfig {
@@ -301,16 +233,31 @@ mod tests {
             ("BreakPoint", VmmState::Paused),
             ("Shutdown", VmmState::Exited),
         ] {
-            assert_eq!(parse_state(&json!({ "state": state })), Ok(expected));
+            assert_eq!(
+                CloudHypervisor::parse_state(&json!({ "state": state })),
+                Ok(expected)
+            );
         }
-        assert!(parse_state(&json!({"state": "Melted"})).is_err());
+        assert!(CloudHypervisor::parse_state(&json!({"state": "Melted"})).is_err());
     }
 
     #[test]
     fn endpoints_live_under_the_api_prefix() {
-        assert_eq!(plan_start().operation(), "PUT /api/v1/vm.boot");
-        assert_eq!(plan_stop().operation(), "PUT /api/v1/vm.power-button");
-        assert_eq!(plan_state().operation(), "GET /api/v1/vm.info");
-        assert_eq!(spawn_args(&config()), ["--api-socket", "path=/s/api.sock"]);
+        assert_eq!(
+            CloudHypervisor::plan_start().operation(),
+            "PUT /api/v1/vm.boot"
+        );
+        assert_eq!(
+            CloudHypervisor::plan_stop().operation(),
+            "PUT /api/v1/vm.power-button"
+        );
+        assert_eq!(
+            CloudHypervisor::plan_state().operation(),
+            "GET /api/v1/vm.info"
+        );
+        assert_eq!(
+            CloudHypervisor::spawn_args(&config()),
+            ["--api-socket", "path=/s/api.sock"]
+        );
     }
 }

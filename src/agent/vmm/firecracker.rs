@@ -10,141 +10,146 @@
 //! stdout is the console log; its own log (stderr) is `<state_dir>/vmm.log`. User data goes to
 //! the guest through MMDS (v2, EC2 layout: `/latest/user-data`).
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use serde_json::{Value, json};
 
-use super::http::{self, ApiRequest};
-use super::{GuestExit, Spawned, VmConfig, VmmBackend, VmmError, VmmHandle, VmmState};
-use crate::api::{Accelerator, Hypervisor};
+use super::http::{self, ApiRequest, HttpApi};
+use super::{ExitQuirks, VmConfig, VmmError, VmmState};
+use crate::api::Hypervisor;
 
 /// The API version the requests are written against.
 pub const SPEC_VERSION: &str = "1.17.0-dev";
 
 /// How long a freshly spawned Firecracker may take to open its API socket.
-pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Firecracker over its HTTP API on a unix socket.
-#[derive(Clone, Debug)]
-pub struct FirecrackerBackend {
-    binary: PathBuf,
-    socket_timeout: Duration,
-    api_timeout: Duration,
-}
+pub type FirecrackerBackend = http::HttpBackend<Firecracker>;
 
-impl FirecrackerBackend {
-    /// A backend for the `firecracker` binary at `binary` (a path, or a name looked up in
-    /// `PATH`). Fails with `BinaryNotFound` when there is no such executable.
-    pub fn new(binary: impl AsRef<Path>) -> Result<Self, VmmError> {
-        Ok(FirecrackerBackend {
-            binary: http::resolve_binary(binary.as_ref())?,
-            socket_timeout: SOCKET_TIMEOUT,
-            api_timeout: super::API_TIMEOUT,
-        })
+/// Firecracker's wire: the plans below.
+pub struct Firecracker;
+
+impl HttpApi for Firecracker {
+    const KIND: Hypervisor = Hypervisor::Firecracker;
+    const QUIRKS: &'static ExitQuirks = &super::exit::FIRECRACKER;
+    const CONSOLE_ON_STDOUT: bool = true;
+    const SOCKET_TIMEOUT: Duration = SOCKET_TIMEOUT;
+
+    /// The command line: only the API socket; everything else goes through the API.
+    fn spawn_args(config: &VmConfig) -> Vec<String> {
+        vec![
+            "--api-sock".to_owned(),
+            config.api_socket.display().to_string(),
+        ]
     }
 
-    /// Override the deadlines (the socket wait, and each API call).
-    pub fn with_timeouts(mut self, socket_timeout: Duration, api_timeout: Duration) -> Self {
-        self.socket_timeout = socket_timeout;
-        self.api_timeout = api_timeout;
-        self
-    }
-
-    /// The resolved binary.
-    pub fn binary(&self) -> &Path {
-        &self.binary
-    }
-}
-
-/// The command line: only the API socket; everything else goes through the API.
-pub fn spawn_args(config: &VmConfig) -> Vec<String> {
-    vec![
-        "--api-sock".to_owned(),
-        config.api_socket.display().to_string(),
-    ]
-}
-
-/// The pre-boot configuration of `config`, in the order Firecracker needs it: network
-/// interfaces exist before MMDS names them.
-pub fn plan_create(config: &VmConfig) -> Result<Vec<ApiRequest>, VmmError> {
-    let invalid = |detail: String| VmmError::InvalidConfig {
-        hypervisor: Hypervisor::Firecracker,
-        detail,
-    };
-    let mut requests = vec![ApiRequest::put(
-        "/machine-config",
-        Some(json!({
-            "vcpu_count": config.vcpus,
-            "mem_size_mib": config.memory_mib,
-        })),
-    )];
-
-    let mut boot_source = json!({
-        "kernel_image_path": config.kernel.display().to_string(),
-        "boot_args": config.cmdline,
-    });
-    if let Some(initrd) = &config.initrd {
-        boot_source["initrd_path"] = json!(initrd.display().to_string());
-    }
-    requests.push(ApiRequest::put("/boot-source", Some(boot_source)));
-
-    if config.disks.iter().filter(|d| d.root).count() > 1 {
-        return Err(invalid(
-            "Firecracker boots from at most one root disk".to_owned(),
-        ));
-    }
-    for disk in &config.disks {
-        requests.push(ApiRequest::put(
-            format!("/drives/{}", path_segment(&disk.id, "disk id")?),
+    /// The pre-boot configuration of `config`, in the order Firecracker needs it: network
+    /// interfaces exist before MMDS names them.
+    fn plan_create(config: &VmConfig) -> Result<Vec<ApiRequest>, VmmError> {
+        let invalid = |detail: String| VmmError::InvalidConfig {
+            hypervisor: Hypervisor::Firecracker,
+            detail,
+        };
+        let mut requests = vec![ApiRequest::put(
+            "/machine-config",
             Some(json!({
-                "drive_id": disk.id,
-                "path_on_host": disk.path.display().to_string(),
-                "is_root_device": disk.root,
-                "is_read_only": disk.read_only,
+                "vcpu_count": config.vcpus,
+                "mem_size_mib": config.memory_mib,
             })),
-        ));
-    }
+        )];
 
-    for net in &config.nets {
-        requests.push(ApiRequest::put(
-            format!(
-                "/network-interfaces/{}",
-                path_segment(&net.id, "interface id")?
-            ),
-            Some(json!({
-                "iface_id": net.id,
-                "host_dev_name": net.tap,
-                "guest_mac": net.mac,
-            })),
-        ));
-    }
+        let mut boot_source = json!({
+            "kernel_image_path": config.kernel.display().to_string(),
+            "boot_args": config.cmdline,
+        });
+        if let Some(initrd) = &config.initrd {
+            boot_source["initrd_path"] = json!(initrd.display().to_string());
+        }
+        requests.push(ApiRequest::put("/boot-source", Some(boot_source)));
 
-    if let Some(user_data) = &config.user_data {
-        // Firecracker refuses an MMDS bound to no interface (EmptyNetworkIfaceList), and the
-        // guest could not reach it anyway.
-        if config.nets.is_empty() {
+        if config.disks.iter().filter(|d| d.root).count() > 1 {
             return Err(invalid(
-                "user data goes through MMDS, which needs a network interface".to_owned(),
+                "Firecracker boots from at most one root disk".to_owned(),
             ));
         }
-        let ids: Vec<&str> = config.nets.iter().map(|n| n.id.as_str()).collect();
-        requests.push(ApiRequest::put(
-            "/mmds/config",
-            Some(json!({ "version": "V2", "network_interfaces": ids })),
-        ));
-        requests.push(ApiRequest::put(
-            "/mmds",
-            Some(json!({
-                "latest": {
-                    "meta-data": { "instance-id": config.id },
-                    "user-data": user_data,
-                }
-            })),
-        ));
+        for disk in &config.disks {
+            requests.push(ApiRequest::put(
+                format!("/drives/{}", path_segment(&disk.id, "disk id")?),
+                Some(json!({
+                    "drive_id": disk.id,
+                    "path_on_host": disk.path.display().to_string(),
+                    "is_root_device": disk.root,
+                    "is_read_only": disk.read_only,
+                })),
+            ));
+        }
+
+        for net in &config.nets {
+            requests.push(ApiRequest::put(
+                format!(
+                    "/network-interfaces/{}",
+                    path_segment(&net.id, "interface id")?
+                ),
+                Some(json!({
+                    "iface_id": net.id,
+                    "host_dev_name": net.tap,
+                    "guest_mac": net.mac,
+                })),
+            ));
+        }
+
+        if let Some(user_data) = &config.user_data {
+            // Firecracker refuses an MMDS bound to no interface (EmptyNetworkIfaceList), and the
+            // guest could not reach it anyway.
+            if config.nets.is_empty() {
+                return Err(invalid(
+                    "user data goes through MMDS, which needs a network interface".to_owned(),
+                ));
+            }
+            let ids: Vec<&str> = config.nets.iter().map(|n| n.id.as_str()).collect();
+            requests.push(ApiRequest::put(
+                "/mmds/config",
+                Some(json!({ "version": "V2", "network_interfaces": ids })),
+            ));
+            requests.push(ApiRequest::put(
+                "/mmds",
+                Some(json!({
+                    "latest": {
+                        "meta-data": { "instance-id": config.id },
+                        "user-data": user_data,
+                    }
+                })),
+            ));
+        }
+        Ok(requests)
     }
-    Ok(requests)
+
+    /// Boot the guest.
+    fn plan_start() -> ApiRequest {
+        action("InstanceStart")
+    }
+
+    /// Ask the guest to shut down: Firecracker's only graceful stop is a Ctrl-Alt-Del.
+    fn plan_stop() -> ApiRequest {
+        action("SendCtrlAltDel")
+    }
+
+    /// Instance information (`describeInstance`).
+    fn plan_state() -> ApiRequest {
+        ApiRequest::get("/")
+    }
+
+    /// The VM state in an `InstanceInfo` body.
+    fn parse_state(info: &Value) -> Result<VmmState, String> {
+        match info.get("state").and_then(Value::as_str) {
+            Some("Not started") => Ok(VmmState::Created),
+            Some("Running") => Ok(VmmState::Running),
+            Some("Paused") => Ok(VmmState::Paused),
+            Some(other) => Err(format!("unknown instance state {other:?}")),
+            None => Err("InstanceInfo without a state".to_owned()),
+        }
+    }
 }
 
 /// Ids become path segments; one that would change the path is refused rather than escaped.
@@ -167,85 +172,13 @@ fn action(action_type: &str) -> ApiRequest {
     ApiRequest::put("/actions", Some(json!({ "action_type": action_type })))
 }
 
-/// Boot the guest.
-pub fn plan_start() -> ApiRequest {
-    action("InstanceStart")
-}
-
-/// Ask the guest to shut down: Firecracker's only graceful stop is a Ctrl-Alt-Del.
-pub fn plan_stop() -> ApiRequest {
-    action("SendCtrlAltDel")
-}
-
-/// Instance information (`describeInstance`).
-pub fn plan_state() -> ApiRequest {
-    ApiRequest::get("/")
-}
-
-/// The VM state in an `InstanceInfo` body.
-pub fn parse_state(info: &Value) -> Result<VmmState, String> {
-    match info.get("state").and_then(Value::as_str) {
-        Some("Not started") => Ok(VmmState::Created),
-        Some("Running") => Ok(VmmState::Running),
-        Some("Paused") => Ok(VmmState::Paused),
-        Some(other) => Err(format!("unknown instance state {other:?}")),
-        None => Err("InstanceInfo without a state".to_owned()),
-    }
-}
-
-#[async_trait]
-impl VmmBackend for FirecrackerBackend {
-    fn kind(&self) -> Hypervisor {
-        Hypervisor::Firecracker
-    }
-
-    fn supports(&self, accelerator: Accelerator) -> bool {
-        accelerator == Accelerator::Kvm
-    }
-
-    async fn create(&self, config: &VmConfig) -> Result<Spawned, VmmError> {
-        http::create_vm(
-            Hypervisor::Firecracker,
-            config,
-            plan_create,
-            spawn_args(config),
-            true,
-            self.socket_timeout,
-            self.api_timeout,
-        )
-        .await
-    }
-
-    async fn start(&self, handle: &VmmHandle) -> Result<(), VmmError> {
-        http::send_action(handle, &plan_start(), self.api_timeout).await
-    }
-
-    async fn stop(&self, handle: &VmmHandle) -> Result<(), VmmError> {
-        http::send_action(handle, &plan_stop(), self.api_timeout).await
-    }
-
-    async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError> {
-        http::kill_vmm(handle)
-    }
-
-    async fn state(&self, handle: &VmmHandle) -> Result<VmmState, VmmError> {
-        http::query_state(handle, &plan_state(), self.api_timeout, parse_state).await
-    }
-
-    fn classify_exit(
-        &self,
-        _handle: &VmmHandle,
-        status: Option<std::process::ExitStatus>,
-        console_tail: &str,
-    ) -> GuestExit {
-        http::classify_exit("firecracker", status, console_tail)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::vmm::VmmBackend;
     use crate::agent::vmm::{DiskConfig, NetConfig};
+    use crate::api::Accelerator;
+    use crate::error::ErrorReason;
 
     fn config() -> VmConfig {
         VmConfig {
@@ -272,7 +205,7 @@ mod tests {
 
     #[test]
     fn minimal_plan_is_machine_then_boot_source() {
-        let plan = plan_create(&config()).expect("plan");
+        let plan = Firecracker::plan_create(&config()).expect("plan");
         assert_eq!(paths(&plan), ["PUT /machine-config", "PUT /boot-source"]);
         assert_eq!(
             plan[0].body,
@@ -293,7 +226,7 @@ mod tests {
             mac: "06:00:00:00:00:01".to_owned(),
         });
         c.user_data = Some("#cloud-config\n".to_owned());
-        let plan = plan_create(&c).expect("plan");
+        let plan = Firecracker::plan_create(&c).expect("plan");
         assert_eq!(
             paths(&plan)[2..],
             [
@@ -316,7 +249,7 @@ mod tests {
     fn user_data_without_a_network_is_refused() {
         let mut c = config();
         c.user_data = Some("x".to_owned());
-        let err = plan_create(&c).expect_err("no interface for MMDS");
+        let err = Firecracker::plan_create(&c).expect_err("no interface for MMDS");
         assert_eq!(err.reason(), "InvalidVmConfig");
         assert!(err.to_string().contains("MMDS"), "{err}");
     }
@@ -331,36 +264,33 @@ mod tests {
         };
         let mut c = config();
         c.disks = vec![disk("a"), disk("b")];
-        assert!(plan_create(&c).is_err());
+        assert!(Firecracker::plan_create(&c).is_err());
         c.disks = vec![disk("../actions")];
-        assert!(plan_create(&c).is_err());
+        assert!(Firecracker::plan_create(&c).is_err());
     }
 
     #[test]
     fn instance_states_map_to_vmm_states() {
         assert_eq!(
-            parse_state(&json!({"state": "Not started"})),
+            Firecracker::parse_state(&json!({"state": "Not started"})),
             Ok(VmmState::Created)
         );
         assert_eq!(
-            parse_state(&json!({"state": "Running"})),
+            Firecracker::parse_state(&json!({"state": "Running"})),
             Ok(VmmState::Running)
         );
         assert_eq!(
-            parse_state(&json!({"state": "Paused"})),
+            Firecracker::parse_state(&json!({"state": "Paused"})),
             Ok(VmmState::Paused)
         );
-        assert!(parse_state(&json!({"state": "Exploded"})).is_err());
-        assert!(parse_state(&json!({})).is_err());
+        assert!(Firecracker::parse_state(&json!({"state": "Exploded"})).is_err());
+        assert!(Firecracker::parse_state(&json!({})).is_err());
     }
 
     #[test]
     fn kvm_only() {
-        let backend = FirecrackerBackend {
-            binary: "/bin/true".into(),
-            socket_timeout: SOCKET_TIMEOUT,
-            api_timeout: super::super::API_TIMEOUT,
-        };
+        // `sh` stands in for the binary: only its presence is checked.
+        let backend = FirecrackerBackend::new("sh").expect("sh is on PATH");
         assert!(backend.supports(Accelerator::Kvm));
         assert!(!backend.supports(Accelerator::Tcg));
         assert_eq!(backend.kind(), Hypervisor::Firecracker);

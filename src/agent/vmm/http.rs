@@ -1,14 +1,13 @@
 //! What the two HTTP-API VMMs (Firecracker, Cloud Hypervisor) share: a minimal HTTP/1.1
-//! client over the VMM's unix socket with a deadline on every request, and the process
-//! plumbing around it (spawn in its own process group, wait for the socket, pid-reuse-safe
-//! liveness and kill).
+//! client over the VMM's unix socket with a deadline on every request, and the create path
+//! around it (spawn through [`super::process`], wait for the socket, send the pre-boot
+//! configuration, leave nothing behind on failure).
 //!
 //! Backends turn a [`VmConfig`](super::VmConfig) into [`ApiRequest`]s with pure functions; this
 //! module is the only place that touches the socket, so the request plans can be checked
 //! against the official specs without any I/O.
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -19,7 +18,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::UnixStream;
 
-use super::{VmConfig, VmmError, VmmHandle, VmmState};
+use super::process::{self, Output};
+use super::{ExitQuirks, VmConfig, VmmError, VmmHandle, VmmState};
 use crate::api::{Accelerator, Hypervisor};
 
 /// One call to a VMM's HTTP API, as planned by a backend.
@@ -57,14 +57,14 @@ impl ApiRequest {
 
 /// A VMM's answer: status and raw body.
 #[derive(Clone, Debug, PartialEq)]
-pub struct ApiResponse {
-    pub status: u16,
-    pub body: Bytes,
+pub(crate) struct ApiResponse {
+    pub(crate) status: u16,
+    pub(crate) body: Bytes,
 }
 
 impl ApiResponse {
     /// The body as JSON, or a `Protocol` error naming `operation`.
-    pub fn json(&self, operation: &str) -> Result<Value, VmmError> {
+    pub(crate) fn json(&self, operation: &str) -> Result<Value, VmmError> {
         serde_json::from_slice(&self.body).map_err(|e| VmmError::Protocol {
             operation: operation.to_owned(),
             detail: format!("response is not JSON: {e}"),
@@ -84,7 +84,7 @@ impl Drop for AbortOnDrop {
 
 /// Send one request on a fresh connection and read the whole response, all within `timeout`.
 /// Any HTTP status is a success here; see [`call`] for the status check.
-pub async fn send(
+pub(crate) async fn send(
     socket: &Path,
     request: &ApiRequest,
     timeout: Duration,
@@ -139,7 +139,7 @@ async fn exchange(
     let response = sender
         .send_request(http_request)
         .await
-        .map_err(|e| protocol(format!("no response: {}", error_chain(&e))))?;
+        .map_err(|e| protocol(format!("no response: {}", crate::error::chain(&e))))?;
     let status = response.status().as_u16();
     let body = response
         .into_body()
@@ -152,7 +152,7 @@ async fn exchange(
 
 /// Send a request and require a 2xx answer; anything else becomes `ApiFault` carrying the
 /// VMM's own message.
-pub async fn call(
+pub(crate) async fn call(
     socket: &Path,
     request: &ApiRequest,
     timeout: Duration,
@@ -171,7 +171,7 @@ pub async fn call(
 
 /// The human message in a VMM error body. Firecracker answers `{"fault_message": ...}`;
 /// Cloud Hypervisor answers a JSON list of its error chain (older releases: plain text).
-pub fn fault_text(body: &[u8]) -> String {
+pub(crate) fn fault_text(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body).trim().to_owned();
     let message = match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => ["fault_message", "error", "message"]
@@ -191,96 +191,9 @@ pub fn fault_text(body: &[u8]) -> String {
     }
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
-}
-
-/// Find a VMM binary: a path with a `/` must exist as an executable file; a bare name is
-/// looked up in `PATH`.
-pub fn resolve_binary(binary: &Path) -> Result<PathBuf, VmmError> {
-    let not_found = || VmmError::BinaryNotFound {
-        path: binary.to_path_buf(),
-    };
-    if binary.as_os_str().is_empty() {
-        return Err(not_found());
-    }
-    if binary.components().count() > 1 || binary.is_absolute() {
-        return is_executable(binary)
-            .then(|| binary.to_path_buf())
-            .ok_or_else(not_found);
-    }
-    let path_var = std::env::var_os("PATH").ok_or_else(not_found)?;
-    std::env::split_paths(&path_var)
-        .map(|dir| dir.join(binary))
-        .find(|candidate| is_executable(candidate))
-        .ok_or_else(not_found)
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
-}
-
-/// Where a spawned VMM's output goes.
-pub struct VmmOutput<'a> {
-    /// The VMM's stdout (Firecracker writes the guest serial console there).
-    pub stdout: &'a Path,
-    /// The VMM's own log (`<state_dir>/vmm.log`).
-    pub stderr: &'a Path,
-}
-
-/// Start a VMM in a process group of its own, so signals aimed at the agent do not reach it
-/// and it can outlive an agent restart.
-pub fn spawn_vmm(
-    binary: &Path,
-    args: &[String],
-    output: VmmOutput<'_>,
-) -> Result<tokio::process::Child, VmmError> {
-    let spawn_error = |source| VmmError::Spawn {
-        binary: binary.to_path_buf(),
-        source,
-    };
-    let open_append = |path: &Path| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-    };
-    let stdout = open_append(output.stdout).map_err(spawn_error)?;
-    let stderr = open_append(output.stderr).map_err(spawn_error)?;
-    let mut child = tokio::process::Command::new(binary)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(stdout))
-        .stderr(Stdio::from(stderr))
-        .process_group(0)
-        .kill_on_drop(false)
-        .spawn()
-        .map_err(spawn_error)?;
-    if let Some(pid) = child.id()
-        && let Err(source) = crate::agent::cgroup::place(pid)
-    {
-        let _ = child.start_kill();
-        return Err(VmmError::Io {
-            operation: "move the VMM out of the agent's cgroup".to_owned(),
-            source,
-        });
-    }
-    Ok(child)
-}
-
 /// Wait until the VMM accepts connections on `socket`. A VMM that exits first is reported
 /// with the end of its log, since that is where it says why.
-pub async fn wait_for_socket(
+pub(crate) async fn wait_for_socket(
     socket: &Path,
     child: &mut tokio::process::Child,
     timeout: Duration,
@@ -291,7 +204,7 @@ pub async fn wait_for_socket(
         if let Ok(Some(status)) = child.try_wait() {
             return Err(VmmError::Exited {
                 operation: "waiting for the API socket".to_owned(),
-                detail: format!("{status}; vmm.log: {}", log_tail(vmm_log, 2048)),
+                detail: format!("{status}; vmm.log: {}", process::log_tail(vmm_log)),
             });
         }
         if UnixStream::connect(socket).await.is_ok() {
@@ -307,84 +220,26 @@ pub async fn wait_for_socket(
     }
 }
 
-/// The last `max_bytes` of a log file, lossily decoded; empty when it cannot be read.
-pub fn log_tail(path: &Path, max_bytes: usize) -> String {
-    let bytes = std::fs::read(path).unwrap_or_default();
-    let start = bytes.len().saturating_sub(max_bytes);
-    String::from_utf8_lossy(&bytes[start..]).trim().to_owned()
-}
-
-/// The start time of a process, `None` when it is gone.
-pub fn process_start_time(pid: u32) -> Option<u64> {
-    crate::agent::host::proc_stat(pid).map(|stat| stat.start_time_ticks)
-}
-
-/// Whether the process behind `handle` is still our VMM (same pid and start time).
-pub fn vmm_alive(handle: &VmmHandle) -> bool {
-    process_start_time(handle.pid) == Some(handle.start_time_ticks)
-}
-
-/// SIGKILL the VMM's process group. A VMM that is already gone (or whose pid now belongs to
-/// another process) is not an error: there is nothing left to end.
-pub fn kill_vmm(handle: &VmmHandle) -> Result<(), VmmError> {
-    use nix::sys::signal::{Signal, killpg};
-    use nix::unistd::Pid;
-    if !vmm_alive(handle) {
-        return Ok(());
-    }
-    let pid = i32::try_from(handle.pid).map_err(|_| VmmError::Protocol {
-        operation: "kill".to_owned(),
-        detail: format!("pid {} out of range", handle.pid),
-    })?;
-    match killpg(Pid::from_raw(pid), Signal::SIGKILL) {
-        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
-        Err(errno) => Err(VmmError::Io {
-            operation: "kill".to_owned(),
-            source: std::io::Error::from(errno),
-        }),
-    }
-}
-
-/// The handle of a VMM just spawned.
-pub fn handle_for(
-    child: &tokio::process::Child,
-    api_socket: &Path,
-    console_log: &Path,
-) -> Result<VmmHandle, VmmError> {
-    let exited = |detail: &str| VmmError::Exited {
-        operation: "spawn".to_owned(),
-        detail: detail.to_owned(),
-    };
-    let pid = child
-        .id()
-        .ok_or_else(|| exited("the process ended at once"))?;
-    let start_time_ticks =
-        process_start_time(pid).ok_or_else(|| exited("the process ended at once"))?;
-    Ok(VmmHandle {
-        pid,
-        start_time_ticks,
-        api_socket: api_socket.to_path_buf(),
-        console_log: console_log.to_path_buf(),
-    })
-}
-
 /// Everything [`launch`] needs to bring an HTTP-API VMM up to "configured, not booted".
-pub struct Launch<'a> {
-    pub binary: &'a Path,
-    pub args: Vec<String>,
-    pub output: VmmOutput<'a>,
-    pub api_socket: &'a Path,
-    pub console_log: &'a Path,
+pub(crate) struct Launch<'a> {
+    pub(crate) binary: &'a Path,
+    pub(crate) args: Vec<String>,
+    /// Where the VMM's stdout goes (Firecracker writes the guest serial console there).
+    pub(crate) stdout: &'a Path,
+    /// The VMM's own log (`<state_dir>/vmm.log`), its stderr.
+    pub(crate) vmm_log: &'a Path,
+    pub(crate) api_socket: &'a Path,
+    pub(crate) console_log: &'a Path,
     /// The pre-boot requests, in order.
-    pub requests: &'a [ApiRequest],
-    pub socket_timeout: Duration,
-    pub api_timeout: Duration,
+    pub(crate) requests: &'a [ApiRequest],
+    pub(crate) socket_timeout: Duration,
+    pub(crate) api_timeout: Duration,
 }
 
 /// The create path both HTTP-API VMMs share: refuse what needs KVM without it, plan the
 /// pre-boot requests, then launch (`spawn_args` and where the guest console goes are the
 /// backend's own).
-pub async fn create_vm(
+pub(crate) async fn create_vm(
     hypervisor: Hypervisor,
     config: &VmConfig,
     plan: impl FnOnce(&VmConfig) -> Result<Vec<ApiRequest>, VmmError>,
@@ -400,23 +255,21 @@ pub async fn create_vm(
         });
     }
     let requests = plan(config)?;
-    let binary = resolve_binary(&config.binary)?;
+    let binary = process::resolve_binary(&config.binary)?;
     std::fs::create_dir_all(&config.state_dir).map_err(|source| VmmError::Io {
         operation: "creating the state directory".to_owned(),
         source,
     })?;
-    let vmm_log = config.state_dir.join("vmm.log");
+    let vmm_log = process::log_path(&config.state_dir);
     launch(Launch {
         binary: &binary,
         args: spawn_args,
-        output: VmmOutput {
-            stdout: if console_on_stdout {
-                &config.console_log
-            } else {
-                &vmm_log
-            },
-            stderr: &vmm_log,
+        stdout: if console_on_stdout {
+            &config.console_log
+        } else {
+            &vmm_log
         },
+        vmm_log: &vmm_log,
         api_socket: &config.api_socket,
         console_log: &config.console_log,
         requests: &requests,
@@ -427,7 +280,7 @@ pub async fn create_vm(
 }
 
 /// Send a request whose answer carries nothing the caller needs (start, stop).
-pub async fn send_action(
+pub(crate) async fn send_action(
     handle: &VmmHandle,
     request: &ApiRequest,
     timeout: Duration,
@@ -436,13 +289,13 @@ pub async fn send_action(
 }
 
 /// Ask the VMM for its state; a VMM process that is gone is `Exited` without asking.
-pub async fn query_state(
+pub(crate) async fn query_state(
     handle: &VmmHandle,
     request: &ApiRequest,
     timeout: Duration,
     parse: fn(&Value) -> Result<VmmState, String>,
 ) -> Result<VmmState, VmmError> {
-    if !vmm_alive(handle) {
+    if !process::is_alive(handle) {
         return Ok(VmmState::Exited);
     }
     let operation = request.operation();
@@ -452,7 +305,7 @@ pub async fn query_state(
 
 /// Spawn the VMM, wait for its socket, send the pre-boot requests. On any failure the VMM is
 /// killed and reaped, so a failed create leaves no process behind.
-pub async fn launch(launch: Launch<'_>) -> Result<super::Spawned, VmmError> {
+pub(crate) async fn launch(launch: Launch<'_>) -> Result<super::Spawned, VmmError> {
     // A socket left by an earlier run would make the VMM refuse to bind (and would let us
     // talk to nobody); the state dir belongs to this VM, so it is ours to remove.
     match std::fs::remove_file(launch.api_socket) {
@@ -465,15 +318,20 @@ pub async fn launch(launch: Launch<'_>) -> Result<super::Spawned, VmmError> {
             });
         }
     }
-    let vmm_log = launch.output.stderr.to_path_buf();
-    let mut child = spawn_vmm(launch.binary, &launch.args, launch.output)?;
+    let vmm_log = launch.vmm_log;
+    let mut child = process::spawn(
+        launch.binary,
+        &launch.args,
+        Output::Append(launch.stdout),
+        Output::Append(vmm_log),
+    )?;
     let result = async {
-        let handle = handle_for(&child, launch.api_socket, launch.console_log)?;
+        let handle = process::handle_for(&child, launch.api_socket, launch.console_log)?;
         wait_for_socket(
             launch.api_socket,
             &mut child,
             launch.socket_timeout,
-            &vmm_log,
+            vmm_log,
         )
         .await?;
         configure(launch.api_socket, launch.requests, launch.api_timeout).await?;
@@ -482,12 +340,12 @@ pub async fn launch(launch: Launch<'_>) -> Result<super::Spawned, VmmError> {
     .await;
     match result {
         Ok(handle) => Ok(super::Spawned { handle, child }),
-        Err(error) => Err(abandon(child, error, &vmm_log).await),
+        Err(error) => Err(abandon(child, error, vmm_log).await),
     }
 }
 
 /// Send planned requests in order, stopping at the first failure.
-pub async fn configure(
+pub(crate) async fn configure(
     socket: &Path,
     requests: &[ApiRequest],
     timeout: Duration,
@@ -510,92 +368,114 @@ async fn abandon(mut child: tokio::process::Child, error: VmmError, vmm_log: &Pa
         {
             VmmError::Exited {
                 operation,
-                detail: format!("vmm.log: {}", log_tail(vmm_log, 2048)),
+                detail: format!("vmm.log: {}", process::log_tail(vmm_log)),
             }
         }
         other => other,
     }
 }
 
-/// How a VMM run ended, from its exit status (known only for our own child) and the end of
-/// the guest console. Both HTTP-API VMMs exit 0 when the guest powers off or resets.
-pub fn classify_exit(
-    vmm: &str,
-    status: Option<std::process::ExitStatus>,
-    console_tail: &str,
-) -> super::GuestExit {
-    use std::os::unix::process::ExitStatusExt;
-    let panicked = console_tail.contains("Kernel panic");
-    let shut_down = [
-        "reboot: Power down",
-        "reboot: System halted",
-        "reboot: Restarting system",
-    ]
-    .iter()
-    .any(|marker| console_tail.contains(marker));
-    let exit = |success, reason, message: String, code| super::GuestExit {
-        success,
-        reason,
-        message,
-        exit_code: code,
-    };
-    let Some(status) = status else {
-        return if panicked {
-            exit(
-                false,
-                "GuestPanic",
-                "the guest kernel panicked".to_owned(),
-                None,
-            )
-        } else if shut_down {
-            exit(
-                true,
-                "GuestShutdown",
-                "the guest shut down".to_owned(),
-                None,
-            )
-        } else {
-            exit(
-                false,
-                "VmmExitedWhileAgentDown",
-                format!("{vmm} exited while the agent was not watching"),
-                None,
-            )
-        };
-    };
-    let code = status.code();
-    match (code, status.signal()) {
-        (_, Some(signal)) if signal == nix::sys::signal::Signal::SIGKILL as i32 => exit(
-            false,
-            "VmmKilled",
-            format!("{vmm} was killed (SIGKILL)"),
-            None,
-        ),
-        (_, Some(signal)) => exit(
-            false,
-            "VmmCrashed",
-            format!("{vmm} died from signal {signal}"),
-            None,
-        ),
-        (Some(0), _) if panicked => exit(
-            false,
-            "GuestPanic",
-            "the guest kernel panicked".to_owned(),
-            code,
-        ),
-        (Some(0), _) => exit(
-            true,
-            "GuestShutdown",
-            "the guest shut down".to_owned(),
-            code,
-        ),
-        (Some(c), _) => exit(
-            false,
-            "VmmCrashed",
-            format!("{vmm} exited with code {c}"),
-            code,
-        ),
-        (None, None) => exit(false, "VmmCrashed", format!("{vmm} ended: {status}"), None),
+/// What one HTTP-API VMM puts on the wire, as pure functions: the rest of a backend (spawn,
+/// the create path, start, stop, kill, state, how its end is told) is [`HttpBackend`]'s, the
+/// same for both.
+pub trait HttpApi: Send + Sync + 'static {
+    const KIND: Hypervisor;
+    const QUIRKS: &'static ExitQuirks;
+    /// Whether the VMM writes the guest console to its stdout (Firecracker) rather than to a
+    /// file it opens itself.
+    const CONSOLE_ON_STDOUT: bool;
+    /// How long a freshly spawned VMM may take to open its API socket.
+    const SOCKET_TIMEOUT: Duration;
+    fn spawn_args(config: &VmConfig) -> Vec<String>;
+    /// The pre-boot requests, in order.
+    fn plan_create(config: &VmConfig) -> Result<Vec<ApiRequest>, VmmError>;
+    fn plan_start() -> ApiRequest;
+    fn plan_stop() -> ApiRequest;
+    fn plan_state() -> ApiRequest;
+    fn parse_state(info: &Value) -> Result<VmmState, String>;
+}
+
+/// A VMM driven over its HTTP API on a unix socket; KVM only.
+pub struct HttpBackend<A> {
+    socket_timeout: Duration,
+    api_timeout: Duration,
+    api: std::marker::PhantomData<A>,
+}
+
+impl<A> std::fmt::Debug for HttpBackend<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpBackend")
+            .field("socket_timeout", &self.socket_timeout)
+            .field("api_timeout", &self.api_timeout)
+            .finish()
+    }
+}
+
+impl<A: HttpApi> HttpBackend<A> {
+    /// A backend for the VMM binary at `binary` (a path, or a name looked up in `PATH`).
+    /// Fails with `BinaryNotFound` when there is no such executable.
+    pub fn new(binary: impl AsRef<Path>) -> Result<Self, VmmError> {
+        process::resolve_binary(binary.as_ref())?;
+        Ok(Self::with_default_timeouts())
+    }
+
+    fn with_default_timeouts() -> Self {
+        HttpBackend {
+            socket_timeout: A::SOCKET_TIMEOUT,
+            api_timeout: super::API_TIMEOUT,
+            api: std::marker::PhantomData,
+        }
+    }
+
+    /// Override the deadlines (the socket wait, and each API call).
+    pub fn with_timeouts(mut self, socket_timeout: Duration, api_timeout: Duration) -> Self {
+        self.socket_timeout = socket_timeout;
+        self.api_timeout = api_timeout;
+        self
+    }
+}
+
+#[async_trait::async_trait]
+impl<A: HttpApi> super::VmmBackend for HttpBackend<A> {
+    fn kind(&self) -> Hypervisor {
+        A::KIND
+    }
+
+    fn supports(&self, accelerator: Accelerator) -> bool {
+        accelerator == Accelerator::Kvm
+    }
+
+    async fn create(&self, config: &VmConfig) -> Result<super::Spawned, VmmError> {
+        create_vm(
+            A::KIND,
+            config,
+            A::plan_create,
+            A::spawn_args(config),
+            A::CONSOLE_ON_STDOUT,
+            self.socket_timeout,
+            self.api_timeout,
+        )
+        .await
+    }
+
+    async fn start(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        send_action(handle, &A::plan_start(), self.api_timeout).await
+    }
+
+    async fn stop(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        send_action(handle, &A::plan_stop(), self.api_timeout).await
+    }
+
+    async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        process::kill(handle).await
+    }
+
+    async fn state(&self, handle: &VmmHandle) -> Result<VmmState, VmmError> {
+        query_state(handle, &A::plan_state(), self.api_timeout, A::parse_state).await
+    }
+
+    fn exit_quirks(&self) -> &'static ExitQuirks {
+        A::QUIRKS
     }
 }
 
@@ -617,77 +497,6 @@ mod tests {
         assert_eq!(fault_text(br#""VmNotBooted""#), "VmNotBooted");
         assert_eq!(fault_text(b""), "(no error message in the response)");
         assert_eq!(fault_text(br#"{"other":1}"#), r#"{"other":1}"#);
-    }
-
-    #[test]
-    fn stat_start_time_survives_odd_command_names() {
-        let stat = "4242 (fire cracker) (x)) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 \
-                    3 0 987654 1000000 200 18446744073709551615";
-        let parse = |s| crate::agent::host::parse_proc_stat(s).map(|s| s.start_time_ticks);
-        assert_eq!(parse(stat), Some(987654));
-        assert_eq!(parse("garbage"), None);
-    }
-
-    #[test]
-    fn own_process_has_a_start_time() {
-        let ours = process_start_time(std::process::id());
-        assert!(ours.is_some_and(|t| t > 0));
-    }
-
-    #[test]
-    fn resolve_binary_requires_an_executable() {
-        assert!(matches!(
-            resolve_binary(Path::new("/nonexistent/firecracker")),
-            Err(VmmError::BinaryNotFound { .. })
-        ));
-        assert!(matches!(
-            resolve_binary(Path::new("ignis-no-such-vmm-binary")),
-            Err(VmmError::BinaryNotFound { .. })
-        ));
-        assert!(matches!(
-            resolve_binary(Path::new("")),
-            Err(VmmError::BinaryNotFound { .. })
-        ));
-        // `sh` is on PATH on every machine this runs on.
-        assert!(resolve_binary(Path::new("sh")).is_ok());
-        let dir = tempfile::tempdir().expect("tempdir");
-        let plain = dir.path().join("not-executable");
-        std::fs::write(&plain, "").expect("write");
-        assert!(resolve_binary(&plain).is_err());
-    }
-
-    #[test]
-    fn exits_are_classified_by_status_and_console() {
-        use std::os::unix::process::ExitStatusExt;
-        use std::process::ExitStatus;
-        let clean = classify_exit(
-            "firecracker",
-            Some(ExitStatus::from_raw(0)),
-            "reboot: Restarting system",
-        );
-        assert_eq!((clean.success, clean.reason), (true, "GuestShutdown"));
-        let panic = classify_exit(
-            "firecracker",
-            Some(ExitStatus::from_raw(0)),
-            "Kernel panic - not syncing: Attempted to kill init!",
-        );
-        assert_eq!((panic.success, panic.reason), (false, "GuestPanic"));
-        // Raw wait status: exit code in the high byte.
-        let crashed = classify_exit("cloud-hypervisor", Some(ExitStatus::from_raw(1 << 8)), "");
-        assert_eq!((crashed.reason, crashed.exit_code), ("VmmCrashed", Some(1)));
-        assert!(
-            crashed
-                .message
-                .contains("cloud-hypervisor exited with code 1")
-        );
-        let killed = classify_exit("firecracker", Some(ExitStatus::from_raw(9)), "");
-        assert_eq!(killed.reason, "VmmKilled");
-        let segv = classify_exit("firecracker", Some(ExitStatus::from_raw(11)), "");
-        assert_eq!(segv.reason, "VmmCrashed");
-        let unknown = classify_exit("firecracker", None, "booting...");
-        assert_eq!(unknown.reason, "VmmExitedWhileAgentDown");
-        let adopted_clean = classify_exit("firecracker", None, "reboot: Power down");
-        assert_eq!(adopted_clean.reason, "GuestShutdown");
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! [`VmConfig`]. QEMU `microvm` runs for real here; Firecracker and Cloud Hypervisor follow
 //! their official API specs (`../shared/specs/`).
 
+pub(crate) mod exit;
+pub mod process;
 pub mod qemu;
-pub mod qmp;
+pub(crate) mod qmp;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::api::{Accelerator, Hypervisor};
+pub use exit::{ExitQuirks, GuestExit};
 
 pub mod cloud_hypervisor;
 pub mod firecracker;
@@ -82,19 +85,6 @@ pub struct Spawned {
     pub child: tokio::process::Child,
 }
 
-/// How a guest's run ended, as far as the backend can tell.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GuestExit {
-    /// The guest shut itself down cleanly.
-    pub success: bool,
-    /// Machine-matchable word: `GuestShutdown`, `GuestReboot`, `GuestPanic`, `VmmCrashed`,
-    /// `VmmKilled`, `VmmExitedWhileAgentDown`.
-    pub reason: &'static str,
-    /// For a person.
-    pub message: String,
-    pub exit_code: Option<i32>,
-}
-
 /// What a backend can tell about a VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmmState {
@@ -124,6 +114,8 @@ pub trait VmmBackend: Send + Sync {
     async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError>;
     /// Ask the VMM what state its VM is in.
     async fn state(&self, handle: &VmmHandle) -> Result<VmmState, VmmError>;
+    /// What sets this VMM apart when its process ends.
+    fn exit_quirks(&self) -> &'static ExitQuirks;
     /// Explain why the VMM process ended. `status` is known only for a child of this agent
     /// (not for a VMM re-adopted after an agent restart); `console_tail` is the end of the
     /// guest's console log.
@@ -132,52 +124,69 @@ pub trait VmmBackend: Send + Sync {
         handle: &VmmHandle,
         status: Option<std::process::ExitStatus>,
         console_tail: &str,
-    ) -> GuestExit;
+    ) -> GuestExit {
+        exit::classify(
+            self.exit_quirks(),
+            exit::ProcessEnd::from_status(status),
+            console_tail,
+            &process::log_tail(&process::log_path_of(handle)),
+        )
+    }
 }
 
 /// Default deadline for one VMM API call.
-pub const API_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const API_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors of every backend. `reason()` is the machine-matchable word used in status and metrics.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum VmmError {
     #[error("VMM binary {path} not found: install it or choose another hypervisor")]
+    #[strum(serialize = "HypervisorUnavailable")]
     BinaryNotFound { path: PathBuf },
     #[error("cannot start the VMM process {binary}")]
+    #[strum(serialize = "VmmSpawnFailed")]
     Spawn {
         binary: PathBuf,
         #[source]
         source: std::io::Error,
     },
     #[error("VMM API socket {path} did not appear within {timeout:?}")]
+    #[strum(serialize = "VmmTimeout")]
     SocketTimeout { path: PathBuf, timeout: Duration },
     #[error("VMM API call {operation} did not answer within {timeout:?}")]
+    #[strum(serialize = "VmmTimeout")]
     ApiTimeout {
         operation: String,
         timeout: Duration,
     },
     #[error("VMM API call {operation} failed with HTTP {status}: {fault}")]
+    #[strum(serialize = "VmmApiError")]
     ApiFault {
         operation: String,
         status: u16,
         fault: String,
     },
     #[error("VMM API call {operation} failed: {detail}")]
+    #[strum(serialize = "VmmApiError")]
     Protocol { operation: String, detail: String },
     #[error("VMM API I/O during {operation}")]
+    #[strum(serialize = "VmmIoError")]
     Io {
         operation: String,
         #[source]
         source: std::io::Error,
     },
     #[error("{hypervisor} cannot run with accelerator {accelerator}")]
+    #[strum(serialize = "AcceleratorUnsupported")]
     UnsupportedAccelerator {
         hypervisor: Hypervisor,
         accelerator: Accelerator,
     },
     #[error("VMM process exited during {operation}: {detail}")]
+    #[strum(serialize = "VmmCrashed")]
     Exited { operation: String, detail: String },
     #[error("{hypervisor} cannot run this VM: {detail}")]
+    #[strum(serialize = "InvalidVmConfig")]
     InvalidConfig {
         hypervisor: Hypervisor,
         detail: String,
@@ -185,20 +194,6 @@ pub enum VmmError {
 }
 
 impl VmmError {
-    /// A fixed word for condition reasons, Events and metric labels.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            VmmError::BinaryNotFound { .. } => "HypervisorUnavailable",
-            VmmError::Spawn { .. } => "VmmSpawnFailed",
-            VmmError::SocketTimeout { .. } | VmmError::ApiTimeout { .. } => "VmmTimeout",
-            VmmError::ApiFault { .. } | VmmError::Protocol { .. } => "VmmApiError",
-            VmmError::Io { .. } => "VmmIoError",
-            VmmError::UnsupportedAccelerator { .. } => "AcceleratorUnsupported",
-            VmmError::Exited { .. } => "VmmCrashed",
-            VmmError::InvalidConfig { .. } => "InvalidVmConfig",
-        }
-    }
-
     /// Whether retrying the same request can succeed.
     pub fn is_permanent(&self) -> bool {
         matches!(

@@ -16,14 +16,14 @@ use tokio::time::{Instant, timeout_at};
 
 /// An asynchronous QMP event.
 #[derive(Clone, Debug, PartialEq)]
-pub struct QmpEvent {
-    pub event: String,
-    pub data: Value,
+pub(crate) struct QmpEvent {
+    pub(crate) event: String,
+    pub(crate) data: Value,
 }
 
 /// One message from QEMU.
 #[derive(Clone, Debug, PartialEq)]
-pub enum QmpMessage {
+pub(crate) enum QmpMessage {
     Greeting(Value),
     Return {
         id: Option<Value>,
@@ -38,30 +38,36 @@ pub enum QmpMessage {
 }
 
 /// Errors of the QMP client.
-#[derive(Debug, Error)]
-pub enum QmpError {
+#[derive(Debug, Error, strum::IntoStaticStr)]
+pub(crate) enum QmpError {
     #[error("cannot connect to QMP socket {path}")]
+    #[strum(serialize = "QmpConnectFailed")]
     Connect {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
     #[error("QMP {operation} did not answer within {timeout:?}")]
+    #[strum(serialize = "QmpTimeout")]
     Timeout {
         operation: String,
         timeout: Duration,
     },
     #[error("QMP I/O during {operation}")]
+    #[strum(serialize = "QmpIoError")]
     Io {
         operation: String,
         #[source]
         source: std::io::Error,
     },
     #[error("QMP {operation}: QEMU closed the connection")]
+    #[strum(serialize = "QmpIoError")]
     Closed { operation: String },
     #[error("QMP {operation}: unexpected message: {detail}")]
+    #[strum(serialize = "QmpProtocolError")]
     Protocol { operation: String, detail: String },
     #[error("QMP {operation} failed: {class}: {desc}")]
+    #[strum(serialize = "QmpCommandFailed")]
     Command {
         operation: String,
         class: String,
@@ -69,21 +75,8 @@ pub enum QmpError {
     },
 }
 
-impl QmpError {
-    /// A fixed word for logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            QmpError::Connect { .. } => "QmpConnectFailed",
-            QmpError::Timeout { .. } => "QmpTimeout",
-            QmpError::Io { .. } | QmpError::Closed { .. } => "QmpIoError",
-            QmpError::Protocol { .. } => "QmpProtocolError",
-            QmpError::Command { .. } => "QmpCommandFailed",
-        }
-    }
-}
-
 /// Parse one QMP line.
-pub fn parse_message(line: &str) -> Result<QmpMessage, String> {
+pub(crate) fn parse_message(line: &str) -> Result<QmpMessage, String> {
     let v: Value = serde_json::from_str(line).map_err(|e| format!("{e}: {line}"))?;
     let obj = v
         .as_object()
@@ -122,7 +115,7 @@ pub fn parse_message(line: &str) -> Result<QmpMessage, String> {
 
 /// A connected, negotiated QMP session.
 #[derive(Debug)]
-pub struct QmpClient {
+pub(crate) struct QmpClient {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     events: Vec<QmpEvent>,
@@ -131,7 +124,7 @@ pub struct QmpClient {
 
 impl QmpClient {
     /// Connect, read the greeting and leave negotiation mode, all within `timeout`.
-    pub async fn connect(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
+    pub(crate) async fn connect(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
         let deadline = Instant::now() + timeout;
         let stream = timeout_at(deadline, UnixStream::connect(path))
             .await
@@ -166,7 +159,7 @@ impl QmpClient {
     }
 
     /// Run one command and return its `return` value.
-    pub async fn execute(
+    pub(crate) async fn execute(
         &mut self,
         command: &str,
         arguments: Option<Value>,
@@ -224,24 +217,9 @@ impl QmpClient {
         }
     }
 
-    /// Wait up to `timeout` for the next event; `None` when none arrived in time.
-    pub async fn next_event(&mut self, timeout: Duration) -> Result<Option<QmpEvent>, QmpError> {
-        if !self.events.is_empty() {
-            return Ok(Some(self.events.remove(0)));
-        }
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.read_message("event", deadline, timeout).await {
-                Ok(QmpMessage::Event(e)) => return Ok(Some(e)),
-                Ok(_) => {}
-                Err(QmpError::Timeout { .. }) => return Ok(None),
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
     /// The events received so far (while waiting for command answers), oldest first.
-    pub fn take_events(&mut self) -> Vec<QmpEvent> {
+    #[cfg(test)]
+    pub(crate) fn take_events(&mut self) -> Vec<QmpEvent> {
         std::mem::take(&mut self.events)
     }
 

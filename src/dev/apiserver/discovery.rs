@@ -141,25 +141,25 @@ mod tests {
 
     #[test]
     fn microvm_is_discoverable_by_short_name_with_status() {
-        let reg = Registry::new().expect("registry");
-        let list = resource_list(&reg, "ignis.dev", "v1alpha1").expect("list");
-        assert_eq!(list["groupVersion"], "ignis.dev/v1alpha1");
+        let reg = crate::dev::apiserver::resources::test_registry();
+        let list = resource_list(&reg, "example.com", "v1").expect("list");
+        assert_eq!(list["groupVersion"], "example.com/v1");
         let mvm = &list["resources"][0];
-        assert_eq!(mvm["name"], "microvms");
-        assert_eq!(mvm["shortNames"][0], "mvm");
+        assert_eq!(mvm["name"], "widgets");
+        assert_eq!(mvm["shortNames"][0], "wd");
         assert!(
             mvm["verbs"]
                 .as_array()
                 .expect("verbs")
                 .contains(&json!("watch"))
         );
-        assert_eq!(list["resources"][1]["name"], "microvms/status");
-        assert!(resource_list(&reg, "ignis.dev", "v9").is_none());
+        assert_eq!(list["resources"][1]["name"], "widgets/status");
+        assert!(resource_list(&reg, "example.com", "v9").is_none());
     }
 
     #[test]
     fn group_list_names_every_group_once() {
-        let reg = Registry::new().expect("registry");
+        let reg = crate::dev::apiserver::resources::test_registry();
         let doc = groups(&reg);
         let names: Vec<&str> = doc["groups"]
             .as_array()
@@ -167,12 +167,12 @@ mod tests {
             .iter()
             .filter_map(|g| g["name"].as_str())
             .collect();
-        assert!(names.contains(&"ignis.dev") && names.contains(&"coordination.k8s.io"));
+        assert!(names.contains(&"example.com") && names.contains(&"coordination.k8s.io"));
         assert!(!names.contains(&""));
         assert_eq!(
             doc["groups"][0]["preferredVersion"]["groupVersion"],
-            "ignis.dev/v1alpha1"
+            "example.com/v1"
         );
-        assert!(group(&reg, "ignis.dev").is_some());
+        assert!(group(&reg, "example.com").is_some());
     }
 }

@@ -32,7 +32,7 @@ pub enum ApiError {
         name: String,
         detail: String,
     },
-    #[error("{kind}.{group} \"{name}\" is invalid: {}", render_causes(.causes))]
+    #[error("{}{} \"{name}\" is invalid: {}", .kind, if .group.is_empty() { String::new() } else { format!(".{}", .group) }, render_causes(.causes))]
     Invalid {
         kind: String,
         group: String,
@@ -48,8 +48,21 @@ pub enum ApiError {
     Expired { requested: u64, oldest: u64 },
     #[error("Unauthorized")]
     Unauthorized,
+    #[error("{resource} \"{name}\" is forbidden: {reason}")]
+    Forbidden {
+        resource: String,
+        name: String,
+        reason: String,
+    },
     #[error("{0}")]
-    Forbidden(String),
+    TooLarge(String),
+    /// A patch that decodes but cannot be applied (a failed JSON patch `test`, a missing path).
+    #[error("the server rejected our request due to an error in our request")]
+    Rejected,
+    /// An object over etcd's request limit: the real server passes etcd's error on as a 500
+    /// without a reason.
+    #[error("etcdserver: request is too large")]
+    StorageTooLarge,
     #[error(
         "the body of the request was in an unknown format - accepted media types include: {accepted}"
     )]
@@ -101,7 +114,10 @@ impl ApiError {
             ApiError::Invalid { .. } => "Invalid",
             ApiError::Expired { .. } => "Expired",
             ApiError::Unauthorized => "Unauthorized",
-            ApiError::Forbidden(_) => "Forbidden",
+            ApiError::Forbidden { .. } => "Forbidden",
+            ApiError::TooLarge(_) => "RequestEntityTooLarge",
+            ApiError::StorageTooLarge => "",
+            ApiError::Rejected => "Invalid",
             ApiError::UnsupportedMediaType { .. } => "UnsupportedMediaType",
             ApiError::MethodNotAllowed => "MethodNotAllowed",
             ApiError::BadRequest(_) => "BadRequest",
@@ -120,7 +136,10 @@ impl ApiError {
             ApiError::Invalid { .. } => 422,
             ApiError::Expired { .. } => 410,
             ApiError::Unauthorized => 401,
-            ApiError::Forbidden(_) => 403,
+            ApiError::Forbidden { .. } => 403,
+            ApiError::TooLarge(_) => 413,
+            ApiError::StorageTooLarge => 500,
+            ApiError::Rejected => 422,
             ApiError::UnsupportedMediaType { .. } => 415,
             ApiError::MethodNotAllowed => 405,
             ApiError::BadRequest(_) => 400,
@@ -158,6 +177,23 @@ impl ApiError {
                 let (kind, group) = split_qualified(resource);
                 Some(json!({ "name": name, "group": group, "kind": kind }))
             }
+            ApiError::Forbidden {
+                resource,
+                name,
+                reason,
+            } => {
+                let (kind, group) = split_qualified(resource);
+                let mut details = json!({ "name": name, "group": group, "kind": kind });
+                if let Some(ns) = reason
+                    .strip_prefix("unable to create new content in namespace ")
+                    .and_then(|r| r.split(' ').next())
+                {
+                    details["causes"] = json!([{"reason": "NamespaceTerminating",
+                        "message": format!("namespace {ns} is being terminated"),
+                        "field": "metadata.namespace"}]);
+                }
+                Some(details)
+            }
             ApiError::Invalid {
                 kind,
                 group,
@@ -178,6 +214,7 @@ impl ApiError {
                     "field": field,
                 })).collect::<Vec<_>>(),
             })),
+            ApiError::Rejected => Some(json!({})),
             _ => None,
         };
         if let (Some(details), Some(map)) = (details, status.as_object_mut()) {

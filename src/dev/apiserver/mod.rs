@@ -1,27 +1,47 @@
 //! The embedded Kubernetes-compatible API server of `ignis dev` (DESIGN.md section 2, "dev").
 //!
-//! It serves the subset of the Kubernetes API that kubectl and the Ignis controller use —
-//! discovery, OpenAPI, MicroVM plus a few core kinds, list/watch with real resourceVersion
-//! semantics, the status subresource, finalizers, patches and Table output — from SQLite, on a
+//! It serves the subset of the Kubernetes API that kubectl, Helm and the Ignis controller use —
+//! discovery, OpenAPI, a few core kinds plus the custom resources its embedder registers,
+//! list/watch with real resourceVersion semantics, paging, the status subresource, finalizers,
+//! every patch type with server-side apply bookkeeping, and Table output — from SQLite, on a
 //! loopback address, behind a bearer token that is kept with the data so kubeconfigs survive a
 //! restart. It speaks HTTPS with a per-data-directory CA, because kubectl sends bearer tokens
-//! only over TLS. It is a development aid, never a cluster.
+//! only over TLS. It is a development aid, never a cluster, and it knows nothing of Ignis:
+//! resources come in as [`CustomResource`]s with an [`Admission`] hook, and write counting as a
+//! [`WriteObserver`].
+//!
+//! Layout, each module importing only those to its right: `http` (edge: auth, routing) →
+//! `rest` (resource verbs) → `watch` → `server`/`write` (semantics) → `store` (SQLite) and
+//! `hub` (fan-out); `options` (request options) and `respond` (responses) serve the first
+//! three; `body`, `fields`, `managed`, `meta`, `patch`, `schema`, `selector`, `table` are pure
+//! helpers.
 
+mod body;
 mod convert;
 mod discovery;
 mod errors;
-mod handlers;
+mod fields;
+mod http;
+mod hub;
+mod managed;
+mod meta;
 mod openapi;
+mod options;
 mod patch;
 mod protobuf;
 mod resources;
+mod respond;
+mod rest;
 mod route;
 mod schema;
+mod seed;
 mod selector;
+mod server;
 mod store;
 mod table;
 mod tls;
 mod watch;
+mod write;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -29,27 +49,26 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{Value, json};
 use thiserror::Error;
-use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use errors::{ApiError, Cause};
-pub use handlers::ObjectWrites;
-pub use resources::{RegistryError, ResourceDef};
+pub use hub::{WriteObserver, WriteRecord};
+pub use resources::{Admission, CustomResource, RegistryError};
 pub use store::StoreError;
 
-use handlers::{Server, WriteOptions};
+use hub::Hub;
 use resources::Registry;
-use store::{EventType, Store};
+use server::Server;
+use store::Store;
 
 /// Namespaces that always exist and cannot be deleted.
 pub const PROTECTED_NAMESPACES: [&str; 4] =
     ["default", "kube-system", "kube-public", "kube-node-lease"];
 
 /// How the server is started.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ApiServerConfig {
     /// Where `state.db` lives.
     pub data_dir: PathBuf,
@@ -67,10 +86,15 @@ pub struct ApiServerConfig {
     pub history_limit: u64,
     /// How often watches that allow bookmarks get one.
     pub bookmark_interval: Duration,
+    /// Custom resources served besides the built-in kinds, with their admission hooks.
+    pub custom_resources: Vec<CustomResource>,
+    /// Told about every accepted write request.
+    pub observers: Vec<Arc<dyn WriteObserver>>,
 }
 
 impl ApiServerConfig {
-    /// Defaults: `127.0.0.1:0`, the host name as node name, 10 000 events of history.
+    /// Defaults: `127.0.0.1:0`, the host name as node name, 10 000 events of history, the
+    /// built-in kinds only.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         let node_name = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_ascii_lowercase())
@@ -89,7 +113,21 @@ impl ApiServerConfig {
                 .unwrap_or(1 << 30),
             history_limit: 10_000,
             bookmark_interval: Duration::from_secs(30),
+            custom_resources: Vec::new(),
+            observers: Vec::new(),
         }
+    }
+}
+
+impl std::fmt::Debug for ApiServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServerConfig")
+            .field("data_dir", &self.data_dir)
+            .field("listen", &self.listen)
+            .field("node_name", &self.node_name)
+            .field("custom_resources", &self.custom_resources)
+            .field("observers", &self.observers.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -109,8 +147,6 @@ pub enum ApiServerError {
     Store(#[source] StoreError),
     #[error("cannot build the resource registry")]
     Registry(#[source] RegistryError),
-    #[error("cannot build the MicroVM validator")]
-    Validator(#[source] crate::api::validation::SchemaError),
     #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -130,7 +166,6 @@ impl ApiServerError {
             ApiServerError::NotLoopback(_) => "NotLoopback",
             ApiServerError::Store(_) => "Store",
             ApiServerError::Registry(_) => "Registry",
-            ApiServerError::Validator(_) => "Validator",
             ApiServerError::Bind { .. } => "Bind",
             ApiServerError::Seed(_) => "Seed",
             ApiServerError::Tls(e) => e.reason(),
@@ -222,22 +257,6 @@ users:
         config
     }
 
-    /// Writes recorded per object, keyed by `group/plural/namespace/name`
-    /// (e.g. `ignis.dev/microvms/default/demo`).
-    pub fn writes(&self) -> BTreeMap<String, ObjectWrites> {
-        self.server.writes_snapshot()
-    }
-
-    /// Writes to one MicroVM and its status so far.
-    pub fn microvm_writes(&self, namespace: &str, name: &str) -> ObjectWrites {
-        self.writes()
-            .remove(&format!(
-                "{}/microvms/{namespace}/{name}",
-                crate::api::GROUP
-            ))
-            .unwrap_or_default()
-    }
-
     /// Drop watch history so only the newest `keep` events remain.
     pub fn compact_history(&self, keep: u64) -> Result<(), StoreError> {
         self.server.lock().compact(keep)
@@ -264,9 +283,7 @@ pub async fn start(
     if !config.listen.ip().is_loopback() {
         return Err(ApiServerError::NotLoopback(config.listen));
     }
-    let registry = Registry::new().map_err(ApiServerError::Registry)?;
-    let validator =
-        crate::api::validation::MicroVmValidator::new().map_err(ApiServerError::Validator)?;
+    let registry = Registry::new(&config.custom_resources).map_err(ApiServerError::Registry)?;
     let data_dir = config.data_dir.clone();
     let history = config.history_limit;
     let store = tokio::task::spawn_blocking(move || Store::open(&data_dir, history))
@@ -285,18 +302,16 @@ pub async fn start(
     };
     let material = tls::load_or_create(&store).map_err(ApiServerError::Tls)?;
     let acceptor = tls::acceptor(&material).map_err(ApiServerError::Tls)?;
-    let (hub, _) = broadcast::channel(4096);
     let server = Arc::new(Server {
         registry,
         store: Mutex::new(store),
-        hub,
+        hub: Hub::new(4096, config.observers.clone()),
         token: token.clone(),
-        validator,
-        writes: Mutex::new(BTreeMap::new()),
         shutdown: shutdown.clone(),
         bookmark_interval: config.bookmark_interval,
+        protected_namespaces: PROTECTED_NAMESPACES.map(String::from).to_vec(),
     });
-    seed(&server, &config).map_err(ApiServerError::Seed)?;
+    seed::seed(&server, &config).map_err(ApiServerError::Seed)?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -318,7 +333,7 @@ pub async fn start(
     let app_server = server.clone();
     let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
         let server = app_server.clone();
-        async move { handlers::handle(server, request).await }
+        async move { http::handle(server, request).await }
     });
     let join = tokio::spawn(async move {
         let result = axum::serve(listener, app)
@@ -345,143 +360,9 @@ fn new_token() -> String {
     hex::encode(bytes)
 }
 
-/// The Node object for this machine.
-fn node_object(config: &ApiServerConfig) -> Value {
-    let mut labels: BTreeMap<String, String> = BTreeMap::from([
-        ("kubernetes.io/hostname".into(), config.node_name.clone()),
-        ("kubernetes.io/arch".into(), discovery::arch().into()),
-        ("kubernetes.io/os".into(), std::env::consts::OS.into()),
-    ]);
-    labels.extend(config.node_labels.clone());
-    let capacity = json!({
-        "cpu": config.node_vcpus.to_string(),
-        "memory": format!("{}Ki", config.node_memory_bytes / 1024),
-        "pods": "0",
-    });
-    json!({
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {"name": config.node_name, "labels": labels},
-        "spec": {},
-        "status": {
-            "capacity": capacity,
-            "allocatable": capacity,
-            "conditions": [{
-                "type": "Ready", "status": "True", "reason": "IgnisDevReady",
-                "message": "ignis dev runs this node",
-                "lastHeartbeatTime": handlers::now(), "lastTransitionTime": handlers::now(),
-            }],
-            "addresses": [
-                {"type": "InternalIP", "address": "127.0.0.1"},
-                {"type": "Hostname", "address": config.node_name},
-            ],
-            "nodeInfo": {
-                "architecture": discovery::arch(),
-                "operatingSystem": std::env::consts::OS,
-                "kubeletVersion": format!("ignis-dev-{}", crate::VERSION),
-                "kernelVersion": "", "osImage": "", "containerRuntimeVersion": "",
-                "kubeProxyVersion": "", "machineID": "", "systemUUID": "", "bootID": "",
-            },
-        },
-    })
-}
-
-/// Create or refresh the objects the server itself owns: namespaces, the Node, the CRD.
-fn seed(server: &Server, config: &ApiServerConfig) -> Result<(), ApiError> {
-    let opts = WriteOptions::default();
-    let find = |g: &str, p: &str| {
-        server
-            .registry
-            .find(g, "v1", p)
-            .cloned()
-            .ok_or(ApiError::NoSuchPath)
-    };
-    let namespaces = find("", "namespaces")?;
-    for ns in PROTECTED_NAMESPACES {
-        if matches!(
-            server.get(&namespaces, "", ns),
-            Err(ApiError::NotFound { .. })
-        ) {
-            server.create(&namespaces, "", json!({"metadata": {"name": ns}}), &opts)?;
-        }
-    }
-    let upsert = |def: &ResourceDef, desired: Value| -> Result<(), ApiError> {
-        let name = desired["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        match server.get(def, "", &name) {
-            Err(ApiError::NotFound { .. }) => {
-                server.create(def, "", desired.clone(), &opts)?;
-            }
-            Err(other) => return Err(other),
-            Ok(_) => {}
-        }
-        // Refresh everything but identity, directly in the store: these objects are ours.
-        let mut live = server.get(def, "", &name)?;
-        let mut changed = false;
-        for part in ["spec", "status"] {
-            if live.get(part) != desired.get(part) {
-                live[part] = desired[part].clone();
-                changed = true;
-            }
-        }
-        if live["metadata"]["labels"] != desired["metadata"]["labels"] {
-            live["metadata"]["labels"] = desired["metadata"]["labels"].clone();
-            changed = true;
-        }
-        if changed {
-            let mut store = server.lock();
-            let event = store
-                .write(&def.storage_key(), "", &name, EventType::Modified, live)
-                .map_err(|e| ApiError::internal("refreshing a built-in object", e))?;
-            let _ = server.hub.send(Arc::new(event));
-        }
-        Ok(())
-    };
-    let mut node = node_object(config);
-    // The heartbeat times would make every start a change; keep the stored ones if present.
-    if let Ok(live) = server.get(&find("", "nodes")?, "", &config.node_name)
-        && live["status"]["conditions"][0]["status"] == "True"
-    {
-        node["status"]["conditions"] = live["status"]["conditions"].clone();
-    }
-    upsert(&find("", "nodes")?, node)?;
-    let mut crd = server.registry.microvm_crd.clone();
-    crd["status"] = json!({
-        "conditions": [
-            {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts"},
-            {"type": "Established", "status": "True", "reason": "InitialNamesAccepted"},
-        ],
-        "acceptedNames": crd["spec"]["names"].clone(),
-        "storedVersions": [crate::api::VERSION],
-    });
-    upsert(
-        &find("apiextensions.k8s.io", "customresourcedefinitions")?,
-        crd,
-    )?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn node_reports_labels_and_capacity() {
-        let mut config = ApiServerConfig::new("/nonexistent");
-        config.node_name = "n1".into();
-        config.node_vcpus = 4;
-        config.node_memory_bytes = 8 << 30;
-        config
-            .node_labels
-            .insert("ignis.dev/kvm".into(), "false".into());
-        let node = node_object(&config);
-        assert_eq!(node["metadata"]["labels"]["kubernetes.io/hostname"], "n1");
-        assert_eq!(node["metadata"]["labels"]["ignis.dev/kvm"], "false");
-        assert_eq!(node["status"]["capacity"]["cpu"], "4");
-        assert_eq!(node["status"]["capacity"]["memory"], "8388608Ki");
-    }
 
     #[test]
     fn meminfo_is_read_in_bytes() {

@@ -1,7 +1,8 @@
-//! OpenAPI documents: `/openapi/v3` and one document per group/version, carrying the MicroVM
-//! schema (for `kubectl explain`) and PATCH operations that declare `fieldValidation`, so
-//! kubectl leaves field validation to the server. `/openapi/v2` is not served (404), which
-//! kubectl treats as "no v2 document".
+//! OpenAPI documents: `/openapi/v3` and one document per group/version, carrying the custom
+//! resources' schemas (for `kubectl explain`) and PATCH operations that declare
+//! `fieldValidation`, so kubectl leaves field validation to the server; and `/openapi/v2`, whose
+//! definitions kubectl looks a kind up in before it reports an unknown kind (kubectl asks for
+//! the protobuf form, other clients for JSON).
 
 use serde_json::{Map, Value, json};
 
@@ -165,15 +166,64 @@ pub fn index(reg: &Registry) -> Value {
     json!({ "paths": paths })
 }
 
+/// `/openapi/v2` as JSON: the definitions of every served kind.
+pub fn v2_json(reg: &Registry) -> Value {
+    let definitions: Map<String, Value> = reg
+        .resources
+        .iter()
+        .filter(|d| !d.review)
+        .map(|d| (schema_name(d), object_schema(d)))
+        .collect();
+    json!({
+        "swagger": "2.0",
+        "info": {"title": "Kubernetes", "version": "v1.34.0"},
+        "paths": {},
+        "definitions": definitions,
+    })
+}
+
+/// `/openapi/v2` in gnostic's protobuf form (`openapi.v2.Document`): the version and info, no
+/// definitions. Enough for kubectl, which only looks kinds up in it and falls back to the
+/// discovery documents and OpenAPI v3 for everything it needs.
+pub fn v2_protobuf() -> Vec<u8> {
+    fn field(number: u8, bytes: &[u8]) -> Vec<u8> {
+        let mut out = vec![(number << 3) | 2];
+        let mut len = bytes.len();
+        loop {
+            let byte = (len & 0x7f) as u8;
+            len >>= 7;
+            if len == 0 {
+                out.push(byte);
+                break;
+            }
+            out.push(byte | 0x80);
+        }
+        out.extend_from_slice(bytes);
+        out
+    }
+    let info = [field(1, b"Kubernetes"), field(2, b"v1.34.0")].concat();
+    [field(1, b"2.0"), field(2, &info), field(8, &[])].concat()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn v2_documents_name_every_kind() {
+        let reg = crate::dev::apiserver::resources::test_registry();
+        let doc = v2_json(&reg);
+        assert!(doc["definitions"]["com.example.v1.Widget"].is_object());
+        assert!(doc["definitions"]["io.k8s.api.core.v1.ConfigMap"].is_object());
+        let pb = v2_protobuf();
+        assert_eq!(&pb[..5], b"\x0a\x032.0");
+    }
+
+    #[test]
     fn schema_names_follow_the_real_servers_convention() {
-        let reg = Registry::new().expect("registry");
-        let mvm = reg.find("ignis.dev", "v1alpha1", "microvms").expect("mvm");
-        assert_eq!(schema_name(mvm), "dev.ignis.v1alpha1.MicroVM");
+        let reg = crate::dev::apiserver::resources::test_registry();
+        let mvm = reg.find("example.com", "v1", "widgets").expect("wd");
+        assert_eq!(schema_name(mvm), "com.example.v1.Widget");
         let lease = reg
             .find("coordination.k8s.io", "v1", "leases")
             .expect("lease");
@@ -182,16 +232,16 @@ mod tests {
 
     #[test]
     fn microvm_document_has_schema_and_field_validation() {
-        let reg = Registry::new().expect("registry");
-        let doc = group_version_doc(&reg, "ignis.dev", "v1alpha1").expect("doc");
-        let schema = &doc["components"]["schemas"]["dev.ignis.v1alpha1.MicroVM"];
+        let reg = crate::dev::apiserver::resources::test_registry();
+        let doc = group_version_doc(&reg, "example.com", "v1").expect("doc");
+        let schema = &doc["components"]["schemas"]["com.example.v1.Widget"];
         assert_eq!(
             schema["x-kubernetes-group-version-kind"][0]["kind"],
-            "MicroVM"
+            "Widget"
         );
         assert!(schema["properties"]["spec"]["properties"]["resources"].is_object());
-        let patch = &doc["paths"]["/apis/ignis.dev/v1alpha1/namespaces/{namespace}/microvms/{name}"]
-            ["patch"];
+        let patch =
+            &doc["paths"]["/apis/example.com/v1/namespaces/{namespace}/widgets/{name}"]["patch"];
         assert!(
             patch["parameters"]
                 .as_array()
@@ -201,10 +251,10 @@ mod tests {
         );
         let idx = index(&reg);
         assert!(
-            idx["paths"]["apis/ignis.dev/v1alpha1"]["serverRelativeURL"]
+            idx["paths"]["apis/example.com/v1"]["serverRelativeURL"]
                 .as_str()
                 .expect("url")
-                .starts_with("/openapi/v3/apis/ignis.dev/v1alpha1?hash=")
+                .starts_with("/openapi/v3/apis/example.com/v1?hash=")
         );
     }
 }

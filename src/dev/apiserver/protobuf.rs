@@ -1,7 +1,8 @@
-//! Just enough of the Kubernetes protobuf encoding to accept what kubectl's typed clients send
-//! for simple core kinds (`kubectl create namespace|configmap|secret`): the `k8s\0` envelope,
-//! ObjectMeta's user-set fields, and the Namespace, ConfigMap and Secret bodies. Everything else
-//! is refused with 415, and answers are always JSON (kubectl accepts both).
+//! Just enough of the Kubernetes protobuf encoding to accept what client-go's typed clients send
+//! (kubectl, Helm): the `k8s\0` envelope, ObjectMeta's user-set fields, the Namespace,
+//! ConfigMap and Secret bodies, and `DeleteOptions` (every typed delete, e.g. Helm's uninstall
+//! deleting its release Secrets). Everything else is refused with 415, and answers are always
+//! JSON (those clients accept both).
 
 use serde_json::{Map, Value, json};
 
@@ -171,6 +172,9 @@ pub fn decode(body: &[u8]) -> Result<Value, ProtobufError> {
             _ => {}
         }
     }
+    if kind == "DeleteOptions" && ["v1", "meta.k8s.io/v1"].contains(&api_version.as_str()) {
+        return delete_options(raw);
+    }
     if api_version != "v1" || !["Namespace", "ConfigMap", "Secret"].contains(&kind.as_str()) {
         return Err(ProtobufError::Unsupported(format!("{api_version} {kind}")));
     }
@@ -191,6 +195,50 @@ pub fn decode(body: &[u8]) -> Result<Value, ProtobufError> {
             ("Secret", 4, Field::Bytes(b)) => insert_entry(&mut out, "stringData", b, false)?,
             ("ConfigMap", 4, Field::Varint(v)) | ("Secret", 5, Field::Varint(v)) => {
                 out.insert("immutable".into(), json!(v != 0));
+            }
+            _ => {}
+        }
+    }
+    Ok(Value::Object(out))
+}
+
+/// `metav1.DeleteOptions` in its JSON form.
+fn delete_options(raw: &[u8]) -> Result<Value, ProtobufError> {
+    let mut out = Map::new();
+    out.insert("apiVersion".into(), json!("meta.k8s.io/v1"));
+    out.insert("kind".into(), json!("DeleteOptions"));
+    for (n, f) in fields(raw)? {
+        match (n, f) {
+            // int64, two's complement in a varint.
+            (1, Field::Varint(v)) => {
+                out.insert("gracePeriodSeconds".into(), json!(v as i64));
+            }
+            (2, Field::Bytes(b)) => {
+                let mut pre = Map::new();
+                for (m, g) in fields(b)? {
+                    match (m, g) {
+                        (1, Field::Bytes(b)) => {
+                            pre.insert("uid".into(), text(b));
+                        }
+                        (2, Field::Bytes(b)) => {
+                            pre.insert("resourceVersion".into(), text(b));
+                        }
+                        _ => {}
+                    }
+                }
+                out.insert("preconditions".into(), Value::Object(pre));
+            }
+            (3, Field::Varint(v)) => {
+                out.insert("orphanDependents".into(), json!(v != 0));
+            }
+            (4, Field::Bytes(b)) => {
+                out.insert("propagationPolicy".into(), text(b));
+            }
+            (5, Field::Bytes(b)) => {
+                let list = out.entry("dryRun").or_insert_with(|| json!([]));
+                if let Some(items) = list.as_array_mut() {
+                    items.push(text(b));
+                }
             }
             _ => {}
         }
@@ -221,6 +269,20 @@ mod tests {
         assert_eq!(obj["metadata"]["name"], "c1");
         assert_eq!(obj["metadata"]["labels"]["app"], "web");
         assert_eq!(obj["data"]["a"], "b");
+    }
+
+    #[test]
+    fn delete_options_decode() {
+        // What client-go sends for a delete with propagationPolicy and a uid precondition.
+        let pre = ld(1, b"u-1");
+        let raw = [ld(2, &pre), ld(4, b"Background"), vec![0x08, 0x1e]].concat();
+        let type_meta = [ld(1, b"meta.k8s.io/v1"), ld(2, b"DeleteOptions")].concat();
+        let body = [b"k8s\0".to_vec(), ld(1, &type_meta), ld(2, &raw)].concat();
+        let opts = decode(&body).expect("decode");
+        assert_eq!(opts["kind"], "DeleteOptions");
+        assert_eq!(opts["preconditions"]["uid"], "u-1");
+        assert_eq!(opts["propagationPolicy"], "Background");
+        assert_eq!(opts["gracePeriodSeconds"], 30);
     }
 
     #[test]

@@ -1,11 +1,48 @@
 //! The resource registry: every kind the dev server serves, as data. One generic store and one
 //! set of handlers serve them all; what differs per kind (scope, status subresource, printer
-//! columns, schema) lives here.
+//! columns, schema, name rule, field selectors) lives here. Custom resources come in from the
+//! outside as a CRD plus an optional [`Admission`] hook (what schema rules and CEL do on a
+//! real server), so this server knows no resource of its embedder.
 
-use kube::CustomResourceExt;
+use std::sync::Arc;
+
 use serde_json::Value;
 
-use crate::api::MicroVM;
+use super::errors::Cause;
+use super::meta::NameRule;
+
+/// Resource-specific admission, run after schema defaulting and pruning.
+pub trait Admission: Send + Sync {
+    /// Every problem of `object` (`old` is the stored object on updates), as the causes of a
+    /// 422 answer; empty when the object is admitted.
+    fn validate(&self, object: &Value, old: Option<&Value>) -> Vec<Cause>;
+}
+
+/// A custom resource to serve: its CustomResourceDefinition (as JSON) and its admission hook.
+#[derive(Clone)]
+pub struct CustomResource {
+    pub crd: Value,
+    pub admission: Option<Arc<dyn Admission>>,
+}
+
+impl std::fmt::Debug for CustomResource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CustomResource")
+            .field("name", &self.crd["metadata"]["name"])
+            .field("admission", &self.admission.is_some())
+            .finish()
+    }
+}
+
+/// An admission hook in a resource definition (Debug-printable).
+#[derive(Clone)]
+pub struct AdmissionHook(pub Arc<dyn Admission>);
+
+impl std::fmt::Debug for AdmissionHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdmissionHook")
+    }
+}
 
 /// A printer column, as in a CRD's `additionalPrinterColumns`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,6 +93,15 @@ pub struct ResourceDef {
     pub schema: Option<Value>,
     /// Served from another resource's storage, converted on the way in and out.
     pub conversion: Conversion,
+    /// What names are valid.
+    pub name_rule: NameRule,
+    /// Field selectors besides `metadata.name` (and `metadata.namespace` when namespaced).
+    pub field_labels: Vec<String>,
+    /// PUT without `metadata.resourceVersion` overwrites (core kinds) instead of being refused.
+    pub unconditional_update: bool,
+    /// A create-only review (access reviews): answered, never stored.
+    pub review: bool,
+    pub admission: Option<AdmissionHook>,
 }
 
 /// How a resource maps onto shared storage.
@@ -85,7 +131,56 @@ impl ResourceDef {
             printer_columns: Vec::new(),
             schema: None,
             conversion: Conversion::None,
+            name_rule: NameRule::Subdomain,
+            field_labels: Vec::new(),
+            unconditional_update: true,
+            review: false,
+            admission: None,
         }
+    }
+
+    fn with_field_labels(mut self, labels: &[&str]) -> Self {
+        self.field_labels = labels.iter().map(|l| l.to_string()).collect();
+        self
+    }
+
+    /// The top-level fields of a core kind without a schema here, for unknown-field checks
+    /// (None: not checked).
+    pub fn known_fields(&self) -> Option<&'static [&'static str]> {
+        const COMMON: [&str; 3] = ["apiVersion", "kind", "metadata"];
+        let fields: &'static [&'static str] = match (self.group.as_str(), self.kind.as_str()) {
+            ("", "ConfigMap") => &[
+                "apiVersion",
+                "kind",
+                "metadata",
+                "data",
+                "binaryData",
+                "immutable",
+            ],
+            ("", "Secret") => &[
+                "apiVersion",
+                "kind",
+                "metadata",
+                "data",
+                "stringData",
+                "type",
+                "immutable",
+            ],
+            ("", "Namespace") | ("", "Node") => {
+                &["apiVersion", "kind", "metadata", "spec", "status"]
+            }
+            ("coordination.k8s.io", "Lease") => &["apiVersion", "kind", "metadata", "spec"],
+            _ => return None,
+        };
+        debug_assert!(COMMON.iter().all(|c| fields.contains(c)));
+        Some(fields)
+    }
+
+    /// Whether `field` may be used in a field selector.
+    pub fn selectable(&self, field: &str) -> bool {
+        field == "metadata.name"
+            || (self.namespaced && field == "metadata.namespace")
+            || self.field_labels.iter().any(|l| l == field)
     }
 
     /// `ignis.dev/v1alpha1`, or `v1` for the core group.
@@ -140,6 +235,9 @@ impl ResourceDef {
 
     /// The verbs discovery advertises.
     pub fn verbs(&self) -> Vec<&'static str> {
+        if self.review {
+            return vec!["create"];
+        }
         let mut verbs = vec!["create", "get", "list", "patch", "update", "watch"];
         if !self.undeletable {
             verbs.extend(["delete", "deletecollection"]);
@@ -149,21 +247,18 @@ impl ResourceDef {
     }
 }
 
-/// Errors building the registry (a bug in the Rust types, never user input).
+/// Errors building the registry (a bug in the embedder's CRD, never user input).
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("the MicroVM CRD cannot be encoded")]
-    Encode(#[source] serde_json::Error),
-    #[error("the MicroVM CRD has no served version")]
-    NoVersion,
+    #[error("the CustomResourceDefinition {0} has no served version")]
+    NoVersion(String),
 }
 
 impl RegistryError {
     /// A fixed word for logs and metrics.
     pub fn reason(&self) -> &'static str {
         match self {
-            RegistryError::Encode(_) => "CrdEncode",
-            RegistryError::NoVersion => "CrdNoVersion",
+            RegistryError::NoVersion(_) => "CrdNoVersion",
         }
     }
 }
@@ -172,24 +267,31 @@ impl RegistryError {
 #[derive(Clone, Debug)]
 pub struct Registry {
     pub resources: Vec<ResourceDef>,
-    /// The MicroVM CRD as JSON, served under `apiextensions.k8s.io`.
-    pub microvm_crd: Value,
+    /// The CRDs of the custom resources, served under `apiextensions.k8s.io`.
+    pub crds: Vec<Value>,
 }
 
 impl Registry {
-    /// The dev server's fixed set of resources.
-    pub fn new() -> Result<Self, RegistryError> {
-        let crd = serde_json::to_value(MicroVM::crd()).map_err(RegistryError::Encode)?;
-        let mut resources = vec![custom_resource(&crd)?];
+    /// The built-in kinds plus the given custom resources.
+    pub fn new(custom: &[CustomResource]) -> Result<Self, RegistryError> {
+        let mut resources = Vec::new();
+        for cr in custom {
+            let mut def = custom_resource(&cr.crd)?;
+            def.admission = cr.admission.clone().map(AdmissionHook);
+            resources.push(def);
+        }
 
-        let mut namespaces = ResourceDef::builtin("", "v1", "Namespace", "namespaces", false);
+        let mut namespaces = ResourceDef::builtin("", "v1", "Namespace", "namespaces", false)
+            .with_field_labels(&["status.phase"]);
+        namespaces.name_rule = NameRule::Label;
         namespaces.short_names = vec!["ns".into()];
         namespaces.status_subresource = true;
         namespaces.printer_columns = vec![
             PrinterColumn::new("Status", "string", ".status.phase"),
             PrinterColumn::new("Age", "date", ".metadata.creationTimestamp"),
         ];
-        let mut nodes = ResourceDef::builtin("", "v1", "Node", "nodes", false);
+        let mut nodes = ResourceDef::builtin("", "v1", "Node", "nodes", false)
+            .with_field_labels(&["spec.unschedulable"]);
         nodes.short_names = vec!["no".into()];
         nodes.status_subresource = true;
         nodes.undeletable = true;
@@ -207,14 +309,39 @@ impl Registry {
             PrinterColumn::new("Reason", "string", ".reason"),
             PrinterColumn::new("Age", "date", ".metadata.creationTimestamp"),
         ];
-        let mut core_events = ResourceDef::builtin("", "v1", "Event", "events", true);
+        let mut core_events = ResourceDef::builtin("", "v1", "Event", "events", true)
+            .with_field_labels(&[
+                "involvedObject.kind",
+                "involvedObject.namespace",
+                "involvedObject.name",
+                "involvedObject.uid",
+                "involvedObject.apiVersion",
+                "involvedObject.resourceVersion",
+                "involvedObject.fieldPath",
+                "reason",
+                "reportingComponent",
+                "source",
+                "type",
+            ]);
         core_events.short_names = vec!["ev".into()];
         core_events.printer_columns = event_columns.clone();
         core_events
             .printer_columns
             .push(PrinterColumn::new("Message", "string", ".message"));
         core_events.conversion = Conversion::CoreEvent;
-        let mut events = ResourceDef::builtin("events.k8s.io", "v1", "Event", "events", true);
+        let mut events = ResourceDef::builtin("events.k8s.io", "v1", "Event", "events", true)
+            .with_field_labels(&[
+                "regarding.kind",
+                "regarding.namespace",
+                "regarding.name",
+                "regarding.uid",
+                "regarding.apiVersion",
+                "regarding.resourceVersion",
+                "regarding.fieldPath",
+                "reason",
+                "reportingController",
+                "type",
+            ]);
         events.short_names = vec!["ev".into()];
         events.printer_columns = event_columns;
         events
@@ -227,7 +354,8 @@ impl Registry {
         ];
         let mut configmaps = ResourceDef::builtin("", "v1", "ConfigMap", "configmaps", true);
         configmaps.short_names = vec!["cm".into()];
-        let mut secrets = ResourceDef::builtin("", "v1", "Secret", "secrets", true);
+        let mut secrets =
+            ResourceDef::builtin("", "v1", "Secret", "secrets", true).with_field_labels(&["type"]);
         secrets.printer_columns = vec![
             PrinterColumn::new("Type", "string", ".type"),
             PrinterColumn::new("Age", "date", ".metadata.creationTimestamp"),
@@ -248,7 +376,28 @@ impl Registry {
             "date",
             ".metadata.creationTimestamp",
         )];
+        let review = |group: &str, kind: &str, plural: &str| {
+            let mut def = ResourceDef::builtin(group, "v1", kind, plural, false);
+            def.review = true;
+            def.undeletable = true;
+            def
+        };
         resources.extend([
+            review(
+                "authorization.k8s.io",
+                "SelfSubjectAccessReview",
+                "selfsubjectaccessreviews",
+            ),
+            review(
+                "authorization.k8s.io",
+                "SelfSubjectRulesReview",
+                "selfsubjectrulesreviews",
+            ),
+            review(
+                "authentication.k8s.io",
+                "SelfSubjectReview",
+                "selfsubjectreviews",
+            ),
             namespaces,
             nodes,
             core_events,
@@ -269,7 +418,7 @@ impl Registry {
         }
         Ok(Registry {
             resources,
-            microvm_crd: crd,
+            crds: custom.iter().map(|c| c.crd.clone()).collect(),
         })
     }
 
@@ -307,12 +456,13 @@ impl Registry {
 
 /// Build the resource definition of a CRD's first served version.
 fn custom_resource(crd: &Value) -> Result<ResourceDef, RegistryError> {
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
     let spec = &crd["spec"];
     let names = &spec["names"];
     let version = spec["versions"]
         .as_array()
         .and_then(|v| v.first())
-        .ok_or(RegistryError::NoVersion)?;
+        .ok_or_else(|| RegistryError::NoVersion(text(&crd["metadata"]["name"])))?;
     let strings = |v: &Value| -> Vec<String> {
         v.as_array()
             .map(|a| {
@@ -322,7 +472,6 @@ fn custom_resource(crd: &Value) -> Result<ResourceDef, RegistryError> {
             })
             .unwrap_or_default()
     };
-    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
     let printer_columns = version["additionalPrinterColumns"]
         .as_array()
         .map(|cols| {
@@ -355,7 +504,67 @@ fn custom_resource(crd: &Value) -> Result<ResourceDef, RegistryError> {
         schema: version["schema"]["openAPIV3Schema"]
             .is_object()
             .then(|| version["schema"]["openAPIV3Schema"].clone()),
+        name_rule: NameRule::Subdomain,
+        field_labels: version["selectableFields"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|f| f["jsonPath"].as_str())
+            .map(|p| p.trim_start_matches('.').to_string())
+            .collect(),
+        unconditional_update: false,
+        review: false,
+        admission: None,
     })
+}
+
+/// A CRD shaped like the MicroVM one (printer columns, status, list-map conditions), for the
+/// unit tests of this server, which knows no resource of its embedder.
+#[cfg(test)]
+pub(crate) fn test_crd() -> Value {
+    serde_json::json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "widgets.example.com"},
+        "spec": {
+            "group": "example.com", "scope": "Namespaced",
+            "names": {"kind": "Widget", "plural": "widgets", "singular": "widget",
+                "shortNames": ["wd"], "categories": ["all"]},
+            "versions": [{
+                "name": "v1", "served": true, "storage": true,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": [
+                    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                    {"name": "Node", "type": "string", "jsonPath": ".status.nodeName"},
+                    {"name": "IP", "type": "string", "jsonPath": ".status.ipAddresses[0]"},
+                    {"name": "Ready", "type": "string",
+                        "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"},
+                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}],
+                "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+                    "spec": {"type": "object", "properties": {
+                        "size": {"type": "integer", "default": 1},
+                        "resources": {"type": "object", "properties": {
+                            "vcpus": {"type": "integer"}}}}},
+                    "status": {"type": "object", "properties": {
+                        "phase": {"type": "string"},
+                        "conditions": {"type": "array", "x-kubernetes-list-type": "map",
+                            "x-kubernetes-list-map-keys": ["type"],
+                            "items": {"type": "object"}}}}}}}
+            }]
+        }
+    })
+}
+
+/// The registry of the unit tests: the built-ins and [`test_crd`].
+#[cfg(test)]
+pub(crate) fn test_registry() -> Registry {
+    let custom = CustomResource {
+        crd: test_crd(),
+        admission: None,
+    };
+    match Registry::new(&[custom]) {
+        Ok(reg) => reg,
+        Err(e) => panic!("test registry: {e}"),
+    }
 }
 
 #[cfg(test)]
@@ -363,11 +572,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn microvm_comes_from_the_crd() {
-        let reg = Registry::new().expect("registry");
-        let mvm = reg.find("ignis.dev", "v1alpha1", "microvms").expect("mvm");
+    fn custom_resources_come_from_their_crd() {
+        let reg = test_registry();
+        let mvm = reg.find("example.com", "v1", "widgets").expect("widget");
         assert!(mvm.namespaced && mvm.status_subresource && mvm.custom);
-        assert_eq!(mvm.short_names, vec!["mvm".to_string()]);
+        assert!(!mvm.unconditional_update);
+        assert_eq!(mvm.short_names, vec!["wd".to_string()]);
         let cols: Vec<&str> = mvm
             .printer_columns
             .iter()
@@ -375,12 +585,13 @@ mod tests {
             .collect();
         assert_eq!(cols, ["Phase", "Node", "IP", "Ready", "Age"]);
         assert!(mvm.schema.is_some());
-        assert_eq!(mvm.qualified(), "microvms.ignis.dev");
+        assert_eq!(mvm.qualified(), "widgets.example.com");
+        assert!(mvm.selectable("metadata.namespace") && !mvm.selectable("spec.size"));
     }
 
     #[test]
     fn core_group_comes_first_and_scopes_are_right() {
-        let reg = Registry::new().expect("registry");
+        let reg = test_registry();
         assert_eq!(reg.group_versions()[0], (String::new(), "v1".to_string()));
         assert!(!reg.find("", "v1", "namespaces").expect("ns").namespaced);
         assert!(

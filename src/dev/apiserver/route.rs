@@ -37,7 +37,6 @@ pub enum Route {
         version: String,
     },
     Health,
-    DebugRequests,
     Resource(ResourcePath),
     Unknown,
 }
@@ -86,7 +85,6 @@ pub fn parse(path: &str) -> Route {
     match segments.as_slice() {
         ["version"] => Route::Version,
         ["healthz" | "readyz" | "livez", ..] => Route::Health,
-        ["debug", "ignis", "requests"] => Route::DebugRequests,
         ["openapi", "v2"] => Route::OpenApiV2,
         ["openapi", "v3"] => Route::OpenApiV3Index,
         ["openapi", "v3", "api", version] => Route::OpenApiV3 {

@@ -315,6 +315,33 @@ impl Store {
         Ok(())
     }
 
+    /// The object as the history had it at version `rv` (None: it did not exist then, or the
+    /// history no longer reaches back that far).
+    pub fn object_at(
+        &self,
+        resource: &str,
+        namespace: &str,
+        name: &str,
+        rv: u64,
+    ) -> Result<Option<Value>, StoreError> {
+        let row: Option<(String, String)> = self
+            .conn
+            .query_row(
+                "SELECT type, body FROM history WHERE resource = ?1 AND namespace = ?2
+                 AND name = ?3 AND rv <= ?4 ORDER BY rv DESC LIMIT 1",
+                params![resource, namespace, name, rv as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql("object at"))?;
+        match row {
+            Some((type_, body)) if type_ != "DELETED" => Ok(Some(
+                serde_json::from_str(&body).map_err(StoreError::Decode)?,
+            )),
+            _ => Ok(None),
+        }
+    }
+
     /// The events of `resource` after version `since`, oldest first; `Compacted` when the
     /// history no longer reaches back that far.
     pub fn history_since(

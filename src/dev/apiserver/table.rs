@@ -166,6 +166,44 @@ fn cell(type_: &str, values: &[Value], now: jiff::Timestamp) -> Value {
     }
 }
 
+/// How a response body is shaped, from the `Accept` header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    Object,
+    Table,
+    Metadata,
+}
+
+impl Shape {
+    /// Read an `Accept` header: Table and PartialObjectMetadata are served, everything else is
+    /// JSON.
+    pub fn of_accept(accept: &str) -> Self {
+        let first = accept.split(',').next().unwrap_or_default();
+        if first.contains("as=Table") {
+            Shape::Table
+        } else if first.contains("as=PartialObjectMetadata") {
+            Shape::Metadata
+        } else {
+            Shape::Object
+        }
+    }
+
+    /// One object in this shape.
+    pub fn object(self, def: &ResourceDef, object: Value, include: IncludeObject) -> Value {
+        match self {
+            Shape::Object => object,
+            Shape::Metadata => partial_metadata(&object),
+            Shape::Table => {
+                let rv = object["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                table(def, &[object], include, &rv, jiff::Timestamp::now())
+            }
+        }
+    }
+}
+
 /// What each row carries besides its cells (`includeObject`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IncludeObject {
@@ -245,7 +283,6 @@ pub fn table(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dev::apiserver::resources::Registry;
 
     fn vm() -> Value {
         json!({"metadata": {"name": "a", "creationTimestamp": "2026-11-22T10:00:00Z"},
@@ -271,6 +308,19 @@ mod tests {
     }
 
     #[test]
+    fn accept_headers_pick_the_shape() {
+        assert_eq!(
+            Shape::of_accept("application/json;as=Table;v=v1;g=meta.k8s.io,application/json"),
+            Shape::Table
+        );
+        assert_eq!(
+            Shape::of_accept("application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"),
+            Shape::Metadata
+        );
+        assert_eq!(Shape::of_accept(""), Shape::Object);
+    }
+
+    #[test]
     fn ages_read_like_kubectl() {
         assert_eq!(human_duration(5), "5s");
         assert_eq!(human_duration(150), "2m30s");
@@ -281,8 +331,8 @@ mod tests {
 
     #[test]
     fn microvm_table_has_name_and_printer_columns() {
-        let reg = Registry::new().expect("registry");
-        let def = reg.find("ignis.dev", "v1alpha1", "microvms").expect("mvm");
+        let reg = crate::dev::apiserver::resources::test_registry();
+        let def = reg.find("example.com", "v1", "widgets").expect("wd");
         let now: jiff::Timestamp = "2026-11-22T10:01:00Z".parse().expect("ts");
         let t = table(def, &[vm()], IncludeObject::Metadata, "7", now);
         let names: Vec<&str> = t["columnDefinitions"]

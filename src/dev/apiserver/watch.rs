@@ -13,11 +13,12 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 
 use super::errors::ApiError;
-use super::handlers::{Server, Shape};
+use super::options::Query;
 use super::resources::ResourceDef;
 use super::selector::{FieldSelector, LabelSelector};
+use super::server::Server;
 use super::store::{EventType, StoredEvent};
-use super::table::{self, IncludeObject};
+use super::table::{IncludeObject, Shape};
 
 /// The longest a watch stays open without `timeoutSeconds` (the real server's default is
 /// 30 to 60 minutes).
@@ -50,15 +51,15 @@ pub struct WatchRequest {
 
 impl WatchRequest {
     /// Read the watch parameters of a request.
-    pub fn from_query(
-        query: &HashMap<String, String>,
+    pub(crate) fn from_query(
+        query: &Query,
         namespace: Option<String>,
         labels: LabelSelector,
         fields: FieldSelector,
         shape: Shape,
     ) -> Result<Self, ApiError> {
-        let rv = query.get("resourceVersion").map_or("", String::as_str);
-        let send_initial_events = query.get("sendInitialEvents").is_some_and(|v| v == "true");
+        let rv = query.get("resourceVersion").unwrap_or_default();
+        let send_initial_events = query.get("sendInitialEvents") == Some("true");
         let since =
             if rv.is_empty() || rv == "0" || send_initial_events {
                 Since::Now
@@ -79,11 +80,9 @@ impl WatchRequest {
             labels,
             fields,
             shape,
-            include: IncludeObject::parse(query.get("includeObject").map(String::as_str)),
+            include: IncludeObject::parse(query.get("includeObject")),
             since,
-            bookmarks: query
-                .get("allowWatchBookmarks")
-                .is_some_and(|v| v == "true" || v == "1"),
+            bookmarks: query.is_true("allowWatchBookmarks"),
             send_initial_events,
             timeout,
         })
@@ -114,22 +113,7 @@ pub fn selection_change(
 
 /// One line of the watch stream.
 pub fn event_line(def: &ResourceDef, req: &WatchRequest, type_: &str, object: &Value) -> Bytes {
-    let object = match req.shape {
-        Shape::Object => object.clone(),
-        Shape::Metadata => table::partial_metadata(object),
-        Shape::Table => {
-            let rv = object["metadata"]["resourceVersion"]
-                .as_str()
-                .unwrap_or_default();
-            table::table(
-                def,
-                std::slice::from_ref(object),
-                req.include,
-                rv,
-                jiff::Timestamp::now(),
-            )
-        }
-    };
+    let object = req.shape.object(def, object.clone(), req.include);
     let mut line = json!({"type": type_, "object": object}).to_string();
     line.push('\n');
     Bytes::from(line)
@@ -160,7 +144,7 @@ fn streaming(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
 }
 
 /// Start a watch and return its streaming response.
-pub async fn serve(
+pub(crate) async fn serve(
     server: Arc<Server>,
     def: ResourceDef,
     req: WatchRequest,
@@ -191,15 +175,33 @@ pub async fn serve(
                     .history_since(&key, since)
                     .map_err(|e| ApiError::internal("reading the history", e))?
                 {
-                    Ok(events) => (
-                        events
-                            .into_iter()
-                            .map(|e| (e.type_, def.present(e.object)))
-                            .filter(|(_, o)| req.matches(o))
-                            .map(|(t, o)| event_line(&def, &req, t.as_str(), &o))
-                            .collect(),
-                        current.max(since),
-                    ),
+                    Ok(events) => {
+                        // Whether each object matched before its event, to report one that
+                        // leaves or enters the selection as DELETED or ADDED.
+                        let mut matched: HashMap<(String, String), bool> = HashMap::new();
+                        let mut lines = Vec::new();
+                        for e in events {
+                            let k = (e.namespace.clone(), e.name.clone());
+                            let was = match matched.get(&k) {
+                                Some(m) => Some(*m),
+                                None => store
+                                    .object_at(&key, &e.namespace, &e.name, since)
+                                    .map_err(|err| ApiError::internal("reading the history", err))?
+                                    .map(|o| req.matches(&def.present(o))),
+                            };
+                            let object = def.present(e.object);
+                            let matches = req.matches(&object);
+                            let type_ = match e.type_ {
+                                EventType::Deleted => was.unwrap_or(matches).then_some("DELETED"),
+                                t => selection_change(t, was, matches),
+                            };
+                            matched.insert(k, e.type_ != EventType::Deleted && matches);
+                            if let Some(t) = type_ {
+                                lines.push(event_line(&def, &req, t, &object));
+                            }
+                        }
+                        (lines, current.max(since))
+                    }
                     Err(compacted) => {
                         let status = ApiError::Expired {
                             requested: since,
@@ -273,10 +275,12 @@ mod tests {
     use super::*;
 
     fn req(query: &[(&str, &str)]) -> Result<WatchRequest, ApiError> {
-        let q: HashMap<String, String> = query
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let q = Query(
+            query
+                .iter()
+                .map(|(k, v)| (k.to_string(), vec![v.to_string()]))
+                .collect(),
+        );
         WatchRequest::from_query(
             &q,
             Some("default".into()),

@@ -159,23 +159,12 @@ pub fn nft_tables() -> Vec<String> {
         .collect()
 }
 
-/// Files (not temporary ones) under a directory, recursively, relative.
-pub fn files_under(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Ok(rel) = p.strip_prefix(dir) {
-                out.push(rel.display().to_string());
-            }
-        }
-    }
+/// Files under a directory, recursively, relative, as strings.
+pub fn relative_files(dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = super::files_under(dir)
+        .into_iter()
+        .map(|p| p.display().to_string())
+        .collect();
     out.sort();
     out
 }

@@ -1,0 +1,179 @@
+//! Booting a run: plan it, attach its network, create the VMM, start the guest, then hand
+//! it to the exit watcher and the readiness watcher. Every failure on the way becomes the VM's
+//! state (FAILED with a reason), never an API error, and leaves nothing behind.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::agent::net::{self, AttachedInterface};
+use crate::agent::vmm::{API_TIMEOUT, VmConfig, VmmError};
+
+impl Inner {
+    pub(super) async fn boot(
+        self: &Arc<Self>,
+        slot: &Arc<VmSlot>,
+        request: ApplyRequest,
+        applied_at: i64,
+        refused: Option<SpecError>,
+    ) {
+        let deadline = Instant::now() + self.config.boot_timeout;
+        let status = Self::fresh_status(slot, &request, applied_at);
+        Self::begin_run(slot, request.clone(), status);
+        if let Some(error) = refused {
+            return self.fail_boot(slot, None, &BootError::Spec(error)).await;
+        }
+        let spec = &request.spec;
+        let env = self.plan_env();
+        let planned = plan_boot(spec, &env).and_then(|plan| {
+            check_files(spec)?;
+            Ok(plan)
+        });
+        let plan = match planned {
+            Ok(planned) => planned,
+            Err(error) => return self.fail_boot(slot, None, &error).await,
+        };
+        let Some(entry) = self.backend(plan.hypervisor).cloned() else {
+            return self
+                .fail_boot(
+                    slot,
+                    None,
+                    &BootError::HypervisorUnavailable {
+                        hypervisor: plan.hypervisor.to_string(),
+                        detail: "no backend for it in this agent".into(),
+                    },
+                )
+                .await;
+        };
+        let dir = match self
+            .store
+            .create_vm_dir(&spec.uid)
+            .and_then(|dir| self.store.write_spec(&request).map(|()| dir))
+        {
+            Ok(dir) => dir,
+            Err(error) => return self.fail_boot(slot, None, &BootError::State(error)).await,
+        };
+        // Before the VMM exists: it opens the taps by name. Idempotent for the same uid, so a
+        // new run of the VM keeps its taps, MACs and addresses.
+        let interfaces = match self.attach_network(&spec.uid, &spec.interfaces).await {
+            Ok(interfaces) => interfaces,
+            Err(error) => return self.fail_boot(slot, None, &error).await,
+        };
+        let ip_addresses = net::ip_addresses(&interfaces);
+        if let Some(port) = spec.readiness_tcp_port
+            && ip_addresses.is_empty()
+        {
+            let error = BootError::ReadinessUnreachable { port };
+            return self.fail_boot(slot, None, &error).await;
+        }
+        self.update(slot, None, |rt| {
+            rt.status.hypervisor = Some(plan.hypervisor);
+            rt.status.accelerator = Some(plan.accelerator);
+            rt.status.ip_addresses = ip_addresses.clone();
+        });
+        let config = VmConfig {
+            id: spec.uid.to_string(),
+            vcpus: spec.vcpus,
+            memory_mib: plan.memory_mib,
+            kernel: PathBuf::from(&spec.kernel_path),
+            cmdline: guest_cmdline(&spec.kernel_cmdline, &interfaces),
+            initrd: spec.initrd_path.as_ref().map(PathBuf::from),
+            disks: spec
+                .rootfs_path
+                .as_ref()
+                .map(|path| crate::agent::vmm::DiskConfig {
+                    id: "rootfs".into(),
+                    path: PathBuf::from(path),
+                    read_only: spec.rootfs_read_only,
+                    root: true,
+                })
+                .into_iter()
+                .collect(),
+            nets: interfaces
+                .iter()
+                .map(AttachedInterface::net_config)
+                .collect(),
+            user_data: spec.user_data.clone(),
+            accelerator: plan.accelerator,
+            state_dir: dir.clone(),
+            console_log: dir.join("console.log"),
+            api_socket: dir.join("api.sock"),
+            binary: entry
+                .resolved_binary()
+                .unwrap_or_else(|| entry.binary.clone()),
+        };
+        let backend = entry.backend.clone();
+        let created =
+            match tokio::time::timeout(self.config.boot_timeout, backend.create(&config)).await {
+                Ok(Ok(spawned)) => spawned,
+                Ok(Err(source)) => {
+                    let error = BootError::Vmm(VmmCall {
+                        operation: "create",
+                        source,
+                    });
+                    return self.fail_boot(slot, None, &error).await;
+                }
+                Err(_) => {
+                    let source = VmmError::ApiTimeout {
+                        operation: "create".into(),
+                        timeout: self.config.boot_timeout,
+                    };
+                    let error = BootError::Vmm(VmmCall {
+                        operation: "create",
+                        source,
+                    });
+                    return self.fail_boot(slot, None, &error).await;
+                }
+            };
+        self.metrics.boots.inc();
+        let handle = created.handle.clone();
+        if let Err(error) = self.store.write_handle(&spec.uid, &handle) {
+            tracing::warn!(uid = %spec.uid, error = %error, "cannot persist the VMM handle");
+        }
+        let (run, exited_tx) = self.new_run(&backend, &handle);
+        let generation = run.generation;
+        let pid = handle.pid;
+        self.update(slot, None, |rt| {
+            rt.run = Some(run.clone());
+            rt.status.pid = pid;
+        });
+        Self::spawn_child_watcher(self, slot, generation, created.child, exited_tx);
+        let started = match tokio::time::timeout(
+            API_TIMEOUT + Duration::from_secs(1),
+            backend.start(&handle),
+        )
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(BootError::Vmm(VmmCall {
+                operation: "start",
+                source,
+            })),
+            Err(_) => Err(BootError::Vmm(VmmCall {
+                operation: "start",
+                source: VmmError::ApiTimeout {
+                    operation: "start".into(),
+                    timeout: API_TIMEOUT,
+                },
+            })),
+        };
+        if let Err(error) = started {
+            if !run.stopping.swap(true, Ordering::SeqCst) {
+                Self::kill_and_wait(&run).await;
+            }
+            return self.fail_boot(slot, Some(generation), &error).await;
+        }
+        let started_at = crate::time::now_unix_ms();
+        self.update(slot, Some(generation), |rt| {
+            if rt.status.state == RunState::Creating {
+                rt.status.state = RunState::Starting;
+            }
+            rt.status.started_at_unix_ms = started_at;
+        });
+        tracing::info!(uid = %spec.uid, name = %spec.name, pid, hypervisor = %plan.hypervisor, accelerator = %plan.accelerator, "VMM started");
+        let readiness = Readiness::of(spec, plan.hypervisor, &ip_addresses);
+        Self::spawn_readiness(self, slot, &run, readiness, config.console_log, deadline);
+    }
+}

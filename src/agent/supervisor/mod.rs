@@ -1,0 +1,430 @@
+//! The per-VM lifecycle: `ApplyVM` converges a VM onto its (uid, spec_hash, run, desired
+//! state), `DeleteVM` stops it and removes every trace, VMMs left running by a previous agent
+//! are re-adopted at start, and every change goes out on an event hub that `WatchVMs` streams.
+//!
+//! Shape: the decisions ([`decide_apply`], [`plan_boot`]) are pure functions; the
+//! [`Supervisor`] is the I/O shell around them. Each VM has a slot with an async lock that
+//! serializes the controller's operations on it, and a plain mutex around its status, which
+//! background watchers (exit, readiness, boot deadline) update. Whoever first sets a run's
+//! `stopping` flag owns its teardown, so a boot timeout racing a `DeleteVM` kills once.
+
+mod adopt;
+mod boot;
+mod decide;
+mod errors;
+mod events;
+mod exits;
+mod network;
+mod plan;
+mod readiness;
+mod slots;
+mod stop;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::console;
+use crate::agent::host::HostCapacity;
+use crate::agent::net::NetworkConfig;
+use crate::agent::state::StateStore;
+use crate::agent::vmm::{VmmBackend, process};
+use crate::error::ErrorReason;
+use crate::vm::wire::SpecError;
+use crate::vm::{
+    Accelerator, ApplyRequest, HostInfo, Hypervisor, RunState, SequencedEvent, VmEvent, VmStatus,
+    VmUid,
+};
+
+pub(crate) use decide::{ApplyAction, HeldRun, decide_apply};
+pub(crate) use errors::{BootError, SupervisorError, VmmCall};
+pub(crate) use events::AgentMetrics;
+use events::EventHub;
+pub(crate) use exits::exit_record;
+use network::Networking;
+use plan::needs_tap;
+pub(crate) use plan::{check_files, guest_cmdline, plan_boot};
+use readiness::Readiness;
+use slots::{RunHandle, VmSlot};
+use stop::force_kill;
+
+/// How much console output goes into exit messages and exit classification.
+const CONSOLE_TAIL: u64 = 4096;
+/// How often console logs are checked against their size cap.
+const ROTATE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// A VMM backend and the binary it runs.
+#[derive(Clone)]
+pub(crate) struct BackendEntry {
+    pub(crate) backend: Arc<dyn VmmBackend>,
+    /// The VMM binary as configured (a bare name is looked up in `PATH`).
+    pub(crate) binary: PathBuf,
+}
+
+impl BackendEntry {
+    /// The binary's full path when it is present.
+    pub(crate) fn resolved_binary(&self) -> Option<PathBuf> {
+        process::resolve_binary(&self.binary).ok()
+    }
+}
+
+/// Fixed settings of the supervisor.
+#[derive(Clone, Debug)]
+pub(crate) struct SupervisorConfig {
+    pub(crate) boot_timeout: Duration,
+    /// Console log size cap (0 = no cap).
+    pub(crate) console_max_bytes: u64,
+    pub(crate) host: HostCapacity,
+    /// What the KVM probe found.
+    pub(crate) accelerator: Accelerator,
+    pub(crate) accelerator_detail: String,
+    /// `--simulated`: `auto` means the simulated backend (benchmarks only).
+    pub(crate) simulated: bool,
+    /// VMMs this agent knows but cannot run here, with why (reported in failures).
+    pub(crate) unavailable: Vec<(Hypervisor, String)>,
+    /// Guest networking; `None` = turned off.
+    pub(crate) network: Option<NetworkConfig>,
+}
+
+struct Inner {
+    config: SupervisorConfig,
+    store: StateStore,
+    backends: Vec<BackendEntry>,
+    slots: Mutex<HashMap<VmUid, Arc<VmSlot>>>,
+    hub: EventHub,
+    metrics: AgentMetrics,
+    /// Ends every watcher when the agent stops (VMMs keep running).
+    shutdown: CancellationToken,
+    generation: AtomicU64,
+    network: Networking,
+}
+
+/// The VM supervisor; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Supervisor {
+    inner: Arc<Inner>,
+}
+
+impl Supervisor {
+    /// A supervisor over `store`, with `backends` to boot VMs.
+    pub(crate) fn new(
+        config: SupervisorConfig,
+        store: StateStore,
+        backends: Vec<BackendEntry>,
+        metrics: AgentMetrics,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                network: Networking::new(config.network.clone()),
+                config,
+                store,
+                backends,
+                slots: Mutex::new(HashMap::new()),
+                hub: EventHub::new(),
+                metrics,
+                shutdown: CancellationToken::new(),
+                generation: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Re-adopt every VM of the state directory; returns how many VMs are held.
+    pub(crate) async fn adopt(&self) -> Result<usize, SupervisorError> {
+        let uids = self.inner.store.list().map_err(SupervisorError::State)?;
+        for uid in &uids {
+            Inner::adopt_one(&self.inner, uid).await;
+        }
+        Ok(self.inner.slots().len())
+    }
+
+    /// Set up the node's guest networking now if `eager`, or if earlier attachments exist;
+    /// then remove the attachments of VMs this agent no longer holds (call after
+    /// [`Supervisor::adopt`]). A node that cannot do networking still serves VMs without it.
+    pub(crate) async fn start_network(&self, eager: bool) {
+        let network = &self.inner.network;
+        if network.config.is_none() || !(eager || network.has_records()) {
+            return;
+        }
+        let Ok(manager) = network.manager().await else {
+            return;
+        };
+        // Failed VMs gave their network back; a failure recorded just before a crash may not have.
+        let live: std::collections::BTreeSet<String> = self
+            .inner
+            .slots()
+            .iter()
+            .filter(|slot| slot.lock().status.state != RunState::Failed)
+            .map(|slot| slot.uid.to_string())
+            .collect();
+        match manager.garbage_collect(&live).await {
+            Ok(report) => tracing::info!(
+                taps = ?report.taps,
+                addresses = ?report.addresses,
+                records = ?report.records,
+                "network garbage collected"
+            ),
+            Err(error) => {
+                tracing::warn!(reason = error.reason(), error = %BootError::Network(error).full_message(), "network garbage collection failed")
+            }
+        }
+    }
+
+    /// Start background housekeeping (console log rotation).
+    pub(crate) fn spawn_housekeeping(&self) {
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = inner.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(ROTATE_INTERVAL) => {}
+                }
+                for slot in inner.slots() {
+                    let active = slot.lock().run.is_some();
+                    if !active {
+                        continue;
+                    }
+                    let dir = inner.store.vm_dir(&slot.uid);
+                    if let Err(error) = console::rotate_if_needed(
+                        &dir.join("console.log"),
+                        inner.config.console_max_bytes,
+                    ) {
+                        tracing::warn!(uid = %slot.uid, error = %error, "console rotation failed");
+                    }
+                }
+            }
+        });
+    }
+
+    /// Converge a VM onto the request. A VM that cannot be created or booted is not an error
+    /// here: it comes back in state FAILED with the reason.
+    pub(crate) async fn apply(&self, request: ApplyRequest) -> VmStatus {
+        self.converge(request, None).await
+    }
+
+    /// Converge a VM onto a request whose spec this agent cannot boot as sent (a value it does
+    /// not know): like [`Supervisor::apply`], except a boot is recorded as failed with `error`.
+    pub(crate) async fn refuse(&self, request: ApplyRequest, error: SpecError) -> VmStatus {
+        self.converge(request, Some(error)).await
+    }
+
+    async fn converge(&self, request: ApplyRequest, refused: Option<SpecError>) -> VmStatus {
+        let applied_at = crate::time::now_unix_ms();
+        let inner = &self.inner;
+        let uid = request.spec.uid.clone();
+        let (slot, _op) = loop {
+            let slot = inner.slot_or_insert(&uid);
+            let op = slot.op.clone().lock_owned().await;
+            if !slot.lock().deleted {
+                break (slot, op);
+            }
+        };
+        let held = {
+            let rt = slot.lock();
+            rt.recorded.then(|| HeldRun {
+                spec_hash: rt.status.spec_hash.clone(),
+                run: rt.status.run,
+                state: rt.status.state,
+                booted: rt.status.started_at_unix_ms != 0 || rt.status.pid != 0,
+            })
+        };
+        let want_running = request.desired == crate::vm::DesiredState::Running;
+        let action = decide_apply(held.as_ref(), &request.spec_hash, request.run, want_running);
+        tracing::info!(%uid, name = %request.spec.name, namespace = %request.spec.namespace, run = request.run, ?action, "ApplyVM");
+        match action {
+            ApplyAction::Nothing => {}
+            ApplyAction::AdoptRun => {
+                let (run, desired) = (request.run, request.desired);
+                inner.update(&slot, None, |rt| {
+                    if let Some(held) = rt.request.as_mut() {
+                        held.run = run;
+                        held.desired = desired;
+                    }
+                    rt.status.run = run;
+                });
+                let rt = slot.lock();
+                if let Some(Err(error)) = rt.request.as_ref().map(|r| inner.store.write_spec(r)) {
+                    tracing::warn!(%uid, error = %error, "cannot record the new run");
+                }
+            }
+            ApplyAction::Stop => {
+                Inner::stop_run(inner, &slot, request.spec.grace_period()).await;
+                let run = request.run.max(held.map(|h| h.run).unwrap_or(0));
+                inner.update(&slot, None, |rt| {
+                    if let Some(held) = rt.request.as_mut() {
+                        held.run = run;
+                        held.desired = crate::vm::DesiredState::Stopped;
+                    }
+                    rt.status.run = run;
+                    rt.status.state = RunState::Stopped;
+                    rt.status.ready = false;
+                });
+            }
+            ApplyAction::RecordStopped => {
+                inner.clear_previous(&slot).await;
+                inner.record_stopped(&slot, request, applied_at);
+            }
+            ApplyAction::Boot => {
+                inner.clear_previous(&slot).await;
+                Inner::boot(inner, &slot, request, applied_at, refused).await;
+            }
+        }
+        slot.lock().status.clone()
+    }
+
+    /// Stop the VM within `grace` (its own grace period when `None`), kill it after, remove
+    /// its files. Returns whether the agent held it.
+    pub(crate) async fn delete(
+        &self,
+        uid: &VmUid,
+        grace: Option<Duration>,
+    ) -> Result<bool, SupervisorError> {
+        let inner = &self.inner;
+        let slot = inner.slots().into_iter().find(|s| &s.uid == uid);
+        let Some(slot) = slot else {
+            // A directory the agent does not hold (a crash mid-create): remove it anyway.
+            let existed = inner.store.vm_dir(uid).exists();
+            inner.store.remove_vm(uid).map_err(SupervisorError::State)?;
+            return Ok(existed);
+        };
+        let _op = slot.op.clone().lock_owned().await;
+        let grace = {
+            let rt = slot.lock();
+            if rt.deleted {
+                return Ok(false);
+            }
+            grace.unwrap_or_else(|| rt.grace_period())
+        };
+        tracing::info!(%uid, grace_ms = grace.as_millis() as u64, "DeleteVM");
+        Inner::stop_run(inner, &slot, grace).await;
+        // A failure here is logged, not returned: the slot goes away regardless, and the next
+        // agent start collects what is left of a VM it does not hold.
+        inner.release_network(uid).await;
+        {
+            let mut rt = slot.lock();
+            rt.deleted = true;
+            inner
+                .slots
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(uid);
+            inner
+                .hub
+                .publish(VmEvent::Deleted(uid.clone()), uid, None, &inner.metrics);
+        }
+        inner.store.remove_vm(uid).map_err(SupervisorError::State)?;
+        Ok(true)
+    }
+
+    /// One VM's status.
+    pub(crate) fn get(&self, uid: &VmUid) -> Option<VmStatus> {
+        self.inner
+            .slots()
+            .into_iter()
+            .find(|s| &s.uid == uid)
+            .and_then(|s| s.lock().recorded_status())
+    }
+
+    /// Every VM's status, by uid.
+    pub(crate) fn list(&self) -> Vec<VmStatus> {
+        let mut vms: Vec<VmStatus> = self
+            .inner
+            .slots()
+            .into_iter()
+            .filter_map(|s| s.lock().recorded_status())
+            .collect();
+        vms.sort_by(|a, b| a.uid.cmp(&b.uid));
+        vms
+    }
+
+    /// Subscribe to changes; returns the receiver and the sequence number it starts after.
+    /// Take the snapshot with [`Supervisor::list`] after subscribing, so nothing is missed.
+    pub(crate) fn subscribe(&self) -> (broadcast::Receiver<SequencedEvent>, u64) {
+        self.inner.hub.subscribe()
+    }
+
+    /// vCPUs and memory reserved by the VMs held (failed ones hold nothing).
+    pub(crate) fn usage(&self) -> (u32, u64) {
+        self.inner
+            .slots()
+            .iter()
+            .fold((0u32, 0u64), |(cpus, mem), slot| {
+                let rt = slot.lock();
+                if rt.status.state == RunState::Failed || !rt.recorded {
+                    (cpus, mem)
+                } else {
+                    (
+                        cpus.saturating_add(rt.status.vcpus),
+                        mem.saturating_add(rt.status.memory_bytes),
+                    )
+                }
+            })
+    }
+
+    /// The hypervisors whose binaries are present.
+    pub(crate) fn hypervisors(&self) -> Vec<Hypervisor> {
+        self.inner
+            .backends
+            .iter()
+            .filter(|b| b.resolved_binary().is_some())
+            .map(|b| b.backend.kind())
+            .collect()
+    }
+
+    /// The node as this agent offers it.
+    pub(crate) fn host(&self, node_name: &str, instance_id: &str) -> HostInfo {
+        let config = &self.inner.config;
+        let (vcpus_used, memory_used_bytes) = self.usage();
+        HostInfo {
+            node_name: node_name.to_owned(),
+            vcpus_total: config.host.vcpus,
+            memory_total_bytes: config.host.memory_bytes,
+            vcpus_used,
+            memory_used_bytes,
+            hypervisors: self.hypervisors(),
+            accelerator: config.accelerator,
+            accelerator_detail: config.accelerator_detail.clone(),
+            agent_version: crate::VERSION.to_owned(),
+            instance_id: instance_id.to_owned(),
+        }
+    }
+
+    /// The console log of a held VM.
+    pub(crate) fn console_path(&self, uid: &VmUid) -> Result<PathBuf, SupervisorError> {
+        if self.get(uid).is_none() {
+            return Err(SupervisorError::NotFound {
+                uid: uid.to_string(),
+            });
+        }
+        Ok(self.inner.store.vm_dir(uid).join("console.log"))
+    }
+
+    /// Stop supervising. VMs keep running unless `stop_vms`, in which case each is stopped
+    /// within its grace period first.
+    pub(crate) async fn shutdown(&self, stop_vms: bool) {
+        let inner = &self.inner;
+        if stop_vms {
+            let stops = inner.slots().into_iter().map(|slot| {
+                let inner = inner.clone();
+                async move {
+                    let _op = slot.op.clone().lock_owned().await;
+                    let grace = slot.lock().grace_period();
+                    if Inner::stop_run(&inner, &slot, grace).await {
+                        inner.update(&slot, None, |rt| {
+                            rt.status.state = RunState::Stopped;
+                            rt.status.ready = false;
+                        });
+                    }
+                }
+            });
+            futures::future::join_all(stops).await;
+        }
+        inner.shutdown.cancel();
+    }
+}

@@ -1,0 +1,270 @@
+use super::*;
+use crate::error::ErrorReason;
+use crate::vm::wire::SpecError;
+
+fn env(accelerator: Accelerator) -> PlanEnv {
+    PlanEnv {
+        host_memory_bytes: 8 << 30,
+        accelerator,
+        accelerator_detail: "probe said so".into(),
+        available: vec![
+            (Hypervisor::Qemu, true, true),
+            (Hypervisor::Firecracker, true, false),
+        ],
+        unavailable: vec![(
+            Hypervisor::CloudHypervisor,
+            "binary cloud-hypervisor not found".into(),
+        )],
+        simulated: false,
+    }
+}
+
+fn spec() -> VmSpec {
+    crate::testing::vm_spec("u")
+}
+
+#[test]
+fn planning_picks_the_vmm_and_accelerator() {
+    let plan = plan_boot(&spec(), &env(Accelerator::Tcg)).expect("plan");
+    assert_eq!(
+        (plan.hypervisor, plan.accelerator, plan.memory_mib),
+        (Hypervisor::Qemu, Accelerator::Tcg, 256)
+    );
+    let plan = plan_boot(&spec(), &env(Accelerator::Kvm)).expect("plan");
+    assert_eq!(
+        (plan.hypervisor, plan.accelerator),
+        (Hypervisor::Qemu, Accelerator::Kvm)
+    );
+    let fc = VmSpec {
+        hypervisor: Some(Hypervisor::Firecracker),
+        ..spec()
+    };
+    assert_eq!(
+        plan_boot(&fc, &env(Accelerator::Kvm))
+            .expect("fc")
+            .accelerator,
+        Accelerator::Kvm
+    );
+    assert_eq!(
+        plan_boot(&fc, &env(Accelerator::Tcg))
+            .expect_err("no kvm")
+            .reason(),
+        "KvmUnavailable"
+    );
+    let fc_tcg = VmSpec {
+        accelerator: Some(Accelerator::Tcg),
+        ..fc
+    };
+    assert_eq!(
+        plan_boot(&fc_tcg, &env(Accelerator::Kvm))
+            .expect_err("fc tcg")
+            .reason(),
+        "AcceleratorUnsupported"
+    );
+}
+
+#[test]
+fn planning_refuses_bad_input_with_a_named_cause() {
+    let cases = [
+        (
+            VmSpec {
+                memory_bytes: 9 << 30,
+                ..spec()
+            },
+            "InsufficientMemory",
+        ),
+        (
+            VmSpec {
+                memory_bytes: 0,
+                ..spec()
+            },
+            "InvalidSpec",
+        ),
+        (
+            VmSpec {
+                accelerator: Some(Accelerator::Kvm),
+                ..spec()
+            },
+            "KvmUnavailable",
+        ),
+        (
+            VmSpec {
+                hypervisor: Some(Hypervisor::CloudHypervisor),
+                ..spec()
+            },
+            "HypervisorUnavailable",
+        ),
+        (
+            VmSpec {
+                hypervisor: Some(Hypervisor::Simulated),
+                ..spec()
+            },
+            "HypervisorUnavailable",
+        ),
+        (
+            VmSpec {
+                readiness_tcp_port: Some(80),
+                ..spec()
+            },
+            "ReadinessUnreachable",
+        ),
+        (
+            VmSpec {
+                readiness_tcp_port: Some(80),
+                interfaces: vec![
+                    iface("eth0", InterfaceMode::None, None),
+                    iface("eth1", InterfaceMode::Bridge, None),
+                ],
+                ..spec()
+            },
+            "ReadinessUnreachable",
+        ),
+    ];
+    for (spec, reason) in cases {
+        let error = plan_boot(&spec, &env(Accelerator::Tcg)).expect_err(reason);
+        assert_eq!(error.reason(), reason, "{error}");
+        assert!(error.is_permanent());
+    }
+    // What the agent cannot even read (an unknown hypervisor, mode or accelerator, a port out
+    // of range) is refused where the request comes in (`vm::wire`), the same way.
+    for (error, reason) in [
+        (
+            SpecError::UnknownHypervisor { value: 99 },
+            "UnknownHypervisor",
+        ),
+        (
+            SpecError::InvalidSpec {
+                field: "interfaces.mode",
+                detail: "42 is not one of nat, bridge, none".into(),
+            },
+            "InvalidSpec",
+        ),
+    ] {
+        let error = BootError::Spec(error);
+        assert_eq!(error.reason(), reason, "{error}");
+        assert!(error.is_permanent());
+    }
+    let unavailable = plan_boot(
+        &VmSpec {
+            hypervisor: Some(Hypervisor::CloudHypervisor),
+            ..spec()
+        },
+        &env(Accelerator::Tcg),
+    )
+    .expect_err("ch");
+    assert!(
+        unavailable
+            .to_string()
+            .contains("binary cloud-hypervisor not found")
+    );
+}
+
+fn iface(name: &str, mode: InterfaceMode, address: Option<&str>) -> Interface {
+    Interface {
+        name: name.into(),
+        mode,
+        address: address.map(str::to_owned),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn networked_specs_plan_and_convert() {
+    let nat = VmSpec {
+        readiness_tcp_port: Some(80),
+        interfaces: vec![iface("eth0", InterfaceMode::Nat, None)],
+        ..spec()
+    };
+    assert!(plan_boot(&nat, &env(Accelerator::Tcg)).is_ok());
+    let bridged = VmSpec {
+        readiness_tcp_port: Some(8080),
+        interfaces: vec![
+            iface("eth0", InterfaceMode::None, None),
+            Interface {
+                bridge: Some("br-lan".into()),
+                ..iface("eth1", InterfaceMode::Bridge, Some("192.168.1.20/24"))
+            },
+        ],
+        ..spec()
+    };
+    assert!(plan_boot(&bridged, &env(Accelerator::Tcg)).is_ok());
+    let requests = &bridged.interfaces;
+    assert_eq!(
+        requests,
+        &vec![
+            Interface {
+                name: "eth0".into(),
+                mode: InterfaceMode::None,
+                ..Default::default()
+            },
+            Interface {
+                name: "eth1".into(),
+                mode: InterfaceMode::Bridge,
+                bridge: Some("br-lan".into()),
+                address: Some("192.168.1.20/24".into()),
+                mac: None,
+            },
+        ]
+    );
+    assert!(!needs_tap(&requests[0]) && needs_tap(&requests[1]));
+}
+
+#[test]
+fn the_guest_cmdline_gets_the_network_parameters() {
+    let eth0 = AttachedInterface {
+        name: "eth0".into(),
+        mode: InterfaceMode::Nat,
+        tap: "igabc".into(),
+        mac: "02:00:00:00:00:01".into(),
+        bridge: "ignis0".into(),
+        address: Some(("10.88.0.5".parse().expect("ip"), 16)),
+        gateway: Some("10.88.0.1".parse().expect("gw")),
+    };
+    assert_eq!(
+        guest_cmdline("console=ttyS0 quiet ", std::slice::from_ref(&eth0)),
+        "console=ttyS0 quiet ignis.ip=10.88.0.5/16 ignis.gw=10.88.0.1"
+    );
+    assert_eq!(
+        guest_cmdline("", std::slice::from_ref(&eth0)),
+        "ignis.ip=10.88.0.5/16 ignis.gw=10.88.0.1"
+    );
+    assert_eq!(guest_cmdline("console=ttyS0", &[]), "console=ttyS0");
+}
+
+#[test]
+fn file_checks_tell_missing_from_unreadable() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let kernel = tmp.path().join("vmlinuz");
+    std::fs::write(&kernel, b"k").expect("kernel");
+    let ok = VmSpec {
+        kernel_path: kernel.display().to_string(),
+        ..spec()
+    };
+    assert!(check_files(&ok).is_ok());
+    let missing = VmSpec {
+        kernel_path: "/nope".into(),
+        ..spec()
+    };
+    assert_eq!(
+        check_files(&missing).expect_err("missing").reason(),
+        "KernelNotFound"
+    );
+    let dir_initrd = VmSpec {
+        initrd_path: Some(tmp.path().display().to_string()),
+        ..ok.clone()
+    };
+    assert_eq!(
+        check_files(&dir_initrd).expect_err("dir").reason(),
+        "InitrdUnreadable"
+    );
+    let empty = tmp.path().join("empty");
+    std::fs::write(&empty, b"").expect("empty");
+    let empty_initrd = VmSpec {
+        initrd_path: Some(empty.display().to_string()),
+        ..ok
+    };
+    assert_eq!(
+        check_files(&empty_initrd).expect_err("empty").reason(),
+        "InitrdUnreadable"
+    );
+}

@@ -1,0 +1,257 @@
+//! The VMs the agent holds, one slot each, and the one place that changes a VM's status:
+//! [`Inner::update`] persists it and publishes it, in order.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::agent::vmm::VmmHandle;
+use crate::vm::{ExitReason, RunExit};
+
+/// One VM held by the agent.
+pub(super) struct VmSlot {
+    pub(super) uid: VmUid,
+    /// Serializes the controller's operations (apply, delete) on this VM.
+    pub(super) op: Arc<tokio::sync::Mutex<()>>,
+    pub(super) rt: Mutex<VmRuntime>,
+}
+
+pub(super) struct VmRuntime {
+    /// What the controller last asked for (`None` for a VM re-adopted without its spec).
+    pub(super) request: Option<ApplyRequest>,
+    pub(super) status: VmStatus,
+    /// Whether `status` describes a VM yet: a slot exists a moment before its first record.
+    pub(super) recorded: bool,
+    pub(super) run: Option<RunHandle>,
+    /// Set once `DeleteVM` took the VM away: no more writes, no more events.
+    pub(super) deleted: bool,
+}
+
+/// The VMM process of the current run.
+#[derive(Clone)]
+pub(super) struct RunHandle {
+    pub(super) generation: u64,
+    pub(super) backend: Arc<dyn VmmBackend>,
+    pub(super) handle: VmmHandle,
+    /// Becomes true when the VMM process has ended.
+    pub(super) exited: watch::Receiver<bool>,
+    /// Set by whoever tears the run down (stop, delete, boot timeout, exit).
+    pub(super) stopping: Arc<AtomicBool>,
+    /// Ends the run's readiness watcher.
+    pub(super) cancel: CancellationToken,
+}
+
+impl VmRuntime {
+    fn new(uid: &VmUid) -> Self {
+        VmRuntime {
+            request: None,
+            status: VmStatus::new(uid.clone(), String::new(), String::new()),
+            recorded: false,
+            run: None,
+            deleted: false,
+        }
+    }
+
+    /// The status, once there is one to tell.
+    pub(super) fn recorded_status(&self) -> Option<VmStatus> {
+        self.recorded.then(|| self.status.clone())
+    }
+
+    /// The VM's own grace period between a graceful stop and a kill.
+    pub(super) fn grace_period(&self) -> Duration {
+        self.request
+            .as_ref()
+            .map_or(Duration::ZERO, |r| r.spec.grace_period())
+    }
+}
+
+impl VmSlot {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, VmRuntime> {
+        self.rt.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Inner {
+    pub(super) fn slots(&self) -> Vec<Arc<VmSlot>> {
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub(super) fn slot_or_insert(&self, uid: &VmUid) -> Arc<VmSlot> {
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(uid.clone())
+            .or_insert_with(|| {
+                Arc::new(VmSlot {
+                    uid: uid.clone(),
+                    op: Arc::new(tokio::sync::Mutex::new(())),
+                    rt: Mutex::new(VmRuntime::new(uid)),
+                })
+            })
+            .clone()
+    }
+
+    /// A run of `backend`'s VMM behind `handle`, with the sender its exit watcher signals
+    /// the VMM's end on.
+    pub(super) fn new_run(
+        &self,
+        backend: &Arc<dyn VmmBackend>,
+        handle: &VmmHandle,
+    ) -> (RunHandle, watch::Sender<bool>) {
+        let (exited_tx, exited_rx) = watch::channel(false);
+        let run = RunHandle {
+            generation: self.generation.fetch_add(1, Ordering::Relaxed),
+            backend: backend.clone(),
+            handle: handle.clone(),
+            exited: exited_rx,
+            stopping: Arc::new(AtomicBool::new(false)),
+            cancel: CancellationToken::new(),
+        };
+        (run, exited_tx)
+    }
+
+    /// Change a VM's runtime, persist its status and publish it. `generation` guards updates
+    /// from a run's watchers: a watcher of a replaced run changes nothing.
+    pub(super) fn update(
+        &self,
+        slot: &VmSlot,
+        generation: Option<u64>,
+        f: impl FnOnce(&mut VmRuntime),
+    ) -> bool {
+        let mut rt = slot.lock();
+        if rt.deleted {
+            return false;
+        }
+        if let Some(generation) = generation
+            && rt.run.as_ref().map(|r| r.generation) != Some(generation)
+        {
+            return false;
+        }
+        f(&mut rt);
+        if let Err(error) = self.store.write_status(&rt.status) {
+            tracing::warn!(uid = %slot.uid, error = %error, "cannot persist VM status");
+        }
+        self.hub.publish(
+            VmEvent::Changed(Box::new(rt.status.clone())),
+            &slot.uid,
+            Some(rt.status.state),
+            &self.metrics,
+        );
+        true
+    }
+
+    pub(super) fn backend(&self, kind: Hypervisor) -> Option<&BackendEntry> {
+        self.backends.iter().find(|b| b.backend.kind() == kind)
+    }
+
+    /// Stop the previous run of a slot (if any) and clear its files, before a new run.
+    pub(super) async fn clear_previous(self: &Arc<Self>, slot: &Arc<VmSlot>) {
+        let grace = slot.lock().grace_period();
+        Self::stop_run(self, slot, grace).await;
+        if let Err(error) = self.store.remove_vm(&slot.uid) {
+            tracing::warn!(uid = %slot.uid, error = %error, "cannot clear the previous run's files");
+        }
+    }
+
+    /// The status a new run starts from (the VM's creation time carries over).
+    pub(super) fn fresh_status(slot: &VmSlot, request: &ApplyRequest, applied_at: i64) -> VmStatus {
+        let created_at = {
+            let rt = slot.lock();
+            if rt.status.created_at_unix_ms != 0 {
+                rt.status.created_at_unix_ms
+            } else {
+                applied_at
+            }
+        };
+        let spec = &request.spec;
+        VmStatus {
+            spec_hash: request.spec_hash.clone(),
+            run: request.run,
+            state: RunState::Creating,
+            hypervisor: spec.hypervisor,
+            accelerator: spec.accelerator,
+            created_at_unix_ms: created_at,
+            applied_at_unix_ms: applied_at,
+            vcpus: spec.vcpus,
+            memory_bytes: spec.memory_bytes,
+            ..VmStatus::new(spec.uid.clone(), spec.namespace.clone(), spec.name.clone())
+        }
+    }
+
+    /// Hold a new run as the VM's, before anything of it exists.
+    pub(super) fn begin_run(slot: &VmSlot, request: ApplyRequest, status: VmStatus) {
+        let mut rt = slot.lock();
+        rt.request = Some(request);
+        rt.status = status;
+        rt.recorded = true;
+        rt.run = None;
+    }
+
+    pub(super) fn record_stopped(&self, slot: &VmSlot, request: ApplyRequest, applied_at: i64) {
+        let mut status = Self::fresh_status(slot, &request, applied_at);
+        status.state = RunState::Stopped;
+        if let Err(error) = self
+            .store
+            .create_vm_dir(&slot.uid)
+            .and_then(|_| self.store.write_spec(&request))
+        {
+            tracing::warn!(uid = %slot.uid, error = %error, "cannot record the stopped VM");
+        }
+        Self::begin_run(slot, request, status);
+        self.update(slot, None, |_| {});
+    }
+
+    /// Record a failed create or boot: state FAILED, nothing left but `status.json`.
+    pub(super) fn fail(&self, slot: &VmSlot, generation: Option<u64>, error: &BootError) {
+        tracing::warn!(uid = %slot.uid, reason = error.reason(), error = %error.full_message(), "VM failed to boot");
+        self.metrics.boot_failed(error.reason());
+        let exit = RunExit {
+            success: false,
+            reason: ExitReason::boot_failed(error.reason()),
+            message: error.full_message(),
+            permanent: error.is_permanent(),
+            exit_code: -1,
+            at_unix_ms: crate::time::now_unix_ms(),
+        };
+        self.fail_with(slot, generation, exit);
+    }
+
+    pub(super) fn fail_with(&self, slot: &VmSlot, generation: Option<u64>, exit: RunExit) {
+        if let Err(error) = self.store.remove_all_but_status(&slot.uid) {
+            tracing::warn!(uid = %slot.uid, error = %error, "cannot clean up the failed VM");
+        }
+        // The status record alone stays, so the failure can be reported (and survives a restart).
+        if let Err(error) = self.store.create_vm_dir(&slot.uid) {
+            tracing::warn!(uid = %slot.uid, error = %error, "cannot record the failure");
+        }
+        self.update(slot, generation, |rt| {
+            if let Some(run) = rt.run.take() {
+                run.cancel.cancel();
+            }
+            rt.status.state = RunState::Failed;
+            rt.status.ready = false;
+            rt.status.pid = 0;
+            rt.status.exit = Some(exit);
+        });
+    }
+
+    /// A boot that failed under the VM's operation lock: its network goes too (a new run
+    /// attaches again), then the failure is recorded.
+    pub(super) async fn fail_boot(
+        &self,
+        slot: &VmSlot,
+        generation: Option<u64>,
+        error: &BootError,
+    ) {
+        self.release_network(&slot.uid).await;
+        self.fail(slot, generation, error);
+    }
+}

@@ -1,0 +1,246 @@
+//! The supervisor's I/O shell with the simulated VMM (a real `sleep` process) and a silent
+//! QEMU double.
+
+use std::path::Path;
+use std::time::Instant;
+
+use super::*;
+use crate::agent::host;
+use crate::agent::simulated::SimulatedBackend;
+use crate::agent::state::StateStore;
+use crate::agent::vmm::{VmConfig, VmmBackend, VmmError, VmmHandle};
+use crate::telemetry::MetricsRegistry;
+use crate::vm::{DesiredState, ExitReason, Interface, InterfaceMode, VmSpec};
+
+#[tokio::test]
+async fn networking_turned_off_fails_nat_but_not_none() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let kernel = tmp.path().join("vmlinuz");
+    std::fs::write(&kernel, b"k").expect("kernel");
+    let sup = supervisor(tmp.path(), Arc::new(SimulatedBackend::default()), true).await;
+    let mut nat = request("n", &kernel, "h", 1, DesiredState::Running);
+    nat.spec.interfaces = vec![Interface {
+        name: "eth0".into(),
+        mode: InterfaceMode::Nat,
+        ..Default::default()
+    }];
+    let vm = sup.apply(nat).await;
+    let exit = vm.exit.expect("failed");
+    assert_eq!(
+        exit.reason,
+        ExitReason::boot_failed("NetworkingUnavailable")
+    );
+    assert!(exit.permanent);
+    assert!(exit.message.contains("turned off"), "{}", exit.message);
+    let mut none = request("o", &kernel, "h", 1, DesiredState::Running);
+    none.spec.interfaces = vec![Interface {
+        name: "eth0".into(),
+        mode: InterfaceMode::None,
+        ..Default::default()
+    }];
+    sup.apply(none).await;
+    assert!(
+        wait_state(&sup, "o", RunState::Running)
+            .await
+            .ip_addresses
+            .is_empty()
+    );
+    sup.shutdown(false).await;
+}
+
+/// A unit-test double: a `sleep` process that claims to be QEMU and never prints a
+/// console marker, to drive the boot deadline.
+struct SilentQemu(SimulatedBackend);
+
+#[async_trait::async_trait]
+impl VmmBackend for SilentQemu {
+    fn kind(&self) -> Hypervisor {
+        Hypervisor::Qemu
+    }
+    fn supports(&self, _: Accelerator) -> bool {
+        true
+    }
+    async fn create(&self, config: &VmConfig) -> Result<crate::agent::vmm::Spawned, VmmError> {
+        self.0.create(config).await
+    }
+    async fn start(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        self.0.start(handle).await
+    }
+    async fn stop(&self, _: &VmmHandle) -> Result<(), VmmError> {
+        // A guest that ignores the power button: only kill ends it.
+        Ok(())
+    }
+    async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        self.0.kill(handle).await
+    }
+    async fn state(&self, handle: &VmmHandle) -> Result<crate::agent::vmm::VmmState, VmmError> {
+        self.0.state(handle).await
+    }
+    fn exit_quirks(&self) -> &'static crate::agent::vmm::ExitQuirks {
+        self.0.exit_quirks()
+    }
+}
+
+async fn supervisor(dir: &Path, backend: Arc<dyn VmmBackend>, simulated: bool) -> Supervisor {
+    Supervisor::new(
+        SupervisorConfig {
+            boot_timeout: Duration::from_millis(400),
+            console_max_bytes: 1 << 20,
+            host: HostCapacity {
+                vcpus: 4,
+                memory_bytes: 8 << 30,
+            },
+            accelerator: Accelerator::Tcg,
+            accelerator_detail: "test".into(),
+            simulated,
+            unavailable: Vec::new(),
+            network: None,
+        },
+        StateStore::open(dir).expect("store"),
+        vec![BackendEntry {
+            backend,
+            binary: PathBuf::from("sleep"),
+        }],
+        AgentMetrics::register(&MetricsRegistry::with_prefix("test")).await,
+    )
+}
+
+fn request(uid: &str, kernel: &Path, hash: &str, run: u32, desired: DesiredState) -> ApplyRequest {
+    ApplyRequest {
+        spec: VmSpec {
+            memory_bytes: 64 << 20,
+            kernel_path: kernel.display().to_string(),
+            readiness_console_marker: Some("ignis: ready".into()),
+            ..crate::testing::vm_spec(uid)
+        },
+        spec_hash: hash.into(),
+        run,
+        desired,
+    }
+}
+
+fn uid(uid: &str) -> VmUid {
+    VmUid::new(uid).expect("uid")
+}
+
+async fn wait_state(sup: &Supervisor, name: &str, state: RunState) -> VmStatus {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let uid = uid(name);
+    loop {
+        if let Some(vm) = sup.get(&uid)
+            && vm.state == state
+        {
+            return vm;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{uid} never reached {state:?}: {:?}",
+            sup.get(&uid)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn simulated_vms_converge_replace_stop_and_delete() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let kernel = tmp.path().join("vmlinuz");
+    std::fs::write(&kernel, b"k").expect("kernel");
+    let sup = supervisor(tmp.path(), Arc::new(SimulatedBackend::default()), true).await;
+    let (mut events, _) = sup.subscribe();
+    let vm = sup
+        .apply(request("a", &kernel, "h1", 1, DesiredState::Running))
+        .await;
+    assert_eq!(vm.hypervisor, Some(Hypervisor::Simulated));
+    let first = wait_state(&sup, "a", RunState::Running).await;
+    assert!(first.ready && first.pid > 0);
+    assert!(events.try_recv().is_ok(), "changes are published");
+
+    let same = sup
+        .apply(request("a", &kernel, "h1", 1, DesiredState::Running))
+        .await;
+    assert_eq!(same.pid, first.pid, "same request, same VM");
+
+    sup.apply(request("a", &kernel, "h2", 1, DesiredState::Running))
+        .await;
+    let second = wait_state(&sup, "a", RunState::Running).await;
+    assert_ne!(second.pid, first.pid, "a new hash replaces the VMM");
+    assert!(
+        !host::is_same_live_process(first.pid, 0)
+            || host::proc_stat(first.pid).is_none_or(|s| s.state == 'Z')
+    );
+
+    let stopped = sup
+        .apply(request("a", &kernel, "h2", 1, DesiredState::Stopped))
+        .await;
+    assert_eq!(stopped.state, RunState::Stopped);
+    assert_eq!(
+        sup.usage(),
+        (1, 64 << 20),
+        "a stopped VM still holds its reservation"
+    );
+
+    assert!(
+        sup.delete(&uid("a"), Some(Duration::ZERO))
+            .await
+            .expect("delete")
+    );
+    assert!(!sup.delete(&uid("a"), None).await.expect("delete twice"));
+    assert!(!tmp.path().join("vms/a").exists());
+    assert_eq!(sup.usage(), (0, 0));
+    sup.shutdown(false).await;
+}
+
+#[tokio::test]
+async fn a_guest_that_never_gets_ready_fails_with_boot_timeout_and_is_killed() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let kernel = tmp.path().join("vmlinuz");
+    std::fs::write(&kernel, b"k").expect("kernel");
+    let sup = supervisor(
+        tmp.path(),
+        Arc::new(SilentQemu(SimulatedBackend::default())),
+        false,
+    )
+    .await;
+    let vm = sup
+        .apply(request("slow", &kernel, "h", 1, DesiredState::Running))
+        .await;
+    assert_eq!(vm.state, RunState::Starting);
+    let pid = vm.pid;
+    let failed = wait_state(&sup, "slow", RunState::Failed).await;
+    let exit = failed.exit.expect("exit");
+    assert_eq!(exit.reason, ExitReason::BootTimeout);
+    assert!(!exit.permanent);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while host::proc_stat(pid).is_some_and(|s| s.state != 'Z') {
+        assert!(Instant::now() < deadline, "the VMM was not killed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left: Vec<_> = std::fs::read_dir(tmp.path().join("vms/slow"))
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("status.json")]);
+
+    // Run 2 boots again (the controller's restart), and a re-adopting supervisor on the
+    // same directory finds the failure recorded.
+    let again = sup
+        .apply(request("slow", &kernel, "h", 2, DesiredState::Running))
+        .await;
+    assert_eq!(again.state, RunState::Starting);
+    assert_ne!(again.pid, pid);
+    wait_state(&sup, "slow", RunState::Failed).await;
+    sup.shutdown(false).await;
+    let next = supervisor(
+        tmp.path(),
+        Arc::new(SilentQemu(SimulatedBackend::default())),
+        false,
+    )
+    .await;
+    assert_eq!(next.adopt().await.expect("adopt"), 1);
+    assert_eq!(
+        next.get(&uid("slow")).expect("held").state,
+        RunState::Failed
+    );
+    next.shutdown(false).await;
+}

@@ -1,0 +1,671 @@
+//! The decision half of reconcile: given a MicroVM and everything observed about it, the list of
+//! actions that converges it. Pure: no clocks, no clients; `now` and the agent's view come in
+//! through [`Observed`], so every transition is a plain-value unit test.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::scheduler::{Unschedulable, selector_matches};
+use crate::api::{
+    ConditionType, FINALIZER, MicroVM, MicroVMStatus, NODE_LABEL, Phase, Reason, RunPolicy,
+    find_condition, set_condition_status,
+};
+use crate::vm::{DesiredState, RunState, VmStatus};
+
+/// A run shorter than this that ends in a restart counts as a crash loop and backs off.
+const STABLE_RUN: Duration = Duration::from_secs(60);
+/// Ceiling of the crash-loop restart delay.
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(300);
+/// How often an unschedulable VM is retried when nothing else triggers it.
+pub(crate) const UNSCHEDULABLE_RETRY: Duration = Duration::from_secs(30);
+/// How often a deletion blocked on an unreachable agent is retried.
+const DELETE_RETRY: Duration = Duration::from_secs(5);
+
+/// The connection to the agent of the VM's node, as the agent pool sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum AgentLink {
+    /// Connected and synced: `Observed::vm` is the agent's current view.
+    Connected,
+    /// The stream broke; the agent counts as lost after `lost_after` more.
+    Reconnecting { lost_after: Duration },
+    /// Unreachable beyond the grace period.
+    Lost,
+    /// No agent is known for the node at all.
+    Absent,
+}
+
+/// A MicroVM the agent API cannot express (see `vmspec::VmSpecError`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SpecProblem {
+    pub(crate) reason: &'static str,
+    pub(crate) message: String,
+}
+
+/// Everything reconcile looked at, besides the object itself.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Observed {
+    pub(crate) now: Timestamp,
+    /// The hash of the spec the agent should run, or why there is none.
+    pub(crate) spec_hash: Result<String, SpecProblem>,
+    /// The link to the agent of the placed node (or of the node being chosen now).
+    pub(crate) agent: AgentLink,
+    /// The agent's view of this VM (meaningful when `agent` is `Connected`).
+    pub(crate) vm: Option<VmStatus>,
+    /// The scheduler's answer; only computed for a VM without a node.
+    pub(crate) placement: Option<Result<String, Unschedulable>>,
+    /// Labels of the placed node, when known.
+    pub(crate) node_labels: Option<BTreeMap<String, String>>,
+}
+
+/// Event severity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum EventKind {
+    Normal,
+    Warning,
+}
+
+/// One step of converging a MicroVM; `act` runs them in this order of kinds: metadata,
+/// agent calls, status, events, requeue.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Action {
+    AddFinalizer,
+    /// Record the node in the `ignis.dev/node` label (status carries it too).
+    Place {
+        node: String,
+    },
+    ApplyVm {
+        node: String,
+        run: u32,
+        desired: DesiredState,
+    },
+    DeleteVm {
+        node: String,
+    },
+    RemoveFinalizer,
+    UpdateStatus(Box<MicroVMStatus>),
+    Event {
+        kind: EventKind,
+        reason: &'static str,
+        message: String,
+    },
+    RequeueAfter(Duration),
+}
+
+/// Decide what converges `mvm`.
+pub(crate) fn plan(mvm: &MicroVM, obs: &Observed) -> Vec<Action> {
+    let mut p = Planner::new(mvm, obs);
+    if mvm.metadata.deletion_timestamp.is_some() {
+        p.finalize();
+    } else {
+        p.converge();
+    }
+    p.finish()
+}
+
+/// Where the VM is placed: status first, the label as a fallback (status write may have lagged).
+pub(crate) fn placed_node(mvm: &MicroVM) -> Option<String> {
+    mvm.status
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .or_else(|| {
+            mvm.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(NODE_LABEL).cloned())
+        })
+}
+
+fn has_finalizer(mvm: &MicroVM) -> bool {
+    mvm.metadata
+        .finalizers
+        .as_ref()
+        .is_some_and(|f| f.iter().any(|x| x == FINALIZER))
+}
+
+struct Planner<'a> {
+    mvm: &'a MicroVM,
+    obs: &'a Observed,
+    old: MicroVMStatus,
+    new: MicroVMStatus,
+    generation: Option<i64>,
+    now: Time,
+    metadata: Vec<Action>,
+    agent: Vec<Action>,
+    events: Vec<Action>,
+    requeue: Option<Duration>,
+    /// Remove the finalizer, strictly after the agent calls.
+    release: bool,
+}
+
+impl<'a> Planner<'a> {
+    fn new(mvm: &'a MicroVM, obs: &'a Observed) -> Self {
+        let old = mvm.status.clone().unwrap_or_default();
+        Self {
+            mvm,
+            obs,
+            new: old.clone(),
+            old,
+            generation: mvm.metadata.generation,
+            now: Time(obs.now),
+            metadata: Vec::new(),
+            agent: Vec::new(),
+            events: Vec::new(),
+            requeue: None,
+            release: false,
+        }
+    }
+
+    fn finish(self) -> Vec<Action> {
+        let mut out = self.metadata;
+        out.extend(self.agent);
+        if self.new != self.old {
+            out.push(Action::UpdateStatus(Box::new(self.new)));
+        }
+        out.extend(self.events);
+        if self.release {
+            out.push(Action::RemoveFinalizer);
+        }
+        if let Some(d) = self.requeue {
+            out.push(Action::RequeueAfter(d));
+        }
+        out
+    }
+
+    fn cond(&mut self, t: ConditionType, status: &str, reason: &str, message: impl Into<String>) {
+        set_condition_status(
+            &mut self.new.conditions,
+            t,
+            status,
+            reason,
+            message,
+            self.generation,
+            self.now.clone(),
+        );
+    }
+
+    fn event(&mut self, kind: EventKind, reason: &'static str, message: impl Into<String>) {
+        self.events.push(Action::Event {
+            kind,
+            reason,
+            message: message.into(),
+        });
+    }
+
+    fn requeue(&mut self, d: Duration) {
+        self.requeue = Some(self.requeue.map_or(d, |r| r.min(d)));
+    }
+
+    fn old_cond(&self, t: ConditionType) -> Option<(&str, &str)> {
+        find_condition(&self.old.conditions, t).map(|c| (c.status.as_str(), c.reason.as_str()))
+    }
+
+    /// kstatus: Reconciling while converging, Stalled when only the user can unblock it.
+    fn kstatus(&mut self, reconciling: bool, stalled: Option<(&str, &str)>) {
+        if reconciling {
+            self.cond(
+                ConditionType::Reconciling,
+                "True",
+                Reason::PROGRESSING,
+                "converging on the latest generation",
+            );
+        } else {
+            self.cond(
+                ConditionType::Reconciling,
+                "False",
+                Reason::RECONCILED,
+                "the latest generation is applied",
+            );
+        }
+        match stalled {
+            Some((reason, message)) => self.cond(ConditionType::Stalled, "True", reason, message),
+            None => self.cond(ConditionType::Stalled, "False", Reason::RECONCILED, ""),
+        }
+    }
+
+    fn set_phase(&mut self, phase: Phase) {
+        self.new.phase = Some(phase);
+        self.new.observed_generation = self.generation;
+    }
+
+    fn finalize(&mut self) {
+        if !has_finalizer(self.mvm) {
+            return;
+        }
+        let Some(node) = placed_node(self.mvm) else {
+            self.release = true;
+            return;
+        };
+        match &self.obs.agent {
+            AgentLink::Connected => {
+                // DeleteVM is idempotent, so cleanup does not care whether apply ever ran.
+                self.agent.push(Action::DeleteVm { node });
+                self.release = true;
+            }
+            AgentLink::Reconnecting { lost_after } => {
+                self.requeue(*lost_after + DELETE_RETRY);
+            }
+            AgentLink::Lost | AgentLink::Absent => {
+                // Holding the object hostage to a dead node helps nobody; drift repair removes
+                // the VM when the agent comes back and reports a uid no MicroVM owns.
+                self.event(
+                    EventKind::Warning,
+                    "AgentUnreachable",
+                    format!(
+                        "released without stopping the VM: the agent on {node} is unreachable; it removes the VM when it returns"
+                    ),
+                );
+                self.release = true;
+            }
+        }
+    }
+
+    fn converge(&mut self) {
+        if !has_finalizer(self.mvm) {
+            self.metadata.push(Action::AddFinalizer);
+        }
+        let node = match placed_node(self.mvm) {
+            Some(node) => {
+                if self.new.node_name.is_none() {
+                    self.new.node_name = Some(node.clone());
+                }
+                node
+            }
+            None => match &self.obs.placement {
+                Some(Ok(node)) => {
+                    self.metadata.push(Action::Place { node: node.clone() });
+                    self.new.node_name = Some(node.clone());
+                    self.event(EventKind::Normal, "Scheduled", format!("placed on {node}"));
+                    node.clone()
+                }
+                Some(Err(unschedulable)) => {
+                    self.unschedulable(unschedulable);
+                    return;
+                }
+                None => {
+                    // Nothing to place with yet (no placement computed): try again soon.
+                    self.requeue(UNSCHEDULABLE_RETRY);
+                    return;
+                }
+            },
+        };
+        self.scheduled_condition(&node);
+
+        let hash = match &self.obs.spec_hash {
+            Ok(hash) => hash.clone(),
+            Err(problem) => {
+                let problem = problem.clone();
+                self.stalled_without_vm(problem.reason, &problem.message);
+                return;
+            }
+        };
+
+        // Only a VM that just got its node has a link we have not observed: it is new, so the
+        // agent has nothing for it.
+        let just_placed = placed_node(self.mvm).is_none();
+        let link = if just_placed {
+            AgentLink::Connected
+        } else {
+            self.obs.agent.clone()
+        };
+        match link {
+            AgentLink::Connected => {}
+            AgentLink::Reconnecting { lost_after } => {
+                self.requeue(lost_after);
+                return;
+            }
+            AgentLink::Lost | AgentLink::Absent => {
+                self.agent_lost(&node, link == AgentLink::Absent);
+                return;
+            }
+        }
+        let vm = if just_placed {
+            None
+        } else {
+            self.obs.vm.clone()
+        };
+        match vm {
+            None => self.no_vm(&node),
+            Some(vm) => self.with_vm(&node, &hash, &vm),
+        }
+    }
+
+    fn unschedulable(&mut self, u: &Unschedulable) {
+        let fresh = self.old_cond(ConditionType::Scheduled)
+            != Some(("False", Reason::UNSCHEDULABLE))
+            || find_condition(&self.old.conditions, ConditionType::Scheduled)
+                .is_some_and(|c| c.message != u.message);
+        self.set_phase(Phase::Pending);
+        self.cond(
+            ConditionType::Scheduled,
+            "False",
+            Reason::UNSCHEDULABLE,
+            u.message.clone(),
+        );
+        self.cond(
+            ConditionType::Ready,
+            "False",
+            Reason::PENDING,
+            "waiting for a node",
+        );
+        self.kstatus(true, None);
+        if fresh {
+            self.event(EventKind::Warning, "FailedScheduling", u.message.clone());
+        }
+        self.requeue(UNSCHEDULABLE_RETRY);
+    }
+
+    fn scheduled_condition(&mut self, node: &str) {
+        let selector = self.mvm.spec.node_selector.clone().unwrap_or_default();
+        let mismatch = self
+            .obs
+            .node_labels
+            .as_ref()
+            .is_some_and(|labels| !selector_matches(&selector, labels));
+        if mismatch {
+            let message = format!(
+                "node {node} no longer matches spec.nodeSelector; the VM stays there (a placed VM never moves)"
+            );
+            if self.old_cond(ConditionType::Scheduled).map(|c| c.1) != Some(Reason::NODE_MISMATCH) {
+                self.event(EventKind::Warning, "NodeNoLongerMatches", message.clone());
+            }
+            self.cond(
+                ConditionType::Scheduled,
+                "True",
+                Reason::NODE_MISMATCH,
+                message,
+            );
+        } else {
+            self.cond(
+                ConditionType::Scheduled,
+                "True",
+                Reason::PLACED,
+                format!("placed on {node}"),
+            );
+        }
+    }
+
+    fn stalled_without_vm(&mut self, reason: &str, message: &str) {
+        if self.old_cond(ConditionType::Stalled) != Some(("True", reason)) {
+            self.events.push(Action::Event {
+                kind: EventKind::Warning,
+                reason: "Failed",
+                message: message.to_string(),
+            });
+        }
+        self.set_phase(Phase::Failed);
+        self.cond(ConditionType::Ready, "False", reason, message);
+        self.kstatus(false, Some((reason, message)));
+    }
+
+    fn agent_lost(&mut self, node: &str, absent: bool) {
+        let message = if absent {
+            format!("no ignis agent is known for node {node}")
+        } else {
+            format!("the ignis agent on node {node} is unreachable")
+        };
+        if self.old_cond(ConditionType::Ready).map(|c| c.1) != Some(Reason::AGENT_UNREACHABLE) {
+            self.event(EventKind::Warning, "AgentUnreachable", message.clone());
+        }
+        self.set_phase(Phase::Unknown);
+        self.cond(
+            ConditionType::Ready,
+            "Unknown",
+            Reason::AGENT_UNREACHABLE,
+            message,
+        );
+        // The VM's fate is unknown, not stuck on the user: neither converging nor stalled.
+        self.kstatus(false, None);
+    }
+
+    fn restarts(&self, vm: Option<&VmStatus>) -> u32 {
+        let counted = u32::try_from(self.old.restart_count).unwrap_or(0);
+        counted.max(vm.map_or(0, |v| v.run))
+    }
+
+    fn set_restarts(&mut self, n: u32) {
+        self.new.restart_count = i32::try_from(n).unwrap_or(i32::MAX);
+    }
+
+    fn starting(&mut self, node: &str) {
+        self.set_phase(Phase::Starting);
+        self.cond(
+            ConditionType::Ready,
+            "False",
+            Reason::STARTING,
+            format!("booting on {node}"),
+        );
+        self.kstatus(true, None);
+    }
+
+    fn stopping(&mut self, message: &str) {
+        self.set_phase(Phase::Stopping);
+        self.cond(ConditionType::Ready, "False", Reason::STOPPING, message);
+        self.kstatus(true, None);
+    }
+
+    fn halted(&mut self) {
+        if self.old.phase != Some(Phase::Stopped) {
+            self.event(
+                EventKind::Normal,
+                "Stopped",
+                "runPolicy is Halted: the VM is stopped",
+            );
+        }
+        self.set_phase(Phase::Stopped);
+        self.cond(
+            ConditionType::Ready,
+            "False",
+            Reason::HALTED,
+            "runPolicy is Halted",
+        );
+        self.kstatus(false, None);
+    }
+
+    fn no_vm(&mut self, node: &str) {
+        let run = self.restarts(None);
+        self.set_restarts(run);
+        if self.mvm.spec.run_policy == RunPolicy::Halted {
+            self.halted();
+            return;
+        }
+        if matches!(self.old.phase, Some(Phase::Succeeded | Phase::Failed)) {
+            // The run ended and its record is gone from the agent (e.g. the node was wiped);
+            // a finished VM is not started again.
+            return;
+        }
+        self.agent.push(Action::ApplyVm {
+            node: node.to_string(),
+            run,
+            desired: DesiredState::Running,
+        });
+        if self.old.phase != Some(Phase::Starting) {
+            self.event(EventKind::Normal, "Starting", format!("booting on {node}"));
+        }
+        self.starting(node);
+    }
+
+    fn details(&mut self, vm: &VmStatus) {
+        self.new.hypervisor = vm.hypervisor.or(self.new.hypervisor);
+        self.new.accelerator = vm.accelerator.or(self.new.accelerator);
+        self.new.ip_addresses = vm.ip_addresses.clone();
+        if vm.started_at_unix_ms > 0 {
+            self.new.start_time = Timestamp::from_millisecond(vm.started_at_unix_ms)
+                .ok()
+                .map(Time);
+        }
+    }
+
+    fn with_vm(&mut self, node: &str, hash: &str, vm: &VmStatus) {
+        let state = vm.state;
+        let mut run = self.restarts(Some(vm));
+        self.set_restarts(run);
+        let halted = self.mvm.spec.run_policy == RunPolicy::Halted;
+        let apply = |p: &mut Self, run: u32, desired: DesiredState| {
+            p.agent.push(Action::ApplyVm {
+                node: node.to_string(),
+                run,
+                desired,
+            });
+        };
+        // A boot-relevant field differs from what runs (only possible across controller
+        // versions, since those fields are immutable): converge the same run onto the new spec.
+        let hash_differs = vm.spec_hash != hash;
+
+        if halted {
+            match state {
+                RunState::Stopped | RunState::Exited | RunState::Failed => {
+                    if vm.exit.is_some() || state == RunState::Stopped {
+                        self.details(vm);
+                    }
+                    self.halted();
+                }
+                RunState::Stopping => self.stopping("runPolicy is Halted: stopping the guest"),
+                _ => {
+                    apply(self, vm.run, DesiredState::Stopped);
+                    self.stopping("runPolicy is Halted: stopping the guest");
+                }
+            }
+            return;
+        }
+
+        if vm.run < run || hash_differs {
+            apply(self, run, DesiredState::Running);
+            self.starting(node);
+            return;
+        }
+
+        match state {
+            RunState::Creating | RunState::Starting => self.starting(node),
+            RunState::Running if !vm.ready => self.starting(node),
+            RunState::Running => {
+                self.details(vm);
+                let message = format!("booted in {}ms", vm.apply_to_ready_ms);
+                if self.old_cond(ConditionType::Ready).map(|c| c.0) != Some("True") {
+                    self.event(EventKind::Normal, "Ready", message.clone());
+                }
+                self.set_phase(Phase::Running);
+                // Keep the first message of this run: rewriting it on every reconcile would be a
+                // write without news.
+                let keep = find_condition(&self.old.conditions, ConditionType::Ready)
+                    .filter(|c| c.status == "True" && c.reason == Reason::GUEST_READY)
+                    .map(|c| c.message.clone());
+                self.cond(
+                    ConditionType::Ready,
+                    "True",
+                    Reason::GUEST_READY,
+                    keep.unwrap_or(message),
+                );
+                self.kstatus(false, None);
+            }
+            RunState::Stopping => self.stopping("the guest is stopping"),
+            RunState::Stopped => {
+                // Stopped on request earlier (runPolicy was Halted) and now wanted running again:
+                // the stopped run is over, so boot the next one.
+                run += 1;
+                self.set_restarts(run);
+                apply(self, run, DesiredState::Running);
+                self.event(EventKind::Normal, "Starting", format!("booting on {node}"));
+                self.starting(node);
+            }
+            RunState::Exited | RunState::Failed => self.ended(node, vm, run),
+        }
+    }
+
+    fn ended(&mut self, node: &str, vm: &VmStatus, run: u32) {
+        self.details(vm);
+        let exit = vm.exit.as_ref();
+        let failed = vm.state == RunState::Failed || !exit.is_some_and(|e| e.success);
+        let reason = match exit.map(|e| e.reason.as_str()).filter(|r| !r.is_empty()) {
+            Some(reason) => reason.to_string(),
+            None if failed => Reason::GUEST_FAILED.to_string(),
+            None => Reason::GUEST_EXITED.to_string(),
+        };
+        let message = match exit.map(|e| e.message.as_str()).filter(|m| !m.is_empty()) {
+            Some(message) => message.to_string(),
+            None => format!("run {run} ended: {reason}"),
+        };
+        if failed && exit.is_some_and(|e| e.permanent) {
+            if self.old_cond(ConditionType::Stalled).map(|c| c.0) != Some("True") {
+                self.event(EventKind::Warning, "Failed", message.clone());
+            }
+            self.set_phase(Phase::Failed);
+            self.cond(ConditionType::Ready, "False", &reason, message.clone());
+            self.kstatus(false, Some((&reason, &message)));
+            return;
+        }
+        let restart = match self.mvm.spec.run_policy {
+            RunPolicy::Always => true,
+            RunPolicy::RerunOnFailure => failed,
+            RunPolicy::Once | RunPolicy::Halted => false,
+        };
+        if !restart {
+            let (phase, cond_reason) = if failed {
+                (Phase::Failed, Reason::GUEST_FAILED)
+            } else {
+                (Phase::Succeeded, Reason::GUEST_EXITED)
+            };
+            if self.old.phase != Some(phase) {
+                let kind = if failed {
+                    EventKind::Warning
+                } else {
+                    EventKind::Normal
+                };
+                self.event(
+                    kind,
+                    if failed { "Failed" } else { "Exited" },
+                    message.clone(),
+                );
+            }
+            self.set_phase(phase);
+            self.cond(ConditionType::Ready, "False", cond_reason, message);
+            self.kstatus(false, None);
+            return;
+        }
+        let delay = restart_delay(vm, run, self.obs.now);
+        if !delay.is_zero() {
+            // Crash loop: say so and come back when the back-off is over.
+            self.cond(
+                ConditionType::Ready,
+                "False",
+                Reason::GUEST_EXITED,
+                format!("{message}; restarting (crash loop back-off)"),
+            );
+            self.set_phase(Phase::Starting);
+            self.kstatus(true, None);
+            self.requeue(delay);
+            return;
+        }
+        let next = run + 1;
+        self.set_restarts(next);
+        self.agent.push(Action::ApplyVm {
+            node: node.to_string(),
+            run: next,
+            desired: DesiredState::Running,
+        });
+        self.event(
+            EventKind::Normal,
+            "Restarted",
+            format!("run {run} ended ({reason}); runPolicy restarts it as run {next}"),
+        );
+        self.starting(node);
+    }
+}
+
+/// Crash-loop back-off before restarting: none after a run that lasted, else doubling from 1s
+/// with the restart count, capped.
+pub(crate) fn restart_delay(vm: &VmStatus, restarts: u32, now: Timestamp) -> Duration {
+    let exit_ms = vm.exit.as_ref().map_or(0, |e| e.at_unix_ms);
+    let lasted_ms = exit_ms.saturating_sub(vm.started_at_unix_ms.max(vm.created_at_unix_ms));
+    if vm.started_at_unix_ms > 0 && lasted_ms >= STABLE_RUN.as_millis() as i64 {
+        return Duration::ZERO;
+    }
+    let backoff = Duration::from_secs(1u64 << restarts.min(9)).min(MAX_RESTART_DELAY);
+    let since_exit_ms = now.as_millisecond().saturating_sub(exit_ms).max(0);
+    backoff.saturating_sub(Duration::from_millis(since_exit_ms as u64))
+}
+
+#[cfg(test)]
+mod tests;
