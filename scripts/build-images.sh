@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds Ignis' two container images with no container daemon and no registry:
 #   controller: the static (musl) `ignis` binary alone          (images/controller.Containerfile)
-#   agent:      the same binary on Debian 12 with QEMU, busybox-static, the guest kernel and
-#               nftables                                         (images/agent.Containerfile)
+#   agent:      the same binary on Debian 12 with QEMU, busybox-static, the guest kernel,
+#               nftables, qemu-img, dnsmasq, genisoimage, mkfs.ext4 (images/agent.Containerfile)
 # The agent's Debian root is made by debootstrap plus images/agent-rootfs.sh (the script the
 # Containerfile runs too) and cached by that script's hash, so a rebuild only adds the binary.
 #
