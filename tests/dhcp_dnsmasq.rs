@@ -13,6 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::net::*;
+use ignis::ErrorReason;
 use ignis::agent::net::dhcp::{DhcpConfig, DhcpHost, DhcpServer};
 use ignis::agent::net::mac::Mac;
 

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ignis::ErrorReason;
 use ignis::agent::cloud_init::{GuestInterface, NoCloudConfig, NoCloudDrive};
 use ignis::agent::image::{
     DiskBackend, ImageKind, ImageStore, ImageStoreConfig, PullRequest, RegistryCredentials,

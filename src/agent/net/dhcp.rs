@@ -99,37 +99,29 @@ pub struct DhcpHost {
     pub hostname: Option<String>,
 }
 
-/// Errors of the DHCP server.
-#[derive(Debug, Error)]
+/// Errors of the DHCP server; each variant's word (`reason()`) is fixed.
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum DhcpError {
     #[error("{ip} is not in the DHCP range {cidr}")]
+    #[strum(serialize = "DhcpAddressOutOfRange")]
     OutOfRange { ip: Ipv4Addr, cidr: Ipv4Net },
     #[error("cannot run {binary} (install dnsmasq-base)")]
+    #[strum(serialize = "DhcpServerMissing")]
     Spawn {
         binary: PathBuf,
         #[source]
         source: io::Error,
     },
     #[error("dnsmasq did not start: {message}")]
+    #[strum(serialize = "DhcpServerFailed")]
     StartFailed { message: String },
     #[error("I/O on DHCP state {path}")]
+    #[strum(serialize = "DhcpStateIoError")]
     State {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-}
-
-impl DhcpError {
-    /// A fixed word for condition reasons, Events and metric labels.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            DhcpError::OutOfRange { .. } => "DhcpAddressOutOfRange",
-            DhcpError::Spawn { .. } => "DhcpServerMissing",
-            DhcpError::StartFailed { .. } => "DhcpServerFailed",
-            DhcpError::State { .. } => "DhcpStateIoError",
-        }
-    }
 }
 
 /// The kernel's standard `ip=` parameter (Documentation/admin-guide/nfs/nfsroot.rst):
@@ -307,6 +299,21 @@ impl DhcpServer {
         }
         self.update(|hosts| {
             hosts.insert(host.mac, host);
+        })
+    }
+
+    /// Serve exactly `hosts` (those outside the range are left out, with a warning).
+    pub fn set_hosts(&self, hosts: Vec<DhcpHost>) -> Result<(), DhcpError> {
+        let cidr = self.config.cidr;
+        self.update(|current| {
+            current.clear();
+            for host in hosts {
+                if cidr.contains(&host.ip) {
+                    current.insert(host.mac, host);
+                } else {
+                    tracing::warn!(mac = %host.mac, ip = %host.ip, %cidr, "DHCP host outside the range left out");
+                }
+            }
         })
     }
 
