@@ -357,7 +357,8 @@ impl DhcpServer {
             .restarts
     }
 
-    /// Stop dnsmasq (SIGTERM, then SIGKILL after a few seconds) and wait for it.
+    /// Stop dnsmasq (SIGTERM, then SIGKILL after a few seconds), wait for it, and remove its
+    /// state directory (the hosts are rebuilt from the VMs' records at the next start).
     pub async fn shutdown(mut self) {
         self.cancel.cancel();
         if let Some(task) = self.task.take() {
@@ -368,9 +369,12 @@ impl DhcpServer {
 
 impl Drop for DhcpServer {
     /// Dropped without `shutdown`: the task's child is killed as the runtime drops it
-    /// (`kill_on_drop`), so nothing outlives the agent's own shutdown.
+    /// (`kill_on_drop`), so nothing outlives the agent's own shutdown. The state directory
+    /// goes either way; only a killed agent leaves it, with the owner record that lets the
+    /// next one stop the dnsmasq it left.
     fn drop(&mut self) {
         self.cancel.cancel();
+        let _ = std::fs::remove_dir_all(&self.config.state_dir);
     }
 }
 
