@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Installs everything Ignis needs to build, run and test on Debian 12: QEMU, a guest kernel,
-# busybox for the demo initramfs, the CNI plugins and iproute2 for networking, the Rust
-# pieces (musl target for the static binary, rustfmt, clippy), and what the upstream test
-# cluster (scripts/cluster.sh) and the daemonless image build (scripts/build-images.sh) need:
-# containerd, runc, conntrack, curl, openssl, debootstrap, umoci, skopeo. The Go toolchain
-# (for scripts/tools.sh) is not a Debian 12 package of the right version: it is checked.
-# Safe to run again.
+# busybox for the demo initramfs, the CNI plugins and iproute2 for networking, the image,
+# DHCP and cloud-init tools (scripts/setup-images.sh), the Rust pieces (musl target for the
+# static binary, rustfmt, clippy), and what the upstream test cluster (scripts/cluster.sh)
+# and the daemonless image build (scripts/build-images.sh) need: containerd, runc, conntrack,
+# curl, openssl, debootstrap, umoci, skopeo. The Go toolchain (for scripts/tools.sh) is not a
+# Debian 12 package of the right version: it is checked. Safe to run again.
 set -euo pipefail
 
 packages=(qemu-system-x86 linux-image-cloud-amd64 busybox-static containernetworking-plugins
@@ -22,6 +22,9 @@ if ((${#missing[@]})); then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+
+# Guests from OCI registries, dnsmasq for DHCP, NoCloud drives, and the image tests' registry.
+"$(dirname "$0")/setup-images.sh"
 
 if command -v rustup >/dev/null; then
   rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt

@@ -121,6 +121,8 @@ pub struct AgentArgs {
     pub(crate) vmm_cgroup: String,
     #[command(flatten)]
     pub(crate) network: net::NetworkArgs,
+    #[command(flatten)]
+    pub(crate) images: image::ImageArgs,
     /// Turn guest networking off: VMs asking for `nat`/`bridge` interfaces fail.
     #[arg(long, env = "IGNIS_NO_NETWORK")]
     pub(crate) no_network: bool,
@@ -245,6 +247,8 @@ pub struct AgentConfig {
     /// Guest networking; `None` turns it off (VMs asking for `nat`/`bridge` fail).
     pub network: Option<net::NetworkConfig>,
     pub network_setup: NetworkSetup,
+    /// The node's image cache (`<state dir>/images`).
+    pub images: image::ImageStoreConfig,
 }
 
 impl AgentConfig {
@@ -269,6 +273,7 @@ impl AgentConfig {
             capacity_multiplier: 1,
             network: Some(net::NetworkConfig::new(state_dir.join("net"))),
             network_setup: NetworkSetup::OnFirstUse,
+            images: image::ImageStoreConfig::new(state_dir.join("images")),
         }
     }
 
@@ -299,6 +304,7 @@ impl AgentConfig {
             capacity_multiplier: args.capacity_multiplier,
             network: (!args.no_network).then(|| args.network.config(&args.state_dir)),
             network_setup: NetworkSetup::AtStart,
+            images: args.images.config(&args.state_dir),
         })
     }
 }
@@ -454,11 +460,13 @@ pub(crate) async fn serve_with_metrics(
             simulated: config.simulated,
             unavailable,
             network: config.network.clone(),
+            images: Some(config.images.clone()),
         },
         store,
         backends,
         AgentMetrics::register(&metrics).await,
     );
+    supervisor.open_images().await;
     let held = supervisor.adopt().await.map_err(AgentError::Adopt)?;
     // After re-adoption, so the attachments of every VM still held are kept.
     supervisor

@@ -10,6 +10,7 @@ mod drift;
 pub(crate) mod leader;
 pub(crate) mod metrics;
 pub(crate) mod plan;
+mod pull_secrets;
 mod reconcile;
 pub(crate) mod scheduler;
 pub(crate) mod status;

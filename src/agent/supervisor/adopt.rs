@@ -39,6 +39,11 @@ impl Inner {
             self.update(&slot, None, |_| {});
             return;
         }
+        if let (RunState::Creating, Some(_), Some(request)) =
+            (state, &status.pulling, request.clone())
+        {
+            return self.resume_pull(&slot, request);
+        }
         let handle = self.store.read_handle(uid).ok().flatten();
         let backend = status
             .hypervisor

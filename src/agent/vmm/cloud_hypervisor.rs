@@ -196,6 +196,7 @@ mod tests {
         let disk = |id: &str, root: bool| DiskConfig {
             id: id.to_owned(),
             path: format!("/d/{id}.img").into(),
+            format: Default::default(),
             read_only: !root,
             root,
         };
