@@ -34,6 +34,10 @@ NODE_IP="$NET.2"
 POD_CIDR="${IGNIS_CLUSTER_POD_CIDR:-10.214.0.0/24}"
 SERVICE_CIDR="${IGNIS_CLUSTER_SERVICE_CIDR:-10.215.0.0/24}"
 API_SERVICE_IP="${SERVICE_CIDR%.*/*}.1"
+# An image registry on the node's address (plain HTTP, basic auth), for guests from OCI images:
+# the host pushes to it through the veth, the agent pulls from it (listed as insecure).
+REGISTRY="$NODE_IP:5000"
+REGISTRY_USER="ignis"
 HOST_VETH="ignis-cl0"
 PAUSE_IMAGE="localhost/ignis-cluster/pause:3.10.1"
 RELEASE="${IGNIS_RELEASE:-ignis}"
@@ -380,7 +384,8 @@ record_sysctls() {
 
 cmd_up() {
   [ "$(id -u)" = 0 ] || die "needs root (network namespace, containerd, kubelet)"
-  need ip nsenter setsid openssl containerd ctr runc umoci skopeo curl go iptables conntrack
+  need ip nsenter setsid openssl containerd ctr runc umoci skopeo curl go iptables conntrack \
+    docker-registry htpasswd
   [ -x /usr/lib/cni/bridge ] || die "CNI plugins missing in /usr/lib/cni: apt-get install containernetworking-plugins"
   local t0=$SECONDS
   bash "$root/scripts/tools.sh" build kube etcd
@@ -476,10 +481,38 @@ cmd_up() {
   wait_for "node $NODE to be Ready" kubelet \
     kubectl_admin wait --for=condition=Ready "node/$NODE" --timeout=5s
   wait_for "kube-proxy /healthz" kube-proxy in_ns curl -sf http://127.0.0.1:10256/healthz
+  start_registry
   write_env
   say "node $NODE Ready $((SECONDS - t0)) s after up ($(kubectl_admin version -o json |
     sed -n 's/.*"gitVersion": "\(v[^"]*\)".*/\1/p' | tail -1), etcd $(bash "$root/scripts/tools.sh" version etcd))"
   say "export KUBECONFIG=$KUBECONFIG_ADMIN"
+}
+
+# Debian's docker-registry in the namespace with a login of its own (the password is made per
+# cluster and kept beside the kubeconfig).
+start_registry() {
+  local dir="$DIR/registry"
+  mkdir -p "$dir/storage"
+  [ -s "$dir/password" ] || openssl rand -hex 16 >"$dir/password"
+  htpasswd -Bbn "$REGISTRY_USER" "$(cat "$dir/password")" >"$dir/htpasswd" 2>/dev/null
+  cat >"$dir/config.yml" <<EOF
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: $dir/storage
+http:
+  addr: $REGISTRY
+auth:
+  htpasswd:
+    realm: ignis-cluster
+    path: $dir/htpasswd
+EOF
+  alive registry || start registry docker-registry serve "$dir/config.yml"
+  # 401 without a login is the answer that says it is up.
+  wait_for "the image registry on $REGISTRY" registry \
+    sh -c "curl -s -o /dev/null -w '%{http_code}' http://$REGISTRY/v2/ | grep -qx 401"
 }
 
 # Facts the cluster-only end-to-end tests need (e2e/tests/cluster.rs reads this file).
@@ -497,6 +530,8 @@ RELEASE=$RELEASE
 RELEASE_NAMESPACE=$RELEASE_NS
 AGENT_STATE_DIR=$DIR/ignis
 VALUES=$DIR/ignis-values.yaml
+REGISTRY=$REGISTRY
+REGISTRY_CREDS=$REGISTRY_USER:$(cat "$DIR/registry/password" 2>/dev/null)
 EOF
 }
 
@@ -531,6 +566,7 @@ agent:
   image: { repository: $IGNIS_AGENT_REPOSITORY, tag: "$IGNIS_IMAGE_TAG", pullPolicy: Never }
   stateDir: $DIR/ignis
   vmmCgroup: $CGROUP/ignis-vms
+  images: { insecureRegistries: ["$REGISTRY"] }
 EOF
   write_env
   say "helm upgrade --install $RELEASE charts/ignis -n $RELEASE_NS"

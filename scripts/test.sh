@@ -52,7 +52,7 @@ IGNIS_E2E_KUBECONFIG="$(./scripts/cluster.sh kubeconfig | tail -n 1)"
 IGNIS_E2E_CLUSTER_ENV="$(dirname "$IGNIS_E2E_KUBECONFIG")/cluster.env"
 export IGNIS_E2E_KUBECONFIG IGNIS_E2E_CLUSTER_ENV
 stage "e2e against the upstream cluster"
-cargo test -p ignis-e2e --test e2e --test network -- --test-threads 2
+cargo test -p ignis-e2e --test e2e --test network --test images -- --test-threads 2
 stage "cluster-only e2e"
 cargo test -p ignis-e2e --test cluster -- --nocapture
 stage "done"

@@ -24,6 +24,10 @@ pub struct Upstream {
     pub agent_state_dir: PathBuf,
     /// The Helm values `install-ignis` used.
     pub values: PathBuf,
+    /// The cluster's image registry (`host:port`, plain HTTP, reached from the host and the
+    /// agent) and its `user:password`.
+    pub registry: Option<String>,
+    pub registry_creds: Option<String>,
 }
 
 impl Upstream {
@@ -63,6 +67,8 @@ impl Upstream {
             release_namespace: get("RELEASE_NAMESPACE"),
             agent_state_dir: get("AGENT_STATE_DIR").into(),
             values: get("VALUES").into(),
+            registry: vars.get("REGISTRY").map(|v| v.to_string()),
+            registry_creds: vars.get("REGISTRY_CREDS").map(|v| v.to_string()),
         }
     }
 

@@ -11,13 +11,16 @@
 //!   the agent reaches it over plain HTTP like any loopback registry. The registry is killed
 //!   and the namespace removed when the test ends, pass or fail.
 //! - On a real cluster (`IGNIS_E2E_KUBECONFIG`) the agent runs in the cluster's network
-//!   namespace and cannot reach a registry on this host's loopback. Set `IGNIS_E2E_REGISTRY`
-//!   to a registry (`host:port`) that both this host (skopeo pushes to it) and the agent reach
-//!   — over HTTPS, on the agent's own loopback, or listed in the agent's
-//!   `--insecure-registry` — and, if it needs a login, `IGNIS_E2E_REGISTRY_CREDS=user:password`
-//!   (then the test pulls through an `imagePullSecrets` Secret with them). Without
-//!   `IGNIS_E2E_REGISTRY` the test prints why and does not run the case. The guest's address
-//!   is only routable on the node, so there the HTTP and user-data checks are left to the
+//!   namespace and cannot reach a registry on this host's loopback. The cluster of
+//!   `scripts/cluster.sh` runs a registry with a login on its node's address, which this host
+//!   and the agent both reach (it is in the agent's `--insecure-registry`); its `cluster.env`
+//!   (`IGNIS_E2E_CLUSTER_ENV`) names it. Elsewhere set `IGNIS_E2E_REGISTRY` to a registry
+//!   (`host:port`) that both this host (skopeo pushes to it) and the agent reach — over HTTPS,
+//!   on the agent's own loopback, or listed in its `--insecure-registry` — and, if it needs a
+//!   login, `IGNIS_E2E_REGISTRY_CREDS=user:password` (then the test pulls through an
+//!   `imagePullSecrets` Secret with them). With neither the test prints why and does not run
+//!   the case. The guest's address is routable only on its node: with `cluster.env` the HTTP
+//!   and user-data checks run in the node's network namespace, otherwise they are left to the
 //!   agent's TCP readiness probe.
 //!
 //! One TCG boot of the debootstrap guest; every wait is bounded.
@@ -26,6 +29,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ignis_e2e::Cluster;
+use ignis_e2e::upstream::Upstream;
 
 const USER: &str = "e2e";
 const PASSWORD: &str = "e2e-registry-pass";
@@ -116,7 +120,8 @@ impl Registry {
             _dir: Some(dir),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !get(cluster, &format!("{DEV_REGISTRY}/v2/")).starts_with("HTTP/1.") {
+        let here = |program: &str| cluster.command(program);
+        while !get(&here, &format!("{DEV_REGISTRY}/v2/")).starts_with("HTTP/1.") {
             assert!(
                 Instant::now() < deadline,
                 "docker-registry did not answer on {DEV_REGISTRY} in 30 s"
@@ -126,11 +131,12 @@ impl Registry {
         registry
     }
 
-    /// The registry named by `IGNIS_E2E_REGISTRY` (and `IGNIS_E2E_REGISTRY_CREDS`).
-    fn external(addr: String) -> Registry {
+    /// A registry somebody else runs: `IGNIS_E2E_REGISTRY` (and `IGNIS_E2E_REGISTRY_CREDS`),
+    /// or the one `scripts/cluster.sh` runs in its cluster.
+    fn external(addr: String, creds: Option<String>) -> Registry {
         Registry {
             addr,
-            creds: std::env::var("IGNIS_E2E_REGISTRY_CREDS").ok(),
+            creds,
             child: None,
             _dir: None,
         }
@@ -177,16 +183,20 @@ impl Drop for Registry {
     }
 }
 
-/// An HTTP/1.0 GET of `http://{hostport_path}` from where `cluster` runs: the raw response,
-/// or empty when nothing answers within a few seconds.
-fn get(cluster: &Cluster, hostport_path: &str) -> String {
+/// Where a guest's address is routable: the node (the cluster's network namespace), or where
+/// `ignis dev` runs.
+type OnNode<'a> = &'a dyn Fn(&str) -> Command;
+type NodeCommand<'a> = Box<dyn Fn(&str) -> Command + 'a>;
+
+/// An HTTP/1.0 GET of `http://{hostport_path}` from the node: the raw response, or empty when
+/// nothing answers within a few seconds.
+fn get(on_node: OnNode, hostport_path: &str) -> String {
     let (hostport, path) = hostport_path.split_once('/').unwrap_or((hostport_path, ""));
     let (host, port) = hostport.split_once(':').unwrap_or((hostport, "80"));
     let script = format!(
         "exec 3<>/dev/tcp/{host}/{port} && printf 'GET /{path} HTTP/1.0\\r\\nHost: {hostport}\\r\\n\\r\\n' >&3 && cat <&3"
     );
-    let out = cluster
-        .command("timeout")
+    let out = on_node("timeout")
         .args(["5", "bash", "-c", &script])
         .stdin(Stdio::null())
         .stderr(Stdio::null())
@@ -196,10 +206,10 @@ fn get(cluster: &Cluster, hostport_path: &str) -> String {
 }
 
 /// `get` retried until it answers, for at most `within`.
-fn get_within(cluster: &Cluster, hostport_path: &str, within: Duration) -> String {
+fn get_within(on_node: OnNode, hostport_path: &str, within: Duration) -> String {
     let deadline = Instant::now() + within;
     loop {
-        let page = get(cluster, hostport_path);
+        let page = get(on_node, hostport_path);
         if page.starts_with("HTTP/1.") || Instant::now() >= deadline {
             return page;
         }
@@ -248,7 +258,13 @@ spec:
 #[test]
 fn microvm_from_registry_images_with_a_pull_secret_boots_by_dhcp() {
     let real = std::env::var("IGNIS_E2E_KUBECONFIG").is_ok();
-    let external = std::env::var("IGNIS_E2E_REGISTRY").ok();
+    let upstream = if real { Upstream::from_env() } else { None };
+    let external = match std::env::var("IGNIS_E2E_REGISTRY") {
+        Ok(addr) => Some((addr, std::env::var("IGNIS_E2E_REGISTRY_CREDS").ok())),
+        Err(_) => upstream
+            .as_ref()
+            .and_then(|u| Some((u.registry.clone()?, u.registry_creds.clone()))),
+    };
     if real && external.is_none() {
         println!(
             "not run: on a real cluster the agent lives in the cluster's network namespace and \
@@ -269,7 +285,7 @@ fn microvm_from_registry_images_with_a_pull_secret_boots_by_dhcp() {
     };
     // Declared after the cluster, so dropped first: the registry dies before its namespace.
     let registry = match external {
-        Some(addr) => Registry::external(addr),
+        Some((addr, creds)) => Registry::external(addr, creds),
         None => Registry::start(&cluster),
     };
     let pushed = Instant::now();
@@ -361,16 +377,21 @@ fn microvm_from_registry_images_with_a_pull_secret_boots_by_dhcp() {
         "jsonpath={.status.ipAddresses[0]}",
     ]);
     assert!(!ip.is_empty(), "no address in status");
-    if real {
-        println!(
-            "the guest's address {ip} is routable only on its node: HTTP and user data are not \
-             checked from here (Ready means the agent's TCP probe on :80 passed)"
-        );
-    } else {
+    // The guest's address is routable on its node: the cluster's network namespace, or where
+    // `ignis dev` runs.
+    let on_node: Option<NodeCommand> = match (&upstream, real) {
+        (Some(u), _) => {
+            let u = u.clone();
+            Some(Box::new(move |program: &str| u.in_netns(program)))
+        }
+        (None, false) => Some(Box::new(|program: &str| cluster.command(program))),
+        (None, true) => None,
+    };
+    if let Some(on_node) = &on_node {
         // DHCP gave the guest the address in status (its cmdline asks for DHCP); it answers
         // on it, and its user data ran.
         let page = get_within(
-            &cluster,
+            on_node.as_ref(),
             &format!("{ip}:80/user-data.txt"),
             Duration::from_secs(30),
         );
@@ -378,6 +399,11 @@ fn microvm_from_registry_images_with_a_pull_secret_boots_by_dhcp() {
             page.starts_with("HTTP/1.") && page.contains("user-data ran on web"),
             "{ip}: {page:?}\n{}",
             cluster.describe(ns, "mvm/web")
+        );
+    } else {
+        println!(
+            "the guest's address {ip} is routable only on its node: HTTP and user data are not \
+             checked from here (Ready means the agent's TCP probe on :80 passed)"
         );
     }
 
@@ -389,9 +415,9 @@ fn microvm_from_registry_images_with_a_pull_secret_boots_by_dhcp() {
         "--wait=true",
         "--timeout=60s",
     ]);
-    if !real {
+    if let Some(on_node) = &on_node {
         assert!(
-            get(&cluster, &format!("{ip}:80/")).is_empty(),
+            get(on_node.as_ref(), &format!("{ip}:80/")).is_empty(),
             "{ip} still answers after delete"
         );
     }
