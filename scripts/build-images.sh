@@ -17,6 +17,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cache="${IGNIS_CACHE:-$HOME/.cache/ignis}/images"
+cargo_target="${CARGO_TARGET_DIR:-$root/target}"
 out="$root/target/images"
 repository="${IGNIS_IMAGE_REPOSITORY:-ghcr.io/ignis-dev}"
 mirror="${IGNIS_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
@@ -79,7 +80,7 @@ t2=$SECONDS
 say "building the static ignis binary (release, $target)"
 (cd "$root" && CC_x86_64_unknown_linux_musl=musl-gcc nice -n 10 \
   cargo build --quiet --release --target "$target" --bin ignis)
-binary="$root/target/$target/release/ignis"
+binary="$cargo_target/$target/release/ignis"
 say "binary ready in $((SECONDS - t2)) s ($(du -h "$binary" | cut -f1))"
 
 # 3. Both images.
