@@ -4,7 +4,8 @@
 # initramfs is built from them at agent start), nftables (guest NAT), and what guests from OCI
 # images need (scripts/setup-images.sh installs the same on a host): qemu-img for per-VM
 # copy-on-write disks, mkfs.ext4 for filesystem images, dnsmasq for DHCP on the NAT bridge,
-# genisoimage for cloud-init NoCloud drives. Run as root inside
+# genisoimage for cloud-init NoCloud drives, and the CA certificates registries over HTTPS are
+# checked against (without them the image client cannot be built at all). Run as root inside
 # that root: by images/agent.Containerfile (Docker, Buildah) and by scripts/build-images.sh
 # (in a debootstrap chroot), so both give the same image.
 set -eu
@@ -27,7 +28,7 @@ ln -sf /bin/true /usr/sbin/update-initramfs
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
   qemu-system-x86 busybox-static linux-image-cloud-amd64 nftables \
-  qemu-utils e2fsprogs dnsmasq-base genisoimage >/dev/null
+  qemu-utils e2fsprogs dnsmasq-base genisoimage ca-certificates >/dev/null
 
 rm -f /usr/sbin/update-initramfs
 dpkg-divert --local --rename --remove /usr/sbin/update-initramfs >/dev/null
