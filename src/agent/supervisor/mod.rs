@@ -377,6 +377,18 @@ impl Supervisor {
             .collect()
     }
 
+    /// The VMMs this agent cannot run, with why: those whose backend could not be made at
+    /// start, and those whose binary has gone since.
+    fn unavailable(&self) -> Vec<(Hypervisor, String)> {
+        let mut unavailable = self.inner.config.unavailable.clone();
+        for entry in &self.inner.backends {
+            if let Err(error) = process::resolve_binary(&entry.binary) {
+                unavailable.push((entry.backend.kind(), error.to_string()));
+            }
+        }
+        unavailable
+    }
+
     /// The node as this agent offers it.
     pub(crate) fn host(&self, node_name: &str, instance_id: &str) -> HostInfo {
         let config = &self.inner.config;
@@ -388,6 +400,7 @@ impl Supervisor {
             vcpus_used,
             memory_used_bytes,
             hypervisors: self.hypervisors(),
+            unavailable_hypervisors: self.unavailable(),
             accelerator: config.accelerator,
             accelerator_detail: config.accelerator_detail.clone(),
             agent_version: crate::VERSION.to_owned(),

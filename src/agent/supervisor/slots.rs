@@ -161,15 +161,22 @@ impl Inner {
         }
     }
 
-    /// The status a new run starts from (the VM's creation time carries over).
+    /// The status a new run starts from: the VM's creation time carries over, and so does
+    /// the count of missed boot deadlines when the previous run missed its own.
     pub(super) fn fresh_status(slot: &VmSlot, request: &ApplyRequest, applied_at: i64) -> VmStatus {
-        let created_at = {
+        let (created_at, boot_timeouts) = {
             let rt = slot.lock();
-            if rt.status.created_at_unix_ms != 0 {
+            let created_at = if rt.status.created_at_unix_ms != 0 {
                 rt.status.created_at_unix_ms
             } else {
                 applied_at
-            }
+            };
+            let missed = rt
+                .status
+                .exit
+                .as_ref()
+                .is_some_and(|e| e.reason == ExitReason::BootTimeout);
+            (created_at, if missed { rt.status.boot_timeouts } else { 0 })
         };
         let spec = &request.spec;
         VmStatus {
@@ -182,6 +189,7 @@ impl Inner {
             applied_at_unix_ms: applied_at,
             vcpus: spec.vcpus,
             memory_bytes: spec.memory_bytes,
+            boot_timeouts,
             ..VmStatus::new(spec.uid.clone(), spec.namespace.clone(), spec.name.clone())
         }
     }

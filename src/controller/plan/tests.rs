@@ -118,6 +118,7 @@ fn unschedulable_names_each_failed_constraint() {
         o.placement = Some(Err(Unschedulable {
             constraint,
             message: format!("{}: 0/2 nodes available", constraint.as_str()),
+            stalled: None,
         }));
         let actions = plan(&mvm, &o);
         let s = status_of(&actions).expect("status");
@@ -284,7 +285,7 @@ fn once_ends_in_succeeded_or_failed() {
     assert!(applies(&actions).is_empty());
     let s = status_of(&actions).expect("status");
     assert_eq!(s.phase, Some(Phase::Failed));
-    assert_eq!(cond(&s, ConditionType::Ready).1, Reason::GUEST_FAILED);
+    assert_eq!(cond(&s, ConditionType::Ready).1, "GuestPanic");
     assert_eq!(cond(&s, ConditionType::Stalled).0, "False");
     assert_eq!(events(&actions), vec!["Failed"]);
     // Finished stays finished, even when the agent forgets the VM.
@@ -669,3 +670,5 @@ fn existing_conditions_keep_their_transition_time() {
     let c = find_condition(&s.conditions, ConditionType::Scheduled).expect("scheduled");
     assert_eq!(c.last_transition_time, at(7));
 }
+
+mod verdicts;
