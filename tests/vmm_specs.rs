@@ -117,6 +117,13 @@ fn cloud_hypervisor_plans_follow_the_spec() {
                 disk.id
             );
         }
+        // Every disk names its type: Cloud Hypervisor warns about a guessed one (issue #13).
+        for d in &disks {
+            assert!(
+                d["image_type"] == "Raw" || d["image_type"] == "Qcow2",
+                "config {name}: {d}"
+            );
+        }
         let nets = create["net"].as_array().cloned().unwrap_or_default();
         assert_eq!(nets.len(), config.nets.len(), "config {name}");
         for (n, body) in config.nets.iter().zip(&nets) {
@@ -584,4 +591,138 @@ async fn an_absent_binary_or_tcg_is_refused_up_front() {
         );
     }
     assert!(!dir.path().join("vmm.log").exists(), "nothing spawned");
+}
+
+// ---------------------------------------------------------------------------------------------
+// What the real VMMs were seen doing (issue #13), and the double doing the same.
+
+/// Run the double's binary by hand: `args`, stdout to `stdout`. Returns its pid.
+async fn run_double(fake: &ignis::testing::vmm::FakeVmm, args: &[&str], stdout: &Path) -> u32 {
+    let out = std::fs::File::create(stdout).expect("stdout file");
+    let err = std::fs::File::create(stdout.with_extension("err")).expect("stderr file");
+    let mut child = tokio::process::Command::new(fake.binary())
+        .args(args)
+        .stdout(out)
+        .stderr(err)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn the double");
+    let pid = child.id().expect("pid");
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+    });
+    pid
+}
+
+/// Firecracker logs to stdout unless given `--log-path` (issue #13: its API log ended up in
+/// the console file); the log file must already exist (its `docs/logger.md`).
+#[tokio::test]
+async fn the_firecracker_double_logs_where_firecracker_does() {
+    within(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fake = ignis::testing::vmm::FakeVmm::start(Flavor::Firecracker, dir.path());
+        let sock = |n: &str| dir.path().join(n).display().to_string();
+
+        let stdout = dir.path().join("plain.out");
+        run_double(&fake, &["--api-sock", &sock("a.sock")], &stdout).await;
+        fake.wait_spawns(1, Duration::from_secs(10)).await;
+        let out = std::fs::read_to_string(&stdout).expect("stdout");
+        assert!(
+            out.contains("[anonymous-instance:main] Running Firecracker v"),
+            "{out}"
+        );
+
+        let log = dir.path().join("fc.log");
+        std::fs::write(&log, "").expect("log file");
+        let stdout = dir.path().join("logged.out");
+        run_double(
+            &fake,
+            &[
+                "--api-sock",
+                &sock("b.sock"),
+                "--id",
+                "vm-1",
+                "--log-path",
+                &log.display().to_string(),
+            ],
+            &stdout,
+        )
+        .await;
+        fake.wait_spawns(2, Duration::from_secs(10)).await;
+        assert_eq!(std::fs::read_to_string(&stdout).expect("stdout"), "");
+        let text = std::fs::read_to_string(&log).expect("log");
+        assert!(text.contains("[vm-1:main] Running Firecracker v"), "{text}");
+
+        let missing = dir.path().join("missing.log").display().to_string();
+        let status = tokio::process::Command::new(fake.binary())
+            .args(["--api-sock", &sock("c.sock"), "--log-path", &missing])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .await
+            .expect("run");
+        assert_eq!(status.code(), Some(1), "a missing log file is refused");
+    })
+    .await;
+}
+
+/// One raw HTTP/1.1 `PUT` with a JSON body on a unix socket; the status line's code.
+async fn put_json(socket: &Path, path: &str, body: &serde_json::Value) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = body.to_string();
+    let mut stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .expect("connect");
+    let request = format!(
+        "PUT {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.expect("read");
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("status line")
+}
+
+/// Cloud Hypervisor warns about a disk without `image_type` (it guesses the type, which is
+/// deprecated, and disables writes to sector 0): the backend names the type, so no warning.
+#[tokio::test]
+async fn cloud_hypervisor_disks_name_their_type_so_it_guesses_nothing() {
+    within(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_, mut config) = configs(dir.path())
+            .into_iter()
+            .find(|(name, _)| *name == "disks")
+            .expect("disks config");
+        let fake = spec_checked(Flavor::CloudHypervisor, dir.path());
+        config.binary = fake.binary().to_path_buf();
+        let backend = CloudHypervisorBackend::new(&config.binary).expect("backend");
+        let spawned = backend.create(&config).await.expect("create");
+        let log = dir.path().join("vmm.log");
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(!text.contains("image_type"), "{text}");
+        assert_eq!(fake.violations(), Vec::<String>::new());
+
+        // The double does warn about a disk without it, as Cloud Hypervisor v54 does.
+        let body = json!({
+            "payload": { "kernel": "/k" },
+            "disks": [ { "path": "/d/rootfs.img" } ],
+        });
+        assert_eq!(
+            put_json(&config.api_socket, "/api/v1/vm.create", &body).await,
+            204
+        );
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            text.contains("Disk /d/rootfs.img has no image_type") && text.contains("sector 0"),
+            "{text}"
+        );
+        backend.kill(&spawned.handle).await.expect("kill");
+        assert_gone(spawned).await;
+    })
+    .await;
 }

@@ -119,8 +119,21 @@ pub struct FakeVmm {
 }
 
 impl Drop for FakeVmm {
+    /// A test that fails half-way leaves no stand-in behind.
     fn drop(&mut self) {
         self.watcher.abort();
+        let registry = self.shared.registry.display().to_string();
+        for spawn in self.spawns() {
+            let cmdline = std::fs::read(format!("/proc/{}/cmdline", spawn.pid)).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&registry)
+                && let Ok(pid) = i32::try_from(spawn.pid)
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
     }
 }
 
@@ -151,6 +164,10 @@ impl FakeVmm {
             binary,
             watcher,
         }
+    }
+
+    pub fn flavor(&self) -> Flavor {
+        self.shared.flavor
     }
 
     /// The executable to give the backend.
@@ -514,7 +531,14 @@ impl Vmm {
             Flavor::CloudHypervisor => lock(&self.serial).clone(),
         };
         if let Some(path) = path {
-            append(&path, text);
+            // Cloud Hypervisor creates its serial file.
+            if let Ok(mut file) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+            {
+                let _ = file.write_all(text.as_bytes());
+            }
         }
     }
 

@@ -14,8 +14,8 @@ use tokio::time::Instant;
 use super::{API_TIMEOUT, VmmError, VmmHandle};
 use crate::agent::{console, host};
 
-/// The VMM's own output (stderr, and stdout unless the guest console goes there), in the VM's
-/// state directory.
+/// The VMM's own output (stderr, and stdout unless the guest console goes there; Firecracker's
+/// `--log-path`), in the VM's state directory. Never the guest's: that is the console log.
 pub(crate) const VMM_LOG: &str = "vmm.log";
 
 /// How much of the VMM's log an error message or an exit classification reads.
