@@ -290,6 +290,7 @@ impl Supervisor {
         let Some(slot) = slot else {
             // A directory the agent does not hold (a crash mid-create): remove it anyway.
             let existed = inner.store.vm_dir(uid).exists();
+            stop::kill_strays(&inner.store, uid, None).await;
             inner.store.remove_vm(uid).map_err(SupervisorError::State)?;
             return Ok(existed);
         };
@@ -303,6 +304,8 @@ impl Supervisor {
         };
         tracing::info!(%uid, grace_ms = grace.as_millis() as u64, "DeleteVM");
         Inner::stop_run(inner, &slot, grace).await;
+        // Whatever the state files said, no VMM of the VM outlives its delete.
+        stop::kill_strays(&inner.store, uid, None).await;
         // A failure here is logged, not returned: the slot goes away regardless, and the next
         // agent start collects what is left of a VM it does not hold.
         inner.release_network(uid).await;

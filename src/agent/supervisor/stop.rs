@@ -107,3 +107,21 @@ pub(super) fn force_kill(handle: &VmmHandle) {
         tracing::warn!(pid = handle.pid, %error, "SIGKILL failed");
     }
 }
+
+/// Kill every VMM whose command line names the VM's API socket, but `keep`: VMMs the agent
+/// holds no handle of (a missing or corrupt `handle.json`), so none outlives adoption or
+/// delete. Returns how many were killed.
+pub(super) async fn kill_strays(store: &StateStore, uid: &VmUid, keep: Option<u32>) -> usize {
+    let strays: Vec<VmmHandle> =
+        process::find_by_api_socket(&store.api_socket(uid), &store.console_log(uid))
+            .into_iter()
+            .filter(|h| Some(h.pid) != keep)
+            .collect();
+    for stray in &strays {
+        tracing::warn!(%uid, pid = stray.pid, "killing a VMM of this VM that the agent does not hold");
+        if let Err(error) = process::kill(stray).await {
+            tracing::error!(%uid, pid = stray.pid, %error, "a stray VMM survived SIGKILL");
+        }
+    }
+    strays.len()
+}
