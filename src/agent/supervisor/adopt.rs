@@ -67,7 +67,7 @@ impl Inner {
             .hypervisor
             .and_then(|kind| self.backend(kind))
             .map(|b| b.backend.clone());
-        let handle = match self.find_vmm(uid).await {
+        let handle = match self.find_vmm(uid, status.pid != 0).await {
             Found::Handle(handle) => handle,
             Found::Recovered(handle) => {
                 if let Err(error) = self.store.write_handle(uid, &handle) {
@@ -155,8 +155,8 @@ impl Inner {
 
 impl Inner {
     /// The VM's VMM, from `handle.json` or else from the processes naming its socket; every
-    /// other VMM of the VM is killed.
-    async fn find_vmm(&self, uid: &VmUid) -> Found {
+    /// other VMM of the VM is killed. `started`: the status recorded a VMM's pid.
+    async fn find_vmm(&self, uid: &VmUid, started: bool) -> Found {
         let bad_file = match self.store.read_handle(uid) {
             Ok(Some(handle)) => {
                 kill_strays(&self.store, uid, Some(handle.pid)).await;
@@ -176,10 +176,12 @@ impl Inner {
             None => "handle.json is missing".to_owned(),
         };
         match live.as_slice() {
-            [] if bad_file.is_none() => {
+            [] if bad_file.is_none() && !started => {
                 Found::Nothing("the agent stopped before the VMM was started".to_owned())
             }
-            [] => Found::Nothing(format!("{what}, and no VMM of this VM was running")),
+            [] => Found::Nothing(format!(
+                "{what}, and no VMM of this VM was running: it ended while the agent was down"
+            )),
             [handle] => {
                 tracing::warn!(%uid, pid = handle.pid, "found the VM's VMM by its API socket; adopting it");
                 Found::Recovered(handle.clone())

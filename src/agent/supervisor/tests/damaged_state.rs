@@ -69,3 +69,51 @@ async fn delete_leaves_no_vmm_of_the_vm_running() {
     assert!(!unheld.exists());
     sup.shutdown(false).await;
 }
+
+/// A missing or damaged `handle.json` and no VMM: the status says the VMM ended while the
+/// agent was down, not that it was never started (the false claim).
+#[tokio::test]
+async fn a_lost_handle_of_a_started_vm_is_reported_truthfully() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let kernel = tmp.path().join("vmlinuz");
+    std::fs::write(&kernel, b"k").expect("kernel");
+    let sup = supervisor(tmp.path(), Arc::new(SimulatedBackend::default()), true).await;
+    let mut pids = Vec::new();
+    for name in ["missing", "empty"] {
+        sup.apply(request(name, &kernel, "h", 1, DesiredState::Running))
+            .await;
+        pids.push(wait_state(&sup, name, RunState::Running).await.pid);
+    }
+    sup.shutdown(false).await;
+    for pid in pids {
+        let handle = VmmHandle {
+            pid,
+            start_time_ticks: process::start_time(pid).unwrap_or(0),
+            api_socket: tmp.path().join("none"),
+            console_log: tmp.path().join("none"),
+        };
+        process::kill(&handle).await.expect("kill");
+    }
+    std::fs::remove_file(tmp.path().join("vms/missing/handle.json")).expect("rm");
+    std::fs::write(tmp.path().join("vms/empty/handle.json"), b"").expect("truncate");
+
+    let next = supervisor(tmp.path(), Arc::new(SimulatedBackend::default()), true).await;
+    assert_eq!(next.adopt().await.expect("adopt"), 2);
+    for (name, says) in [
+        ("missing", "handle.json is missing"),
+        ("empty", "handle.json is not valid"),
+    ] {
+        let vm = next.get(&uid(name)).expect("held");
+        let exit = vm.exit.expect("exit");
+        assert_eq!(
+            (vm.state, exit.reason),
+            (RunState::Failed, ExitReason::VmmLost)
+        );
+        assert!(
+            exit.message.contains(says) && exit.message.contains("ended while the agent was down"),
+            "{}",
+            exit.message
+        );
+    }
+    next.shutdown(false).await;
+}
