@@ -13,20 +13,6 @@ use ignis::proto;
 
 const BOOT: Duration = Duration::from_secs(90);
 
-/// SIGKILLs the pids it was given when a test ends early, so a failed test leaks no VMM.
-#[derive(Default)]
-struct Reaper(Vec<u32>);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        for pid in &self.0 {
-            if pid_alive(*pid) {
-                sigkill(*pid);
-            }
-        }
-    }
-}
-
 /// The live processes whose command line names `socket` (a VMM's API socket).
 fn vmms_naming(socket: &Path) -> Vec<u32> {
     let socket = socket.display().to_string();
