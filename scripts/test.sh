@@ -1,14 +1,58 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit tests, integration tests with real QEMU
-# guests, end-to-end tests with kubectl against `ignis dev`, and a bench smoke run.
+# guests, end-to-end tests with kubectl against `ignis dev`, then the same end-to-end tests
+# (plus the cluster-only ones) against an upstream one-node Kubernetes cluster with Ignis
+# installed by Helm (scripts/cluster.sh), and a bench smoke run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+stage() { echo "== test: $* ($(date -u +%H:%M:%S), ${SECONDS}s in)"; }
+
+stage "setup"
 ./scripts/setup.sh
+# Upstream Kubernetes, etcd and Helm from their Go modules (cached by version; the first
+# build on 2 cores is the long part of a fresh run).
+stage "upstream tools"
+./scripts/tools.sh build
+# Its kubectl (the cluster's version) is the one every e2e test runs.
+PATH="$(./scripts/tools.sh bindir kube):$PATH"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 ./scripts/check-packaging.sh
 cargo build --bin ignis
-# --all-targets: unit, integration and e2e tests (there are no doctests), so the run ends on
-# the e2e suite's summary.
+# --all-targets: unit, integration and e2e tests (there are no doctests). The e2e suite runs
+# against `ignis dev` here; the cluster-only tests say they are skipped.
+stage "tests against ignis dev"
 cargo test --workspace --all-targets -- --test-threads 2
+
+# The same e2e suite, unchanged, against an upstream cluster: up → install-ignis → e2e → down,
+# down also when something fails (after printing what the cluster looked like).
+cluster_down() {
+  local status=$?
+  local kubeconfig
+  kubeconfig="$(./scripts/cluster.sh kubeconfig 2>/dev/null | tail -n 1)" || true
+  if ((status != 0)) && [ -n "$kubeconfig" ]; then
+    echo "== test: failed ($status); the cluster's state:"
+    local kubectl_=("$(./scripts/tools.sh bindir kube)/kubectl" --kubeconfig "$kubeconfig")
+    "${kubectl_[@]}" get nodes,pods -A -o wide || true
+    "${kubectl_[@]}" get events -A --sort-by=.lastTimestamp | tail -40 || true
+    "${kubectl_[@]}" -n ignis-system logs -l app.kubernetes.io/name=ignis-controller --tail=60 --prefix || true
+    "${kubectl_[@]}" -n ignis-system logs -l app.kubernetes.io/name=ignis-agent --tail=60 --prefix || true
+    tail -n 20 "$(dirname "$kubeconfig")/logs/kubelet.log" || true
+  fi
+  ./scripts/cluster.sh down || true
+  exit "$status"
+}
+trap cluster_down EXIT
+stage "cluster up"
+./scripts/cluster.sh up
+stage "install-ignis"
+./scripts/cluster.sh install-ignis
+IGNIS_E2E_KUBECONFIG="$(./scripts/cluster.sh kubeconfig | tail -n 1)"
+IGNIS_E2E_CLUSTER_ENV="$(dirname "$IGNIS_E2E_KUBECONFIG")/cluster.env"
+export IGNIS_E2E_KUBECONFIG IGNIS_E2E_CLUSTER_ENV
+stage "e2e against the upstream cluster"
+cargo test -p ignis-e2e --test e2e --test network --test images -- --test-threads 2
+stage "cluster-only e2e"
+cargo test -p ignis-e2e --test cluster -- --nocapture
+stage "done"

@@ -28,6 +28,8 @@ enum Command {
     Agent(ignis::agent::AgentArgs),
     /// Run everything on this machine: an embedded API server, the controller and an agent.
     Dev(ignis::dev::DevArgs),
+    /// Before an uninstall (the Helm chart's pre-delete hook): delete every MicroVM and wait.
+    Uninstall(ignis::controller::uninstall::UninstallArgs),
     /// Print the MicroVM CustomResourceDefinition as YAML.
     Crd,
     /// Measure Ignis: boot latency, control-plane throughput, footprint, churn.
@@ -85,6 +87,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Agent(args) => ignis::agent::run(args, shutdown).await?,
         Command::Dev(args) => ignis::dev::run(args, shutdown).await?,
         Command::Bench(args) => ignis::bench::run(args, shutdown).await?,
+        Command::Uninstall(args) => ignis::controller::uninstall::run(args, shutdown).await?,
         Command::Crd | Command::Version => {}
     }
     Ok(())

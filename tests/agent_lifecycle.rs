@@ -547,12 +547,13 @@ async fn tcp_needs_a_client_certificate_from_the_ca() {
         .signed_by(&server_key, &ca)
         .expect("server cert");
     let client_key = KeyPair::generate().expect("key");
-    let client_cert = CertificateParams::new(vec!["controller".to_owned()])
+    // The one client identity agents admit (src/agent/tls.rs).
+    let client_cert = CertificateParams::new(vec!["ignis-controller".to_owned()])
         .expect("params")
         .signed_by(&client_key, &ca)
         .expect("client cert");
     let stranger_key = KeyPair::generate().expect("key");
-    let stranger_cert = CertificateParams::new(vec!["controller".to_owned()])
+    let stranger_cert = CertificateParams::new(vec!["ignis-controller".to_owned()])
         .expect("params")
         .self_signed(&stranger_key)
         .expect("stranger cert");

@@ -6,6 +6,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::Command;
 
+use ignis::ErrorReason;
 use ignis::agent::cloud_init::{GuestInterface, NoCloudConfig, NoCloudDrive};
 
 fn require(tool: &str, package: &str) {

@@ -7,6 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use ignis::ErrorReason;
 use ignis::agent::image::{DiskBackend, DiskFormat, ImageKind, ResolvedImage, VmDisk};
 use sha2::{Digest, Sha256};
 

@@ -12,6 +12,7 @@ use common::net::runtime;
 use std::path::Path;
 use std::process::Command;
 
+use ignis::ErrorReason;
 use ignis::agent::image::{
     DiskFormat, ImageError, ImageKind, ImageStore, ImageStoreConfig, PullRequest,
     RegistryCredentials, ResolvedImage,

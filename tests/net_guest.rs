@@ -4,8 +4,9 @@
 //! and a TCP fetch from a server on the node), and that the two guests reach each other, and that a guest reaches an address outside
 //! the range masqueraded behind the node (a second namespace plays the outside world).
 //!
-//! The guest is the stock demo guest (`agent::guest`), whose `/init` configures eth0 from
-//! `ignis.ip=`/`ignis.gw=` and runs busybox `httpd`. To let the node ask a guest to send
+//! The guest is the stock demo guest (`agent::guest`), whose `/init` configures eth0 from the
+//! kernel's standard `ip=` parameter (a guest that configures itself from the command line)
+//! and runs busybox `httpd`. To let the node ask a guest to send
 //! traffic itself, a second cpio archive with two CGI scripts is appended to its initramfs
 //! (the kernel unpacks concatenated archives in order); `/init` itself is unchanged.
 
@@ -149,10 +150,7 @@ async fn boot(
         vcpus: 1,
         memory_mib: 128,
         kernel: kernel.to_path_buf(),
-        cmdline: format!(
-            "{DEFAULT_CMDLINE} ignis.name={uid} {}",
-            kernel_cmdline(&ifaces)
-        ),
+        cmdline: format!("{DEFAULT_CMDLINE} {}", kernel_cmdline(&ifaces, uid)),
         initrd: Some(initrd.to_path_buf()),
         disks: vec![],
         nets: ifaces.iter().map(AttachedInterface::net_config).collect(),

@@ -132,9 +132,11 @@ fn attach_detach_creates_and_removes_tap_and_address() {
             eth0.gateway.map(|g| g.to_string()).as_deref(),
             Some("10.88.0.1")
         );
-        assert_eq!(
-            kernel_cmdline(&ifaces),
-            format!("ignis.ip={ip}/16 ignis.gw=10.88.0.1")
+        // The kernel's standard ip= (DNS on the gateway when dnsmasq serves the bridge).
+        let ip_param = kernel_cmdline(&ifaces, "web");
+        assert!(
+            ip_param.starts_with(&format!("ip={ip}::10.88.0.1:255.255.0.0:web:eth0:off")),
+            "{ip_param}"
         );
 
         let tap = link(&eth0.tap).expect("tap exists");
@@ -494,7 +496,11 @@ fn bridge_mode_and_address_changes() {
             Some(("192.168.50.7".parse().expect("ip"), 24))
         );
         assert_eq!(ifaces[0].gateway, None);
-        assert_eq!(kernel_cmdline(&ifaces), "ignis.ip=192.168.50.7/24");
+        assert!(
+            kernel_cmdline(&ifaces, "web").starts_with("ip=192.168.50.7:::255.255.255.0:web:"),
+            "{}",
+            kernel_cmdline(&ifaces, "web")
+        );
         assert_eq!(link(&ifaces[0].tap).expect("tap")["master"], "br-user");
         let allocations = |s: &std::path::Path| {
             relative_files(s)
@@ -518,7 +524,7 @@ fn bridge_mode_and_address_changes() {
             .await
             .expect("bridge mode without address");
         assert_eq!(plain[0].address, None);
-        assert_eq!(kernel_cmdline(&plain), "");
+        assert_eq!(kernel_cmdline(&plain, "web"), "");
 
         // A nat interface whose spec address changes: the new one is held, the old freed...
         let with = |a: &str| Interface {

@@ -521,7 +521,7 @@ async fn guest_serves_http_on_its_tap_interface() {
         &qemu_bin,
         &g,
         &dir.path().join("vm"),
-        &format!("ignis.ip=10.213.{n}.2/30 ignis.gw=10.213.{n}.1 ignis.name=web-vm"),
+        &format!("ip=10.213.{n}.2::10.213.{n}.1:255.255.255.252:web-vm:eth0:off"),
     );
     cfg.nets = vec![NetConfig {
         id: "eth0".into(),

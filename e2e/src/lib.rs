@@ -4,7 +4,10 @@
 //! private data directory and loopback port. With `IGNIS_E2E_KUBECONFIG` set, the same tests
 //! run unchanged against that cluster (Ignis installed there, e.g. with the Helm chart); then
 //! `IGNIS_E2E_GUEST_DIR` names the node directory holding the demo guest (default
-//! `/var/lib/ignis/guest`, where every agent prepares it).
+//! `/var/lib/ignis/guest`, where every agent prepares it). [`upstream`] adds what only the
+//! upstream cluster of `scripts/cluster.sh` offers, for the cluster-only tests.
+
+pub mod upstream;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

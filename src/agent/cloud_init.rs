@@ -20,18 +20,25 @@ pub const VOLUME_LABEL: &str = "cidata";
 pub const DRIVE_FILE: &str = "cidata.iso";
 const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Errors building a NoCloud drive.
-#[derive(Debug, Error)]
+/// Errors building a NoCloud drive; each variant's word (`reason()`) lands in conditions,
+/// Events and metric labels.
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum CloudInitError {
     #[error(
         "hostname {hostname:?} is not a valid host name (RFC 1123 labels, at most 63 characters each)"
     )]
     InvalidHostname { hostname: String },
     #[error("instance id must not be empty")]
+    #[strum(serialize = "InvalidInstanceId")]
     EmptyInstanceId,
+    #[error("cannot build the NoCloud drive: genisoimage is missing (install genisoimage)")]
+    #[strum(serialize = "CloudInitToolMissing")]
+    ToolMissing(#[source] ToolError),
     #[error("cannot build the NoCloud drive")]
+    #[strum(serialize = "CloudInitDriveFailed")]
     Tool(#[source] ToolError),
     #[error("I/O on {path}")]
+    #[strum(serialize = "CloudInitIoError")]
     Io {
         path: PathBuf,
         #[source]
@@ -40,14 +47,10 @@ pub enum CloudInitError {
 }
 
 impl CloudInitError {
-    /// A fixed word for condition reasons, Events and metric labels.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            CloudInitError::InvalidHostname { .. } => "InvalidHostname",
-            CloudInitError::EmptyInstanceId => "InvalidInstanceId",
-            CloudInitError::Tool(ToolError::Missing { .. }) => "CloudInitToolMissing",
-            CloudInitError::Tool(_) => "CloudInitDriveFailed",
-            CloudInitError::Io { .. } => "CloudInitIoError",
+    fn tool(error: ToolError) -> CloudInitError {
+        match error {
+            ToolError::Missing { .. } => CloudInitError::ToolMissing(error),
+            other => CloudInitError::Tool(other),
         }
     }
 }
@@ -266,7 +269,7 @@ impl NoCloudDrive {
         }
         tool::run("genisoimage", args, TOOL_TIMEOUT)
             .await
-            .map_err(CloudInitError::Tool)?;
+            .map_err(CloudInitError::tool)?;
         std::fs::rename(tmp, path).map_err(io(path))
     }
 

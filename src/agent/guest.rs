@@ -4,8 +4,9 @@
 //! Debian's cloud kernel builds virtio_mmio, virtio_blk and virtio_net as modules and has no
 //! `virtio_mmio.device=` cmdline support, so the initramfs carries those modules and loads them
 //! in `modules.dep` order; QEMU `microvm`'s ACPI tables then announce the virtio-mmio devices
-//! to the module. The guest's `/init` understands a few `ignis.*` kernel parameters so tests
-//! can make it succeed, fail or time out on purpose.
+//! to the module. The guest's `/init` configures its network the standard ways (the kernel's
+//! `ip=` parameter, else DHCP) and understands a few `ignis.*` kernel parameters so tests can
+//! make it succeed, fail or time out on purpose.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -33,7 +34,7 @@ const BUSYBOX_CANDIDATES: &[&str] = &["/bin/busybox", "/usr/bin/busybox"];
 const WANTED_MODULES: &[&str] = &["virtio_mmio", "virtio_blk", "virtio_net", "button", "evdev"];
 
 /// Bumped whenever the archive layout or `/init` changes shape, so old builds are redone.
-const FORMAT_VERSION: &str = "ignis-demo-guest-v1";
+const FORMAT_VERSION: &str = "ignis-demo-guest-v2";
 const STAMP_FILE: &str = ".ignis-guest.stamp";
 
 /// A built demo guest.
@@ -333,8 +334,10 @@ pub(crate) fn init_script(version: &str, modules: &[String]) -> String {
         .collect();
     format!(
         r#"#!/bin/busybox sh
-# ignis demo guest init. Kernel parameters: ignis.name= ignis.ip=<cidr> ignis.gw=<addr>
-# ignis.exit=success|failure ignis.exit_after=<seconds>
+# ignis demo guest init. Network: the kernel's standard ip= parameter
+# (ip=<client>::<gw>:<netmask>:<hostname>:<device>:<autoconf>:<dns0>:<dns1>), or DHCP when
+# there is none (or ip=dhcp). Test knobs: ignis.name= ignis.exit=success|failure
+# ignis.exit_after=<seconds>
 /bin/busybox --install -s
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -350,16 +353,44 @@ param() {{
   done
   echo "$v"
 }}
+ip link set lo up
+ipconf=$(param ip)
+case "$ipconf" in
+  ""|dhcp|on|any|both|off|none) ;;
+  *)
+    IFS=: read -r client server gw mask host dev auto dns0 dns1 <<IP
+$ipconf
+IP
+    dev=${{dev:-eth0}}
+    [ -n "$host" ] && hostname "$host"
+    if [ -e "/sys/class/net/$dev" ]; then
+      ifconfig "$dev" "$client" netmask "${{mask:-255.255.255.0}}" up
+      [ -n "$gw" ] && route add default gw "$gw"
+    fi
+    : > /etc/resolv.conf
+    for d in $dns0 $dns1; do echo "nameserver $d" >> /etc/resolv.conf; done ;;
+esac
 name=$(param ignis.name)
 [ -n "$name" ] && hostname "$name"
-ip link set lo up
-if [ -e /sys/class/net/eth0 ]; then
-  ip link set eth0 up
-  addr=$(param ignis.ip)
-  [ -n "$addr" ] && ip addr add "$addr" dev eth0
-  gw=$(param ignis.gw)
-  [ -n "$gw" ] && ip route add default via "$gw"
-fi
+case "$ipconf" in
+  ""|dhcp|on|any|both)
+    if [ -e /sys/class/net/eth0 ]; then
+      cat > /etc/udhcpc.script <<'DHCP'
+#!/bin/sh
+case "$1" in
+  deconfig) ifconfig "$interface" 0.0.0.0 up ;;
+  bound|renew)
+    ifconfig "$interface" "$ip" netmask "${{subnet:-255.255.255.0}}" up
+    for r in $router; do route add default gw "$r"; break; done
+    : > /etc/resolv.conf
+    for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done ;;
+esac
+DHCP
+      chmod 755 /etc/udhcpc.script
+      # In the background: readiness does not wait for a DHCP server that may not exist.
+      udhcpc -i eth0 -s /etc/udhcpc.script -t 10 -T 1 -n -q >/dev/null 2>&1 &
+    fi ;;
+esac
 # QEMU's system_powerdown arrives as an ACPI power button press.
 for ev in /sys/class/input/event*; do
   if grep -q "Power Button" "$ev/device/name" 2>/dev/null; then
@@ -552,6 +583,10 @@ kernel/drivers/virtio/virtio_mmio.ko: kernel/drivers/virtio/virtio.ko kernel/dri
         assert!(s.contains("/lib/modules/6.1/kernel/x/virtio.ko"));
         assert!(s.contains(&format!("echo \"{DEMO_MARKER}\"")));
         assert!(s.contains("sysrq-trigger"));
+        // The standard mechanisms only: ip=, else DHCP.
+        assert!(s.contains("ipconf=$(param ip)"));
+        assert!(s.contains("udhcpc -i eth0"));
+        assert!(!s.contains("ignis.ip") && !s.contains("ignis.gw"));
     }
 
     #[test]

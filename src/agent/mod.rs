@@ -4,6 +4,7 @@
 //! mode), or on a unix socket (`ignis dev`, tests).
 
 pub(crate) mod atomic_file;
+pub(crate) mod cgroup;
 pub mod cloud_init;
 pub(crate) mod console;
 pub mod guest;
@@ -15,6 +16,7 @@ pub(crate) mod server;
 pub(crate) mod simulated;
 pub(crate) mod state;
 pub(crate) mod supervisor;
+pub(crate) mod tls;
 pub mod vmm;
 
 use std::net::SocketAddr;
@@ -110,8 +112,17 @@ pub struct AgentArgs {
         default_value_t = 1
     )]
     pub(crate) capacity_multiplier: u32,
+    /// The host's cgroup filesystem as mounted in the agent's pod (e.g. /host/sys/fs/cgroup):
+    /// VMMs are moved into a node-level cgroup there, so they outlive the agent's container.
+    #[arg(long, env = "IGNIS_VMM_CGROUP_ROOT")]
+    pub(crate) vmm_cgroup_root: Option<PathBuf>,
+    /// Name (or path) of that cgroup in each hierarchy.
+    #[arg(long, env = "IGNIS_VMM_CGROUP", default_value = "ignis-vms")]
+    pub(crate) vmm_cgroup: String,
     #[command(flatten)]
     pub(crate) network: net::NetworkArgs,
+    #[command(flatten)]
+    pub(crate) images: image::ImageArgs,
     /// Turn guest networking off: VMs asking for `nat`/`bridge` interfaces fail.
     #[arg(long, env = "IGNIS_NO_NETWORK")]
     pub(crate) no_network: bool,
@@ -236,6 +247,8 @@ pub struct AgentConfig {
     /// Guest networking; `None` turns it off (VMs asking for `nat`/`bridge` fail).
     pub network: Option<net::NetworkConfig>,
     pub network_setup: NetworkSetup,
+    /// The node's image cache (`<state dir>/images`).
+    pub images: image::ImageStoreConfig,
 }
 
 impl AgentConfig {
@@ -260,6 +273,7 @@ impl AgentConfig {
             capacity_multiplier: 1,
             network: Some(net::NetworkConfig::new(state_dir.join("net"))),
             network_setup: NetworkSetup::OnFirstUse,
+            images: image::ImageStoreConfig::new(state_dir.join("images")),
         }
     }
 
@@ -290,6 +304,7 @@ impl AgentConfig {
             capacity_multiplier: args.capacity_multiplier,
             network: (!args.no_network).then(|| args.network.config(&args.state_dir)),
             network_setup: NetworkSetup::AtStart,
+            images: args.images.config(&args.state_dir),
         })
     }
 }
@@ -445,11 +460,13 @@ pub(crate) async fn serve_with_metrics(
             simulated: config.simulated,
             unavailable,
             network: config.network.clone(),
+            images: Some(config.images.clone()),
         },
         store,
         backends,
         AgentMetrics::register(&metrics).await,
     );
+    supervisor.open_images().await;
     let held = supervisor.adopt().await.map_err(AgentError::Adopt)?;
     // After re-adoption, so the attachments of every VM still held are kept.
     supervisor
@@ -466,7 +483,12 @@ pub(crate) async fn serve_with_metrics(
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).map_err(AgentError::Tls)?;
     }
-    let router = builder.add_service(service.into_server());
+    let router = builder.add_service(tonic::service::interceptor::InterceptedService::new(
+        service.into_server(),
+        tls::ControllerOnly {
+            enforce: matches!(config.listen, ListenAddr::Tcp(_)),
+        },
+    ));
     let stop_vms = config.stop_vms_on_exit;
     let (listen, join) = match &config.listen {
         ListenAddr::Unix(path) => {
@@ -575,6 +597,19 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
     )
     .await
     .map_err(AgentError::Telemetry)?;
+    if let Some(root) = &args.vmm_cgroup_root {
+        cgroup::configure(root, &args.vmm_cgroup);
+    }
+    if let Some(files) = &config.tls {
+        tls::watch_files(
+            vec![
+                files.cert.clone(),
+                files.key.clone(),
+                files.client_ca.clone(),
+            ],
+            shutdown.clone(),
+        );
+    }
     let handle = serve_with_metrics(config, shutdown, metrics).await?;
     readiness.set_ready(true);
     handle.wait().await

@@ -38,6 +38,8 @@ pub enum StateError {
 const SPEC: &str = "spec.json";
 const HANDLE: &str = "handle.json";
 const STATUS: &str = "status.json";
+/// The status record's file name in a VM's directory.
+pub(crate) const STATUS_FILE: &str = STATUS;
 
 /// The state directory root (`<root>/vms/<uid>/...`).
 #[derive(Clone, Debug)]
@@ -124,9 +126,9 @@ impl StateStore {
         self.read_json(uid, STATUS)
     }
 
-    /// Remove everything of the VM except `status.json`, so a failure stays reportable
-    /// without leaving the run's files behind.
-    pub(crate) fn remove_all_but_status(&self, uid: &VmUid) -> Result<(), StateError> {
+    /// Remove everything in the VM's directory but the files named in `keep` (a failed run
+    /// keeps `status.json`, so the failure stays reportable, and the VM's own disk).
+    pub(crate) fn remove_all_except(&self, uid: &VmUid, keep: &[&str]) -> Result<(), StateError> {
         let dir = self.vm_dir(uid);
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
@@ -134,7 +136,7 @@ impl StateStore {
             Err(source) => return Err(StateError::Io { path: dir, source }),
         };
         for entry in entries.filter_map(Result::ok) {
-            if entry.file_name() == STATUS {
+            if keep.iter().any(|k| entry.file_name() == *k) {
                 continue;
             }
             let path = entry.path();
@@ -227,6 +229,7 @@ mod tests {
             spec_hash: String::new(),
             run: 2,
             desired: DesiredState::Running,
+            pull_secrets: Default::default(),
         };
         store.write_spec(&spec).expect("spec");
         let status = VmStatus {
@@ -238,7 +241,7 @@ mod tests {
         assert_eq!(store.read_spec(&vm).expect("read"), Some(spec));
         assert_eq!(store.list().expect("list"), vec![vm.clone()]);
 
-        store.remove_all_but_status(&vm).expect("trim");
+        store.remove_all_except(&vm, &[STATUS_FILE]).expect("trim");
         let left: Vec<_> = std::fs::read_dir(store.vm_dir(&vm))
             .expect("ls")
             .map(|e| e.expect("entry").file_name())

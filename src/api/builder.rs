@@ -5,11 +5,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use k8s_openapi::api::core::v1::LocalObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::{
     ImageSource, InterfaceMode, KernelSource, MicroVM, MicroVMSpec, NetworkInterface, NetworkSpec,
-    ReadinessProbe, Resources, RunPolicy,
+    ReadinessProbe, Resources, RootfsSource, RunPolicy,
 };
 
 /// The minimal sample (`config/samples/microvm-minimal.yaml`): the demo guest `ignis dev`
@@ -43,6 +44,7 @@ impl MicroVmBuilder {
             rootfs: None,
             network: None,
             user_data: None,
+            image_pull_secrets: Vec::new(),
             node_selector: None,
             readiness: None,
             termination_grace_period_seconds: super::default_grace_period(),
@@ -104,6 +106,45 @@ impl MicroVmBuilder {
 
     pub fn kernel(mut self, path: &Path) -> Self {
         self.vm.spec.kernel.path = Some(path.display().to_string());
+        self
+    }
+
+    /// Boot the kernel of the OCI image `reference` instead of a node path.
+    pub fn kernel_image(mut self, reference: &str) -> Self {
+        self.vm.spec.kernel.path = None;
+        self.vm.spec.kernel.image = Some(reference.to_string());
+        self
+    }
+
+    /// The initrd of the OCI image `reference`.
+    pub fn initrd_image(mut self, reference: &str) -> Self {
+        self.vm.spec.initrd = Some(ImageSource {
+            path: None,
+            image: Some(reference.to_string()),
+        });
+        self
+    }
+
+    /// The root disk of the OCI image `reference`.
+    pub fn rootfs_image(mut self, reference: &str, read_only: bool) -> Self {
+        self.vm.spec.rootfs = Some(RootfsSource {
+            path: None,
+            image: Some(reference.to_string()),
+            read_only,
+        });
+        self
+    }
+
+    /// Pull the images with the credentials of Secret `name` too.
+    pub fn image_pull_secret(mut self, name: &str) -> Self {
+        self.vm.spec.image_pull_secrets.push(LocalObjectReference {
+            name: name.to_string(),
+        });
+        self
+    }
+
+    pub fn user_data(mut self, user_data: &str) -> Self {
+        self.vm.spec.user_data = Some(user_data.to_string());
         self
     }
 

@@ -36,6 +36,7 @@ impl Reason {
     pub(crate) const UNSCHEDULABLE: &'static str = "Unschedulable";
     pub(crate) const PENDING: &'static str = "Pending";
     pub(crate) const STARTING: &'static str = "Starting";
+    pub(crate) const PULLING_IMAGE: &'static str = "PullingImage";
     pub(crate) const GUEST_READY: &'static str = "GuestReady";
     pub(crate) const GUEST_EXITED: &'static str = "GuestExited";
     pub(crate) const GUEST_FAILED: &'static str = "GuestFailed";

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::core::v1::LocalObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -76,9 +77,16 @@ pub struct MicroVMSpec {
     /// Network interfaces of the guest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkSpec>,
-    /// Data handed to the guest at boot (kernel command line, MMDS or config drive).
+    /// Data handed to the guest at boot: a cloud-init NoCloud drive (label `cidata`), and
+    /// MMDS under Firecracker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_data: Option<String>,
+    /// Secrets in the MicroVM's namespace (`kubernetes.io/dockerconfigjson` or
+    /// `kubernetes.io/dockercfg`) whose credentials pull its images. They are passed to the
+    /// node for the pull only and never written to its disk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
     /// Labels a node must carry for the VM to be placed there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
@@ -245,7 +253,7 @@ pub struct KernelSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.startsWith('/')").message("spec.kernel.path must be an absolute path"))]
     pub path: Option<String>,
-    /// OCI reference of an image carrying the kernel.
+    /// OCI reference of an image holding the kernel at `/boot/vmlinuz`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// Kernel command line.
@@ -263,7 +271,7 @@ pub struct ImageSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.startsWith('/')").message("spec.initrd.path must be an absolute path"))]
     pub path: Option<String>,
-    /// OCI reference of an image carrying the file.
+    /// OCI reference of an image holding the file at `/boot/initrd.img`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
 }
@@ -277,12 +285,70 @@ pub struct RootfsSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.startsWith('/')").message("spec.rootfs.path must be an absolute path"))]
     pub path: Option<String>,
-    /// OCI reference of an image carrying the root filesystem.
+    /// OCI reference of an image holding a disk under `/disk/` (raw or qcow2), or a root
+    /// filesystem, which becomes an ext4 disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
-    /// Attach the disk read-only.
+    /// Attach the disk read-only. From an image, the node's cached disk is then shared by
+    /// every VM using it; otherwise each VM writes to its own copy-on-write disk.
     #[serde(default)]
     pub read_only: bool,
+}
+
+/// Which part of a guest an OCI image holds: it decides the file read from the image.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageKind {
+    /// `/boot/vmlinuz`.
+    Kernel,
+    /// `/boot/initrd.img`.
+    Initrd,
+    /// A disk under `/disk/`, or the image's filesystem as an ext4 disk.
+    Rootfs,
+}
+
+impl ImageKind {
+    pub const ALL: [ImageKind; 3] = [ImageKind::Kernel, ImageKind::Initrd, ImageKind::Rootfs];
+
+    /// The spelling used in manifests, status, file names and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageKind::Kernel => "kernel",
+            ImageKind::Initrd => "initrd",
+            ImageKind::Rootfs => "rootfs",
+        }
+    }
+}
+
+impl std::fmt::Display for ImageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ImageKind {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        ImageKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or(())
+    }
+}
+
+/// An image a VM boots from, as resolved on its node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageStatus {
+    /// Which part of the guest it holds.
+    pub kind: ImageKind,
+    /// The reference as the spec gives it.
+    pub image: String,
+    /// The manifest digest it resolved to (`sha256:...`); every run of the VM uses this one,
+    /// whatever the tag points at later.
+    pub digest: String,
 }
 
 /// Guest networking.
@@ -442,6 +508,10 @@ pub struct MicroVMStatus {
     /// Guest addresses, first interface first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ip_addresses: Vec<String>,
+    /// The images the VM boots from, each with the digest it resolved to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["kind"]))]
+    pub images: Vec<ImageStatus>,
     /// When the current run of the guest started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,

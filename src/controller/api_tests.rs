@@ -566,12 +566,23 @@ async fn lease_is_created_when_missing_and_left_alone_when_fresh_elsewhere() {
 }
 
 #[tokio::test]
-async fn tls_secret_is_bootstrapped_when_missing() {
+async fn tls_secrets_are_bootstrapped_when_missing() {
     use super::tls;
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     const SECRETS: &str = "/api/v1/namespaces/ignis-system/secrets";
     let verifier = tokio::spawn(async move {
+        // No client certificate of the user's own, no CA yet: the CA is created...
+        for name in [tls::CLIENT_SECRET, tls::CA_SECRET] {
+            let (_, _, _, respond) =
+                expect(&mut handle, Method::GET, &format!("{SECRETS}/{name}")).await;
+            not_found(respond);
+        }
+        let (_, body, _, respond) = expect(&mut handle, Method::POST, SECRETS).await;
+        assert_eq!(body["metadata"]["name"], tls::CA_SECRET);
+        assert!(body["data"][tls::CA_KEY].is_string());
+        ok(respond, &body);
+        // ...and the agents' Secret holds the CA certificate and their own pair, nothing else.
         let (_, _, _, respond) = expect(
             &mut handle,
             Method::GET,
@@ -581,16 +592,9 @@ async fn tls_secret_is_bootstrapped_when_missing() {
         not_found(respond);
         let (_, body, _, respond) = expect(&mut handle, Method::POST, SECRETS).await;
         assert_eq!(body["metadata"]["name"], "ignis-agent-tls");
-        for key in [
-            tls::CA_CERT,
-            tls::CA_KEY,
-            tls::AGENT_CERT,
-            tls::AGENT_KEY,
-            tls::CONTROLLER_CERT,
-            tls::CONTROLLER_KEY,
-        ] {
-            assert!(body["data"][key].is_string(), "missing {key}");
-        }
+        assert_eq!(body["type"], "kubernetes.io/tls");
+        let keys: Vec<&String> = body["data"].as_object().expect("data").keys().collect();
+        assert_eq!(keys, [tls::CA_CERT, tls::TLS_CERT, tls::TLS_KEY]);
         ok(respond, &body);
     });
     tls::ensure_secret(client, "ignis-system", "ignis-agent-tls")

@@ -14,6 +14,8 @@ use super::agents::{AgentEndpoint, AgentPool};
 
 /// Label selecting the agent pods.
 pub const AGENT_SELECTOR: &str = "app.kubernetes.io/name=ignis-agent";
+/// Label selecting the controller pods.
+pub const CONTROLLER_SELECTOR: &str = "app.kubernetes.io/name=ignis-controller";
 
 /// Agent endpoints from the agent pods: one per node, only pods that run and have an address.
 /// When a node briefly has two pods (rolling update), the running one with the newest name
@@ -68,8 +70,7 @@ pub async fn watch_agent_pods(
         writer,
         watcher(api, watcher::Config::default().labels(AGENT_SELECTOR)),
     )
-    .default_backoff()
-    .touched_objects();
+    .default_backoff();
     let mut stream = std::pin::pin!(stream);
     loop {
         let next = tokio::select! {
@@ -79,17 +80,31 @@ pub async fn watch_agent_pods(
         match next {
             None => return,
             Some(Err(error)) => tracing::warn!(%error, "agent pod watch failed; retrying"),
-            Some(Ok(_)) => {
+            Some(Ok(event)) if store_is_current(&event) => {
                 let pods = reader.state();
-                pool.set_agents(&endpoints_from_pods(pods.iter().map(|p| &**p), port));
+                let endpoints = endpoints_from_pods(pods.iter().map(|p| &**p), port);
+                tracing::debug!(agents = endpoints.len(), "agent pods changed");
+                pool.set_agents(&endpoints);
             }
+            Some(Ok(_)) => {}
         }
     }
+}
+
+/// Whether the reflector's store is whole after `event`. During a (re)list it fills a buffer
+/// that replaces the store only at `InitDone`: reading it at `InitApply` would see nothing,
+/// and a controller started beside a steady agent pod would never dial it.
+fn store_is_current(event: &watcher::Event<Pod>) -> bool {
+    matches!(
+        event,
+        watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_)
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::plan::AgentLink;
     use k8s_openapi::api::core::v1::{PodSpec, PodStatus};
     use kube::api::ObjectMeta;
 
@@ -129,6 +144,58 @@ mod tests {
                 }
             )])
         );
+    }
+
+    #[tokio::test]
+    async fn a_steady_agent_pod_is_dialed_at_start() {
+        // A unit-test double of kube-apiserver: the list (as a real apiserver answers it)
+        // returns one running agent pod, then the watch stays open with nothing new, which is
+        // what a controller replacing a lost leader sees.
+        use http::{Request, Response};
+        use kube::client::Body;
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let shutdown = CancellationToken::new();
+        let (pool, _signals) = AgentPool::new(
+            std::time::Duration::from_secs(10),
+            std::time::Duration::from_secs(30),
+            None,
+            shutdown.clone(),
+        );
+        tokio::spawn(watch_agent_pods(
+            client,
+            Some("ignis-system".into()),
+            9443,
+            pool.clone(),
+            shutdown.clone(),
+        ));
+        let (request, respond) = handle.next_request().await.expect("list");
+        assert!(
+            request
+                .uri()
+                .query()
+                .unwrap_or_default()
+                .contains("labelSelector")
+        );
+        let list = serde_json::json!({
+            "apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "5"},
+            "items": [serde_json::to_value(pod("agent-x", "node-a", "Running", "10.0.0.1"))
+                .expect("pod")],
+        });
+        respond.send_response(
+            Response::builder()
+                .body(Body::from(serde_json::to_vec(&list).expect("json")))
+                .expect("response"),
+        );
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while matches!(pool.link("node-a"), AgentLink::Absent) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the agent pod listed at start was never dialed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
     }
 
     #[test]

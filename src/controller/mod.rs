@@ -11,10 +11,12 @@ pub(crate) mod events;
 pub(crate) mod leader;
 pub(crate) mod metrics;
 pub(crate) mod plan;
+mod pull_secrets;
 mod reconcile;
 pub(crate) mod scheduler;
 pub(crate) mod status;
 pub(crate) mod tls;
+pub mod uninstall;
 pub(crate) mod vmspec;
 
 #[cfg(test)]

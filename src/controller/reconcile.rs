@@ -16,9 +16,9 @@ use thiserror::Error;
 use super::agents::{AgentError, AgentPool};
 use super::events::EventRecorder;
 use super::metrics::ControllerMetrics;
-use super::plan::{self, Action, Observed, SpecProblem, placed_node};
+use super::plan::{self, Action, EventKind, Observed, SpecProblem, placed_node};
 use super::scheduler::{self, Candidate, PlacementRequest, PlacementStrategy};
-use super::{status, vmspec};
+use super::{pull_secrets, status, vmspec};
 use crate::api::{FIELD_MANAGER, MicroVM};
 use crate::error::ErrorReason;
 use crate::vm::{ApplyRequest, VmUid};
@@ -333,11 +333,28 @@ pub(super) async fn act(
                 let Some(built) = built.as_ref() else {
                     continue;
                 };
+                let mut pull_secrets = Default::default();
+                if !built.spec.images().is_empty() && !mvm.spec.image_pull_secrets.is_empty() {
+                    let read =
+                        pull_secrets::read(&ctx.client, &ns, &mvm.spec.image_pull_secrets).await;
+                    for problem in read.problems {
+                        publish(
+                            ctx,
+                            mvm,
+                            EventKind::Warning,
+                            "FailedToRetrieveImagePullSecret",
+                            problem,
+                        )
+                        .await;
+                    }
+                    pull_secrets = read.secrets;
+                }
                 let request = ApplyRequest {
                     spec: built.spec.clone(),
                     spec_hash: built.hash.clone(),
                     run,
                     desired,
+                    pull_secrets,
                 };
                 ctx.pool
                     .apply_vm(&node, &request)
@@ -383,21 +400,25 @@ pub(super) async fn act(
                 kind,
                 reason,
                 message,
-            } => {
-                // An Event is a courtesy: failing to write one must not fail the reconcile.
-                let regarding = mvm.object_ref(&());
-                if let Err(error) = ctx
-                    .recorder
-                    .publish(&regarding, kind, reason, &message)
-                    .await
-                {
-                    tracing::debug!(%error, "cannot publish event");
-                }
-            }
+            } => publish(ctx, mvm, kind, reason, message).await,
             Action::RequeueAfter(d) => requeue = Some(d),
         }
     }
     Ok(Requeue::requeue(requeue.unwrap_or(RESYNC)))
+}
+
+/// Publish an Event about `mvm`. An Event is a courtesy: failing to write one must not fail
+/// the reconcile.
+/// An Event is a courtesy: failing to write one must not fail the reconcile.
+async fn publish(ctx: &Context, mvm: &MicroVM, kind: EventKind, reason: &str, message: String) {
+    let regarding = mvm.object_ref(&());
+    if let Err(error) = ctx
+        .recorder
+        .publish(&regarding, kind, reason, &message)
+        .await
+    {
+        tracing::debug!(%error, "cannot publish event");
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,23 @@
-//! Mutual TLS between the controller and the agents. The material lives in one Secret: a CA,
-//! the agents' server certificate and the controller's client certificate. When the Secret does
-//! not exist the controller creates it (rcgen), so a fresh install works without cert-manager;
-//! an operator who brings their own Secret with the same keys is used as is.
+//! Mutual TLS between the controller and the agents, with the CA key only where the controller
+//! can read it.
+//!
+//! Two Secrets in the controller's namespace:
+//! - [`CA_SECRET`] (`ignis-ca`): the CA certificate and key. Only the controller reads it (its
+//!   Role names it by `resourceNames`); no pod mounts it, so no kubelet can fetch it.
+//! - the agents' Secret (`--tls-secret`, `ignis-agent-tls`, type `kubernetes.io/tls`), mounted
+//!   by the agent DaemonSet: `ca.crt` plus the agents' server certificate and key
+//!   (`tls.crt`/`tls.key`, `serverAuth` only, not a CA). Nothing else.
+//!
+//! The controller mints its client certificate (`clientAuth`, DNS name [`CONTROLLER_NAME`]) in
+//! memory at start. Agents accept only client certificates issued by the CA, with `clientAuth`
+//! and that name (`agent::tls`), so nothing a node holds can sign a certificate another agent
+//! accepts. Both Secrets are created when missing; the agents' Secret is rewritten when it no
+//! longer matches the CA (after a rotation, or in the old layout that carried the CA key), and
+//! the agents restart on their own when its files change.
+//!
+//! Bring your own PKI (cert-manager, say): create [`CLIENT_SECRET`] (`ignis-controller-tls`:
+//! `ca.crt`, `tls.crt`, `tls.key` of a client certificate named `ignis-controller`) and the
+//! agents' Secret; the controller then uses them and manages nothing.
 
 use std::collections::BTreeMap;
 
@@ -18,151 +34,395 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 /// The name agents present and the controller verifies, whatever IP it dials.
 pub const AGENT_SERVER_NAME: &str = "ignis-agent";
+/// The controller's client identity: the only one agents accept.
+pub const CONTROLLER_NAME: &str = "ignis-controller";
+/// The controller-only Secret with the CA certificate and key.
+pub const CA_SECRET: &str = "ignis-ca";
+/// A client certificate of the user's own PKI; when it exists, nothing is generated.
+pub const CLIENT_SECRET: &str = "ignis-controller-tls";
 pub const CA_CERT: &str = "ca.crt";
 pub const CA_KEY: &str = "ca.key";
-pub const AGENT_CERT: &str = "agent.crt";
-pub const AGENT_KEY: &str = "agent.key";
-pub const CONTROLLER_CERT: &str = "controller.crt";
-pub const CONTROLLER_KEY: &str = "controller.key";
+/// The agents' server certificate and key, under the `kubernetes.io/tls` Secret keys.
+pub const TLS_CERT: &str = "tls.crt";
+pub const TLS_KEY: &str = "tls.key";
+const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "ignis-controller");
+/// Certificates are valid this long; the agents' is renewed when less than a month is left.
+const VALID_YEARS: i16 = 10;
+const RENEW_BEFORE_SECONDS: i64 = 30 * 24 * 3600;
+/// Optimistic-concurrency retries when both controller replicas write at once.
+const WRITE_ATTEMPTS: usize = 5;
 
 /// TLS set-up failures.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum TlsError {
     #[error("cannot generate certificates")]
+    #[strum(serialize = "CertGenerate")]
     Generate(#[source] rcgen::Error),
-    #[error("cannot read or create the TLS Secret")]
+    #[error("cannot read or write the TLS Secrets")]
+    #[strum(serialize = "TlsSecretApi")]
     Kube(#[source] kube::Error),
-    #[error("TLS Secret lacks key {0}")]
-    MissingKey(&'static str),
+    #[error("Secret {secret} lacks key {key}")]
+    #[strum(serialize = "TlsSecretIncomplete")]
+    MissingKey { secret: String, key: &'static str },
+    #[error("Secret {secret} holds an unusable CA")]
+    #[strum(serialize = "TlsCaInvalid")]
+    BadCa {
+        secret: String,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("Secret {0} kept changing under us; giving up")]
+    #[strum(serialize = "TlsSecretConflict")]
+    Conflict(String),
 }
 
-impl TlsError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            TlsError::Generate(_) => "CertGenerate",
-            TlsError::Kube(_) => "TlsSecretApi",
-            TlsError::MissingKey(_) => "TlsSecretIncomplete",
-        }
-    }
+/// The CA: its certificate as PEM and an issuer holding its key.
+pub struct Ca {
+    pub cert_pem: String,
+    key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
 }
 
-/// A fresh CA with an agent server certificate and a controller client certificate, as PEM.
-pub fn generate_bundle() -> Result<BTreeMap<&'static str, String>, TlsError> {
-    let ca_key = KeyPair::generate().map_err(TlsError::Generate)?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(TlsError::Generate)?;
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "ignis CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca_params.self_signed(&ca_key).map_err(TlsError::Generate)?;
-    let issuer = Issuer::new(ca_params, &ca_key);
-
-    let leaf = |name: &str, usage: ExtendedKeyUsagePurpose| -> Result<(String, String), TlsError> {
+impl Ca {
+    /// A fresh CA.
+    pub fn generate() -> Result<Ca, TlsError> {
         let key = KeyPair::generate().map_err(TlsError::Generate)?;
-        let mut params =
-            CertificateParams::new(vec![name.to_string()]).map_err(TlsError::Generate)?;
+        let mut params = validity(CertificateParams::new(Vec::<String>::new()))?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "ignis CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key).map_err(TlsError::Generate)?;
+        let key_pem = key.serialize_pem();
+        Ok(Ca {
+            cert_pem: cert.pem(),
+            key_pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// The CA stored in `secret`'s data.
+    pub fn from_data(secret: &str, data: &BTreeMap<String, ByteString>) -> Result<Ca, TlsError> {
+        let cert_pem = text(secret, data, CA_CERT)?;
+        let key_pem = text(secret, data, CA_KEY)?;
+        let bad = |source| TlsError::BadCa {
+            secret: secret.to_string(),
+            source,
+        };
+        let key = KeyPair::from_pem(&key_pem).map_err(bad)?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(bad)?;
+        Ok(Ca {
+            cert_pem,
+            key_pem,
+            issuer,
+        })
+    }
+
+    /// The CA Secret's data.
+    pub fn secret_data(&self) -> BTreeMap<String, ByteString> {
+        bytes([(CA_CERT, &self.cert_pem), (CA_KEY, &self.key_pem)])
+    }
+
+    /// A leaf certificate for `name` with one extended key usage, as (cert, key) PEM. Never a
+    /// CA, so what it signs is trusted by nobody.
+    pub fn issue(
+        &self,
+        name: &str,
+        usage: ExtendedKeyUsagePurpose,
+    ) -> Result<(String, String), TlsError> {
+        let key = KeyPair::generate().map_err(TlsError::Generate)?;
+        let mut params = validity(CertificateParams::new(vec![name.to_string()]))?;
         params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![usage];
         let cert = params
-            .signed_by(&key, &issuer)
+            .signed_by(&key, &self.issuer)
             .map_err(TlsError::Generate)?;
         Ok((cert.pem(), key.serialize_pem()))
-    };
-    let (agent_cert, agent_key) = leaf(AGENT_SERVER_NAME, ExtendedKeyUsagePurpose::ServerAuth)?;
-    let (ctl_cert, ctl_key) = leaf("ignis-controller", ExtendedKeyUsagePurpose::ClientAuth)?;
-    Ok(BTreeMap::from([
-        (CA_CERT, ca_cert.pem()),
-        (CA_KEY, ca_key.serialize_pem()),
-        (AGENT_CERT, agent_cert),
-        (AGENT_KEY, agent_key),
-        (CONTROLLER_CERT, ctl_cert),
-        (CONTROLLER_KEY, ctl_key),
-    ]))
-}
-
-/// The controller's client TLS config from the Secret's data.
-pub fn client_config(data: &BTreeMap<String, ByteString>) -> Result<ClientTlsConfig, TlsError> {
-    let get = |k: &'static str| {
-        data.get(k)
-            .map(|b| b.0.clone())
-            .ok_or(TlsError::MissingKey(k))
-    };
-    Ok(ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(get(CA_CERT)?))
-        .identity(Identity::from_pem(
-            get(CONTROLLER_CERT)?,
-            get(CONTROLLER_KEY)?,
-        ))
-        .domain_name(AGENT_SERVER_NAME))
-}
-
-/// Read the Secret, creating it first when it does not exist; a concurrent creator wins and
-/// its Secret is used.
-pub async fn ensure_secret(
-    client: Client,
-    namespace: &str,
-    name: &str,
-) -> Result<ClientTlsConfig, TlsError> {
-    let api: Api<Secret> = Api::namespaced(client, namespace);
-    if let Some(secret) = api.get_opt(name).await.map_err(TlsError::Kube)? {
-        return client_config(&secret.data.unwrap_or_default());
     }
-    let bundle = generate_bundle()?;
-    let secret = Secret {
+
+    /// The agents' Secret data: the CA certificate and a server certificate; no CA key.
+    pub fn agent_secret_data(&self) -> Result<BTreeMap<String, ByteString>, TlsError> {
+        let (cert, key) = self.issue(AGENT_SERVER_NAME, ExtendedKeyUsagePurpose::ServerAuth)?;
+        Ok(bytes([
+            (CA_CERT, &self.cert_pem),
+            (TLS_CERT, &cert),
+            (TLS_KEY, &key),
+        ]))
+    }
+
+    /// The controller's client TLS config, with a client certificate minted now.
+    pub fn client_config(&self) -> Result<ClientTlsConfig, TlsError> {
+        let (cert, key) = self.issue(CONTROLLER_NAME, ExtendedKeyUsagePurpose::ClientAuth)?;
+        Ok(client_tls(&self.cert_pem, cert, key))
+    }
+
+    /// Whether the agents' Secret data fits this CA: exactly the three keys, this CA's
+    /// certificate, and a server certificate it issued that is not about to expire.
+    pub fn agent_data_is_current(&self, data: &BTreeMap<String, ByteString>) -> bool {
+        let keys: Vec<&str> = data.keys().map(String::as_str).collect();
+        if keys != [CA_CERT, TLS_CERT, TLS_KEY] {
+            return false;
+        }
+        if data[CA_CERT].0 != self.cert_pem.as_bytes() {
+            return false;
+        }
+        issued_and_fresh(&data[TLS_CERT].0, &self.cert_pem)
+    }
+}
+
+/// Whether `cert_pem` is signed by `ca_pem` and valid for more than a month.
+fn issued_and_fresh(cert_pem: &[u8], ca_pem: &str) -> bool {
+    use x509_parser::pem::parse_x509_pem;
+    let (Ok((_, leaf)), Ok((_, ca))) =
+        (parse_x509_pem(cert_pem), parse_x509_pem(ca_pem.as_bytes()))
+    else {
+        return false;
+    };
+    let (Ok(leaf), Ok(ca)) = (leaf.parse_x509(), ca.parse_x509()) else {
+        return false;
+    };
+    let now = jiff::Timestamp::now().as_second();
+    leaf.verify_signature(Some(ca.public_key())).is_ok()
+        && leaf.validity().not_after.timestamp() > now + RENEW_BEFORE_SECONDS
+}
+
+fn validity(
+    params: Result<CertificateParams, rcgen::Error>,
+) -> Result<CertificateParams, TlsError> {
+    let mut params = params.map_err(TlsError::Generate)?;
+    // An hour back for clocks a little behind ours.
+    let from = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1);
+    let start = from.to_zoned(jiff::tz::TimeZone::UTC).date();
+    let day = |d: jiff::civil::Date| {
+        rcgen::date_time_ymd(
+            i32::from(d.year()),
+            d.month().unsigned_abs(),
+            d.day().unsigned_abs(),
+        )
+    };
+    params.not_before = day(start);
+    let end = start
+        .checked_add(jiff::Span::new().years(VALID_YEARS))
+        .unwrap_or(start);
+    params.not_after = day(end);
+    Ok(params)
+}
+
+fn bytes<'a>(
+    items: impl IntoIterator<Item = (&'static str, &'a String)>,
+) -> BTreeMap<String, ByteString> {
+    items
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), ByteString(v.clone().into_bytes())))
+        .collect()
+}
+
+fn text(
+    secret: &str,
+    data: &BTreeMap<String, ByteString>,
+    key: &'static str,
+) -> Result<String, TlsError> {
+    data.get(key)
+        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        .ok_or_else(|| TlsError::MissingKey {
+            secret: secret.to_string(),
+            key,
+        })
+}
+
+fn client_tls(ca_pem: &str, cert_pem: String, key_pem: String) -> ClientTlsConfig {
+    ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .identity(Identity::from_pem(cert_pem, key_pem))
+        .domain_name(AGENT_SERVER_NAME)
+}
+
+/// The client TLS config from a user-provided client Secret (`ca.crt`, `tls.crt`, `tls.key`).
+pub fn client_config_from_data(
+    secret: &str,
+    data: &BTreeMap<String, ByteString>,
+) -> Result<ClientTlsConfig, TlsError> {
+    Ok(client_tls(
+        &text(secret, data, CA_CERT)?,
+        text(secret, data, TLS_CERT)?,
+        text(secret, data, TLS_KEY)?,
+    ))
+}
+
+fn secret(name: &str, namespace: &str, type_: &str, data: BTreeMap<String, ByteString>) -> Secret {
+    Secret {
         metadata: ObjectMeta {
             name: Some(name.to_string()),
             namespace: Some(namespace.to_string()),
+            labels: Some(BTreeMap::from([(
+                MANAGED_BY.0.to_string(),
+                MANAGED_BY.1.to_string(),
+            )])),
             ..Default::default()
         },
-        data: Some(
-            bundle
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), ByteString(v.into_bytes())))
-                .collect(),
-        ),
+        type_: Some(type_.to_string()),
+        data: Some(data),
         ..Default::default()
-    };
-    match api.create(&PostParams::default(), &secret).await {
-        Ok(created) => {
-            tracing::info!(%namespace, %name, "created the agent TLS Secret");
-            client_config(&created.data.unwrap_or_default())
+    }
+}
+
+fn is_conflict(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.code == 409)
+}
+
+/// Read the CA Secret, creating it when missing (a concurrent creator wins and its CA is used).
+async fn ensure_ca(api: &Api<Secret>, namespace: &str) -> Result<Ca, TlsError> {
+    if let Some(existing) = api.get_opt(CA_SECRET).await.map_err(TlsError::Kube)? {
+        return Ca::from_data(CA_SECRET, &existing.data.unwrap_or_default());
+    }
+    let ca = Ca::generate()?;
+    let object = secret(CA_SECRET, namespace, "Opaque", ca.secret_data());
+    match api.create(&PostParams::default(), &object).await {
+        Ok(_) => {
+            tracing::info!(%namespace, secret = CA_SECRET, "created the agent CA");
+            Ok(ca)
         }
-        Err(kube::Error::Api(status)) if status.code == 409 => {
-            let existing = api.get(name).await.map_err(TlsError::Kube)?;
-            client_config(&existing.data.unwrap_or_default())
+        Err(error) if is_conflict(&error) => {
+            let existing = api.get(CA_SECRET).await.map_err(TlsError::Kube)?;
+            Ca::from_data(CA_SECRET, &existing.data.unwrap_or_default())
         }
         Err(error) => Err(TlsError::Kube(error)),
     }
 }
 
+/// Create or repair the agents' Secret so it fits `ca`.
+async fn ensure_agent_secret(
+    api: &Api<Secret>,
+    namespace: &str,
+    name: &str,
+    ca: &Ca,
+) -> Result<(), TlsError> {
+    for _ in 0..WRITE_ATTEMPTS {
+        let existing = api.get_opt(name).await.map_err(TlsError::Kube)?;
+        let mut object = secret(
+            name,
+            namespace,
+            "kubernetes.io/tls",
+            ca.agent_secret_data()?,
+        );
+        let written = match existing {
+            Some(current) => {
+                let data = current.data.clone().unwrap_or_default();
+                if ca.agent_data_is_current(&data) {
+                    return Ok(());
+                }
+                if data.contains_key(CA_KEY) {
+                    tracing::warn!(%namespace, secret = name,
+                        "the agents' Secret held the CA key (old layout); it was readable on every node, so agents get certificates of a new CA");
+                } else {
+                    tracing::info!(%namespace, secret = name, "renewing the agents' certificate for the current CA");
+                }
+                object.metadata.resource_version = current.metadata.resource_version.clone();
+                if current.type_ != object.type_ {
+                    // The type of a Secret is immutable: replace it.
+                    api.delete(name, &Default::default())
+                        .await
+                        .map_err(TlsError::Kube)?;
+                    object.metadata.resource_version = None;
+                    api.create(&PostParams::default(), &object).await
+                } else {
+                    api.replace(name, &PostParams::default(), &object).await
+                }
+            }
+            None => api.create(&PostParams::default(), &object).await,
+        };
+        match written {
+            Ok(_) => {
+                tracing::info!(%namespace, secret = name, "wrote the agents' TLS Secret");
+                return Ok(());
+            }
+            Err(error) if is_conflict(&error) => continue,
+            Err(kube::Error::Api(status)) if status.code == 404 => continue,
+            Err(error) => return Err(TlsError::Kube(error)),
+        }
+    }
+    Err(TlsError::Conflict(name.to_string()))
+}
+
+/// The controller's client TLS config: from the user's [`CLIENT_SECRET`] when it exists, else
+/// from the managed CA (created when missing), after making sure the agents' Secret
+/// `agent_secret` fits that CA.
+pub async fn ensure_secret(
+    client: Client,
+    namespace: &str,
+    agent_secret: &str,
+) -> Result<ClientTlsConfig, TlsError> {
+    let api: Api<Secret> = Api::namespaced(client, namespace);
+    if let Some(own) = api.get_opt(CLIENT_SECRET).await.map_err(TlsError::Kube)? {
+        tracing::info!(%namespace, secret = CLIENT_SECRET, "using the provided client certificate; managing no TLS Secrets");
+        return client_config_from_data(CLIENT_SECRET, &own.data.unwrap_or_default());
+    }
+    let ca = ensure_ca(&api, namespace).await?;
+    ensure_agent_secret(&api, namespace, agent_secret, &ca).await?;
+    ca.client_config()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorReason;
 
     #[test]
-    fn bundle_has_every_key_and_builds_a_client_config() {
-        let bundle = generate_bundle().expect("generates");
-        for key in [
-            CA_CERT,
-            CA_KEY,
-            AGENT_CERT,
-            AGENT_KEY,
-            CONTROLLER_CERT,
-            CONTROLLER_KEY,
-        ] {
-            assert!(bundle[key].starts_with("-----BEGIN"), "{key}");
-        }
-        let data: BTreeMap<String, ByteString> = bundle
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), ByteString(v.into_bytes())))
-            .collect();
-        assert!(client_config(&data).is_ok());
-        let mut partial = data.clone();
-        partial.remove(CONTROLLER_KEY);
-        assert!(matches!(
-            client_config(&partial),
-            Err(TlsError::MissingKey(CONTROLLER_KEY))
-        ));
+    fn the_agents_data_holds_no_ca_key_and_fits_its_ca() {
+        let ca = Ca::generate().expect("CA");
+        let data = ca.agent_secret_data().expect("agent data");
+        assert_eq!(
+            data.keys().map(String::as_str).collect::<Vec<_>>(),
+            [CA_CERT, TLS_CERT, TLS_KEY]
+        );
+        assert!(!data.contains_key(CA_KEY));
+        assert!(ca.agent_data_is_current(&data));
+        assert!(ca.client_config().is_ok());
+    }
+
+    #[test]
+    fn the_ca_survives_a_round_trip_through_its_secret() {
+        let ca = Ca::generate().expect("CA");
+        let again = Ca::from_data(CA_SECRET, &ca.secret_data()).expect("reload");
+        assert_eq!(again.cert_pem, ca.cert_pem);
+        // A certificate issued by the reloaded CA still chains to the stored certificate.
+        let data = again.agent_secret_data().expect("agent data");
+        assert!(ca.agent_data_is_current(&data));
+    }
+
+    #[test]
+    fn stale_or_foreign_agent_data_is_rewritten() {
+        let ca = Ca::generate().expect("CA");
+        let other = Ca::generate().expect("another CA");
+        let mut old_layout = ca.agent_secret_data().expect("data");
+        old_layout.insert(CA_KEY.into(), ByteString(ca.key_pem.clone().into_bytes()));
+        assert!(!ca.agent_data_is_current(&old_layout), "holds the CA key");
+        let foreign = other.agent_secret_data().expect("data");
+        assert!(!ca.agent_data_is_current(&foreign), "another CA");
+        let mut mixed = ca.agent_secret_data().expect("data");
+        mixed.insert(TLS_CERT.into(), foreign[TLS_CERT].clone());
+        assert!(
+            !ca.agent_data_is_current(&mixed),
+            "certificate of another CA"
+        );
+        let mut partial = ca.agent_secret_data().expect("data");
+        partial.remove(TLS_KEY);
+        assert!(!ca.agent_data_is_current(&partial), "no key");
+    }
+
+    #[test]
+    fn missing_keys_are_named() {
+        let Err(error) = Ca::from_data("ignis-ca", &BTreeMap::new()) else {
+            panic!("a CA without keys was accepted");
+        };
+        assert_eq!(error.reason(), "TlsSecretIncomplete");
+        assert!(error.to_string().contains("ca.crt"), "{error}");
+        let Err(error) = client_config_from_data(CLIENT_SECRET, &BTreeMap::new()) else {
+            panic!("a client Secret without keys was accepted");
+        };
+        assert_eq!(error.reason(), "TlsSecretIncomplete");
     }
 }

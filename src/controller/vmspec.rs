@@ -4,7 +4,7 @@
 use thiserror::Error;
 
 use crate::api::{MicroVM, parse_quantity_bytes};
-use crate::vm::{Interface, VmSpec, VmUid};
+use crate::vm::{GuestFile, Interface, VmSpec, VmUid};
 
 /// A MicroVM the agent API cannot express. Permanent: the object must change first.
 #[derive(Debug, Error, PartialEq, Eq, strum::IntoStaticStr)]
@@ -21,11 +21,14 @@ pub(crate) enum VmSpecError {
         #[source]
         source: crate::api::QuantityError,
     },
-    #[error(
-        "spec.{field}.image is not supported by this version of ignis: put the file on the node and use spec.{field}.path"
-    )]
-    ImageUnsupported { field: &'static str },
-    #[error("spec.kernel needs a path")]
+    #[error("spec.{field}.image {reference:?} is not a valid image reference: {detail}")]
+    #[strum(serialize = "InvalidImageReference")]
+    ImageReference {
+        field: &'static str,
+        reference: String,
+        detail: String,
+    },
+    #[error("spec.kernel needs a path or an image")]
     MissingKernel,
 }
 
@@ -47,23 +50,15 @@ pub(crate) fn build(mvm: &MicroVM) -> Result<BuiltSpec, VmSpecError> {
             memory: s.resources.memory.clone(),
             source,
         })?;
-    if s.kernel.image.is_some() {
-        return Err(VmSpecError::ImageUnsupported { field: "kernel" });
-    }
-    let kernel_path = s.kernel.path.clone().ok_or(VmSpecError::MissingKernel)?;
-    let initrd_path = match &s.initrd {
+    let kernel =
+        guest_file("kernel", &s.kernel.path, &s.kernel.image)?.ok_or(VmSpecError::MissingKernel)?;
+    let initrd = match &s.initrd {
         None => None,
-        Some(i) if i.image.is_some() => {
-            return Err(VmSpecError::ImageUnsupported { field: "initrd" });
-        }
-        Some(i) => i.path.clone(),
+        Some(i) => guest_file("initrd", &i.path, &i.image)?,
     };
-    let (rootfs_path, rootfs_read_only) = match &s.rootfs {
+    let (rootfs, rootfs_read_only) = match &s.rootfs {
         None => (None, false),
-        Some(r) if r.image.is_some() => {
-            return Err(VmSpecError::ImageUnsupported { field: "rootfs" });
-        }
-        Some(r) => (r.path.clone(), r.read_only),
+        Some(r) => (guest_file("rootfs", &r.path, &r.image)?, r.read_only),
     };
     let interfaces = s
         .network
@@ -85,10 +80,10 @@ pub(crate) fn build(mvm: &MicroVM) -> Result<BuiltSpec, VmSpecError> {
         accelerator: s.accelerator.pinned(),
         vcpus: s.resources.vcpus,
         memory_bytes,
-        kernel_path,
+        kernel,
         kernel_cmdline: s.kernel.cmdline.clone().unwrap_or_default(),
-        initrd_path,
-        rootfs_path,
+        initrd,
+        rootfs,
         rootfs_read_only,
         interfaces,
         user_data: s.user_data.clone(),
@@ -98,6 +93,30 @@ pub(crate) fn build(mvm: &MicroVM) -> Result<BuiltSpec, VmSpecError> {
     };
     let hash = spec.boot_hash();
     Ok(BuiltSpec { spec, hash })
+}
+
+/// The file of one spec field: an image wins over a path (the API server's CEL rule allows
+/// only one); an image reference must parse, so a typo stalls the MicroVM here, naming the
+/// field, rather than on the node.
+fn guest_file(
+    field: &'static str,
+    path: &Option<String>,
+    image: &Option<String>,
+) -> Result<Option<GuestFile>, VmSpecError> {
+    match (path, image) {
+        (_, Some(reference)) => {
+            oci_client::Reference::try_from(reference.as_str()).map_err(|e| {
+                VmSpecError::ImageReference {
+                    field,
+                    reference: reference.clone(),
+                    detail: e.to_string(),
+                }
+            })?;
+            Ok(Some(GuestFile::Image(reference.clone())))
+        }
+        (Some(path), None) => Ok(Some(GuestFile::Path(path.clone()))),
+        (None, None) => Ok(None),
+    }
 }
 
 /// vCPUs and memory a MicroVM reserves; `None` when the memory quantity is invalid.
@@ -119,7 +138,10 @@ mod tests {
         assert_eq!(built.spec.uid.as_str(), "uid-web");
         assert_eq!(built.spec.namespace, "default");
         assert_eq!(built.spec.memory_bytes, 256 << 20);
-        assert_eq!(built.spec.kernel_path, "/var/lib/ignis/guest/vmlinuz");
+        assert_eq!(
+            built.spec.kernel,
+            GuestFile::Path("/var/lib/ignis/guest/vmlinuz".into())
+        );
         assert_eq!(built.spec.hypervisor, None);
         assert_eq!(
             built.spec.readiness_console_marker.as_deref(),
@@ -142,13 +164,27 @@ mod tests {
     }
 
     #[test]
-    fn images_are_refused_with_a_reason() {
+    fn images_become_references_and_bad_ones_name_their_field() {
         let mut mvm = microvm("web");
         mvm.spec.kernel.path = None;
         mvm.spec.kernel.image = Some("registry.local/kernel:6".to_string());
+        mvm.spec.rootfs = Some(crate::api::RootfsSource {
+            path: None,
+            image: Some("registry.local/rootfs@sha256:".to_string() + &"a".repeat(64)),
+            read_only: true,
+        });
+        let built = build(&mvm).expect("builds");
+        assert_eq!(
+            built.spec.kernel,
+            GuestFile::Image("registry.local/kernel:6".into())
+        );
+        assert!(built.spec.rootfs_read_only);
+        assert_eq!(built.spec.images().len(), 2);
+        assert_ne!(built.hash, build(&microvm("web")).expect("builds").hash);
+        mvm.spec.kernel.image = Some("Registry.local/UPPER:tag".to_string());
         let err = build(&mvm).expect_err("must fail");
-        assert_eq!(err.reason(), "ImageUnsupported");
-        assert!(err.to_string().contains("spec.kernel.image"));
+        assert_eq!(err.reason(), "InvalidImageReference");
+        assert!(err.to_string().contains("spec.kernel.image"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Domain fixtures: the agent's view of a VM as the tests need it.
 
-use crate::vm::{ApplyRequest, DesiredState, VmSpec, VmUid};
+use crate::vm::{ApplyRequest, DesiredState, GuestFile, PullSecrets, VmSpec, VmUid};
 
 /// A spec for VM `uid`: one vCPU, 256 MiB, auto hypervisor and accelerator, kernel at `/k`,
 /// no readiness, no network.
@@ -13,10 +13,10 @@ pub fn vm_spec(uid: &str) -> VmSpec {
         accelerator: None,
         vcpus: 1,
         memory_bytes: 256 << 20,
-        kernel_path: "/k".into(),
+        kernel: GuestFile::Path("/k".into()),
         kernel_cmdline: String::new(),
-        initrd_path: None,
-        rootfs_path: None,
+        initrd: None,
+        rootfs: None,
         rootfs_read_only: false,
         interfaces: Vec::new(),
         user_data: None,
@@ -34,5 +34,6 @@ pub fn apply_request(uid: &str) -> ApplyRequest {
         spec,
         run: 1,
         desired: DesiredState::Running,
+        pull_secrets: PullSecrets::default(),
     }
 }

@@ -2,8 +2,10 @@
 //! planner and the agent's supervisor work only with these types; the generated gRPC types
 //! are converted to and from them once each way, in [`wire`].
 //!
-//! - [`ApplyRequest`] / [`VmSpec`]: what the controller asks for;
-//! - [`VmStatus`] / [`RunState`] / [`RunExit`] / [`ExitReason`]: what the agent reports;
+//! - [`ApplyRequest`] / [`VmSpec`] / [`GuestFile`] / [`PullSecrets`]: what the controller asks
+//!   for;
+//! - [`VmStatus`] / [`RunState`] / [`RunExit`] / [`ExitReason`] / [`PulledImage`] /
+//!   [`Pulling`]: what the agent reports;
 //! - [`HostInfo`]: what a node offers;
 //! - [`VmUid`]: the uid, validated once where it enters.
 //!
@@ -15,8 +17,11 @@ mod status;
 mod uid;
 pub(crate) mod wire;
 
-pub use crate::api::{Accelerator, Hypervisor, InterfaceMode};
+pub use crate::api::{Accelerator, Hypervisor, ImageKind, InterfaceMode};
 pub use exit::ExitReason;
-pub use spec::{ApplyRequest, DesiredState, Interface, VmSpec};
-pub use status::{HostInfo, RunExit, RunState, SequencedEvent, VmEvent, VmStatus};
+pub use spec::{ApplyRequest, DesiredState, GuestFile, Interface, PullSecrets, VmSpec};
+pub use status::{
+    HostInfo, PullFailure, PulledImage, Pulling, RunExit, RunState, SequencedEvent, VmEvent,
+    VmStatus,
+};
 pub use uid::{InvalidUid, VmUid};

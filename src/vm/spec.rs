@@ -6,7 +6,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::VmUid;
-use crate::api::{Accelerator, Hypervisor, InterfaceMode};
+use crate::api::{Accelerator, Hypervisor, ImageKind, InterfaceMode};
 
 /// One guest network interface as asked for.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,42 +27,194 @@ pub struct Interface {
     pub mac: Option<String>,
 }
 
+/// Where a guest file (kernel, initrd, root disk) comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestFile {
+    /// A file on the node.
+    Path(String),
+    /// An OCI image reference (`registry/repo:tag` or `registry/repo@sha256:...`); the agent
+    /// pulls it into the node's image cache.
+    Image(String),
+}
+
+impl GuestFile {
+    pub fn image(&self) -> Option<&str> {
+        match self {
+            GuestFile::Image(reference) => Some(reference),
+            GuestFile::Path(_) => None,
+        }
+    }
+
+    pub fn path(&self) -> Option<&str> {
+        match self {
+            GuestFile::Path(path) => Some(path),
+            GuestFile::Image(_) => None,
+        }
+    }
+}
+
 /// The backend-neutral description of a VM, derived from a MicroVM by the controller.
+/// Serialized (as the agent's `spec.json` and for [`VmSpec::boot_hash`]) in the flat layout
+/// of [`SpecRecord`], so records and hashes of VMs booted before images existed stay valid.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "SpecRecord", try_from = "SpecRecord")]
 pub struct VmSpec {
     pub(crate) uid: VmUid,
     pub(crate) namespace: String,
     pub(crate) name: String,
     /// `None`: the best VMM the node offers.
-    #[serde(default, deserialize_with = "absent_if_auto")]
     pub(crate) hypervisor: Option<Hypervisor>,
     /// `None`: KVM when the node's probe says it works, else TCG.
-    #[serde(default, deserialize_with = "absent_if_auto")]
     pub(crate) accelerator: Option<Accelerator>,
     pub(crate) vcpus: u32,
     pub(crate) memory_bytes: u64,
-    pub(crate) kernel_path: String,
-    #[serde(default)]
+    pub(crate) kernel: GuestFile,
     pub(crate) kernel_cmdline: String,
-    #[serde(default, deserialize_with = "absent_if_empty")]
-    pub(crate) initrd_path: Option<String>,
-    #[serde(default, deserialize_with = "absent_if_empty")]
-    pub(crate) rootfs_path: Option<String>,
-    #[serde(default)]
+    pub(crate) initrd: Option<GuestFile>,
+    pub(crate) rootfs: Option<GuestFile>,
     pub(crate) rootfs_read_only: bool,
-    #[serde(default)]
     pub(crate) interfaces: Vec<Interface>,
-    #[serde(default, deserialize_with = "absent_if_empty")]
     pub(crate) user_data: Option<String>,
     /// Ready once this text appears on the serial console.
-    #[serde(default, deserialize_with = "absent_if_empty")]
     pub(crate) readiness_console_marker: Option<String>,
     /// Ready once this port on the guest's first address accepts a connection; wins over the
     /// marker when the guest has an address.
-    #[serde(default, deserialize_with = "absent_if_empty")]
     pub(crate) readiness_tcp_port: Option<u16>,
-    #[serde(default)]
     pub(crate) termination_grace_period_seconds: i64,
+}
+
+/// [`VmSpec`] on disk: the layout of agents before images, plus the image references (left
+/// out when absent, so a spec without images serializes, and hashes, as it always did).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct SpecRecord {
+    uid: VmUid,
+    namespace: String,
+    name: String,
+    #[serde(default, deserialize_with = "absent_if_auto")]
+    hypervisor: Option<Hypervisor>,
+    #[serde(default, deserialize_with = "absent_if_auto")]
+    accelerator: Option<Accelerator>,
+    vcpus: u32,
+    memory_bytes: u64,
+    #[serde(default)]
+    kernel_path: String,
+    #[serde(default)]
+    kernel_cmdline: String,
+    #[serde(default, deserialize_with = "absent_if_empty")]
+    initrd_path: Option<String>,
+    #[serde(default, deserialize_with = "absent_if_empty")]
+    rootfs_path: Option<String>,
+    #[serde(default)]
+    rootfs_read_only: bool,
+    #[serde(default)]
+    interfaces: Vec<Interface>,
+    #[serde(default, deserialize_with = "absent_if_empty")]
+    user_data: Option<String>,
+    #[serde(default, deserialize_with = "absent_if_empty")]
+    readiness_console_marker: Option<String>,
+    #[serde(default, deserialize_with = "absent_if_empty")]
+    readiness_tcp_port: Option<u16>,
+    #[serde(default)]
+    termination_grace_period_seconds: i64,
+    #[serde(
+        default,
+        deserialize_with = "absent_if_empty",
+        skip_serializing_if = "Option::is_none"
+    )]
+    kernel_image: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "absent_if_empty",
+        skip_serializing_if = "Option::is_none"
+    )]
+    initrd_image: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "absent_if_empty",
+        skip_serializing_if = "Option::is_none"
+    )]
+    rootfs_image: Option<String>,
+}
+
+/// A path or an image, not both; `None` for neither.
+fn guest_file(
+    what: &str,
+    path: Option<String>,
+    image: Option<String>,
+) -> Result<Option<GuestFile>, String> {
+    match (path, image) {
+        (Some(_), Some(_)) => Err(format!("{what} has both a path and an image")),
+        (Some(path), None) => Ok(Some(GuestFile::Path(path))),
+        (None, Some(image)) => Ok(Some(GuestFile::Image(image))),
+        (None, None) => Ok(None),
+    }
+}
+
+fn split(file: Option<GuestFile>) -> (Option<String>, Option<String>) {
+    match file {
+        Some(GuestFile::Path(path)) => (Some(path), None),
+        Some(GuestFile::Image(image)) => (None, Some(image)),
+        None => (None, None),
+    }
+}
+
+impl From<VmSpec> for SpecRecord {
+    fn from(s: VmSpec) -> Self {
+        let (kernel_path, kernel_image) = split(Some(s.kernel));
+        let (initrd_path, initrd_image) = split(s.initrd);
+        let (rootfs_path, rootfs_image) = split(s.rootfs);
+        SpecRecord {
+            uid: s.uid,
+            namespace: s.namespace,
+            name: s.name,
+            hypervisor: s.hypervisor,
+            accelerator: s.accelerator,
+            vcpus: s.vcpus,
+            memory_bytes: s.memory_bytes,
+            kernel_path: kernel_path.unwrap_or_default(),
+            kernel_cmdline: s.kernel_cmdline,
+            initrd_path,
+            rootfs_path,
+            rootfs_read_only: s.rootfs_read_only,
+            interfaces: s.interfaces,
+            user_data: s.user_data,
+            readiness_console_marker: s.readiness_console_marker,
+            readiness_tcp_port: s.readiness_tcp_port,
+            termination_grace_period_seconds: s.termination_grace_period_seconds,
+            kernel_image,
+            initrd_image,
+            rootfs_image,
+        }
+    }
+}
+
+impl TryFrom<SpecRecord> for VmSpec {
+    type Error = String;
+
+    fn try_from(r: SpecRecord) -> Result<Self, String> {
+        let kernel_path = Some(r.kernel_path).filter(|p| !p.is_empty() || r.kernel_image.is_none());
+        Ok(VmSpec {
+            uid: r.uid,
+            namespace: r.namespace,
+            name: r.name,
+            hypervisor: r.hypervisor,
+            accelerator: r.accelerator,
+            vcpus: r.vcpus,
+            memory_bytes: r.memory_bytes,
+            // An empty path (no kernel given at all) stays a path: the boot refuses it by name.
+            kernel: guest_file("kernel", kernel_path, r.kernel_image)?
+                .unwrap_or_else(|| GuestFile::Path(String::new())),
+            kernel_cmdline: r.kernel_cmdline,
+            initrd: guest_file("initrd", r.initrd_path, r.initrd_image)?,
+            rootfs: guest_file("rootfs", r.rootfs_path, r.rootfs_image)?,
+            rootfs_read_only: r.rootfs_read_only,
+            interfaces: r.interfaces,
+            user_data: r.user_data,
+            readiness_console_marker: r.readiness_console_marker,
+            readiness_tcp_port: r.readiness_tcp_port,
+            termination_grace_period_seconds: r.termination_grace_period_seconds,
+        })
+    }
 }
 
 impl VmSpec {
@@ -77,6 +229,18 @@ impl VmSpec {
         // canonical. Serializing plain data into memory cannot fail.
         let bytes = serde_json::to_vec(&boot).unwrap_or_default();
         hex::encode(&Sha256::digest(bytes)[..8])
+    }
+
+    /// The images the VM boots from, by kind.
+    pub(crate) fn images(&self) -> Vec<(ImageKind, &str)> {
+        [
+            (ImageKind::Kernel, Some(&self.kernel)),
+            (ImageKind::Initrd, self.initrd.as_ref()),
+            (ImageKind::Rootfs, self.rootfs.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(kind, file)| Some((kind, file?.image()?)))
+        .collect()
     }
 
     /// The grace period between a graceful stop and a kill.
@@ -94,8 +258,31 @@ pub enum DesiredState {
     Stopped,
 }
 
+/// Registry credentials for the pulls of one apply: the docker-config payloads
+/// (`.dockerconfigjson` or `.dockercfg`) of the MicroVM's image pull secrets, in order. Held in
+/// memory only: never serialized, never logged.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct PullSecrets(pub(crate) Vec<Vec<u8>>);
+
+impl PullSecrets {
+    pub fn new(docker_configs: Vec<Vec<u8>>) -> Self {
+        PullSecrets(docker_configs)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for PullSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PullSecrets({} redacted)", self.0.len())
+    }
+}
+
 /// `ApplyVM`: converge the VM onto `spec`, run number `run`, in the desired state. Idempotent
-/// by (uid, spec hash, run); the agent keeps it as the VM's `spec.json`.
+/// by (uid, spec hash, run); the agent keeps it as the VM's `spec.json` (without the pull
+/// secrets).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApplyRequest {
     #[serde(flatten)]
@@ -106,6 +293,9 @@ pub struct ApplyRequest {
     pub(crate) run: u32,
     #[serde(rename = "want_running", with = "desired_as_bool")]
     pub(crate) desired: DesiredState,
+    /// For pulling the spec's images; not part of the spec (changing a Secret replaces no VM).
+    #[serde(skip)]
+    pub(crate) pull_secrets: PullSecrets,
 }
 
 mod desired_as_bool {
@@ -189,6 +379,73 @@ mod tests {
     }
 
     #[test]
+    fn a_spec_without_images_serializes_and_hashes_as_before_images() {
+        // The layout (and so the hash) of every VM running before images existed: changing it
+        // would make an upgraded controller replace them all.
+        let json = serde_json::to_value(spec()).expect("json");
+        let keys: Vec<&str> = json
+            .as_object()
+            .expect("object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut before = vec![
+            "uid",
+            "namespace",
+            "name",
+            "hypervisor",
+            "accelerator",
+            "vcpus",
+            "memory_bytes",
+            "kernel_path",
+            "kernel_cmdline",
+            "initrd_path",
+            "rootfs_path",
+            "rootfs_read_only",
+            "interfaces",
+            "user_data",
+            "readiness_console_marker",
+            "readiness_tcp_port",
+            "termination_grace_period_seconds",
+        ];
+        let mut sorted = keys.clone();
+        sorted.sort_unstable();
+        before.sort_unstable();
+        assert_eq!(sorted, before);
+        assert_eq!(spec().boot_hash(), "6846d3fb043a71af", "{json}");
+    }
+
+    #[test]
+    fn image_references_round_trip_and_a_path_with_an_image_is_refused() {
+        let with_images = VmSpec {
+            kernel: GuestFile::Image("reg/k:1".into()),
+            initrd: Some(GuestFile::Image("reg/i:1".into())),
+            rootfs: Some(GuestFile::Image("reg/r@sha256:00".into())),
+            ..spec()
+        };
+        let json = serde_json::to_value(&with_images).expect("json");
+        assert_eq!(json["kernel_path"], "");
+        assert_eq!(json["kernel_image"], "reg/k:1");
+        assert_eq!(
+            serde_json::from_value::<VmSpec>(json.clone()).expect("back"),
+            with_images
+        );
+        assert_eq!(
+            with_images.images(),
+            vec![
+                (ImageKind::Kernel, "reg/k:1"),
+                (ImageKind::Initrd, "reg/i:1"),
+                (ImageKind::Rootfs, "reg/r@sha256:00")
+            ]
+        );
+        assert_ne!(with_images.boot_hash(), spec().boot_hash());
+        let mut both = json;
+        both["kernel_path"] = "/k".into();
+        let error = serde_json::from_value::<VmSpec>(both).expect_err("both");
+        assert!(error.to_string().contains("kernel has both"), "{error}");
+    }
+
+    #[test]
     fn requests_round_trip_and_records_of_the_untyped_agent_still_read() {
         let request = ApplyRequest {
             spec: VmSpec {
@@ -205,6 +462,7 @@ mod tests {
             spec_hash: "h".into(),
             run: 2,
             desired: DesiredState::Stopped,
+            pull_secrets: PullSecrets::default(),
         };
         let json = serde_json::to_string(&request).expect("json");
         assert_eq!(
@@ -220,7 +478,8 @@ mod tests {
         let read: ApplyRequest = serde_json::from_str(old).expect("old record");
         assert_eq!(read.spec.hypervisor, None);
         assert_eq!(read.spec.accelerator, None);
-        assert_eq!(read.spec.initrd_path, None);
+        assert_eq!(read.spec.initrd, None);
+        assert_eq!(read.spec.kernel, GuestFile::Path("/k".into()));
         assert_eq!(read.spec.readiness_tcp_port, None);
         assert_eq!(
             read.spec.readiness_console_marker.as_deref(),

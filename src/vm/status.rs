@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{ExitReason, VmUid};
-use crate::api::{Accelerator, Hypervisor};
+use crate::api::{Accelerator, Hypervisor, ImageKind};
 
 /// Where a VM's current run is in its life.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -60,6 +60,39 @@ pub struct RunExit {
     pub(crate) at_unix_ms: i64,
 }
 
+/// An image a run boots from, resolved to its manifest digest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PulledImage {
+    pub(crate) kind: ImageKind,
+    /// The reference as the spec gives it.
+    pub(crate) reference: String,
+    /// `sha256:...`: what every run of this spec boots, whatever the tag says later.
+    pub(crate) digest: String,
+}
+
+/// A run still fetching its images (state `Creating`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pulling {
+    /// The references not pulled yet.
+    pub(crate) references: Vec<String>,
+    /// Why the last attempt failed, while the pull is retried.
+    #[serde(default)]
+    pub(crate) failure: Option<PullFailure>,
+}
+
+/// A failed pull attempt that will be retried.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullFailure {
+    /// The error's fixed word (`ImageNotFound`, `ImageUnauthorized`, `RegistryUnreachable`...).
+    pub(crate) reason: String,
+    /// With the registry's own message.
+    pub(crate) message: String,
+    /// Attempts so far.
+    pub(crate) attempts: u32,
+    /// When the next attempt starts.
+    pub(crate) retry_at_unix_ms: i64,
+}
+
 /// A VM as its agent sees it (the agent keeps it as the VM's `status.json`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmStatus {
@@ -79,6 +112,12 @@ pub struct VmStatus {
     pub(crate) accelerator: Option<Accelerator>,
     #[serde(default)]
     pub(crate) ip_addresses: Vec<String>,
+    /// The images of the spec as resolved; the same for every run of the spec.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) images: Vec<PulledImage>,
+    /// Set while the run pulls its images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) pulling: Option<Pulling>,
     #[serde(default)]
     pub(crate) created_at_unix_ms: i64,
     #[serde(default)]
@@ -119,6 +158,8 @@ impl VmStatus {
             hypervisor: None,
             accelerator: None,
             ip_addresses: Vec::new(),
+            images: Vec::new(),
+            pulling: None,
             created_at_unix_ms: 0,
             started_at_unix_ms: 0,
             ready_at_unix_ms: 0,

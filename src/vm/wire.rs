@@ -9,8 +9,9 @@
 use thiserror::Error;
 
 use super::{
-    Accelerator, ApplyRequest, DesiredState, ExitReason, HostInfo, Hypervisor, Interface,
-    InterfaceMode, InvalidUid, RunExit, RunState, SequencedEvent, VmEvent, VmSpec, VmStatus, VmUid,
+    Accelerator, ApplyRequest, DesiredState, ExitReason, GuestFile, HostInfo, Hypervisor,
+    ImageKind, Interface, InterfaceMode, InvalidUid, PullFailure, PullSecrets, PulledImage,
+    Pulling, RunExit, RunState, SequencedEvent, VmEvent, VmSpec, VmStatus, VmUid,
 };
 use crate::proto;
 
@@ -116,6 +117,49 @@ fn state_from_wire(value: i32) -> RunState {
     }
 }
 
+fn kind_to_wire(kind: ImageKind) -> proto::ImageKind {
+    match kind {
+        ImageKind::Kernel => proto::ImageKind::Kernel,
+        ImageKind::Initrd => proto::ImageKind::Initrd,
+        ImageKind::Rootfs => proto::ImageKind::Rootfs,
+    }
+}
+
+fn kind_from_wire(value: i32) -> Option<ImageKind> {
+    match proto::ImageKind::try_from(value) {
+        Ok(proto::ImageKind::Kernel) => Some(ImageKind::Kernel),
+        Ok(proto::ImageKind::Initrd) => Some(ImageKind::Initrd),
+        Ok(proto::ImageKind::Rootfs) => Some(ImageKind::Rootfs),
+        Ok(proto::ImageKind::Unspecified) | Err(_) => None,
+    }
+}
+
+/// A guest file as the wire's (path, image) pair.
+fn file_to_wire(file: Option<&GuestFile>) -> (String, String) {
+    match file {
+        Some(GuestFile::Path(path)) => (path.clone(), String::new()),
+        Some(GuestFile::Image(image)) => (String::new(), image.clone()),
+        None => (String::new(), String::new()),
+    }
+}
+
+/// The wire's (path, image) pair as a guest file; both given is refused.
+fn file_from_wire(
+    field: &'static str,
+    path: String,
+    image: String,
+) -> Result<Option<GuestFile>, SpecError> {
+    match (given(path), given(image)) {
+        (Some(_), Some(_)) => Err(SpecError::InvalidSpec {
+            field,
+            detail: "gives both a path and an image: set exactly one".into(),
+        }),
+        (Some(path), None) => Ok(Some(GuestFile::Path(path))),
+        (None, Some(image)) => Ok(Some(GuestFile::Image(image))),
+        (None, None) => Ok(None),
+    }
+}
+
 fn text(value: &Option<String>) -> String {
     value.clone().unwrap_or_default()
 }
@@ -126,6 +170,9 @@ fn given(value: String) -> Option<String> {
 
 impl From<&VmSpec> for proto::VmSpec {
     fn from(spec: &VmSpec) -> Self {
+        let (kernel_path, kernel_image) = file_to_wire(Some(&spec.kernel));
+        let (initrd_path, initrd_image) = file_to_wire(spec.initrd.as_ref());
+        let (rootfs_path, rootfs_image) = file_to_wire(spec.rootfs.as_ref());
         proto::VmSpec {
             uid: spec.uid.to_string(),
             namespace: spec.namespace.clone(),
@@ -134,10 +181,13 @@ impl From<&VmSpec> for proto::VmSpec {
             accelerator: accelerator_to_wire(spec.accelerator) as i32,
             vcpus: spec.vcpus,
             memory_bytes: spec.memory_bytes,
-            kernel_path: spec.kernel_path.clone(),
+            kernel_path,
+            kernel_image,
             kernel_cmdline: spec.kernel_cmdline.clone(),
-            initrd_path: text(&spec.initrd_path),
-            rootfs_path: text(&spec.rootfs_path),
+            initrd_path,
+            initrd_image,
+            rootfs_path,
+            rootfs_image,
             rootfs_read_only: spec.rootfs_read_only,
             interfaces: spec
                 .interfaces
@@ -168,6 +218,7 @@ impl From<&ApplyRequest> for proto::ApplyVmRequest {
                 DesiredState::Running => proto::DesiredState::Running,
                 DesiredState::Stopped => proto::DesiredState::Stopped,
             } as i32,
+            pull_secrets: request.pull_secrets.0.clone(),
         }
     }
 }
@@ -220,6 +271,17 @@ pub(crate) fn apply_request(
             None
         }),
     };
+    let mut file = |field, path, image| {
+        file_from_wire(field, path, image).unwrap_or_else(|error| {
+            refuse(error);
+            None
+        })
+    };
+    let kernel = file("kernel", spec.kernel_path, spec.kernel_image)
+        // No kernel at all stays an empty path: the boot refuses it by name.
+        .unwrap_or_else(|| GuestFile::Path(String::new()));
+    let initrd = file("initrd", spec.initrd_path, spec.initrd_image);
+    let rootfs = file("rootfs", spec.rootfs_path, spec.rootfs_image);
     let spec = VmSpec {
         uid: VmUid::new(spec.uid)?,
         namespace: spec.namespace,
@@ -228,10 +290,10 @@ pub(crate) fn apply_request(
         accelerator,
         vcpus: spec.vcpus,
         memory_bytes: spec.memory_bytes,
-        kernel_path: spec.kernel_path,
+        kernel,
         kernel_cmdline: spec.kernel_cmdline,
-        initrd_path: given(spec.initrd_path),
-        rootfs_path: given(spec.rootfs_path),
+        initrd,
+        rootfs,
         rootfs_read_only: spec.rootfs_read_only,
         interfaces,
         user_data: given(spec.user_data),
@@ -250,6 +312,7 @@ pub(crate) fn apply_request(
             spec_hash: request.spec_hash,
             run: request.run,
             desired,
+            pull_secrets: PullSecrets(request.pull_secrets),
         },
         refused,
     ))
@@ -283,6 +346,24 @@ impl From<&VmStatus> for proto::Vm {
             pid: status.pid,
             vcpus: status.vcpus,
             memory_bytes: status.memory_bytes,
+            images: status
+                .images
+                .iter()
+                .map(|i| proto::PulledImage {
+                    kind: kind_to_wire(i.kind) as i32,
+                    reference: i.reference.clone(),
+                    digest: i.digest.clone(),
+                })
+                .collect(),
+            pulling: status.pulling.as_ref().map(|p| proto::Pulling {
+                references: p.references.clone(),
+                failure: p.failure.as_ref().map(|f| proto::PullFailure {
+                    reason: f.reason.clone(),
+                    message: f.message.clone(),
+                    attempts: f.attempts,
+                    retry_at_unix_ms: f.retry_at_unix_ms,
+                }),
+            }),
         }
     }
 }
@@ -317,6 +398,27 @@ pub(crate) fn vm_status(vm: proto::Vm) -> Result<VmStatus, InvalidUid> {
         vcpus: vm.vcpus,
         memory_bytes: vm.memory_bytes,
         boot_timeouts: 0,
+        // An image kind this side does not know is left out.
+        images: vm
+            .images
+            .into_iter()
+            .filter_map(|i| {
+                Some(PulledImage {
+                    kind: kind_from_wire(i.kind)?,
+                    reference: i.reference,
+                    digest: i.digest,
+                })
+            })
+            .collect(),
+        pulling: vm.pulling.map(|p| Pulling {
+            references: p.references,
+            failure: p.failure.map(|f| PullFailure {
+                reason: f.reason,
+                message: f.message,
+                attempts: f.attempts,
+                retry_at_unix_ms: f.retry_at_unix_ms,
+            }),
+        }),
     })
 }
 

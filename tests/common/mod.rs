@@ -90,6 +90,7 @@ pub fn apply_request(spec: proto::VmSpec) -> proto::ApplyVmRequest {
         spec_hash: "h1".into(),
         run: 1,
         desired_state: proto::DesiredState::Running as i32,
+        pull_secrets: Vec::new(),
     }
 }
 

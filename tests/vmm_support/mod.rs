@@ -388,12 +388,14 @@ pub fn configs(dir: &Path) -> Vec<(&'static str, VmConfig)> {
         DiskConfig {
             id: "data".to_owned(),
             path: dir.join("data.img"),
+            format: Default::default(),
             read_only: true,
             root: false,
         },
         DiskConfig {
             id: "rootfs".to_owned(),
             path: dir.join("rootfs.ext4"),
+            format: Default::default(),
             read_only: false,
             root: true,
         },

@@ -184,6 +184,7 @@ fn key_matches(key: &str, registry: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorReason;
 
     fn basic(a: RegistryAuth) -> (String, String) {
         match a {

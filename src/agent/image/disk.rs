@@ -17,7 +17,10 @@ use crate::api::Hypervisor;
 
 /// Copies of large disks may take a while; they are still bounded.
 const COPY_TIMEOUT: Duration = Duration::from_secs(1800);
-const NAMES: [&str; 2] = ["rootfs.qcow2", "rootfs.raw"];
+impl VmDisk {
+    /// The names a VM's own disk has in its directory.
+    pub const FILE_NAMES: [&'static str; 2] = ["rootfs.qcow2", "rootfs.raw"];
+}
 
 /// How a backend takes its disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,7 +132,7 @@ impl VmDisk {
 
     /// Remove the VM's own disk from `vm_dir` (never the shared cached one). Idempotent.
     pub fn remove(vm_dir: &Path) -> Result<(), ImageError> {
-        for name in NAMES {
+        for name in Self::FILE_NAMES {
             for p in [vm_dir.join(name), vm_dir.join(format!(".{name}.tmp"))] {
                 match std::fs::remove_file(&p) {
                     Ok(()) => {}

@@ -9,36 +9,50 @@ use thiserror::Error;
 
 use super::tool::ToolError;
 
-/// Errors of pulling, caching and preparing guest images.
-#[derive(Debug, Error)]
+/// Errors of pulling, caching and preparing guest images. Each variant's word (`reason()`)
+/// lands in conditions, Events and metric labels.
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum ImageError {
     #[error("image reference {reference:?} is not valid: {detail}")]
+    #[strum(serialize = "InvalidImageReference")]
     InvalidReference { reference: String, detail: String },
     #[error("image pull secret is not a valid docker config: {detail}")]
+    #[strum(serialize = "InvalidPullSecret")]
     InvalidCredentials { detail: String },
     #[error("{reference}: manifest unknown to the registry: {message}")]
+    #[strum(serialize = "ImageNotFound")]
     NotFound { reference: String, message: String },
     #[error("{reference}: the registry refused the credentials: {message}")]
+    #[strum(serialize = "ImageUnauthorized")]
     Unauthorized { reference: String, message: String },
     #[error("{reference}: registry unreachable: {message}")]
+    #[strum(serialize = "RegistryUnreachable")]
     Unreachable { reference: String, message: String },
     #[error("{reference}: the registry answered with an error: {message}")]
+    #[strum(serialize = "RegistryError")]
     Registry { reference: String, message: String },
     #[error("{reference}: content does not match its digest: {message}")]
+    #[strum(serialize = "ImageDigestMismatch")]
     DigestMismatch { reference: String, message: String },
     #[error("{reference}: not a {kind} image: {detail}")]
+    #[strum(serialize = "ImageBadLayout")]
     BadLayout {
         reference: String,
         kind: &'static str,
         detail: String,
     },
     #[error("{reference}: cannot turn the image's filesystem into an ext4 disk: {detail}")]
+    #[strum(serialize = "ImageConversionFailed")]
     Conversion { reference: String, detail: String },
+    /// `DiskToolMissing` or `DiskToolFailed`.
     #[error("a disk tool failed")]
+    #[strum(transparent)]
     Tool(#[source] ToolError),
     #[error("holder {holder:?} must be 1-128 letters, digits, '-', '_' or '.'")]
+    #[strum(serialize = "InvalidImageHolder")]
     InvalidHolder { holder: String },
     #[error("I/O on the image cache at {path}")]
+    #[strum(serialize = "ImageCacheIoError")]
     Io {
         path: PathBuf,
         #[source]
@@ -53,25 +67,6 @@ impl From<ToolError> for ImageError {
 }
 
 impl ImageError {
-    /// A fixed word for condition reasons, Events and metric labels.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            ImageError::InvalidReference { .. } => "InvalidImageReference",
-            ImageError::InvalidCredentials { .. } => "InvalidPullSecret",
-            ImageError::NotFound { .. } => "ImageNotFound",
-            ImageError::Unauthorized { .. } => "ImageUnauthorized",
-            ImageError::Unreachable { .. } => "RegistryUnreachable",
-            ImageError::Registry { .. } => "RegistryError",
-            ImageError::DigestMismatch { .. } => "ImageDigestMismatch",
-            ImageError::BadLayout { .. } => "ImageBadLayout",
-            ImageError::Conversion { .. } => "ImageConversionFailed",
-            ImageError::Tool(ToolError::Missing { .. }) => "DiskToolMissing",
-            ImageError::Tool(_) => "DiskToolFailed",
-            ImageError::InvalidHolder { .. } => "InvalidImageHolder",
-            ImageError::Io { .. } => "ImageCacheIoError",
-        }
-    }
-
     /// Whether the same request can never succeed (the spec must change). Unknown tags and
     /// refused credentials are retried: a push or a fixed Secret makes them work.
     pub fn is_permanent(&self) -> bool {
@@ -214,6 +209,7 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorReason;
     use oci_client::errors::{OciEnvelope, OciError};
 
     fn envelope(code: OciErrorCode, message: &str) -> OciDistributionError {

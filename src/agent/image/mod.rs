@@ -22,7 +22,6 @@ pub mod error;
 pub mod layout;
 pub mod tool;
 
-use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -38,6 +37,9 @@ pub use credentials::RegistryCredentials;
 pub use disk::{DiskBackend, VmDisk};
 pub use error::ImageError;
 
+/// Which part of a guest an image holds (the API's own enum).
+pub use crate::api::ImageKind;
+
 /// Default size limit of the node's image cache.
 pub const DEFAULT_CACHE_MAX_BYTES: u64 = 20 << 30;
 /// Default room an ext4 disk made from an image's filesystem gets beyond its content (sparse:
@@ -46,50 +48,11 @@ pub const DEFAULT_ROOTFS_FREE_BYTES: u64 = 1 << 30;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Which part of a guest an image holds; decides the layout read from it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ImageKind {
-    /// `/boot/vmlinuz`.
-    Kernel,
-    /// `/boot/initrd.img`.
-    Initrd,
-    /// A disk under `/disk/`, or the filesystem turned into ext4.
-    Rootfs,
-}
-
-impl ImageKind {
-    pub const ALL: [ImageKind; 3] = [ImageKind::Kernel, ImageKind::Initrd, ImageKind::Rootfs];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ImageKind::Kernel => "kernel",
-            ImageKind::Initrd => "initrd",
-            ImageKind::Rootfs => "rootfs",
-        }
-    }
-}
-
-impl fmt::Display for ImageKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for ImageKind {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
-        ImageKind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or(())
-    }
-}
-
 /// A disk file's format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DiskFormat {
+    #[default]
     Raw,
     Qcow2,
 }
@@ -191,12 +154,17 @@ pub struct ResolvedImage {
 impl ResolvedImage {
     /// `repository@digest`: what to pull on a restart so a moved tag changes nothing.
     pub fn pinned_reference(&self) -> String {
-        let base = match self.reference.split_once('@') {
-            Some((base, _)) => base.to_string(),
-            None => strip_tag(&self.reference).to_string(),
-        };
-        format!("{base}@{}", self.digest)
+        pinned_reference(&self.reference, &self.digest)
     }
+}
+
+/// `reference` with its tag or digest replaced by `digest`: `repository@digest`.
+pub fn pinned_reference(reference: &str, digest: &str) -> String {
+    let base = match reference.split_once('@') {
+        Some((base, _)) => base,
+        None => strip_tag(reference),
+    };
+    format!("{base}@{digest}")
 }
 
 /// `host:5000/repo:tag` → `host:5000/repo` (a colon after the last `/` is a tag).
@@ -447,6 +415,7 @@ fn ensure_crypto_provider() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorReason;
 
     #[test]
     fn plain_http_only_for_loopback_or_listed_registries() {

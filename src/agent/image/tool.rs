@@ -9,21 +9,24 @@ use std::time::Duration;
 use thiserror::Error;
 
 /// Why a tool run failed.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum ToolError {
     #[error("{tool} is not installed")]
+    #[strum(serialize = "DiskToolMissing")]
     Missing {
         tool: &'static str,
         #[source]
         source: io::Error,
     },
     #[error("{tool} failed ({status}): {stderr}")]
+    #[strum(serialize = "DiskToolFailed")]
     Failed {
         tool: &'static str,
         status: String,
         stderr: String,
     },
     #[error("{tool} did not finish within {timeout:?}")]
+    #[strum(serialize = "DiskToolFailed")]
     TimedOut {
         tool: &'static str,
         timeout: Duration,

@@ -99,37 +99,29 @@ pub struct DhcpHost {
     pub hostname: Option<String>,
 }
 
-/// Errors of the DHCP server.
-#[derive(Debug, Error)]
+/// Errors of the DHCP server; each variant's word (`reason()`) is fixed.
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum DhcpError {
     #[error("{ip} is not in the DHCP range {cidr}")]
+    #[strum(serialize = "DhcpAddressOutOfRange")]
     OutOfRange { ip: Ipv4Addr, cidr: Ipv4Net },
     #[error("cannot run {binary} (install dnsmasq-base)")]
+    #[strum(serialize = "DhcpServerMissing")]
     Spawn {
         binary: PathBuf,
         #[source]
         source: io::Error,
     },
     #[error("dnsmasq did not start: {message}")]
+    #[strum(serialize = "DhcpServerFailed")]
     StartFailed { message: String },
     #[error("I/O on DHCP state {path}")]
+    #[strum(serialize = "DhcpStateIoError")]
     State {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-}
-
-impl DhcpError {
-    /// A fixed word for condition reasons, Events and metric labels.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            DhcpError::OutOfRange { .. } => "DhcpAddressOutOfRange",
-            DhcpError::Spawn { .. } => "DhcpServerMissing",
-            DhcpError::StartFailed { .. } => "DhcpServerFailed",
-            DhcpError::State { .. } => "DhcpStateIoError",
-        }
-    }
 }
 
 /// The kernel's standard `ip=` parameter (Documentation/admin-guide/nfs/nfsroot.rst):
@@ -310,6 +302,21 @@ impl DhcpServer {
         })
     }
 
+    /// Serve exactly `hosts` (those outside the range are left out, with a warning).
+    pub fn set_hosts(&self, hosts: Vec<DhcpHost>) -> Result<(), DhcpError> {
+        let cidr = self.config.cidr;
+        self.update(|current| {
+            current.clear();
+            for host in hosts {
+                if cidr.contains(&host.ip) {
+                    current.insert(host.mac, host);
+                } else {
+                    tracing::warn!(mac = %host.mac, ip = %host.ip, %cidr, "DHCP host outside the range left out");
+                }
+            }
+        })
+    }
+
     /// Forget a MAC. Idempotent.
     pub fn remove_host(&self, mac: Mac) -> Result<(), DhcpError> {
         self.update(|hosts| {
@@ -350,7 +357,8 @@ impl DhcpServer {
             .restarts
     }
 
-    /// Stop dnsmasq (SIGTERM, then SIGKILL after a few seconds) and wait for it.
+    /// Stop dnsmasq (SIGTERM, then SIGKILL after a few seconds), wait for it, and remove its
+    /// state directory (the hosts are rebuilt from the VMs' records at the next start).
     pub async fn shutdown(mut self) {
         self.cancel.cancel();
         if let Some(task) = self.task.take() {
@@ -361,9 +369,12 @@ impl DhcpServer {
 
 impl Drop for DhcpServer {
     /// Dropped without `shutdown`: the task's child is killed as the runtime drops it
-    /// (`kill_on_drop`), so nothing outlives the agent's own shutdown.
+    /// (`kill_on_drop`), so nothing outlives the agent's own shutdown. The state directory
+    /// goes either way; only a killed agent leaves it, with the owner record that lets the
+    /// next one stop the dnsmasq it left.
     fn drop(&mut self) {
         self.cancel.cancel();
+        let _ = std::fs::remove_dir_all(&self.config.state_dir);
     }
 }
 

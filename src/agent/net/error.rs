@@ -78,6 +78,10 @@ pub enum NetError {
         #[source]
         source: io::Error,
     },
+    /// dnsmasq's host entries could not be updated (`DhcpStateIoError`, ...).
+    #[error("DHCP on the bridge")]
+    #[strum(transparent)]
+    Dhcp(#[source] super::dhcp::DhcpError),
     #[error("I/O on network state {path}")]
     #[strum(serialize = "NetworkStateIoError")]
     State {

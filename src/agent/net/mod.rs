@@ -8,6 +8,10 @@
 //! and every VM's interfaces are recorded in `<state_dir>/vms/<uid>.json` *before* anything
 //! is created, so a crash part-way leaves a record that `detach`/`garbage_collect` finish.
 //! [`NetworkManager::attach`] undoes what it created when it fails part-way.
+//!
+//! Guests configure themselves the standard ways: DHCP from a dnsmasq the manager runs on the
+//! node bridge ([`dhcp`]), which answers each `nat` interface's MAC with the address IPAM gave
+//! it, the gateway and DNS; or the kernel's `ip=` parameter ([`kernel_cmdline`]).
 
 pub mod dhcp;
 mod error;
@@ -31,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::agent::vmm::NetConfig;
+use crate::error::ErrorReason;
 use crate::vm::VmUid;
 use ipam::{Ipam, Owner};
 use link::{Link, Netlink};
@@ -45,6 +50,8 @@ pub(crate) const DEFAULT_CIDR: &str = "10.88.0.0/16";
 const ALIAS_PREFIX: &str = "ignis:";
 const IFNAMSIZ_MAX: usize = 15;
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+/// Where dnsmasq's hosts files live.
+const DHCP_RUN_DIR: &str = "/run/ignis";
 
 /// Per-node network settings (agent flags `--bridge`, `--cidr`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,6 +62,9 @@ pub struct NetworkConfig {
     pub cidr: Ipv4Net,
     /// Where allocations and per-VM records are kept (survives agent restarts).
     pub(crate) state_dir: PathBuf,
+    /// Run dnsmasq on the bridge for the `nat` guests (`--no-dhcp` turns it off, for a node
+    /// whose bridge already has a DHCP server).
+    pub dhcp: bool,
 }
 
 impl NetworkConfig {
@@ -64,6 +74,7 @@ impl NetworkConfig {
             bridge: DEFAULT_BRIDGE.to_string(),
             cidr: Ipv4Net::new(Ipv4Addr::new(10, 88, 0, 0), 16).unwrap_or_default(),
             state_dir: state_dir.into(),
+            dhcp: true,
         }
     }
 
@@ -82,6 +93,9 @@ pub(crate) struct NetworkArgs {
     /// Range guests' `nat` addresses come from; the bridge gets its first address.
     #[arg(long = "cidr", env = "IGNIS_CIDR", default_value = DEFAULT_CIDR)]
     pub(crate) cidr: Ipv4Net,
+    /// Do not run dnsmasq on the bridge (guests still get the kernel's `ip=` parameter).
+    #[arg(long = "no-dhcp", env = "IGNIS_NO_DHCP")]
+    pub(crate) no_dhcp: bool,
 }
 
 impl NetworkArgs {
@@ -91,6 +105,7 @@ impl NetworkArgs {
             bridge: self.bridge.clone(),
             cidr: self.cidr,
             state_dir: agent_state_dir.join("net"),
+            dhcp: !self.no_dhcp,
         }
     }
 }
@@ -114,6 +129,9 @@ pub struct AttachedInterface {
     pub address: Option<(Ipv4Addr, u8)>,
     /// The guest's default gateway.
     pub gateway: Option<Ipv4Addr>,
+    /// DNS servers for the guest (the gateway, where the node's dnsmasq answers).
+    #[serde(default)]
+    pub dns: Vec<Ipv4Addr>,
 }
 
 impl AttachedInterface {
@@ -127,20 +145,19 @@ impl AttachedInterface {
     }
 }
 
-/// The guest kernel command line fragment that configures the first addressed interface
-/// (`ignis.ip=10.88.0.5/16 ignis.gw=10.88.0.1`); empty if no interface has an address.
-pub fn kernel_cmdline(interfaces: &[AttachedInterface]) -> String {
-    let Some(iface) = interfaces.iter().find(|i| i.address.is_some()) else {
-        return String::new();
-    };
-    let mut out = String::new();
-    if let Some((ip, prefix)) = iface.address {
-        out.push_str(&format!("ignis.ip={ip}/{prefix}"));
-    }
-    if let Some(gw) = iface.gateway {
-        out.push_str(&format!(" ignis.gw={gw}"));
-    }
-    out
+/// The kernel's standard `ip=` parameter for the first addressed interface
+/// (`ip=10.88.0.5::10.88.0.1:255.255.0.0:web:eth0:off:10.88.0.1`), for guests that configure
+/// themselves from the command line; empty if no interface has an address.
+pub fn kernel_cmdline(interfaces: &[AttachedInterface], hostname: &str) -> String {
+    interfaces
+        .iter()
+        .find_map(|i| {
+            let (ip, prefix) = i.address?;
+            Some(dhcp::kernel_ip_param(
+                ip, prefix, i.gateway, hostname, &i.name, &i.dns,
+            ))
+        })
+        .unwrap_or_default()
 }
 
 /// The guest addresses for `status.ipAddresses`.
@@ -190,6 +207,9 @@ pub struct NetworkManager {
     config: NetworkConfig,
     netlink: Netlink,
     ipam: Ipam,
+    /// dnsmasq on the bridge; `None` when turned off or when it cannot run here (guests then
+    /// have `ip=` only, and the agent's log says why).
+    dhcp: std::sync::Mutex<Option<dhcp::DhcpServer>>,
     /// Serializes attach/detach/gc: each one reads, decides and writes node-wide state.
     lock: Mutex<()>,
 }
@@ -259,12 +279,64 @@ impl NetworkManager {
         }
         enable_ip_forward()?;
         nat::ensure(config.cidr).await.map_err(NetError::Nat)?;
-        Ok(NetworkManager {
+        let dhcp = if config.dhcp {
+            let run_dir = Path::new(DHCP_RUN_DIR);
+            if let Err(error) = std::fs::create_dir_all(run_dir).and_then(|()| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o755))
+            }) {
+                tracing::warn!(dir = %run_dir.display(), %error, "cannot prepare the DHCP directory");
+            }
+            match dhcp::DhcpServer::start(dhcp_config(&config)).await {
+                Ok(server) => Some(server),
+                Err(error) => {
+                    tracing::warn!(bridge = %config.bridge, reason = error.reason(), error = %crate::error::chain(&error), "no DHCP on the bridge: guests get their address from ip= only");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let manager = NetworkManager {
             config,
             netlink,
             ipam,
+            dhcp: std::sync::Mutex::new(dhcp),
             lock: Mutex::new(()),
-        })
+        };
+        // dnsmasq's hosts follow the records: what an earlier agent attached is served again.
+        manager.sync_dhcp(&manager.records()?)?;
+        Ok(manager)
+    }
+
+    fn dhcp(&self) -> std::sync::MutexGuard<'_, Option<dhcp::DhcpServer>> {
+        self.dhcp.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether dnsmasq serves the bridge.
+    pub fn dhcp_running(&self) -> bool {
+        self.dhcp().is_some()
+    }
+
+    /// Serve exactly the `nat` interfaces of `records` by DHCP.
+    fn sync_dhcp(&self, records: &[VmRecord]) -> Result<(), NetError> {
+        let dhcp = self.dhcp();
+        let Some(server) = dhcp.as_ref() else {
+            return Ok(());
+        };
+        let hosts = records
+            .iter()
+            .flat_map(|r| r.interfaces.iter())
+            .filter(|i| i.mode == InterfaceMode::Nat)
+            .filter_map(|i| {
+                Some(dhcp::DhcpHost {
+                    mac: i.mac.parse().ok()?,
+                    ip: i.address?.0,
+                    hostname: None,
+                })
+            })
+            .collect();
+        server.set_hosts(hosts).map_err(NetError::Dhcp)
     }
 
     pub fn config(&self) -> &NetworkConfig {
@@ -294,6 +366,7 @@ impl NetworkManager {
                         .release(*ip, who)
                         .map_err(|e| NetError::from_ipam(&who.ifname, e))?;
                 }
+                self.sync_dhcp(&self.records()?)?;
                 // Interfaces the VM had before but no longer asks for.
                 if let Some(prev) = previous {
                     for old in prev
@@ -367,6 +440,12 @@ impl NetworkManager {
                 }
                 _ => (p.address, None),
             };
+            // dnsmasq answers DNS on the gateway; without it the guest is told no server.
+            let dns = if p.request.mode == InterfaceMode::Nat && self.dhcp_running() {
+                vec![self.config.gateway()]
+            } else {
+                Vec::new()
+            };
             attached.push(AttachedInterface {
                 name: name.clone(),
                 mode: p.request.mode,
@@ -375,6 +454,7 @@ impl NetworkManager {
                 bridge: p.bridge.clone(),
                 address,
                 gateway,
+                dns,
             });
         }
         // Recorded before any tap exists: a crash from here on leaves a record to clean up.
@@ -465,7 +545,8 @@ impl NetworkManager {
         self.ipam
             .release_uid(uid)
             .map_err(|e| NetError::from_ipam("-", e))?;
-        self.remove_record(uid)
+        self.remove_record(uid)?;
+        self.sync_dhcp(&self.records()?)
     }
 
     /// Remove the taps, addresses and records of every VM not in `live` (call at agent start,
@@ -518,15 +599,26 @@ impl NetworkManager {
         }
         report.taps.sort();
         report.taps.dedup();
+        self.sync_dhcp(&self.records()?)?;
         Ok(report)
     }
 
     /// Remove the node-wide setup: the NAT table and the node bridge. For uninstall and tests;
     /// VMs' taps should be detached first.
     pub async fn teardown(self) -> Result<(), NetError> {
+        self.shutdown().await;
         nat::teardown().await.map_err(NetError::Nat)?;
         self.netlink.delete_by_name(&self.config.bridge).await?;
         Ok(())
+    }
+
+    /// Stop dnsmasq (agent shutdown); guests keep their leases, and the next agent serves them
+    /// again. Idempotent.
+    pub async fn shutdown(&self) {
+        let server = self.dhcp().take();
+        if let Some(server) = server {
+            server.shutdown().await;
+        }
     }
 
     fn record_path(&self, uid: &str) -> PathBuf {
@@ -576,6 +668,21 @@ impl NetworkManager {
             Err(source) => Err(NetError::State { path, source }),
         }
     }
+}
+
+/// dnsmasq's settings for the bridge. Its hosts file lives under `/run/ignis` (world-readable
+/// parents: dnsmasq drops root and re-reads it as nobody), one directory per bridge and state
+/// directory; it is rebuilt from the records at every start.
+fn dhcp_config(config: &NetworkConfig) -> dhcp::DhcpConfig {
+    use sha2::Digest;
+    let key =
+        hex::encode(&sha2::Sha256::digest(config.state_dir.as_os_str().as_encoded_bytes())[..4]);
+    dhcp::DhcpConfig::new(
+        &config.bridge,
+        config.cidr,
+        config.gateway(),
+        Path::new(DHCP_RUN_DIR).join(format!("dhcp-{}-{key}", config.bridge)),
+    )
 }
 
 fn owner(uid: &str, ifname: &str) -> Owner {

@@ -14,6 +14,7 @@ fn iface(name: &str, address: Option<(&str, u8)>, gw: Option<&str>) -> AttachedI
         bridge: DEFAULT_BRIDGE.into(),
         address: address.map(|(ip, p)| (ip.parse().expect("ip"), p)),
         gateway: gw.map(|g| g.parse().expect("gw")),
+        dns: gw.map(|g| g.parse().expect("dns")).into_iter().collect(),
     }
 }
 
@@ -32,14 +33,14 @@ fn cmdline_uses_the_first_addressed_interface() {
         iface("eth1", Some(("192.168.1.4", 24)), None),
     ];
     assert_eq!(
-        kernel_cmdline(&ifaces),
-        "ignis.ip=10.88.0.5/16 ignis.gw=10.88.0.1"
+        kernel_cmdline(&ifaces, "web-0"),
+        "ip=10.88.0.5::10.88.0.1:255.255.0.0:web-0:eth0:off:10.88.0.1"
     );
     assert_eq!(ip_addresses(&ifaces), vec!["10.88.0.5", "192.168.1.4"]);
-    assert_eq!(kernel_cmdline(&[iface("eth0", None, None)]), "");
+    assert_eq!(kernel_cmdline(&[iface("eth0", None, None)], "web"), "");
     assert_eq!(
-        kernel_cmdline(&[iface("eth0", Some(("192.168.1.4", 24)), None)]),
-        "ignis.ip=192.168.1.4/24"
+        kernel_cmdline(&[iface("eth1", Some(("192.168.1.4", 24)), None)], "a.b"),
+        "ip=192.168.1.4:::255.255.255.0:a.b:eth1:off"
     );
     let nc = ifaces[0].net_config();
     assert_eq!(

@@ -63,6 +63,11 @@ impl Inner {
             self.update(&slot, None, |_| {});
             return;
         }
+        if let (RunState::Creating, Some(_), Some(request)) =
+            (state, &status.pulling, request.clone())
+        {
+            return self.resume_pull(&slot, request);
+        }
         let backend = status
             .hypervisor
             .and_then(|kind| self.backend(kind))

@@ -1,15 +1,19 @@
-//! Booting a run: plan it, attach its network, create the VMM, start the guest, then hand
-//! it to the exit watcher and the readiness watcher. Every failure on the way becomes the VM's
-//! state (FAILED with a reason), never an API error, and leaves nothing behind.
+//! Booting a run: check it, pull its images (in the background: `images.rs`), then make its
+//! disks (`disks.rs`), attach its network, create the VMM, start the guest, and hand it to the
+//! exit watcher and the readiness watcher. Every failure on the way becomes the VM's state
+//! (FAILED with a reason), never an API error, and leaves nothing behind but the VM's status
+//! (and its disk, which lives as long as its spec).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use super::disks::{GuestFiles, hostname};
 use super::*;
+use crate::agent::image::ResolvedImage;
 use crate::agent::net::{self, AttachedInterface};
 use crate::agent::vmm::{API_TIMEOUT, VmConfig, VmmError};
+use crate::vm::VmSpec;
 
 impl Inner {
     pub(super) async fn boot(
@@ -19,42 +23,72 @@ impl Inner {
         applied_at: i64,
         refused: Option<SpecError>,
     ) {
-        let deadline = Instant::now() + self.config.boot_timeout;
         let status = Self::fresh_status(slot, &request, applied_at);
         Self::begin_run(slot, request.clone(), status);
         if let Some(error) = refused {
             return self.fail_boot(slot, None, &BootError::Spec(error)).await;
         }
-        let spec = &request.spec;
-        let env = self.plan_env();
-        let planned = plan_boot(spec, &env).and_then(|plan| {
-            check_files(spec)?;
-            Ok(plan)
-        });
-        let plan = match planned {
+        let (plan, entry) = match self.plan_run(&request.spec) {
             Ok(planned) => planned,
             Err(error) => return self.fail_boot(slot, None, &error).await,
         };
-        let Some(entry) = self.backend(plan.hypervisor).cloned() else {
-            return self
-                .fail_boot(
-                    slot,
-                    None,
-                    &BootError::HypervisorUnavailable {
-                        hypervisor: plan.hypervisor.to_string(),
-                        detail: "no backend for it in this agent".into(),
-                    },
-                )
-                .await;
-        };
-        let dir = match self
+        if let Err(error) = self
             .store
-            .create_vm_dir(&spec.uid)
-            .and_then(|dir| self.store.write_spec(&request).map(|()| dir))
+            .create_vm_dir(&request.spec.uid)
+            .and_then(|_| self.store.write_spec(&request))
         {
-            Ok(dir) => dir,
-            Err(error) => return self.fail_boot(slot, None, &BootError::State(error)).await,
+            return self.fail_boot(slot, None, &BootError::State(error)).await;
+        }
+        if request.spec.images().is_empty() {
+            let files = GuestFiles::new(&request.spec, &[]);
+            self.launch(slot, &request, plan, entry, files).await;
+        } else {
+            self.start_pull(slot, request);
+        }
+    }
+
+    /// The boot of a run whose images are in the cache now (under the VM's operation lock).
+    pub(super) async fn boot_pulled(
+        self: &Arc<Self>,
+        slot: &Arc<VmSlot>,
+        request: ApplyRequest,
+        images: Vec<ResolvedImage>,
+    ) {
+        // Planned again: the node may have changed during a long pull.
+        let (plan, entry) = match self.plan_run(&request.spec) {
+            Ok(planned) => planned,
+            Err(error) => return self.fail_boot(slot, None, &error).await,
         };
+        let files = GuestFiles::new(&request.spec, &images);
+        self.launch(slot, &request, plan, entry, files).await;
+    }
+
+    /// Which VMM and accelerator, checked against the node and the node's files.
+    fn plan_run(&self, spec: &VmSpec) -> Result<(BootPlan, BackendEntry), BootError> {
+        let plan = plan_boot(spec, &self.plan_env())?;
+        check_files(spec)?;
+        let entry = self.backend(plan.hypervisor).cloned().ok_or_else(|| {
+            BootError::HypervisorUnavailable {
+                hypervisor: plan.hypervisor.to_string(),
+                detail: "no backend for it in this agent".into(),
+            }
+        })?;
+        Ok((plan, entry))
+    }
+
+    /// Disks, network, VMM, guest: the run from its files to a started guest. The boot
+    /// deadline starts here, not at the apply: pulling is not booting.
+    async fn launch(
+        self: &Arc<Self>,
+        slot: &Arc<VmSlot>,
+        request: &ApplyRequest,
+        plan: BootPlan,
+        entry: BackendEntry,
+        files: GuestFiles,
+    ) {
+        let deadline = Instant::now() + self.config.boot_timeout;
+        let spec = &request.spec;
+        let dir = self.store.vm_dir(&spec.uid);
         // Before the VMM exists: it opens the taps by name. Idempotent for the same uid, so a
         // new run of the VM keeps its taps, MACs and addresses.
         let interfaces = match self.attach_network(&spec.uid, &spec.interfaces).await {
@@ -73,24 +107,21 @@ impl Inner {
             rt.status.accelerator = Some(plan.accelerator);
             rt.status.ip_addresses = ip_addresses.clone();
         });
+        let disks = match self
+            .guest_disks(spec, plan.hypervisor, &files, &dir, &interfaces)
+            .await
+        {
+            Ok(disks) => disks,
+            Err(error) => return self.fail_boot(slot, None, &error).await,
+        };
         let config = VmConfig {
             id: spec.uid.to_string(),
             vcpus: spec.vcpus,
             memory_mib: plan.memory_mib,
-            kernel: PathBuf::from(&spec.kernel_path),
-            cmdline: guest_cmdline(&spec.kernel_cmdline, &interfaces),
-            initrd: spec.initrd_path.as_ref().map(PathBuf::from),
-            disks: spec
-                .rootfs_path
-                .as_ref()
-                .map(|path| crate::agent::vmm::DiskConfig {
-                    id: "rootfs".into(),
-                    path: PathBuf::from(path),
-                    read_only: spec.rootfs_read_only,
-                    root: true,
-                })
-                .into_iter()
-                .collect(),
+            kernel: files.kernel,
+            cmdline: guest_cmdline(&spec.kernel_cmdline, &interfaces, &hostname(spec)),
+            initrd: files.initrd,
+            disks,
             nets: interfaces
                 .iter()
                 .map(AttachedInterface::net_config)

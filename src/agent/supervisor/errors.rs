@@ -3,7 +3,9 @@
 
 use thiserror::Error;
 
+use crate::agent::cloud_init::CloudInitError;
 use crate::agent::console;
+use crate::agent::image::ImageError;
 use crate::agent::net::NetError;
 use crate::agent::state::StateError;
 use crate::agent::vmm::VmmError;
@@ -75,6 +77,17 @@ pub enum BootError {
     #[error(transparent)]
     #[strum(transparent)]
     Network(NetError),
+    /// An image could not be pulled for good, or the VM's disk could not be made over it; the
+    /// reason is the image error's own word (`ImageBadLayout`, `InvalidImageReference`, ...).
+    #[error(transparent)]
+    #[strum(transparent)]
+    Image(ImageError),
+    #[error("the VM boots from images but {detail}")]
+    ImagesUnavailable { detail: String },
+    /// The NoCloud drive could not be built.
+    #[error(transparent)]
+    #[strum(transparent)]
+    CloudInit(CloudInitError),
     #[error("cannot prepare the VM's state directory")]
     #[strum(transparent)]
     State(#[source] StateError),
@@ -87,8 +100,13 @@ impl BootError {
     /// Whether the same request will fail the same way again.
     pub fn is_permanent(&self) -> bool {
         match self {
-            BootError::State(_) => false,
+            BootError::State(_) | BootError::ImagesUnavailable { .. } => false,
             BootError::Network(e) => e.is_permanent(),
+            BootError::Image(e) => e.is_permanent(),
+            BootError::CloudInit(e) => matches!(
+                e,
+                CloudInitError::InvalidHostname { .. } | CloudInitError::EmptyInstanceId
+            ),
             BootError::Vmm(call) => call.source.is_permanent(),
             _ => true,
         }

@@ -11,9 +11,11 @@
 mod adopt;
 mod boot;
 mod decide;
+mod disks;
 mod errors;
 mod events;
 mod exits;
+mod images;
 mod network;
 mod plan;
 mod readiness;
@@ -33,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::console;
 use crate::agent::host::HostCapacity;
+use crate::agent::image::ImageStoreConfig;
 use crate::agent::net::NetworkConfig;
 use crate::agent::state::StateStore;
 use crate::agent::vmm::{VmmBackend, process};
@@ -48,7 +51,9 @@ pub(crate) use errors::{BootError, SupervisorError, VmmCall};
 pub(crate) use events::AgentMetrics;
 use events::EventHub;
 pub(crate) use exits::exit_record;
+use images::{Images, PullHandle};
 use network::Networking;
+use plan::BootPlan;
 use plan::needs_tap;
 pub(crate) use plan::{check_files, guest_cmdline, plan_boot};
 use readiness::Readiness;
@@ -91,6 +96,8 @@ pub(crate) struct SupervisorConfig {
     pub(crate) unavailable: Vec<(Hypervisor, String)>,
     /// Guest networking; `None` = turned off.
     pub(crate) network: Option<NetworkConfig>,
+    /// The node's image cache; `None`: VMs from images are refused.
+    pub(crate) images: Option<ImageStoreConfig>,
 }
 
 struct Inner {
@@ -104,6 +111,7 @@ struct Inner {
     shutdown: CancellationToken,
     generation: AtomicU64,
     network: Networking,
+    images: Images,
 }
 
 /// The VM supervisor; cheap to clone.
@@ -123,6 +131,7 @@ impl Supervisor {
         Self {
             inner: Arc::new(Inner {
                 network: Networking::new(config.network.clone()),
+                images: Images::new(config.images.clone()),
                 config,
                 store,
                 backends,
@@ -173,6 +182,14 @@ impl Supervisor {
             Err(error) => {
                 tracing::warn!(reason = error.reason(), error = %BootError::Network(error).full_message(), "network garbage collection failed")
             }
+        }
+    }
+
+    /// Open the node's image cache now (clearing what a crashed pull left), rather than at the
+    /// first VM that needs it.
+    pub(crate) async fn open_images(&self) {
+        if let Err(error) = self.inner.images.store().await {
+            tracing::warn!(%error, "image cache unavailable; VMs from images will fail");
         }
     }
 
@@ -238,7 +255,7 @@ impl Supervisor {
         let action = decide_apply(held.as_ref(), &request.spec_hash, request.run, want_running);
         tracing::info!(%uid, name = %request.spec.name, namespace = %request.spec.namespace, run = request.run, ?action, "ApplyVM");
         match action {
-            ApplyAction::Nothing => {}
+            ApplyAction::Nothing => inner.refresh_pull_secrets(&slot, &request.pull_secrets),
             ApplyAction::AdoptRun => {
                 let (run, desired) = (request.run, request.desired);
                 inner.update(&slot, None, |rt| {
@@ -254,6 +271,7 @@ impl Supervisor {
                 }
             }
             ApplyAction::Stop => {
+                let was_pulling = inner.cancel_pull(&slot);
                 Inner::stop_run(inner, &slot, request.spec.grace_period()).await;
                 let run = request.run.max(held.map(|h| h.run).unwrap_or(0));
                 inner.update(&slot, None, |rt| {
@@ -264,14 +282,17 @@ impl Supervisor {
                     rt.status.run = run;
                     rt.status.state = RunState::Stopped;
                     rt.status.ready = false;
+                    if was_pulling {
+                        rt.status.pulling = None;
+                    }
                 });
             }
             ApplyAction::RecordStopped => {
-                inner.clear_previous(&slot).await;
+                inner.clear_previous(&slot, &request.spec_hash).await;
                 inner.record_stopped(&slot, request, applied_at);
             }
             ApplyAction::Boot => {
-                inner.clear_previous(&slot).await;
+                inner.clear_previous(&slot, &request.spec_hash).await;
                 Inner::boot(inner, &slot, request, applied_at, refused).await;
             }
         }
@@ -292,6 +313,7 @@ impl Supervisor {
             let existed = inner.store.vm_dir(uid).exists();
             stop::kill_strays(&inner.store, uid, None).await;
             inner.store.remove_vm(uid).map_err(SupervisorError::State)?;
+            inner.release_images(uid).await;
             return Ok(existed);
         };
         let _op = slot.op.clone().lock_owned().await;
@@ -303,12 +325,14 @@ impl Supervisor {
             grace.unwrap_or_else(|| rt.grace_period())
         };
         tracing::info!(%uid, grace_ms = grace.as_millis() as u64, "DeleteVM");
+        inner.cancel_pull(&slot);
         Inner::stop_run(inner, &slot, grace).await;
         // Whatever the state files said, no VMM of the VM outlives its delete.
         stop::kill_strays(&inner.store, uid, None).await;
         // A failure here is logged, not returned: the slot goes away regardless, and the next
         // agent start collects what is left of a VM it does not hold.
         inner.release_network(uid).await;
+        inner.release_images(uid).await;
         {
             let mut rt = slot.lock();
             rt.deleted = true;
@@ -442,5 +466,6 @@ impl Supervisor {
             futures::future::join_all(stops).await;
         }
         inner.shutdown.cancel();
+        inner.network.shutdown().await;
     }
 }

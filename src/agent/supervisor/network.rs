@@ -55,6 +55,14 @@ impl Networking {
         self.manager.get().and_then(|m| m.as_ref().ok().cloned())
     }
 
+    /// Stop what the node's networking runs (dnsmasq) when the agent stops; the bridge, taps
+    /// and NAT stay for the VMs that outlive it.
+    pub(super) async fn shutdown(&self) {
+        if let Some(manager) = self.existing() {
+            manager.shutdown().await;
+        }
+    }
+
     /// Whether the state directory holds VM attachments (from an earlier agent).
     pub(super) fn has_records(&self) -> bool {
         self.config.as_ref().is_some_and(|c| {

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::agent::net::{self, AttachedInterface};
-use crate::vm::{Interface, InterfaceMode, VmSpec};
+use crate::vm::{GuestFile, Interface, InterfaceMode, VmSpec};
 
 /// What the node offers, for [`plan_boot`].
 #[derive(Clone, Debug)]
@@ -136,19 +136,22 @@ pub(crate) fn plan_boot(spec: &VmSpec, env: &PlanEnv) -> Result<BootPlan, BootEr
     })
 }
 
-/// Check that the kernel, initrd and rootfs exist and can be read, before anything is created.
+/// Check that the kernel, initrd and rootfs given as node paths exist and can be read, before
+/// anything is created (images are checked by their pull).
 pub(crate) fn check_files(spec: &VmSpec) -> Result<(), BootError> {
-    check_readable(&spec.kernel_path).map_err(|(missing, source)| {
-        let path = spec.kernel_path.clone();
-        if missing {
-            BootError::KernelNotFound { path, source }
-        } else {
-            BootError::KernelUnreadable { path, source }
-        }
-    })?;
-    if let Some(initrd) = &spec.initrd_path {
+    if let Some(kernel) = spec.kernel.path() {
+        check_readable(kernel).map_err(|(missing, source)| {
+            let path = kernel.to_owned();
+            if missing {
+                BootError::KernelNotFound { path, source }
+            } else {
+                BootError::KernelUnreadable { path, source }
+            }
+        })?;
+    }
+    if let Some(initrd) = spec.initrd.as_ref().and_then(GuestFile::path) {
         check_readable(initrd).map_err(|(missing, source)| {
-            let path = initrd.clone();
+            let path = initrd.to_owned();
             if missing {
                 BootError::InitrdNotFound { path, source }
             } else {
@@ -156,9 +159,9 @@ pub(crate) fn check_files(spec: &VmSpec) -> Result<(), BootError> {
             }
         })?;
     }
-    if let Some(rootfs) = &spec.rootfs_path {
+    if let Some(rootfs) = spec.rootfs.as_ref().and_then(GuestFile::path) {
         check_readable(rootfs).map_err(|(_, source)| BootError::RootfsUnreadable {
-            path: rootfs.clone(),
+            path: rootfs.to_owned(),
             source,
         })?;
     }
@@ -209,9 +212,21 @@ pub(super) fn gets_an_address(request: &Interface) -> bool {
     }
 }
 
-/// The guest command line: the spec's, then the network's parameters.
-pub(crate) fn guest_cmdline(spec_cmdline: &str, interfaces: &[AttachedInterface]) -> String {
-    let net = net::kernel_cmdline(interfaces);
+/// The guest command line: the spec's, then the network's `ip=` parameter — unless the spec's
+/// own command line has one (`ip=dhcp`, a static one): the user's choice wins.
+pub(crate) fn guest_cmdline(
+    spec_cmdline: &str,
+    interfaces: &[AttachedInterface],
+    hostname: &str,
+) -> String {
+    let own_ip = spec_cmdline
+        .split_whitespace()
+        .any(|p| p.starts_with("ip="));
+    let net = if own_ip {
+        String::new()
+    } else {
+        net::kernel_cmdline(interfaces, hostname)
+    };
     match (spec_cmdline.trim().is_empty(), net.is_empty()) {
         (_, true) => spec_cmdline.to_owned(),
         (true, false) => net,

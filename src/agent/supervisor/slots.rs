@@ -8,8 +8,14 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use crate::agent::image::VmDisk;
+use crate::agent::state::STATUS_FILE;
 use crate::agent::vmm::VmmHandle;
 use crate::vm::{ExitReason, RunExit};
+
+/// What lives as long as the VM (its spec), not just a run: the status record and the VM's
+/// own disk.
+const VM_LIFETIME_FILES: [&str; 3] = [STATUS_FILE, VmDisk::FILE_NAMES[0], VmDisk::FILE_NAMES[1]];
 
 /// One VM held by the agent.
 pub(super) struct VmSlot {
@@ -28,6 +34,8 @@ pub(super) struct VmRuntime {
     pub(super) run: Option<RunHandle>,
     /// Set once `DeleteVM` took the VM away: no more writes, no more events.
     pub(super) deleted: bool,
+    /// The run's image pull, while it has not booted yet.
+    pub(super) pull: Option<PullHandle>,
 }
 
 /// The VMM process of the current run.
@@ -52,6 +60,7 @@ impl VmRuntime {
             recorded: false,
             run: None,
             deleted: false,
+            pull: None,
         }
     }
 
@@ -126,13 +135,27 @@ impl Inner {
         generation: Option<u64>,
         f: impl FnOnce(&mut VmRuntime),
     ) -> bool {
+        self.update_if(
+            slot,
+            |rt| {
+                generation.is_none_or(|generation| {
+                    rt.run.as_ref().map(|r| r.generation) == Some(generation)
+                })
+            },
+            f,
+        )
+    }
+
+    /// [`Inner::update`] unless `current` says the change is stale (a replaced run's watcher,
+    /// a cancelled pull).
+    pub(super) fn update_if(
+        &self,
+        slot: &VmSlot,
+        current: impl FnOnce(&VmRuntime) -> bool,
+        f: impl FnOnce(&mut VmRuntime),
+    ) -> bool {
         let mut rt = slot.lock();
-        if rt.deleted {
-            return false;
-        }
-        if let Some(generation) = generation
-            && rt.run.as_ref().map(|r| r.generation) != Some(generation)
-        {
+        if rt.deleted || !current(&rt) {
             return false;
         }
         f(&mut rt);
@@ -152,19 +175,35 @@ impl Inner {
         self.backends.iter().find(|b| b.backend.kind() == kind)
     }
 
-    /// Stop the previous run of a slot (if any) and clear its files, before a new run.
-    pub(super) async fn clear_previous(self: &Arc<Self>, slot: &Arc<VmSlot>) {
-        let grace = slot.lock().grace_period();
+    /// Stop the previous run of a slot (if any) and clear its files, before a new run of the
+    /// spec `next_hash`. The same spec keeps the VM's disk (the guest keeps what it wrote) and
+    /// its pinned images; another spec starts from nothing.
+    pub(super) async fn clear_previous(self: &Arc<Self>, slot: &Arc<VmSlot>, next_hash: &str) {
+        self.cancel_pull(slot);
+        let (grace, same_spec) = {
+            let rt = slot.lock();
+            (
+                rt.grace_period(),
+                rt.recorded && rt.status.spec_hash == next_hash,
+            )
+        };
         Self::stop_run(self, slot, grace).await;
-        if let Err(error) = self.store.remove_vm(&slot.uid) {
+        let cleared = if same_spec {
+            self.store.remove_all_except(&slot.uid, &VM_LIFETIME_FILES)
+        } else {
+            self.release_images(&slot.uid).await;
+            self.store.remove_vm(&slot.uid)
+        };
+        if let Err(error) = cleared {
             tracing::warn!(uid = %slot.uid, error = %error, "cannot clear the previous run's files");
         }
     }
 
-    /// The status a new run starts from: the VM's creation time carries over, and so does
-    /// the count of missed boot deadlines when the previous run missed its own.
+    /// The status a new run starts from: the VM's creation time carries over, so do the
+    /// images the same spec resolved (every run boots the same digests), and so does the count
+    /// of missed boot deadlines when the previous run missed its own.
     pub(super) fn fresh_status(slot: &VmSlot, request: &ApplyRequest, applied_at: i64) -> VmStatus {
-        let (created_at, boot_timeouts) = {
+        let (created_at, images, boot_timeouts) = {
             let rt = slot.lock();
             let created_at = if rt.status.created_at_unix_ms != 0 {
                 rt.status.created_at_unix_ms
@@ -176,7 +215,16 @@ impl Inner {
                 .exit
                 .as_ref()
                 .is_some_and(|e| e.reason == ExitReason::BootTimeout);
-            (created_at, if missed { rt.status.boot_timeouts } else { 0 })
+            let images = if rt.recorded && rt.status.spec_hash == request.spec_hash {
+                rt.status.images.clone()
+            } else {
+                Vec::new()
+            };
+            (
+                created_at,
+                images,
+                if missed { rt.status.boot_timeouts } else { 0 },
+            )
         };
         let spec = &request.spec;
         VmStatus {
@@ -187,6 +235,7 @@ impl Inner {
             accelerator: spec.accelerator,
             created_at_unix_ms: created_at,
             applied_at_unix_ms: applied_at,
+            images,
             vcpus: spec.vcpus,
             memory_bytes: spec.memory_bytes,
             boot_timeouts,
@@ -233,7 +282,8 @@ impl Inner {
     }
 
     pub(super) fn fail_with(&self, slot: &VmSlot, generation: Option<u64>, exit: RunExit) {
-        if let Err(error) = self.store.remove_all_but_status(&slot.uid) {
+        // The VM's disk stays with it: a next run of the same spec boots it again.
+        if let Err(error) = self.store.remove_all_except(&slot.uid, &VM_LIFETIME_FILES) {
             tracing::warn!(uid = %slot.uid, error = %error, "cannot clean up the failed VM");
         }
         // The status record alone stays, so the failure can be reported (and survives a restart).
@@ -244,9 +294,11 @@ impl Inner {
             if let Some(run) = rt.run.take() {
                 run.cancel.cancel();
             }
+            rt.pull = None;
             rt.status.state = RunState::Failed;
             rt.status.ready = false;
             rt.status.pid = 0;
+            rt.status.pulling = None;
             rt.status.exit = Some(exit);
         });
     }

@@ -104,6 +104,9 @@ async fn supervisor_with(
             simulated,
             unavailable: Vec::new(),
             network: None,
+            images: Some(crate::agent::image::ImageStoreConfig::new(
+                dir.join("images"),
+            )),
         },
         StateStore::open(dir).expect("store"),
         vec![BackendEntry {
@@ -118,13 +121,14 @@ fn request(uid: &str, kernel: &Path, hash: &str, run: u32, desired: DesiredState
     ApplyRequest {
         spec: VmSpec {
             memory_bytes: 64 << 20,
-            kernel_path: kernel.display().to_string(),
+            kernel: crate::vm::GuestFile::Path(kernel.display().to_string()),
             readiness_console_marker: Some("ignis: ready".into()),
             ..crate::testing::vm_spec(uid)
         },
         spec_hash: hash.into(),
         run,
         desired,
+        pull_secrets: Default::default(),
     }
 }
 

@@ -160,10 +160,13 @@ pub(crate) fn vm_config(config: &VmConfig) -> Result<Value, VmmError> {
     Ok(body)
 }
 
-/// The disk's `ImageType`. Every disk the agent attaches is raw today (the QEMU backend
-/// attaches the same files `format=raw`); a disk format on `DiskConfig` maps here.
-fn image_type(_disk: &crate::agent::vmm::DiskConfig) -> &'static str {
-    "Raw"
+/// The disk's `ImageType` (the agent makes the per-VM disk raw for Cloud Hypervisor, but a
+/// shared read-only image disk keeps its format).
+fn image_type(disk: &crate::agent::vmm::DiskConfig) -> &'static str {
+    match disk.format {
+        crate::agent::image::DiskFormat::Raw => "Raw",
+        crate::agent::image::DiskFormat::Qcow2 => "Qcow2",
+    }
 }
 
 #[cfg(test)]
@@ -210,6 +213,7 @@ mod tests {
         let disk = |id: &str, root: bool| DiskConfig {
             id: id.to_owned(),
             path: format!("/d/{id}.img").into(),
+            format: Default::default(),
             read_only: !root,
             root,
         };

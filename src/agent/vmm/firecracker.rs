@@ -286,6 +286,7 @@ mod tests {
         let disk = |id: &str| DiskConfig {
             id: id.to_owned(),
             path: "/d.img".into(),
+            format: Default::default(),
             read_only: false,
             root: true,
         };

@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::agent::image::DiskFormat;
 use crate::api::{Accelerator, Hypervisor};
 pub use exit::{ExitQuirks, GuestExit};
 
@@ -27,6 +28,10 @@ pub struct DiskConfig {
     /// Stable id within the VM (`rootfs`, ...).
     pub id: String,
     pub path: PathBuf,
+    /// How the file is laid out: QEMU opens a qcow2 overlay as one; Firecracker and Cloud
+    /// Hypervisor get raw disks (the per-VM disk is made raw for them).
+    #[serde(default)]
+    pub format: DiskFormat,
     pub read_only: bool,
     /// Whether the guest boots from it.
     pub root: bool,

@@ -74,7 +74,9 @@ impl Output<'_> {
 }
 
 /// Start a VMM in a process group of its own. The child is never killed on drop: a VMM
-/// outlives the agent that started it.
+/// outlives the agent that started it. In a cluster it is also moved out of the agent's
+/// container cgroup (`agent::cgroup`), or killed when that fails, since it would die with the
+/// agent's container otherwise.
 pub(crate) fn spawn(
     binary: &Path,
     args: impl IntoIterator<Item = impl AsRef<OsStr>>,
@@ -85,7 +87,7 @@ pub(crate) fn spawn(
         binary: binary.to_path_buf(),
         source,
     };
-    tokio::process::Command::new(binary)
+    let mut child = tokio::process::Command::new(binary)
         .args(args)
         .stdin(Stdio::null())
         .stdout(stdout.open().map_err(spawn_error)?)
@@ -93,7 +95,17 @@ pub(crate) fn spawn(
         .process_group(0)
         .kill_on_drop(false)
         .spawn()
-        .map_err(spawn_error)
+        .map_err(spawn_error)?;
+    if let Some(pid) = child.id()
+        && let Err(source) = crate::agent::cgroup::place(pid)
+    {
+        let _ = child.start_kill();
+        return Err(VmmError::Io {
+            operation: "move the VMM out of the agent's cgroup".to_owned(),
+            source,
+        });
+    }
+    Ok(child)
 }
 
 /// The handle of a VMM just spawned: its pid and start time, and where it keeps its files.

@@ -99,17 +99,27 @@ pub fn host_tsc_khz(cpuinfo: &str) -> Option<u64> {
     (1.0..1e9).contains(&khz).then_some(khz as u64)
 }
 
-/// The kernel command line QEMU gets. Under TCG the guest TSC ticks at the host's rate, and
+/// The kernel command line QEMU gets. A root disk is named (`root=/dev/vda rw|ro`) unless the
+/// command line names one, as Firecracker does on its own and the Cloud Hypervisor backend
+/// does too, so one command line boots under every VMM (the root disk is attached first).
+/// Under TCG the guest TSC ticks at the host's rate, and
 /// the kernel's calibration against the emulated PIT fails on a loaded host, after which the
 /// guest hangs in early boot (seen here with load average 6: every boot hung). Telling the
 /// kernel the rate (`tsc_early_khz`) and that the TSC is reliable skips both the calibration
 /// and the clocksource watchdog. A cmdline that already sets `tsc_early_khz` is left alone.
 pub fn guest_cmdline(config: &VmConfig, host_tsc_khz: Option<u64>) -> String {
+    let mut cmdline = config.cmdline.clone();
+    if let Some(root) = config.disks.iter().find(|d| d.root)
+        && !cmdline.split_whitespace().any(|p| p.starts_with("root="))
+    {
+        let mode = if root.read_only { "ro" } else { "rw" };
+        cmdline = format!("{cmdline} root=/dev/vda {mode}").trim().to_owned();
+    }
     match (config.accelerator, host_tsc_khz) {
-        (Accelerator::Tcg, Some(khz)) if !config.cmdline.contains("tsc_early_khz=") => {
-            format!("{} tsc_early_khz={khz} tsc=reliable", config.cmdline)
+        (Accelerator::Tcg, Some(khz)) if !cmdline.contains("tsc_early_khz=") => {
+            format!("{cmdline} tsc_early_khz={khz} tsc=reliable")
         }
-        _ => config.cmdline.clone(),
+        _ => cmdline,
     }
 }
 
@@ -155,13 +165,17 @@ pub(crate) fn qemu_args(config: &VmConfig, host_tsc_khz: Option<u64>) -> Vec<OsS
         "-qmp",
         &format!("unix:{},server=on,wait=off", opt_value(&config.api_socket)),
     ]);
-    for disk in &config.disks {
+    // The root disk first: the guest names it /dev/vda.
+    let mut disks: Vec<_> = config.disks.iter().collect();
+    disks.sort_by_key(|d| !d.root);
+    for disk in disks {
         let id = qemu_id("disk", &disk.id);
         push(&[
             "-drive",
             &format!(
-                "id={id},file={},format=raw,if=none,readonly={}",
+                "id={id},file={},format={},if=none,readonly={}",
                 opt_value(&disk.path),
+                disk.format.as_str(),
                 if disk.read_only { "on" } else { "off" }
             ),
             "-device",
@@ -381,6 +395,7 @@ impl VmmBackend for QemuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::image::DiskFormat;
     use crate::agent::vmm::{DiskConfig, NetConfig};
     use crate::error::ErrorReason;
 
@@ -395,6 +410,7 @@ mod tests {
             disks: vec![DiskConfig {
                 id: "rootfs".into(),
                 path: "/s/a,b.img".into(),
+                format: DiskFormat::Raw,
                 read_only: true,
                 root: true,
             }],
@@ -435,7 +451,10 @@ mod tests {
         assert_eq!(after(&a, "-m"), "256M");
         assert_eq!(after(&a, "-kernel"), "/g/vmlinuz");
         assert_eq!(after(&a, "-initrd"), "/g/initrd.cpio");
-        assert_eq!(after(&a, "-append"), "console=ttyS0 panic=-1");
+        assert_eq!(
+            after(&a, "-append"),
+            "console=ttyS0 panic=-1 root=/dev/vda ro"
+        );
         for flag in ["-nodefaults", "-no-user-config", "-no-reboot", "-S"] {
             assert!(a.contains(&flag.to_string()), "{flag}");
         }
@@ -491,6 +510,7 @@ mod tests {
         assert_eq!(host_tsc_khz(cpuinfo), Some(2_596_124));
         assert_eq!(host_tsc_khz("cpu MHz : 2596.124\nflags : fpu tsc\n"), None);
         let mut c = config();
+        c.disks.clear();
         assert_eq!(
             guest_cmdline(&c, Some(2_596_124)),
             "console=ttyS0 panic=-1 tsc_early_khz=2596124 tsc=reliable"
@@ -506,6 +526,47 @@ mod tests {
         c.accelerator = Accelerator::Kvm;
         c.cmdline = "console=ttyS0".into();
         assert_eq!(guest_cmdline(&c, Some(1000)), "console=ttyS0");
+    }
+
+    #[test]
+    fn the_root_disk_goes_first_in_its_format_and_is_named_unless_the_cmdline_does() {
+        let mut c = config();
+        c.disks = vec![
+            DiskConfig {
+                id: "cidata".into(),
+                path: "/s/cidata.iso".into(),
+                format: DiskFormat::Raw,
+                read_only: true,
+                root: false,
+            },
+            DiskConfig {
+                id: "rootfs".into(),
+                path: "/s/rootfs.qcow2".into(),
+                format: DiskFormat::Qcow2,
+                read_only: false,
+                root: true,
+            },
+        ];
+        let a = args(&c);
+        let drives: Vec<&String> = a
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i > 0 && a[i - 1] == "-drive")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(
+            drives,
+            [
+                "id=disk-rootfs,file=/s/rootfs.qcow2,format=qcow2,if=none,readonly=off",
+                "id=disk-cidata,file=/s/cidata.iso,format=raw,if=none,readonly=on"
+            ]
+        );
+        assert_eq!(
+            after(&a, "-append"),
+            "console=ttyS0 panic=-1 root=/dev/vda rw"
+        );
+        c.cmdline = "console=ttyS0 root=LABEL=rootfs".into();
+        assert_eq!(guest_cmdline(&c, None), c.cmdline);
     }
 
     #[test]

@@ -10,10 +10,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::scheduler::{Unschedulable, selector_matches};
 use crate::api::{
-    ConditionType, FINALIZER, MicroVM, MicroVMStatus, NODE_LABEL, Phase, Reason, RunPolicy,
-    find_condition, set_condition_status,
+    ConditionType, FINALIZER, ImageStatus, MicroVM, MicroVMStatus, NODE_LABEL, Phase, Reason,
+    RunPolicy, find_condition, set_condition_status,
 };
-use crate::vm::{DesiredState, ExitReason, RunState, VmStatus};
+use crate::vm::{DesiredState, ExitReason, Pulling, RunState, VmStatus};
 
 /// A run shorter than this that ends in a restart counts as a crash loop and backs off.
 const STABLE_RUN: Duration = Duration::from_secs(60);
@@ -452,6 +452,47 @@ impl<'a> Planner<'a> {
         self.kstatus(true, None);
     }
 
+    /// The run fetches its images: visible as Ready's reason, a failed attempt as its own
+    /// reason with the registry's message while the agent retries. Each apply carries the
+    /// pull secrets as they are now, so re-applying lets a fixed Secret take effect.
+    fn pulling(&mut self, node: &str, vm: &VmStatus, pulling: &Pulling) {
+        self.set_phase(Phase::Starting);
+        let old_reason = self.old_cond(ConditionType::Ready).map(|c| c.1.to_string());
+        match &pulling.failure {
+            None => {
+                let message = format!("pulling {} on {node}", pulling.references.join(", "));
+                if old_reason.as_deref() != Some(Reason::PULLING_IMAGE) {
+                    self.event(EventKind::Normal, "Pulling", message.clone());
+                }
+                self.cond(
+                    ConditionType::Ready,
+                    "False",
+                    Reason::PULLING_IMAGE,
+                    message,
+                );
+            }
+            Some(failure) => {
+                let retry_ms = failure.retry_at_unix_ms - self.obs.now.as_millisecond();
+                let message = format!(
+                    "{}; retrying in {}s (attempt {})",
+                    failure.message,
+                    (retry_ms.max(0) + 999) / 1000,
+                    failure.attempts
+                );
+                if old_reason.as_deref() != Some(failure.reason.as_str()) {
+                    self.event(EventKind::Warning, "Failed", failure.message.clone());
+                }
+                self.cond(ConditionType::Ready, "False", &failure.reason, message);
+                self.agent.push(Action::ApplyVm {
+                    node: node.to_string(),
+                    run: vm.run,
+                    desired: DesiredState::Running,
+                });
+            }
+        }
+        self.kstatus(true, None);
+    }
+
     fn stopping(&mut self, message: &str) {
         self.set_phase(Phase::Stopping);
         self.cond(ConditionType::Ready, "False", Reason::STOPPING, message);
@@ -525,6 +566,17 @@ impl<'a> Planner<'a> {
         // A boot-relevant field differs from what runs (only possible across controller
         // versions, since those fields are immutable): converge the same run onto the new spec.
         let hash_differs = vm.spec_hash != hash;
+        if !vm.images.is_empty() {
+            self.new.images = vm
+                .images
+                .iter()
+                .map(|i| ImageStatus {
+                    kind: i.kind,
+                    image: i.reference.clone(),
+                    digest: i.digest.clone(),
+                })
+                .collect();
+        }
 
         if halted {
             match state {
@@ -550,6 +602,10 @@ impl<'a> Planner<'a> {
         }
 
         match state {
+            RunState::Creating if vm.pulling.is_some() => {
+                let pulling = vm.pulling.clone().unwrap_or_default();
+                self.pulling(node, vm, &pulling);
+            }
             RunState::Creating | RunState::Starting => self.starting(node),
             RunState::Running if !vm.ready => self.starting(node),
             RunState::Running => {

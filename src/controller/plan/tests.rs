@@ -498,13 +498,13 @@ fn spec_the_agent_cannot_express_stalls() {
     let mvm = placed("web", "node-a");
     let mut o = obs();
     o.spec_hash = Err(SpecProblem {
-        reason: "ImageUnsupported",
-        message: "spec.kernel.image is not supported".to_string(),
+        reason: "InvalidImageReference",
+        message: "spec.kernel.image \"A:b\" is not a valid image reference".to_string(),
     });
     let actions = plan(&mvm, &o);
     assert!(applies(&actions).is_empty());
     let s = status_of(&actions).expect("status");
-    assert_eq!(cond(&s, ConditionType::Stalled).1, "ImageUnsupported");
+    assert_eq!(cond(&s, ConditionType::Stalled).1, "InvalidImageReference");
 }
 
 #[test]
@@ -669,6 +669,69 @@ fn existing_conditions_keep_their_transition_time() {
     let s = status_of(&plan(&mvm, &obs())).expect("status");
     let c = find_condition(&s.conditions, ConditionType::Scheduled).expect("scheduled");
     assert_eq!(c.last_transition_time, at(7));
+}
+
+#[test]
+fn pulling_shows_as_the_ready_reason_and_a_failed_attempt_as_its_own_reason() {
+    let mvm = placed("web", "node-a");
+    let mut o = obs();
+    let mut vm = agent_vm(&mvm, HASH, 0, RunState::Creating);
+    vm.pulling = Some(Pulling {
+        references: vec!["reg/k:1".into(), "reg/r:1".into()],
+        failure: None,
+    });
+    o.vm = Some(vm.clone());
+    let actions = plan(&mvm, &o);
+    let s = status_of(&actions).expect("status");
+    assert_eq!(
+        cond(&s, ConditionType::Ready),
+        (
+            "False",
+            Reason::PULLING_IMAGE,
+            "pulling reg/k:1, reg/r:1 on node-a"
+        )
+    );
+    assert_eq!(cond(&s, ConditionType::Reconciling).0, "True");
+    assert_eq!(events(&actions), ["Pulling"]);
+    assert!(applies(&actions).is_empty());
+    let pulling = written(mvm, &actions);
+    assert!(
+        events(&plan(&pulling, &o)).is_empty(),
+        "one Pulling event per pull"
+    );
+
+    vm.pulling = Some(Pulling {
+        references: vec!["reg/r:1".into()],
+        failure: Some(crate::vm::PullFailure {
+            reason: "ImageUnauthorized".into(),
+            message: "reg/r:1: the registry refused the credentials: UNAUTHORIZED".into(),
+            attempts: 3,
+            retry_at_unix_ms: now().as_millisecond() + 7_500,
+        }),
+    });
+    vm.images = vec![crate::vm::PulledImage {
+        kind: crate::api::ImageKind::Kernel,
+        reference: "reg/k:1".into(),
+        digest: "sha256:aa".into(),
+    }];
+    o.vm = Some(vm);
+    let actions = plan(&pulling, &o);
+    let s = status_of(&actions).expect("status");
+    let (status, reason, message) = cond(&s, ConditionType::Ready);
+    assert_eq!((status, reason), ("False", "ImageUnauthorized"));
+    assert!(
+        message.ends_with("UNAUTHORIZED; retrying in 8s (attempt 3)"),
+        "{message}"
+    );
+    assert_eq!(cond(&s, ConditionType::Stalled).0, "False", "retried");
+    assert_eq!(events(&actions), ["Failed"]);
+    assert_eq!(
+        applies(&actions),
+        [(0, DesiredState::Running)],
+        "re-applied with the Secrets as they are now"
+    );
+    assert_eq!(s.images.len(), 1);
+    assert_eq!(s.images[0].digest, "sha256:aa");
 }
 
 mod verdicts;

@@ -10,10 +10,10 @@ fn spec() -> VmSpec {
         accelerator: Some(Accelerator::Kvm),
         vcpus: 2,
         memory_bytes: 256 << 20,
-        kernel_path: "/k".into(),
+        kernel: GuestFile::Path("/k".into()),
         kernel_cmdline: "console=ttyS0".into(),
-        initrd_path: Some("/i".into()),
-        rootfs_path: None,
+        initrd: Some(GuestFile::Path("/i".into())),
+        rootfs: Some(GuestFile::Image("127.0.0.1:5000/guest/rootfs:1".into())),
         rootfs_read_only: true,
         interfaces: vec![
             Interface {
@@ -48,6 +48,7 @@ fn an_apply_crosses_the_wire_unchanged() {
             spec_hash: "h".into(),
             run: 3,
             desired,
+            pull_secrets: PullSecrets::new(vec![br#"{"auths":{}}"#.to_vec()]),
         };
         let (back, refused) = apply_request(wire(&request)).expect("valid");
         assert_eq!((back, refused), (request, None));
@@ -60,6 +61,7 @@ fn with_spec(edit: impl FnOnce(&mut proto::VmSpec)) -> proto::ApplyVmRequest {
         spec_hash: "h".into(),
         run: 1,
         desired: DesiredState::Running,
+        pull_secrets: PullSecrets::default(),
     });
     if let Some(spec) = request.spec.as_mut() {
         edit(spec);
@@ -86,6 +88,11 @@ fn values_this_agent_does_not_know_refuse_the_vm_with_a_named_cause() {
             "InvalidSpec",
             "readiness.tcpPort",
         ),
+        (
+            with_spec(|s| s.kernel_image = "reg/k:1".into()),
+            "InvalidSpec",
+            "kernel",
+        ),
     ];
     for (request, reason, names) in cases {
         let (read, refused) = apply_request(request).expect("a request");
@@ -94,6 +101,33 @@ fn values_this_agent_does_not_know_refuse_the_vm_with_a_named_cause() {
         assert!(error.to_string().contains(names), "{error}");
         assert_eq!(read.spec.uid.as_str(), "u", "the VM is still known");
     }
+}
+
+#[test]
+fn images_cross_the_wire_and_secrets_stay_out_of_records() {
+    let request = ApplyRequest {
+        spec: VmSpec {
+            kernel: GuestFile::Image("reg/k@sha256:00".into()),
+            initrd: None,
+            ..spec()
+        },
+        spec_hash: "h".into(),
+        run: 1,
+        desired: DesiredState::Running,
+        pull_secrets: PullSecrets::new(vec![b"hunter2".to_vec()]),
+    };
+    let wire = wire(&request);
+    let s = wire.spec.as_ref().expect("spec");
+    assert_eq!(
+        (s.kernel_path.as_str(), s.kernel_image.as_str()),
+        ("", "reg/k@sha256:00")
+    );
+    assert_eq!(s.rootfs_image, "127.0.0.1:5000/guest/rootfs:1");
+    let (back, refused) = apply_request(wire).expect("valid");
+    assert_eq!((back.clone(), refused), (request, None));
+    let record = serde_json::to_string(&back).expect("json");
+    assert!(!record.contains("hunter2"), "{record}");
+    assert!(!format!("{back:?}").contains("hunter2"));
 }
 
 #[test]
@@ -142,9 +176,26 @@ fn statuses_and_hosts_cross_the_wire_unchanged() {
             at_unix_ms: 20,
         }),
         pid: 42,
+        images: vec![PulledImage {
+            kind: ImageKind::Rootfs,
+            reference: "reg/r:1".into(),
+            digest: format!("sha256:{}", "a".repeat(64)),
+        }],
+        pulling: Some(Pulling {
+            references: vec!["reg/k:1".into()],
+            failure: Some(PullFailure {
+                reason: "ImageNotFound".into(),
+                message: "manifest unknown".into(),
+                attempts: 2,
+                retry_at_unix_ms: 99,
+            }),
+        }),
         ..VmStatus::new(VmUid::new("u").expect("uid"), "ns".into(), "n".into())
     };
     assert_eq!(vm_status((&status).into()).expect("valid"), status);
+    let mut newer = proto::Vm::from(&status);
+    newer.images[0].kind = 9;
+    assert!(vm_status(newer).expect("valid").images.is_empty());
     let host = HostInfo {
         node_name: "node-a".into(),
         vcpus_total: 8,

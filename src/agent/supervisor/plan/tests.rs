@@ -219,16 +219,23 @@ fn the_guest_cmdline_gets_the_network_parameters() {
         bridge: "ignis0".into(),
         address: Some(("10.88.0.5".parse().expect("ip"), 16)),
         gateway: Some("10.88.0.1".parse().expect("gw")),
+        dns: vec!["10.88.0.1".parse().expect("dns")],
     };
+    let eth0 = std::slice::from_ref(&eth0);
     assert_eq!(
-        guest_cmdline("console=ttyS0 quiet ", std::slice::from_ref(&eth0)),
-        "console=ttyS0 quiet ignis.ip=10.88.0.5/16 ignis.gw=10.88.0.1"
+        guest_cmdline("console=ttyS0 quiet ", eth0, "web"),
+        "console=ttyS0 quiet ip=10.88.0.5::10.88.0.1:255.255.0.0:web:eth0:off:10.88.0.1"
     );
     assert_eq!(
-        guest_cmdline("", std::slice::from_ref(&eth0)),
-        "ignis.ip=10.88.0.5/16 ignis.gw=10.88.0.1"
+        guest_cmdline("", eth0, "web"),
+        "ip=10.88.0.5::10.88.0.1:255.255.0.0:web:eth0:off:10.88.0.1"
     );
-    assert_eq!(guest_cmdline("console=ttyS0", &[]), "console=ttyS0");
+    assert_eq!(guest_cmdline("console=ttyS0", &[], "web"), "console=ttyS0");
+    assert_eq!(
+        guest_cmdline("console=ttyS0 ip=dhcp", eth0, "web"),
+        "console=ttyS0 ip=dhcp",
+        "the spec's own ip= wins"
+    );
 }
 
 #[test]
@@ -237,12 +244,21 @@ fn file_checks_tell_missing_from_unreadable() {
     let kernel = tmp.path().join("vmlinuz");
     std::fs::write(&kernel, b"k").expect("kernel");
     let ok = VmSpec {
-        kernel_path: kernel.display().to_string(),
+        kernel: GuestFile::Path(kernel.display().to_string()),
         ..spec()
     };
     assert!(check_files(&ok).is_ok());
+    let image = VmSpec {
+        kernel: GuestFile::Image("reg/k:1".into()),
+        rootfs: Some(GuestFile::Image("reg/r:1".into())),
+        ..spec()
+    };
+    assert!(
+        check_files(&image).is_ok(),
+        "images are checked by the pull"
+    );
     let missing = VmSpec {
-        kernel_path: "/nope".into(),
+        kernel: GuestFile::Path("/nope".into()),
         ..spec()
     };
     assert_eq!(
@@ -250,7 +266,7 @@ fn file_checks_tell_missing_from_unreadable() {
         "KernelNotFound"
     );
     let dir_initrd = VmSpec {
-        initrd_path: Some(tmp.path().display().to_string()),
+        initrd: Some(GuestFile::Path(tmp.path().display().to_string())),
         ..ok.clone()
     };
     assert_eq!(
@@ -260,7 +276,7 @@ fn file_checks_tell_missing_from_unreadable() {
     let empty = tmp.path().join("empty");
     std::fs::write(&empty, b"").expect("empty");
     let empty_initrd = VmSpec {
-        initrd_path: Some(empty.display().to_string()),
+        initrd: Some(GuestFile::Path(empty.display().to_string())),
         ..ok
     };
     assert_eq!(

@@ -28,6 +28,9 @@ async fn on_kvm(dir: &Path, fake: &FakeVmm) -> Supervisor {
             simulated: false,
             unavailable: Vec::new(),
             network: None,
+            images: Some(crate::agent::image::ImageStoreConfig::new(
+                dir.join("images"),
+            )),
         },
         StateStore::open(&dir.join("state")).expect("store"),
         vec![BackendEntry {

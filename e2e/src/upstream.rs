@@ -1,0 +1,197 @@
+//! The upstream one-node cluster of `scripts/cluster.sh`, for the tests only a real cluster
+//! can run (e2e/tests/cluster.rs): its facts come from the `cluster.env` file `up` writes,
+//! named by `IGNIS_E2E_CLUSTER_ENV`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// What `scripts/cluster.sh` says about its cluster.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    pub kubeconfig: PathBuf,
+    /// The network namespace every part of the cluster (and every VM) runs in.
+    pub netns: String,
+    pub node: String,
+    pub node_ip: String,
+    pub audit_log: PathBuf,
+    pub helm: PathBuf,
+    pub chart: PathBuf,
+    pub release: String,
+    pub release_namespace: String,
+    /// The agent's state directory on the node (the host).
+    pub agent_state_dir: PathBuf,
+    /// The Helm values `install-ignis` used.
+    pub values: PathBuf,
+    /// The cluster's image registry (`host:port`, plain HTTP, reached from the host and the
+    /// agent) and its `user:password`.
+    pub registry: Option<String>,
+    pub registry_creds: Option<String>,
+}
+
+impl Upstream {
+    /// The cluster named by `IGNIS_E2E_CLUSTER_ENV`, or `None` with the reason printed.
+    pub fn from_env() -> Option<Upstream> {
+        let Ok(path) = std::env::var("IGNIS_E2E_CLUSTER_ENV") else {
+            println!(
+                "skipped: needs the upstream cluster of scripts/cluster.sh (IGNIS_E2E_CLUSTER_ENV, set by scripts/test.sh)"
+            );
+            return None;
+        };
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("IGNIS_E2E_CLUSTER_ENV={path}: {e}"));
+        Some(Self::parse(&text))
+    }
+
+    fn parse(text: &str) -> Upstream {
+        let vars: BTreeMap<&str, &str> = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim(), v.trim()))
+            .collect();
+        let get = |k: &str| {
+            vars.get(k)
+                .unwrap_or_else(|| panic!("cluster.env lacks {k}"))
+                .to_string()
+        };
+        Upstream {
+            kubeconfig: get("KUBECONFIG").into(),
+            netns: get("NETNS"),
+            node: get("NODE"),
+            node_ip: get("NODE_IP"),
+            audit_log: get("AUDIT_LOG").into(),
+            helm: get("HELM").into(),
+            chart: get("CHART").into(),
+            release: get("RELEASE"),
+            release_namespace: get("RELEASE_NAMESPACE"),
+            agent_state_dir: get("AGENT_STATE_DIR").into(),
+            values: get("VALUES").into(),
+            registry: vars.get("REGISTRY").map(|v| v.to_string()),
+            registry_creds: vars.get("REGISTRY_CREDS").map(|v| v.to_string()),
+        }
+    }
+
+    /// A command run inside the cluster's network namespace (where the VMs' bridge and taps
+    /// are), in the host's mount namespace.
+    pub fn in_netns(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.netns))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
+    /// `helm ARGS` against this cluster, in the release's namespace, with a deadline.
+    pub fn helm(&self, args: &[&str]) -> Output {
+        let child = Command::new(&self.helm)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(["--namespace", &self.release_namespace])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("helm runs");
+        crate::wait_with_deadline(child, Duration::from_secs(600))
+    }
+
+    /// Run `helm ARGS` and panic with its output unless it succeeds.
+    pub fn helm_ok(&self, args: &[&str]) -> String {
+        let out = self.helm(args);
+        assert!(
+            out.status.success(),
+            "helm {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Audit events (one JSON object a line) whose user matches `user_prefix` and whose
+    /// response code is `code`.
+    pub fn audit_events(&self, user_prefix: &str, code: i64) -> Vec<serde_json::Value> {
+        audit_events_in(&self.audit_log, 0, user_prefix, code)
+    }
+}
+
+/// [`Upstream::audit_events`] over the file at `path`, from byte `from` on.
+pub fn audit_events_in(
+    path: &Path,
+    from: u64,
+    user_prefix: &str,
+    code: i64,
+) -> Vec<serde_json::Value> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("audit log {}: {e}", path.display()));
+    let from = usize::try_from(from).unwrap_or(usize::MAX).min(bytes.len());
+    String::from_utf8_lossy(&bytes[from..])
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|event| {
+            event["user"]["username"]
+                .as_str()
+                .is_some_and(|u| u.starts_with(user_prefix))
+                && event["responseStatus"]["code"].as_i64() == Some(code)
+        })
+        .collect()
+}
+
+/// PIDs of processes whose command line contains `needle` (the VMMs of a VM: the agent runs
+/// with the host's PID namespace, so they are visible here).
+pub fn pids_matching(needle: &str) -> Vec<u32> {
+    let out = Command::new("pgrep")
+        .args(["-f", "--", needle])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Poll `f` until it holds or `timeout` passes; panic naming `what` then.
+pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_env_parses() {
+        let up = Upstream::parse(
+            "KUBECONFIG=/k\nNETNS=ns\nNODE=n\nNODE_IP=1.2.3.4\nAUDIT_LOG=/a\nHELM=/h\nKUBECTL=/kc\n\
+             CHART=/c\nRELEASE=r\nRELEASE_NAMESPACE=rn\nAGENT_STATE_DIR=/s\nVALUES=/v\n",
+        );
+        assert_eq!(up.netns, "ns");
+        assert_eq!(up.node_ip, "1.2.3.4");
+        assert_eq!(up.values, PathBuf::from("/v"));
+    }
+
+    #[test]
+    fn audit_events_filter_by_user_and_code() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let log = tmp.path().join("audit.log");
+        std::fs::write(
+            &log,
+            r#"{"user":{"username":"system:serviceaccount:ignis-system:ignis-controller"},"responseStatus":{"code":403}}
+{"user":{"username":"system:serviceaccount:ignis-system:ignis-controller"},"responseStatus":{"code":200}}
+{"user":{"username":"admin"},"responseStatus":{"code":403}}
+not json
+"#,
+        )
+        .expect("write");
+        let denied = audit_events_in(&log, 0, "system:serviceaccount:ignis-system:", 403);
+        assert_eq!(denied.len(), 1);
+        assert!(audit_events_in(&log, 1 << 20, "system:", 403).is_empty());
+    }
+}

@@ -1,0 +1,640 @@
+//! What only a real cluster can show, on the upstream one-node cluster of `scripts/cluster.sh`
+//! with Ignis installed by `scripts/cluster.sh install-ignis` (Helm):
+//! the installation itself (CRD accepted, 2 controller replicas with one leader, the agent
+//! pod, the TLS Secrets, nothing refused by RBAC in the apiserver's audit log), the CA key out
+//! of the nodes' reach, a guest reachable on its IP, leader failover, an agent pod deleted
+//! and its VM re-adopted, `helm upgrade`, and `helm uninstall` leaving nothing behind.
+//!
+//! One test, in phases: they share one installation and one running VM, and each phase
+//! changes the installation the next one starts from. The last phase installs Ignis again.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ignis_e2e::Cluster;
+use ignis_e2e::upstream::{Upstream, pids_matching, wait_until};
+
+const NS: &str = "e2e-cluster";
+const SERVICE_ACCOUNTS: &str = "system:serviceaccount:";
+
+struct Ctx {
+    cluster: Cluster,
+    up: Upstream,
+}
+
+impl Ctx {
+    fn sys(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", self.up.release_namespace.as_str()];
+        all.extend_from_slice(args);
+        self.cluster.kubectl_ok(&all)
+    }
+
+    fn jsonpath(&self, namespace: &str, object: &str, path: &str) -> String {
+        self.cluster.kubectl_ok(&[
+            "get",
+            "-n",
+            namespace,
+            object,
+            "-o",
+            &format!("jsonpath={path}"),
+        ])
+    }
+
+    fn wait_ready(&self, vm: &str) {
+        self.cluster.kubectl_ok(&[
+            "wait",
+            "-n",
+            NS,
+            "--for=condition=Ready",
+            &format!("mvm/{vm}"),
+            "--timeout=180s",
+        ]);
+    }
+
+    /// What says a VM was not rebooted: its VMM process, its start time, its restart count.
+    fn vm_identity(&self, vm: &str) -> (Vec<u32>, String) {
+        let uid = self.jsonpath(NS, &format!("mvm/{vm}"), "{.metadata.uid}");
+        let status = self.jsonpath(
+            NS,
+            &format!("mvm/{vm}"),
+            "{.status.startTime}/{.status.restartCount}/{.status.nodeName}",
+        );
+        (pids_matching(&uid), status)
+    }
+
+    fn leader(&self) -> String {
+        self.jsonpath(
+            &self.up.release_namespace,
+            "lease/ignis-controller",
+            "{.spec.holderIdentity}",
+        )
+    }
+
+    fn pods(&self, name: &str) -> Vec<String> {
+        self.sys(&[
+            "get",
+            "pods",
+            "-l",
+            &format!("app.kubernetes.io/name={name}"),
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}{\"\\n\"}{end}",
+        ])
+        .lines()
+        .map(str::to_string)
+        .collect()
+    }
+
+    fn secret_keys(&self, name: &str) -> Vec<String> {
+        let out = self.sys(&[
+            "get",
+            "secret",
+            name,
+            "-o",
+            "go-template={{range $k, $v := .data}}{{$k}}\n{{end}}",
+        ]);
+        out.lines().map(str::to_string).collect()
+    }
+
+    fn secret_file(&self, name: &str, key: &str, dir: &std::path::Path) -> std::path::PathBuf {
+        let b64 = self.sys(&[
+            "get",
+            "secret",
+            name,
+            "-o",
+            &format!("jsonpath={{.data.{}}}", key.replace('.', "\\.")),
+        ]);
+        let path = dir.join(format!("{name}-{key}"));
+        let decoded = Command::new("base64")
+            .arg("-d")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child
+                    .stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(b64.as_bytes())?;
+                child.wait_with_output()
+            })
+            .expect("base64 -d");
+        std::fs::write(&path, decoded.stdout).expect("write secret file");
+        path
+    }
+
+    fn no_denials(&self, when: &str) {
+        let prefix = format!("{SERVICE_ACCOUNTS}{}:", self.up.release_namespace);
+        let denied = self.up.audit_events(&prefix, 403);
+        assert!(
+            denied.is_empty(),
+            "{when}: the apiserver refused our service accounts {} time(s):\n{}",
+            denied.len(),
+            denied
+                .iter()
+                .take(10)
+                .map(|e| format!(
+                    "{} {} {}",
+                    e["user"]["username"], e["verb"], e["requestURI"]
+                ))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
+
+#[test]
+fn ignis_on_an_upstream_cluster() {
+    let Some(up) = Upstream::from_env() else {
+        return;
+    };
+    let cluster = Cluster::start();
+    let ctx = Ctx { cluster, up };
+    let started = Instant::now();
+    installation_is_whole(&ctx);
+    the_ca_key_stays_off_the_nodes(&ctx);
+
+    let _ns = ctx.cluster.namespace(NS);
+    let applied = ctx
+        .cluster
+        .apply(NS, &ctx.cluster.demo_vm("survivor", "", "Always"));
+    assert!(applied.success, "{}", applied.stderr);
+    ctx.wait_ready("survivor");
+    let (pids, _) = ctx.vm_identity("survivor");
+    assert_eq!(pids.len(), 1, "one VMM: {pids:?}");
+    let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", pids[0])).expect("cgroup");
+    assert!(
+        cgroup.contains("/ignis-vms"),
+        "the VMM is in the node-level VMM cgroup, not the agent's container:\n{cgroup}"
+    );
+
+    a_guest_serves_on_its_ip(&ctx);
+    leader_failover_leaves_vms_alone(&ctx);
+    a_deleted_agent_pod_readopts_its_vm(&ctx);
+    helm_upgrade_applies_a_changed_value(&ctx);
+    ctx.no_denials("before uninstall");
+    helm_uninstall_leaves_nothing(&ctx);
+    println!("cluster phases took {:?}", started.elapsed());
+}
+
+fn installation_is_whole(ctx: &Ctx) {
+    let ns = &ctx.up.release_namespace;
+    // The CRD: structural (no NonStructuralSchema condition) and established.
+    let conditions = ctx.jsonpath(
+        "default",
+        "crd/microvms.ignis.dev",
+        "{range .status.conditions[*]}{.type}={.status};{end}",
+    );
+    assert!(conditions.contains("Established=True"), "{conditions}");
+    assert!(!conditions.contains("NonStructuralSchema"), "{conditions}");
+    // Two controller replicas, one leader among them.
+    assert_eq!(
+        ctx.jsonpath(ns, "deployment/ignis-controller", "{.status.readyReplicas}"),
+        "2"
+    );
+    let controllers = ctx.pods("ignis-controller");
+    assert_eq!(controllers.len(), 2, "{controllers:?}");
+    wait_until(Duration::from_secs(60), "a leader", || {
+        controllers.contains(&ctx.leader())
+    });
+    // The agent pod runs on the node, on the node's address.
+    assert_eq!(
+        ctx.jsonpath(ns, "daemonset/ignis-agent", "{.status.numberReady}"),
+        "1"
+    );
+    let agents = ctx.pods("ignis-agent");
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    assert_eq!(
+        ctx.jsonpath(ns, &format!("pod/{}", agents[0]), "{.status.podIP}"),
+        ctx.up.node_ip
+    );
+    // The Secrets the controller bootstrapped.
+    assert_eq!(
+        ctx.secret_keys("ignis-agent-tls"),
+        ["ca.crt", "tls.crt", "tls.key"],
+        "the agents' Secret holds their pair and the CA certificate, nothing else"
+    );
+    assert_eq!(ctx.secret_keys("ignis-ca"), ["ca.crt", "ca.key"]);
+    ctx.no_denials("after install");
+}
+
+/// Defect 5 of issue 13: a node can read the agents' Secret only, and nothing in it mints a
+/// client certificate an agent accepts ("CN=evil").
+fn the_ca_key_stays_off_the_nodes(ctx: &Ctx) {
+    let ns = &ctx.up.release_namespace;
+    let node_user = format!("system:node:{}", ctx.up.node);
+    let can = |who: &[&str], what: &str| {
+        let mut args = vec!["auth", "can-i", "get", what, "-n", ns];
+        args.extend_from_slice(who);
+        // "yes", or "no" followed by the authorizer's reason.
+        let out = ctx.cluster.kubectl(&args).stdout;
+        out.split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let node = ["--as", node_user.as_str(), "--as-group", "system:nodes"];
+    assert_eq!(
+        can(&node, "secret/ignis-ca"),
+        "no",
+        "the node reads the CA key"
+    );
+    assert_eq!(
+        can(&node, "secret/ignis-agent-tls"),
+        "yes",
+        "the node serves the agents' Secret to its agent pod"
+    );
+    let agent_sa = format!("{SERVICE_ACCOUNTS}{ns}:ignis-agent");
+    assert_eq!(can(&["--as", &agent_sa], "secret/ignis-ca"), "no");
+
+    let tmp = tempfile::tempdir().expect("tmp");
+    let ca = ctx.secret_file("ignis-agent-tls", "ca.crt", tmp.path());
+    let node_cert = ctx.secret_file("ignis-agent-tls", "tls.crt", tmp.path());
+    let node_key = ctx.secret_file("ignis-agent-tls", "tls.key", tmp.path());
+    let (evil_cert, evil_key) = mint(tmp.path(), "evil", &node_cert, &node_key);
+    let (posing_cert, posing_key) = mint(tmp.path(), "ignis-controller", &node_cert, &node_key);
+    // The positive control: a controller certificate from the CA (only an admin can do this).
+    let (ctl_cert, ctl_key) = mint(
+        tmp.path(),
+        "ignis-controller",
+        &ctx.secret_file("ignis-ca", "ca.crt", tmp.path()),
+        &ctx.secret_file("ignis-ca", "ca.key", tmp.path()),
+    );
+    let call = |cert: &std::path::Path, key: &std::path::Path| grpc_get_host(ctx, &ca, cert, key);
+    let accepted = call(&ctl_cert, &ctl_key);
+    assert!(
+        accepted.contains("grpc-status: 0"),
+        "the controller's identity is accepted: {accepted}"
+    );
+    for (what, cert, key) in [
+        ("CN=evil signed with the node's key", &evil_cert, &evil_key),
+        (
+            "the controller's name signed with the node's key",
+            &posing_cert,
+            &posing_key,
+        ),
+        ("the node's own pair as a client", &node_cert, &node_key),
+    ] {
+        let answer = call(cert, key);
+        assert!(
+            !answer.contains("grpc-status: 0"),
+            "{what} was accepted by the agent: {answer}"
+        );
+    }
+}
+
+/// A client certificate for `name` signed by `issuer_cert`/`issuer_key`, with openssl.
+fn mint(
+    dir: &std::path::Path,
+    name: &str,
+    issuer_cert: &std::path::Path,
+    issuer_key: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let key = dir.join(format!("{name}-{}.key", rand_suffix()));
+    let csr = key.with_extension("csr");
+    let cert = key.with_extension("crt");
+    let ext = key.with_extension("ext");
+    std::fs::write(
+        &ext,
+        format!("extendedKeyUsage=clientAuth\nsubjectAltName=DNS:{name}\n"),
+    )
+    .expect("ext");
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let s = |p: &std::path::Path| p.display().to_string();
+    run(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-subj",
+        &format!("/CN={name}"),
+        "-keyout",
+        &s(&key),
+        "-out",
+        &s(&csr),
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &s(&csr),
+        "-CA",
+        &s(issuer_cert),
+        "-CAkey",
+        &s(issuer_key),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        &s(&ext),
+        "-out",
+        &s(&cert),
+    ]);
+    (cert, key)
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default()
+}
+
+/// An empty `GetHost` gRPC call with curl (HTTP/2 over mutual TLS); the response headers and
+/// trailers, or curl's error.
+fn grpc_get_host(
+    ctx: &Ctx,
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> String {
+    let resolve = format!("ignis-agent:9443:{}", ctx.up.node_ip);
+    let out = Command::new("timeout")
+        .args(["20", "curl", "-sS", "--http2", "-D", "-", "-o", "/dev/null"])
+        .args(["--resolve", &resolve, "--cacert"])
+        .arg(ca)
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        // One gRPC frame: not compressed, length 0 (an empty GetHostRequest).
+        .args(["--data-binary", "@-"])
+        .arg("https://ignis-agent:9443/ignis.agent.v1.Agent/GetHost")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(&[0, 0, 0, 0, 0])?;
+            child.wait_with_output()
+        })
+        .expect("curl");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Guest networking inside the agent pod: the NAT bridge and the tap in the node's network
+/// namespace, the guest's IP in `status.ipAddresses`, its server answering there.
+fn a_guest_serves_on_its_ip(ctx: &Ctx) {
+    let guest = ctx.cluster.guest_dir.display();
+    let manifest = format!(
+        r#"apiVersion: ignis.dev/v1alpha1
+kind: MicroVM
+metadata:
+  name: web
+spec:
+  resources:
+    memory: 128Mi
+  kernel:
+    path: {guest}/vmlinuz
+    cmdline: "console=ttyS0 panic=-1 quiet"
+  initrd:
+    path: {guest}/initrd.cpio
+  network:
+    interfaces:
+      - name: eth0
+        mode: nat
+  readiness:
+    tcpPort: 80
+  terminationGracePeriodSeconds: 5
+"#
+    );
+    let applied = ctx.cluster.apply(NS, &manifest);
+    assert!(applied.success, "{}", applied.stderr);
+    ctx.wait_ready("web");
+    let ip = ctx.jsonpath(NS, "mvm/web", "{.status.ipAddresses[0]}");
+    assert!(ip.starts_with("10.88."), "guest IP {ip:?}");
+    let script =
+        format!("exec 3<>/dev/tcp/{ip}/80 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3");
+    let out = ctx
+        .up
+        .in_netns("timeout")
+        .args(["10", "bash", "-c", &script])
+        .output()
+        .expect("http get");
+    let response = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        response.starts_with("HTTP/1.") && response.contains("200"),
+        "the guest answers on {ip}:80 from the node: {response:?}"
+    );
+    ctx.cluster.kubectl_ok(&[
+        "delete",
+        "-n",
+        NS,
+        "mvm/web",
+        "--wait=true",
+        "--timeout=90s",
+    ]);
+}
+
+fn leader_failover_leaves_vms_alone(ctx: &Ctx) {
+    let before = ctx.vm_identity("survivor");
+    let leader = ctx.leader();
+    let t0 = Instant::now();
+    ctx.sys(&["delete", "pod", &leader, "--wait=false"]);
+    wait_until(Duration::from_secs(120), "another replica to lead", || {
+        let now = ctx.leader();
+        !now.is_empty() && now != leader && ctx.pods("ignis-controller").contains(&now)
+    });
+    println!(
+        "leader {leader} deleted; {} leads after {:?}",
+        ctx.leader(),
+        t0.elapsed()
+    );
+    // The new leader reconciles: a new VM boots...
+    let applied = ctx
+        .cluster
+        .apply(NS, &ctx.cluster.demo_vm("after-failover", "", "Always"));
+    assert!(applied.success, "{}", applied.stderr);
+    ctx.wait_ready("after-failover");
+    ctx.cluster.kubectl_ok(&[
+        "delete",
+        "-n",
+        NS,
+        "mvm/after-failover",
+        "--wait=true",
+        "--timeout=90s",
+    ]);
+    // ...and the running one was never touched.
+    ctx.wait_ready("survivor");
+    assert_eq!(
+        ctx.vm_identity("survivor"),
+        before,
+        "same VMM, start time, restarts"
+    );
+    ctx.sys(&[
+        "rollout",
+        "status",
+        "deployment/ignis-controller",
+        "--timeout=180s",
+    ]);
+}
+
+fn a_deleted_agent_pod_readopts_its_vm(ctx: &Ctx) {
+    let before = ctx.vm_identity("survivor");
+    let old = ctx.pods("ignis-agent");
+    assert_eq!(old.len(), 1);
+    ctx.sys(&["delete", "pod", &old[0], "--wait=true", "--timeout=120s"]);
+    assert_eq!(
+        ctx.vm_identity("survivor").0,
+        before.0,
+        "the VMM outlived the agent's container"
+    );
+    ctx.sys(&[
+        "rollout",
+        "status",
+        "daemonset/ignis-agent",
+        "--timeout=180s",
+    ]);
+    let new = ctx.pods("ignis-agent");
+    assert!(new.len() == 1 && new != old, "a new agent pod: {new:?}");
+    ctx.wait_ready("survivor");
+    let logs = ctx.sys(&["logs", &format!("pod/{}", new[0])]);
+    assert!(
+        logs.contains("\"held\":1"),
+        "the new agent re-adopted the VM:\n{logs}"
+    );
+    assert_eq!(
+        ctx.vm_identity("survivor"),
+        before,
+        "re-adopted, not rebooted"
+    );
+}
+
+fn helm_upgrade_applies_a_changed_value(ctx: &Ctx) {
+    let before = ctx.vm_identity("survivor");
+    let agents = ctx.pods("ignis-agent");
+    let values = ctx.up.values.display().to_string();
+    let chart = ctx.up.chart.display().to_string();
+    ctx.up.helm_ok(&[
+        "upgrade",
+        &ctx.up.release,
+        &chart,
+        "-f",
+        &values,
+        "--set",
+        "controller.placement=binpack",
+        "--wait",
+        "--timeout",
+        "5m",
+    ]);
+    ctx.sys(&[
+        "rollout",
+        "status",
+        "deployment/ignis-controller",
+        "--timeout=180s",
+    ]);
+    let args = ctx.jsonpath(
+        &ctx.up.release_namespace,
+        "deployment/ignis-controller",
+        "{.spec.template.spec.containers[0].args}",
+    );
+    assert!(args.contains("--placement=binpack"), "{args}");
+    wait_until(
+        Duration::from_secs(120),
+        "the new controllers to lead",
+        || {
+            let leader = ctx.leader();
+            ctx.pods("ignis-controller").contains(&leader)
+        },
+    );
+    assert_eq!(
+        ctx.pods("ignis-agent"),
+        agents,
+        "the agent was not restarted"
+    );
+    ctx.wait_ready("survivor");
+    assert_eq!(ctx.vm_identity("survivor"), before);
+    // Back to the installed values, so what follows starts from them.
+    ctx.up.helm_ok(&[
+        "upgrade",
+        &ctx.up.release,
+        &chart,
+        "-f",
+        &values,
+        "--wait",
+        "--timeout",
+        "5m",
+    ]);
+}
+
+fn helm_uninstall_leaves_nothing(ctx: &Ctx) {
+    let (pids, _) = ctx.vm_identity("survivor");
+    let uid = ctx.jsonpath(NS, "mvm/survivor", "{.metadata.uid}");
+    let t0 = Instant::now();
+    // The survivor still exists: the pre-delete hook deletes it and waits for its VM.
+    ctx.up
+        .helm_ok(&["uninstall", &ctx.up.release, "--wait", "--timeout", "5m"]);
+    println!("helm uninstall with a running MicroVM: {:?}", t0.elapsed());
+    let left = ctx.cluster.kubectl_ok(&["get", "mvm", "-A", "-o", "name"]);
+    assert!(left.trim().is_empty(), "MicroVMs left: {left}");
+    assert!(pids_matching(&uid).is_empty(), "a VMM of the VM is left");
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "VMM {pid} is left"
+        );
+    }
+    wait_until(Duration::from_secs(120), "no pods of the release", || {
+        ctx.sys(&["get", "pods", "-o", "name"]).trim().is_empty()
+    });
+    let taps = ctx
+        .up
+        .in_netns("ip")
+        .args(["-o", "link", "show", "type", "tun"])
+        .output()
+        .expect("ip link");
+    assert!(
+        String::from_utf8_lossy(&taps.stdout).trim().is_empty(),
+        "taps left: {}",
+        String::from_utf8_lossy(&taps.stdout)
+    );
+    let vms = ctx.up.agent_state_dir.join("vms");
+    let left: Vec<_> = std::fs::read_dir(&vms)
+        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "VM state left in {}: {left:?}",
+        vms.display()
+    );
+    // The hook scaled the controller to zero before Helm deleted its RBAC: nothing was
+    // refused, not even to a controller shutting down.
+    ctx.no_denials("after uninstall");
+
+    // Leave the cluster as it was found.
+    let values = ctx.up.values.display().to_string();
+    let chart = ctx.up.chart.display().to_string();
+    ctx.up.helm_ok(&[
+        "install",
+        &ctx.up.release,
+        &chart,
+        "-f",
+        &values,
+        "--wait",
+        "--timeout",
+        "5m",
+    ]);
+}
