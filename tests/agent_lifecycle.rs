@@ -15,23 +15,6 @@ use tokio_util::sync::CancellationToken;
 
 const BOOT: Duration = Duration::from_secs(90);
 
-/// SIGKILLs the pids it was given when a test ends early, so a failed test leaks no VMM.
-#[derive(Default)]
-struct Reaper(Vec<u32>);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        for pid in &self.0 {
-            if pid_alive(*pid) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(*pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-    }
-}
-
 fn local_config(state_dir: &Path) -> AgentConfig {
     let mut config = AgentConfig::local(state_dir);
     config.accelerator = AcceleratorFlag::Tcg;

@@ -65,6 +65,16 @@ impl StateStore {
         self.root.join("vms").join(uid.as_str())
     }
 
+    /// The VMM's API socket (every backend's), in the VM's directory.
+    pub(crate) fn api_socket(&self, uid: &VmUid) -> PathBuf {
+        self.vm_dir(uid).join("api.sock")
+    }
+
+    /// The guest console log, in the VM's directory.
+    pub(crate) fn console_log(&self, uid: &VmUid) -> PathBuf {
+        self.vm_dir(uid).join("console.log")
+    }
+
     /// Create the VM's directory.
     pub(crate) fn create_vm_dir(&self, uid: &VmUid) -> Result<PathBuf, StateError> {
         let dir = self.vm_dir(uid);

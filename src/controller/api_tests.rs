@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use kube::client::Body;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector;
 use kube::{Api, Client};
 use serde_json::{Value, json};
@@ -18,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::agents::{AgentEndpoint, AgentPool};
+use super::events::{EventRecorder, Reporter};
 use super::fixtures::{deleting, microvm, placed};
 use super::metrics::ControllerMetrics;
 use super::plan::AgentLink;
@@ -46,7 +46,7 @@ fn context(client: Client, pool: AgentPool) -> Arc<Context> {
         client: client.clone(),
         pool,
         store,
-        recorder: Recorder::new(
+        recorder: EventRecorder::new(
             client.clone(),
             Reporter {
                 controller: FIELD_MANAGER.to_string(),

@@ -7,6 +7,7 @@ pub(crate) mod agents;
 mod config;
 pub(crate) mod discovery;
 mod drift;
+pub(crate) mod events;
 pub(crate) mod leader;
 pub(crate) mod metrics;
 pub(crate) mod plan;
@@ -30,7 +31,6 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::controller::Controller;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client};
@@ -39,6 +39,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use self::agents::{AgentEndpoint, AgentPool, PoolSignal};
+use self::events::{EventRecorder, Reporter};
 use self::metrics::ControllerMetrics;
 use self::plan::placed_node;
 use crate::api::{FIELD_MANAGER, MicroVM};
@@ -106,7 +107,7 @@ pub async fn start(
         client: client.clone(),
         pool: pool.clone(),
         store: store.clone(),
-        recorder: Recorder::new(client.clone(), reporter),
+        recorder: EventRecorder::new(client.clone(), reporter),
         metrics: metrics.clone(),
         strategy: config.placement,
         nodes: NodeLabels {

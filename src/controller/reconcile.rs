@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action as Requeue;
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 use thiserror::Error;
 
 use super::agents::{AgentError, AgentPool};
+use super::events::EventRecorder;
 use super::metrics::ControllerMetrics;
 use super::plan::{self, Action, EventKind, Observed, SpecProblem, placed_node};
 use super::scheduler::{self, Candidate, PlacementRequest, PlacementStrategy};
@@ -66,7 +66,7 @@ pub(super) struct Context {
     pub(super) client: Client,
     pub(super) pool: AgentPool,
     pub(super) store: Store<MicroVM>,
-    pub(super) recorder: Recorder,
+    pub(super) recorder: EventRecorder,
     pub(super) metrics: ControllerMetrics,
     pub(super) strategy: PlacementStrategy,
     pub(super) nodes: NodeLabels,
@@ -276,7 +276,9 @@ pub(super) async fn place(
         candidates.push(Candidate {
             labels: ctx.nodes.get(&node).await.unwrap_or_default(),
             hypervisors: host.hypervisors.clone(),
+            unavailable: host.unavailable_hypervisors.clone(),
             accelerator: host.accelerator,
+            accelerator_detail: host.accelerator_detail.clone(),
             vcpus_total: host.vcpus_total,
             memory_total_bytes: host.memory_total_bytes,
             vcpus_reserved: c.max(host.vcpus_used),
@@ -407,18 +409,14 @@ pub(super) async fn act(
 
 /// Publish an Event about `mvm`. An Event is a courtesy: failing to write one must not fail
 /// the reconcile.
+/// An Event is a courtesy: failing to write one must not fail the reconcile.
 async fn publish(ctx: &Context, mvm: &MicroVM, kind: EventKind, reason: &str, message: String) {
-    let event = Event {
-        type_: match kind {
-            EventKind::Normal => EventType::Normal,
-            EventKind::Warning => EventType::Warning,
-        },
-        reason: reason.to_string(),
-        note: Some(message),
-        action: "Reconcile".to_string(),
-        secondary: None,
-    };
-    if let Err(error) = ctx.recorder.publish(&event, &mvm.object_ref(&())).await {
+    let regarding = mvm.object_ref(&());
+    if let Err(error) = ctx
+        .recorder
+        .publish(&regarding, kind, reason, &message)
+        .await
+    {
         tracing::debug!(%error, "cannot publish event");
     }
 }

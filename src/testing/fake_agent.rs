@@ -59,6 +59,7 @@ pub fn fake_host() -> HostInfo {
         vcpus_used: 0,
         memory_used_bytes: 0,
         hypervisors: vec![Hypervisor::Qemu],
+        unavailable_hypervisors: Vec::new(),
         accelerator: Accelerator::Tcg,
         accelerator_detail: String::new(),
         agent_version: String::new(),

@@ -6,6 +6,7 @@
 pub mod fake_agent;
 mod microvm;
 mod vm;
+pub mod vmm;
 
 pub use crate::api::{API_VERSION, GROUP, KIND, MicroVmBuilder, PLURAL, VERSION};
 pub use microvm::{agent_vm, at, deleting, exit, microvm, microvm_list, microvm_path, placed};

@@ -12,10 +12,14 @@ use serde::{Deserialize, Serialize};
 pub enum ExitReason {
     /// The guest powered off or halted.
     GuestShutdown,
-    /// The guest asked to reboot; no VMM here reboots in place, so the run ended.
+    /// The guest asked to reboot and its VMM ended the run (QEMU runs `-no-reboot`,
+    /// Firecracker exits on a reset; Cloud Hypervisor reboots in place and never ends so).
     GuestReboot,
     /// The guest kernel panicked.
     GuestPanic,
+    /// The VMM reported that the guest crashed the VM (Cloud Hypervisor: `VCPU generated
+    /// error`), though it exited with status 0.
+    GuestCrashed,
     /// The VMM failed on its own (non-zero exit, a fatal signal).
     VmmCrashed,
     /// The VMM was killed by a signal from outside.
@@ -36,10 +40,11 @@ pub enum ExitReason {
 
 impl ExitReason {
     /// Every reason but [`ExitReason::BootFailed`], whose words belong to the errors.
-    const NAMED: [ExitReason; 9] = [
+    const NAMED: [ExitReason; 10] = [
         ExitReason::GuestShutdown,
         ExitReason::GuestReboot,
         ExitReason::GuestPanic,
+        ExitReason::GuestCrashed,
         ExitReason::VmmCrashed,
         ExitReason::VmmKilled,
         ExitReason::VmmExited,
@@ -54,6 +59,7 @@ impl ExitReason {
             ExitReason::GuestShutdown => "GuestShutdown",
             ExitReason::GuestReboot => "GuestReboot",
             ExitReason::GuestPanic => "GuestPanic",
+            ExitReason::GuestCrashed => "GuestCrashed",
             ExitReason::VmmCrashed => "VmmCrashed",
             ExitReason::VmmKilled => "VmmKilled",
             ExitReason::VmmExited => "VmmExited",

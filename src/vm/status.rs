@@ -138,6 +138,10 @@ pub struct VmStatus {
     pub(crate) vcpus: u32,
     #[serde(default)]
     pub(crate) memory_bytes: u64,
+    /// How many runs in a row, up to this one, missed their boot deadline. Known to the agent
+    /// only: it makes the miss that reaches its bound permanent.
+    #[serde(default)]
+    pub(crate) boot_timeouts: u32,
 }
 
 impl VmStatus {
@@ -165,6 +169,7 @@ impl VmStatus {
             pid: 0,
             vcpus: 0,
             memory_bytes: 0,
+            boot_timeouts: 0,
         }
     }
 }
@@ -180,6 +185,8 @@ pub struct HostInfo {
     pub(crate) memory_used_bytes: u64,
     /// The VMMs whose binaries are present.
     pub(crate) hypervisors: Vec<Hypervisor>,
+    /// The VMMs the agent knows but cannot run, with why (the missing binary).
+    pub(crate) unavailable_hypervisors: Vec<(Hypervisor, String)>,
     /// KVM when the bounded probe booted a guest under it, else TCG.
     pub(crate) accelerator: Accelerator,
     /// Why that accelerator, in words.

@@ -397,6 +397,7 @@ pub(crate) fn vm_status(vm: proto::Vm) -> Result<VmStatus, InvalidUid> {
         pid: vm.pid,
         vcpus: vm.vcpus,
         memory_bytes: vm.memory_bytes,
+        boot_timeouts: 0,
         // An image kind this side does not know is left out.
         images: vm
             .images
@@ -434,6 +435,14 @@ impl From<&HostInfo> for proto::Host {
                 .iter()
                 .map(|h| hypervisor_to_wire(Some(*h)) as i32)
                 .collect(),
+            unavailable_hypervisors: host
+                .unavailable_hypervisors
+                .iter()
+                .map(|(h, detail)| proto::UnavailableHypervisor {
+                    hypervisor: hypervisor_to_wire(Some(*h)) as i32,
+                    detail: detail.clone(),
+                })
+                .collect(),
             accelerator: accelerator_to_wire(Some(host.accelerator)) as i32,
             accelerator_detail: host.accelerator_detail.clone(),
             agent_version: host.agent_version.clone(),
@@ -455,6 +464,11 @@ pub(crate) fn host_info(host: proto::Host) -> HostInfo {
             .hypervisors
             .into_iter()
             .filter_map(|h| hypervisor_from_wire(h).ok().flatten())
+            .collect(),
+        unavailable_hypervisors: host
+            .unavailable_hypervisors
+            .into_iter()
+            .filter_map(|u| Some((hypervisor_from_wire(u.hypervisor).ok().flatten()?, u.detail)))
             .collect(),
         accelerator: accelerator_from_wire(host.accelerator)
             .ok()

@@ -242,3 +242,23 @@ pub fn sigkill(pid: u32) {
     )
     .expect("kill");
 }
+
+/// SIGKILLs the pids it was given when a test ends early, so a failed test leaks no VMM.
+#[derive(Default)]
+pub struct Reaper(pub Vec<u32>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            // Never panics: it may run while a failed test unwinds.
+            if pid_alive(*pid)
+                && let Ok(pid) = i32::try_from(*pid)
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}

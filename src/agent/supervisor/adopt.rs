@@ -1,24 +1,46 @@
 //! Re-adoption at agent start: every VM of the state directory is held again. A VMM still
 //! running (same pid, same start time) is watched again; one that ended while the agent was
 //! down is reported as exited; a run the agent cannot trust is failed as lost.
+//!
+//! A state file can be missing, empty or corrupt (a full disk, a crash between writes, a
+//! person). Whatever the files say, adoption ends with at most one VMM per VM: the VMMs are
+//! also looked up by the API socket their command line names (every backend passes it, and it
+//! lives in the VM's own directory). Without a usable `handle.json` a single one found is
+//! adopted; any other is killed; the bad file is logged, and the status says what was found.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::stop::kill_strays;
 use super::*;
 use crate::agent::console;
-use crate::agent::vmm::process;
+use crate::agent::vmm::{VmmHandle, process};
 use crate::vm::{ExitReason, RunExit};
+
+/// What the state directory and `/proc` tell about a VM's VMM.
+enum Found {
+    /// `handle.json` names it (alive or not); any other VMM of the VM was killed.
+    Handle(VmmHandle),
+    /// No usable `handle.json`, and exactly this VMM names the VM's socket.
+    Recovered(VmmHandle),
+    /// No VMM runs for the VM (any found was killed): what happened, truthfully.
+    Nothing(String),
+}
 
 impl Inner {
     pub(super) async fn adopt_one(self: &Arc<Self>, uid: &VmUid) {
         let status = match self.store.read_status(uid) {
             Ok(Some(status)) => status,
-            Ok(None) | Err(_) => {
-                // A directory without a (valid) status: a crash before the first record.
+            read => {
+                // A directory without a (valid) status: a crash before the first record, or a
+                // damaged file. Nothing of it can be trusted, so nothing of it may run on.
+                if let Err(error) = &read {
+                    tracing::warn!(%uid, error = %crate::error::chain(error), "unreadable VM status");
+                }
                 if let Ok(Some(handle)) = self.store.read_handle(uid) {
                     force_kill(&handle);
                 }
+                kill_strays(&self.store, uid, None).await;
                 tracing::warn!(%uid, "removing a VM directory without status");
                 let _ = self.store.remove_vm(uid);
                 return;
@@ -36,6 +58,8 @@ impl Inner {
             rt.recorded = true;
         }
         if state.is_ended() {
+            // An ended run has no VMM.
+            kill_strays(&self.store, uid, None).await;
             self.update(&slot, None, |_| {});
             return;
         }
@@ -44,17 +68,19 @@ impl Inner {
         {
             return self.resume_pull(&slot, request);
         }
-        let handle = self.store.read_handle(uid).ok().flatten();
         let backend = status
             .hypervisor
             .and_then(|kind| self.backend(kind))
             .map(|b| b.backend.clone());
-        let Some(handle) = handle else {
-            return self.fail_with(
-                &slot,
-                None,
-                lost("the agent stopped before the VMM was started"),
-            );
+        let handle = match self.find_vmm(uid, status.pid != 0).await {
+            Found::Handle(handle) => handle,
+            Found::Recovered(handle) => {
+                if let Err(error) = self.store.write_handle(uid, &handle) {
+                    tracing::warn!(%uid, error = %crate::error::chain(&error), "cannot rewrite handle.json");
+                }
+                handle
+            }
+            Found::Nothing(message) => return self.fail_with(&slot, None, lost(&message)),
         };
         let Some(backend) = backend else {
             force_kill(&handle);
@@ -128,6 +154,51 @@ impl Inner {
                 handle.console_log.clone(),
                 Instant::now() + left.max(Duration::from_secs(1)),
             );
+        }
+    }
+}
+
+impl Inner {
+    /// The VM's VMM, from `handle.json` or else from the processes naming its socket; every
+    /// other VMM of the VM is killed. `started`: the status recorded a VMM's pid.
+    async fn find_vmm(&self, uid: &VmUid, started: bool) -> Found {
+        let bad_file = match self.store.read_handle(uid) {
+            Ok(Some(handle)) => {
+                kill_strays(&self.store, uid, Some(handle.pid)).await;
+                return Found::Handle(handle);
+            }
+            Ok(None) => None,
+            Err(error) => {
+                let error = crate::error::chain(&error);
+                tracing::warn!(%uid, %error, "unreadable VMM handle; looking for the VMM by its API socket");
+                Some(error)
+            }
+        };
+        let live =
+            process::find_by_api_socket(&self.store.api_socket(uid), &self.store.console_log(uid));
+        let what = match &bad_file {
+            Some(error) => error.clone(),
+            None => "handle.json is missing".to_owned(),
+        };
+        match live.as_slice() {
+            [] if bad_file.is_none() && !started => {
+                Found::Nothing("the agent stopped before the VMM was started".to_owned())
+            }
+            [] => Found::Nothing(format!(
+                "{what}, and no VMM of this VM was running: it ended while the agent was down"
+            )),
+            [handle] => {
+                tracing::warn!(%uid, pid = handle.pid, "found the VM's VMM by its API socket; adopting it");
+                Found::Recovered(handle.clone())
+            }
+            many => {
+                let killed = kill_strays(&self.store, uid, None).await;
+                tracing::warn!(%uid, found = many.len(), killed, "{what}: several VMMs of one VM; killed them all");
+                Found::Nothing(format!(
+                    "{what}, and {} VMMs of this VM were running: all were killed",
+                    many.len()
+                ))
+            }
         }
     }
 }

@@ -129,8 +129,8 @@ impl Inner {
             user_data: spec.user_data.clone(),
             accelerator: plan.accelerator,
             state_dir: dir.clone(),
-            console_log: dir.join("console.log"),
-            api_socket: dir.join("api.sock"),
+            console_log: self.store.console_log(&spec.uid),
+            api_socket: self.store.api_socket(&spec.uid),
             binary: entry
                 .resolved_binary()
                 .unwrap_or_else(|| entry.binary.clone()),

@@ -311,6 +311,7 @@ impl Supervisor {
         let Some(slot) = slot else {
             // A directory the agent does not hold (a crash mid-create): remove it anyway.
             let existed = inner.store.vm_dir(uid).exists();
+            stop::kill_strays(&inner.store, uid, None).await;
             inner.store.remove_vm(uid).map_err(SupervisorError::State)?;
             inner.release_images(uid).await;
             return Ok(existed);
@@ -326,6 +327,8 @@ impl Supervisor {
         tracing::info!(%uid, grace_ms = grace.as_millis() as u64, "DeleteVM");
         inner.cancel_pull(&slot);
         Inner::stop_run(inner, &slot, grace).await;
+        // Whatever the state files said, no VMM of the VM outlives its delete.
+        stop::kill_strays(&inner.store, uid, None).await;
         // A failure here is logged, not returned: the slot goes away regardless, and the next
         // agent start collects what is left of a VM it does not hold.
         inner.release_network(uid).await;
@@ -401,6 +404,18 @@ impl Supervisor {
             .collect()
     }
 
+    /// The VMMs this agent cannot run, with why: those whose backend could not be made at
+    /// start, and those whose binary has gone since.
+    fn unavailable(&self) -> Vec<(Hypervisor, String)> {
+        let mut unavailable = self.inner.config.unavailable.clone();
+        for entry in &self.inner.backends {
+            if let Err(error) = process::resolve_binary(&entry.binary) {
+                unavailable.push((entry.backend.kind(), error.to_string()));
+            }
+        }
+        unavailable
+    }
+
     /// The node as this agent offers it.
     pub(crate) fn host(&self, node_name: &str, instance_id: &str) -> HostInfo {
         let config = &self.inner.config;
@@ -412,6 +427,7 @@ impl Supervisor {
             vcpus_used,
             memory_used_bytes,
             hypervisors: self.hypervisors(),
+            unavailable_hypervisors: self.unavailable(),
             accelerator: config.accelerator,
             accelerator_detail: config.accelerator_detail.clone(),
             agent_version: crate::VERSION.to_owned(),

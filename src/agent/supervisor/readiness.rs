@@ -10,6 +10,11 @@ use super::*;
 use crate::agent::console;
 use crate::vm::{ExitReason, RunExit, VmSpec};
 
+/// After this many runs in a row miss their boot deadline, the miss is permanent: restarting
+/// the same guest again is pointless, and the MicroVM goes `Stalled` (kstatus reaches a
+/// verdict) until its spec changes or it is re-created.
+pub(crate) const BOOT_TIMEOUTS_BEFORE_PERMANENT: u32 = 3;
+
 /// The longest one TCP readiness probe may take: a guest whose network is not up yet does not
 /// answer ARP, and a connect would otherwise hang for seconds.
 const TCP_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
@@ -140,32 +145,64 @@ impl Inner {
             return;
         }
         Self::kill_and_wait(run).await;
+        // The console log holds the guest's serial output only (every backend keeps the VMM's
+        // own log apart), so what is quoted here is what the guest said.
         let tail = console::tail_text(&run.handle.console_log, 512);
-        let what = match readiness {
-            Readiness::Marker(marker) => format!("console marker {marker:?} not seen"),
-            Readiness::Tcp(addr) => format!("nothing accepted a TCP connection on {addr}"),
-            Readiness::Immediate => "no readiness".to_owned(),
-        };
-        let message = format!(
-            "the guest did not become ready within {:?} ({what}); the VMM was killed. Last console output: {}",
-            self.config.boot_timeout,
-            tail.trim()
-        );
+        let missed = slot.lock().status.boot_timeouts.saturating_add(1);
+        let exit = boot_timeout_exit(self.config.boot_timeout, readiness, tail.trim(), missed);
         self.metrics.boot_failed(ExitReason::BootTimeout.as_str());
-        tracing::warn!(uid = %slot.uid, "boot timeout");
-        self.fail_with(
-            slot,
-            Some(run.generation),
-            RunExit {
-                success: false,
-                reason: ExitReason::BootTimeout,
-                message,
-                permanent: false,
-                exit_code: -1,
-                at_unix_ms: crate::time::now_unix_ms(),
-            },
-        );
+        tracing::warn!(uid = %slot.uid, missed, permanent = exit.permanent, "boot timeout");
+        {
+            // Persisted with the failure just below (same run only).
+            let mut rt = slot.lock();
+            if rt.run.as_ref().map(|r| r.generation) == Some(run.generation) {
+                rt.status.boot_timeouts = missed;
+            }
+        }
+        self.fail_with(slot, Some(run.generation), exit);
         self.spawn_release_if_failed(slot);
+    }
+}
+
+/// The exit of a run that missed its boot deadline, the `missed`-th in a row: permanent once
+/// [`BOOT_TIMEOUTS_BEFORE_PERMANENT`] is reached.
+pub(super) fn boot_timeout_exit(
+    boot_timeout: Duration,
+    readiness: &Readiness,
+    console_tail: &str,
+    missed: u32,
+) -> RunExit {
+    let what = match readiness {
+        Readiness::Marker(marker) => format!("console marker {marker:?} not seen"),
+        Readiness::Tcp(addr) => format!("nothing accepted a TCP connection on {addr}"),
+        Readiness::Immediate => "no readiness".to_owned(),
+    };
+    let said = if console_tail.is_empty() {
+        "The guest printed nothing on its console.".to_owned()
+    } else {
+        format!("Last guest console output: {console_tail}")
+    };
+    let permanent = missed >= BOOT_TIMEOUTS_BEFORE_PERMANENT;
+    let verdict = if permanent {
+        format!(
+            " {missed} runs in a row missed their deadline, so it is not restarted again: fix \
+             the guest or its readiness check (a change of spec.readiness starts a new run), or \
+             re-create the MicroVM."
+        )
+    } else if missed > 1 {
+        format!(" {missed} runs in a row missed their deadline.")
+    } else {
+        String::new()
+    };
+    RunExit {
+        success: false,
+        reason: ExitReason::BootTimeout,
+        message: format!(
+            "the guest did not become ready within {boot_timeout:?} ({what}); the VMM was killed.{verdict} {said}"
+        ),
+        permanent,
+        exit_code: -1,
+        at_unix_ms: crate::time::now_unix_ms(),
     }
 }
 
@@ -173,6 +210,45 @@ impl Inner {
 mod tests {
     use super::*;
     use crate::testing::vm_spec as spec;
+
+    #[test]
+    fn the_bounded_boot_timeout_in_a_row_is_permanent_and_quotes_the_guest() {
+        let marker = Readiness::Marker("ignis: ready".into());
+        let first = boot_timeout_exit(Duration::from_secs(60), &marker, "", 1);
+        assert_eq!(first.reason, ExitReason::BootTimeout);
+        assert!(!first.permanent && !first.success);
+        assert!(
+            first
+                .message
+                .ends_with("The guest printed nothing on its console."),
+            "{}",
+            first.message
+        );
+        let second = boot_timeout_exit(Duration::from_secs(60), &marker, "Booting", 2);
+        assert!(!second.permanent);
+        assert!(
+            second.message.contains("2 runs in a row"),
+            "{}",
+            second.message
+        );
+        assert!(
+            second
+                .message
+                .ends_with("Last guest console output: Booting")
+        );
+        let last = boot_timeout_exit(
+            Duration::from_secs(60),
+            &marker,
+            "",
+            BOOT_TIMEOUTS_BEFORE_PERMANENT,
+        );
+        assert!(last.permanent, "{}", last.message);
+        assert!(
+            last.message.contains("not restarted again"),
+            "{}",
+            last.message
+        );
+    }
 
     #[test]
     fn readiness_prefers_the_tcp_port_on_the_first_address() {

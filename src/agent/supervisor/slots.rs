@@ -199,22 +199,32 @@ impl Inner {
         }
     }
 
-    /// The status a new run starts from (the VM's creation time carries over, and so do the
-    /// images the same spec resolved: every run boots the same digests).
+    /// The status a new run starts from: the VM's creation time carries over, so do the
+    /// images the same spec resolved (every run boots the same digests), and so does the count
+    /// of missed boot deadlines when the previous run missed its own.
     pub(super) fn fresh_status(slot: &VmSlot, request: &ApplyRequest, applied_at: i64) -> VmStatus {
-        let (created_at, images) = {
+        let (created_at, images, boot_timeouts) = {
             let rt = slot.lock();
             let created_at = if rt.status.created_at_unix_ms != 0 {
                 rt.status.created_at_unix_ms
             } else {
                 applied_at
             };
+            let missed = rt
+                .status
+                .exit
+                .as_ref()
+                .is_some_and(|e| e.reason == ExitReason::BootTimeout);
             let images = if rt.recorded && rt.status.spec_hash == request.spec_hash {
                 rt.status.images.clone()
             } else {
                 Vec::new()
             };
-            (created_at, images)
+            (
+                created_at,
+                images,
+                if missed { rt.status.boot_timeouts } else { 0 },
+            )
         };
         let spec = &request.spec;
         VmStatus {
@@ -228,6 +238,7 @@ impl Inner {
             images,
             vcpus: spec.vcpus,
             memory_bytes: spec.memory_bytes,
+            boot_timeouts,
             ..VmStatus::new(spec.uid.clone(), spec.namespace.clone(), spec.name.clone())
         }
     }

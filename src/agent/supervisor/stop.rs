@@ -15,8 +15,16 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 
 impl Inner {
     /// Stop the slot's run: graceful stop, `grace`, kill, SIGKILL. Returns whether a VMM ran.
+    ///
+    /// A guest that never became ready is killed at once: it is still booting (or stuck), so
+    /// it cannot honour an ACPI power button or Ctrl-Alt-Del, and waiting the grace period
+    /// for it only delays the delete (20 create/delete cycles of one name took 528 s).
     pub(super) async fn stop_run(self: &Arc<Self>, slot: &Arc<VmSlot>, grace: Duration) -> bool {
-        let Some(run) = slot.lock().run.clone() else {
+        let (run, ready) = {
+            let rt = slot.lock();
+            (rt.run.clone(), rt.status.ready)
+        };
+        let Some(run) = run else {
             return false;
         };
         let first = !run.stopping.swap(true, Ordering::SeqCst);
@@ -29,7 +37,10 @@ impl Inner {
         }
         run.cancel.cancel();
         let mut exited = run.exited.clone();
-        if !Self::has_exited(&run, &mut exited) {
+        if !Self::has_exited(&run, &mut exited) && !ready {
+            tracing::info!(uid = %slot.uid, "the guest never became ready: killing it without a graceful stop");
+            Self::kill_and_wait(&run).await;
+        } else if !Self::has_exited(&run, &mut exited) {
             match tokio::time::timeout(API_TIMEOUT, run.backend.stop(&run.handle)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => {
@@ -95,4 +106,22 @@ pub(super) fn force_kill(handle: &VmmHandle) {
     if let Err(error) = process::signal(handle, nix::sys::signal::Signal::SIGKILL) {
         tracing::warn!(pid = handle.pid, %error, "SIGKILL failed");
     }
+}
+
+/// Kill every VMM whose command line names the VM's API socket, but `keep`: VMMs the agent
+/// holds no handle of (a missing or corrupt `handle.json`), so none outlives adoption or
+/// delete. Returns how many were killed.
+pub(super) async fn kill_strays(store: &StateStore, uid: &VmUid, keep: Option<u32>) -> usize {
+    let strays: Vec<VmmHandle> =
+        process::find_by_api_socket(&store.api_socket(uid), &store.console_log(uid))
+            .into_iter()
+            .filter(|h| Some(h.pid) != keep)
+            .collect();
+    for stray in &strays {
+        tracing::warn!(%uid, pid = stray.pid, "killing a VMM of this VM that the agent does not hold");
+        if let Err(error) = process::kill(stray).await {
+            tracing::error!(%uid, pid = stray.pid, %error, "a stray VMM survived SIGKILL");
+        }
+    }
+    strays.len()
 }

@@ -82,9 +82,18 @@ impl VmmBackend for SilentQemu {
 }
 
 async fn supervisor(dir: &Path, backend: Arc<dyn VmmBackend>, simulated: bool) -> Supervisor {
+    supervisor_with(dir, backend, simulated, Duration::from_millis(400)).await
+}
+
+async fn supervisor_with(
+    dir: &Path,
+    backend: Arc<dyn VmmBackend>,
+    simulated: bool,
+    boot_timeout: Duration,
+) -> Supervisor {
     Supervisor::new(
         SupervisorConfig {
-            boot_timeout: Duration::from_millis(400),
+            boot_timeout,
             console_max_bytes: 1 << 20,
             host: HostCapacity {
                 vcpus: 4,
@@ -248,3 +257,93 @@ async fn a_guest_that_never_gets_ready_fails_with_boot_timeout_and_is_killed() {
     );
     next.shutdown(false).await;
 }
+
+#[tokio::test]
+async fn boot_deadline_misses_in_a_row_become_permanent() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let kernel = tmp.path().join("vmlinuz");
+    std::fs::write(&kernel, b"k").expect("kernel");
+    let sup = supervisor(
+        tmp.path(),
+        Arc::new(SilentQemu(SimulatedBackend::default())),
+        false,
+    )
+    .await;
+    for run in 1..=readiness::BOOT_TIMEOUTS_BEFORE_PERMANENT {
+        sup.apply(request("stuck", &kernel, "h", run, DesiredState::Running))
+            .await;
+        let failed = wait_state(&sup, "stuck", RunState::Failed).await;
+        assert_eq!(failed.run, run);
+        let exit = failed.exit.expect("exit");
+        assert_eq!(exit.reason, ExitReason::BootTimeout);
+        let last = run == readiness::BOOT_TIMEOUTS_BEFORE_PERMANENT;
+        assert_eq!(exit.permanent, last, "run {run}: {}", exit.message);
+        assert!(
+            exit.message
+                .contains("Last guest console output: simulated VM"),
+            "{}",
+            exit.message
+        );
+    }
+    // The count survives an agent restart (it is in status.json).
+    sup.shutdown(false).await;
+    let next = supervisor(
+        tmp.path(),
+        Arc::new(SilentQemu(SimulatedBackend::default())),
+        false,
+    )
+    .await;
+    next.adopt().await.expect("adopt");
+    assert_eq!(
+        next.get(&uid("stuck")).expect("held").boot_timeouts,
+        readiness::BOOT_TIMEOUTS_BEFORE_PERMANENT
+    );
+    next.shutdown(false).await;
+}
+
+#[tokio::test]
+async fn deleting_a_guest_that_never_got_ready_does_not_wait_its_grace_period() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let kernel = tmp.path().join("vmlinuz");
+    std::fs::write(&kernel, b"k").expect("kernel");
+    // A guest that ignores the power button, with a boot deadline far away.
+    let sup = supervisor_with(
+        tmp.path(),
+        Arc::new(SilentQemu(SimulatedBackend::default())),
+        false,
+        Duration::from_secs(120),
+    )
+    .await;
+    let grace = Duration::from_secs(30);
+    let mut booting = request("booting", &kernel, "h", 1, DesiredState::Running);
+    booting.spec.termination_grace_period_seconds = grace.as_secs() as i64;
+    let vm = sup.apply(booting).await;
+    assert_eq!(vm.state, RunState::Starting);
+    let began = Instant::now();
+    assert!(sup.delete(&uid("booting"), None).await.expect("delete"));
+    let took = began.elapsed();
+    assert!(took < grace / 3, "delete of a booting VM took {took:?}");
+    assert!(
+        !host::is_same_live_process(vm.pid, 0)
+            || host::proc_stat(vm.pid).is_none_or(|s| s.state == 'Z')
+    );
+    assert!(!tmp.path().join("vms/booting").exists());
+
+    // A ready guest still gets its graceful stop and its grace period (this one ignores it).
+    let mut ready = request("ready", &kernel, "h", 1, DesiredState::Running);
+    ready.spec.readiness_console_marker = None;
+    ready.spec.termination_grace_period_seconds = 1;
+    sup.apply(ready).await;
+    wait_state(&sup, "ready", RunState::Running).await;
+    let began = Instant::now();
+    assert!(sup.delete(&uid("ready"), None).await.expect("delete"));
+    assert!(
+        began.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        began.elapsed()
+    );
+    sup.shutdown(false).await;
+}
+
+mod damaged_state;
+mod http_vmms;

@@ -6,9 +6,16 @@
 //!
 //! Pure planning (`VmConfig` → ordered [`ApiRequest`]s: `vmm.ping`, `vm.create`, then
 //! `vm.boot`) and a thin I/O layer in [`super::http`]. The guest serial console is written by
-//! Cloud Hypervisor itself to the console log (`serial: File`); the VMM's own output goes to
-//! `<state_dir>/vmm.log`. Cloud Hypervisor has no metadata service, so `user_data` is not
-//! passed on by this backend.
+//! Cloud Hypervisor itself to the console log (`serial: File`); the VMM's own output (its log
+//! goes to stderr) goes to `<state_dir>/vmm.log`. Cloud Hypervisor has no metadata service, so
+//! `user_data` is not passed on by this backend.
+//!
+//! What v54 was seen doing (issue #13), and how the agent copes:
+//! - after a vCPU error it logs `VCPU generated error` and exits with status 0, so its end is
+//!   classified from its log too ([`super::exit::CLOUD_HYPERVISOR`]), not from the code alone;
+//! - a guest reset reboots the guest in place: the process does not end, so no run ends;
+//! - a disk without `image_type` gets a warning (the type is auto-detected, which is
+//!   deprecated, and writes to sector 0 are disabled), so every disk names its type.
 
 use std::time::Duration;
 
@@ -138,6 +145,7 @@ pub(crate) fn vm_config(config: &VmConfig) -> Result<Value, VmmError> {
                     "id": d.id,
                     "path": d.path.display().to_string(),
                     "readonly": d.read_only,
+                    "image_type": image_type(d),
                 })
             })
             .collect();
@@ -150,6 +158,15 @@ pub(crate) fn vm_config(config: &VmConfig) -> Result<Value, VmmError> {
             .collect();
     }
     Ok(body)
+}
+
+/// The disk's `ImageType` (the agent makes the per-VM disk raw for Cloud Hypervisor, but a
+/// shared read-only image disk keeps its format).
+fn image_type(disk: &crate::agent::vmm::DiskConfig) -> &'static str {
+    match disk.format {
+        crate::agent::image::DiskFormat::Raw => "Raw",
+        crate::agent::image::DiskFormat::Qcow2 => "Qcow2",
+    }
 }
 
 #[cfg(test)]
@@ -205,6 +222,9 @@ mod tests {
         let body = vm_config(&c).expect("body");
         assert_eq!(body["disks"][0]["id"], json!("rootfs"));
         assert_eq!(body["disks"][1]["readonly"], json!(true));
+        // Named, so Cloud Hypervisor neither guesses (deprecated) nor blocks sector 0.
+        assert_eq!(body["disks"][0]["image_type"], json!("Raw"));
+        assert_eq!(body["disks"][1]["image_type"], json!("Raw"));
         assert_eq!(
             body["payload"]["cmdline"],
             json!("console=ttyS0 root=/dev/vda rw")

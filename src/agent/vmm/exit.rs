@@ -7,13 +7,16 @@
 //! 2. A signal: `VmmKilled` when it came from outside (KILL, TERM, INT, HUP), `VmmCrashed`
 //!    when it was the VMM's own fault (SEGV, ABRT, ...). A VMM without a guest takes SIGTERM
 //!    as its clean stop.
-//! 3. A non-zero exit code is a `VmmCrashed`, quoting the VMM's last log line.
-//! 4. Otherwise the last sign on the console decides: power-off or halt is a `GuestShutdown`,
-//!    "reboot: Restarting system" a `GuestReboot`. A guest reboot is reported the same for
-//!    every VMM: none reboots in place here (QEMU runs `-no-reboot`, Firecracker exits on a
-//!    reset, Cloud Hypervisor is asked to exit), so the run ended, and not cleanly: the guest
-//!    wanted to go on, so `RerunOnFailure` restarts it.
-//! 5. No sign: a VMM that logged that it caught a termination signal was `VmmKilled`; an
+//! 3. A VMM that logged that the guest crashed the VM is a `GuestCrashed`, whatever its exit
+//!    code: Cloud Hypervisor logs `VCPU generated error` and exits 0 (seen with v54), so the
+//!    code alone would call a crash a clean shutdown.
+//! 4. A non-zero exit code is a `VmmCrashed`, quoting the VMM's last log line.
+//! 5. Otherwise the last sign on the console decides: power-off or halt is a `GuestShutdown`,
+//!    "reboot: Restarting system" a `GuestReboot`. Where a VMM ends the run on a guest reset
+//!    (QEMU runs `-no-reboot`, Firecracker exits on a reset) the run ended, and not cleanly:
+//!    the guest wanted to go on, so `RerunOnFailure` restarts it. Cloud Hypervisor reboots the
+//!    guest in place: its process does not end, so a reset ends no run under it.
+//! 6. No sign: a VMM that logged that it caught a termination signal was `VmmKilled`; an
 //!    unknown status (a VMM that is not the agent's child) is `VmmExitedWhileAgentDown`; a
 //!    clean exit is a `GuestShutdown`.
 
@@ -43,6 +46,7 @@ impl GuestExit {
             ExitReason::GuestShutdown
             | ExitReason::GuestReboot
             | ExitReason::GuestPanic
+            | ExitReason::GuestCrashed
             | ExitReason::VmmExitedWhileAgentDown => self,
             _ => GuestExit {
                 success: false,
@@ -100,6 +104,9 @@ pub struct ExitQuirks {
     /// A line the VMM writes to its own log when it caught a termination signal and then
     /// exited 0, so a clean exit code hides a kill.
     pub(crate) caught_signal_log: Option<&'static str>,
+    /// Lines the VMM writes to its own log when the guest crashed the VM, whatever status it
+    /// exits with.
+    pub(crate) guest_crash_log: &'static [&'static str],
     /// Whether a guest runs at all. Without one nothing can shut down cleanly: SIGTERM is the
     /// VMM's clean stop, and any end it was not asked for is a crash.
     pub(crate) has_guest: bool,
@@ -109,18 +116,23 @@ pub struct ExitQuirks {
 pub(crate) const QEMU: ExitQuirks = ExitQuirks {
     vmm: Hypervisor::Qemu,
     caught_signal_log: Some("terminating on signal"),
+    guest_crash_log: &[],
     has_guest: true,
 };
 
 pub(crate) const FIRECRACKER: ExitQuirks = ExitQuirks {
     vmm: Hypervisor::Firecracker,
     caught_signal_log: None,
+    guest_crash_log: &[],
     has_guest: true,
 };
 
+/// Cloud Hypervisor logs a vCPU error (an exit KVM could not handle, a triple fault) and then
+/// exits 0.
 pub(crate) const CLOUD_HYPERVISOR: ExitQuirks = ExitQuirks {
     vmm: Hypervisor::CloudHypervisor,
     caught_signal_log: None,
+    guest_crash_log: &["VCPU generated error"],
     has_guest: true,
 };
 
@@ -128,6 +140,7 @@ pub(crate) const CLOUD_HYPERVISOR: ExitQuirks = ExitQuirks {
 pub(crate) const SIMULATED: ExitQuirks = ExitQuirks {
     vmm: Hypervisor::Simulated,
     caught_signal_log: None,
+    guest_crash_log: &[],
     has_guest: false,
 };
 
@@ -151,7 +164,7 @@ const CONSOLE_SIGNS: &[(&str, ExitReason, &str)] = &[
     (
         "reboot: Restarting system",
         ExitReason::GuestReboot,
-        "the guest rebooted; the VMM does not reboot in place, so the run ended",
+        "the guest rebooted and its VMM ended the run",
     ),
 ];
 
@@ -173,6 +186,16 @@ fn last_line(log: &str) -> &str {
         .map(str::trim)
         .find(|l| !l.is_empty())
         .unwrap_or("")
+}
+
+/// The VMM's last log line that says the guest crashed the VM.
+fn crash_line<'a>(quirks: &ExitQuirks, vmm_log_tail: &'a str) -> Option<&'a str> {
+    vmm_log_tail.lines().rev().map(str::trim).find(|line| {
+        quirks
+            .guest_crash_log
+            .iter()
+            .any(|sign| line.contains(sign))
+    })
 }
 
 /// Signals somebody sends to end a process, as opposed to faults of its own.
@@ -212,6 +235,15 @@ pub(crate) fn classify(
     if let Some((reason @ ExitReason::GuestPanic, message)) = sign {
         return exit(false, reason.clone(), message.to_owned());
     }
+    if let (ProcessEnd::Code(_) | ProcessEnd::Unknown, Some(line)) =
+        (end, crash_line(quirks, vmm_log_tail))
+    {
+        return exit(
+            false,
+            ExitReason::GuestCrashed,
+            format!("{vmm} reported that the guest crashed the VM: {line}"),
+        );
+    }
     match end {
         ProcessEnd::Signal(sig) if !quirks.has_guest && sig == Signal::SIGTERM as i32 => exit(
             true,
@@ -228,6 +260,7 @@ pub(crate) fn classify(
             ExitReason::VmmCrashed,
             format!("{vmm} died from signal {sig}"),
         ),
+
         ProcessEnd::Code(c) if c != 0 => {
             let said = last_line(vmm_log_tail);
             let message = if said.is_empty() {

@@ -7,8 +7,13 @@
 //! As in Firecracker's own code, the API is split in two: pure planning (`VmConfig` → ordered
 //! [`ApiRequest`]s: the pre-boot configuration, then the `InstanceStart` action) and a thin I/O
 //! layer in [`super::http`]. Firecracker writes the guest serial console to its stdout, so
-//! stdout is the console log; its own log (stderr) is `<state_dir>/vmm.log`. User data goes to
-//! the guest through MMDS (v2, EC2 layout: `/latest/user-data`).
+//! stdout is the console log. Its own log would go to stdout too unless it is given
+//! `--log-path` (seen with v1.17-dev: a VM whose guest printed nothing passed the console
+//! marker "Running Firecracker" in 41 ms, issue #13), so it gets `--log-path
+//! <state_dir>/vmm.log` — a file that must exist, and does: its stderr goes there too — and
+//! `--id` with the VM's uid, which prefixes every line. The console log then holds guest
+//! output only, which is what readiness markers and boot-timeout messages read. User data goes
+//! to the guest through MMDS (v2, EC2 layout: `/latest/user-data`).
 
 use std::time::Duration;
 
@@ -36,11 +41,18 @@ impl HttpApi for Firecracker {
     const CONSOLE_ON_STDOUT: bool = true;
     const SOCKET_TIMEOUT: Duration = SOCKET_TIMEOUT;
 
-    /// The command line: only the API socket; everything else goes through the API.
+    /// The command line: the API socket, the instance id and where to log; the VM itself is
+    /// described through the API.
     fn spawn_args(config: &VmConfig) -> Vec<String> {
         vec![
             "--api-sock".to_owned(),
             config.api_socket.display().to_string(),
+            "--id".to_owned(),
+            instance_id(&config.id),
+            "--log-path".to_owned(),
+            super::process::log_path(&config.state_dir)
+                .display()
+                .to_string(),
         ]
     }
 
@@ -168,6 +180,21 @@ fn path_segment<'a>(id: &'a str, what: &str) -> Result<&'a str, VmmError> {
     }
 }
 
+/// Firecracker's instance id (`--id`): 1 to 64 ASCII letters, digits and `-`. A VM uid is at
+/// most 64 of those plus `_` and `.`, which become `-`.
+fn instance_id(uid: &str) -> String {
+    let id: String = uid
+        .chars()
+        .take(64)
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    if id.is_empty() {
+        "ignis-vm".to_owned()
+    } else {
+        id
+    }
+}
+
 fn action(action_type: &str) -> ApiRequest {
     ApiRequest::put("/actions", Some(json!({ "action_type": action_type })))
 }
@@ -286,6 +313,25 @@ mod tests {
         );
         assert!(Firecracker::parse_state(&json!({"state": "Exploded"})).is_err());
         assert!(Firecracker::parse_state(&json!({})).is_err());
+    }
+
+    #[test]
+    fn firecracker_logs_to_the_vmm_log_under_the_vm_uid_not_to_the_console() {
+        assert_eq!(
+            Firecracker::spawn_args(&config()),
+            [
+                "--api-sock",
+                "/s/api.sock",
+                "--id",
+                "uid-1",
+                "--log-path",
+                "/s/vmm.log"
+            ]
+        );
+        assert_eq!(instance_id("0b7d7c2e-9f1a-4c1e"), "0b7d7c2e-9f1a-4c1e");
+        assert_eq!(instance_id("a_b.c"), "a-b-c");
+        assert_eq!(instance_id(&"x".repeat(80)).len(), 64);
+        assert_eq!(instance_id(""), "ignis-vm");
     }
 
     #[test]

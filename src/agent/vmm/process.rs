@@ -14,8 +14,8 @@ use tokio::time::Instant;
 use super::{API_TIMEOUT, VmmError, VmmHandle};
 use crate::agent::{console, host};
 
-/// The VMM's own output (stderr, and stdout unless the guest console goes there), in the VM's
-/// state directory.
+/// The VMM's own output (stderr, and stdout unless the guest console goes there; Firecracker's
+/// `--log-path`), in the VM's state directory. Never the guest's: that is the console log.
 pub(crate) const VMM_LOG: &str = "vmm.log";
 
 /// How much of the VMM's log an error message or an exit classification reads.
@@ -189,6 +189,56 @@ pub(crate) async fn kill(handle: &VmmHandle) -> Result<(), VmmError> {
     Ok(())
 }
 
+/// Every running process whose command line names `api_socket`, as handles (with
+/// `console_log`): how the VMMs of a VM are found again when its `handle.json` is missing,
+/// empty or corrupt. Every backend passes the socket on the command line (QEMU `-qmp`,
+/// Firecracker `--api-sock`, Cloud Hypervisor `--api-socket`), and the socket lives in the
+/// VM's own state directory, so it names exactly one VM.
+pub(crate) fn find_by_api_socket(api_socket: &Path, console_log: &Path) -> Vec<VmmHandle> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let socket = api_socket.display().to_string();
+    let own = std::process::id();
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != own)
+        .filter(|&pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmdline| cmdline_names(&cmdline, &socket))
+        })
+        .filter_map(|pid| {
+            let start_time_ticks = start_time(pid)?;
+            host::is_same_live_process(pid, start_time_ticks).then(|| VmmHandle {
+                pid,
+                start_time_ticks,
+                api_socket: api_socket.to_path_buf(),
+                console_log: console_log.to_path_buf(),
+            })
+        })
+        .collect()
+}
+
+/// Whether a NUL-separated command line names `path` as a whole value: an argument that is
+/// the path, or holds it after `=`, `:` or `,` and before `,` or its end (QEMU's
+/// `unix:<path>,server=on`). A longer path that merely ends with it does not count.
+fn cmdline_names(cmdline: &[u8], path: &str) -> bool {
+    if path.is_empty() {
+        return false;
+    }
+    cmdline
+        .split(|&b| b == 0)
+        .map(String::from_utf8_lossy)
+        .any(|arg| {
+            arg.match_indices(path).any(|(at, _)| {
+                let before = arg[..at].chars().next_back();
+                let after = arg[at + path.len()..].chars().next();
+                matches!(before, None | Some('=' | ':' | ',')) && matches!(after, None | Some(','))
+            })
+        })
+}
+
 /// The VMM log of a VM whose state directory is `state_dir`.
 pub(crate) fn log_path(state_dir: &Path) -> PathBuf {
     state_dir.join(VMM_LOG)
@@ -228,6 +278,74 @@ mod tests {
         let plain = dir.path().join("not-executable");
         std::fs::write(&plain, "").expect("write");
         assert!(resolve_binary(&plain).is_err());
+    }
+
+    #[test]
+    fn a_command_line_names_a_socket_only_as_a_whole_value() {
+        let sock = "/var/lib/ignis/vms/a/api.sock";
+        let qemu =
+            b"qemu-system-x86_64\0-qmp\0unix:/var/lib/ignis/vms/a/api.sock,server=on,wait=off\0";
+        assert!(cmdline_names(qemu, sock));
+        assert!(cmdline_names(
+            b"firecracker\0--api-sock\0/var/lib/ignis/vms/a/api.sock\0",
+            sock
+        ));
+        assert!(cmdline_names(
+            b"cloud-hypervisor\0--api-socket\0path=/var/lib/ignis/vms/a/api.sock\0",
+            sock
+        ));
+        // Another VM, another root that ends the same, or nothing at all.
+        assert!(!cmdline_names(
+            b"firecracker\0--api-sock\0/var/lib/ignis/vms/ab/api.sock\0",
+            sock
+        ));
+        assert!(!cmdline_names(
+            b"x\0/tmp/var/lib/ignis/vms/a/api.sock\0",
+            sock
+        ));
+        assert!(!cmdline_names(
+            b"x\0/var/lib/ignis/vms/a/api.sock.old\0",
+            sock
+        ));
+        assert!(!cmdline_names(b"", sock));
+        assert!(!cmdline_names(qemu, ""));
+    }
+
+    #[tokio::test]
+    async fn a_vmm_is_found_by_the_socket_its_command_line_names() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("api.sock");
+        let console = dir.path().join("console.log");
+        assert!(find_by_api_socket(&sock, &console).is_empty());
+        let sh = resolve_binary(Path::new("sh")).expect("sh");
+        // Two commands, so `sh` stays (it would exec a lone one) with the socket as `$0`.
+        let script = "sleep 30; exit 0";
+        let mut child = spawn(
+            &sh,
+            ["-c", script, &sock.display().to_string()],
+            Output::Null,
+            Output::Null,
+        )
+        .expect("spawn");
+        let pid = child.id().expect("pid");
+        // Until `sh` has forked and exec'd `sleep`, the fork still carries its command line.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let found = loop {
+            let found = find_by_api_socket(&sock, &console);
+            if found.len() == 1 || Instant::now() >= deadline {
+                break found;
+            }
+            tokio::time::sleep(KILL_POLL).await;
+        };
+        assert_eq!(found.iter().map(|h| h.pid).collect::<Vec<_>>(), [pid]);
+        assert_eq!(
+            (&found[0].api_socket, &found[0].console_log),
+            (&sock, &console)
+        );
+        assert!(is_alive(&found[0]));
+        kill(&found[0]).await.expect("kill");
+        child.wait().await.expect("reap");
+        assert!(find_by_api_socket(&sock, &console).is_empty());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::api::{
     ConditionType, FINALIZER, ImageStatus, MicroVM, MicroVMStatus, NODE_LABEL, Phase, Reason,
     RunPolicy, find_condition, set_condition_status,
 };
-use crate::vm::{DesiredState, Pulling, RunState, VmStatus};
+use crate::vm::{DesiredState, ExitReason, Pulling, RunState, VmStatus};
 
 /// A run shorter than this that ends in a restart counts as a crash loop and backs off.
 const STABLE_RUN: Duration = Duration::from_secs(60);
@@ -332,6 +332,10 @@ impl<'a> Planner<'a> {
         }
     }
 
+    /// No node takes the VM. While waiting can help (nodes full, none matching yet) it is
+    /// still converging; when no node ever will as things stand (no node has the VMM, working
+    /// KVM or enough memory) it is `Stalled` with that reason, so kstatus reaches a verdict.
+    /// Either way placement is retried: a node fixed by a person unblocks it.
     fn unschedulable(&mut self, u: &Unschedulable) {
         let fresh = self.old_cond(ConditionType::Scheduled)
             != Some(("False", Reason::UNSCHEDULABLE))
@@ -344,13 +348,21 @@ impl<'a> Planner<'a> {
             Reason::UNSCHEDULABLE,
             u.message.clone(),
         );
-        self.cond(
-            ConditionType::Ready,
-            "False",
-            Reason::PENDING,
-            "waiting for a node",
-        );
-        self.kstatus(true, None);
+        match u.stalled {
+            Some(reason) => {
+                self.cond(ConditionType::Ready, "False", reason, u.message.clone());
+                self.kstatus(false, Some((reason, &u.message)));
+            }
+            None => {
+                self.cond(
+                    ConditionType::Ready,
+                    "False",
+                    Reason::PENDING,
+                    "waiting for a node",
+                );
+                self.kstatus(true, None);
+            }
+        }
         if fresh {
             self.event(EventKind::Warning, "FailedScheduling", u.message.clone());
         }
@@ -658,8 +670,9 @@ impl<'a> Planner<'a> {
             RunPolicy::Once | RunPolicy::Halted => false,
         };
         if !restart {
+            // A failure's own reason (BootTimeout, GuestPanic, …) says more than "failed".
             let (phase, cond_reason) = if failed {
-                (Phase::Failed, Reason::GUEST_FAILED)
+                (Phase::Failed, reason.as_str())
             } else {
                 (Phase::Succeeded, Reason::GUEST_EXITED)
             };
@@ -680,13 +693,24 @@ impl<'a> Planner<'a> {
             self.kstatus(false, None);
             return;
         }
+        // A missed boot deadline is a Warning of its own, once per run: the guest did not come
+        // up, which a person may need to look at even though the run is retried.
+        let boot_timeout = reason == ExitReason::BootTimeout.as_str();
+        let warned = self.old_cond(ConditionType::Ready) == Some(("False", reason.as_str()));
+        if boot_timeout && !warned {
+            self.event(
+                EventKind::Warning,
+                "BootTimeout",
+                format!("run {run} missed its boot deadline: {message}"),
+            );
+        }
         let delay = restart_delay(vm, run, self.obs.now);
         if !delay.is_zero() {
-            // Crash loop: say so and come back when the back-off is over.
+            // Crash loop: say why and come back when the back-off is over.
             self.cond(
                 ConditionType::Ready,
                 "False",
-                Reason::GUEST_EXITED,
+                &reason,
                 format!("{message}; restarting (crash loop back-off)"),
             );
             self.set_phase(Phase::Starting);

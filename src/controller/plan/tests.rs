@@ -118,6 +118,7 @@ fn unschedulable_names_each_failed_constraint() {
         o.placement = Some(Err(Unschedulable {
             constraint,
             message: format!("{}: 0/2 nodes available", constraint.as_str()),
+            stalled: None,
         }));
         let actions = plan(&mvm, &o);
         let s = status_of(&actions).expect("status");
@@ -284,7 +285,7 @@ fn once_ends_in_succeeded_or_failed() {
     assert!(applies(&actions).is_empty());
     let s = status_of(&actions).expect("status");
     assert_eq!(s.phase, Some(Phase::Failed));
-    assert_eq!(cond(&s, ConditionType::Ready).1, Reason::GUEST_FAILED);
+    assert_eq!(cond(&s, ConditionType::Ready).1, "GuestPanic");
     assert_eq!(cond(&s, ConditionType::Stalled).0, "False");
     assert_eq!(events(&actions), vec!["Failed"]);
     // Finished stays finished, even when the agent forgets the VM.
@@ -732,3 +733,5 @@ fn pulling_shows_as_the_ready_reason_and_a_failed_attempt_as_its_own_reason() {
     assert_eq!(s.images.len(), 1);
     assert_eq!(s.images[0].digest, "sha256:aa");
 }
+
+mod verdicts;

@@ -203,6 +203,10 @@ fn statuses_and_hosts_cross_the_wire_unchanged() {
         vcpus_used: 1,
         memory_used_bytes: 1 << 28,
         hypervisors: vec![Hypervisor::Qemu, Hypervisor::Simulated],
+        unavailable_hypervisors: vec![(
+            Hypervisor::Firecracker,
+            "VMM binary firecracker not found".into(),
+        )],
         accelerator: Accelerator::Kvm,
         accelerator_detail: "probe booted".into(),
         agent_version: "0.1.0".into(),

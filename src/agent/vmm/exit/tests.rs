@@ -80,7 +80,8 @@ fn classify_unknown_status() {
 
 #[test]
 fn exits_are_classified_by_status_and_console() {
-    // A guest reset ends the run the same way under every VMM (see the module docs).
+    // Firecracker exits on a guest reset: the run ended (Cloud Hypervisor reboots in place
+    // and does not end, so it never gets here).
     let reset = http(
         &FIRECRACKER,
         Some(ExitStatus::from_raw(0)),
@@ -171,4 +172,50 @@ fn exits_seen_at_adoption_or_unreaped_say_what_is_known() {
     assert!(at_adoption.message.contains("terminating on signal 15"));
     let panic = qemu(ProcessEnd::Unknown, "Kernel panic\n", "");
     assert_eq!(panic.seen_dead_at_adoption().reason, ExitReason::GuestPanic);
+}
+
+/// Cloud Hypervisor v54 after a vCPU error (issue #13): `VCPU generated error` in its log,
+/// then exit status 0.
+#[test]
+fn a_cloud_hypervisor_vcpu_error_is_a_guest_crash_not_a_clean_exit() {
+    let log = "cloud-hypervisor: 3.456789s: <vcpu0> ERROR:vmm/src/cpu.rs:1187 -- VCPU generated \
+               error: VcpuUnhandledKvmExit\ncloud-hypervisor: 3.5s: <vmm> INFO:vmm/src/lib.rs:1 -- \
+               VMM shutting down\n";
+    for end in [ProcessEnd::Code(0), ProcessEnd::Unknown] {
+        let e = classify(&CLOUD_HYPERVISOR, end, "ignis: ready\n", log);
+        assert_eq!(
+            (e.success, e.reason.clone()),
+            (false, ExitReason::GuestCrashed),
+            "{end:?}"
+        );
+        assert!(
+            e.message
+                .contains("VCPU generated error: VcpuUnhandledKvmExit"),
+            "{}",
+            e.message
+        );
+        assert_eq!(e.seen_dead_at_adoption().reason, ExitReason::GuestCrashed);
+    }
+    // A panic on the console says more; a signal still says who ended it.
+    let e = classify(
+        &CLOUD_HYPERVISOR,
+        ProcessEnd::Code(0),
+        "Kernel panic - not syncing",
+        log,
+    );
+    assert_eq!(e.reason, ExitReason::GuestPanic);
+    let e = classify(&CLOUD_HYPERVISOR, ProcessEnd::Signal(9), "", log);
+    assert_eq!(e.reason, ExitReason::VmmKilled);
+    // Without the line, a clean exit is still clean; other VMMs do not log it.
+    let e = classify(
+        &CLOUD_HYPERVISOR,
+        ProcessEnd::Code(0),
+        "reboot: Power down\n",
+        "",
+    );
+    assert_eq!((e.success, e.reason), (true, ExitReason::GuestShutdown));
+    assert_eq!(
+        classify(&QEMU, ProcessEnd::Code(0), "reboot: Power down\n", log).reason,
+        ExitReason::GuestShutdown
+    );
 }
