@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use ignis::api::RunPolicy;
+use ignis::api::{InterfaceMode, RunPolicy};
 use ignis::testing::MicroVmBuilder;
 
 /// What a kubectl call returned.
@@ -201,20 +201,11 @@ impl Cluster {
     /// An HTTP/1.0 GET of `http://{ip}:{port}/` from where the cluster runs; the response, or
     /// `None` when nothing answers within a few seconds.
     pub fn http_get(&self, ip: &str, port: u16) -> Option<String> {
-        let script = format!(
-            "exec 3<>/dev/tcp/{ip}/{port} && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3"
-        );
-        let child = self
-            .command("timeout")
-            .args(["5", "bash", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .ok()?;
-        let out = wait_with_deadline(child, Duration::from_secs(10));
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        (out.status.success() && text.starts_with("HTTP/")).then_some(text)
+        http_get_via(
+            |program| self.command(program),
+            &format!("{ip}:{port}"),
+            "/",
+        )
     }
 
     /// Run kubectl with this cluster's kubeconfig and a deadline.
@@ -302,6 +293,48 @@ impl Cluster {
             .yaml()
     }
 
+    /// A MicroVM manifest booting the demo guest with a NAT interface, its web server on :80
+    /// as its readiness.
+    pub fn demo_web_vm(&self, name: &str) -> String {
+        MicroVmBuilder::sample(name)
+            .guest(
+                &self.guest_dir.join("vmlinuz"),
+                &self.guest_dir.join("initrd.cpio"),
+            )
+            .memory("128Mi")
+            .cmdline("console=ttyS0 panic=-1 quiet")
+            .interface("eth0", InterfaceMode::Nat)
+            .tcp_port(80)
+            .grace_period_seconds(5)
+            .yaml()
+    }
+
+    /// The reasons of the Events about `name`, space-separated.
+    pub fn event_reasons(&self, namespace: &str, name: &str) -> String {
+        self.kubectl_ok(&[
+            "get",
+            "events",
+            "-n",
+            namespace,
+            "--field-selector",
+            &format!("involvedObject.name={name}"),
+            "-o",
+            "jsonpath={.items[*].reason}",
+        ])
+    }
+
+    /// `kubectl delete` of `object`, waiting (at most a minute) until it is gone.
+    pub fn delete_and_wait(&self, namespace: &str, object: &str) {
+        self.kubectl_ok(&[
+            "delete",
+            object,
+            "-n",
+            namespace,
+            "--wait=true",
+            "--timeout=60s",
+        ]);
+    }
+
     /// Poll `jsonpath` of `object` until `predicate` holds or `timeout` passes.
     pub fn wait_jsonpath(
         &self,
@@ -348,6 +381,42 @@ impl Cluster {
             self.dev_log()
         )
     }
+}
+
+/// An HTTP/1.0 GET of `http://{hostport}{path}` run by `on_node` (the command prefix for
+/// where the address is routable: a network namespace, or here); the response, or `None`
+/// when nothing answers within a few seconds.
+pub fn http_get_via(
+    on_node: impl Fn(&str) -> Command,
+    hostport: &str,
+    path: &str,
+) -> Option<String> {
+    let (host, port) = hostport.split_once(':').unwrap_or((hostport, "80"));
+    let script = format!(
+        "exec 3<>/dev/tcp/{host}/{port} && printf 'GET {path} HTTP/1.0\\r\\nHost: {hostport}\\r\\n\\r\\n' >&3 && cat <&3"
+    );
+    let child = on_node("timeout")
+        .args(["5", "bash", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .ok()?;
+    let out = wait_with_deadline(child, Duration::from_secs(10));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out.status.success() && text.starts_with("HTTP/")).then_some(text)
+}
+
+/// Poll `f` until it holds or `timeout` passes; panic naming `what` then.
+pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
 }
 
 impl DevProcess {

@@ -11,8 +11,8 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ignis_e2e::Cluster;
-use ignis_e2e::upstream::{Upstream, pids_matching, wait_until};
+use ignis_e2e::upstream::{Upstream, pids_matching};
+use ignis_e2e::{Cluster, http_get_via, wait_until};
 
 const NS: &str = "e2e-cluster";
 const SERVICE_ACCOUNTS: &str = "system:serviceaccount:";
@@ -398,55 +398,19 @@ fn grpc_get_host(
 /// Guest networking inside the agent pod: the NAT bridge and the tap in the node's network
 /// namespace, the guest's IP in `status.ipAddresses`, its server answering there.
 fn a_guest_serves_on_its_ip(ctx: &Ctx) {
-    let guest = ctx.cluster.guest_dir.display();
-    let manifest = format!(
-        r#"apiVersion: ignis.dev/v1alpha1
-kind: MicroVM
-metadata:
-  name: web
-spec:
-  resources:
-    memory: 128Mi
-  kernel:
-    path: {guest}/vmlinuz
-    cmdline: "console=ttyS0 panic=-1 quiet"
-  initrd:
-    path: {guest}/initrd.cpio
-  network:
-    interfaces:
-      - name: eth0
-        mode: nat
-  readiness:
-    tcpPort: 80
-  terminationGracePeriodSeconds: 5
-"#
-    );
+    let manifest = ctx.cluster.demo_web_vm("web");
     let applied = ctx.cluster.apply(NS, &manifest);
     assert!(applied.success, "{}", applied.stderr);
     ctx.wait_ready("web");
     let ip = ctx.jsonpath(NS, "mvm/web", "{.status.ipAddresses[0]}");
     assert!(ip.starts_with("10.88."), "guest IP {ip:?}");
-    let script =
-        format!("exec 3<>/dev/tcp/{ip}/80 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3");
-    let out = ctx
-        .up
-        .in_netns("timeout")
-        .args(["10", "bash", "-c", &script])
-        .output()
-        .expect("http get");
-    let response = String::from_utf8_lossy(&out.stdout);
+    let response = http_get_via(|program| ctx.up.in_netns(program), &format!("{ip}:80"), "/")
+        .unwrap_or_default();
     assert!(
         response.starts_with("HTTP/1.") && response.contains("200"),
         "the guest answers on {ip}:80 from the node: {response:?}"
     );
-    ctx.cluster.kubectl_ok(&[
-        "delete",
-        "-n",
-        NS,
-        "mvm/web",
-        "--wait=true",
-        "--timeout=90s",
-    ]);
+    ctx.cluster.delete_and_wait(NS, "mvm/web");
 }
 
 fn leader_failover_leaves_vms_alone(ctx: &Ctx) {

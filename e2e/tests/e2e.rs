@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ignis_e2e::Cluster;
+use ignis_e2e::{Cluster, wait_until};
 
 const READY_TIMEOUT: &str = "--timeout=120s";
 
@@ -29,17 +29,6 @@ fn vmm_pids(uid: &str) -> Vec<u32> {
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect()
-}
-
-fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("timed out after {timeout:?} waiting for {what}");
 }
 
 #[test]
@@ -170,16 +159,7 @@ fn microvm_lifecycle_through_kubectl() {
             let now = vmm_pids(&uid);
             now.len() == 1 && now[0] != pids[0]
         });
-        let events = cluster.kubectl_ok(&[
-            "get",
-            "events",
-            "-n",
-            ns,
-            "--field-selector",
-            "involvedObject.name=web",
-            "-o",
-            "jsonpath={.items[*].reason}",
-        ]);
+        let events = cluster.event_reasons(ns, "web");
         assert!(!events.is_empty(), "no Events recorded for mvm/web");
     }
 

@@ -28,8 +28,8 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ignis_e2e::Cluster;
 use ignis_e2e::upstream::Upstream;
+use ignis_e2e::{Cluster, http_get_via};
 
 const USER: &str = "e2e";
 const PASSWORD: &str = "e2e-registry-pass";
@@ -192,17 +192,7 @@ type NodeCommand<'a> = Box<dyn Fn(&str) -> Command + 'a>;
 /// nothing answers within a few seconds.
 fn get(on_node: OnNode, hostport_path: &str) -> String {
     let (hostport, path) = hostport_path.split_once('/').unwrap_or((hostport_path, ""));
-    let (host, port) = hostport.split_once(':').unwrap_or((hostport, "80"));
-    let script = format!(
-        "exec 3<>/dev/tcp/{host}/{port} && printf 'GET /{path} HTTP/1.0\\r\\nHost: {hostport}\\r\\n\\r\\n' >&3 && cat <&3"
-    );
-    let out = on_node("timeout")
-        .args(["5", "bash", "-c", &script])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .expect("bash");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    http_get_via(on_node, hostport, &format!("/{path}")).unwrap_or_default()
 }
 
 /// `get` retried until it answers, for at most `within`.
@@ -356,16 +346,7 @@ fn microvm_from_registry_images_with_a_pull_secret_boots_by_dhcp() {
         );
     }
     // The pull was visible while it happened.
-    let reasons = cluster.kubectl_ok(&[
-        "get",
-        "events",
-        "-n",
-        ns,
-        "--field-selector",
-        "involvedObject.name=web",
-        "-o",
-        "jsonpath={.items[*].reason}",
-    ]);
+    let reasons = cluster.event_reasons(ns, "web");
     assert!(reasons.contains("Pulling"), "events: {reasons}");
 
     let ip = cluster.kubectl_ok(&[
@@ -407,14 +388,7 @@ fn microvm_from_registry_images_with_a_pull_secret_boots_by_dhcp() {
         );
     }
 
-    cluster.kubectl_ok(&[
-        "delete",
-        "mvm/web",
-        "-n",
-        ns,
-        "--wait=true",
-        "--timeout=60s",
-    ]);
+    cluster.delete_and_wait(ns, "mvm/web");
     if let Some(on_node) = &on_node {
         assert!(
             get(on_node.as_ref(), &format!("{ip}:80/")).is_empty(),

@@ -16,29 +16,7 @@ fn microvm_gets_an_ip_and_serves_on_it() {
     };
     let ns = cluster.namespace("e2e-net");
     let ns = ns.name.as_str();
-    let guest = cluster.guest_dir.display();
-    let manifest = format!(
-        r#"apiVersion: ignis.dev/v1alpha1
-kind: MicroVM
-metadata:
-  name: web
-spec:
-  resources:
-    memory: 128Mi
-  kernel:
-    path: {guest}/vmlinuz
-    cmdline: "console=ttyS0 panic=-1 quiet"
-  initrd:
-    path: {guest}/initrd.cpio
-  network:
-    interfaces:
-      - name: eth0
-        mode: nat
-  readiness:
-    tcpPort: 80
-  terminationGracePeriodSeconds: 5
-"#
-    );
+    let manifest = cluster.demo_web_vm("web");
     let applied = cluster.apply(ns, &manifest);
     assert!(applied.success, "{}", applied.stderr);
     cluster.kubectl_ok(&[
@@ -71,14 +49,7 @@ spec:
         "{response}"
     );
 
-    cluster.kubectl_ok(&[
-        "delete",
-        "mvm/web",
-        "-n",
-        ns,
-        "--wait=true",
-        "--timeout=60s",
-    ]);
+    cluster.delete_and_wait(ns, "mvm/web");
     assert!(
         cluster.http_get(&ip, 80).is_none(),
         "{ip} still answers after delete"
