@@ -125,6 +125,9 @@ pub(crate) struct FileLock {
     _lock: Flock<File>,
 }
 
+/// The lock leases and publishing hold shared and garbage collection exclusive.
+const GC_LOCK: &str = "gc";
+
 /// Paths and locked operations on the cache directory.
 #[derive(Clone, Debug)]
 pub(crate) struct CacheDir {
@@ -145,6 +148,15 @@ impl CacheDir {
             let p = dir.kind_dir(kind);
             fs::create_dir_all(&p).map_err(ImageError::io(&p))?;
         }
+        // Every lease and every collection takes it: made with the tree, it is part of the
+        // cache from the start instead of appearing at the first release.
+        let gc = dir.lock_path(GC_LOCK);
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&gc)
+            .map_err(ImageError::io(&gc))?;
         dir.clear_abandoned().await?;
         Ok(dir)
     }
@@ -237,11 +249,11 @@ impl CacheDir {
     }
 
     async fn gc_shared(&self) -> Result<FileLock, ImageError> {
-        self.lock("gc", FlockArg::LockSharedNonblock).await
+        self.lock(GC_LOCK, FlockArg::LockSharedNonblock).await
     }
 
     async fn gc_exclusive(&self) -> Result<FileLock, ImageError> {
-        self.lock("gc", FlockArg::LockExclusiveNonblock).await
+        self.lock(GC_LOCK, FlockArg::LockExclusiveNonblock).await
     }
 
     fn read_record(&self, key: &EntryKey) -> Option<EntryRecord> {
