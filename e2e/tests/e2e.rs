@@ -4,6 +4,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use ignis_e2e::upstream::pids_matching;
 use ignis_e2e::{Cluster, wait_until};
 
 const READY_TIMEOUT: &str = "--timeout=120s";
@@ -21,14 +22,7 @@ fn uid_of(cluster: &Cluster, ns: &str, name: &str) -> String {
 
 /// PIDs of VMM processes whose command line mentions `uid` (dev mode only: same machine).
 fn vmm_pids(uid: &str) -> Vec<u32> {
-    let out = Command::new("pgrep")
-        .args(["-f", uid])
-        .output()
-        .expect("pgrep");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
+    pids_matching(uid)
 }
 
 #[test]

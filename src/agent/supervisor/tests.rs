@@ -12,11 +12,18 @@ use crate::agent::vmm::{VmConfig, VmmBackend, VmmError, VmmHandle};
 use crate::telemetry::MetricsRegistry;
 use crate::vm::{DesiredState, ExitReason, Interface, InterfaceMode, VmSpec};
 
-#[tokio::test]
-async fn networking_turned_off_fails_nat_but_not_none() {
+/// A temporary directory with a stand-in kernel file (the simulated backend and the VMM
+/// doubles only check that it is there).
+pub(crate) fn dir_with_kernel() -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().expect("tmp");
     let kernel = tmp.path().join("vmlinuz");
     std::fs::write(&kernel, b"k").expect("kernel");
+    (tmp, kernel)
+}
+
+#[tokio::test]
+async fn networking_turned_off_fails_nat_but_not_none() {
+    let (tmp, kernel) = dir_with_kernel();
     let sup = supervisor(tmp.path(), Arc::new(SimulatedBackend::default()), true).await;
     let mut nat = request("n", &kernel, "h", 1, DesiredState::Running);
     nat.spec.interfaces = vec![Interface {
@@ -156,9 +163,7 @@ async fn wait_state(sup: &Supervisor, name: &str, state: RunState) -> VmStatus {
 
 #[tokio::test]
 async fn simulated_vms_converge_replace_stop_and_delete() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let kernel = tmp.path().join("vmlinuz");
-    std::fs::write(&kernel, b"k").expect("kernel");
+    let (tmp, kernel) = dir_with_kernel();
     let sup = supervisor(tmp.path(), Arc::new(SimulatedBackend::default()), true).await;
     let (mut events, _) = sup.subscribe();
     let vm = sup
@@ -206,9 +211,7 @@ async fn simulated_vms_converge_replace_stop_and_delete() {
 
 #[tokio::test]
 async fn a_guest_that_never_gets_ready_fails_with_boot_timeout_and_is_killed() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let kernel = tmp.path().join("vmlinuz");
-    std::fs::write(&kernel, b"k").expect("kernel");
+    let (tmp, kernel) = dir_with_kernel();
     let sup = supervisor(
         tmp.path(),
         Arc::new(SilentQemu(SimulatedBackend::default())),
@@ -260,9 +263,7 @@ async fn a_guest_that_never_gets_ready_fails_with_boot_timeout_and_is_killed() {
 
 #[tokio::test]
 async fn boot_deadline_misses_in_a_row_become_permanent() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let kernel = tmp.path().join("vmlinuz");
-    std::fs::write(&kernel, b"k").expect("kernel");
+    let (tmp, kernel) = dir_with_kernel();
     let sup = supervisor(
         tmp.path(),
         Arc::new(SilentQemu(SimulatedBackend::default())),
@@ -303,9 +304,7 @@ async fn boot_deadline_misses_in_a_row_become_permanent() {
 
 #[tokio::test]
 async fn deleting_a_guest_that_never_got_ready_does_not_wait_its_grace_period() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let kernel = tmp.path().join("vmlinuz");
-    std::fs::write(&kernel, b"k").expect("kernel");
+    let (tmp, kernel) = dir_with_kernel();
     // A guest that ignores the power button, with a boot deadline far away.
     let sup = supervisor_with(
         tmp.path(),

@@ -1,4 +1,5 @@
 use super::*;
+use crate::agent::supervisor::tests::dir_with_kernel;
 use crate::error::ErrorReason;
 use crate::vm::wire::SpecError;
 
@@ -240,9 +241,7 @@ fn the_guest_cmdline_gets_the_network_parameters() {
 
 #[test]
 fn file_checks_tell_missing_from_unreadable() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let kernel = tmp.path().join("vmlinuz");
-    std::fs::write(&kernel, b"k").expect("kernel");
+    let (tmp, kernel) = dir_with_kernel();
     let ok = VmSpec {
         kernel: GuestFile::Path(kernel.display().to_string()),
         ..spec()

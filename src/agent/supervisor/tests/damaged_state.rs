@@ -45,9 +45,7 @@ async fn an_unreadable_status_leaves_no_vmm_running() {
 /// Delete kills every VMM naming the VM's socket, held or not: an orphan never outlives it.
 #[tokio::test]
 async fn delete_leaves_no_vmm_of_the_vm_running() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let kernel = tmp.path().join("vmlinuz");
-    std::fs::write(&kernel, b"k").expect("kernel");
+    let (tmp, kernel) = dir_with_kernel();
     let sup = supervisor(tmp.path(), Arc::new(SimulatedBackend::default()), true).await;
     sup.apply(request("held", &kernel, "h", 1, DesiredState::Running))
         .await;
@@ -74,9 +72,7 @@ async fn delete_leaves_no_vmm_of_the_vm_running() {
 /// agent was down, not that it was never started (the false claim).
 #[tokio::test]
 async fn a_lost_handle_of_a_started_vm_is_reported_truthfully() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let kernel = tmp.path().join("vmlinuz");
-    std::fs::write(&kernel, b"k").expect("kernel");
+    let (tmp, kernel) = dir_with_kernel();
     let sup = supervisor(tmp.path(), Arc::new(SimulatedBackend::default()), true).await;
     let mut pids = Vec::new();
     for name in ["missing", "empty"] {

@@ -53,9 +53,7 @@ fn marked(uid: &str, kernel: &Path, marker: &str) -> ApplyRequest {
 /// log as console output.
 #[tokio::test]
 async fn firecracker_readiness_and_timeouts_see_guest_output_only() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let kernel = tmp.path().join("vmlinux");
-    std::fs::write(&kernel, b"k").expect("kernel");
+    let (tmp, kernel) = dir_with_kernel();
     let fake = FakeVmm::start(Flavor::Firecracker, tmp.path());
     let sup = on_kvm(tmp.path(), &fake).await;
 
@@ -110,9 +108,7 @@ async fn firecracker_readiness_and_timeouts_see_guest_output_only() {
 /// shutdown, so `RerunOnFailure` restarts it.
 #[tokio::test]
 async fn a_cloud_hypervisor_vcpu_error_is_a_guest_crash() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let kernel = tmp.path().join("vmlinux");
-    std::fs::write(&kernel, b"k").expect("kernel");
+    let (tmp, kernel) = dir_with_kernel();
     let fake = FakeVmm::start(Flavor::CloudHypervisor, tmp.path());
     fake.guest(Guest {
         console: "ignis: ready\n".into(),
@@ -139,9 +135,7 @@ async fn a_cloud_hypervisor_vcpu_error_is_a_guest_crash() {
 /// Cloud Hypervisor reboots a guest in place on a reset: the process and the run go on.
 #[tokio::test]
 async fn a_cloud_hypervisor_guest_reset_reboots_in_place() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let kernel = tmp.path().join("vmlinux");
-    std::fs::write(&kernel, b"k").expect("kernel");
+    let (tmp, kernel) = dir_with_kernel();
     let fake = FakeVmm::start(Flavor::CloudHypervisor, tmp.path());
     fake.guest(Guest {
         console: "ignis: ready\n".into(),
