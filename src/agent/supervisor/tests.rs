@@ -98,30 +98,57 @@ async fn supervisor_with(
     simulated: bool,
     boot_timeout: Duration,
 ) -> Supervisor {
-    Supervisor::new(
-        SupervisorConfig {
-            boot_timeout,
-            console_max_bytes: 1 << 20,
-            host: HostCapacity {
-                vcpus: 4,
-                memory_bytes: 8 << 30,
-            },
-            accelerator: Accelerator::Tcg,
-            accelerator_detail: "test".into(),
-            simulated,
-            unavailable: Vec::new(),
-            network: None,
-            images: Some(crate::agent::image::ImageStoreConfig::new(
-                dir.join("images"),
-            )),
+    let config = SupervisorConfig {
+        simulated,
+        ..test_config(dir, boot_timeout)
+    };
+    supervisor_on(config, dir, backend, PathBuf::from("sleep")).await
+}
+
+/// The host every supervisor test runs on: 4 vCPUs, 8 GiB, TCG, no network, the image cache
+/// in `dir`.
+fn test_config(dir: &Path, boot_timeout: Duration) -> SupervisorConfig {
+    SupervisorConfig {
+        boot_timeout,
+        console_max_bytes: 1 << 20,
+        host: HostCapacity {
+            vcpus: 4,
+            memory_bytes: 8 << 30,
         },
-        StateStore::open(dir).expect("store"),
-        vec![BackendEntry {
-            backend,
-            binary: PathBuf::from("sleep"),
-        }],
+        accelerator: Accelerator::Tcg,
+        accelerator_detail: "test".into(),
+        simulated: false,
+        unavailable: Vec::new(),
+        network: None,
+        images: Some(crate::agent::image::ImageStoreConfig::new(
+            dir.join("images"),
+        )),
+    }
+}
+
+/// A supervisor with one backend, its state under `state_dir`.
+async fn supervisor_on(
+    config: SupervisorConfig,
+    state_dir: &Path,
+    backend: Arc<dyn VmmBackend>,
+    binary: PathBuf,
+) -> Supervisor {
+    Supervisor::new(
+        config,
+        StateStore::open(state_dir).expect("store"),
+        vec![BackendEntry { backend, binary }],
         AgentMetrics::register(&MetricsRegistry::with_prefix("test")).await,
     )
+}
+
+/// A supervisor whose QEMU double never prints the readiness marker.
+async fn silent_qemu(dir: &Path) -> Supervisor {
+    supervisor(
+        dir,
+        Arc::new(SilentQemu(SimulatedBackend::default())),
+        false,
+    )
+    .await
 }
 
 fn request(uid: &str, kernel: &Path, hash: &str, run: u32, desired: DesiredState) -> ApplyRequest {
@@ -212,12 +239,7 @@ async fn simulated_vms_converge_replace_stop_and_delete() {
 #[tokio::test]
 async fn a_guest_that_never_gets_ready_fails_with_boot_timeout_and_is_killed() {
     let (tmp, kernel) = dir_with_kernel();
-    let sup = supervisor(
-        tmp.path(),
-        Arc::new(SilentQemu(SimulatedBackend::default())),
-        false,
-    )
-    .await;
+    let sup = silent_qemu(tmp.path()).await;
     let vm = sup
         .apply(request("slow", &kernel, "h", 1, DesiredState::Running))
         .await;
@@ -247,12 +269,7 @@ async fn a_guest_that_never_gets_ready_fails_with_boot_timeout_and_is_killed() {
     assert_ne!(again.pid, pid);
     wait_state(&sup, "slow", RunState::Failed).await;
     sup.shutdown(false).await;
-    let next = supervisor(
-        tmp.path(),
-        Arc::new(SilentQemu(SimulatedBackend::default())),
-        false,
-    )
-    .await;
+    let next = silent_qemu(tmp.path()).await;
     assert_eq!(next.adopt().await.expect("adopt"), 1);
     assert_eq!(
         next.get(&uid("slow")).expect("held").state,
@@ -264,12 +281,7 @@ async fn a_guest_that_never_gets_ready_fails_with_boot_timeout_and_is_killed() {
 #[tokio::test]
 async fn boot_deadline_misses_in_a_row_become_permanent() {
     let (tmp, kernel) = dir_with_kernel();
-    let sup = supervisor(
-        tmp.path(),
-        Arc::new(SilentQemu(SimulatedBackend::default())),
-        false,
-    )
-    .await;
+    let sup = silent_qemu(tmp.path()).await;
     for run in 1..=readiness::BOOT_TIMEOUTS_BEFORE_PERMANENT {
         sup.apply(request("stuck", &kernel, "h", run, DesiredState::Running))
             .await;
@@ -288,12 +300,7 @@ async fn boot_deadline_misses_in_a_row_become_permanent() {
     }
     // The count survives an agent restart (it is in status.json).
     sup.shutdown(false).await;
-    let next = supervisor(
-        tmp.path(),
-        Arc::new(SilentQemu(SimulatedBackend::default())),
-        false,
-    )
-    .await;
+    let next = silent_qemu(tmp.path()).await;
     next.adopt().await.expect("adopt");
     assert_eq!(
         next.get(&uid("stuck")).expect("held").boot_timeouts,

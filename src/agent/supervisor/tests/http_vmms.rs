@@ -15,30 +15,17 @@ async fn on_kvm(dir: &Path, fake: &FakeVmm) -> Supervisor {
             Arc::new(CloudHypervisorBackend::new(fake.binary()).expect("backend"))
         }
     };
-    Supervisor::new(
-        SupervisorConfig {
-            boot_timeout: Duration::from_secs(3),
-            console_max_bytes: 1 << 20,
-            host: HostCapacity {
-                vcpus: 4,
-                memory_bytes: 8 << 30,
-            },
-            accelerator: Accelerator::Kvm,
-            accelerator_detail: "test".into(),
-            simulated: false,
-            unavailable: Vec::new(),
-            network: None,
-            images: Some(crate::agent::image::ImageStoreConfig::new(
-                dir.join("images"),
-            )),
-        },
-        StateStore::open(&dir.join("state")).expect("store"),
-        vec![BackendEntry {
-            backend,
-            binary: fake.binary().to_path_buf(),
-        }],
-        AgentMetrics::register(&MetricsRegistry::with_prefix("test")).await,
+    let config = SupervisorConfig {
+        accelerator: Accelerator::Kvm,
+        ..test_config(dir, Duration::from_secs(3))
+    };
+    supervisor_on(
+        config,
+        &dir.join("state"),
+        backend,
+        fake.binary().to_path_buf(),
     )
+    .await
 }
 
 fn marked(uid: &str, kernel: &Path, marker: &str) -> ApplyRequest {
