@@ -10,7 +10,6 @@ mod image_support;
 use common::net::runtime;
 
 use std::path::Path;
-use std::process::Command;
 
 use ignis::ErrorReason;
 use ignis::agent::image::{
@@ -98,32 +97,10 @@ fn every_layout_kind_becomes_the_file_a_vmm_boots() {
             tar_layer(&[Item::File("etc/.wh.gone", b"")]),
         ],
     );
-    let qcow2 = dir.path().join("disk.qcow2");
-    let st = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&qcow2)
-        .arg("64M")
-        .status()
-        .expect("qemu-img");
-    assert!(st.success());
-    let qcow2_bytes = std::fs::read(&qcow2).expect("qcow2");
-    oci_image(
-        &layout,
-        "containerdisk",
-        &[tar_layer(&[
-            Item::Dir("disk"),
-            Item::File("disk/disk.qcow2", &qcow2_bytes),
-        ])],
-    );
+    let qcow2_bytes = qcow2_bytes(dir.path(), "64M", None);
+    disk_image(&layout, "containerdisk", &[("disk.qcow2", &qcow2_bytes)]);
     let raw = vec![0x55u8; 1 << 20];
-    oci_image(
-        &layout,
-        "rawdisk",
-        &[tar_layer(&[
-            Item::Dir("disk"),
-            Item::File("disk/root.img", &raw),
-        ])],
-    );
+    disk_image(&layout, "rawdisk", &[("root.img", &raw)]);
     for (tag, repo) in [
         ("kernel", "k/kernel:v1"),
         ("initrd", "k/initrd:v1"),
@@ -398,41 +375,9 @@ fn each_pull_failure_has_its_reason_and_leaves_nothing() {
         &[tar_layer(&[Item::Dir("etc"), Item::File("etc/x", b"x")])],
     );
     kernel_image(&layout, "notakernel", b"#!/bin/sh\necho hi\n");
-    oci_image(
-        &layout,
-        "twodisks",
-        &[tar_layer(&[
-            Item::Dir("disk"),
-            Item::File("disk/a.img", b"a"),
-            Item::File("disk/b.img", b"b"),
-        ])],
-    );
-    let backed = dir.path().join("backed.qcow2");
-    let st = Command::new("qemu-img")
-        .args([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            "/etc/hostname",
-        ])
-        .arg(&backed)
-        .arg("1M")
-        .status()
-        .expect("qemu-img");
-    assert!(st.success());
-    let backed = std::fs::read(&backed).expect("backed");
-    oci_image(
-        &layout,
-        "backed",
-        &[tar_layer(&[
-            Item::Dir("disk"),
-            Item::File("disk/d.qcow2", &backed),
-        ])],
-    );
+    disk_image(&layout, "twodisks", &[("a.img", b"a"), ("b.img", b"b")]);
+    let backed = qcow2_bytes(dir.path(), "1M", Some(Path::new("/etc/hostname")));
+    disk_image(&layout, "backed", &[("d.qcow2", &backed)]);
     let corrupt_digest = kernel_image(&layout, "corrupt", &fake_bzimage(300_000));
     for (tag, repo) in [
         ("good", "f/good:v1"),

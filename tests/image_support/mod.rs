@@ -178,6 +178,38 @@ pub enum Item<'a> {
     Symlink(&'a str, &'a str),
 }
 
+/// A containerDisk image (`tag` in `layout`): one layer holding `files` under `/disk/`.
+pub fn disk_image(layout: &Path, tag: &str, files: &[(&str, &[u8])]) -> String {
+    let paths: Vec<String> = files
+        .iter()
+        .map(|(name, _)| format!("disk/{name}"))
+        .collect();
+    let mut items = vec![Item::Dir("disk")];
+    items.extend(
+        paths
+            .iter()
+            .zip(files)
+            .map(|(path, (_, bytes))| Item::File(path, bytes)),
+    );
+    oci_image(layout, tag, &[tar_layer(&items)])
+}
+
+/// The bytes of a qcow2 file of `size` made by `qemu-img create` in `dir`, over `backing` (a
+/// raw file) when given.
+pub fn qcow2_bytes(dir: &Path, size: &str, backing: Option<&Path>) -> Vec<u8> {
+    let path = dir.join("made.qcow2");
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2"]);
+    if let Some(backing) = backing {
+        cmd.args(["-F", "raw", "-b"]).arg(backing);
+    }
+    let st = cmd.arg(&path).arg(size).status().expect("qemu-img");
+    assert!(st.success(), "qemu-img create failed");
+    let bytes = std::fs::read(&path).expect("qcow2");
+    std::fs::remove_file(&path).expect("remove the made qcow2");
+    bytes
+}
+
 /// An uncompressed tar layer.
 pub fn tar_layer(items: &[Item<'_>]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
