@@ -104,21 +104,8 @@ impl Ctx {
             &format!("jsonpath={{.data.{}}}", key.replace('.', "\\.")),
         ]);
         let path = dir.join(format!("{name}-{key}"));
-        let decoded = Command::new("base64")
-            .arg("-d")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|mut child| {
-                use std::io::Write;
-                child
-                    .stdin
-                    .take()
-                    .expect("stdin")
-                    .write_all(b64.as_bytes())?;
-                child.wait_with_output()
-            })
-            .expect("base64 -d");
+        let decoded =
+            output_with_input(Command::new("base64").arg("-d"), b64.as_bytes()).expect("base64 -d");
         std::fs::write(&path, decoded.stdout).expect("write secret file");
         path
     }
@@ -353,6 +340,19 @@ fn rand_suffix() -> u128 {
         .unwrap_or_default()
 }
 
+/// Run `cmd` with `input` on its stdin; its output.
+fn output_with_input(cmd: &mut Command, input: &[u8]) -> std::io::Result<std::process::Output> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child.stdin.take().expect("stdin").write_all(input)?;
+    child.wait_with_output()
+}
+
 /// An empty `GetHost` gRPC call with curl (HTTP/2 over mutual TLS); the response headers and
 /// trailers, or curl's error.
 fn grpc_get_host(
@@ -362,8 +362,8 @@ fn grpc_get_host(
     key: &std::path::Path,
 ) -> String {
     let resolve = format!("ignis-agent:9443:{}", ctx.up.node_ip);
-    let out = Command::new("timeout")
-        .args(["20", "curl", "-sS", "--http2", "-D", "-", "-o", "/dev/null"])
+    let mut curl = Command::new("timeout");
+    curl.args(["20", "curl", "-sS", "--http2", "-D", "-", "-o", "/dev/null"])
         .args(["--resolve", &resolve, "--cacert"])
         .arg(ca)
         .arg("--cert")
@@ -373,21 +373,8 @@ fn grpc_get_host(
         .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
         // One gRPC frame: not compressed, length 0 (an empty GetHostRequest).
         .args(["--data-binary", "@-"])
-        .arg("https://ignis-agent:9443/ignis.agent.v1.Agent/GetHost")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(&[0, 0, 0, 0, 0])?;
-            child.wait_with_output()
-        })
-        .expect("curl");
+        .arg("https://ignis-agent:9443/ignis.agent.v1.Agent/GetHost");
+    let out = output_with_input(&mut curl, &[0, 0, 0, 0, 0]).expect("curl");
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
