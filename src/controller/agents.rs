@@ -91,6 +91,12 @@ struct Slot {
 
 struct Inner {
     slots: RwLock<HashMap<String, Slot>>,
+    /// When the pool started, and when each node's agent last left it: a node with no agent
+    /// counts as absent only `grace` after either. A controller that has just started (its
+    /// agent discovery not yet listed) or an agent pod being replaced is not a dead node, and
+    /// a MicroVM deleted in that window must still have its VM stopped, not released.
+    started: Instant,
+    departed: RwLock<HashMap<String, Instant>>,
     signals: mpsc::UnboundedSender<PoolSignal>,
     grace: Duration,
     heartbeat_timeout: Duration,
@@ -115,6 +121,8 @@ impl AgentPool {
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = Inner {
             slots: RwLock::new(HashMap::new()),
+            started: Instant::now(),
+            departed: RwLock::new(HashMap::new()),
             signals: tx,
             grace,
             heartbeat_timeout,
@@ -133,6 +141,7 @@ impl AgentPool {
     /// moved ones reconnected.
     pub(crate) fn set_agents(&self, agents: &BTreeMap<String, AgentEndpoint>) {
         let mut start = Vec::new();
+        let mut left = Vec::new();
         {
             let Ok(mut slots) = self.inner.slots.write() else {
                 return;
@@ -140,6 +149,7 @@ impl AgentPool {
             slots.retain(|node, slot| {
                 let keep = agents.get(node) == Some(&slot.endpoint);
                 if !keep {
+                    left.push(node.clone());
                     slot.cancel.cancel();
                     let _ = self.inner.signals.send(PoolSignal::Node(node.clone()));
                 }
@@ -164,6 +174,17 @@ impl AgentPool {
                 start.push((node.clone(), endpoint.clone(), cancel));
             }
         }
+        if let Ok(mut departed) = self.inner.departed.write() {
+            let now = Instant::now();
+            let grace = self.inner.grace;
+            departed
+                .retain(|node, at| now.duration_since(*at) < grace && !agents.contains_key(node));
+            for node in left {
+                if !agents.contains_key(&node) {
+                    departed.insert(node, now);
+                }
+            }
+        }
         for (node, endpoint, cancel) in start {
             let inner = self.inner.clone();
             tokio::spawn(async move { agent_loop(inner, node, endpoint, cancel).await });
@@ -175,20 +196,27 @@ impl AgentPool {
         let Ok(slots) = self.inner.slots.read() else {
             return AgentLink::Absent;
         };
+        let grace = self.inner.grace;
         match slots.get(node) {
-            None => AgentLink::Absent,
+            None => {
+                let since = self
+                    .inner
+                    .departed
+                    .read()
+                    .ok()
+                    .and_then(|d| d.get(node).copied())
+                    .unwrap_or(self.inner.started);
+                match grace.checked_sub(since.elapsed()) {
+                    Some(left) if !left.is_zero() => AgentLink::Reconnecting { lost_after: left },
+                    _ => AgentLink::Absent,
+                }
+            }
             Some(slot) => match slot.down_since {
                 None => AgentLink::Connected,
-                Some(since) => {
-                    let down = since.elapsed();
-                    if down >= self.inner.grace {
-                        AgentLink::Lost
-                    } else {
-                        AgentLink::Reconnecting {
-                            lost_after: self.inner.grace - down,
-                        }
-                    }
-                }
+                Some(since) => match grace.checked_sub(since.elapsed()) {
+                    Some(left) if !left.is_zero() => AgentLink::Reconnecting { lost_after: left },
+                    _ => AgentLink::Lost,
+                },
             },
         }
     }
@@ -641,7 +669,11 @@ mod tests {
             None,
             shutdown.clone(),
         );
-        assert_eq!(pool.link("nowhere"), AgentLink::Absent);
+        // Just started: discovery may not have listed the node's agent yet.
+        assert!(matches!(
+            pool.link("nowhere"),
+            AgentLink::Reconnecting { .. }
+        ));
         pool.set_agents(&BTreeMap::from([(
             "node-a".to_string(),
             AgentEndpoint::Unix(PathBuf::from("/nonexistent/agent.sock")),
@@ -655,6 +687,37 @@ mod tests {
             pool.apply_vm("node-a", &crate::testing::apply_request("u"))
                 .await,
             Err(AgentError::NotConnected(_))
+        ));
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_node_without_an_agent_is_absent_only_after_the_grace() {
+        let shutdown = CancellationToken::new();
+        let grace = Duration::from_millis(50);
+        let (pool, _rx) = AgentPool::new(grace, Duration::from_secs(30), None, shutdown.clone());
+        let node_a = BTreeMap::from([(
+            "node-a".to_string(),
+            AgentEndpoint::Unix(PathBuf::from("/nonexistent/agent.sock")),
+        )]);
+        pool.set_agents(&node_a);
+        tokio::time::sleep(grace * 2).await;
+        assert_eq!(pool.link("nowhere"), AgentLink::Absent);
+        assert_eq!(pool.link("node-a"), AgentLink::Lost);
+        // The agent pod is being replaced: its node is not dead yet ...
+        pool.set_agents(&BTreeMap::new());
+        assert!(matches!(
+            pool.link("node-a"),
+            AgentLink::Reconnecting { .. }
+        ));
+        // ... and is, once the grace has passed with no agent back.
+        tokio::time::sleep(grace * 2).await;
+        assert_eq!(pool.link("node-a"), AgentLink::Absent);
+        // Back again: dialed afresh.
+        pool.set_agents(&node_a);
+        assert!(matches!(
+            pool.link("node-a"),
+            AgentLink::Reconnecting { .. }
         ));
         shutdown.cancel();
     }

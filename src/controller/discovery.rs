@@ -156,8 +156,10 @@ mod tests {
         let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service, "default");
         let shutdown = CancellationToken::new();
+        // No grace: a node the pool does not know is Absent at once, one it dials is Lost (not
+        // yet connected), so the two are told apart without waiting.
         let (pool, _signals) = AgentPool::new(
-            std::time::Duration::from_secs(10),
+            std::time::Duration::ZERO,
             std::time::Duration::from_secs(30),
             None,
             shutdown.clone(),

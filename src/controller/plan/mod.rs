@@ -33,7 +33,8 @@ pub(crate) enum AgentLink {
     Reconnecting { lost_after: Duration },
     /// Unreachable beyond the grace period.
     Lost,
-    /// No agent is known for the node at all.
+    /// No agent has been known for the node for the grace period (counted from the
+    /// controller's start or from its agent's departure); before that it is `Reconnecting`.
     Absent,
 }
 
