@@ -110,6 +110,25 @@ impl Ctx {
         path
     }
 
+    /// The controller never gave up on stopping `vm`'s VM (the Warning it writes when it
+    /// releases a MicroVM whose agent it counts as unreachable).
+    fn no_release_without_stop(&self, vm: &str) {
+        let messages = self.cluster.kubectl_ok(&[
+            "get",
+            "events",
+            "-n",
+            NS,
+            "--field-selector",
+            &format!("involvedObject.name={vm},reason=AgentUnreachable"),
+            "-o",
+            "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}",
+        ]);
+        assert!(
+            !messages.contains("released without stopping"),
+            "mvm/{vm} was released with its VM still running:\n{messages}"
+        );
+    }
+
     fn no_denials(&self, when: &str) {
         let prefix = format!("{SERVICE_ACCOUNTS}{}:", self.up.release_namespace);
         let denied = self.up.audit_events(&prefix, 403);
@@ -402,9 +421,19 @@ fn a_guest_serves_on_its_ip(ctx: &Ctx) {
 
 fn leader_failover_leaves_vms_alone(ctx: &Ctx) {
     let before = ctx.vm_identity("survivor");
+    // A MicroVM deleted during the handover: the new leader starts before it has dialed the
+    // agent, and must still stop the VM rather than release it (CI once caught a VMM left so).
+    let applied = ctx
+        .cluster
+        .apply(NS, &ctx.cluster.demo_vm("handover", "", "Always"));
+    assert!(applied.success, "{}", applied.stderr);
+    ctx.wait_ready("handover");
+    let (handover_pids, _) = ctx.vm_identity("handover");
     let leader = ctx.leader();
     let t0 = Instant::now();
     ctx.sys(&["delete", "pod", &leader, "--wait=false"]);
+    ctx.cluster
+        .kubectl_ok(&["delete", "-n", NS, "mvm/handover", "--wait=false"]);
     wait_until(Duration::from_secs(120), "another replica to lead", || {
         let now = ctx.leader();
         !now.is_empty() && now != leader && ctx.pods("ignis-controller").contains(&now)
@@ -428,6 +457,20 @@ fn leader_failover_leaves_vms_alone(ctx: &Ctx) {
         "--wait=true",
         "--timeout=90s",
     ]);
+    wait_until(Duration::from_secs(120), "mvm/handover to go", || {
+        ctx.cluster
+            .kubectl(&["get", "-n", NS, "mvm/handover", "-o", "name"])
+            .stdout
+            .trim()
+            .is_empty()
+    });
+    ctx.no_release_without_stop("handover");
+    for pid in handover_pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "the VMM {pid} of a MicroVM deleted during the leader handover is left"
+        );
+    }
     // ...and the running one was never touched.
     ctx.wait_ready("survivor");
     assert_eq!(
@@ -541,6 +584,7 @@ fn helm_uninstall_leaves_nothing(ctx: &Ctx) {
     println!("helm uninstall with a running MicroVM: {:?}", t0.elapsed());
     let left = ctx.cluster.kubectl_ok(&["get", "mvm", "-A", "-o", "name"]);
     assert!(left.trim().is_empty(), "MicroVMs left: {left}");
+    ctx.no_release_without_stop("survivor");
     assert!(pids_matching(&uid).is_empty(), "a VMM of the VM is left");
     for pid in pids {
         assert!(

@@ -372,6 +372,32 @@ async fn deleted_vm_is_removed_from_the_agent_before_the_finalizer_goes() {
 }
 
 #[tokio::test]
+async fn a_deletion_seen_before_the_agent_is_discovered_keeps_its_finalizer() {
+    // A controller just started (a new leader, or the pods of a Helm upgrade): its MicroVM
+    // list can come back before its agent pod list. Releasing the object then would leave its
+    // VM running with nobody to stop it (CI saw it on `helm uninstall`).
+    let shutdown = CancellationToken::new();
+    let (pool, _signals) = AgentPool::new(
+        Duration::from_secs(10),
+        Duration::from_secs(30),
+        None,
+        shutdown.clone(),
+    );
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    // No API call is expected at all: any (the finalizer patch) fails the reconcile.
+    drop(handle);
+    let ctx = context(Client::new(service, "default"), pool);
+    tokio::time::timeout(
+        DEADLINE,
+        reconcile(Arc::new(deleting(placed("web", "node-a"))), ctx),
+    )
+    .await
+    .expect("within deadline")
+    .expect("nothing written: the finalizer stays until the agent is reached");
+    shutdown.cancel();
+}
+
+#[tokio::test]
 async fn a_failed_status_write_is_an_error_with_a_reason() {
     let shutdown = CancellationToken::new();
     let (pool, _signals) = AgentPool::new(
