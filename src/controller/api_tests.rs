@@ -40,6 +40,17 @@ async fn fake_agent(shutdown: CancellationToken) -> (Arc<Mutex<Calls>>, tempfile
     (calls, dir)
 }
 
+/// A pool with the controller's default grace and heartbeat timeout and no agents yet.
+fn pool(shutdown: &CancellationToken) -> AgentPool {
+    let (pool, _signals) = AgentPool::new(
+        Duration::from_secs(10),
+        Duration::from_secs(30),
+        None,
+        shutdown.clone(),
+    );
+    pool
+}
+
 fn context(client: Client, pool: AgentPool) -> Arc<Context> {
     let (store, _writer) = reflector::store::<MicroVM>();
     Arc::new(Context {
@@ -157,12 +168,7 @@ async fn wait_connected(pool: &AgentPool, node: &str) {
 async fn new_vm_is_placed_started_and_reported_in_three_writes() {
     let shutdown = CancellationToken::new();
     let (calls, dir) = fake_agent(shutdown.clone()).await;
-    let (pool, _signals) = AgentPool::new(
-        Duration::from_secs(10),
-        Duration::from_secs(30),
-        None,
-        shutdown.clone(),
-    );
+    let pool = pool(&shutdown);
     pool.set_agents(&BTreeMap::from([(
         "node-a".to_string(),
         AgentEndpoint::Unix(dir.path().join("agent.sock")),
@@ -273,12 +279,7 @@ async fn new_vm_is_placed_started_and_reported_in_three_writes() {
 #[tokio::test]
 async fn unschedulable_vm_gets_finalizer_condition_and_event() {
     let shutdown = CancellationToken::new();
-    let (pool, _signals) = AgentPool::new(
-        Duration::from_secs(10),
-        Duration::from_secs(30),
-        None,
-        shutdown.clone(),
-    );
+    let pool = pool(&shutdown);
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let ctx = context(Client::new(service, "default"), pool);
     let verifier = tokio::spawn(async move {
@@ -329,12 +330,7 @@ async fn unschedulable_vm_gets_finalizer_condition_and_event() {
 async fn deleted_vm_is_removed_from_the_agent_before_the_finalizer_goes() {
     let shutdown = CancellationToken::new();
     let (calls, dir) = fake_agent(shutdown.clone()).await;
-    let (pool, _signals) = AgentPool::new(
-        Duration::from_secs(10),
-        Duration::from_secs(30),
-        None,
-        shutdown.clone(),
-    );
+    let pool = pool(&shutdown);
     pool.set_agents(&BTreeMap::from([(
         "node-a".to_string(),
         AgentEndpoint::Unix(dir.path().join("agent.sock")),
@@ -377,12 +373,7 @@ async fn a_deletion_seen_before_the_agent_is_discovered_keeps_its_finalizer() {
     // list can come back before its agent pod list. Releasing the object then would leave its
     // VM running with nobody to stop it (CI saw it on `helm uninstall`).
     let shutdown = CancellationToken::new();
-    let (pool, _signals) = AgentPool::new(
-        Duration::from_secs(10),
-        Duration::from_secs(30),
-        None,
-        shutdown.clone(),
-    );
+    let pool = pool(&shutdown);
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     // No API call is expected at all: any (the finalizer patch) fails the reconcile.
     drop(handle);
@@ -400,12 +391,7 @@ async fn a_deletion_seen_before_the_agent_is_discovered_keeps_its_finalizer() {
 #[tokio::test]
 async fn a_failed_status_write_is_an_error_with_a_reason() {
     let shutdown = CancellationToken::new();
-    let (pool, _signals) = AgentPool::new(
-        Duration::from_secs(10),
-        Duration::from_secs(30),
-        None,
-        shutdown.clone(),
-    );
+    let pool = pool(&shutdown);
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let ctx = context(Client::new(service, "default"), pool);
     let mut mvm = microvm("web");
