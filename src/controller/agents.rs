@@ -196,7 +196,6 @@ impl AgentPool {
         let Ok(slots) = self.inner.slots.read() else {
             return AgentLink::Absent;
         };
-        let grace = self.inner.grace;
         match slots.get(node) {
             None => {
                 let since = self
@@ -206,18 +205,20 @@ impl AgentPool {
                     .ok()
                     .and_then(|d| d.get(node).copied())
                     .unwrap_or(self.inner.started);
-                match grace.checked_sub(since.elapsed()) {
-                    Some(left) if !left.is_zero() => AgentLink::Reconnecting { lost_after: left },
-                    _ => AgentLink::Absent,
-                }
+                self.reconnecting_or(since, AgentLink::Absent)
             }
             Some(slot) => match slot.down_since {
                 None => AgentLink::Connected,
-                Some(since) => match grace.checked_sub(since.elapsed()) {
-                    Some(left) if !left.is_zero() => AgentLink::Reconnecting { lost_after: left },
-                    _ => AgentLink::Lost,
-                },
+                Some(since) => self.reconnecting_or(since, AgentLink::Lost),
             },
+        }
+    }
+
+    /// `Reconnecting` while the grace counted from `since` lasts, `after` once it is over.
+    fn reconnecting_or(&self, since: Instant, after: AgentLink) -> AgentLink {
+        match self.inner.grace.checked_sub(since.elapsed()) {
+            Some(left) if !left.is_zero() => AgentLink::Reconnecting { lost_after: left },
+            _ => after,
         }
     }
 
