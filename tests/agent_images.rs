@@ -22,10 +22,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use common::*;
-use ignis::agent::{AcceleratorFlag, AgentConfig, serve};
+use ignis::agent::{AcceleratorFlag, AgentConfig};
 use ignis::proto;
 use image_support::*;
-use tokio_util::sync::CancellationToken;
 
 const BOOT: Duration = Duration::from_secs(90);
 const SEEN: Duration = Duration::from_secs(30);
@@ -126,11 +125,7 @@ async fn pull_failures_show_their_reason_while_retried_and_leave_nothing() {
 
     let guest = demo_guest();
     let tmp = tempfile::tempdir().expect("tmp");
-    let shutdown = CancellationToken::new();
-    let agent = serve(config(tmp.path()), shutdown.clone())
-        .await
-        .expect("serve");
-    let mut client = connect(agent.socket_path().expect("unix"), Duration::from_secs(5)).await;
+    let (agent, mut client, shutdown) = serve_with_client(config(tmp.path())).await;
 
     let closed = format!("127.0.0.1:{}/f/k:v1", free_port());
     let retried = [
@@ -244,11 +239,7 @@ async fn a_pull_secret_fixes_a_refused_pull_and_a_moved_tag_changes_nothing() {
     let reference = format!("{}/guest/kernel:v1", reg.addr);
 
     let tmp = tempfile::tempdir().expect("tmp");
-    let shutdown = CancellationToken::new();
-    let agent = serve(config(tmp.path()), shutdown.clone())
-        .await
-        .expect("serve");
-    let mut client = connect(agent.socket_path().expect("unix"), Duration::from_secs(5)).await;
+    let (agent, mut client, shutdown) = serve_with_client(config(tmp.path())).await;
     let uid = "from-image";
 
     // Without the Secret: refused by the registry, retried.

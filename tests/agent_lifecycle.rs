@@ -638,11 +638,9 @@ async fn apply_to_ready_against_bare_qemu_console_follow_heartbeat_and_stop_on_e
     }
     let guest = demo_guest();
     let tmp = tempfile::tempdir().expect("tmp");
-    let shutdown = CancellationToken::new();
     let mut config = local_config(tmp.path());
     config.stop_vms_on_exit = true;
-    let agent = serve(config, shutdown.clone()).await.expect("serve");
-    let mut client = connect(agent.socket_path().expect("unix"), Duration::from_secs(5)).await;
+    let (agent, mut client, shutdown) = serve_with_client(config).await;
     let mut reaper = Reaper::default();
 
     // Heartbeats carry this start's instance id.

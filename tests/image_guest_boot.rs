@@ -24,11 +24,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{apply_request, connect, wait_vm};
-use ignis::agent::{AcceleratorFlag, AgentConfig, serve};
+use common::{apply_request, serve_with_client, wait_vm};
+use ignis::agent::{AcceleratorFlag, AgentConfig};
 use ignis::proto;
 use image_support::Registry;
-use tokio_util::sync::CancellationToken;
 
 const TIMEOUT: Duration = Duration::from_secs(900);
 const PULL: Duration = Duration::from_secs(300);
@@ -185,9 +184,7 @@ fn debootstrap_guest_from_a_registry_boots_through_the_agent_by_dhcp() {
         let mut config = AgentConfig::local(state);
         config.accelerator = AcceleratorFlag::Tcg;
         config.boot_timeout = BOOT;
-        let shutdown = CancellationToken::new();
-        let agent = serve(config, shutdown.clone()).await.expect("serve");
-        let mut client = connect(agent.socket_path().expect("unix"), Duration::from_secs(5)).await;
+        let (agent, mut client, shutdown) = serve_with_client(config).await;
 
         let uid = "guest-1";
         let started = Instant::now();

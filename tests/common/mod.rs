@@ -33,6 +33,23 @@ pub fn demo_guest() -> DemoGuest {
     build_demo_guest(&dir).expect("build the demo guest")
 }
 
+/// An in-process agent serving `config` on its unix socket, and a client connected to it.
+/// Cancel the token and wait on the handle to stop it.
+pub async fn serve_with_client(
+    config: ignis::agent::AgentConfig,
+) -> (
+    ignis::agent::AgentHandle,
+    AgentClient<Channel>,
+    tokio_util::sync::CancellationToken,
+) {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let agent = ignis::agent::serve(config, shutdown.clone())
+        .await
+        .expect("serve");
+    let client = connect(agent.socket_path().expect("unix"), Duration::from_secs(5)).await;
+    (agent, client, shutdown)
+}
+
 /// A gRPC client on a unix socket, retried until `deadline`.
 pub async fn connect(socket: &Path, within: Duration) -> AgentClient<Channel> {
     let deadline = Instant::now() + within;
