@@ -109,6 +109,17 @@ impl Upstream {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `helm <verb>` (install or upgrade) of the release from the chart with the installed
+    /// values plus `extra`, waiting (at most 5 minutes) for it to be ready.
+    pub fn helm_release(&self, verb: &str, extra: &[&str]) -> String {
+        let chart = self.chart.display().to_string();
+        let values = self.values.display().to_string();
+        let mut args = vec![verb, &self.release, &chart, "-f", &values];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--wait", "--timeout", "5m"]);
+        self.helm_ok(&args)
+    }
+
     /// Audit events (one JSON object a line) whose user matches `user_prefix` and whose
     /// response code is `code`.
     pub fn audit_events(&self, user_prefix: &str, code: i64) -> Vec<serde_json::Value> {

@@ -520,20 +520,8 @@ fn a_deleted_agent_pod_readopts_its_vm(ctx: &Ctx) {
 fn helm_upgrade_applies_a_changed_value(ctx: &Ctx) {
     let before = ctx.vm_identity("survivor");
     let agents = ctx.pods("ignis-agent");
-    let values = ctx.up.values.display().to_string();
-    let chart = ctx.up.chart.display().to_string();
-    ctx.up.helm_ok(&[
-        "upgrade",
-        &ctx.up.release,
-        &chart,
-        "-f",
-        &values,
-        "--set",
-        "controller.placement=binpack",
-        "--wait",
-        "--timeout",
-        "5m",
-    ]);
+    ctx.up
+        .helm_release("upgrade", &["--set", "controller.placement=binpack"]);
     ctx.sys(&[
         "rollout",
         "status",
@@ -562,16 +550,7 @@ fn helm_upgrade_applies_a_changed_value(ctx: &Ctx) {
     ctx.wait_ready("survivor");
     assert_eq!(ctx.vm_identity("survivor"), before);
     // Back to the installed values, so what follows starts from them.
-    ctx.up.helm_ok(&[
-        "upgrade",
-        &ctx.up.release,
-        &chart,
-        "-f",
-        &values,
-        "--wait",
-        "--timeout",
-        "5m",
-    ]);
+    ctx.up.helm_release("upgrade", &[]);
 }
 
 fn helm_uninstall_leaves_nothing(ctx: &Ctx) {
@@ -620,16 +599,5 @@ fn helm_uninstall_leaves_nothing(ctx: &Ctx) {
     ctx.no_denials("after uninstall");
 
     // Leave the cluster as it was found.
-    let values = ctx.up.values.display().to_string();
-    let chart = ctx.up.chart.display().to_string();
-    ctx.up.helm_ok(&[
-        "install",
-        &ctx.up.release,
-        &chart,
-        "-f",
-        &values,
-        "--wait",
-        "--timeout",
-        "5m",
-    ]);
+    ctx.up.helm_release("install", &[]);
 }
