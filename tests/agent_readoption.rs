@@ -5,30 +5,12 @@
 mod common;
 
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
 use ignis::proto;
 
 const BOOT: Duration = Duration::from_secs(90);
-
-/// The live processes whose command line names `socket` (a VMM's API socket).
-fn vmms_naming(socket: &Path) -> Vec<u32> {
-    let socket = socket.display().to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&socket))
-        })
-        .filter(|&pid| pid_alive(pid))
-        .collect()
-}
 
 /// Issue #13 defect 4: with an empty `handle.json` a restarted agent started a second QEMU
 /// beside the first, said "the agent stopped before the VMM was started", and the orphan
@@ -57,7 +39,10 @@ async fn a_damaged_handle_file_never_leaves_two_vmms_or_an_orphan() {
     let garbled = boot(&mut client, "garbled").await;
     reaper.0.extend([emptied.pid, garbled.pid]);
     let dir = |uid: &str| tmp.path().join("vms").join(uid);
-    assert_eq!(vmms_naming(&dir("emptied").join("api.sock")), [emptied.pid]);
+    assert_eq!(
+        live_pids_naming(&dir("emptied").join("api.sock")),
+        [emptied.pid]
+    );
 
     // The agent dies; one handle file is emptied, the other garbled and, worse, a second
     // process names that VM's socket (a VMM the agent once lost track of).
@@ -82,7 +67,10 @@ async fn a_damaged_handle_file_never_leaves_two_vmms_or_an_orphan() {
         (proto::VmState::Running, true, emptied.pid),
         "{vm:?}"
     );
-    assert_eq!(vmms_naming(&dir("emptied").join("api.sock")), [emptied.pid]);
+    assert_eq!(
+        live_pids_naming(&dir("emptied").join("api.sock")),
+        [emptied.pid]
+    );
     let handle = std::fs::read_to_string(dir("emptied").join("handle.json")).expect("handle");
     assert!(
         handle.contains(&emptied.pid.to_string()),
@@ -104,7 +92,7 @@ async fn a_damaged_handle_file_never_leaves_two_vmms_or_an_orphan() {
         tokio::task::spawn_blocking(move || decoy.wait()).await
     })
     .await;
-    assert!(vmms_naming(std::path::Path::new(&socket)).is_empty());
+    assert!(live_pids_naming(std::path::Path::new(&socket)).is_empty());
 
     for uid in ["emptied", "garbled"] {
         client

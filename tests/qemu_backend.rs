@@ -2,6 +2,8 @@
 //! `ignis::agent::guest`. Skips, with a printed reason, only when qemu-system-x86_64 or a
 //! /boot/vmlinuz-* kernel is absent.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -284,12 +286,8 @@ async fn missing_kernel_is_a_clear_error_and_leaves_no_process() {
     assert_eq!(err.reason(), "VmmCrashed");
     assert!(text.contains("no-such-vmlinuz"), "{text}");
     assert!(!state.join("qmp.sock").exists());
-    let ours = std::process::Command::new("pgrep")
-        .args(["-f", &cfg.kernel.to_string_lossy()])
-        .output()
-        .expect("pgrep");
     assert!(
-        ours.stdout.is_empty(),
+        common::live_pids_naming(&cfg.kernel).is_empty(),
         "a QEMU for the missing kernel is still running"
     );
 }
@@ -431,11 +429,10 @@ async fn kvm_probe_is_bounded() {
         .expect("tcg");
     assert_eq!(forced.accelerator, Accelerator::Tcg);
     // No probe VM is left behind.
-    let left = std::process::Command::new("pgrep")
-        .args(["-f", &g.kernel.to_string_lossy()])
-        .output()
-        .expect("pgrep");
-    assert!(left.stdout.is_empty(), "probe VM still running");
+    assert!(
+        common::live_pids_naming(&g.kernel).is_empty(),
+        "probe VM still running"
+    );
 }
 
 /// A host tap device, deleted when the test ends.
@@ -646,9 +643,8 @@ async fn kvm_probe_gives_up_on_a_stuck_guest() {
         probe.accelerator, probe.detail
     );
     assert!(took < opts.timeout + Duration::from_secs(3), "{took:?}");
-    let left = std::process::Command::new("pgrep")
-        .args(["-f", &g.kernel.to_string_lossy()])
-        .output()
-        .expect("pgrep");
-    assert!(left.stdout.is_empty(), "probe VM still running");
+    assert!(
+        common::live_pids_naming(&g.kernel).is_empty(),
+        "probe VM still running"
+    );
 }

@@ -166,6 +166,24 @@ pub async fn wait_pid_gone(pid: u32, within: Duration) {
     }
 }
 
+/// The live processes whose command line names `path` (a VMM's API socket, its kernel): what
+/// a test checks is gone, read from /proc rather than through the agent's own lookup.
+pub fn live_pids_naming(path: &Path) -> Vec<u32> {
+    let needle = path.display().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+        })
+        .filter(|&pid| pid_alive(pid))
+        .collect()
+}
+
 /// VmRSS of a process, in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
