@@ -1,6 +1,6 @@
 //! Ignis: a Kubernetes operator that runs microVM workloads.
 //!
-//! One binary, several parts (DESIGN.md section 2): the [`controller`] reconciles `MicroVM`
+//! One binary, several parts (docs/design.md section 2): the [`controller`] reconciles `MicroVM`
 //! objects, the [`agent`] boots and supervises VMs on its node, and [`dev`] runs both with an
 //! embedded API server on one machine.
 

@@ -249,7 +249,10 @@ impl Drop for Outside {
 #[test]
 fn guests_on_the_nat_bridge_reach_the_node_and_each_other() {
     if !Path::new(QEMU).exists() {
-        eprintln!("SKIP: {QEMU} is not installed");
+        ignis::testing::prerequisite::missing(
+            "guests_on_the_nat_bridge_reach_the_node_and_each_other",
+            &format!("{QEMU} is not installed"),
+        );
         return;
     }
     if !in_fresh_netns(

@@ -1,4 +1,4 @@
-//! `ignis agent`: the node's VM supervisor (DESIGN.md section 2). It boots VMs through a
+//! `ignis agent`: the node's VM supervisor (docs/design.md section 2). It boots VMs through a
 //! [`vmm::VmmBackend`], keeps their state under a state directory so VMMs outlive an agent
 //! restart, and serves the gRPC API of `proto/agent.proto` — over mutual TLS on TCP (cluster
 //! mode), or on a unix socket (`ignis dev`, tests).

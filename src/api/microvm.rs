@@ -1,4 +1,4 @@
-//! `MicroVM` spec and status types (DESIGN.md section 1).
+//! `MicroVM` spec and status types (docs/design.md section 1).
 
 // kube-derive takes repeated `printcolumn(type_ = ...)` entries, which clippy mistakes for
 // duplicated attributes.

@@ -1,4 +1,4 @@
-//! `ignis controller`: the reconcile loop of DESIGN.md section 2. A kube-runtime
+//! `ignis controller`: the reconcile loop of docs/design.md section 2. A kube-runtime
 //! `Controller<MicroVM>` whose reconcile observes (object, agent view, placement), decides with
 //! the pure [`plan::plan`], and acts (metadata patch, agent calls, status apply, Events).
 //! Agent `WatchVMs` streams trigger reconciles, so a VM that changes is noticed at once.

@@ -22,7 +22,10 @@ pub const CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
 pub fn qemu_present() -> bool {
     let found = ignis::agent::vmm::process::resolve_binary(Path::new("qemu-system-x86_64")).is_ok();
     if !found {
-        eprintln!("SKIP: qemu-system-x86_64 is not installed");
+        ignis::testing::prerequisite::missing(
+            "this test",
+            "qemu-system-x86_64 is not installed (scripts/setup.sh)",
+        );
     }
     found
 }
