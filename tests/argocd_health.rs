@@ -150,3 +150,31 @@ fn argocd_cm_snippet_carries_health_lua_verbatim() {
         "argocd-cm.yaml's script drifted from health.lua"
     );
 }
+
+#[test]
+fn argocd_health_of_a_deleting_microvm_and_of_a_lost_agent() {
+    if !lua_present() {
+        return;
+    }
+    let script = script();
+    let ready = object(&root().join("tests/fixtures/status/ready.yaml"));
+    // Being deleted: Progressing, as Argo CD itself reports any object pending deletion.
+    let mut deleting = ready.clone();
+    deleting["metadata"]["deletionTimestamp"] = serde_json::json!("2026-12-06T06:00:00Z");
+    assert_eq!(health(&script, &deleting).0, "Progressing");
+    // The agent of its node is unreachable (Ready=Unknown, as the controller writes it): the
+    // VM's fate is not known, which is no verdict on the VM.
+    let mut lost = ready;
+    for c in lost["status"]["conditions"]
+        .as_array_mut()
+        .expect("conditions")
+    {
+        if c["type"] == "Ready" {
+            c["status"] = serde_json::json!("Unknown");
+            c["reason"] = serde_json::json!("AgentUnreachable");
+            c["message"] = serde_json::json!("the ignis agent on node vm is unreachable");
+        }
+    }
+    lost["status"]["phase"] = serde_json::json!("Unknown");
+    assert_eq!(health(&script, &lost).0, "Unknown");
+}
