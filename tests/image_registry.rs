@@ -541,3 +541,30 @@ fn a_cancelled_pull_leaves_nothing_and_the_next_one_completes() {
         assert_eq!(std::fs::read(&k.path).expect("kernel"), big);
     });
 }
+
+#[test]
+fn an_image_over_the_size_limits_is_refused_permanently_and_leaves_nothing() {
+    let reg = Registry::start(false);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let layout = dir.path().join("oci");
+    kernel_image(&layout, "k", &fake_bzimage(1 << 20));
+    reg.push(&layout, "k", "big/kernel:v1");
+    let reference = format!("{}/big/kernel:v1", reg.addr);
+    let cache = dir.path().join("cache");
+    runtime().block_on(async {
+        for (compressed, unpacked) in [(64, u64::MAX), (u64::MAX, 64 << 10)] {
+            let mut config = ImageStoreConfig::new(&cache);
+            config.limits.compressed_bytes = compressed;
+            config.limits.unpacked_bytes = unpacked;
+            let store = ImageStore::open(config).await.expect("open");
+            let e = pull(&store, "vm-1", ImageKind::Kernel, &reference, &anon())
+                .await
+                .expect_err("too large");
+            assert_eq!(e.reason(), "ImageTooLarge", "{e}");
+            assert!(e.is_permanent());
+            assert!(e.to_string().contains("--image-max-"), "{e}");
+            assert_eq!(entry_count(&cache), 0);
+            assert_clean(&cache);
+        }
+    });
+}
