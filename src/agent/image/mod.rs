@@ -7,8 +7,11 @@
 //!   artifact, pulling it first when missing. The caller names a holder (the VM uid): the entry
 //!   is leased to it in the same step, so garbage collection never removes what a VM uses.
 //!   [`ImageStore::release`] drops the holder's leases when the VM is deleted.
-//! - A reference pinned by digest (`repo@sha256:…`) that is cached needs no registry at all:
-//!   a VM restarted on its resolved digest never sees a tag that moved.
+//! - A reference pinned by digest (`repo@sha256:…`) that is cached needs no registry when the
+//!   image was pulled without credentials: a VM restarted on its resolved digest never sees a
+//!   tag that moved. An image that needed credentials is served from the cache only after the
+//!   registry accepts the requester's credentials for it (a manifest HEAD; KEP-2535), unless
+//!   the requester already leases it.
 //! - Every layer is unpacked safely and within per-image limits ([`extract`]).
 //! - Plain HTTP only for registries on loopback (as Docker and containerd do) or listed in
 //!   [`ImageStoreConfig::insecure_registries`]; everything else is HTTPS.
@@ -256,13 +259,23 @@ impl ImageStore {
                 reference: req.reference.to_string(),
                 detail: e.to_string(),
             })?;
-        if let Some(key) = reference.digest().and_then(|d| EntryKey::new(req.kind, d))
-            && let Some(record) = self.cache.lease_if_present(&key, req.holder).await?
-        {
-            return Ok(self.resolved(req, &key, record));
-        }
         let client = self.client(&reference)?;
         let auth = req.credentials.auth_for(reference.registry());
+        if let Some(key) = reference.digest().and_then(|d| EntryKey::new(req.kind, d))
+            && let Some(found) = self.cache.read_record(&key)
+        {
+            if !found.public && !self.cache.holds(&key, req.holder) {
+                // A private image in the cache: only for a requester the registry lets see
+                // it. One HEAD with the requester's own credentials, as the kubelet does.
+                client
+                    .fetch_manifest_digest(&reference, &auth)
+                    .await
+                    .map_err(|e| ImageError::from_oci(req.reference, e))?;
+            }
+            if let Some(record) = self.cache.lease_if_present(&key, req.holder).await? {
+                return Ok(self.resolved(req, &key, record));
+            }
+        }
         let (manifest, digest) = client
             .pull_image_manifest(&reference, &auth)
             .await
@@ -385,6 +398,7 @@ impl ImageStore {
             artifact: artifact.file,
             disk_format: artifact.disk_format,
             from_filesystem: artifact.from_filesystem,
+            public: matches!(auth, oci_client::secrets::RegistryAuth::Anonymous),
         };
         self.cache
             .publish(&staging.0, &key, &record, req.holder)
