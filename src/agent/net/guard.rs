@@ -9,8 +9,8 @@
 //!   frame (IPv6, other ethertypes, forged ARP) is dropped. The table is rebuilt whole from the
 //!   agent's records in one transaction whenever a VM's interfaces change.
 //! - The node's services: in the `ip ignis` table ([`super::nat`]), an `input` chain lets guests
-//!   on the node bridge reach only DHCP and DNS on the node (dnsmasq) and replies to what the
-//!   node opened, unless `--allow-guest-node-access`; a `forward` chain drops their packets to
+//!   on the node bridge reach only DHCP and DNS on the node (dnsmasq), ping, and replies to what
+//!   the node opened, unless `--allow-guest-node-access`; a `forward` chain drops their packets to
 //!   169.254.0.0/16 (cloud metadata) unless `--allow-guest-link-local`, and to every range an
 //!   admin lists with `--guest-blocked-cidr` (say the cluster's service range or the API
 //!   server).
@@ -159,6 +159,12 @@ pub(crate) fn filter_commands(table: &str, bridge: &str, access: &GuestAccess) -
             field("tcp", "dport", json!(DNS_PORT), "=="),
             accept(),
         ]));
+        // Pinging the gateway is how guests check their link; it reaches no service.
+        cmds.push(r(vec![
+            iif(bridge),
+            field("icmp", "type", json!("echo-request"), "=="),
+            accept(),
+        ]));
         cmds.push(r(vec![iif(bridge), drop()]));
     }
     let mut blocked: Vec<Ipv4Net> = access.blocked.clone();
@@ -242,6 +248,7 @@ mod tests {
         )));
         assert!(closed.contains(r#""hook":"input""#), "{closed}");
         assert!(closed.contains("169.254.0.0"), "{closed}");
+        assert!(closed.contains("echo-request"), "{closed}");
         let open = filter_commands(
             "ignis",
             "ignis0",
