@@ -266,9 +266,11 @@ fn guests_on_the_nat_bridge_reach_the_node_and_each_other() {
         .expect("build the demo guest");
     let initrd = probe_initrd(&guest.initrd, dir.path());
     runtime().block_on(async {
-        let mgr = NetworkManager::new(NetworkConfig::new(dir.path().join("net")))
-            .await
-            .expect("network manager");
+        // Guests reach the node's services only where an admin allows it (closed by default:
+        // tests/net_guard.rs); this node allows it, so the guest can fetch from it.
+        let mut config = NetworkConfig::new(dir.path().join("net"));
+        config.guest_access.node = true;
+        let mgr = NetworkManager::new(config).await.expect("network manager");
         let gateway = mgr.config().gateway();
         let listener = tokio::net::TcpListener::bind((gateway, NODE_PORT))
             .await

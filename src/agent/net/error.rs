@@ -24,6 +24,10 @@ pub enum NetError {
     InvalidRequest { detail: String },
     #[error("interface {interface}: bridge {bridge} does not exist on this node")]
     BridgeNotFound { interface: String, bridge: String },
+    #[error(
+        "interface {interface}: bridge {bridge} is not one this node lets guests join (an admin lists them with the agent's --allowed-bridge)"
+    )]
+    BridgeNotAllowed { interface: String, bridge: String },
     #[error("interface {interface}: {name} exists but is not a bridge")]
     NotABridge { interface: String, name: String },
     #[error("interface {interface}: address {address:?} is not valid: {detail}")]
@@ -102,6 +106,7 @@ impl NetError {
                 | NetError::AddressOutOfRange { .. }
                 | NetError::InvalidMac { .. }
                 | NetError::NotABridge { .. }
+                | NetError::BridgeNotAllowed { .. }
         )
     }
 

@@ -15,6 +15,7 @@
 
 pub mod dhcp;
 mod error;
+pub(crate) mod guard;
 pub(crate) mod ipam;
 pub(crate) mod link;
 pub mod mac;
@@ -23,6 +24,7 @@ mod plan;
 pub mod tap;
 
 pub use error::NetError;
+pub use guard::GuestAccess;
 use plan::Planned;
 
 use std::collections::BTreeSet;
@@ -65,6 +67,12 @@ pub struct NetworkConfig {
     /// Run dnsmasq on the bridge for the `nat` guests (`--no-dhcp` turns it off, for a node
     /// whose bridge already has a DHCP server).
     pub dhcp: bool,
+    /// The only node bridges `mode: bridge` interfaces may join (`--allowed-bridge`); none by
+    /// default, since joining one puts a tenant's guest on that network with an address of its
+    /// choosing.
+    pub allowed_bridges: Vec<String>,
+    /// What guests on the node bridge may reach on the node and beyond.
+    pub guest_access: GuestAccess,
 }
 
 impl NetworkConfig {
@@ -75,6 +83,8 @@ impl NetworkConfig {
             cidr: Ipv4Net::new(Ipv4Addr::new(10, 88, 0, 0), 16).unwrap_or_default(),
             state_dir: state_dir.into(),
             dhcp: true,
+            allowed_bridges: Vec::new(),
+            guest_access: GuestAccess::default(),
         }
     }
 
@@ -96,6 +106,32 @@ pub(crate) struct NetworkArgs {
     /// Do not run dnsmasq on the bridge (guests still get the kernel's `ip=` parameter).
     #[arg(long = "no-dhcp", env = "IGNIS_NO_DHCP")]
     pub(crate) no_dhcp: bool,
+    /// A node bridge that `mode: bridge` interfaces may join; repeat for more. None by default:
+    /// such interfaces then fail with the permanent reason BridgeNotAllowed.
+    #[arg(
+        long = "allowed-bridge",
+        env = "IGNIS_ALLOWED_BRIDGES",
+        value_delimiter = ','
+    )]
+    pub(crate) allowed_bridges: Vec<String>,
+    /// Let guests on the node bridge reach any port of the node itself (by default only DHCP
+    /// and DNS).
+    #[arg(
+        long = "allow-guest-node-access",
+        env = "IGNIS_ALLOW_GUEST_NODE_ACCESS"
+    )]
+    pub(crate) allow_guest_node_access: bool,
+    /// Let guests on the node bridge reach 169.254.0.0/16 (cloud instance metadata).
+    #[arg(long = "allow-guest-link-local", env = "IGNIS_ALLOW_GUEST_LINK_LOCAL")]
+    pub(crate) allow_guest_link_local: bool,
+    /// A range guests on the node bridge may never reach (the cluster's service range, the
+    /// API server's address); repeat for more.
+    #[arg(
+        long = "guest-blocked-cidr",
+        env = "IGNIS_GUEST_BLOCKED_CIDRS",
+        value_delimiter = ','
+    )]
+    pub(crate) guest_blocked_cidrs: Vec<Ipv4Net>,
 }
 
 impl NetworkArgs {
@@ -106,6 +142,12 @@ impl NetworkArgs {
             cidr: self.cidr,
             state_dir: agent_state_dir.join("net"),
             dhcp: !self.no_dhcp,
+            allowed_bridges: self.allowed_bridges.clone(),
+            guest_access: GuestAccess {
+                node: self.allow_guest_node_access,
+                link_local: self.allow_guest_link_local,
+                blocked: self.guest_blocked_cidrs.clone(),
+            },
         }
     }
 }
@@ -278,7 +320,9 @@ impl NetworkManager {
             netlink.set_up(bridge.index).await?;
         }
         enable_ip_forward()?;
-        nat::ensure(config.cidr).await.map_err(NetError::Nat)?;
+        nat::ensure(config.cidr, &config.bridge, &config.guest_access)
+            .await
+            .map_err(NetError::Nat)?;
         let dhcp = if config.dhcp {
             let run_dir = Path::new(DHCP_RUN_DIR);
             if let Err(error) = std::fs::create_dir_all(run_dir).and_then(|()| {
@@ -305,7 +349,7 @@ impl NetworkManager {
             lock: Mutex::new(()),
         };
         // dnsmasq's hosts follow the records: what an earlier agent attached is served again.
-        manager.sync_dhcp(&manager.records()?)?;
+        manager.sync_records().await?;
         Ok(manager)
     }
 
@@ -316,6 +360,16 @@ impl NetworkManager {
     /// Whether dnsmasq serves the bridge.
     pub fn dhcp_running(&self) -> bool {
         self.dhcp().is_some()
+    }
+
+    /// DHCP hosts and anti-spoofing rules follow the records.
+    async fn sync_records(&self) -> Result<(), NetError> {
+        let records = self.records()?;
+        self.sync_dhcp(&records)?;
+        let taps = guard::identities(records.iter().flat_map(|r| r.interfaces.iter()));
+        nat::apply("guard", &guard::guard_batch(&taps))
+            .await
+            .map_err(NetError::Nat)
     }
 
     /// Serve exactly the `nat` interfaces of `records` by DHCP.
@@ -366,7 +420,7 @@ impl NetworkManager {
                         .release(*ip, who)
                         .map_err(|e| NetError::from_ipam(&who.ifname, e))?;
                 }
-                self.sync_dhcp(&self.records()?)?;
+                self.sync_records().await?;
                 // Interfaces the VM had before but no longer asks for.
                 if let Some(prev) = previous {
                     for old in prev
@@ -546,7 +600,7 @@ impl NetworkManager {
             .release_uid(uid)
             .map_err(|e| NetError::from_ipam("-", e))?;
         self.remove_record(uid)?;
-        self.sync_dhcp(&self.records()?)
+        self.sync_records().await
     }
 
     /// Remove the taps, addresses and records of every VM not in `live` (call at agent start,
@@ -599,7 +653,7 @@ impl NetworkManager {
         }
         report.taps.sort();
         report.taps.dedup();
-        self.sync_dhcp(&self.records()?)?;
+        self.sync_records().await?;
         Ok(report)
     }
 

@@ -166,6 +166,13 @@ impl NetworkManager {
                             ),
                         });
                     };
+                    // Before looking: a tenant learns nothing of the node's bridges.
+                    if !self.config.allowed_bridges.contains(&bridge) {
+                        return Err(NetError::BridgeNotAllowed {
+                            interface: req.name.clone(),
+                            bridge,
+                        });
+                    }
                     match links.iter().find(|l| l.name == bridge) {
                         None => {
                             return Err(NetError::BridgeNotFound {
