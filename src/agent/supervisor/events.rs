@@ -150,3 +150,32 @@ impl EventHub {
         (self.tx.subscribe(), state.sequence)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_scrape_shows_open_fds_by_kind_and_live_vmm_watchers() {
+        let registry = MetricsRegistry::with_prefix("ignis");
+        let metrics = AgentMetrics::register(&registry).await;
+        let watching = metrics.watching("wait");
+        let text = registry.encode().await;
+        assert!(
+            text.contains("ignis_agent_vmm_watchers{by=\"wait\"} 1"),
+            "{text}"
+        );
+        for kind in ["pidfd", "socket", "pipe", "anon_inode", "file"] {
+            assert!(
+                text.contains(&format!("ignis_agent_open_fds{{kind=\"{kind}\"}} ")),
+                "{kind}: {text}"
+            );
+        }
+        drop(watching);
+        let text = registry.encode().await;
+        assert!(
+            text.contains("ignis_agent_vmm_watchers{by=\"wait\"} 0"),
+            "the watcher's end lowers the gauge: {text}"
+        );
+    }
+}
