@@ -12,6 +12,7 @@ pub(crate) mod host;
 pub mod image;
 pub mod kvm;
 pub mod net;
+pub(crate) mod open_fds;
 pub(crate) mod server;
 pub(crate) mod simulated;
 pub(crate) mod state;

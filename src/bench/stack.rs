@@ -66,6 +66,9 @@ pub(crate) struct Stack {
     pub(crate) write_counter: Arc<WriteCounter>,
     pub(crate) client: kube::Client,
     pub(crate) agent: Child,
+    /// How the agent was started, to start it again ([`Stack::restart_agent`]).
+    pub(crate) agent_args: Vec<String>,
+    pub(crate) agent_health: SocketAddr,
     pub(crate) controller: Child,
     pub(crate) controller_health: SocketAddr,
     pub(crate) tracker: Tracker,
@@ -337,12 +340,34 @@ impl Stack {
             write_counter,
             client,
             agent,
+            agent_args,
+            agent_health,
             controller,
             controller_health,
             tracker,
             stop_api,
             stop_watch,
         })
+    }
+
+    /// SIGKILL the agent, as a crash would (its VMMs keep running), and start it again with
+    /// the same flags; it re-adopts them. How long the new one took to answer `/readyz`.
+    pub(crate) async fn restart_agent(&mut self) -> Result<Duration, BenchError> {
+        let _ = self.agent.kill().await;
+        let log = self
+            .dir
+            .join(format!("agent-{}.log", crate::time::now_unix_ms()));
+        let (agent, ready) = start_ignis(
+            &self.agent_args,
+            &[],
+            &log,
+            self.agent_health,
+            "restarted agent",
+            Duration::from_secs(60),
+        )
+        .await?;
+        self.agent = agent;
+        ready
     }
 
     pub(crate) fn microvms(&self) -> Api<MicroVM> {

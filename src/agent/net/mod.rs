@@ -675,6 +675,11 @@ impl NetworkManager {
         }
     }
 
+    /// Whether no VM holds an attachment (no record left).
+    pub fn is_idle(&self) -> Result<bool, NetError> {
+        Ok(self.records()?.is_empty())
+    }
+
     fn record_path(&self, uid: &str) -> PathBuf {
         self.config
             .state_dir

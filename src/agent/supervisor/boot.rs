@@ -147,6 +147,9 @@ impl Inner {
                     return self.fail_boot(slot, None, &error).await;
                 }
                 Err(_) => {
+                    // The create cut short may have spawned its VMM already: kill it, or a
+                    // next run would make two VMMs for one VM.
+                    stop::kill_strays(&self.store, &spec.uid, None).await;
                     let source = VmmError::ApiTimeout {
                         operation: "create".into(),
                         timeout: self.config.boot_timeout,

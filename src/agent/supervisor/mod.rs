@@ -161,7 +161,7 @@ impl Supervisor {
         if network.config.is_none() || !(eager || network.has_records()) {
             return;
         }
-        let Ok(manager) = network.manager().await else {
+        let Ok(manager) = network.manager(eager).await else {
             return;
         };
         // Failed VMs gave their network back; a failure recorded just before a crash may not have.
@@ -183,6 +183,7 @@ impl Supervisor {
                 tracing::warn!(reason = error.reason(), error = %BootError::Network(error).full_message(), "network garbage collection failed")
             }
         }
+        self.inner.release_network_if_idle().await;
     }
 
     /// Open the node's image cache now (clearing what a crashed pull left), rather than at the
