@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# A one-node Kubernetes cluster made of upstream parts, on this machine, for Ignis' end-to-end
-# tests and a user's first try:
+# A Kubernetes cluster of N nodes (2 by default) made of upstream parts, on this machine, for
+# Ignis' end-to-end tests and a user's first try:
 #
-#   scripts/cluster.sh up              start the cluster (builds the components on first use)
-#   scripts/cluster.sh install-ignis   build the images, load them, `helm install` the chart,
-#                                      wait for the controller and agent pods to be Ready
-#   scripts/cluster.sh kubeconfig      print the admin kubeconfig's path (last line)
-#   scripts/cluster.sh down            remove everything `up` and the cluster made; idempotent
+#   scripts/cluster.sh up [--nodes N]   start the cluster (builds the components on first use);
+#                                       N also from IGNIS_CLUSTER_NODES
+#   scripts/cluster.sh install-ignis    build the images, load them into every node, `helm
+#                                       install` the chart, wait for the controller and agents
+#   scripts/cluster.sh exec NODE -- CMD run CMD in node NODE's network namespace
+#   scripts/cluster.sh kubeconfig       print the admin kubeconfig's path (last line)
+#   scripts/cluster.sh down             remove everything `up` and the cluster made; idempotent
 #
 # Parts: kube-apiserver, kube-controller-manager, kube-scheduler, kubelet and kube-proxy built
 # from k8s.io/kubernetes, etcd from go.etcd.io/etcd, Helm from helm.sh/helm (scripts/tools.sh);
@@ -14,11 +16,17 @@
 # kubernetes module's own build/pause/linux/pause.c. A PKI is generated per cluster; the
 # apiserver authorizes with Node,RBAC and admits with NodeRestriction, and writes an audit log.
 #
-# Isolation: every process runs in the network namespace $NETNS (made here) and listens only
-# there; the host reaches the apiserver through one veth pair on a /30. containerd gets its own
-# root, state dir and socket, so a containerd of the user's is never touched. Everything on
-# disk lives under $DIR and $RUN. The kubelet sets a few kernel sysctls (vm.overcommit_memory,
-# kernel.panic, kernel.panic_on_oops) as on any node; `up` records them and `down` restores them.
+# Nodes: each node is a network namespace of its own ($NETNS for the first, $NETNS-<i> for the
+# others) holding its kubelet (own --root-dir, own cgroupRoot /ignis-cluster/<node>, so no
+# kubelet ever manages another's pod cgroups), its containerd (own root, state dir and socket),
+# its kube-proxy, and a CNI bridge with a pod range of its own (host-local IPAM). The nodes'
+# namespaces hang off one host bridge by a veth each, on a /24; every namespace (and the host)
+# routes every other node's pod range to that node. The control plane (etcd, apiserver,
+# controller-manager, scheduler) and the image registry run in the first node's namespace.
+# Nothing is forwarded or NATed on the host: the nodes reach each other and the host, nothing
+# beyond. containerd's of the user's is never touched. Everything on disk lives under $DIR and
+# $RUN. The kubelet sets a few kernel sysctls (vm.overcommit_memory, kernel.panic,
+# kernel.panic_on_oops) as on any node; `up` records them and `down` restores them.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
@@ -26,30 +34,37 @@ DIR="${IGNIS_CLUSTER_DIR:-/var/lib/ignis-cluster}"
 RUN="${IGNIS_CLUSTER_RUN:-/run/ignis-cluster}"
 NETNS="${IGNIS_CLUSTER_NETNS:-ignis-cluster}"
 NODE="${IGNIS_CLUSTER_NODE:-ignis-node}"
-# The /30 between the host and the namespace, the pod network and the service network: ranges
-# nothing else on the machine routes.
+NODES_N="${IGNIS_CLUSTER_NODES:-2}"
+# The /24 the host and the nodes share, the nodes' pod ranges (node i gets <POD_NET>.<i-1>.0/24
+# of <POD_NET>.0.0/16) and the service network: ranges nothing else on the machine routes.
 NET="${IGNIS_CLUSTER_NET:-10.213.0}"
 HOST_IP="$NET.1"
 NODE_IP="$NET.2"
-POD_CIDR="${IGNIS_CLUSTER_POD_CIDR:-10.214.0.0/24}"
+POD_NET="${IGNIS_CLUSTER_POD_NET:-10.214}"
+CLUSTER_POD_CIDR="$POD_NET.0.0/16"
 SERVICE_CIDR="${IGNIS_CLUSTER_SERVICE_CIDR:-10.215.0.0/24}"
 API_SERVICE_IP="${SERVICE_CIDR%.*/*}.1"
-# An image registry on the node's address (plain HTTP, basic auth), for guests from OCI images:
-# the host pushes to it through the veth, the agent pulls from it (listed as insecure).
+# An image registry on the first node's address (plain HTTP, basic auth), for guests from OCI
+# images: the host pushes to it over the bridge, the agents pull from it (listed as insecure).
 REGISTRY="$NODE_IP:5000"
 REGISTRY_USER="ignis"
-HOST_VETH="ignis-cl0"
+HOST_BRIDGE="ignis-clbr"
 PAUSE_IMAGE="localhost/ignis-cluster/pause:3.10.1"
 RELEASE="${IGNIS_RELEASE:-ignis}"
 RELEASE_NS="${IGNIS_RELEASE_NAMESPACE:-ignis-system}"
 CNI_NETWORK="ignis-cluster"
-# The cgroup (in every hierarchy) the pods and the VMMs of this cluster live under.
+# The cgroup (in every hierarchy) the pods and the VMMs of this cluster live under; node <n>'s
+# are under $CGROUP/<n>.
 CGROUP="ignis-cluster"
+# A lost node is NotReady after this long (upstream default 40 s): the node-loss e2e test waits
+# for it before the out-of-service taint lets the pod GC force-delete the node's pods.
+NODE_GRACE="${IGNIS_CLUSTER_NODE_GRACE:-20s}"
 # How long each wait may take; generous for a loaded 2-core machine, never unbounded.
 WAIT="${IGNIS_CLUSTER_WAIT:-180}"
 
 KUBECONFIG_ADMIN="$DIR/admin.kubeconfig"
-CTR_SOCK="$RUN/containerd/containerd.sock"
+# The nodes `up` made, one name a line (read by every other subcommand).
+NODES_FILE="$DIR/nodes.list"
 
 say() { echo "cluster: $*" >&2; }
 die() { echo "cluster: error: $*" >&2; exit 1; }
@@ -60,25 +75,56 @@ need() {
   ((${#missing[@]} == 0)) || die "missing ${missing[*]}: run scripts/setup.sh (Debian packages containerd runc containernetworking-plugins umoci skopeo debootstrap conntrack curl openssl)"
 }
 
-# Run a command inside the cluster's network namespace, in the host's mount namespace (so the
+# ----- nodes ---------------------------------------------------------------------------------
+
+# Node i (1-based): its name, namespace, address, host-side veth, pod range and directories.
+node_name() { if (($1 == 1)); then echo "$NODE"; else echo "$NODE-$1"; fi; }
+node_netns() { if (($1 == 1)); then echo "$NETNS"; else echo "$NETNS-$1"; fi; }
+node_ip() { echo "$NET.$(($1 + 1))"; }
+node_veth() { echo "ignis-cl$(($1 - 1))"; }
+node_pod_cidr() { echo "$POD_NET.$(($1 - 1)).0/24"; }
+node_dir() { echo "$DIR/nodes/$(node_name "$1")"; }
+node_run() { echo "$RUN/nodes/$(node_name "$1")"; }
+node_ctr_sock() { echo "$(node_run "$1")/containerd/containerd.sock"; }
+
+# The indices of the nodes `up` made (from $NODES_FILE), or 1..N before that.
+node_indices() {
+  local n=0
+  [ -f "$NODES_FILE" ] && n="$(grep -c . "$NODES_FILE" || true)"
+  ((n > 0)) || n="$NODES_N"
+  seq 1 "$n"
+}
+
+# The index of node NAME, or failure.
+node_index() {
+  local i
+  for i in $(node_indices); do
+    [ "$(node_name "$i")" = "$1" ] && { echo "$i"; return 0; }
+  done
+  return 1
+}
+
+# Run a command inside node i's network namespace, in the host's mount namespace (so the
 # kubelet's and containerd's mounts are the same ones, and `down` can find them).
-in_ns() { nsenter --net="/run/netns/$NETNS" -- "$@"; }
+in_node() { local i="$1"; shift; nsenter --net="/run/netns/$(node_netns "$i")" -- "$@"; }
+# The control plane's namespace: the first node's.
+in_ns() { in_node 1 "$@"; }
 
 kube_bin() { echo "$(bash "$root/scripts/tools.sh" bindir kube)/$1"; }
 kubectl_admin() { "$(kube_bin kubectl)" --kubeconfig "$KUBECONFIG_ADMIN" "$@"; }
 
 # ----- processes -----------------------------------------------------------------------------
 
-# start NAME PROGRAM ARGS...: a daemon in the namespace, its own session, output to a log.
+# start NAME NODE_INDEX PROGRAM ARGS...: a daemon in node NODE_INDEX's namespace, its own
+# session, output to a log.
 start() {
-  local name="$1"; shift
+  local name="$1" i="$2"; shift 2
   mkdir -p "$DIR/logs" "$RUN/pids"
-  nsenter --net="/run/netns/$NETNS" -- setsid "$@" </dev/null >>"$DIR/logs/$name.log" 2>&1 &
+  nsenter --net="/run/netns/$(node_netns "$i")" -- setsid "$@" </dev/null >>"$DIR/logs/$name.log" 2>&1 &
   echo $! >"$RUN/pids/$name.pid"
 }
 
 alive() { local p; p="$(cat "$RUN/pids/$1.pid" 2>/dev/null)" && [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
-
 # wait_for WHAT NAME COMMAND...: poll COMMAND until it succeeds; fail with NAME's log if NAME
 # died or the deadline passed.
 wait_for() {
@@ -120,29 +166,35 @@ cert() {
 
 make_pki() {
   local pki="$DIR/pki"
-  [ -f "$pki/.complete" ] && return
-  rm -rf "$pki"
-  mkdir -p "$pki"
-  chmod 700 "$pki"
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 -sha256 \
-    -subj "/CN=ignis-cluster-ca" -addext "basicConstraints=critical,CA:TRUE" \
-    -addext "keyUsage=critical,keyCertSign,cRLSign" \
-    -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
-  cert apiserver kube-apiserver "" serverAuth \
-    "IP:$NODE_IP,IP:$API_SERVICE_IP,IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
-  cert apiserver-kubelet-client kube-apiserver-kubelet-client "" clientAuth ""
-  cert admin kubernetes-admin system:masters clientAuth ""
-  cert controller-manager system:kube-controller-manager "" clientAuth ""
-  cert scheduler system:kube-scheduler "" clientAuth ""
-  cert kube-proxy system:kube-proxy "" clientAuth ""
-  # The Node authorizer and NodeRestriction know a kubelet by exactly this identity.
-  cert kubelet-client "system:node:$NODE" system:nodes clientAuth ""
-  cert kubelet-serving "$NODE" "" serverAuth "IP:$NODE_IP,DNS:$NODE"
-  openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null |
-    openssl pkcs8 -topk8 -nocrypt -out "$pki/sa.key"
-  openssl ec -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
-  chmod 600 "$pki/sa.key"
-  touch "$pki/.complete"
+  if [ ! -f "$pki/.complete" ]; then
+    rm -rf "$pki"
+    mkdir -p "$pki"
+    chmod 700 "$pki"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 -sha256 \
+      -subj "/CN=ignis-cluster-ca" -addext "basicConstraints=critical,CA:TRUE" \
+      -addext "keyUsage=critical,keyCertSign,cRLSign" \
+      -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
+    cert apiserver kube-apiserver "" serverAuth \
+      "IP:$NODE_IP,IP:$API_SERVICE_IP,IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+    cert apiserver-kubelet-client kube-apiserver-kubelet-client "" clientAuth ""
+    cert admin kubernetes-admin system:masters clientAuth ""
+    cert controller-manager system:kube-controller-manager "" clientAuth ""
+    cert scheduler system:kube-scheduler "" clientAuth ""
+    cert kube-proxy system:kube-proxy "" clientAuth ""
+    openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null |
+      openssl pkcs8 -topk8 -nocrypt -out "$pki/sa.key"
+    openssl ec -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
+    chmod 600 "$pki/sa.key"
+    touch "$pki/.complete"
+  fi
+  local i n
+  for i in $(node_indices); do
+    n="$(node_name "$i")"
+    [ -f "$pki/kubelet-serving-$n.crt" ] && continue
+    # The Node authorizer and NodeRestriction know a kubelet by exactly this identity.
+    cert "kubelet-client-$n" "system:node:$n" system:nodes clientAuth ""
+    cert "kubelet-serving-$n" "$n" "" serverAuth "IP:$(node_ip "$i"),DNS:$n"
+  done
 }
 
 # kubeconfig FILE SERVER CERT_NAME: a kubeconfig for a client certificate of the PKI.
@@ -171,141 +223,9 @@ EOF
 
 # ----- configuration files -------------------------------------------------------------------
 
-write_configs() {
-  local cfg="$DIR/config"
-  mkdir -p "$cfg" "$DIR/cni/net.d" "$DIR/cni/ipam" "$DIR/pod-logs" "$DIR/kubelet" \
-    "$DIR/containerd" "$RUN/containerd" "$RUN/runc"
-  kubeconfig "$KUBECONFIG_ADMIN" "https://$NODE_IP:6443" admin
-  kubeconfig "$cfg/controller-manager.kubeconfig" "https://127.0.0.1:6443" controller-manager
-  kubeconfig "$cfg/scheduler.kubeconfig" "https://127.0.0.1:6443" scheduler
-  kubeconfig "$cfg/kube-proxy.kubeconfig" "https://127.0.0.1:6443" kube-proxy
-  kubeconfig "$cfg/kubelet.kubeconfig" "https://127.0.0.1:6443" kubelet-client
-
-  # Metadata of every request (who, what, the response code): enough to prove that nothing a
-  # component does is refused by RBAC, without logging Secret contents.
-  cat >"$cfg/audit-policy.yaml" <<'EOF'
-apiVersion: audit.k8s.io/v1
-kind: Policy
-omitStages: ["RequestReceived"]
-rules:
-  - level: Metadata
-EOF
-
-  # Pod sandboxes ask for oom_score_adj -998, which needs CAP_SYS_RESOURCE; where this shell
-  # lacks it (some sandboxed CI machines), containerd is told to clamp scores to its own.
-  local restrict_oom=false
-  (( (0x$(awk '/^CapEff/ { print $2 }' /proc/self/status) >> 24) & 1 )) || restrict_oom=true
-  cat >"$cfg/containerd.toml" <<EOF
-version = 2
-root = "$DIR/containerd"
-state = "$RUN/containerd"
-disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
-
-[grpc]
-  address = "$CTR_SOCK"
-[ttrpc]
-  address = "$CTR_SOCK.ttrpc"
-[debug]
-  address = ""
-[metrics]
-  address = ""
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$DIR/containerd/opt"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "$PAUSE_IMAGE"
-  stream_server_address = "127.0.0.1"
-  enable_selinux = false
-  restrict_oom_score_adj = $restrict_oom
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        BinaryName = "$(command -v runc)"
-        Root = "$RUN/runc"
-        SystemdCgroup = false
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "$DIR/cni/net.d"
-EOF
-
-  cat >"$DIR/cni/net.d/10-$CNI_NETWORK.conflist" <<EOF
-{
-  "cniVersion": "1.0.0",
-  "name": "$CNI_NETWORK",
-  "plugins": [
-    {
-      "type": "bridge",
-      "bridge": "cni0",
-      "isGateway": true,
-      "ipMasq": false,
-      "hairpinMode": true,
-      "ipam": {
-        "type": "host-local",
-        "dataDir": "$DIR/cni/ipam",
-        "ranges": [[{ "subnet": "$POD_CIDR" }]],
-        "routes": [{ "dst": "0.0.0.0/0" }]
-      }
-    }
-  ]
-}
-EOF
-
-  cat >"$cfg/kubelet.yaml" <<EOF
-apiVersion: kubelet.config.k8s.io/v1beta1
-kind: KubeletConfiguration
-address: $NODE_IP
-port: 10250
-readOnlyPort: 0
-healthzBindAddress: 127.0.0.1
-healthzPort: 10248
-authentication:
-  anonymous: { enabled: false }
-  webhook: { enabled: true }
-  x509: { clientCAFile: $DIR/pki/ca.crt }
-authorization: { mode: Webhook }
-tlsCertFile: $DIR/pki/kubelet-serving.crt
-tlsPrivateKeyFile: $DIR/pki/kubelet-serving.key
-containerRuntimeEndpoint: unix://$CTR_SOCK
-# This machine runs cgroup v1 (hybrid) without systemd: the cgroupfs driver, and the explicit
-# allowance Kubernetes 1.31+ asks for to run on cgroup v1.
-cgroupDriver: cgroupfs
-failCgroupV1: false
-# Pods under a cgroup of this cluster's own (in every hierarchy), so down removes exactly
-# what it made, even on a machine that is a node of another cluster too.
-cgroupRoot: /$CGROUP
-failSwapOn: false
-podLogsDir: $DIR/pod-logs
-volumePluginDir: $DIR/kubelet/volume-plugins
-clusterDomain: cluster.local
-registerNode: true
-# Images cannot be pulled here, so they must never be garbage-collected; and the disk is shared
-# with other work (a percentage of a big shared disk says little), so evict only when it is
-# really full.
-imageGCHighThresholdPercent: 100
-imageGCLowThresholdPercent: 99
-evictionHard: { memory.available: 100Mi, nodefs.available: 512Mi, imagefs.available: 512Mi }
-serializeImagePulls: false
-EOF
-
-  cat >"$cfg/kube-proxy.yaml" <<EOF
-apiVersion: kubeproxy.config.k8s.io/v1alpha1
-kind: KubeProxyConfiguration
-clientConnection: { kubeconfig: $cfg/kube-proxy.kubeconfig }
-hostnameOverride: $NODE
-bindAddress: $NODE_IP
-healthzBindAddress: 127.0.0.1:10256
-metricsBindAddress: 127.0.0.1:10249
-mode: iptables
-clusterCIDR: $POD_CIDR
-# Leave the host-wide conntrack table size and timeouts alone.
-conntrack: { maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s }
-EOF
-}
+# write_cluster_configs and write_node_configs: the control plane's and each node's files.
+# shellcheck source=scripts/cluster-configs.sh
+. "$root/scripts/cluster-configs.sh"
 
 # ----- the pause image -----------------------------------------------------------------------
 
@@ -337,38 +257,61 @@ pause_image() {
   echo "$out"
 }
 
-ctr_() { ctr --address "$CTR_SOCK" --namespace k8s.io "$@"; }
+ctr_node() { local i="$1"; shift; ctr --address "$(node_ctr_sock "$i")" --namespace k8s.io "$@"; }
 
 # ----- up ------------------------------------------------------------------------------------
 
-netns_up() {
-  if [ ! -e "/run/netns/$NETNS" ]; then
-    ip netns add "$NETNS"
+# The host's end: one bridge with the host's address on the nodes' /24.
+bridge_up() {
+  if ! ip link show "$HOST_BRIDGE" >/dev/null 2>&1; then
+    ip link add "$HOST_BRIDGE" type bridge
+    ip addr add "$HOST_IP/24" dev "$HOST_BRIDGE"
   fi
-  if ! ip link show "$HOST_VETH" >/dev/null 2>&1; then
-    ip link add "$HOST_VETH" type veth peer name eth0 netns "$NETNS"
-    ip addr add "$HOST_IP/30" dev "$HOST_VETH"
-    ip link set "$HOST_VETH" up
-    in_ns ip addr add "$NODE_IP/30" dev eth0
-    in_ns ip link set eth0 up
-    in_ns ip link set lo up
+  ip link set "$HOST_BRIDGE" up
+}
+
+# Node i's namespace, joined to the host bridge by a veth (eth0 inside).
+node_netns_up() {
+  local i="$1" ns veth
+  ns="$(node_netns "$i")"
+  veth="$(node_veth "$i")"
+  [ -e "/run/netns/$ns" ] || ip netns add "$ns"
+  if ! ip link show "$veth" >/dev/null 2>&1; then
+    ip link add "$veth" type veth peer name eth0 netns "$ns"
+    ip link set "$veth" master "$HOST_BRIDGE" up
+    in_node "$i" ip addr add "$(node_ip "$i")/24" dev eth0
+    in_node "$i" ip link set eth0 up
+    in_node "$i" ip link set lo up
     # Components look for a default route to pick their address; nothing is forwarded or
-    # NATed on the host, so the namespace still reaches nothing beyond the host's end.
-    in_ns ip route add default via "$HOST_IP"
+    # NATed on the host, so a node still reaches nothing beyond the host and the other nodes.
+    in_node "$i" ip route add default via "$HOST_IP"
   fi
 }
 
-# The cluster's own cgroup in every hierarchy (a v1 cpuset one with its parent's CPUs and
-# memory nodes, without which it takes no process).
+# Every node's pod range routed to that node, in every other node and on the host.
+pod_routes() {
+  local i j
+  for j in $(node_indices); do
+    ip route replace "$(node_pod_cidr "$j")" via "$(node_ip "$j")" dev "$HOST_BRIDGE"
+    for i in $(node_indices); do
+      ((i == j)) || in_node "$i" ip route replace "$(node_pod_cidr "$j")" via "$(node_ip "$j")" dev eth0
+    done
+  done
+}
+
+# The cluster's own cgroup and one per node below it, in every hierarchy (a v1 cpuset one with
+# its parent's CPUs and memory nodes, without which it takes no process).
 make_cgroup() {
-  local h f
+  local h f i path
   for h in /sys/fs/cgroup/*/ /sys/fs/cgroup/; do
     [ -f "${h}cgroup.procs" ] || continue
-    mkdir -p "$h$CGROUP"
-    for f in cpuset.cpus cpuset.mems; do
-      if [ -f "$h$CGROUP/$f" ] && [ -z "$(tr -d '[:space:]' <"$h$CGROUP/$f")" ]; then
-        cat "$h$f" >"$h$CGROUP/$f"
-      fi
+    for path in "$CGROUP" $(for i in $(node_indices); do echo "$CGROUP/$(node_name "$i")"; done); do
+      mkdir -p "$h$path"
+      for f in cpuset.cpus cpuset.mems; do
+        if [ -f "$h$path/$f" ] && [ -z "$(tr -d '[:space:]' <"$h$path/$f")" ]; then
+          cat "$(dirname "$h$path")/$f" >"$h$path/$f"
+        fi
+      done
     done
   done
 }
@@ -382,8 +325,37 @@ record_sysctls() {
   done >"$DIR/sysctl.saved"
 }
 
+# Node i's containerd, started (not waited for).
+start_containerd() {
+  local i="$1" n
+  n="$(node_name "$i")"
+  alive "containerd-$n" || start "containerd-$n" "$i" containerd --config "$(node_dir "$i")/config/containerd.toml"
+}
+
+# Node i's kubelet and kube-proxy, started (not waited for).
+start_node_agents() {
+  local i="$1" n cfg kube
+  n="$(node_name "$i")"
+  cfg="$(node_dir "$i")/config"
+  kube="$(bash "$root/scripts/tools.sh" bindir kube)"
+  if ! alive "kubelet-$n"; then
+    start "kubelet-$n" "$i" "$kube/kubelet" --config="$cfg/kubelet.yaml" \
+      --kubeconfig="$cfg/kubelet.kubeconfig" --root-dir="$(node_dir "$i")/kubelet" \
+      --hostname-override="$n" --node-ip="$(node_ip "$i")"
+  fi
+  alive "kube-proxy-$n" || start "kube-proxy-$n" "$i" "$kube/kube-proxy" --config="$cfg/kube-proxy.yaml"
+}
+
 cmd_up() {
-  [ "$(id -u)" = 0 ] || die "needs root (network namespace, containerd, kubelet)"
+  [ "$(id -u)" = 0 ] || die "needs root (network namespaces, containerd, kubelet)"
+  while (($#)); do
+    case "$1" in
+      --nodes) NODES_N="${2:-}"; shift 2 ;;
+      --nodes=*) NODES_N="${1#--nodes=}"; shift ;;
+      *) die "up: unknown argument $1 (usage: up [--nodes N])" ;;
+    esac
+  done
+  [[ "$NODES_N" =~ ^[1-9][0-9]?$ ]] && ((NODES_N <= 50)) || die "--nodes wants 1..50, not '$NODES_N'"
   need ip nsenter setsid openssl containerd ctr runc umoci skopeo curl go iptables conntrack \
     docker-registry htpasswd
   [ -x /usr/lib/cni/bridge ] || die "CNI plugins missing in /usr/lib/cni: apt-get install containernetworking-plugins"
@@ -395,7 +367,15 @@ cmd_up() {
 
   mkdir -p "$DIR" "$RUN"
   chmod 700 "$DIR"
-  # The agent's state dir below is mounted with Bidirectional propagation, which needs a shared
+  if [ -f "$NODES_FILE" ]; then
+    local had
+    had="$(grep -c . "$NODES_FILE" || true)"
+    ((had == NODES_N)) || die "the cluster is up with $had node(s), not $NODES_N: run down first"
+  else
+    local i
+    for i in $(seq 1 "$NODES_N"); do node_name "$i"; done >"$NODES_FILE"
+  fi
+  # The agents' state dir below is mounted with Bidirectional propagation, which needs a shared
   # mount under it; the host's / is private here, so $DIR becomes a shared mount of its own.
   if ! mountpoint -q "$DIR"; then
     mount --bind "$DIR" "$DIR"
@@ -403,12 +383,18 @@ cmd_up() {
   mount --make-rshared "$DIR"
   record_sysctls
   make_cgroup
-  netns_up
+  bridge_up
+  local i
+  for i in $(node_indices); do node_netns_up "$i"; done
+  pod_routes
   make_pki
-  write_configs
+  write_cluster_configs
+  for i in $(node_indices); do write_node_configs "$i"; done
+  # containerd first on every node: it starts while the control plane does.
+  for i in $(node_indices); do start_containerd "$i"; done
 
   if ! alive etcd; then
-    start etcd "$etcd_bin" --name "$NODE" --data-dir "$DIR/etcd" \
+    start etcd 1 "$etcd_bin" --name "$NODE" --data-dir "$DIR/etcd" \
       --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
       --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
       --initial-cluster "$NODE=http://127.0.0.1:2380" --listen-metrics-urls http://127.0.0.1:2381
@@ -417,7 +403,7 @@ cmd_up() {
 
   local pki="$DIR/pki" cfg="$DIR/config"
   if ! alive kube-apiserver; then
-    start kube-apiserver "$kube/kube-apiserver" \
+    start kube-apiserver 1 "$kube/kube-apiserver" \
       --etcd-servers=http://127.0.0.1:2379 \
       --bind-address=0.0.0.0 --advertise-address="$NODE_IP" --secure-port=6443 \
       --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
@@ -441,17 +427,18 @@ cmd_up() {
     --dry-run=client -o yaml | kubectl_admin apply -f - >/dev/null
 
   if ! alive kube-controller-manager; then
-    start kube-controller-manager "$kube/kube-controller-manager" \
+    start kube-controller-manager 1 "$kube/kube-controller-manager" \
       --kubeconfig="$cfg/controller-manager.kubeconfig" \
       --authentication-kubeconfig="$cfg/controller-manager.kubeconfig" \
       --authorization-kubeconfig="$cfg/controller-manager.kubeconfig" \
       --bind-address=127.0.0.1 --leader-elect=false --use-service-account-credentials=true \
       --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
       --cluster-signing-cert-file="$pki/ca.crt" --cluster-signing-key-file="$pki/ca.key" \
-      --allocate-node-cidrs=false --service-cluster-ip-range="$SERVICE_CIDR"
+      --allocate-node-cidrs=false --service-cluster-ip-range="$SERVICE_CIDR" \
+      --node-monitor-grace-period="$NODE_GRACE"
   fi
   if ! alive kube-scheduler; then
-    start kube-scheduler "$kube/kube-scheduler" \
+    start kube-scheduler 1 "$kube/kube-scheduler" \
       --kubeconfig="$cfg/scheduler.kubeconfig" \
       --authentication-kubeconfig="$cfg/scheduler.kubeconfig" \
       --authorization-kubeconfig="$cfg/scheduler.kubeconfig" \
@@ -461,35 +448,32 @@ cmd_up() {
     in_ns curl -skf https://127.0.0.1:10257/healthz
   wait_for "kube-scheduler /healthz" kube-scheduler in_ns curl -skf https://127.0.0.1:10259/healthz
 
-  if ! alive containerd; then
-    start containerd containerd --config "$cfg/containerd.toml"
-  fi
-  wait_for "containerd" containerd ctr_ version
-  local pause
+  local pause n
   pause="$(pause_image)"
-  ctr_ images ls -q | grep -qx "$PAUSE_IMAGE" || ctr_ images import "$pause" >/dev/null
-
-  if ! alive kubelet; then
-    start kubelet "$kube/kubelet" --config="$cfg/kubelet.yaml" \
-      --kubeconfig="$cfg/kubelet.kubeconfig" --root-dir="$DIR/kubelet" \
-      --hostname-override="$NODE" --node-ip="$NODE_IP"
-  fi
-  if ! alive kube-proxy; then
-    start kube-proxy "$kube/kube-proxy" --config="$cfg/kube-proxy.yaml"
-  fi
-  wait_for "node $NODE to register" kubelet kubectl_admin get node "$NODE"
-  wait_for "node $NODE to be Ready" kubelet \
-    kubectl_admin wait --for=condition=Ready "node/$NODE" --timeout=5s
-  wait_for "kube-proxy /healthz" kube-proxy in_ns curl -sf http://127.0.0.1:10256/healthz
+  for i in $(node_indices); do
+    n="$(node_name "$i")"
+    wait_for "containerd of $n" "containerd-$n" ctr_node "$i" version
+    ctr_node "$i" images ls -q | grep -qx "$PAUSE_IMAGE" || ctr_node "$i" images import "$pause" >/dev/null
+    start_node_agents "$i"
+  done
+  ln -sfn "kubelet-$NODE.log" "$DIR/logs/kubelet.log"
+  for i in $(node_indices); do
+    n="$(node_name "$i")"
+    wait_for "node $n to register" "kubelet-$n" kubectl_admin get node "$n"
+    wait_for "node $n to be Ready" "kubelet-$n" \
+      kubectl_admin wait --for=condition=Ready "node/$n" --timeout=5s
+    wait_for "kube-proxy /healthz on $n" "kube-proxy-$n" in_node "$i" curl -sf http://127.0.0.1:10256/healthz
+  done
   start_registry
   write_env
-  say "node $NODE Ready $((SECONDS - t0)) s after up ($(kubectl_admin version -o json |
+  say "$(node_indices | wc -l) node(s) Ready $((SECONDS - t0)) s after up ($(kubectl_admin version -o json |
     sed -n 's/.*"gitVersion": "\(v[^"]*\)".*/\1/p' | tail -1), etcd $(bash "$root/scripts/tools.sh" version etcd))"
   say "export KUBECONFIG=$KUBECONFIG_ADMIN"
 }
 
-# Debian's docker-registry in the namespace with a login of its own (the password is made per
-# cluster and kept beside the kubeconfig).
+
+# Debian's docker-registry in the first node's namespace with a login of its own (the password
+# is made per cluster and kept beside the kubeconfig).
 start_registry() {
   local dir="$DIR/registry"
   mkdir -p "$dir/storage"
@@ -509,15 +493,23 @@ auth:
     realm: ignis-cluster
     path: $dir/htpasswd
 EOF
-  alive registry || start registry docker-registry serve "$dir/config.yml"
+  alive registry || start registry 1 docker-registry serve "$dir/config.yml"
   # 401 without a login is the answer that says it is up.
   wait_for "the image registry on $REGISTRY" registry \
     sh -c "curl -s -o /dev/null -w '%{http_code}' http://$REGISTRY/v2/ | grep -qx 401"
 }
 
-# Facts the cluster-only end-to-end tests need (e2e/tests/cluster.rs reads this file).
+# The agent's state directory of node NAME on the host (the chart's agent.stateDirPerNode).
+agent_state_dir() { echo "$DIR/ignis/nodes/$1"; }
+
+# Facts the cluster-only end-to-end tests need (e2e/src/upstream.rs reads this file). NETNS,
+# NODE, NODE_IP and AGENT_STATE_DIR are the first node's; NODES lists every node, and
+# NODE_<i>_* (i from 1) describe each.
 write_env() {
-  cat >"$DIR/cluster.env" <<EOF
+  local i n names=()
+  for i in $(node_indices); do names+=("$(node_name "$i")"); done
+  {
+    cat <<EOF
 KUBECONFIG=$KUBECONFIG_ADMIN
 NETNS=$NETNS
 NODE=$NODE
@@ -528,11 +520,24 @@ KUBECTL=$(kube_bin kubectl)
 CHART=$root/charts/ignis
 RELEASE=$RELEASE
 RELEASE_NAMESPACE=$RELEASE_NS
-AGENT_STATE_DIR=$DIR/ignis
+AGENT_STATE_DIR=$(agent_state_dir "$NODE")
 VALUES=$DIR/ignis-values.yaml
 REGISTRY=$REGISTRY
 REGISTRY_CREDS=$REGISTRY_USER:$(cat "$DIR/registry/password" 2>/dev/null)
+CLUSTER_SH=$root/scripts/cluster.sh
+NODE_GRACE=$NODE_GRACE
+NODES=${names[*]}
 EOF
+    for i in $(node_indices); do
+      n="$(node_name "$i")"
+      echo "NODE_${i}_NAME=$n"
+      echo "NODE_${i}_IP=$(node_ip "$i")"
+      echo "NODE_${i}_NETNS=$(node_netns "$i")"
+      echo "NODE_${i}_POD_CIDR=$(node_pod_cidr "$i")"
+      echo "NODE_${i}_AGENT_STATE_DIR=$(agent_state_dir "$n")"
+      echo "NODE_${i}_CGROUP=/$CGROUP/$n"
+    done
+  } >"$DIR/cluster.env"
 }
 
 # ----- install-ignis -------------------------------------------------------------------------
@@ -547,25 +552,35 @@ cmd_install_ignis() {
   local helm
   helm="$(bash "$root/scripts/tools.sh" bindir helm)/helm"
 
-  # The images, built with no container daemon, loaded into the cluster's containerd.
+  # The images, built with no container daemon, loaded into every node's containerd.
   "$root/scripts/build-images.sh"
   # shellcheck disable=SC1091
   . "$root/target/images/images.env"
-  local image
-  for image in "$root/target/images/controller.tar" "$root/target/images/agent.tar"; do
-    say "loading $(basename "$image") into the cluster's containerd"
-    ctr_ images import "$image" >/dev/null
+  local image i
+  for i in $(node_indices); do
+    for image in "$root/target/images/controller.tar" "$root/target/images/agent.tar"; do
+      say "loading $(basename "$image") into $(node_name "$i")'s containerd"
+      ctr_node "$i" images import "$image" >/dev/null
+    done
   done
+  # Several nodes share this machine: each agent keeps its state in a directory of its own
+  # (agent.stateDirPerNode), so no agent ever finds another node's VMMs by their paths. The
+  # demo guest that samples and tests name, /var/lib/ignis/guest, is the first node's (the
+  # same files on every node of one machine).
+  mkdir -p "$DIR/ignis/nodes"
+  ln -sfn "nodes/$NODE/guest" "$DIR/ignis/guest"
 
   # The chart's values for this cluster: the images just loaded (never pulled), VM state
-  # under the cluster's directory so `down` removes it.
+  # under the cluster's directory so `down` removes it, each node's VMMs under its own cgroup
+  # ($(IGNIS_NODE_NAME) is expanded by the kubelet in the agent's arguments).
   cat >"$DIR/ignis-values.yaml" <<EOF
 controller:
   image: { repository: $IGNIS_CONTROLLER_REPOSITORY, tag: "$IGNIS_IMAGE_TAG", pullPolicy: Never }
 agent:
   image: { repository: $IGNIS_AGENT_REPOSITORY, tag: "$IGNIS_IMAGE_TAG", pullPolicy: Never }
   stateDir: $DIR/ignis
-  vmmCgroup: $CGROUP/ignis-vms
+  stateDirPerNode: true
+  vmmCgroup: $CGROUP/\$(IGNIS_NODE_NAME)/ignis-vms
   images: { insecureRegistries: ["$REGISTRY"] }
 EOF
   write_env
@@ -578,23 +593,92 @@ EOF
   say "Ignis installed and Ready $((SECONDS - t0)) s after install-ignis"
 }
 
+# ----- exec, stop-node -----------------------------------------------------------------------
+
+cmd_exec() {
+  local name="${1:-}"
+  [ -n "$name" ] && [ "${2:-}" = "--" ] && [ -n "${3:-}" ] ||
+    die "usage: scripts/cluster.sh exec NODE -- CMD [ARGS...]"
+  shift 2
+  [ -f "$NODES_FILE" ] || die "no cluster: run scripts/cluster.sh up first"
+  local i
+  i="$(node_index "$name")" || die "no node $name (nodes: $(tr '\n' ' ' <"$NODES_FILE"))"
+  exec nsenter --net="/run/netns/$(node_netns "$i")" -- "$@"
+}
+
+# The network namespaces of node i's pod sandboxes, from its containerd's own records.
+sandbox_netns_of() {
+  local i="$1" c
+  [ -S "$(node_ctr_sock "$i")" ] && ctr_node "$i" version >/dev/null 2>&1 || return 0
+  for c in $(ctr_node "$i" containers ls -q 2>/dev/null); do
+    ctr_node "$i" containers info "$c" 2>/dev/null |
+      sed -n 's#.*"path": "\(/var/run/netns/cni-[^"]*\|/run/netns/cni-[^"]*\)".*#\1#p'
+  done
+}
+
+# Every process in node i's cgroups (its pods' and its VMMs'), from any hierarchy.
+node_cgroup_pids() {
+  local i="$1" h
+  for h in /sys/fs/cgroup/*/ /sys/fs/cgroup/; do
+    [ -d "$h$CGROUP/$(node_name "$i")" ] || continue
+    find "$h$CGROUP/$(node_name "$i")" -name cgroup.procs -exec cat {} + 2>/dev/null
+  done | sort -u
+}
+
+# Power node NAME off, as far as the cluster can tell: its kubelet, kube-proxy and containerd
+# stop, and every process of its pods (and the VMMs its agent started) is killed. Its Node
+# object stays; the controller-manager marks it NotReady after the node grace period. `down`
+# still cleans up after it.
+cmd_stop_node() {
+  local name="${1:-}" i n
+  [ -n "$name" ] || die "usage: scripts/cluster.sh stop-node NODE"
+  [ -f "$NODES_FILE" ] || die "no cluster: run scripts/cluster.sh up first"
+  i="$(node_index "$name")" || die "no node $name"
+  n="$(node_name "$i")"
+  sandbox_netns_of "$i" >>"$(node_dir "$i")/sandbox-netns"
+  local pids=() p
+  for p in "kubelet-$n" "kube-proxy-$n" "containerd-$n"; do
+    [ -f "$RUN/pids/$p.pid" ] && pids+=("$(cat "$RUN/pids/$p.pid")")
+  done
+  mapfile -t -O "${#pids[@]}" pids < <(pgrep -f -- "-address $(node_ctr_sock "$i")" 2>/dev/null || true)
+  mapfile -t -O "${#pids[@]}" pids < <(node_cgroup_pids "$i")
+  ((${#pids[@]} == 0)) || kill -KILL "${pids[@]}" 2>/dev/null || true
+  # Whatever raced with the kill (a container starting): once more.
+  mapfile -t pids < <(node_cgroup_pids "$i")
+  ((${#pids[@]} == 0)) || kill -KILL "${pids[@]}" 2>/dev/null || true
+  say "node $n stopped (kubelet, kube-proxy, containerd and every process of its pods killed)"
+}
+
 # ----- down ----------------------------------------------------------------------------------
 
+# Every node namespace of this cluster: those `up` recorded, and any other named like them.
+all_node_netns() {
+  local i
+  { for i in $(node_indices); do node_netns "$i"; done
+    ip netns list 2>/dev/null | awk '{ print $1 }' | grep -E "^$NETNS(-[0-9]+)?\$" || true
+  } | sort -u
+}
+
 # Kill every process of the cluster: the daemons, the containers' shims and processes, and the
-# VMMs the agent started (all live in the namespace). Shim sockets they leave are removed.
+# VMMs the agents started (in the nodes' namespaces or in their cgroups). Shim sockets they
+# leave are removed.
 kill_all() {
-  local pids=() p sockets=()
-  if [ -e "/run/netns/$NETNS" ]; then
-    mapfile -t pids < <(ip netns pids "$NETNS" 2>/dev/null || true)
-  fi
+  local pids=() p sockets=() ns i shims=()
+  for ns in $(all_node_netns); do
+    [ -e "/run/netns/$ns" ] && mapfile -t -O "${#pids[@]}" pids < <(ip netns pids "$ns" 2>/dev/null || true)
+  done
   for p in "$RUN"/pids/*.pid; do
     [ -f "$p" ] && pids+=("$(cat "$p")")
   done
-  # Shims started by this containerd name its socket on their command line.
-  for p in $(pgrep -f -- "-address $CTR_SOCK" 2>/dev/null || true); do pids+=("$p"); done
+  for i in $(node_indices); do
+    mapfile -t -O "${#pids[@]}" pids < <(node_cgroup_pids "$i")
+    # Shims started by a node's containerd name its socket on their command line.
+    mapfile -t -O "${#shims[@]}" shims < <(pgrep -f -- "-address $(node_ctr_sock "$i")" 2>/dev/null || true)
+  done
+  pids+=("${shims[@]}")
   ((${#pids[@]})) || return 0
   # The shims' own sockets (under /run/containerd/s/), found through their open sockets.
-  for p in $(pgrep -f -- "-address $CTR_SOCK" 2>/dev/null || true); do
+  for p in "${shims[@]}"; do
     local inode
     for inode in $(find "/proc/$p/fd" -lname 'socket:*' -printf '%l\n' 2>/dev/null | tr -dc '0-9\n'); do
       sockets+=("$(awk -v i="$inode" '$7 == i && $8 ~ /^\/run\/containerd\/s\// { print $8 }' /proc/net/unix)")
@@ -609,11 +693,13 @@ kill_all() {
     sleep 0.5
   done
   kill -KILL "${pids[@]}" 2>/dev/null || true
-  # A second sweep: anything that entered the namespace while we were stopping it.
-  if [ -e "/run/netns/$NETNS" ]; then
-    mapfile -t pids < <(ip netns pids "$NETNS" 2>/dev/null || true)
-    ((${#pids[@]} == 0)) || kill -KILL "${pids[@]}" 2>/dev/null || true
-  fi
+  # A second sweep: anything that entered a namespace or cgroup while we were stopping it.
+  pids=()
+  for ns in $(all_node_netns); do
+    [ -e "/run/netns/$ns" ] && mapfile -t -O "${#pids[@]}" pids < <(ip netns pids "$ns" 2>/dev/null || true)
+  done
+  for i in $(node_indices); do mapfile -t -O "${#pids[@]}" pids < <(node_cgroup_pids "$i"); done
+  ((${#pids[@]} == 0)) || kill -KILL "${pids[@]}" 2>/dev/null || true
   for p in "${sockets[@]}"; do [ -z "$p" ] || rm -f "$p"; done
 }
 
@@ -630,31 +716,34 @@ unmount_under() {
 
 cmd_down() {
   [ "$(id -u)" = 0 ] || die "needs root"
-  # The pod sandboxes' network namespaces (bind mounts under /run/netns), from containerd's
-  # own records while it still runs, so only this cluster's are removed.
-  local sandbox_netns=()
-  if [ -S "$CTR_SOCK" ] && ctr_ version >/dev/null 2>&1; then
-    local c
-    for c in $(ctr_ containers ls -q 2>/dev/null); do
-      mapfile -t -O "${#sandbox_netns[@]}" sandbox_netns < <(ctr_ containers info "$c" 2>/dev/null |
-        sed -n 's#.*"path": "\(/var/run/netns/cni-[^"]*\|/run/netns/cni-[^"]*\)".*#\1#p')
-    done
-  fi
+  # The pod sandboxes' network namespaces (bind mounts under /run/netns), from each
+  # containerd's own records while it still runs (and those stop-node saved), so only this
+  # cluster's are removed.
+  local sandbox_netns=() i
+  for i in $(node_indices); do
+    mapfile -t -O "${#sandbox_netns[@]}" sandbox_netns < <(sandbox_netns_of "$i")
+    [ -f "$(node_dir "$i")/sandbox-netns" ] &&
+      mapfile -t -O "${#sandbox_netns[@]}" sandbox_netns <"$(node_dir "$i")/sandbox-netns"
+  done
   kill_all
   local n
   for n in "${sandbox_netns[@]}"; do
+    [ -n "$n" ] || continue
     umount "$n" 2>/dev/null || umount -l "$n" 2>/dev/null || true
     rm -f "$n"
   done
-  # Deleting the namespace takes every interface, route and iptables/nft rule made in it
-  # (kube-proxy's, the kubelet's, the CNI bridge's, the agent's bridge, taps and NAT table).
-  if [ -e "/run/netns/$NETNS" ]; then
-    ip netns delete "$NETNS" 2>/dev/null || true
-  fi
-  ip link delete "$HOST_VETH" 2>/dev/null || true
+  # Deleting a namespace takes every interface, route and iptables/nft rule made in it
+  # (kube-proxy's, the kubelet's, the CNI bridge's, the agent's bridge, taps and NAT table);
+  # deleting the host bridge takes the host's routes to the pod ranges.
+  local ns
+  for ns in $(all_node_netns); do
+    ip netns delete "$ns" 2>/dev/null || true
+  done
+  for i in $(node_indices); do ip link delete "$(node_veth "$i")" 2>/dev/null || true; done
+  ip link delete "$HOST_BRIDGE" 2>/dev/null || true
   unmount_under "$RUN"
   unmount_under "$DIR"
-  # The cluster's cgroups: the kubelet's pods and the agent's VMMs (empty once all is killed).
+  # The cluster's cgroups: the kubelets' pods and the agents' VMMs (empty once all is killed).
   local h
   for h in /sys/fs/cgroup/*/ /sys/fs/cgroup/; do
     if [ -d "$h$CGROUP" ]; then
@@ -666,12 +755,12 @@ cmd_down() {
   # emptied them. The same for containerd's shim socket directory.
   rm -f /var/lib/cni/results/"$CNI_NETWORK"-* 2>/dev/null || true
   local sandbox
-  for sandbox in "$DIR"/containerd/io.containerd.grpc.v1.cri/sandboxes/*/; do
+  for sandbox in "$DIR"/nodes/*/containerd/io.containerd.grpc.v1.cri/sandboxes/*/; do
     [ -d "$sandbox" ] || continue
     rm -f /var/lib/cni/results/cni-loopback-"$(basename "$sandbox")"-* 2>/dev/null || true
   done
   rmdir /var/lib/cni/results /var/lib/cni /run/containerd/s /run/containerd 2>/dev/null || true
-  # The kubelet's /var/log/containers links into this cluster's pod logs.
+  # The kubelets' /var/log/containers links into this cluster's pod logs.
   if [ -d /var/log/containers ]; then
     find /var/log/containers -maxdepth 1 -type l -lname "$DIR/*" -delete 2>/dev/null || true
   fi
@@ -686,13 +775,16 @@ cmd_down() {
 }
 
 cmd="${1:-}"
+[ "$#" = 0 ] || shift
 case "$cmd" in
-  up) cmd_up ;;
+  up) cmd_up "$@" ;;
   install-ignis) cmd_install_ignis ;;
+  exec) cmd_exec "$@" ;;
+  stop-node) cmd_stop_node "$@" ;;
   kubeconfig)
     [ -f "$KUBECONFIG_ADMIN" ] || die "no cluster: run scripts/cluster.sh up first"
     echo "$KUBECONFIG_ADMIN"
     ;;
   down) cmd_down ;;
-  *) die "usage: scripts/cluster.sh up | install-ignis | kubeconfig | down" ;;
+  *) die "usage: scripts/cluster.sh up [--nodes N] | install-ignis | exec NODE -- CMD | stop-node NODE | kubeconfig | down" ;;
 esac

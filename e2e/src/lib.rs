@@ -238,7 +238,7 @@ impl Cluster {
             let mut pipe = child.stdin.take().expect("stdin");
             pipe.write_all(input.as_bytes()).expect("write stdin");
         }
-        let output = wait_with_deadline(child, Duration::from_secs(180));
+        let output = wait_with_deadline(child, kubectl_deadline(args));
         Kubectl {
             success: output.status.success(),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -386,6 +386,19 @@ impl Cluster {
     }
 }
 
+/// How long a kubectl call may take: 3 minutes, or longer when it is told to wait longer
+/// (`--timeout=300s` of `kubectl wait`), so its own timeout, with its message, comes first.
+fn kubectl_deadline(args: &[&str]) -> Duration {
+    let asked = args
+        .iter()
+        .filter_map(|a| a.strip_prefix("--timeout="))
+        .filter_map(|t| t.strip_suffix('s'))
+        .filter_map(|t| t.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    Duration::from_secs(180.max(asked + 30))
+}
+
 /// An HTTP/1.0 GET of `http://{hostport}{path}` run by `on_node` (the command prefix for
 /// where the address is routable: a network namespace, or here); the response, or `None`
 /// when nothing answers within a few seconds.
@@ -517,5 +530,23 @@ fn wait_with_deadline(mut child: Child, timeout: Duration) -> Output {
         status,
         stdout: out_thread.join().unwrap_or_default(),
         stderr: err_thread.join().unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kubectl_may_take_as_long_as_it_is_told_to_wait() {
+        assert_eq!(kubectl_deadline(&["get", "pods"]), Duration::from_secs(180));
+        assert_eq!(
+            kubectl_deadline(&["wait", "--for=condition=Ready", "--timeout=300s"]),
+            Duration::from_secs(330)
+        );
+        assert_eq!(
+            kubectl_deadline(&["wait", "--timeout=60s"]),
+            Duration::from_secs(180)
+        );
     }
 }

@@ -1,6 +1,7 @@
-//! The upstream one-node cluster of `scripts/cluster.sh`, for the tests only a real cluster
-//! can run (e2e/tests/cluster.rs): its facts come from the `cluster.env` file `up` writes,
-//! named by `IGNIS_E2E_CLUSTER_ENV`.
+//! The upstream cluster of `scripts/cluster.sh` (N nodes on this machine, each a network
+//! namespace of its own), for the tests only a real cluster can run (e2e/tests/cluster.rs,
+//! e2e/tests/vm_pods.rs): its facts come from the `cluster.env` file `up` writes, named by
+//! `IGNIS_E2E_CLUSTER_ENV`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,25 @@ pub struct Upstream {
     /// agent) and its `user:password`.
     pub registry: Option<String>,
     pub registry_creds: Option<String>,
+    /// Every node, the first one first (the one `netns`, `node`, `node_ip` and
+    /// `agent_state_dir` describe).
+    pub nodes: Vec<UpstreamNode>,
+    /// `scripts/cluster.sh` of the cluster (for `exec` and `stop-node`), when it says.
+    pub cluster_sh: Option<PathBuf>,
+}
+
+/// One node of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamNode {
+    pub name: String,
+    pub ip: String,
+    /// Its network namespace (its kubelet, kube-proxy, containerd, agent and NAT guests).
+    pub netns: String,
+    pub pod_cidr: Option<String>,
+    /// Its agent's state directory on the host.
+    pub agent_state_dir: PathBuf,
+    /// The cgroup (below every hierarchy's root) its pods and VMMs live under.
+    pub cgroup: Option<String>,
 }
 
 impl Upstream {
@@ -56,7 +76,39 @@ impl Upstream {
                 .unwrap_or_else(|| panic!("cluster.env lacks {k}"))
                 .to_string()
         };
+        let mut nodes: Vec<UpstreamNode> = (1..)
+            .map_while(|i| {
+                let key = |k: &str| {
+                    vars.get(format!("NODE_{i}_{k}").as_str())
+                        .map(|v| v.to_string())
+                };
+                Some(UpstreamNode {
+                    name: key("NAME")?,
+                    ip: key("IP").unwrap_or_else(|| panic!("cluster.env lacks NODE_{i}_IP")),
+                    netns: key("NETNS")
+                        .unwrap_or_else(|| panic!("cluster.env lacks NODE_{i}_NETNS")),
+                    pod_cidr: key("POD_CIDR"),
+                    agent_state_dir: key("AGENT_STATE_DIR")
+                        .unwrap_or_else(|| panic!("cluster.env lacks NODE_{i}_AGENT_STATE_DIR"))
+                        .into(),
+                    cgroup: key("CGROUP"),
+                })
+            })
+            .collect();
+        if nodes.is_empty() {
+            // A one-node cluster.env of before NODES.
+            nodes.push(UpstreamNode {
+                name: get("NODE"),
+                ip: get("NODE_IP"),
+                netns: get("NETNS"),
+                pod_cidr: None,
+                agent_state_dir: get("AGENT_STATE_DIR").into(),
+                cgroup: None,
+            });
+        }
         Upstream {
+            nodes,
+            cluster_sh: vars.get("CLUSTER_SH").map(PathBuf::from),
             kubeconfig: get("KUBECONFIG").into(),
             netns: get("NETNS"),
             node: get("NODE"),
@@ -81,6 +133,41 @@ impl Upstream {
             .arg("--")
             .arg(program);
         cmd
+    }
+
+    /// The node named `name` (a Node's name, e.g. a MicroVM's `status.nodeName`).
+    pub fn node_named(&self, name: &str) -> &UpstreamNode {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name:?} in cluster.env: {:?}", self.nodes))
+    }
+
+    /// A command run inside node `node`'s network namespace, in the host's mount namespace
+    /// (what `scripts/cluster.sh exec NODE -- CMD` does).
+    pub fn in_node_netns(&self, node: &str, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.node_named(node).netns))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
+    /// `scripts/cluster.sh ARGS` of this cluster (`exec`, `stop-node`), with a deadline.
+    pub fn cluster_sh(&self, args: &[&str]) -> Output {
+        let script = self
+            .cluster_sh
+            .as_ref()
+            .expect("cluster.env names no CLUSTER_SH (written by scripts/cluster.sh up)");
+        let child = Command::new("bash")
+            .arg(script)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("bash runs");
+        crate::wait_with_deadline(child, Duration::from_secs(120))
     }
 
     /// `helm ARGS` against this cluster, in the release's namespace, with a deadline.
@@ -175,6 +262,29 @@ mod tests {
         assert_eq!(up.netns, "ns");
         assert_eq!(up.node_ip, "1.2.3.4");
         assert_eq!(up.values, PathBuf::from("/v"));
+        assert_eq!(up.nodes.len(), 1, "a one-node file of before NODES");
+        assert_eq!(up.nodes[0].netns, "ns");
+        assert_eq!(up.node_named("n").agent_state_dir, PathBuf::from("/s"));
+    }
+
+    #[test]
+    fn cluster_env_lists_every_node() {
+        let up = Upstream::parse(
+            "KUBECONFIG=/k\nNETNS=ns\nNODE=a\nNODE_IP=1.2.3.4\nAUDIT_LOG=/a\nHELM=/h\n\
+             CHART=/c\nRELEASE=r\nRELEASE_NAMESPACE=rn\nAGENT_STATE_DIR=/s/a\nVALUES=/v\n\
+             NODES=a b\nCLUSTER_SH=/cl.sh\n\
+             NODE_1_NAME=a\nNODE_1_IP=1.2.3.4\nNODE_1_NETNS=ns\nNODE_1_AGENT_STATE_DIR=/s/a\n\
+             NODE_2_NAME=b\nNODE_2_IP=1.2.3.5\nNODE_2_NETNS=ns-2\nNODE_2_AGENT_STATE_DIR=/s/b\n\
+             NODE_2_POD_CIDR=10.214.1.0/24\nNODE_2_CGROUP=/c/b\n",
+        );
+        let names: Vec<&str> = up.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(up.node_named("b").netns, "ns-2");
+        assert_eq!(
+            up.node_named("b").pod_cidr.as_deref(),
+            Some("10.214.1.0/24")
+        );
+        assert_eq!(up.cluster_sh, Some(PathBuf::from("/cl.sh")));
     }
 
     #[test]

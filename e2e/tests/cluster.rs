@@ -1,7 +1,7 @@
-//! What only a real cluster can show, on the upstream one-node cluster of `scripts/cluster.sh`
-//! with Ignis installed by `scripts/cluster.sh install-ignis` (Helm):
-//! the installation itself (CRD accepted, 2 controller replicas with one leader, the agent
-//! pod, the TLS Secrets, nothing refused by RBAC in the apiserver's audit log), the CA key out
+//! What only a real cluster can show, on the upstream cluster of `scripts/cluster.sh` (two nodes
+//! by default) with Ignis installed by `scripts/cluster.sh install-ignis` (Helm):
+//! the installation itself (CRD accepted, 2 controller replicas with one leader, an agent pod
+//! on every node, the TLS Secrets, nothing refused by RBAC in the apiserver's audit log), the CA key out
 //! of the nodes' reach, a guest reachable on its IP, leader failover, an agent pod deleted
 //! and its VM re-adopted, `helm upgrade`, and `helm uninstall` leaving nothing behind.
 //!
@@ -49,6 +49,30 @@ impl Ctx {
             &format!("mvm/{vm}"),
             "--timeout=180s",
         ]);
+    }
+
+    /// The node `vm` runs on (`status.nodeName`).
+    fn node_of(&self, vm: &str) -> String {
+        let node = self.jsonpath(NS, &format!("mvm/{vm}"), "{.status.nodeName}");
+        assert!(!node.is_empty(), "mvm/{vm} has no node");
+        node
+    }
+
+    /// The agent pod on `node`.
+    fn agent_on(&self, node: &str) -> String {
+        let found = self.sys(&[
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=ignis-agent",
+            "--field-selector",
+            &format!("spec.nodeName={node}"),
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}{\"\\n\"}{end}",
+        ]);
+        let pods: Vec<&str> = found.lines().collect();
+        assert_eq!(pods.len(), 1, "one agent pod on {node}: {pods:?}");
+        pods[0].to_string()
     }
 
     /// What says a VM was not rebooted: its VMM process, its start time, its restart count.
@@ -203,17 +227,23 @@ fn installation_is_whole(ctx: &Ctx) {
     wait_until(Duration::from_secs(60), "a leader", || {
         controllers.contains(&ctx.leader())
     });
-    // The agent pod runs on the node, on the node's address.
+    // An agent pod runs on every node, on the node's address.
+    let nodes = &ctx.up.nodes;
     assert_eq!(
         ctx.jsonpath(ns, "daemonset/ignis-agent", "{.status.numberReady}"),
-        "1"
+        nodes.len().to_string()
     );
     let agents = ctx.pods("ignis-agent");
-    assert_eq!(agents.len(), 1, "{agents:?}");
-    assert_eq!(
-        ctx.jsonpath(ns, &format!("pod/{}", agents[0]), "{.status.podIP}"),
-        ctx.up.node_ip
-    );
+    assert_eq!(agents.len(), nodes.len(), "{agents:?}");
+    for node in nodes {
+        let agent = ctx.agent_on(&node.name);
+        assert_eq!(
+            ctx.jsonpath(ns, &format!("pod/{agent}"), "{.status.podIP}"),
+            node.ip,
+            "the agent on {}",
+            node.name
+        );
+    }
     // The Secrets the controller bootstrapped.
     assert_eq!(
         ctx.secret_keys("ignis-agent-tls"),
@@ -410,8 +440,14 @@ fn a_guest_serves_on_its_ip(ctx: &Ctx) {
     ctx.wait_ready("web");
     let ip = ctx.jsonpath(NS, "mvm/web", "{.status.ipAddresses[0]}");
     assert!(ip.starts_with("10.88."), "guest IP {ip:?}");
-    let response = http_get_via(|program| ctx.up.in_netns(program), &format!("{ip}:80"), "/")
-        .unwrap_or_default();
+    // A NAT guest's address is routable on its own node only.
+    let node = ctx.node_of("web");
+    let response = http_get_via(
+        |program| ctx.up.in_node_netns(&node, program),
+        &format!("{ip}:80"),
+        "/",
+    )
+    .unwrap_or_default();
     assert!(
         response.starts_with("HTTP/1.") && response.contains("200"),
         "the guest answers on {ip}:80 from the node: {response:?}"
@@ -488,9 +524,13 @@ fn leader_failover_leaves_vms_alone(ctx: &Ctx) {
 
 fn a_deleted_agent_pod_readopts_its_vm(ctx: &Ctx) {
     let before = ctx.vm_identity("survivor");
-    let old = ctx.pods("ignis-agent");
-    assert_eq!(old.len(), 1);
-    ctx.sys(&["delete", "pod", &old[0], "--wait=true", "--timeout=120s"]);
+    let old = ctx.agent_on(&ctx.node_of("survivor"));
+    let others: Vec<String> = ctx
+        .pods("ignis-agent")
+        .into_iter()
+        .filter(|p| *p != old)
+        .collect();
+    ctx.sys(&["delete", "pod", &old, "--wait=true", "--timeout=120s"]);
     assert_eq!(
         ctx.vm_identity("survivor").0,
         before.0,
@@ -502,10 +542,16 @@ fn a_deleted_agent_pod_readopts_its_vm(ctx: &Ctx) {
         "daemonset/ignis-agent",
         "--timeout=180s",
     ]);
-    let new = ctx.pods("ignis-agent");
-    assert!(new.len() == 1 && new != old, "a new agent pod: {new:?}");
+    let new = ctx.agent_on(&ctx.node_of("survivor"));
+    assert_ne!(new, old, "a new agent pod");
+    for other in &others {
+        assert!(
+            ctx.pods("ignis-agent").contains(other),
+            "the other nodes' agents were left alone: {other}"
+        );
+    }
     ctx.wait_ready("survivor");
-    let logs = ctx.sys(&["logs", &format!("pod/{}", new[0])]);
+    let logs = ctx.sys(&["logs", &format!("pod/{new}")]);
     assert!(
         logs.contains("\"held\":1"),
         "the new agent re-adopted the VM:\n{logs}"
@@ -574,26 +620,29 @@ fn helm_uninstall_leaves_nothing(ctx: &Ctx) {
     wait_until(Duration::from_secs(120), "no pods of the release", || {
         ctx.sys(&["get", "pods", "-o", "name"]).trim().is_empty()
     });
-    let taps = ctx
-        .up
-        .in_netns("ip")
-        .args(["-o", "link", "show", "type", "tun"])
-        .output()
-        .expect("ip link");
-    assert!(
-        String::from_utf8_lossy(&taps.stdout).trim().is_empty(),
-        "taps left: {}",
-        String::from_utf8_lossy(&taps.stdout)
-    );
-    let vms = ctx.up.agent_state_dir.join("vms");
-    let left: Vec<_> = std::fs::read_dir(&vms)
-        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(
-        left.is_empty(),
-        "VM state left in {}: {left:?}",
-        vms.display()
-    );
+    for node in &ctx.up.nodes {
+        let taps = ctx
+            .up
+            .in_node_netns(&node.name, "ip")
+            .args(["-o", "link", "show", "type", "tun"])
+            .output()
+            .expect("ip link");
+        assert!(
+            String::from_utf8_lossy(&taps.stdout).trim().is_empty(),
+            "taps left on {}: {}",
+            node.name,
+            String::from_utf8_lossy(&taps.stdout)
+        );
+        let vms = node.agent_state_dir.join("vms");
+        let left: Vec<_> = std::fs::read_dir(&vms)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(
+            left.is_empty(),
+            "VM state left in {}: {left:?}",
+            vms.display()
+        );
+    }
     // The hook scaled the controller to zero before Helm deleted its RBAC: nothing was
     // refused, not even to a controller shutting down.
     ctx.no_denials("after uninstall");

@@ -20,8 +20,8 @@
 //!   login, `IGNIS_E2E_REGISTRY_CREDS=user:password` (then the test pulls through an
 //!   `imagePullSecrets` Secret with them). With neither the test prints why and does not run
 //!   the case. The guest's address is routable only on its node: with `cluster.env` the HTTP
-//!   and user-data checks run in the node's network namespace, otherwise they are left to the
-//!   agent's TCP readiness probe.
+//!   and user-data checks run in the network namespace of the guest's node, otherwise they are
+//!   left to the agent's TCP readiness probe.
 //!
 //! One TCG boot of the debootstrap guest; every wait is bounded.
 
@@ -362,8 +362,19 @@ fn microvm_from_registry_images_with_a_pull_secret_boots_by_dhcp() {
     // `ignis dev` runs.
     let on_node: Option<NodeCommand> = match (&upstream, real) {
         (Some(u), _) => {
+            // Its node: the guest's NAT address is routable there only.
+            let node = cluster.kubectl_ok(&[
+                "get",
+                "-n",
+                ns,
+                "mvm/web",
+                "-o",
+                "jsonpath={.status.nodeName}",
+            ]);
             let u = u.clone();
-            Some(Box::new(move |program: &str| u.in_netns(program)))
+            Some(Box::new(move |program: &str| {
+                u.in_node_netns(&node, program)
+            }))
         }
         (None, false) => Some(Box::new(|program: &str| cluster.command(program))),
         (None, true) => None,
