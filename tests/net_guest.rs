@@ -160,6 +160,7 @@ async fn boot(
         api_socket: state_dir.join("qmp.sock"),
         state_dir,
         binary: PathBuf::new(),
+        confinement: None,
     };
     let spawned = backend.create(&config).await.expect("create the VM");
     backend.start(&spawned.handle).await.expect("start the VM");

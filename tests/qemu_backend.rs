@@ -58,6 +58,7 @@ fn config(qemu: &Path, g: &DemoGuest, state: &Path, extra: &str) -> VmConfig {
         console_log: state.join("console.log"),
         api_socket: state.join("qmp.sock"),
         binary: qemu.to_path_buf(),
+        confinement: None,
     }
 }
 

@@ -89,6 +89,7 @@ fn bare_config(guest: &DemoGuest, dir: &Path, id: &str) -> Result<VmConfig, Benc
         console_log: dir.join("console.log"),
         api_socket: dir.join("qmp.sock"),
         binary: PathBuf::from(DEFAULT_BINARY),
+        confinement: None,
     })
 }
 

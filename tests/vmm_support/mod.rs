@@ -367,6 +367,7 @@ pub fn base_config(dir: &Path) -> VmConfig {
         console_log: dir.join("console.log"),
         api_socket: dir.join("api.sock"),
         binary: "/nonexistent/vmm".into(),
+        confinement: None,
     }
 }
 

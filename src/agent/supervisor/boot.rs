@@ -135,6 +135,7 @@ impl Inner {
             binary: entry
                 .resolved_binary()
                 .unwrap_or_else(|| entry.binary.clone()),
+            confinement: None,
         };
         let backend = entry.backend.clone();
         let created =

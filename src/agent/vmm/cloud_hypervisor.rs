@@ -192,6 +192,7 @@ mod tests {
             console_log: "/s/console.log".into(),
             api_socket: "/s/api.sock".into(),
             binary: "cloud-hypervisor".into(),
+            confinement: None,
         }
     }
 

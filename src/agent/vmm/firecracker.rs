@@ -223,6 +223,7 @@ mod tests {
             console_log: "/s/console.log".into(),
             api_socket: "/s/api.sock".into(),
             binary: "firecracker".into(),
+            confinement: None,
         }
     }
 

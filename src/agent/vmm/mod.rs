@@ -3,6 +3,7 @@
 //! their official API specs (`../shared/specs/`).
 
 pub(crate) mod exit;
+pub mod jailer;
 pub mod process;
 pub mod qemu;
 pub(crate) mod qmp;
@@ -70,6 +71,10 @@ pub struct VmConfig {
     pub api_socket: PathBuf,
     /// The VMM binary to run.
     pub binary: PathBuf,
+    /// Where the VMM runs: its uid and gid, cgroups and network namespace. `None` only for
+    /// the unconfined baseline of `ignis bench boot --confinement off`.
+    #[serde(default)]
+    pub confinement: Option<process::Confinement>,
 }
 
 /// A running VMM process: what it takes to find it again after an agent restart.

@@ -11,6 +11,8 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use tokio::time::Instant;
 
+use super::jailer;
+pub use super::jailer::Confinement;
 use super::{API_TIMEOUT, VmmError, VmmHandle};
 use crate::agent::{console, host};
 
@@ -74,21 +76,43 @@ impl Output<'_> {
 }
 
 /// Start a VMM in a process group of its own. The child is never killed on drop: a VMM
-/// outlives the agent that started it. In a cluster it is also moved out of the agent's
-/// container cgroup (`agent::cgroup`), or killed when that fails, since it would die with the
-/// agent's container otherwise.
+/// outlives the agent that started it.
+///
+/// With a [`Confinement`] (every VM's VMM), the VMM is started through `ignis jailer`, which
+/// joins its cgroups (the confinement's, else the node-level VMM cgroup of `agent::cgroup`),
+/// enters its network namespace and drops to its uid and gid before it execs the VMM, so the
+/// VMM is confined from its first instruction. Without one (benchmark baselines, the simulated
+/// VMM) it is started as the agent's child and, in a cluster, moved out of the agent's
+/// container cgroup (or killed when that fails, since it would die with the agent's container
+/// otherwise).
 pub(crate) fn spawn(
     binary: &Path,
     args: impl IntoIterator<Item = impl AsRef<OsStr>>,
     stdout: Output<'_>,
     stderr: Output<'_>,
+    confinement: Option<&Confinement>,
 ) -> Result<tokio::process::Child, VmmError> {
     let spawn_error = |source| VmmError::Spawn {
         binary: binary.to_path_buf(),
         source,
     };
-    let mut child = tokio::process::Command::new(binary)
-        .args(args)
+    let mut command = match confinement {
+        Some(confinement) => {
+            let mut confinement = confinement.clone();
+            if confinement.cgroups.is_empty() {
+                confinement.cgroups = crate::agent::cgroup::vmm_dirs().map_err(spawn_error)?;
+            }
+            let mut command = tokio::process::Command::new(jailer::binary().map_err(spawn_error)?);
+            command.args(jailer::wrapper_args(&confinement, None, binary, args));
+            command
+        }
+        None => {
+            let mut command = tokio::process::Command::new(binary);
+            command.args(args);
+            command
+        }
+    };
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(stdout.open().map_err(spawn_error)?)
         .stderr(stderr.open().map_err(spawn_error)?)
@@ -96,7 +120,8 @@ pub(crate) fn spawn(
         .kill_on_drop(false)
         .spawn()
         .map_err(spawn_error)?;
-    if let Some(pid) = child.id()
+    if confinement.is_none()
+        && let Some(pid) = child.id()
         && let Err(source) = crate::agent::cgroup::place(pid)
     {
         let _ = child.start_kill();
@@ -325,6 +350,7 @@ mod tests {
             ["-c", script, &sock.display().to_string()],
             Output::Null,
             Output::Null,
+            None,
         )
         .expect("spawn");
         let pid = child.id().expect("pid");
@@ -359,7 +385,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = log_path(dir.path());
         let sleep = resolve_binary(Path::new("sleep")).expect("sleep");
-        let mut child = spawn(&sleep, ["30"], Output::Null, Output::Append(&log)).expect("spawn");
+        let mut child =
+            spawn(&sleep, ["30"], Output::Null, Output::Append(&log), None).expect("spawn");
         let handle =
             handle_for(&child, &dir.path().join("api.sock"), &dir.path().join("c")).expect("h");
         assert!(is_alive(&handle));

@@ -276,6 +276,7 @@ impl QemuBackend {
             qemu_args(config, self.host_tsc_khz),
             Output::Append(&log_path),
             Output::Append(&log_path),
+            config.confinement.as_ref(),
         )?;
         let waited = match process::handle_for(&child, &config.api_socket, &config.console_log) {
             Ok(handle) => wait_for_qmp(&mut child, &handle, &log_path)
@@ -425,6 +426,7 @@ mod tests {
             console_log: "/s/console.log".into(),
             api_socket: "/s/qmp.sock".into(),
             binary: "qemu-system-x86_64".into(),
+            confinement: None,
         }
     }
 
