@@ -12,6 +12,7 @@ pub(crate) mod host;
 pub mod image;
 pub mod kvm;
 pub mod net;
+pub(crate) mod pod;
 pub(crate) mod server;
 pub(crate) mod simulated;
 pub(crate) mod state;
@@ -238,6 +239,9 @@ pub struct AgentConfig {
     pub(crate) cloud_hypervisor_binary: PathBuf,
     pub boot_timeout: Duration,
     pub(crate) console_max_bytes: u64,
+    /// The host's cgroup filesystem, where VM pods' cgroups are found (`--vmm-cgroup-root`);
+    /// `None`: VMs with a pod fail (`ignis dev` has no pods).
+    pub pod_cgroup_root: Option<PathBuf>,
     pub simulated: bool,
     pub stop_vms_on_exit: bool,
     /// vCPUs offered per host CPU.
@@ -267,6 +271,7 @@ impl AgentConfig {
             cloud_hypervisor_binary: PathBuf::from("cloud-hypervisor"),
             boot_timeout: Duration::from_secs(60),
             console_max_bytes: 1 << 20,
+            pod_cgroup_root: None,
             simulated: false,
             stop_vms_on_exit: false,
             vcpu_overcommit: DEFAULT_VCPU_OVERCOMMIT,
@@ -298,6 +303,7 @@ impl AgentConfig {
             cloud_hypervisor_binary: args.cloud_hypervisor_binary.clone(),
             boot_timeout: args.boot_timeout,
             console_max_bytes: args.console_max_bytes,
+            pod_cgroup_root: args.vmm_cgroup_root.clone(),
             simulated: args.simulated,
             stop_vms_on_exit: args.stop_vms_on_exit,
             vcpu_overcommit: args.vcpu_overcommit,
@@ -454,6 +460,7 @@ pub(crate) async fn serve_with_metrics(
         SupervisorConfig {
             boot_timeout: config.boot_timeout,
             console_max_bytes: config.console_max_bytes,
+            pods: pod::Host::new(config.pod_cgroup_root.clone()),
             host: capacity,
             accelerator,
             accelerator_detail: accelerator_detail.clone(),

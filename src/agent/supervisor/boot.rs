@@ -90,11 +90,31 @@ impl Inner {
         let deadline = Instant::now() + self.config.boot_timeout;
         let spec = &request.spec;
         let dir = self.store.vm_dir(&spec.uid);
+        let sandbox = match &request.pod {
+            Some(pod) => match self.find_pod(slot, pod, deadline).await {
+                Ok(sandbox) => Some((pod, sandbox)),
+                Err(error) => return self.fail_boot(slot, None, &error).await,
+            },
+            None => None,
+        };
         // Before the VMM exists: it opens the taps by name. Idempotent for the same uid, so a
         // new run of the VM keeps its taps, MACs and addresses.
         let interfaces = match self.attach_network(&spec.uid, &spec.interfaces).await {
             Ok(interfaces) => interfaces,
             Err(error) => return self.fail_boot(slot, None, &error).await,
+        };
+        let confinement = None;
+        let (interfaces, confinement) = match &sandbox {
+            None => (interfaces, confinement),
+            Some((pod, sandbox)) => {
+                match self
+                    .enter_pod(slot, spec, pod, sandbox, interfaces, confinement)
+                    .await
+                {
+                    Ok(in_pod) => in_pod,
+                    Err(error) => return self.fail_boot(slot, None, &error).await,
+                }
+            }
         };
         let ip_addresses = net::ip_addresses(&interfaces);
         if let Some(port) = spec.readiness_tcp_port
@@ -135,7 +155,7 @@ impl Inner {
             binary: entry
                 .resolved_binary()
                 .unwrap_or_else(|| entry.binary.clone()),
-            confinement: None,
+            confinement,
         };
         let backend = entry.backend.clone();
         let created =
@@ -173,6 +193,7 @@ impl Inner {
             rt.status.pid = pid;
         });
         Self::spawn_child_watcher(self, slot, generation, created.child, exited_tx);
+        self.spawn_pod_console(slot, &run);
         let started = match tokio::time::timeout(
             API_TIMEOUT + Duration::from_secs(1),
             backend.start(&handle),

@@ -71,10 +71,12 @@ pub(super) fn nocloud_config(spec: &VmSpec, interfaces: &[AttachedInterface]) ->
         interfaces: interfaces
             .iter()
             .map(|i| {
-                let fixed = spec
-                    .interfaces
-                    .iter()
-                    .any(|r| r.name == i.name && r.address.is_some());
+                // A pod's namespace runs no DHCP server: the guest's pod address is static.
+                let fixed = i.mode == crate::api::InterfaceMode::Pod
+                    || spec
+                        .interfaces
+                        .iter()
+                        .any(|r| r.name == i.name && r.address.is_some());
                 GuestInterface {
                     name: i.name.clone(),
                     mac: i.mac.clone(),
@@ -158,6 +160,7 @@ mod tests {
             address: Some((ip.parse().expect("ip"), 16)),
             gateway: Some("10.88.0.1".parse().expect("gw")),
             dns: vec!["10.88.0.1".parse().expect("dns")],
+            reachable_at: None,
         }
     }
 

@@ -7,6 +7,7 @@ use crate::agent::cloud_init::CloudInitError;
 use crate::agent::console;
 use crate::agent::image::ImageError;
 use crate::agent::net::NetError;
+use crate::agent::pod::SandboxError;
 use crate::agent::state::StateError;
 use crate::agent::vmm::VmmError;
 use crate::api::{Accelerator, Hypervisor, InterfaceMode};
@@ -73,6 +74,10 @@ pub enum BootError {
         "interface {interface} asks for mode pod, but this VM has no pod: mode pod is the VM pod's network on a cluster; in ignis dev use nat, bridge or none"
     )]
     NoVmPod { interface: String },
+    /// The VM's pod could not be found or used on this node (`PodSandboxNotFound`, ...).
+    #[error(transparent)]
+    #[strum(transparent)]
+    PodSandbox(SandboxError),
     #[error(
         "readiness on TCP port {port} needs a guest address: give the VM an interface in mode nat, or in mode bridge with an address"
     )]
@@ -106,6 +111,7 @@ impl BootError {
         match self {
             BootError::State(_) | BootError::ImagesUnavailable { .. } => false,
             BootError::Network(e) => e.is_permanent(),
+            BootError::PodSandbox(e) => !e.is_retryable(),
             BootError::Image(e) => e.is_permanent(),
             BootError::CloudInit(e) => matches!(
                 e,

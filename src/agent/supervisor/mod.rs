@@ -18,6 +18,7 @@ mod exits;
 mod images;
 mod network;
 mod plan;
+mod pod;
 mod readiness;
 mod slots;
 mod stop;
@@ -86,6 +87,8 @@ pub(crate) struct SupervisorConfig {
     pub(crate) boot_timeout: Duration,
     /// Console log size cap (0 = no cap).
     pub(crate) console_max_bytes: u64,
+    /// Where VM pods' sandboxes are found.
+    pub(crate) pods: crate::agent::pod::Host,
     pub(crate) host: HostCapacity,
     /// What the KVM probe found.
     pub(crate) accelerator: Accelerator,

@@ -228,6 +228,19 @@ pub(crate) fn check_pod_interfaces(spec: &VmSpec, pod: Option<&PodRef>) -> Resul
             interface: first.name.clone(),
         });
     }
+    if let Some(node) = spec
+        .interfaces
+        .iter()
+        .find(|i| matches!(i.mode, InterfaceMode::Nat | InterfaceMode::Bridge))
+    {
+        return Err(BootError::Spec(SpecError::InvalidSpec {
+            field: "interfaces.mode",
+            detail: format!(
+                "interface {} is in mode {} and {} in mode pod: a VM on its pod's network runs in the pod's network namespace, where the node's bridges are not",
+                node.name, node.mode, first.name
+            ),
+        }));
+    }
     if let Some(second) = in_pod.next() {
         return Err(BootError::Spec(SpecError::InvalidSpec {
             field: "interfaces.mode",

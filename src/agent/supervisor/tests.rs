@@ -131,6 +131,7 @@ fn test_config(dir: &Path, boot_timeout: Duration) -> SupervisorConfig {
     SupervisorConfig {
         boot_timeout,
         console_max_bytes: 1 << 20,
+        pods: crate::agent::pod::Host::new(None),
         host: HostCapacity {
             vcpus: 4,
             memory_bytes: 8 << 30,

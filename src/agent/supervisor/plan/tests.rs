@@ -221,6 +221,7 @@ fn the_guest_cmdline_gets_the_network_parameters() {
         address: Some(("10.88.0.5".parse().expect("ip"), 16)),
         gateway: Some("10.88.0.1".parse().expect("gw")),
         dns: vec!["10.88.0.1".parse().expect("dns")],
+        reachable_at: None,
     };
     let eth0 = std::slice::from_ref(&eth0);
     assert_eq!(
