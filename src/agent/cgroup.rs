@@ -93,7 +93,7 @@ pub fn prepare_under(root: &Path, name: &str) -> io::Result<Vec<PathBuf>> {
 }
 
 /// Give the cgroup `dir` its `parent`'s CPUs and memory nodes when it has none (v1 cpuset).
-fn inherit_cpuset(parent: &Path, dir: &Path) -> io::Result<()> {
+pub(crate) fn inherit_cpuset(parent: &Path, dir: &Path) -> io::Result<()> {
     for file in ["cpuset.cpus", "cpuset.mems"] {
         let own = dir.join(file);
         if own.exists() && std::fs::read_to_string(&own)?.trim().is_empty() {

@@ -29,6 +29,11 @@ const MAX_DEPTH: usize = 7;
 const MAX_DIRS: usize = 50_000;
 /// The launcher's emptyDir as the launcher container sees it (Interface 3).
 pub(crate) const LAUNCHER_DIR: &str = "run/ignis";
+/// The VMM's own cgroup below the pod's in every hierarchy. A leaf, because cgroup v2 lets no
+/// process into a cgroup whose children have controllers (the pod's containers); below the
+/// pod's, so the pod's limits and accounting cover the VMM and the kubelet, which kills every
+/// process of the pod's subtree when it removes the pod, kills the VMM with the pod.
+pub(crate) const VMM_CGROUP: &str = "ignis-vmm";
 /// How often a sandbox still starting is looked for again.
 const POLL: Duration = Duration::from_millis(200);
 
@@ -75,6 +80,13 @@ pub enum SandboxError {
     #[error("pod uid {uid:?} is not a Kubernetes uid")]
     #[strum(serialize = "InvalidSpec")]
     InvalidUid { uid: String },
+    #[error("cannot create the VMM's cgroup {path}")]
+    #[strum(serialize = "PodSandboxUnavailable")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot read {path}")]
     #[strum(serialize = "PodSandboxUnavailable")]
     Read {
@@ -108,6 +120,29 @@ pub(crate) struct PodSandbox {
 }
 
 impl PodSandbox {
+    /// The VMM's cgroup in each of the pod's hierarchies ([`VMM_CGROUP`]), created when
+    /// missing (a new v1 cpuset one gets the pod's CPUs and memory nodes).
+    pub(crate) fn vmm_cgroups(&self) -> Result<Vec<PathBuf>, SandboxError> {
+        self.cgroups
+            .iter()
+            .map(|pod| {
+                let dir = pod.join(VMM_CGROUP);
+                let failed = |source| SandboxError::Cgroup {
+                    path: dir.clone(),
+                    source,
+                };
+                match std::fs::create_dir(&dir) {
+                    Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                        return Err(failed(e));
+                    }
+                    _ => {}
+                }
+                crate::agent::cgroup::inherit_cpuset(pod, &dir).map_err(failed)?;
+                Ok(dir)
+            })
+            .collect()
+    }
+
     /// The launcher's `/run/ignis` emptyDir, as seen from the agent.
     pub(crate) fn console_dir(&self) -> PathBuf {
         self.launcher_root.join(LAUNCHER_DIR)

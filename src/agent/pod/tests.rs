@@ -206,3 +206,33 @@ async fn waiting_finds_a_sandbox_that_appears_later_and_gives_up_at_the_bound() 
     assert_eq!(found.cgroups, [dir]);
     later.await.expect("task");
 }
+
+#[test]
+fn the_vmm_gets_a_leaf_below_the_pod_with_the_pods_cpus() {
+    let tree = Tree::new();
+    tree.launcher("500");
+    let mut pods = Vec::new();
+    for hierarchy in ["cpuset", "memory"] {
+        tree.cgroup_dir(hierarchy, &["1"]);
+        let pod = tree.cgroup_dir(&format!("{hierarchy}/kubepods/pod{UID}"), &[]);
+        tree.cgroup_dir(&format!("{hierarchy}/kubepods/pod{UID}/guest"), &["500"]);
+        pods.push(pod);
+    }
+    std::fs::write(pods[0].join("cpuset.cpus"), "0-1\n").expect("cpus");
+    std::fs::write(pods[0].join("cpuset.mems"), "0\n").expect("mems");
+    // The kernel gives a new v1 cpuset cgroup empty files; a plain directory has none.
+    let leaf = pods[0].join(VMM_CGROUP);
+    std::fs::create_dir(&leaf).expect("leaf");
+    std::fs::write(leaf.join("cpuset.cpus"), "").expect("cpus");
+    std::fs::write(leaf.join("cpuset.mems"), "").expect("mems");
+    let sandbox = tree.host.find(&pod()).expect("found");
+    let dirs = sandbox.vmm_cgroups().expect("made");
+    assert_eq!(dirs, [pods[0].join(VMM_CGROUP), pods[1].join(VMM_CGROUP)]);
+    assert!(dirs[1].is_dir());
+    assert_eq!(
+        std::fs::read_to_string(leaf.join("cpuset.cpus")).expect("cpus"),
+        "0-1"
+    );
+    // Again (a new run in the same pod): the same cgroups.
+    assert_eq!(sandbox.vmm_cgroups().expect("again"), dirs);
+}

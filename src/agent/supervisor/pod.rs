@@ -106,7 +106,7 @@ impl Inner {
         on_pod_network: bool,
     ) -> Result<Confinement, BootError> {
         let mut confinement = confinement.ok_or(BootError::PodSandbox(SandboxError::Unconfined))?;
-        confinement.cgroups = sandbox.cgroups.clone();
+        confinement.cgroups = sandbox.vmm_cgroups().map_err(BootError::PodSandbox)?;
         confinement.netns = on_pod_network.then(|| sandbox.netns.clone());
         Ok(confinement)
     }
