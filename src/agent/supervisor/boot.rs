@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use super::disks::{GuestFiles, hostname};
 use super::*;
 use crate::agent::image::ResolvedImage;
-use crate::agent::net::{self, AttachedInterface};
-use crate::agent::vmm::{API_TIMEOUT, VmConfig, VmmError};
+use crate::agent::net::{self, AttachedInterface, NetError};
+use crate::agent::vmm::{API_TIMEOUT, OpenedFiles, VmConfig, VmmError};
 use crate::vm::VmSpec;
 
 impl Inner {
@@ -28,7 +28,7 @@ impl Inner {
         if let Some(error) = refused {
             return self.fail_boot(slot, None, &BootError::Spec(error)).await;
         }
-        let (plan, entry) = match self.plan_run(&request.spec) {
+        let (plan, entry, opened) = match self.plan_run(&request.spec) {
             Ok(planned) => planned,
             Err(error) => return self.fail_boot(slot, None, &error).await,
         };
@@ -41,7 +41,8 @@ impl Inner {
         }
         if request.spec.images().is_empty() {
             let files = GuestFiles::new(&request.spec, &[]);
-            self.launch(slot, &request, plan, entry, files).await;
+            self.launch(slot, &request, plan, entry, files, opened)
+                .await;
         } else {
             self.start_pull(slot, request);
         }
@@ -55,25 +56,27 @@ impl Inner {
         images: Vec<ResolvedImage>,
     ) {
         // Planned again: the node may have changed during a long pull.
-        let (plan, entry) = match self.plan_run(&request.spec) {
+        let (plan, entry, opened) = match self.plan_run(&request.spec) {
             Ok(planned) => planned,
             Err(error) => return self.fail_boot(slot, None, &error).await,
         };
         let files = GuestFiles::new(&request.spec, &images);
-        self.launch(slot, &request, plan, entry, files).await;
+        self.launch(slot, &request, plan, entry, files, opened)
+            .await;
     }
 
-    /// Which VMM and accelerator, checked against the node and the node's files.
-    fn plan_run(&self, spec: &VmSpec) -> Result<(BootPlan, BackendEntry), BootError> {
+    /// Which VMM and accelerator, checked against the node; the node's files the spec names,
+    /// opened beneath the admin's allowed directories.
+    fn plan_run(&self, spec: &VmSpec) -> Result<(BootPlan, BackendEntry, OpenedFiles), BootError> {
         let plan = plan_boot(spec, &self.plan_env())?;
-        check_files(spec)?;
+        let opened = check_files(spec, &self.config.policy.allowed_path_dirs)?;
         let entry = self.backend(plan.hypervisor).cloned().ok_or_else(|| {
             BootError::HypervisorUnavailable {
                 hypervisor: plan.hypervisor.to_string(),
                 detail: "no backend for it in this agent".into(),
             }
         })?;
-        Ok((plan, entry))
+        Ok((plan, entry, opened))
     }
 
     /// Disks, network, VMM, guest: the run from its files to a started guest. The boot
@@ -85,6 +88,7 @@ impl Inner {
         plan: BootPlan,
         entry: BackendEntry,
         files: GuestFiles,
+        opened: OpenedFiles,
     ) {
         let deadline = Instant::now() + self.config.boot_timeout;
         let spec = &request.spec;
@@ -95,6 +99,23 @@ impl Inner {
             Ok(interfaces) => interfaces,
             Err(error) => return self.fail_boot(slot, None, &error).await,
         };
+        let confinement = match self.confinement(&spec.uid) {
+            Ok(confinement) => confinement,
+            Err(error) => return self.fail_boot(slot, None, &error).await,
+        };
+        // The VMM opens its taps by name, as its own uid: they must be its.
+        if let Some(c) = &confinement
+            && let Some(error) = interfaces.iter().find_map(|iface| {
+                net::tap::set_owner(&iface.tap, c.uid, c.gid)
+                    .err()
+                    .map(|source| NetError::Tap {
+                        tap: iface.tap.clone(),
+                        source,
+                    })
+            })
+        {
+            return self.fail_boot(slot, None, &BootError::Network(error)).await;
+        }
         let ip_addresses = net::ip_addresses(&interfaces);
         if let Some(port) = spec.readiness_tcp_port
             && ip_addresses.is_empty()
@@ -134,7 +155,8 @@ impl Inner {
             binary: entry
                 .resolved_binary()
                 .unwrap_or_else(|| entry.binary.clone()),
-            confinement: None,
+            confinement,
+            opened,
         };
         let backend = entry.backend.clone();
         let created =
