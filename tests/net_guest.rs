@@ -161,6 +161,7 @@ async fn boot(
         state_dir,
         binary: PathBuf::new(),
         confinement: None,
+        opened: Default::default(),
     };
     let spawned = backend.create(&config).await.expect("create the VM");
     backend.start(&spawned.handle).await.expect("start the VM");

@@ -6,6 +6,7 @@
 pub(crate) mod atomic_file;
 pub(crate) mod cgroup;
 pub mod cloud_init;
+pub mod confine;
 pub(crate) mod console;
 pub mod guest;
 pub(crate) mod host;
@@ -127,6 +128,27 @@ pub struct AgentArgs {
     /// Turn guest networking off: VMs asking for `nat`/`bridge` interfaces fail.
     #[arg(long, env = "IGNIS_NO_NETWORK")]
     pub(crate) no_network: bool,
+    /// The first of the unprivileged uids (and gids) VMMs run as, one per VM (never 0).
+    #[arg(long, env = "IGNIS_VMM_FIRST_ID", default_value_t = confine::DEFAULT_FIRST_ID, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) vmm_first_id: u32,
+    /// How many such ids (so how many VMs may exist on the node at once).
+    #[arg(long, env = "IGNIS_VMM_ID_COUNT", default_value_t = confine::DEFAULT_ID_COUNT, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) vmm_id_count: u32,
+    /// A directory whose files a MicroVM may name as `kernel.path`, `initrd.path` or
+    /// `rootfs.path` (repeatable). Paths are resolved beneath it, no symlink escaping; any
+    /// other path fails the VM with `PathNotAllowed`. Default: `<state dir>/guest`, the demo
+    /// guest.
+    #[arg(
+        long = "allowed-path-dir",
+        env = "IGNIS_ALLOWED_PATH_DIRS",
+        value_delimiter = ','
+    )]
+    pub(crate) allowed_path_dirs: Vec<PathBuf>,
+    /// Let guests run under TCG (emulation). QEMU's security policy: "TCG is not a security
+    /// boundary"; only KVM guests are. Off by default: a VM that would need TCG fails with
+    /// `TcgNotAllowed`.
+    #[arg(long, env = "IGNIS_ALLOW_TCG")]
+    pub(crate) allow_tcg: bool,
 }
 
 /// Errors of `ignis agent`.
@@ -253,6 +275,8 @@ pub struct AgentConfig {
     pub network_setup: NetworkSetup,
     /// The node's image cache (`<state dir>/images`).
     pub images: image::ImageStoreConfig,
+    /// How VMMs are confined, which host paths specs may name, whether TCG may run.
+    pub vmm_policy: confine::VmmPolicy,
 }
 
 impl AgentConfig {
@@ -279,6 +303,13 @@ impl AgentConfig {
             network: Some(net::NetworkConfig::new(state_dir.join("net"))),
             network_setup: NetworkSetup::OnFirstUse,
             images: image::ImageStoreConfig::new(state_dir.join("images")),
+            // Confined as on a cluster; TCG allowed, because `ignis dev` and the tests run
+            // where KVM may be missing (a choice made here, visibly, not by default).
+            vmm_policy: confine::VmmPolicy {
+                ids: Some(confine::IdRange::default()),
+                allowed_path_dirs: vec![state_dir.join("guest")],
+                allow_tcg: true,
+            },
         }
     }
 
@@ -311,6 +342,18 @@ impl AgentConfig {
             network: (!args.no_network).then(|| args.network.config(&args.state_dir)),
             network_setup: NetworkSetup::AtStart,
             images: args.images.config(&args.state_dir),
+            vmm_policy: confine::VmmPolicy {
+                ids: Some(confine::IdRange {
+                    first: args.vmm_first_id,
+                    count: args.vmm_id_count,
+                }),
+                allowed_path_dirs: if args.allowed_path_dirs.is_empty() {
+                    vec![args.state_dir.join("guest")]
+                } else {
+                    args.allowed_path_dirs.clone()
+                },
+                allow_tcg: args.allow_tcg,
+            },
         })
     }
 }
@@ -468,6 +511,7 @@ pub(crate) async fn serve_with_metrics(
             unavailable,
             network: config.network.clone(),
             images: Some(config.images.clone()),
+            policy: config.vmm_policy.clone(),
         },
         store,
         backends,

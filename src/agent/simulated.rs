@@ -57,6 +57,7 @@ impl VmmBackend for SimulatedBackend {
             Output::Null,
             Output::Null,
             config.confinement.as_ref(),
+            Vec::new(),
         )?;
         let handle = process::handle_for(&child, &config.api_socket, &config.console_log)?;
         Ok(Spawned { handle, child })

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use super::disks::{GuestFiles, hostname};
 use super::*;
 use crate::agent::image::ResolvedImage;
-use crate::agent::net::{self, AttachedInterface};
-use crate::agent::vmm::{API_TIMEOUT, VmConfig, VmmError};
+use crate::agent::net::{self, AttachedInterface, NetError};
+use crate::agent::vmm::{API_TIMEOUT, OpenedFiles, VmConfig, VmmError};
 
 impl Inner {
     pub(super) async fn boot(
@@ -27,7 +27,7 @@ impl Inner {
         if let Some(error) = refused {
             return self.fail_boot(slot, None, &BootError::Spec(error)).await;
         }
-        let (plan, entry) = match self.plan_run(&request) {
+        let (plan, entry, opened) = match self.plan_run(&request) {
             Ok(planned) => planned,
             Err(error) => return self.fail_boot(slot, None, &error).await,
         };
@@ -40,7 +40,8 @@ impl Inner {
         }
         if request.spec.images().is_empty() {
             let files = GuestFiles::new(&request.spec, &[]);
-            self.launch(slot, &request, plan, entry, files).await;
+            self.launch(slot, &request, plan, entry, files, opened)
+                .await;
         } else {
             self.start_pull(slot, request);
         }
@@ -54,27 +55,32 @@ impl Inner {
         images: Vec<ResolvedImage>,
     ) {
         // Planned again: the node may have changed during a long pull.
-        let (plan, entry) = match self.plan_run(&request) {
+        let (plan, entry, opened) = match self.plan_run(&request) {
             Ok(planned) => planned,
             Err(error) => return self.fail_boot(slot, None, &error).await,
         };
         let files = GuestFiles::new(&request.spec, &images);
-        self.launch(slot, &request, plan, entry, files).await;
+        self.launch(slot, &request, plan, entry, files, opened)
+            .await;
     }
 
-    /// Which VMM and accelerator, checked against the node and the node's files.
-    fn plan_run(&self, request: &ApplyRequest) -> Result<(BootPlan, BackendEntry), BootError> {
+    /// Which VMM and accelerator, checked against the node (and the VM's pod); the node's
+    /// files the spec names, opened beneath the admin's allowed directories.
+    fn plan_run(
+        &self,
+        request: &ApplyRequest,
+    ) -> Result<(BootPlan, BackendEntry, OpenedFiles), BootError> {
         let spec = &request.spec;
         let plan = plan_boot(spec, &self.plan_env())?;
         check_pod_interfaces(spec, request.pod.as_ref())?;
-        check_files(spec)?;
+        let opened = check_files(spec, &self.config.policy.allowed_path_dirs)?;
         let entry = self.backend(plan.hypervisor).cloned().ok_or_else(|| {
             BootError::HypervisorUnavailable {
                 hypervisor: plan.hypervisor.to_string(),
                 detail: "no backend for it in this agent".into(),
             }
         })?;
-        Ok((plan, entry))
+        Ok((plan, entry, opened))
     }
 
     /// Disks, network, VMM, guest: the run from its files to a started guest. The boot
@@ -86,6 +92,7 @@ impl Inner {
         plan: BootPlan,
         entry: BackendEntry,
         files: GuestFiles,
+        opened: OpenedFiles,
     ) {
         let deadline = Instant::now() + self.config.boot_timeout;
         let spec = &request.spec;
@@ -103,7 +110,25 @@ impl Inner {
             Ok(interfaces) => interfaces,
             Err(error) => return self.fail_boot(slot, None, &error).await,
         };
-        let confinement = None;
+        let confinement = match self.confinement(&spec.uid) {
+            Ok(confinement) => confinement,
+            Err(error) => return self.fail_boot(slot, None, &error).await,
+        };
+        // The VMM opens its taps by name, as its own uid: they must be its.
+        if let Some(c) = &confinement
+            && let Some(error) = interfaces.iter().find_map(|iface| {
+                net::tap::set_owner(&iface.tap, c.uid, c.gid)
+                    .err()
+                    .map(|source| NetError::Tap {
+                        tap: iface.tap.clone(),
+                        source,
+                    })
+            })
+        {
+            return self.fail_boot(slot, None, &BootError::Network(error)).await;
+        }
+        // In a pod: after the node's taps (a pod's tap0 is in the pod's namespace, made there
+        // with its owner).
         let (interfaces, confinement) = match &sandbox {
             None => (interfaces, confinement),
             Some((pod, sandbox)) => {
@@ -156,6 +181,7 @@ impl Inner {
                 .resolved_binary()
                 .unwrap_or_else(|| entry.binary.clone()),
             confinement,
+            opened,
         };
         let backend = entry.backend.clone();
         let created =

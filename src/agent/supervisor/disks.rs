@@ -111,6 +111,7 @@ impl Inner {
                 format: DiskFormat::Raw,
                 read_only: spec.rootfs_read_only,
                 root: true,
+                backing: None,
             }),
             (Some(RootDisk::Cached(cached)), Some(backend)) => {
                 let disk = VmDisk::prepare(cached, dir, backend, spec.rootfs_read_only)
@@ -122,6 +123,7 @@ impl Inner {
                     format: disk.format,
                     read_only: disk.read_only,
                     root: true,
+                    backing: disk.backing,
                 });
             }
             (Some(RootDisk::Cached(_)), None) => {}
@@ -138,6 +140,7 @@ impl Inner {
                 format: DiskFormat::Raw,
                 read_only: true,
                 root: false,
+                backing: None,
             });
         }
         Ok(disks)

@@ -15,6 +15,7 @@ mod disks;
 mod errors;
 mod events;
 mod exits;
+mod ids;
 mod images;
 mod network;
 mod plan;
@@ -101,6 +102,8 @@ pub(crate) struct SupervisorConfig {
     pub(crate) network: Option<NetworkConfig>,
     /// The node's image cache; `None`: VMs from images are refused.
     pub(crate) images: Option<ImageStoreConfig>,
+    /// VMM ids, allowed host paths, TCG.
+    pub(crate) policy: crate::agent::confine::VmmPolicy,
 }
 
 struct Inner {
@@ -115,6 +118,8 @@ struct Inner {
     generation: AtomicU64,
     network: Networking,
     images: Images,
+    /// Held while a VM is given its VMM ids, so two VMs never get the same.
+    ids_lock: Mutex<()>,
 }
 
 /// The VM supervisor; cheap to clone.
@@ -143,6 +148,7 @@ impl Supervisor {
                 metrics,
                 shutdown: CancellationToken::new(),
                 generation: AtomicU64::new(1),
+                ids_lock: Mutex::new(()),
             }),
         }
     }

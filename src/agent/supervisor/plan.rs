@@ -2,8 +2,12 @@
 //! (which VMM, which accelerator, enough memory, networking that can carry readiness), and
 //! the kernel, initrd and rootfs files. Pure but for the file checks.
 
+use std::path::PathBuf;
+
 use super::*;
+use crate::agent::confine::{self, PathError};
 use crate::agent::net::{self, AttachedInterface};
+use crate::agent::vmm::OpenedFiles;
 use crate::vm::{GuestFile, Interface, InterfaceMode, PodRef, VmSpec};
 
 /// What the node offers, for [`plan_boot`].
@@ -17,6 +21,8 @@ pub(crate) struct PlanEnv {
     /// Backends this agent knows but cannot run, with why.
     pub(crate) unavailable: Vec<(Hypervisor, String)>,
     pub(crate) simulated: bool,
+    /// Whether the admin lets guests run under TCG (`--allow-tcg`).
+    pub(crate) allow_tcg: bool,
 }
 
 /// A validated boot: which VMM, which accelerator.
@@ -124,6 +130,10 @@ pub(crate) fn plan_boot(spec: &VmSpec, env: &PlanEnv) -> Result<BootPlan, BootEr
             });
         }
     };
+    // The simulated VMM runs no guest code, so it emulates nothing either.
+    if accelerator == Accelerator::Tcg && !env.allow_tcg && hypervisor != Hypervisor::Simulated {
+        return Err(BootError::TcgNotAllowed);
+    }
     if let Some(port) = spec.readiness_tcp_port
         && !spec.interfaces.iter().any(gets_an_address)
     {
@@ -136,11 +146,14 @@ pub(crate) fn plan_boot(spec: &VmSpec, env: &PlanEnv) -> Result<BootPlan, BootEr
     })
 }
 
-/// Check that the kernel, initrd and rootfs given as node paths exist and can be read, before
-/// anything is created (images are checked by their pull).
-pub(crate) fn check_files(spec: &VmSpec) -> Result<(), BootError> {
+/// Open the kernel, initrd and rootfs given as node paths, before anything is created, for
+/// the VMM to get as descriptors: only beneath a directory of `allowed`, never leaving it
+/// (see [`confine::open_allowed`]); a path outside is refused without being opened. Images
+/// are checked by their pull.
+pub(crate) fn check_files(spec: &VmSpec, allowed: &[PathBuf]) -> Result<OpenedFiles, BootError> {
+    let mut opened = Vec::new();
     if let Some(kernel) = spec.kernel.path() {
-        check_readable(kernel).map_err(|(missing, source)| {
+        let fd = open_checked(kernel, allowed, false, "kernel.path", |missing, source| {
             let path = kernel.to_owned();
             if missing {
                 BootError::KernelNotFound { path, source }
@@ -148,9 +161,10 @@ pub(crate) fn check_files(spec: &VmSpec) -> Result<(), BootError> {
                 BootError::KernelUnreadable { path, source }
             }
         })?;
+        opened.push((PathBuf::from(kernel), fd));
     }
     if let Some(initrd) = spec.initrd.as_ref().and_then(GuestFile::path) {
-        check_readable(initrd).map_err(|(missing, source)| {
+        let fd = open_checked(initrd, allowed, false, "initrd.path", |missing, source| {
             let path = initrd.to_owned();
             if missing {
                 BootError::InitrdNotFound { path, source }
@@ -158,43 +172,54 @@ pub(crate) fn check_files(spec: &VmSpec) -> Result<(), BootError> {
                 BootError::InitrdUnreadable { path, source }
             }
         })?;
+        opened.push((PathBuf::from(initrd), fd));
     }
     if let Some(rootfs) = spec.rootfs.as_ref().and_then(GuestFile::path) {
-        check_readable(rootfs).map_err(|(_, source)| BootError::RootfsUnreadable {
-            path: rootfs.to_owned(),
-            source,
+        let writable = !spec.rootfs_read_only;
+        let fd = open_checked(rootfs, allowed, writable, "rootfs.path", |_, source| {
+            BootError::RootfsUnreadable {
+                path: rootfs.to_owned(),
+                source,
+            }
         })?;
+        opened.push((PathBuf::from(rootfs), fd));
     }
-    Ok(())
+    Ok(OpenedFiles::new(opened))
 }
 
-/// Open and read one byte: permission bits alone lie when the agent runs as root.
-/// The error says whether the file is missing.
-pub(super) fn check_readable(path: &str) -> Result<(), (bool, std::io::Error)> {
-    use std::io::Read;
-    if path.is_empty() {
-        return Err((
-            true,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no path given"),
-        ));
-    }
-    let mut file =
-        std::fs::File::open(path).map_err(|e| (e.kind() == std::io::ErrorKind::NotFound, e))?;
-    let meta = file.metadata().map_err(|e| (false, e))?;
-    if !meta.is_file() {
-        return Err((
+/// Open one allowed file and read its first byte (permission bits alone lie when the agent
+/// runs as root; `pread`, so the descriptor's offset stays at 0). `unreadable` builds the
+/// error of a file that is missing (`true`) or cannot be read.
+fn open_checked(
+    path: &str,
+    allowed: &[PathBuf],
+    writable: bool,
+    field: &'static str,
+    unreadable: impl Fn(bool, std::io::Error) -> BootError,
+) -> Result<std::os::fd::OwnedFd, BootError> {
+    use std::os::unix::fs::FileExt;
+    let fd = confine::open_allowed(path, allowed, writable).map_err(|error| match error {
+        PathError::Open {
+            missing, source, ..
+        } => unreadable(missing, source),
+        PathError::NotAFile { .. } => unreadable(
             false,
             std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
-        ));
-    }
+        ),
+        refused => BootError::PathNotAllowed {
+            field,
+            source: refused,
+        },
+    })?;
+    let file = std::fs::File::from(fd);
     let mut byte = [0u8; 1];
-    match file.read(&mut byte) {
-        Ok(1) => Ok(()),
-        Ok(_) => Err((
+    match file.read_at(&mut byte, 0) {
+        Ok(1) => Ok(file.into()),
+        Ok(_) => Err(unreadable(
             false,
             std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the file is empty"),
         )),
-        Err(e) => Err((false, e)),
+        Err(e) => Err(unreadable(false, e)),
     }
 }
 
@@ -307,6 +332,7 @@ impl Inner {
             available,
             unavailable,
             simulated: self.config.simulated,
+            allow_tcg: self.config.policy.allow_tcg,
         }
     }
 }

@@ -144,6 +144,13 @@ fn test_config(dir: &Path, boot_timeout: Duration) -> SupervisorConfig {
         images: Some(crate::agent::image::ImageStoreConfig::new(
             dir.join("images"),
         )),
+        // Unconfined: a unit test's executable is its harness, not `ignis jailer`; the
+        // confined spawn is tested with the real binary (tests/vmm_confinement.rs).
+        policy: crate::agent::confine::VmmPolicy {
+            ids: None,
+            allowed_path_dirs: vec![dir.to_path_buf()],
+            allow_tcg: true,
+        },
     }
 }
 

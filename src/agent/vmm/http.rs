@@ -328,6 +328,7 @@ pub(crate) async fn launch(launch: Launch<'_>) -> Result<super::Spawned, VmmErro
         Output::Append(launch.stdout),
         Output::Append(vmm_log),
         launch.confinement,
+        Vec::new(),
     )?;
     let result = async {
         let handle = process::handle_for(&child, launch.api_socket, launch.console_log)?;

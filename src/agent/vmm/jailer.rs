@@ -68,12 +68,31 @@ pub fn use_binary(path: impl Into<PathBuf>) {
     let _ = BINARY.set(path.into());
 }
 
-/// The `ignis` binary to run `jailer` from.
+/// The `ignis` binary to run `jailer` from: the one [`use_binary`] named, else this process's
+/// own executable when it is `ignis`, else (a test harness in `target/<profile>/deps/`) the
+/// `ignis` cargo builds beside the harnesses. Never the harness itself, which would take
+/// `jailer` for a test filter.
 pub(crate) fn binary() -> std::io::Result<PathBuf> {
-    match BINARY.get() {
-        Some(path) => Ok(path.clone()),
-        None => std::env::current_exe(),
+    if let Some(path) = BINARY.get() {
+        return Ok(path.clone());
     }
+    let exe = std::env::current_exe()?;
+    if exe.file_name().is_some_and(|name| name == "ignis") {
+        return Ok(exe);
+    }
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|profile| profile.join("ignis"))
+        .filter(|candidate| candidate.is_file())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!(
+                    "{} is not the ignis binary, and no ignis binary is beside it to run `ignis jailer`",
+                    exe.display()
+                ),
+            )
+        })
 }
 
 /// The command line (after the `ignis` binary) that runs `vmm args...` under `confinement`.

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use command_fds::CommandFdExt;
+pub use command_fds::FdMapping;
 use nix::sys::signal::Signal;
 use tokio::time::Instant;
 
@@ -85,12 +87,17 @@ impl Output<'_> {
 /// VMM) it is started as the agent's child and, in a cluster, moved out of the agent's
 /// container cgroup (or killed when that fails, since it would die with the agent's container
 /// otherwise).
+///
+/// `fds` are files the agent opened for the VMM: each lands at its `child_fd` in the VMM's
+/// descriptor table (mapped in the forked child only, so no other process the agent spawns
+/// meanwhile inherits them).
 pub(crate) fn spawn(
     binary: &Path,
     args: impl IntoIterator<Item = impl AsRef<OsStr>>,
     stdout: Output<'_>,
     stderr: Output<'_>,
     confinement: Option<&Confinement>,
+    fds: Vec<FdMapping>,
 ) -> Result<tokio::process::Child, VmmError> {
     let spawn_error = |source| VmmError::Spawn {
         binary: binary.to_path_buf(),
@@ -112,6 +119,14 @@ pub(crate) fn spawn(
             command
         }
     };
+    if !fds.is_empty() {
+        command.fd_mappings(fds).map_err(|e| {
+            spawn_error(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                e.to_string(),
+            ))
+        })?;
+    }
     let mut child = command
         .stdin(Stdio::null())
         .stdout(stdout.open().map_err(spawn_error)?)
@@ -351,6 +366,7 @@ mod tests {
             Output::Null,
             Output::Null,
             None,
+            Vec::new(),
         )
         .expect("spawn");
         let pid = child.id().expect("pid");
@@ -385,8 +401,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = log_path(dir.path());
         let sleep = resolve_binary(Path::new("sleep")).expect("sleep");
-        let mut child =
-            spawn(&sleep, ["30"], Output::Null, Output::Append(&log), None).expect("spawn");
+        let mut child = spawn(
+            &sleep,
+            ["30"],
+            Output::Null,
+            Output::Append(&log),
+            None,
+            Vec::new(),
+        )
+        .expect("spawn");
         let handle =
             handle_for(&child, &dir.path().join("api.sock"), &dir.path().join("c")).expect("h");
         assert!(is_alive(&handle));

@@ -16,6 +16,7 @@ fn stand_in(dir: &Path) -> tokio::process::Child {
         Output::Null,
         Output::Null,
         None,
+        Vec::new(),
     )
     .expect("spawn")
 }
