@@ -15,6 +15,7 @@ pub mod telemetry;
 pub mod testing;
 pub(crate) mod time;
 pub mod vm;
+pub mod vm_pod;
 
 pub use error::ErrorReason;
 

@@ -25,6 +25,7 @@ fn config(state_dir: &Path) -> AgentConfig {
     let mut config = AgentConfig::local(state_dir);
     config.accelerator = AcceleratorFlag::Tcg;
     config.boot_timeout = BOOT;
+    common::allow_test_guests(&mut config);
     config.network_setup = NetworkSetup::AtStart;
     config
 }

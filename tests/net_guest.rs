@@ -160,6 +160,8 @@ async fn boot(
         api_socket: state_dir.join("qmp.sock"),
         state_dir,
         binary: PathBuf::new(),
+        confinement: None,
+        opened: Default::default(),
     };
     let spawned = backend.create(&config).await.expect("create the VM");
     backend.start(&spawned.handle).await.expect("start the VM");

@@ -60,6 +60,8 @@ fn config(qemu: &Path, g: &DemoGuest, state: &Path, extra: &str) -> VmConfig {
         console_log: state.join("console.log"),
         api_socket: state.join("qmp.sock"),
         binary: qemu.to_path_buf(),
+        confinement: None,
+        opened: Default::default(),
     }
 }
 

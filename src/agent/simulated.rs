@@ -51,7 +51,14 @@ impl VmmBackend for SimulatedBackend {
             .open(&config.console_log)
             .map_err(io)?;
         writeln!(console, "simulated VM {}: no guest runs here", config.id).map_err(io)?;
-        let child = process::spawn(&binary, ["infinity"], Output::Null, Output::Null)?;
+        let child = process::spawn(
+            &binary,
+            ["infinity"],
+            Output::Null,
+            Output::Null,
+            config.confinement.as_ref(),
+            Vec::new(),
+        )?;
         let handle = process::handle_for(&child, &config.api_socket, &config.console_log)?;
         Ok(Spawned { handle, child })
     }

@@ -294,6 +294,11 @@ impl Stack {
             agent_health.to_string(),
             "--accelerator".into(),
             "tcg".into(),
+            // No KVM here: emulation, allowed explicitly (it is no security boundary).
+            "--allow-tcg".into(),
+            // The demo guest is built beside the agent's state, not in it.
+            "--allowed-path-dir".into(),
+            dir.join("guest").display().to_string(),
             "--boot-timeout".into(),
             format!("{}s", options.boot_timeout.as_secs().max(1)),
             "--stop-vms-on-exit".into(),

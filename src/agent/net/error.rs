@@ -86,6 +86,18 @@ pub enum NetError {
     #[error("DHCP on the bridge")]
     #[strum(transparent)]
     Dhcp(#[source] super::dhcp::DhcpError),
+    #[error("cannot enter the VM pod's network namespace {path}")]
+    #[strum(serialize = "PodNetworkFailed")]
+    PodNetns {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the VM pod has no IPv4 address on eth0 and the controller sent none")]
+    PodIpUnknown,
+    #[error("the guest's rules in the VM pod's network namespace could not be set: {detail}")]
+    #[strum(serialize = "PodNetworkFailed")]
+    PodFirewall { detail: String },
     #[error("I/O on network state {path}")]
     #[strum(serialize = "NetworkStateIoError")]
     State {

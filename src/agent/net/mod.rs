@@ -21,6 +21,7 @@ pub(crate) mod link;
 pub mod mac;
 pub(crate) mod nat;
 mod plan;
+pub(crate) mod pod;
 pub mod tap;
 
 pub use error::NetError;
@@ -174,6 +175,10 @@ pub struct AttachedInterface {
     /// DNS servers for the guest (the gateway, where the node's dnsmasq answers).
     #[serde(default)]
     pub dns: Vec<Ipv4Addr>,
+    /// Where the guest is reached from outside when that is not its own address (mode `pod`:
+    /// the pod IP, which the pod's namespace forwards to the guest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) reachable_at: Option<Ipv4Addr>,
 }
 
 impl AttachedInterface {
@@ -206,7 +211,8 @@ pub fn kernel_cmdline(interfaces: &[AttachedInterface], hostname: &str) -> Strin
 pub(crate) fn ip_addresses(interfaces: &[AttachedInterface]) -> Vec<String> {
     interfaces
         .iter()
-        .filter_map(|i| i.address.map(|(ip, _)| ip.to_string()))
+        .filter_map(|i| i.reachable_at.or(i.address.map(|(ip, _)| ip)))
+        .map(|ip| ip.to_string())
         .collect()
 }
 
@@ -509,6 +515,7 @@ impl NetworkManager {
                 address,
                 gateway,
                 dns,
+                reachable_at: None,
             });
         }
         // Recorded before any tap exists: a crash from here on leaves a record to clean up.

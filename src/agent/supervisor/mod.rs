@@ -15,9 +15,11 @@ mod disks;
 mod errors;
 mod events;
 mod exits;
+mod ids;
 mod images;
 mod network;
 mod plan;
+mod pod;
 mod readiness;
 mod slots;
 mod stop;
@@ -55,7 +57,7 @@ use images::{Images, PullHandle};
 use network::Networking;
 use plan::BootPlan;
 use plan::needs_tap;
-pub(crate) use plan::{check_files, guest_cmdline, plan_boot};
+pub(crate) use plan::{check_files, check_pod_interfaces, guest_cmdline, plan_boot};
 use readiness::Readiness;
 use slots::{RunHandle, VmSlot};
 use stop::force_kill;
@@ -86,6 +88,8 @@ pub(crate) struct SupervisorConfig {
     pub(crate) boot_timeout: Duration,
     /// Console log size cap (0 = no cap).
     pub(crate) console_max_bytes: u64,
+    /// Where VM pods' sandboxes are found.
+    pub(crate) pods: crate::agent::pod::Host,
     pub(crate) host: HostCapacity,
     /// What the KVM probe found.
     pub(crate) accelerator: Accelerator,
@@ -98,6 +102,8 @@ pub(crate) struct SupervisorConfig {
     pub(crate) network: Option<NetworkConfig>,
     /// The node's image cache; `None`: VMs from images are refused.
     pub(crate) images: Option<ImageStoreConfig>,
+    /// VMM ids, allowed host paths, TCG.
+    pub(crate) policy: crate::agent::confine::VmmPolicy,
 }
 
 struct Inner {
@@ -112,6 +118,8 @@ struct Inner {
     generation: AtomicU64,
     network: Networking,
     images: Images,
+    /// Held while a VM is given its VMM ids, so two VMs never get the same.
+    ids_lock: Mutex<()>,
 }
 
 /// The VM supervisor; cheap to clone.
@@ -140,6 +148,7 @@ impl Supervisor {
                 metrics,
                 shutdown: CancellationToken::new(),
                 generation: AtomicU64::new(1),
+                ids_lock: Mutex::new(()),
             }),
         }
     }

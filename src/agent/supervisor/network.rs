@@ -135,6 +135,13 @@ impl Inner {
         uid: &VmUid,
         requests: &[Interface],
     ) -> Result<Vec<AttachedInterface>, BootError> {
+        // Interfaces of mode pod are wired in the pod's namespace (`pod.rs`), not here.
+        let requests: Vec<Interface> = requests
+            .iter()
+            .filter(|r| r.mode != crate::vm::InterfaceMode::Pod)
+            .cloned()
+            .collect();
+        let requests = requests.as_slice();
         let Some(first) = requests.iter().find(|r| needs_tap(r)) else {
             self.release_network(uid).await;
             return Ok(Vec::new());
