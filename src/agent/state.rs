@@ -230,6 +230,7 @@ mod tests {
             run: 2,
             desired: DesiredState::Running,
             pull_secrets: Default::default(),
+            pod: None,
         };
         store.write_spec(&spec).expect("spec");
         let status = VmStatus {

@@ -388,7 +388,8 @@ pub struct NetworkInterface {
     /// Interface name inside the guest (e.g. `eth0`).
     #[schemars(length(min = 1, max = 15), regex(pattern = r"^[a-z][a-z0-9]*$"))]
     pub name: String,
-    /// `nat` (node bridge + NAT), `bridge` (an existing bridge), or `none`.
+    /// `nat` (node bridge + NAT), `bridge` (an existing bridge), `none`, or `pod` (the VM
+    /// pod's network, on a cluster).
     #[serde(default)]
     pub mode: InterfaceMode,
     /// Name of an existing bridge on the node (mode `bridge` only).
@@ -415,6 +416,9 @@ pub enum InterfaceMode {
     Bridge,
     /// No connectivity (the device exists, nothing is behind it).
     None,
+    /// The VM pod's network: the guest answers at the pod IP (on a cluster; the default there
+    /// for a MicroVM without a `network` stanza).
+    Pod,
 }
 
 impl InterfaceMode {
@@ -424,6 +428,7 @@ impl InterfaceMode {
             InterfaceMode::Nat => "nat",
             InterfaceMode::Bridge => "bridge",
             InterfaceMode::None => "none",
+            InterfaceMode::Pod => "pod",
         }
     }
 }

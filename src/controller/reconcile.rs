@@ -417,6 +417,7 @@ pub(super) async fn act(
                     run,
                     desired,
                     pull_secrets,
+                    pod: None,
                 };
                 ctx.pool
                     .apply_vm(&node, &request)

@@ -108,6 +108,7 @@ pub fn apply_request(spec: proto::VmSpec) -> proto::ApplyVmRequest {
         run: 1,
         desired_state: proto::DesiredState::Running as i32,
         pull_secrets: Vec::new(),
+        pod: None,
     }
 }
 

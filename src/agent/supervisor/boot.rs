@@ -13,7 +13,6 @@ use super::*;
 use crate::agent::image::ResolvedImage;
 use crate::agent::net::{self, AttachedInterface};
 use crate::agent::vmm::{API_TIMEOUT, VmConfig, VmmError};
-use crate::vm::VmSpec;
 
 impl Inner {
     pub(super) async fn boot(
@@ -28,7 +27,7 @@ impl Inner {
         if let Some(error) = refused {
             return self.fail_boot(slot, None, &BootError::Spec(error)).await;
         }
-        let (plan, entry) = match self.plan_run(&request.spec) {
+        let (plan, entry) = match self.plan_run(&request) {
             Ok(planned) => planned,
             Err(error) => return self.fail_boot(slot, None, &error).await,
         };
@@ -55,7 +54,7 @@ impl Inner {
         images: Vec<ResolvedImage>,
     ) {
         // Planned again: the node may have changed during a long pull.
-        let (plan, entry) = match self.plan_run(&request.spec) {
+        let (plan, entry) = match self.plan_run(&request) {
             Ok(planned) => planned,
             Err(error) => return self.fail_boot(slot, None, &error).await,
         };
@@ -64,8 +63,10 @@ impl Inner {
     }
 
     /// Which VMM and accelerator, checked against the node and the node's files.
-    fn plan_run(&self, spec: &VmSpec) -> Result<(BootPlan, BackendEntry), BootError> {
+    fn plan_run(&self, request: &ApplyRequest) -> Result<(BootPlan, BackendEntry), BootError> {
+        let spec = &request.spec;
         let plan = plan_boot(spec, &self.plan_env())?;
+        check_pod_interfaces(spec, request.pod.as_ref())?;
         check_files(spec)?;
         let entry = self.backend(plan.hypervisor).cloned().ok_or_else(|| {
             BootError::HypervisorUnavailable {

@@ -70,6 +70,10 @@ pub enum BootError {
         detail: String,
     },
     #[error(
+        "interface {interface} asks for mode pod, but this VM has no pod: mode pod is the VM pod's network on a cluster; in ignis dev use nat, bridge or none"
+    )]
+    NoVmPod { interface: String },
+    #[error(
         "readiness on TCP port {port} needs a guest address: give the VM an interface in mode nat, or in mode bridge with an address"
     )]
     ReadinessUnreachable { port: u16 },

@@ -55,7 +55,7 @@ use images::{Images, PullHandle};
 use network::Networking;
 use plan::BootPlan;
 use plan::needs_tap;
-pub(crate) use plan::{check_files, guest_cmdline, plan_boot};
+pub(crate) use plan::{check_files, check_pod_interfaces, guest_cmdline, plan_boot};
 use readiness::Readiness;
 use slots::{RunHandle, VmSlot};
 use stop::force_kill;

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::agent::net::{self, AttachedInterface};
-use crate::vm::{GuestFile, Interface, InterfaceMode, VmSpec};
+use crate::vm::{GuestFile, Interface, InterfaceMode, PodRef, VmSpec};
 
 /// What the node offers, for [`plan_boot`].
 #[derive(Clone, Debug)]
@@ -198,18 +198,55 @@ pub(super) fn check_readable(path: &str) -> Result<(), (bool, std::io::Error)> {
     }
 }
 
-/// Whether an interface needs a tap (and so the node's networking).
+/// Whether an interface needs a tap on the node's networking (a `pod` interface has its tap
+/// in the pod's network namespace instead).
 pub(super) fn needs_tap(request: &Interface) -> bool {
-    request.mode != InterfaceMode::None
+    matches!(request.mode, InterfaceMode::Nat | InterfaceMode::Bridge)
 }
 
 /// Whether an interface will carry an address the agent knows (for TCP readiness).
 pub(super) fn gets_an_address(request: &Interface) -> bool {
     match request.mode {
-        InterfaceMode::Nat => true,
+        InterfaceMode::Nat | InterfaceMode::Pod => true,
         InterfaceMode::Bridge => request.address.is_some(),
         InterfaceMode::None => false,
     }
+}
+
+/// Interfaces of mode `pod` need the VM's pod (there is none in `ignis dev`), and a pod has
+/// one network: at most one such interface, with the address the pod gives it.
+pub(crate) fn check_pod_interfaces(spec: &VmSpec, pod: Option<&PodRef>) -> Result<(), BootError> {
+    let mut in_pod = spec
+        .interfaces
+        .iter()
+        .filter(|i| i.mode == InterfaceMode::Pod);
+    let Some(first) = in_pod.next() else {
+        return Ok(());
+    };
+    if pod.is_none() {
+        return Err(BootError::NoVmPod {
+            interface: first.name.clone(),
+        });
+    }
+    if let Some(second) = in_pod.next() {
+        return Err(BootError::Spec(SpecError::InvalidSpec {
+            field: "interfaces.mode",
+            detail: format!(
+                "interfaces {} and {} both ask for mode pod; a VM has one pod network",
+                first.name, second.name
+            ),
+        }));
+    }
+    if first.address.is_some() {
+        return Err(BootError::Spec(SpecError::InvalidSpec {
+            field: "interfaces.address",
+            detail: format!(
+                "interface {} is in mode pod: its address is the pod IP, not one to choose",
+                first.name
+            ),
+        }));
+    }
+    Ok(())
 }
 
 /// The guest command line: the spec's, then the network's `ip=` parameter — unless the spec's

@@ -283,3 +283,43 @@ fn file_checks_tell_missing_from_unreadable() {
         "InitrdUnreadable"
     );
 }
+
+#[test]
+fn a_vm_pod_has_one_pod_network_whose_address_is_not_chosen() {
+    let pod = crate::vm::PodRef {
+        uid: "u".into(),
+        namespace: "default".into(),
+        name: "vm-web".into(),
+        ip: None,
+    };
+    let with = |interfaces: Vec<Interface>| VmSpec {
+        interfaces,
+        ..crate::testing::vm_spec("u")
+    };
+    let one = with(vec![iface("eth0", InterfaceMode::Pod, None)]);
+    assert!(check_pod_interfaces(&one, Some(&pod)).is_ok());
+    assert!(check_pod_interfaces(&with(vec![]), None).is_ok());
+    let cases = [
+        (one.clone(), None, "NoVmPod"),
+        (
+            with(vec![
+                iface("eth0", InterfaceMode::Pod, None),
+                iface("eth1", InterfaceMode::Pod, None),
+            ]),
+            Some(&pod),
+            "InvalidSpec",
+        ),
+        (
+            with(vec![iface("eth0", InterfaceMode::Pod, Some("10.0.0.2/24"))]),
+            Some(&pod),
+            "InvalidSpec",
+        ),
+    ];
+    for (spec, pod, reason) in cases {
+        let error = check_pod_interfaces(&spec, pod).expect_err(reason);
+        assert_eq!(error.reason(), reason, "{error}");
+        assert!(error.is_permanent());
+    }
+    // A pod interface carries an address (the pod IP) for TCP readiness; none is on the node.
+    assert!(gets_an_address(&one.interfaces[0]) && !needs_tap(&one.interfaces[0]));
+}
