@@ -22,7 +22,7 @@ use super::vmpod::{self, VmPodSettings};
 use super::{pull_secrets, status, vmspec};
 use crate::api::{FIELD_MANAGER, MicroVM};
 use crate::error::ErrorReason;
-use crate::vm::{ApplyRequest, VmUid};
+use crate::vm::{ApplyRequest, PodRef, VmUid};
 
 /// Failures of one reconcile; all retried with back-off, except a [`Conflict`] (see
 /// `error_policy`).
@@ -225,7 +225,7 @@ pub(super) async fn reconcile_once(
         .vm_pods
         .as_ref()
         .map(|(settings, store)| observe_pod(mvm, settings, store));
-    let built = vmspec::build(mvm);
+    let built = vmspec::build(mvm, pods.is_some());
     let node = match &pods {
         Some(p) => p.node.clone(),
         None => placed_node(mvm),
@@ -417,7 +417,13 @@ pub(super) async fn act(
                     run,
                     desired,
                     pull_secrets,
-                    pod: None,
+                    // Pod mode applies only to a pod whose sandbox runs: the one observed.
+                    pod: seen_pod.as_ref().map(|p| PodRef {
+                        uid: p.uid.clone(),
+                        namespace: p.namespace.clone(),
+                        name: p.name.clone(),
+                        ip: p.ip,
+                    }),
                 };
                 ctx.pool
                     .apply_vm(&node, &request)
