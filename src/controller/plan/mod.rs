@@ -22,6 +22,9 @@ const STABLE_RUN: Duration = Duration::from_secs(60);
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(300);
 /// How often an unschedulable VM is retried when nothing else triggers it.
 pub(crate) const UNSCHEDULABLE_RETRY: Duration = Duration::from_secs(30);
+/// How long a VM may wait for a node before it is `Stalled` with reason `Unschedulable`:
+/// kstatus gives an unschedulable pod the same 15 s before it calls it Failed.
+pub(crate) const UNSCHEDULABLE_GRACE: Duration = Duration::from_secs(15);
 /// How often a deletion blocked on an unreachable agent is retried.
 const DELETE_RETRY: Duration = Duration::from_secs(5);
 
@@ -227,6 +230,11 @@ impl<'a> Planner<'a> {
         self.requeue = Some(self.requeue.map_or(d, |r| r.min(d)));
     }
 
+    /// Drop a condition that does not apply in the current state.
+    fn drop_cond(&mut self, t: ConditionType) {
+        self.new.conditions.retain(|c| c.type_ != t.as_str());
+    }
+
     fn old_cond(&self, t: ConditionType) -> Option<(&str, &str)> {
         find_condition(&self.old.conditions, t).map(|c| (c.status.as_str(), c.reason.as_str()))
     }
@@ -361,15 +369,21 @@ impl<'a> Planner<'a> {
         }
     }
 
-    /// No node takes the VM. While waiting can help (nodes full, none matching yet) it is
-    /// still converging; when no node ever will as things stand (no node has the VMM, working
-    /// KVM or enough memory) it is `Stalled` with that reason, so kstatus reaches a verdict.
-    /// Either way placement is retried: a node fixed by a person unblocks it.
+    /// No node takes the VM. When no node ever will as things stand (no node has the VMM,
+    /// working KVM or enough memory) it is `Stalled` with that reason at once; otherwise it is
+    /// converging for [`UNSCHEDULABLE_GRACE`] (nodes full, none matching yet), then `Stalled`
+    /// with reason `Unschedulable`, as kstatus judges a pod, so a GitOps tool fails instead of
+    /// waiting for its timeout. Either way placement is retried: a node fixed by a person
+    /// unblocks it.
     fn unschedulable(&mut self, u: &Unschedulable) {
-        let fresh = self.old_cond(ConditionType::Scheduled)
-            != Some(("False", Reason::UNSCHEDULABLE))
-            || find_condition(&self.old.conditions, ConditionType::Scheduled)
-                .is_some_and(|c| c.message != u.message);
+        let old_scheduled = find_condition(&self.old.conditions, ConditionType::Scheduled)
+            .filter(|c| c.status == "False" && c.reason == Reason::UNSCHEDULABLE);
+        let fresh = old_scheduled.is_none_or(|c| c.message != u.message);
+        // Counted from when it became unschedulable: a changed message is no new wait.
+        let waited = old_scheduled.map_or(Duration::ZERO, |c| {
+            let since = self.obs.now.duration_since(c.last_transition_time.0);
+            Duration::try_from(since).unwrap_or(Duration::ZERO)
+        });
         self.set_phase(Phase::Pending);
         self.cond(
             ConditionType::Scheduled,
@@ -377,7 +391,10 @@ impl<'a> Planner<'a> {
             Reason::UNSCHEDULABLE,
             u.message.clone(),
         );
-        match u.stalled {
+        let stalled = u
+            .stalled
+            .or((waited >= UNSCHEDULABLE_GRACE).then_some(Reason::UNSCHEDULABLE));
+        match stalled {
             Some(reason) => {
                 self.cond(ConditionType::Ready, "False", reason, u.message.clone());
                 self.kstatus(false, Some((reason, &u.message)));
@@ -390,6 +407,7 @@ impl<'a> Planner<'a> {
                     "waiting for a node",
                 );
                 self.kstatus(true, None);
+                self.requeue(UNSCHEDULABLE_GRACE - waited);
             }
         }
         if fresh {
@@ -537,12 +555,14 @@ impl<'a> Planner<'a> {
             );
         }
         self.set_phase(Phase::Stopped);
-        self.cond(
-            ConditionType::Ready,
-            "False",
-            Reason::HALTED,
-            "runPolicy is Halted",
-        );
+        self.not_meant_to_run();
+    }
+
+    /// The VM is stopped as its spec asks (Halted, or a run that succeeded and is not
+    /// restarted): readiness does not apply, so there is no `Ready` condition (phase says what
+    /// it is), and kstatus reads it as Current instead of waiting forever on `Ready=False`.
+    fn not_meant_to_run(&mut self) {
+        self.drop_cond(ConditionType::Ready);
         self.kstatus(false, None);
     }
 
@@ -718,8 +738,13 @@ impl<'a> Planner<'a> {
                 );
             }
             self.set_phase(phase);
-            self.cond(ConditionType::Ready, "False", cond_reason, message);
-            self.kstatus(false, None);
+            if failed {
+                // Nothing retries a finished run: only a person can, so it is Stalled.
+                self.cond(ConditionType::Ready, "False", cond_reason, message.clone());
+                self.kstatus(false, Some((cond_reason, &message)));
+            } else {
+                self.not_meant_to_run();
+            }
             return;
         }
         // A missed boot deadline is a Warning of its own, once per run: the guest did not come
