@@ -72,6 +72,8 @@ fn context(client: Client, pool: AgentPool) -> Arc<Context> {
         },
         placing: tokio::sync::Mutex::new(Default::default()),
         failures: Mutex::new(Default::default()),
+        vm_pods: None,
+        node_meta: None,
     })
 }
 

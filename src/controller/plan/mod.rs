@@ -9,6 +9,7 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::scheduler::{Unschedulable, selector_matches};
+pub(crate) use super::vmpod::PodView;
 use crate::api::{
     ConditionType, FINALIZER, ImageStatus, MicroVM, MicroVMStatus, NODE_LABEL, Phase, Reason,
     RunPolicy, find_condition, set_condition_status,
@@ -62,6 +63,25 @@ pub(crate) struct Observed {
     pub(crate) placement: Option<Result<String, Unschedulable>>,
     /// Labels of the placed node, when known.
     pub(crate) node_labels: Option<BTreeMap<String, String>>,
+    /// Whether the VM runs in a VM pod, and that pod.
+    pub(crate) pods: PodMode,
+}
+
+/// Where a VM lives: on a node Ignis chose (`ignis dev`), or in its VM pod (`--vm-pods`).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum PodMode {
+    /// Ignis's own scheduler places the VM; there is no pod.
+    Off,
+    /// kube-scheduler places the VM pod and the VM runs inside it (see `pod.rs`).
+    On {
+        /// The pod named for the MicroVM, if any exists.
+        pod: Option<Box<PodView>>,
+        /// Whether a pod can be built for the MicroVM at all.
+        buildable: Result<(), SpecProblem>,
+        /// Nodes other than the pod's whose agents still hold this VM (a pod lost with its
+        /// node, the agent back later): their VM is stopped, so one VM never runs twice.
+        elsewhere: Vec<String>,
+    },
 }
 
 /// Event severity.
@@ -88,6 +108,12 @@ pub(crate) enum Action {
     DeleteVm {
         node: String,
     },
+    /// Create the VM pod (pod mode).
+    CreatePod,
+    /// Delete the VM pod (pod mode).
+    DeletePod,
+    /// Set the VM pod's `ignis.dev/guest-ready` condition (pod mode).
+    SetPodReady(bool),
     RemoveFinalizer,
     UpdateStatus(Box<MicroVMStatus>),
     Event {
@@ -101,10 +127,12 @@ pub(crate) enum Action {
 /// Decide what converges `mvm`.
 pub(crate) fn plan(mvm: &MicroVM, obs: &Observed) -> Vec<Action> {
     let mut p = Planner::new(mvm, obs);
-    if mvm.metadata.deletion_timestamp.is_some() {
-        p.finalize();
-    } else {
-        p.converge();
+    let deleting = mvm.metadata.deletion_timestamp.is_some();
+    match &obs.pods {
+        PodMode::Off if deleting => p.finalize(),
+        PodMode::Off => p.converge(),
+        PodMode::On { .. } if deleting => p.finalize_pod(),
+        PodMode::On { .. } => p.converge_pod(),
     }
     p.finish()
 }
@@ -772,6 +800,8 @@ pub(crate) fn restart_delay(vm: &VmStatus, restarts: u32, now: Timestamp) -> Dur
     let since_exit_ms = now.as_millisecond().saturating_sub(exit_ms).max(0);
     backoff.saturating_sub(Duration::from_millis(since_exit_ms as u64))
 }
+
+mod pod;
 
 #[cfg(test)]
 mod tests;

@@ -18,6 +18,7 @@ fn obs() -> Observed {
         vm: None,
         placement: None,
         node_labels: None,
+        pods: PodMode::Off,
     }
 }
 
@@ -733,4 +734,5 @@ fn pulling_shows_as_the_ready_reason_and_a_failed_attempt_as_its_own_reason() {
     assert_eq!(s.images[0].digest, "sha256:aa");
 }
 
+mod pod;
 mod verdicts;
