@@ -109,7 +109,7 @@ def plot_soak(data, machine, out):
     axes[1][1].plot(t, [s["microvms"] for s in samples], label="MicroVMs")
     axes[1][1].plot(t, [s["events"] for s in samples], label="Events")
     axes[1][1].set_ylabel("API objects")
-    for ax in sum(axes, []):
+    for ax in axes.flat:
         start = None
         for s in samples:
             if s["phase"] != "load" and start is not None:

@@ -224,7 +224,10 @@ impl Load {
             .await?
             .ok_or_else(|| BenchError::Failed(format!("{name} vanished")))?;
         let first = start_time(&vm);
-        let patch = serde_json::json!({ "spec": { "resources": { "memory": "192Mi" } } });
+        // Resources and kernel are immutable; readiness is not, and a change is a new run
+        // (a prefix of the demo guest's marker, so the new run is Ready too).
+        let patch =
+            serde_json::json!({ "spec": { "readiness": { "consoleMarker": "ignis: read" } } });
         self.api
             .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
@@ -304,7 +307,10 @@ async fn cycle(
             tokio::time::sleep(Duration::from_secs(6)).await;
             let took = stack.restart_agent().await?;
             agent_pid.store(stack.agent_pid(), Ordering::SeqCst);
-            println!("  cycle {i}: agent SIGKILLed and restarted in {took:?}");
+            println!(
+                "  cycle {}: agent SIGKILLed and restarted in {took:?}",
+                i + 1
+            );
         }
         Ok::<_, BenchError>(())
     };
