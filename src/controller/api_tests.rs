@@ -28,20 +28,22 @@ use crate::error::ErrorReason;
 use crate::testing::fake_agent::{Calls, serve_fake_agent};
 use crate::vm::{DesiredState, RunState, SequencedEvent, VmEvent};
 
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
-type Respond = tower_test::mock::SendResponse<Response<Body>>;
+pub(super) type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+pub(super) type Respond = tower_test::mock::SendResponse<Response<Body>>;
 
-const DEADLINE: Duration = Duration::from_secs(10);
+pub(super) const DEADLINE: Duration = Duration::from_secs(10);
 
 /// Serve a fake agent on a unix socket; returns its calls and the socket's directory.
-async fn fake_agent(shutdown: CancellationToken) -> (Arc<Mutex<Calls>>, tempfile::TempDir) {
+pub(super) async fn fake_agent(
+    shutdown: CancellationToken,
+) -> (Arc<Mutex<Calls>>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (calls, _) = serve_fake_agent(&dir.path().join("agent.sock"), Vec::new(), shutdown);
     (calls, dir)
 }
 
 /// A pool with the controller's default grace and heartbeat timeout and no agents yet.
-fn pool(shutdown: &CancellationToken) -> AgentPool {
+pub(super) fn pool(shutdown: &CancellationToken) -> AgentPool {
     let (pool, _signals) = AgentPool::new(
         Duration::from_secs(10),
         Duration::from_secs(30),
@@ -51,7 +53,7 @@ fn pool(shutdown: &CancellationToken) -> AgentPool {
     pool
 }
 
-fn context(client: Client, pool: AgentPool) -> Arc<Context> {
+pub(super) fn context(client: Client, pool: AgentPool) -> Arc<Context> {
     let (store, _writer) = reflector::store::<MicroVM>();
     Arc::new(Context {
         client: client.clone(),
@@ -79,7 +81,7 @@ fn context(client: Client, pool: AgentPool) -> Arc<Context> {
 
 /// The next request; asserts method and path, returns the query pairs, the body and the
 /// responder.
-async fn expect(
+pub(super) async fn expect(
     handle: &mut Handle,
     method: Method,
     path: &str,
@@ -117,7 +119,7 @@ async fn expect(
     (query, body, content_type, respond)
 }
 
-fn ok(respond: Respond, body: &impl serde::Serialize) {
+pub(super) fn ok(respond: Respond, body: &impl serde::Serialize) {
     respond.send_response(
         Response::builder()
             .body(Body::from(serde_json::to_vec(body).expect("serializes")))
@@ -138,7 +140,7 @@ fn not_found(respond: Respond) {
     );
 }
 
-async fn expect_event(handle: &mut Handle, reason: &str) {
+pub(super) async fn expect_event(handle: &mut Handle, reason: &str) {
     let (_, body, _, respond) = expect(
         handle,
         Method::POST,
@@ -152,11 +154,11 @@ async fn expect_event(handle: &mut Handle, reason: &str) {
 }
 
 /// The path of the MicroVM `default/web`.
-fn object() -> String {
+pub(super) fn object() -> String {
     crate::testing::microvm_path("default", "web")
 }
 
-async fn wait_connected(pool: &AgentPool, node: &str) {
+pub(super) async fn wait_connected(pool: &AgentPool, node: &str) {
     tokio::time::timeout(DEADLINE, async {
         while pool.link(node) != AgentLink::Connected {
             tokio::time::sleep(Duration::from_millis(20)).await;

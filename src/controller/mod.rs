@@ -24,6 +24,8 @@ pub(crate) mod vmspec;
 #[cfg(test)]
 mod api_tests;
 #[cfg(test)]
+mod pod_api_tests;
+#[cfg(test)]
 pub(crate) use crate::testing as fixtures;
 
 use std::collections::{BTreeMap, HashMap};

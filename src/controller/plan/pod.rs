@@ -7,9 +7,6 @@
 use super::*;
 use crate::controller::vmpod::Disruption;
 
-/// kstatus calls a pod that cannot be scheduled Failed after 15 s; a MicroVM whose pod cannot
-/// be scheduled is `Stalled` after the same, and converges again when a node appears.
-pub(crate) const UNSCHEDULABLE_STALLED_AFTER: Duration = Duration::from_secs(15);
 /// How often a wait on a pod the watch may not report (someone else's) is looked at again.
 const POD_RETRY: Duration = Duration::from_secs(5);
 
@@ -328,7 +325,7 @@ impl Planner<'_> {
             message.clone(),
         );
         let waited = Duration::try_from(self.obs.now.duration_since(since)).unwrap_or_default();
-        if waited >= UNSCHEDULABLE_STALLED_AFTER {
+        if waited >= UNSCHEDULABLE_GRACE {
             self.cond(
                 ConditionType::Ready,
                 "False",
@@ -344,7 +341,7 @@ impl Planner<'_> {
                 "waiting for a node",
             );
             self.kstatus(true, None);
-            self.requeue(UNSCHEDULABLE_STALLED_AFTER - waited);
+            self.requeue(UNSCHEDULABLE_GRACE - waited);
         }
         self.gate(pod);
     }
