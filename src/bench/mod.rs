@@ -5,6 +5,7 @@
 
 pub(crate) mod boot;
 pub(crate) mod churn;
+pub(crate) mod confinement;
 pub(crate) mod control_plane;
 pub(crate) mod footprint;
 pub(crate) mod machine;
@@ -43,6 +44,8 @@ pub(crate) enum BenchCommand {
     Footprint(footprint::FootprintArgs),
     /// Create/delete cycles and a leak check that fails the bench.
     Churn(churn::ChurnArgs),
+    /// The confined VMM's boot beside an unconfined one (QEMU, create → console marker).
+    Confinement(confinement::ConfinementArgs),
     /// Every bench with its defaults.
     All,
 }
@@ -190,6 +193,7 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> Result<(), Ben
             BenchCommand::ControlPlane(a) => control_plane::run(&a, &machine, &dir).await,
             BenchCommand::Footprint(a) => footprint::run(&a, &machine, &dir).await,
             BenchCommand::Churn(a) => churn::run(&a, &machine, &dir).await,
+            BenchCommand::Confinement(a) => confinement::run(&a, &machine, &dir).await,
             BenchCommand::All => {
                 // Footprint first: its idle figures want a quiet machine. Every bench runs
                 // even when one fails; the first failure is the exit status.
