@@ -581,6 +581,7 @@ agent:
   stateDir: $DIR/ignis
   stateDirPerNode: true
   vmmCgroup: $CGROUP/\$(IGNIS_NODE_NAME)/ignis-vms
+  allowTcg: true  # no KVM on the test machines; TCG is not a security boundary
   images: { insecureRegistries: ["$REGISTRY"] }
 EOF
   write_env

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit tests, integration tests with real QEMU
-# guests, end-to-end tests with kubectl against `ignis dev`, then the same end-to-end tests
-# (plus the cluster-only ones) against an upstream one-node Kubernetes cluster with Ignis
-# installed by Helm (scripts/cluster.sh), and a bench smoke run.
+# guests, end-to-end tests with kubectl against `ignis dev`, a short soak, then the same
+# end-to-end tests (plus the cluster-only ones: VM pods, the attack suite, GitOps with Flux)
+# against an upstream two-node Kubernetes cluster with Ignis installed by Helm
+# (scripts/cluster.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +30,11 @@ cargo build --bin ignis
 # against `ignis dev` here; the cluster-only tests are not built without the `cluster` feature.
 stage "tests against ignis dev"
 cargo test --workspace --all-targets -- --test-threads 2
+# A short soak of failure loops on `ignis dev` with the real QEMU: fails when an fd, thread,
+# process, tap, state dir or API object is left over once the workload is removed
+# (docs/benchmarks.md, "Soak"; `--duration 30m` for the long setting).
+stage "soak"
+./target/debug/ignis bench --results-dir "$(mktemp -d)" soak
 
 # The same e2e suite, unchanged, against an upstream cluster: up → install-ignis → e2e → down,
 # down also when something fails (after printing what the cluster looked like).
@@ -43,7 +49,11 @@ cluster_down() {
     "${kubectl_[@]}" get events -A --sort-by=.lastTimestamp | tail -40 || true
     "${kubectl_[@]}" -n ignis-system logs -l app.kubernetes.io/name=ignis-controller --tail=60 --prefix || true
     "${kubectl_[@]}" -n ignis-system logs -l app.kubernetes.io/name=ignis-agent --tail=60 --prefix || true
-    tail -n 20 "$(dirname "$kubeconfig")/logs/kubelet.log" || true
+    local log
+    for log in "$(dirname "$kubeconfig")"/logs/kubelet-*.log; do
+      [ -f "$log" ] && { echo "-- $log"; tail -n 20 "$log"; }
+    done
+    true
   fi
   ./scripts/cluster.sh down || true
   exit "$status"
@@ -60,4 +70,8 @@ stage "e2e against the upstream cluster"
 cargo test -p ignis-e2e --test e2e --test network --test images -- --test-threads 2
 stage "cluster-only e2e"
 cargo test -p ignis-e2e --features cluster --test cluster -- --nocapture
+stage "VM pods on the cluster"
+cargo test -p ignis-e2e --features cluster --test vm_pods -- --nocapture
+stage "attack suite on the cluster"
+cargo test -p ignis-e2e --features cluster --test attacks -- --nocapture
 stage "done"

@@ -5,6 +5,7 @@
 
 pub(crate) mod boot;
 pub(crate) mod churn;
+pub(crate) mod confinement;
 pub(crate) mod control_plane;
 pub(crate) mod footprint;
 pub(crate) mod machine;
@@ -48,6 +49,8 @@ pub(crate) enum BenchCommand {
     /// A mixed failure workload (crash loops, boot timeouts, VMM kills, spec changes, agent
     /// restarts), bounded by time and cycles; fails when a resource does not come back.
     Soak(soak::SoakArgs),
+    /// The confined VMM's boot beside an unconfined one (QEMU, create → console marker).
+    Confinement(confinement::ConfinementArgs),
     /// Every bench with its defaults.
     All,
 }
@@ -196,6 +199,7 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> Result<(), Ben
             BenchCommand::Footprint(a) => footprint::run(&a, &machine, &dir).await,
             BenchCommand::Churn(a) => churn::run(&a, &machine, &dir).await,
             BenchCommand::Soak(a) => soak::run(&a, &machine, &dir).await,
+            BenchCommand::Confinement(a) => confinement::run(&a, &machine, &dir).await,
             BenchCommand::All => {
                 // Footprint first: its idle figures want a quiet machine. Every bench runs
                 // even when one fails; the first failure is the exit status.
