@@ -566,6 +566,7 @@ agent:
   image: { repository: $IGNIS_AGENT_REPOSITORY, tag: "$IGNIS_IMAGE_TAG", pullPolicy: Never }
   stateDir: $DIR/ignis
   vmmCgroup: $CGROUP/ignis-vms
+  allowTcg: true  # no KVM on the test machines; TCG is not a security boundary
   images: { insecureRegistries: ["$REGISTRY"] }
 EOF
   write_env

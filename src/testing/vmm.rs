@@ -8,8 +8,11 @@
 //!   already exist (`docs/logger.md`: "create the resource that will be used for logging");
 //!   it logs `Running Firecracker v…` at start and every API request it receives, prefixed by
 //!   its `--id` (`anonymous-instance` without one). The guest serial console goes to stdout.
-//! - **Cloud Hypervisor** logs to stderr. It writes the guest serial console to the file of
-//!   `serial: File`. It warns about every disk without `image_type` (the type is auto-detected,
+//!   It installs its own seccomp filters unless started with `--no-seccomp` (its
+//!   `docs/seccomp.md`); the backend never passes that, and the double takes any flags.
+//! - **Cloud Hypervisor** takes `--seccomp true|false|log` (filters on by default: its
+//!   `docs/seccomp.md`); the backend passes `true`. It logs to stderr. It writes the guest
+//!   serial console to the file of `serial: File`. It warns about every disk without `image_type` (the type is auto-detected,
 //!   which is deprecated, and writes to sector 0 are disabled). After a vCPU error it logs
 //!   `VCPU generated error` and exits with status 0. A guest reset reboots the guest in place:
 //!   the process does not end. A guest power-off ends it with status 0.

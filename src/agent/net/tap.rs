@@ -44,20 +44,19 @@ pub(crate) fn create_persistent_tap(name: &str) -> io::Result<()> {
     // Dropping `device` closes our descriptor; the persistent tap stays.
 }
 
-/// Give the existing tap `name` to `uid`/`gid` (`TUNSETOWNER`, `TUNSETGROUP`), so an
-/// unprivileged VMM running as them may attach to it, and nobody else but root may.
-pub(crate) fn set_owner(name: &str, uid: u32, gid: u32) -> io::Result<()> {
-    let to_int = |id: u32| {
-        i32::try_from(id).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "id too large"))
-    };
+/// A descriptor attached to the existing tap `name` (in the agent's network namespace), to
+/// hand to a VMM that runs unprivileged: it could not attach by name itself. (tun-rs passes
+/// `TUNSETOWNER` a pointer where the kernel takes the uid as the value, so owning the tap to
+/// the VMM's uid is not an option through it.)
+pub(crate) fn open_queue(name: &str) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::AsFd;
     let device = tun_rs::DeviceBuilder::new()
         .name(name)
         .layer(tun_rs::Layer::L2)
-        // Up or down, as the network made it: this only changes the owner.
+        // Up or down, as the network made it: this only opens it.
         .inherit_enable_state()
         .build_sync()?;
-    device.user(to_int(uid)?)?;
-    device.group(to_int(gid)?)
+    device.as_fd().try_clone_to_owned()
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use super::disks::{GuestFiles, hostname};
 use super::*;
 use crate::agent::image::ResolvedImage;
-use crate::agent::net::{self, AttachedInterface, NetError};
+use crate::agent::net::{self, AttachedInterface};
 use crate::agent::vmm::{API_TIMEOUT, OpenedFiles, VmConfig, VmmError};
 
 impl Inner {
@@ -114,21 +114,7 @@ impl Inner {
             Ok(confinement) => confinement,
             Err(error) => return self.fail_boot(slot, None, &error).await,
         };
-        // The VMM opens its taps by name, as its own uid: they must be its.
-        if let Some(c) = &confinement
-            && let Some(error) = interfaces.iter().find_map(|iface| {
-                net::tap::set_owner(&iface.tap, c.uid, c.gid)
-                    .err()
-                    .map(|source| NetError::Tap {
-                        tap: iface.tap.clone(),
-                        source,
-                    })
-            })
-        {
-            return self.fail_boot(slot, None, &BootError::Network(error)).await;
-        }
-        // In a pod: after the node's taps (a pod's tap0 is in the pod's namespace, made there
-        // with its owner).
+        // In a pod: the pod's tap0 is made in the pod's namespace, with its owner.
         let (interfaces, confinement) = match &sandbox {
             None => (interfaces, confinement),
             Some((pod, sandbox)) => {

@@ -46,11 +46,15 @@ impl HttpApi for CloudHypervisor {
     const CONSOLE_ON_STDOUT: bool = false;
     const SOCKET_TIMEOUT: Duration = SOCKET_TIMEOUT;
 
-    /// The command line: only the API socket; the VM is described through `vm.create`.
+    /// The command line: the API socket, and its seccomp filters on (`--seccomp true`, the
+    /// default, said explicitly so no build or wrapper default turns them off); the VM is
+    /// described through `vm.create`.
     fn spawn_args(config: &VmConfig) -> Vec<String> {
         vec![
             "--api-socket".to_owned(),
             format!("path={}", config.api_socket.display()),
+            "--seccomp".to_owned(),
+            "true".to_owned(),
         ]
     }
 
@@ -281,7 +285,7 @@ mod tests {
         );
         assert_eq!(
             CloudHypervisor::spawn_args(&config()),
-            ["--api-socket", "path=/s/api.sock"]
+            ["--api-socket", "path=/s/api.sock", "--seccomp", "true"]
         );
     }
 }

@@ -42,7 +42,8 @@ impl HttpApi for Firecracker {
     const SOCKET_TIMEOUT: Duration = SOCKET_TIMEOUT;
 
     /// The command line: the API socket, the instance id and where to log; the VM itself is
-    /// described through the API.
+    /// described through the API. Never `--no-seccomp`: Firecracker installs its own
+    /// per-thread seccomp filters by default, and that default is what runs.
     fn spawn_args(config: &VmConfig) -> Vec<String> {
         vec![
             "--api-sock".to_owned(),
@@ -330,6 +331,10 @@ mod tests {
                 "--log-path",
                 "/s/vmm.log"
             ]
+        );
+        assert!(
+            !Firecracker::spawn_args(&config()).contains(&"--no-seccomp".to_owned()),
+            "its own seccomp filters stay on"
         );
         assert_eq!(instance_id("0b7d7c2e-9f1a-4c1e"), "0b7d7c2e-9f1a-4c1e");
         assert_eq!(instance_id("a_b.c"), "a-b-c");

@@ -160,18 +160,6 @@ pub(crate) fn qemu_args(
         None => path_args(config),
     };
     push(&files.iter().map(String::as_str).collect::<Vec<_>>());
-    for net in &config.nets {
-        let id = qemu_id("net", &net.id);
-        push(&[
-            "-netdev",
-            &format!(
-                "tap,id={id},ifname={},script=no,downscript=no",
-                net.tap.replace(',', ",,")
-            ),
-            "-device",
-            &format!("virtio-net-device,netdev={id},mac={}", net.mac),
-        ]);
-    }
     a.into_iter().map(OsString::from).collect()
 }
 
@@ -209,6 +197,18 @@ fn path_args(config: &VmConfig) -> Vec<String> {
             ),
             "-device",
             &format!("virtio-blk-device,drive={id}"),
+        ]);
+    }
+    for net in &config.nets {
+        let id = qemu_id("net", &net.id);
+        push(&[
+            "-netdev",
+            &format!(
+                "tap,id={id},ifname={},script=no,downscript=no",
+                net.tap.replace(',', ",,")
+            ),
+            "-device",
+            &format!("virtio-net-device,netdev={id},mac={}", net.mac),
         ]);
     }
     a

@@ -47,6 +47,10 @@ pub(crate) struct Handoff {
     pub(crate) initrd: Option<RawFd>,
     /// Per disk, in the order QEMU attaches them (root first): the disk, and its backing.
     pub(crate) disks: Vec<(RawFd, Option<RawFd>)>,
+    /// Per interface, its tap, opened by the agent; empty when QEMU runs in a network
+    /// namespace of its own (a VM pod's), where it opens its taps by name (they are made
+    /// there, owned by its uid).
+    pub(crate) nets: Vec<RawFd>,
 }
 
 /// The disks in the order QEMU attaches them: the root disk first (the guest names it
@@ -74,6 +78,15 @@ impl Handoff {
             .into_iter()
             .map(|d| (take(), d.backing.as_ref().map(|_| take())))
             .collect();
+        let own_netns = config
+            .confinement
+            .as_ref()
+            .is_some_and(|c| c.netns.is_some());
+        let nets = if own_netns {
+            Vec::new()
+        } else {
+            config.nets.iter().map(|_| take()).collect()
+        };
         Handoff {
             qmp,
             qmp_name,
@@ -81,6 +94,7 @@ impl Handoff {
             kernel,
             initrd,
             disks,
+            nets,
         }
     }
 
@@ -158,6 +172,22 @@ impl Handoff {
             blockdev(top);
             a.extend(["-device".into(), format!("virtio-blk-device,drive={id}")]);
         }
+        for (i, net) in config.nets.iter().enumerate() {
+            let id = super::qemu::qemu_id("net", &net.id);
+            let tap = match self.nets.get(i) {
+                Some(fd) => format!("fd={fd}"),
+                None => format!(
+                    "ifname={},script=no,downscript=no",
+                    net.tap.replace(',', ",,")
+                ),
+            };
+            a.extend([
+                "-netdev".into(),
+                format!("tap,id={id},{tap}"),
+                "-device".into(),
+                format!("virtio-net-device,netdev={id},mac={}", net.mac),
+            ]);
+        }
         a
     }
 }
@@ -204,6 +234,11 @@ pub(crate) fn open(
         if let (Some(fd), Some((path, _))) = (backing, &disk.backing) {
             mappings.push(map(file_for(config, path, false)?, *fd));
         }
+    }
+    for (net, fd) in config.nets.iter().zip(&handoff.nets) {
+        let tap = crate::agent::net::tap::open_queue(&net.tap)
+            .map_err(io(format!("open tap {}", net.tap)))?;
+        mappings.push(map(tap, *fd));
     }
     Ok(mappings)
 }
@@ -290,7 +325,11 @@ mod tests {
             cmdline: String::new(),
             initrd: Some("/g/initrd".into()),
             disks: vec![disk("cidata", false, false), disk("rootfs", true, true)],
-            nets: Vec::new(),
+            nets: vec![super::super::NetConfig {
+                id: "eth0".into(),
+                tap: "ig-tap0".into(),
+                mac: "02:00:00:00:00:01".into(),
+            }],
             user_data: None,
             accelerator: crate::api::Accelerator::Tcg,
             state_dir: "/s".into(),
@@ -314,6 +353,7 @@ mod tests {
                 kernel: 6,
                 initrd: Some(7),
                 disks: vec![(8, Some(9)), (10, None)],
+                nets: vec![11],
             }
         );
     }
@@ -365,14 +405,31 @@ mod tests {
             after("-device"),
             [
                 "virtio-blk-device,drive=disk-rootfs",
-                "virtio-blk-device,drive=disk-cidata"
+                "virtio-blk-device,drive=disk-cidata",
+                "virtio-net-device,netdev=net-eth0,mac=02:00:00:00:00:01"
             ]
         );
+        assert_eq!(after("-netdev"), ["tap,id=net-eth0,fd=11"]);
         // No path of the host appears, but the API socket's, as a description.
         let joined = a.join(" ");
         for path in ["/g/", "/cache/", "/s/console", "/s/rootfs", "/s/cidata"] {
             assert!(!joined.contains(path), "{path} in {joined}");
         }
+    }
+
+    #[test]
+    fn in_a_pods_netns_qemu_opens_its_taps_by_name() {
+        let mut c = config();
+        c.confinement = Some(crate::agent::vmm::process::Confinement {
+            uid: 100_000,
+            gid: 100_000,
+            netns: Some("/proc/1/ns/net".into()),
+            cgroups: Vec::new(),
+        });
+        let h = Handoff::layout(&c);
+        assert!(h.nets.is_empty());
+        let a = h.args(&c);
+        assert!(a.contains(&"tap,id=net-eth0,ifname=ig-tap0,script=no,downscript=no".to_owned()));
     }
 
     #[test]
