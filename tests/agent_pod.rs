@@ -71,7 +71,15 @@ impl Sandbox {
                 .spawn()
                 .expect("spawn in the pod")
         };
-        let pause = spawn(&["sleep", "900"]);
+        // Containers have roots of their own: the pause's /run is not the node's (`ip netns
+        // exec` shares the node's /run, where the node's /run/ignis may exist).
+        let pause = spawn(&[
+            "unshare",
+            "--mount",
+            "sh",
+            "-c",
+            "mount -t tmpfs none /run && exec sleep 900",
+        ]);
         let launcher = spawn(&[
             "unshare",
             "--mount",
