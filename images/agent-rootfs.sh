@@ -1,7 +1,8 @@
 #!/bin/sh
 # Turns a minimal Debian 12 root into the agent image's root: QEMU (the `microvm` machine and
 # its firmware), busybox-static and the guest kernel with its modules (the demo guest's
-# initramfs is built from them at agent start), nftables (guest NAT), and what guests from OCI
+# initramfs is built from them at agent start), nftables (guest NAT), iproute2 (the VM pod's
+# tap, made with its owner by `ip tuntap`), and what guests from OCI
 # images need (scripts/setup-images.sh installs the same on a host): qemu-img for per-VM
 # copy-on-write disks, mkfs.ext4 for filesystem images, dnsmasq for DHCP on the NAT bridge,
 # genisoimage for cloud-init NoCloud drives, and the CA certificates registries over HTTPS are
@@ -27,7 +28,7 @@ ln -sf /bin/true /usr/sbin/update-initramfs
 
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
-  qemu-system-x86 busybox-static linux-image-cloud-amd64 nftables \
+  qemu-system-x86 busybox-static linux-image-cloud-amd64 nftables iproute2 \
   qemu-utils e2fsprogs dnsmasq-base genisoimage ca-certificates >/dev/null
 
 rm -f /usr/sbin/update-initramfs

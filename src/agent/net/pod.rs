@@ -35,7 +35,7 @@ pub(crate) const PREFIX: u8 = 30;
 pub(crate) const POD_INTERFACE: &str = "eth0";
 /// The nftables table of the wiring, in the pod's namespace.
 const TABLE: &str = "ignis_pod";
-/// Deadline for one `nft` run.
+/// Deadline for one `nft` or `ip` run.
 const NFT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the pod's side of a guest interface needs.
@@ -48,8 +48,8 @@ pub(crate) struct PodNet {
     /// The guest interface's name (`eth0`) and MAC.
     pub(crate) interface: String,
     pub(crate) mac: Mac,
-    /// The uid the VMM runs as, which must own the tap to open it; `None`: root.
-    pub(crate) tap_owner: Option<u32>,
+    /// The uid and gid the VMM runs as, which must own the tap to open it; `None`: root.
+    pub(crate) tap_owner: Option<(u32, u32)>,
     /// DNS servers for the guest (the pod's own resolvers).
     pub(crate) dns: Vec<Ipv4Addr>,
 }
@@ -71,7 +71,7 @@ table ip {TABLE} {{
         iifname "{POD_INTERFACE}" ip daddr {pod_ip} dnat to {GUEST}
     }}
     chain output {{
-        type nat hook output priority dstnat; policy accept;
+        type nat hook output priority -100; policy accept;
         ip daddr 127.0.0.1 dnat to {GUEST}
     }}
     chain postrouting {{
@@ -172,24 +172,61 @@ async fn in_netns<T: Send + 'static>(
     }
 }
 
-/// Create `tap0` (or open the one an earlier run left) persistent, owned by the VMM's uid.
-fn create_tap(owner: Option<u32>) -> Result<(), NetError> {
-    let tap_error = |source| NetError::Tap {
+/// Create `tap0` persistent, owned by the VMM's uid and gid. Made anew for every run (the one
+/// an earlier run left may have another owner, and its VMM is gone). Through `ip tuntap`:
+/// `TUNSETOWNER` takes the id by value, which tun-rs passes as a pointer (the owner would be an
+/// address), and the crate denies the `unsafe` a direct ioctl needs.
+fn create_tap(owner: Option<(u32, u32)>) -> Result<(), NetError> {
+    let tap_error = |detail: String| NetError::Tap {
         tap: TAP.into(),
-        source,
+        source: std::io::Error::other(detail),
     };
-    let device = tun_rs::DeviceBuilder::new()
-        .name(TAP)
-        .layer(tun_rs::Layer::L2)
-        .enable(false)
-        .build_sync()
-        .map_err(tap_error)?;
-    if let Some(uid) = owner {
-        let uid = i32::try_from(uid)
-            .map_err(|_| tap_error(std::io::Error::other(format!("uid {uid} out of range"))))?;
-        device.user(uid).map_err(tap_error)?;
+    let _ = run(&["link", "del", TAP]);
+    let mut args = vec!["tuntap", "add", "dev", TAP, "mode", "tap"];
+    let ids;
+    if let Some((uid, gid)) = owner {
+        ids = (uid.to_string(), gid.to_string());
+        args.extend(["user", ids.0.as_str(), "group", ids.1.as_str()]);
     }
-    device.persist().map_err(tap_error)
+    run(&args).map_err(tap_error)
+}
+
+/// Run `ip` (in the caller's network namespace), within [`NFT_TIMEOUT`].
+fn run(args: &[&str]) -> Result<(), String> {
+    let mut child = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run ip (iproute2): {e}"))?;
+    wait_bounded(&mut child, &format!("ip {}", args.join(" ")))
+}
+
+/// Wait for `child` within [`NFT_TIMEOUT`]; its stderr in the error.
+fn wait_bounded(child: &mut std::process::Child, what: &str) -> Result<(), String> {
+    let deadline = Instant::now() + NFT_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => {
+                let mut stderr = String::new();
+                if let Some(mut err) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut err, &mut stderr);
+                }
+                return Err(format!("{what}: {status}: {}", stderr.trim()));
+            }
+            Ok(None) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{what} did not finish within {NFT_TIMEOUT:?}"));
+            }
+            Err(e) => return Err(format!("waiting for {what}: {e}")),
+        }
+    }
 }
 
 fn sysctl(path: &str) -> Result<(), NetError> {
@@ -214,28 +251,7 @@ fn nft(rules: &str) -> Result<(), NetError> {
             .write_all(rules.as_bytes())
             .map_err(|e| failed(format!("cannot write to nft: {e}")))?;
     }
-    let deadline = Instant::now() + NFT_TIMEOUT;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) if status.success() => return Ok(()),
-            Ok(Some(status)) => {
-                let mut stderr = String::new();
-                if let Some(mut err) = child.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut err, &mut stderr);
-                }
-                return Err(failed(format!("nft {status}: {}", stderr.trim())));
-            }
-            Ok(None) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(failed(format!("nft did not finish within {NFT_TIMEOUT:?}")));
-            }
-            Err(e) => return Err(failed(format!("waiting for nft: {e}"))),
-        }
-    }
+    wait_bounded(&mut child, "nft").map_err(failed)
 }
 
 /// The IPv4 name servers of a `resolv.conf` (the pod's, for the guest).

@@ -216,8 +216,10 @@ impl Host {
                 name: pod.name.clone(),
             });
         }
-        // A process that shares the agent's mount namespace sees the node's own /run/ignis:
-        // never the launcher's emptyDir.
+        // A process that shares the agent's mount namespace, or sees the node's /run (as a
+        // process started by `ip netns exec` does), finds the node's own /run/ignis: never the
+        // launcher's emptyDir.
+        let node_dir = self.proc_root.join("self/root").join(LAUNCHER_DIR);
         let launcher_root = pids
             .iter()
             .filter(|pid| {
@@ -225,7 +227,10 @@ impl Host {
                 mnt.is_some() && mnt != own_mntns
             })
             .map(|pid| self.proc_root.join(pid.to_string()).join("root"))
-            .find(|root| root.join(LAUNCHER_DIR).is_dir())
+            .find(|root| {
+                let dir = root.join(LAUNCHER_DIR);
+                dir.is_dir() && !same_dir(&dir, &node_dir)
+            })
             .ok_or_else(|| SandboxError::NoLauncher {
                 namespace: pod.namespace.clone(),
                 name: pod.name.clone(),
@@ -342,6 +347,15 @@ fn pids_below(cgroups: &[PathBuf]) -> Vec<u32> {
     let mut seen = std::collections::HashSet::new();
     pids.retain(|pid| *pid != 0 && seen.insert(*pid));
     pids
+}
+
+/// Whether two paths are the same directory (device and inode).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 /// A namespace's identity (`net:[4026531992]`), `None` when the process is gone.

@@ -114,8 +114,7 @@ impl Inner {
             Ok(confinement) => confinement,
             Err(error) => return self.fail_boot(slot, None, &error).await,
         };
-        // In a pod: after the node's taps (a pod's tap0 is in the pod's namespace, made there
-        // with its owner).
+        // In a pod: the pod's tap0 is made in the pod's namespace, with its owner.
         let (interfaces, confinement) = match &sandbox {
             None => (interfaces, confinement),
             Some((pod, sandbox)) => {

@@ -90,7 +90,7 @@ impl Inner {
             pod_ip,
             interface: request.name.clone(),
             mac,
-            tap_owner: confinement.map(|c| c.uid),
+            tap_owner: confinement.map(|c| (c.uid, c.gid)),
             dns: pod_net::name_servers(&sandbox.resolv_conf()),
         })
         .await
