@@ -88,6 +88,46 @@ def plot_control_plane(data, machine, out):
     plt.close(fig)
 
 
+def plot_soak(data, machine, out):
+    """The soak's samples over time: every figure the verdict checks, with the phases shaded."""
+    import matplotlib.pyplot as plt
+
+    samples = data["samples"]
+    t = [s["t_s"] for s in samples]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    kinds = sorted({k for s in samples for k in s["fds"]})
+    for k in kinds:
+        axes[0][0].plot(t, [s["fds"].get(k, 0) for s in samples], label=k)
+    axes[0][0].set_ylabel("agent fds")
+    axes[0][1].plot(t, [s["rss_bytes"] / 2**20 for s in samples], label="RSS (MiB)")
+    axes[0][1].plot(t, [s["threads"] for s in samples], label="threads")
+    axes[0][1].set_ylabel("agent")
+    for key, label in [("processes", "processes held"), ("state_dirs", "VM state dirs"),
+                       ("taps", "Ignis taps"), ("watchers", "agent_vmm_watchers")]:
+        axes[1][0].plot(t, [s.get(key) or 0 for s in samples], label=label)
+    axes[1][0].set_ylabel("count")
+    axes[1][1].plot(t, [s["microvms"] for s in samples], label="MicroVMs")
+    axes[1][1].plot(t, [s["events"] for s in samples], label="Events")
+    axes[1][1].set_ylabel("API objects")
+    for ax in sum(axes, []):
+        start = None
+        for s in samples:
+            if s["phase"] != "load" and start is not None:
+                ax.axvspan(start, s["t_s"], color="orange", alpha=0.08)
+                start = None
+            elif s["phase"] == "load" and start is None:
+                start = s["t_s"]
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    for ax in axes[1]:
+        ax.set_xlabel("seconds (shaded: workload running)")
+    fig.suptitle(f"soak: {data['cycles']} cycles, {data['restarts']} agent restarts, "
+                 f"{machine['cores']} cores, {machine['accelerator']}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "bench-soak.png"), dpi=110)
+    plt.close(fig)
+
+
 def main():
     ensure_matplotlib()
     import matplotlib
@@ -105,6 +145,10 @@ def main():
     if cp:
         plot_control_plane(cp["data"], cp["machine"], out)
         made.append("bench-control-plane.png")
+    soak = load(results, "soak")
+    if soak:
+        plot_soak(soak["data"], soak["machine"], out)
+        made.append("bench-soak.png")
     if not made:
         sys.exit(f"no results in {results}; run `ignis bench all` first")
     for m in made:

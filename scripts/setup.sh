@@ -10,7 +10,7 @@ set -euo pipefail
 
 packages=(qemu-system-x86 linux-image-cloud-amd64 busybox-static containernetworking-plugins
           iproute2 nftables iptables kmod procps musl-tools
-          containerd runc conntrack curl openssl util-linux debootstrap umoci skopeo)
+          containerd runc conntrack curl openssl util-linux debootstrap umoci skopeo lua5.1)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

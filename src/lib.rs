@@ -1,6 +1,6 @@
 //! Ignis: a Kubernetes operator that runs microVM workloads.
 //!
-//! One binary, several parts (DESIGN.md section 2): the [`controller`] reconciles `MicroVM`
+//! One binary, several parts (docs/design.md section 2): the [`controller`] reconciles `MicroVM`
 //! objects, the [`agent`] boots and supervises VMs on its node, and [`dev`] runs both with an
 //! embedded API server on one machine.
 
@@ -15,6 +15,7 @@ pub mod telemetry;
 pub mod testing;
 pub(crate) mod time;
 pub mod vm;
+pub mod vm_pod;
 
 pub use error::ErrorReason;
 

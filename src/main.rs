@@ -36,11 +36,18 @@ enum Command {
     Bench(ignis::bench::BenchArgs),
     /// Print the version.
     Version,
+    /// A VM pod's container: print the guest's serial console (for `kubectl logs`).
+    VmPod(ignis::vm_pod::VmPodArgs),
+    /// Run a VMM confined (cgroups, network namespace, unprivileged uid/gid, no_new_privs);
+    /// started by the agent, not by hand.
+    #[command(hide = true)]
+    Jailer(ignis::agent::vmm::jailer::JailerArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Jailer(args) => return ignis::agent::vmm::jailer::run(args),
         Command::Version => {
             println!("ignis {}", ignis::VERSION);
             return ExitCode::SUCCESS;
@@ -88,7 +95,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Dev(args) => ignis::dev::run(args, shutdown).await?,
         Command::Bench(args) => ignis::bench::run(args, shutdown).await?,
         Command::Uninstall(args) => ignis::controller::uninstall::run(args, shutdown).await?,
-        Command::Crd | Command::Version => {}
+        Command::VmPod(args) => ignis::vm_pod::run(args, shutdown).await?,
+        Command::Crd | Command::Version | Command::Jailer(_) => {}
     }
     Ok(())
 }

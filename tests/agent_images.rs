@@ -33,6 +33,7 @@ fn config(state_dir: &Path) -> AgentConfig {
     let mut config = AgentConfig::local(state_dir);
     config.accelerator = AcceleratorFlag::Tcg;
     config.boot_timeout = BOOT;
+    allow_test_guests(&mut config);
     // The host's own namespace: never reconfigure it.
     config.network = None;
     config

@@ -19,6 +19,7 @@ fn local_config(state_dir: &Path) -> AgentConfig {
     let mut config = AgentConfig::local(state_dir);
     config.accelerator = AcceleratorFlag::Tcg;
     config.boot_timeout = BOOT;
+    allow_test_guests(&mut config);
     // These tests run in the host's own network namespace, which they must not reconfigure;
     // networking is tested in namespaces of its own (tests/agent_network.rs).
     config.network = None;
@@ -279,12 +280,15 @@ async fn a_killed_vmm_shows_up_as_an_exited_event_with_a_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_fails_with_the_cause_and_leaves_nothing() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let shutdown = CancellationToken::new();
-    let agent = serve(local_config(tmp.path()), shutdown.clone())
-        .await
-        .expect("serve");
-    let mut client = connect(agent.socket_path().expect("unix"), Duration::from_secs(5)).await;
     let files = tempfile::tempdir().expect("files");
+    let shutdown = CancellationToken::new();
+    let mut config = local_config(tmp.path());
+    config
+        .vmm_policy
+        .allowed_path_dirs
+        .push(files.path().to_path_buf());
+    let agent = serve(config, shutdown.clone()).await.expect("serve");
+    let mut client = connect(agent.socket_path().expect("unix"), Duration::from_secs(5)).await;
     let kernel = files.path().join("vmlinuz");
     std::fs::write(&kernel, b"not really a kernel").expect("kernel");
     // A directory: unreadable as a file even for root (permission bits do not stop root).
@@ -305,11 +309,24 @@ async fn bad_input_fails_with_the_cause_and_leaves_nothing() {
         (
             "no-kernel",
             proto::VmSpec {
-                kernel_path: "/nonexistent/vmlinuz".into(),
+                kernel_path: files
+                    .path()
+                    .join("nonexistent-vmlinuz")
+                    .display()
+                    .to_string(),
                 ..base.clone()
             },
             "KernelNotFound",
-            "/nonexistent/vmlinuz",
+            "nonexistent-vmlinuz",
+        ),
+        (
+            "not-allowed",
+            proto::VmSpec {
+                kernel_path: "/proc/1/root/etc/shadow".into(),
+                ..base.clone()
+            },
+            "PathNotAllowed",
+            "kernel.path",
         ),
         (
             "bad-initrd",

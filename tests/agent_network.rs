@@ -25,6 +25,7 @@ fn config(state_dir: &Path) -> AgentConfig {
     let mut config = AgentConfig::local(state_dir);
     config.accelerator = AcceleratorFlag::Tcg;
     config.boot_timeout = BOOT;
+    common::allow_test_guests(&mut config);
     config.network_setup = NetworkSetup::AtStart;
     config
 }
@@ -190,7 +191,7 @@ fn nat_guest_gets_an_address_answers_survives_a_restart_and_leaves_nothing() {
             .into_inner();
         assert_eq!((again.pid, the_ip(&again)), (vm.pid, ip));
 
-        // A bridge that does not exist: FAILED, named, nothing left.
+        // A bridge the admin did not allow (none are by default): FAILED, named, nothing left.
         let mut bad = nat_spec("net-bad", &guest);
         bad.readiness_tcp_port = 0;
         bad.readiness_console_marker = common::MARKER.into();
@@ -207,7 +208,7 @@ fn nat_guest_gets_an_address_answers_survives_a_restart_and_leaves_nothing() {
             .into_inner();
         assert_eq!(failed.state(), proto::VmState::Failed);
         let exit = failed.exit.expect("exit");
-        assert_eq!(exit.reason, "BridgeNotFound", "{exit:?}");
+        assert_eq!(exit.reason, "BridgeNotAllowed", "{exit:?}");
         assert!(exit.message.contains("br-nope"), "{}", exit.message);
         assert_eq!(failed.pid, 0);
         assert!(failed.ip_addresses.is_empty());

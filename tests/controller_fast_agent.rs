@@ -65,6 +65,11 @@ async fn every_microvm_reaches_running_although_the_agent_is_faster_than_the_api
     agent_config.accelerator = AcceleratorFlag::Tcg;
     agent_config.simulated = true;
     agent_config.network = None;
+    // The stand-in kernel is written to the test's directory.
+    agent_config
+        .vmm_policy
+        .allowed_path_dirs
+        .push(dir.path().to_path_buf());
     agent_config.stop_vms_on_exit = true;
     // Room for every round's VMs on this small host: the simulated VMM runs no guest.
     agent_config.vcpu_overcommit = 64;

@@ -259,6 +259,11 @@ async fn one_controller_leads_and_a_standby_takes_over_when_it_dies() {
     agent_config.accelerator = AcceleratorFlag::Tcg;
     agent_config.simulated = true;
     agent_config.network = None;
+    // The stand-in kernel is written to the test's directory.
+    agent_config
+        .vmm_policy
+        .allowed_path_dirs
+        .push(dir.path().to_path_buf());
     agent_config.stop_vms_on_exit = true;
     let stop_agent = CancellationToken::new();
     let agent = agent::serve(agent_config, stop_agent.clone())

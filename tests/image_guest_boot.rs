@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{apply_request, serve_with_client, wait_vm};
+use common::{allow_test_guests, apply_request, serve_with_client, wait_vm};
 use ignis::agent::{AcceleratorFlag, AgentConfig};
 use ignis::proto;
 use image_support::Registry;
@@ -184,6 +184,7 @@ fn debootstrap_guest_from_a_registry_boots_through_the_agent_by_dhcp() {
         let mut config = AgentConfig::local(state);
         config.accelerator = AcceleratorFlag::Tcg;
         config.boot_timeout = BOOT;
+        allow_test_guests(&mut config);
         let (agent, mut client, shutdown) = serve_with_client(config).await;
 
         let uid = "guest-1";

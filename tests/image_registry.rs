@@ -541,3 +541,74 @@ fn a_cancelled_pull_leaves_nothing_and_the_next_one_completes() {
         assert_eq!(std::fs::read(&k.path).expect("kernel"), big);
     });
 }
+
+/// KEP-2535's rule: an image that needed credentials is served from the node's cache only to a
+/// VM whose own credentials the registry accepts for it, even when pinned by digest.
+#[test]
+fn a_cached_private_image_is_served_only_to_credentials_the_registry_accepts() {
+    let reg = Registry::start(true);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let layout = dir.path().join("oci");
+    let k = fake_bzimage(8192);
+    kernel_image(&layout, "k", &k);
+    reg.push(&layout, "k", "private/kernel:v1");
+    let reference = format!("{}/private/kernel:v1", reg.addr);
+    let cache = dir.path().join("cache");
+    let good = RegistryCredentials::basic(&reg.addr, USER, PASSWORD);
+    let wrong = RegistryCredentials::basic(&reg.addr, USER, "wrong");
+    runtime().block_on(async {
+        let store = ImageStore::open(ImageStoreConfig::new(&cache))
+            .await
+            .expect("open");
+        let owner = pull(&store, "vm-owner", ImageKind::Kernel, &reference, &good)
+            .await
+            .expect("owner pulls with its secret");
+        let pinned = owner.pinned_reference();
+        // Another namespace's VM names the cached digest: without credentials, or with
+        // credentials the registry refuses, it gets nothing and no lease.
+        for (holder, creds) in [("vm-anon", anon()), ("vm-wrong", wrong.clone())] {
+            let e = pull(&store, holder, ImageKind::Kernel, &pinned, &creds)
+                .await
+                .expect_err(holder);
+            assert_eq!(e.reason(), "ImageUnauthorized", "{holder}: {e}");
+        }
+        let entries = store.entries().expect("entries");
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].holders, ["vm-owner"]);
+        // A VM whose secret the registry accepts shares the cached entry.
+        let other = pull(&store, "vm-friend", ImageKind::Kernel, &pinned, &good)
+            .await
+            .expect("accepted credentials");
+        assert_eq!(other.path, owner.path);
+        assert_eq!(std::fs::read(&other.path).expect("kernel"), k);
+        assert_eq!(entry_count(&cache), 1);
+        assert_clean(&cache);
+    });
+}
+
+#[test]
+fn an_image_over_the_size_limits_is_refused_permanently_and_leaves_nothing() {
+    let reg = Registry::start(false);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let layout = dir.path().join("oci");
+    kernel_image(&layout, "k", &fake_bzimage(1 << 20));
+    reg.push(&layout, "k", "big/kernel:v1");
+    let reference = format!("{}/big/kernel:v1", reg.addr);
+    let cache = dir.path().join("cache");
+    runtime().block_on(async {
+        for (compressed, unpacked) in [(64, u64::MAX), (u64::MAX, 64 << 10)] {
+            let mut config = ImageStoreConfig::new(&cache);
+            config.limits.compressed_bytes = compressed;
+            config.limits.unpacked_bytes = unpacked;
+            let store = ImageStore::open(config).await.expect("open");
+            let e = pull(&store, "vm-1", ImageKind::Kernel, &reference, &anon())
+                .await
+                .expect_err("too large");
+            assert_eq!(e.reason(), "ImageTooLarge", "{e}");
+            assert!(e.is_permanent());
+            assert!(e.to_string().contains("--image-max-"), "{e}");
+            assert_eq!(entry_count(&cache), 0);
+            assert_clean(&cache);
+        }
+    });
+}

@@ -29,8 +29,13 @@ fn nat(name: &str) -> Interface {
     }
 }
 
+/// Masquerade rules of our `ip ignis` table (its filter chains and the `bridge ignis` guard
+/// hold others).
 fn ignis_rules() -> usize {
-    nft_rules().iter().filter(|r| r["table"] == "ignis").count()
+    nft_rules()
+        .iter()
+        .filter(|r| r["family"] == "ip" && r["table"] == "ignis" && r["chain"] == "postrouting")
+        .count()
 }
 
 #[test]
@@ -75,7 +80,7 @@ fn bridge_setup_is_idempotent() {
         assert_eq!(ignis_rules(), 1);
         let rule = nft_rules()
             .into_iter()
-            .find(|r| r["table"] == "ignis")
+            .find(|r| r["table"] == "ignis" && r["chain"] == "postrouting")
             .expect("rule");
         assert!(rule.to_string().contains("172.30.4.0"), "{rule}");
         mgr.teardown().await.expect("teardown");
@@ -336,9 +341,9 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
     }
     let state = tempfile::tempdir().expect("tempdir");
     runtime().block_on(async {
-        let mgr = NetworkManager::new(NetworkConfig::new(state.path()))
-            .await
-            .expect("manager");
+        let mut config = NetworkConfig::new(state.path());
+        config.allowed_bridges = vec!["br-missing".into()];
+        let mgr = NetworkManager::new(config).await.expect("manager");
         let keep = mgr
             .attach(
                 &vm("vm-keep"),
@@ -380,6 +385,29 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
             &["br-missing", "eth1"],
             "missing bridge",
         );
+        // A bridge an admin did not list: refused before the node's links are even looked at.
+        for bridge in ["ignis0", "cni0", "br-other"] {
+            let err = mgr
+                .attach(
+                    &vm("vm-bad"),
+                    &[Interface {
+                        name: "eth1".into(),
+                        mode: InterfaceMode::Bridge,
+                        bridge: Some(bridge.into()),
+                        address: Some("10.244.0.9/24".into()),
+                        ..Default::default()
+                    }],
+                )
+                .await
+                .expect_err(bridge);
+            assert!(err.is_permanent());
+            check(
+                err,
+                "BridgeNotAllowed",
+                &[bridge, "--allowed-bridge"],
+                bridge,
+            );
+        }
 
         for (address, what) in [
             ("10.99.0.5", "outside"),
@@ -471,9 +499,9 @@ fn bridge_mode_and_address_changes() {
     }
     let state = tempfile::tempdir().expect("tempdir");
     runtime().block_on(async {
-        let mgr = NetworkManager::new(NetworkConfig::new(state.path()))
-            .await
-            .expect("manager");
+        let mut config = NetworkConfig::new(state.path());
+        config.allowed_bridges = vec!["br-user".into()];
+        let mgr = NetworkManager::new(config).await.expect("manager");
         let ok = std::process::Command::new("ip")
             .args(["link", "add", "br-user", "type", "bridge"])
             .status()

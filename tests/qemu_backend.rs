@@ -17,6 +17,8 @@ use ignis::agent::vmm::{GuestExit, NetConfig, Spawned, VmConfig, VmmBackend, Vmm
 use ignis::api::{Accelerator, AcceleratorChoice};
 use ignis::vm::ExitReason;
 
+use ignis::testing::prerequisite::missing;
+
 const BOOT_DEADLINE: Duration = Duration::from_secs(60);
 const EXIT_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -27,12 +29,12 @@ fn prerequisites() -> Option<PathBuf> {
     let qemu = match process::resolve_binary(Path::new(qemu::DEFAULT_BINARY)) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("SKIP: {e}");
+            missing("qemu_backend", &e.to_string());
             return None;
         }
     };
     if let Err(e) = ignis::agent::guest::find_newest_kernel(Path::new("/boot")) {
-        eprintln!("SKIP: {e}");
+        missing("qemu_backend", &e.to_string());
         return None;
     }
     Some(qemu)
@@ -58,6 +60,8 @@ fn config(qemu: &Path, g: &DemoGuest, state: &Path, extra: &str) -> VmConfig {
         console_log: state.join("console.log"),
         api_socket: state.join("qmp.sock"),
         binary: qemu.to_path_buf(),
+        confinement: None,
+        opened: Default::default(),
     }
 }
 
@@ -507,7 +511,10 @@ async fn guest_serves_http_on_its_tap_interface() {
     let tap = match Tap::create(&tap_name, &format!("10.213.{n}.1/30")) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("SKIP: cannot create tap {tap_name} (needs CAP_NET_ADMIN): {e}");
+            missing(
+                "guest_serves_http_on_its_tap_interface",
+                &format!("cannot create tap {tap_name} (needs CAP_NET_ADMIN): {e}"),
+            );
             return;
         }
     };

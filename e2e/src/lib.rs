@@ -82,7 +82,10 @@ impl Cluster {
             .status();
         let made = Command::new("ip").args(["netns", "add", name]).status();
         if !matches!(made, Ok(s) if s.success()) {
-            println!("skipped: cannot create network namespace {name} (needs root and iproute2)");
+            ignis::testing::prerequisite::missing(
+                name,
+                "cannot create a network namespace (needs root and iproute2)",
+            );
             return None;
         }
         let lo = Command::new("ip")

@@ -54,8 +54,9 @@ impl Upstream {
     /// The cluster named by `IGNIS_E2E_CLUSTER_ENV`, or `None` with the reason printed.
     pub fn from_env() -> Option<Upstream> {
         let Ok(path) = std::env::var("IGNIS_E2E_CLUSTER_ENV") else {
-            println!(
-                "skipped: needs the upstream cluster of scripts/cluster.sh (IGNIS_E2E_CLUSTER_ENV, set by scripts/test.sh)"
+            ignis::testing::prerequisite::missing(
+                "a cluster-only test",
+                "needs the upstream cluster of scripts/cluster.sh (IGNIS_E2E_CLUSTER_ENV, set by scripts/test.sh)",
             );
             return None;
         };

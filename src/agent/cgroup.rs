@@ -49,6 +49,23 @@ pub fn place(pid: u32) -> io::Result<()> {
 
 /// [`place`] with an explicit root and name.
 pub fn place_under(root: &Path, name: &str, pid: u32) -> io::Result<()> {
+    for dir in prepare_under(root, name)? {
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
+    }
+    Ok(())
+}
+
+/// The VMM cgroup of every hierarchy, created when missing, for a VMM to join by itself at
+/// spawn (`ignis jailer --cgroup`); empty when none is configured.
+pub fn vmm_dirs() -> io::Result<Vec<PathBuf>> {
+    match TARGET.get() {
+        Some((root, name)) => prepare_under(root, name),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Create `<root>/<hierarchy>/<name>` in every hierarchy and return them.
+pub fn prepare_under(root: &Path, name: &str) -> io::Result<Vec<PathBuf>> {
     let all = hierarchies(root)?;
     if all.is_empty() {
         return Err(io::Error::new(
@@ -56,6 +73,7 @@ pub fn place_under(root: &Path, name: &str, pid: u32) -> io::Result<()> {
             format!("no cgroup hierarchy under {}", root.display()),
         ));
     }
+    let mut dirs = Vec::with_capacity(all.len());
     for hierarchy in all {
         // Level by level: a new v1 cpuset cgroup starts with no CPUs and no memory nodes and
         // refuses processes (and children with any) until it is given its parent's.
@@ -69,13 +87,13 @@ pub fn place_under(root: &Path, name: &str, pid: u32) -> io::Result<()> {
             }
             inherit_cpuset(&parent, &dir)?;
         }
-        std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
+        dirs.push(dir);
     }
-    Ok(())
+    Ok(dirs)
 }
 
 /// Give the cgroup `dir` its `parent`'s CPUs and memory nodes when it has none (v1 cpuset).
-fn inherit_cpuset(parent: &Path, dir: &Path) -> io::Result<()> {
+pub(crate) fn inherit_cpuset(parent: &Path, dir: &Path) -> io::Result<()> {
     for file in ["cpuset.cpus", "cpuset.mems"] {
         let own = dir.join(file);
         if own.exists() && std::fs::read_to_string(&own)?.trim().is_empty() {

@@ -119,6 +119,11 @@ impl LogCursor {
         }
     }
 
+    /// Where the next read starts.
+    pub(crate) fn offset(&self) -> u64 {
+        self.offset
+    }
+
     /// New bytes since the last read (at most `max` bytes), NULs removed.
     pub(crate) fn read_new(&mut self, max: u64) -> Result<Vec<u8>, ConsoleError> {
         let io = |source| ConsoleError::Io {

@@ -1,4 +1,4 @@
-//! `ignis agent`: the node's VM supervisor (DESIGN.md section 2). It boots VMs through a
+//! `ignis agent`: the node's VM supervisor (docs/design.md section 2). It boots VMs through a
 //! [`vmm::VmmBackend`], keeps their state under a state directory so VMMs outlive an agent
 //! restart, and serves the gRPC API of `proto/agent.proto` — over mutual TLS on TCP (cluster
 //! mode), or on a unix socket (`ignis dev`, tests).
@@ -6,12 +6,15 @@
 pub(crate) mod atomic_file;
 pub(crate) mod cgroup;
 pub mod cloud_init;
+pub mod confine;
 pub(crate) mod console;
 pub mod guest;
 pub(crate) mod host;
 pub mod image;
 pub mod kvm;
 pub mod net;
+pub(crate) mod open_fds;
+pub(crate) mod pod;
 pub(crate) mod server;
 pub(crate) mod simulated;
 pub(crate) mod state;
@@ -126,6 +129,27 @@ pub struct AgentArgs {
     /// Turn guest networking off: VMs asking for `nat`/`bridge` interfaces fail.
     #[arg(long, env = "IGNIS_NO_NETWORK")]
     pub(crate) no_network: bool,
+    /// The first of the unprivileged uids (and gids) VMMs run as, one per VM (never 0).
+    #[arg(long, env = "IGNIS_VMM_FIRST_ID", default_value_t = confine::DEFAULT_FIRST_ID, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) vmm_first_id: u32,
+    /// How many such ids (so how many VMs may exist on the node at once).
+    #[arg(long, env = "IGNIS_VMM_ID_COUNT", default_value_t = confine::DEFAULT_ID_COUNT, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) vmm_id_count: u32,
+    /// A directory whose files a MicroVM may name as `kernel.path`, `initrd.path` or
+    /// `rootfs.path` (repeatable). Paths are resolved beneath it, no symlink escaping; any
+    /// other path fails the VM with `PathNotAllowed`. Default: `<state dir>/guest`, the demo
+    /// guest.
+    #[arg(
+        long = "allowed-path-dir",
+        env = "IGNIS_ALLOWED_PATH_DIRS",
+        value_delimiter = ','
+    )]
+    pub(crate) allowed_path_dirs: Vec<PathBuf>,
+    /// Let guests run under TCG (emulation). QEMU's security policy: "TCG is not a security
+    /// boundary"; only KVM guests are. Off by default: a VM that would need TCG fails with
+    /// `TcgNotAllowed`.
+    #[arg(long, env = "IGNIS_ALLOW_TCG")]
+    pub(crate) allow_tcg: bool,
 }
 
 /// Errors of `ignis agent`.
@@ -238,6 +262,9 @@ pub struct AgentConfig {
     pub(crate) cloud_hypervisor_binary: PathBuf,
     pub boot_timeout: Duration,
     pub(crate) console_max_bytes: u64,
+    /// The host's cgroup filesystem, where VM pods' cgroups are found (`--vmm-cgroup-root`);
+    /// `None`: VMs with a pod fail (`ignis dev` has no pods).
+    pub pod_cgroup_root: Option<PathBuf>,
     pub simulated: bool,
     pub stop_vms_on_exit: bool,
     /// vCPUs offered per host CPU.
@@ -249,6 +276,8 @@ pub struct AgentConfig {
     pub network_setup: NetworkSetup,
     /// The node's image cache (`<state dir>/images`).
     pub images: image::ImageStoreConfig,
+    /// How VMMs are confined, which host paths specs may name, whether TCG may run.
+    pub vmm_policy: confine::VmmPolicy,
 }
 
 impl AgentConfig {
@@ -267,6 +296,7 @@ impl AgentConfig {
             cloud_hypervisor_binary: PathBuf::from("cloud-hypervisor"),
             boot_timeout: Duration::from_secs(60),
             console_max_bytes: 1 << 20,
+            pod_cgroup_root: None,
             simulated: false,
             stop_vms_on_exit: false,
             vcpu_overcommit: DEFAULT_VCPU_OVERCOMMIT,
@@ -274,6 +304,13 @@ impl AgentConfig {
             network: Some(net::NetworkConfig::new(state_dir.join("net"))),
             network_setup: NetworkSetup::OnFirstUse,
             images: image::ImageStoreConfig::new(state_dir.join("images")),
+            // Confined as on a cluster; TCG allowed, because `ignis dev` and the tests run
+            // where KVM may be missing (a choice made here, visibly, not by default).
+            vmm_policy: confine::VmmPolicy {
+                ids: Some(confine::IdRange::default()),
+                allowed_path_dirs: vec![state_dir.join("guest")],
+                allow_tcg: true,
+            },
         }
     }
 
@@ -298,6 +335,7 @@ impl AgentConfig {
             cloud_hypervisor_binary: args.cloud_hypervisor_binary.clone(),
             boot_timeout: args.boot_timeout,
             console_max_bytes: args.console_max_bytes,
+            pod_cgroup_root: args.vmm_cgroup_root.clone(),
             simulated: args.simulated,
             stop_vms_on_exit: args.stop_vms_on_exit,
             vcpu_overcommit: args.vcpu_overcommit,
@@ -305,6 +343,18 @@ impl AgentConfig {
             network: (!args.no_network).then(|| args.network.config(&args.state_dir)),
             network_setup: NetworkSetup::AtStart,
             images: args.images.config(&args.state_dir),
+            vmm_policy: confine::VmmPolicy {
+                ids: Some(confine::IdRange {
+                    first: args.vmm_first_id,
+                    count: args.vmm_id_count,
+                }),
+                allowed_path_dirs: if args.allowed_path_dirs.is_empty() {
+                    vec![args.state_dir.join("guest")]
+                } else {
+                    args.allowed_path_dirs.clone()
+                },
+                allow_tcg: args.allow_tcg,
+            },
         })
     }
 }
@@ -454,6 +504,7 @@ pub(crate) async fn serve_with_metrics(
         SupervisorConfig {
             boot_timeout: config.boot_timeout,
             console_max_bytes: config.console_max_bytes,
+            pods: pod::Host::new(config.pod_cgroup_root.clone()),
             host: capacity,
             accelerator,
             accelerator_detail: accelerator_detail.clone(),
@@ -461,6 +512,7 @@ pub(crate) async fn serve_with_metrics(
             unavailable,
             network: config.network.clone(),
             images: Some(config.images.clone()),
+            policy: config.vmm_policy.clone(),
         },
         store,
         backends,

@@ -1,5 +1,5 @@
 //! The `simulated` VMM: a `sleep` process stands in for the VMM and there is no guest. It
-//! exists for control-plane benchmarks only (DESIGN.md section 5): it is registered only when
+//! exists for control-plane benchmarks only (docs/design.md section 5): it is registered only when
 //! the agent runs with `--simulated`, and VMs on it report hypervisor `simulated`.
 //!
 //! It still is a real process, started, watched and ended through the same
@@ -51,7 +51,14 @@ impl VmmBackend for SimulatedBackend {
             .open(&config.console_log)
             .map_err(io)?;
         writeln!(console, "simulated VM {}: no guest runs here", config.id).map_err(io)?;
-        let child = process::spawn(&binary, ["infinity"], Output::Null, Output::Null)?;
+        let child = process::spawn(
+            &binary,
+            ["infinity"],
+            Output::Null,
+            Output::Null,
+            config.confinement.as_ref(),
+            Vec::new(),
+        )?;
         let handle = process::handle_for(&child, &config.api_socket, &config.console_log)?;
         Ok(Spawned { handle, child })
     }

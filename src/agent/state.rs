@@ -13,6 +13,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
+use crate::agent::confine::VmmIds;
 use crate::agent::vmm::VmmHandle;
 use crate::vm::{ApplyRequest, VmStatus, VmUid};
 
@@ -38,6 +39,7 @@ pub enum StateError {
 const SPEC: &str = "spec.json";
 const HANDLE: &str = "handle.json";
 const STATUS: &str = "status.json";
+const IDS: &str = "ids.json";
 /// The status record's file name in a VM's directory.
 pub(crate) const STATUS_FILE: &str = STATUS;
 
@@ -116,6 +118,15 @@ impl StateStore {
 
     pub(crate) fn read_handle(&self, uid: &VmUid) -> Result<Option<VmmHandle>, StateError> {
         self.read_json(uid, HANDLE)
+    }
+
+    /// The uid and gid the VM's VMM runs as (see `agent::confine`).
+    pub(crate) fn write_ids(&self, uid: &VmUid, ids: &VmmIds) -> Result<(), StateError> {
+        self.write_json(uid, IDS, ids)
+    }
+
+    pub(crate) fn read_ids(&self, uid: &VmUid) -> Result<Option<VmmIds>, StateError> {
+        self.read_json(uid, IDS)
     }
 
     pub(crate) fn write_status(&self, status: &VmStatus) -> Result<(), StateError> {
@@ -230,6 +241,7 @@ mod tests {
             run: 2,
             desired: DesiredState::Running,
             pull_secrets: Default::default(),
+            pod: None,
         };
         store.write_spec(&spec).expect("spec");
         let status = VmStatus {

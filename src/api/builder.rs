@@ -5,12 +5,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use k8s_openapi::api::core::v1::LocalObjectReference;
+use k8s_openapi::api::core::v1::{Affinity, LocalObjectReference, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::{
-    ImageSource, InterfaceMode, KernelSource, MicroVM, MicroVMSpec, NetworkInterface, NetworkSpec,
-    ReadinessProbe, Resources, RootfsSource, RunPolicy,
+    AcceleratorChoice, HypervisorChoice, ImageSource, InterfaceMode, KernelSource, MicroVM,
+    MicroVMSpec, NetworkInterface, NetworkSpec, ReadinessProbe, Resources, RootfsSource, RunPolicy,
 };
 
 /// The minimal sample (`config/samples/microvm-minimal.yaml`): the demo guest `ignis dev`
@@ -46,6 +46,9 @@ impl MicroVmBuilder {
             user_data: None,
             image_pull_secrets: Vec::new(),
             node_selector: None,
+            affinity: None,
+            tolerations: Vec::new(),
+            priority_class_name: None,
             readiness: None,
             termination_grace_period_seconds: super::default_grace_period(),
         };
@@ -84,6 +87,16 @@ impl MicroVmBuilder {
         self
     }
 
+    /// Add a label to the object's metadata.
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.vm
+            .metadata
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(key.to_string(), value.to_string());
+        self
+    }
+
     pub fn created_at(mut self, at: Time) -> Self {
         self.vm.metadata.creation_timestamp = Some(at);
         self
@@ -91,6 +104,16 @@ impl MicroVmBuilder {
 
     pub fn run_policy(mut self, policy: RunPolicy) -> Self {
         self.vm.spec.run_policy = policy;
+        self
+    }
+
+    pub fn hypervisor(mut self, hypervisor: HypervisorChoice) -> Self {
+        self.vm.spec.hypervisor = hypervisor;
+        self
+    }
+
+    pub fn accelerator(mut self, accelerator: AcceleratorChoice) -> Self {
+        self.vm.spec.accelerator = accelerator;
         self
     }
 
@@ -204,6 +227,24 @@ impl MicroVmBuilder {
             .node_selector
             .get_or_insert_with(BTreeMap::new)
             .insert(key.to_string(), value.to_string());
+        self
+    }
+
+    /// The VM pod's affinity (cluster only).
+    pub fn affinity(mut self, affinity: Affinity) -> Self {
+        self.vm.spec.affinity = Some(affinity);
+        self
+    }
+
+    /// Add a toleration to the VM pod (cluster only).
+    pub fn toleration(mut self, toleration: Toleration) -> Self {
+        self.vm.spec.tolerations.push(toleration);
+        self
+    }
+
+    /// The VM pod's PriorityClass (cluster only).
+    pub fn priority_class_name(mut self, name: &str) -> Self {
+        self.vm.spec.priority_class_name = Some(name.to_string());
         self
     }
 

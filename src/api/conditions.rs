@@ -40,7 +40,6 @@ impl Reason {
     pub(crate) const GUEST_READY: &'static str = "GuestReady";
     pub(crate) const GUEST_EXITED: &'static str = "GuestExited";
     pub(crate) const GUEST_FAILED: &'static str = "GuestFailed";
-    pub(crate) const HALTED: &'static str = "Halted";
     pub(crate) const STOPPING: &'static str = "Stopping";
     pub(crate) const AGENT_UNREACHABLE: &'static str = "AgentUnreachable";
     pub(crate) const NODE_MISMATCH: &'static str = "NodeNoLongerMatches";

@@ -1,4 +1,4 @@
-//! `MicroVM` spec and status types (DESIGN.md section 1).
+//! `MicroVM` spec and status types (docs/design.md section 1).
 
 // kube-derive takes repeated `printcolumn(type_ = ...)` entries, which clippy mistakes for
 // duplicated attributes.
@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::LocalObjectReference;
+use k8s_openapi::api::core::v1::{Affinity, LocalObjectReference, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -90,6 +90,20 @@ pub struct MicroVMSpec {
     /// Labels a node must carry for the VM to be placed there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
+    /// Node affinity, pod affinity and anti-affinity of the VM pod, as in a pod's spec. On a
+    /// cluster kube-scheduler honours it; `ignis dev` (one node, Ignis's own placement)
+    /// ignores it. A change applies to the next VM pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Tolerations of the VM pod, as in a pod's spec (cluster only; `ignis dev` ignores them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub tolerations: Vec<Toleration>,
+    /// The PriorityClass of the VM pod: its scheduling priority and who it may preempt
+    /// (cluster only; `ignis dev` ignores it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
     /// How Ignis decides the guest is ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub readiness: Option<ReadinessProbe>,
@@ -374,7 +388,8 @@ pub struct NetworkInterface {
     /// Interface name inside the guest (e.g. `eth0`).
     #[schemars(length(min = 1, max = 15), regex(pattern = r"^[a-z][a-z0-9]*$"))]
     pub name: String,
-    /// `nat` (node bridge + NAT), `bridge` (an existing bridge), or `none`.
+    /// `nat` (node bridge + NAT), `bridge` (an existing bridge), `none`, or `pod` (the VM
+    /// pod's network, on a cluster).
     #[serde(default)]
     pub mode: InterfaceMode,
     /// Name of an existing bridge on the node (mode `bridge` only).
@@ -401,6 +416,9 @@ pub enum InterfaceMode {
     Bridge,
     /// No connectivity (the device exists, nothing is behind it).
     None,
+    /// The VM pod's network: the guest answers at the pod IP (on a cluster; the default there
+    /// for a MicroVM without a `network` stanza).
+    Pod,
 }
 
 impl InterfaceMode {
@@ -410,6 +428,7 @@ impl InterfaceMode {
             InterfaceMode::Nat => "nat",
             InterfaceMode::Bridge => "bridge",
             InterfaceMode::None => "none",
+            InterfaceMode::Pod => "pod",
         }
     }
 }

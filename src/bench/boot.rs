@@ -63,7 +63,7 @@ pub(crate) struct ModeResult {
 
 /// The bare QEMU of one boot: the backend's argv without `-S`, so the guest runs at once.
 pub(crate) fn bare_argv(config: &VmConfig, tsc_khz: Option<u64>) -> Vec<std::ffi::OsString> {
-    qemu_args(config, tsc_khz)
+    qemu_args(config, tsc_khz, None)
         .into_iter()
         .filter(|a| a != "-S")
         .collect()
@@ -89,6 +89,8 @@ fn bare_config(guest: &DemoGuest, dir: &Path, id: &str) -> Result<VmConfig, Benc
         console_log: dir.join("console.log"),
         api_socket: dir.join("qmp.sock"),
         binary: PathBuf::from(DEFAULT_BINARY),
+        confinement: None,
+        opened: Default::default(),
     })
 }
 
@@ -425,7 +427,7 @@ mod tests {
             kernel_version: "6".into(),
         };
         let config = bare_config(&guest, Path::new("/tmp/x"), "b1").expect("config");
-        let full = qemu_args(&config, Some(2_000_000));
+        let full = qemu_args(&config, Some(2_000_000), None);
         let bare = bare_argv(&config, Some(2_000_000));
         assert!(full.iter().any(|a| a == "-S"));
         assert!(!bare.iter().any(|a| a == "-S"));

@@ -105,6 +105,8 @@ async fn agent_start(dir: &Path, runs: usize) -> Result<(Vec<f64>, u64), BenchEr
             health.to_string(),
             "--accelerator".into(),
             "tcg".into(),
+            // No KVM here: emulation, allowed explicitly (it is no security boundary).
+            "--allow-tcg".into(),
         ];
         std::fs::create_dir_all(&state).map_err(|source| BenchError::Io {
             what: format!("create {}", state.display()),
@@ -160,6 +162,7 @@ async fn controller_start(dir: &Path, runs: usize) -> Result<(Vec<f64>, u64), Be
         agent_health.to_string(),
         "--accelerator".into(),
         "tcg".into(),
+        "--allow-tcg".into(),
     ];
     let started = Instant::now();
     let mut agent = spawn_ignis(&agent_args, &[], &dir.join("ctl-agent.log"))?;
@@ -215,6 +218,7 @@ async fn dev_start(dir: &Path) -> Result<(f64, u64), BenchError> {
         health.to_string(),
         "--accelerator".into(),
         "tcg".into(),
+        "--allow-tcg".into(),
     ];
     let (mut child, took) = start_ignis(
         &args,

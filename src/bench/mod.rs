@@ -1,4 +1,4 @@
-//! `ignis bench`: measure Ignis against the targets of DESIGN.md section 5, side by side with
+//! `ignis bench`: measure Ignis against the targets of docs/design.md section 5, side by side with
 //! the floor (the bare VMM boot) in the same run. Each bench prints a table, every figure
 //! beside its target, and writes `<results-dir>/<bench>.json` with the machine it ran on. The
 //! binary measures itself: a debug build says so and its numbers are not representative.
@@ -8,6 +8,8 @@ pub(crate) mod churn;
 pub(crate) mod control_plane;
 pub(crate) mod footprint;
 pub(crate) mod machine;
+pub(crate) mod soak;
+pub(crate) mod soak_sample;
 pub(crate) mod stack;
 pub(crate) mod stats;
 pub(crate) mod writes;
@@ -43,6 +45,9 @@ pub(crate) enum BenchCommand {
     Footprint(footprint::FootprintArgs),
     /// Create/delete cycles and a leak check that fails the bench.
     Churn(churn::ChurnArgs),
+    /// A mixed failure workload (crash loops, boot timeouts, VMM kills, spec changes, agent
+    /// restarts), bounded by time and cycles; fails when a resource does not come back.
+    Soak(soak::SoakArgs),
     /// Every bench with its defaults.
     All,
 }
@@ -190,6 +195,7 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> Result<(), Ben
             BenchCommand::ControlPlane(a) => control_plane::run(&a, &machine, &dir).await,
             BenchCommand::Footprint(a) => footprint::run(&a, &machine, &dir).await,
             BenchCommand::Churn(a) => churn::run(&a, &machine, &dir).await,
+            BenchCommand::Soak(a) => soak::run(&a, &machine, &dir).await,
             BenchCommand::All => {
                 // Footprint first: its idle figures want a quiet machine. Every bench runs
                 // even when one fails; the first failure is the exit status.

@@ -66,6 +66,9 @@ pub(crate) struct Stack {
     pub(crate) write_counter: Arc<WriteCounter>,
     pub(crate) client: kube::Client,
     pub(crate) agent: Child,
+    /// How the agent was started, to start it again ([`Stack::restart_agent`]).
+    pub(crate) agent_args: Vec<String>,
+    pub(crate) agent_health: SocketAddr,
     pub(crate) controller: Child,
     pub(crate) controller_health: SocketAddr,
     pub(crate) tracker: Tracker,
@@ -291,6 +294,11 @@ impl Stack {
             agent_health.to_string(),
             "--accelerator".into(),
             "tcg".into(),
+            // No KVM here: emulation, allowed explicitly (it is no security boundary).
+            "--allow-tcg".into(),
+            // The demo guest is built beside the agent's state, not in it.
+            "--allowed-path-dir".into(),
+            dir.join("guest").display().to_string(),
             "--boot-timeout".into(),
             format!("{}s", options.boot_timeout.as_secs().max(1)),
             "--stop-vms-on-exit".into(),
@@ -337,12 +345,34 @@ impl Stack {
             write_counter,
             client,
             agent,
+            agent_args,
+            agent_health,
             controller,
             controller_health,
             tracker,
             stop_api,
             stop_watch,
         })
+    }
+
+    /// SIGKILL the agent, as a crash would (its VMMs keep running), and start it again with
+    /// the same flags; it re-adopts them. How long the new one took to answer `/readyz`.
+    pub(crate) async fn restart_agent(&mut self) -> Result<Duration, BenchError> {
+        let _ = self.agent.kill().await;
+        let log = self
+            .dir
+            .join(format!("agent-{}.log", crate::time::now_unix_ms()));
+        let (agent, ready) = start_ignis(
+            &self.agent_args,
+            &[],
+            &log,
+            self.agent_health,
+            "restarted agent",
+            Duration::from_secs(60),
+        )
+        .await?;
+        self.agent = agent;
+        ready
     }
 
     pub(crate) fn microvms(&self) -> Api<MicroVM> {

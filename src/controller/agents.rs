@@ -263,6 +263,20 @@ impl AgentPool {
             .collect()
     }
 
+    /// Connected nodes whose agent holds the VM `uid`.
+    pub(crate) fn nodes_holding(&self, uid: &str) -> Vec<String> {
+        let Ok(slots) = self.inner.slots.read() else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> = slots
+            .iter()
+            .filter(|(_, s)| s.down_since.is_none() && s.vms.contains_key(uid))
+            .map(|(n, _)| n.clone())
+            .collect();
+        out.sort();
+        out
+    }
+
     fn client(&self, node: &str) -> Result<AgentClient<Channel>, AgentError> {
         let slots = self
             .inner

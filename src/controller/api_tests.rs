@@ -72,6 +72,8 @@ fn context(client: Client, pool: AgentPool) -> Arc<Context> {
         },
         placing: tokio::sync::Mutex::new(Default::default()),
         failures: Mutex::new(Default::default()),
+        vm_pods: None,
+        node_meta: None,
     })
 }
 
@@ -317,7 +319,7 @@ async fn unschedulable_vm_gets_finalizer_condition_and_event() {
         .expect("reconcile succeeds");
     assert_eq!(
         action,
-        kube::runtime::controller::Action::requeue(super::plan::UNSCHEDULABLE_RETRY)
+        kube::runtime::controller::Action::requeue(super::plan::UNSCHEDULABLE_GRACE)
     );
     tokio::time::timeout(DEADLINE, verifier)
         .await

@@ -11,6 +11,7 @@ use tonic::transport::ClientTlsConfig;
 use super::agents::AgentEndpoint;
 use super::scheduler::PlacementStrategy;
 use super::tls;
+use super::vmpod::{OverheadError, VmPodSettings, VmmOverhead};
 use crate::telemetry::MetricsRegistry;
 
 /// Flags of `ignis controller`.
@@ -53,6 +54,35 @@ pub struct ControllerArgs {
     /// How long an agent may be unreachable before its VMs turn Ready=Unknown (e.g. 10s).
     #[arg(long, env = "IGNIS_AGENT_LOST_GRACE", default_value = "10s", value_parser = crate::time::parse_duration)]
     pub(crate) agent_lost_grace: Duration,
+    /// Run every VM inside a VM pod that kube-scheduler places (a cluster; the chart sets it).
+    /// Off: Ignis places VMs itself and makes no pods (`ignis dev`).
+    #[arg(long, env = "IGNIS_VM_PODS")]
+    pub(crate) vm_pods: bool,
+    /// Image of the VM pods' launcher container (`ignis vm-pod`): the controller's own image.
+    /// Required with --vm-pods.
+    #[arg(long, env = "IGNIS_VM_POD_IMAGE")]
+    pub(crate) vm_pod_image: Option<String>,
+    /// Memory a VMM needs beyond its guest's, added to the VM pod's requests and limits:
+    /// HYPERVISOR=QUANTITY, repeatable or comma-separated (defaults qemu=128Mi,
+    /// firecracker=32Mi, cloud-hypervisor=48Mi).
+    #[arg(long, env = "IGNIS_VMM_OVERHEAD", value_delimiter = ',')]
+    pub(crate) vmm_overhead: Vec<String>,
+}
+
+impl ControllerArgs {
+    /// The VM pod settings the flags ask for; `None` without --vm-pods.
+    pub(crate) fn vm_pod_settings(&self) -> Result<Option<VmPodSettings>, ControllerError> {
+        if !self.vm_pods {
+            return Ok(None);
+        }
+        let image = self
+            .vm_pod_image
+            .clone()
+            .filter(|i| !i.is_empty())
+            .ok_or(ControllerError::MissingVmPodImage)?;
+        let overhead = VmmOverhead::parse(&self.vmm_overhead).map_err(ControllerError::Overhead)?;
+        Ok(Some(VmPodSettings { image, overhead }))
+    }
 }
 
 /// Leader election flags of `ignis controller`.
@@ -88,6 +118,11 @@ pub enum ControllerError {
     LostLeadership,
     #[error("the controller task failed")]
     Task(#[source] tokio::task::JoinError),
+    #[error("--vm-pods needs --vm-pod-image (the controller's own image)")]
+    MissingVmPodImage,
+    #[error("bad --vmm-overhead")]
+    #[strum(serialize = "BadVmmOverhead")]
+    Overhead(#[source] OverheadError),
 }
 
 /// Where pod discovery looks for agents.
@@ -117,6 +152,8 @@ pub struct ControllerConfig {
     pub(crate) metrics: MetricsRegistry,
     /// Reporting instance for Events (the pod name in a cluster).
     pub(crate) instance: Option<String>,
+    /// Run VMs in VM pods (`--vm-pods`); `None`: Ignis places them itself (`ignis dev`).
+    pub(crate) vm_pods: Option<VmPodSettings>,
 }
 
 impl ControllerConfig {
@@ -136,6 +173,7 @@ impl ControllerConfig {
             drift_grace: Duration::from_secs(30),
             metrics: MetricsRegistry::with_prefix("ignis"),
             instance: None,
+            vm_pods: None,
         }
     }
 }
@@ -164,5 +202,45 @@ mod tests {
         assert_eq!(cli.args.placement, PlacementStrategy::Spread);
         assert!(!cli.args.leader.leader_election);
         assert_eq!(cli.args.agent_endpoints.len(), 1);
+        assert!(!cli.args.vm_pods);
+        assert_eq!(cli.args.vm_pod_settings().ok(), Some(None));
+    }
+
+    #[test]
+    fn vm_pods_need_an_image_and_take_overheads() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: ControllerArgs,
+        }
+        let cli = Cli::parse_from(["ignis", "--vm-pods"]);
+        assert!(matches!(
+            cli.args.vm_pod_settings(),
+            Err(ControllerError::MissingVmPodImage)
+        ));
+        let cli = Cli::parse_from([
+            "ignis",
+            "--vm-pods",
+            "--vm-pod-image",
+            "r/ignis-controller:1",
+            "--vmm-overhead",
+            "qemu=200Mi,firecracker=40Mi",
+        ]);
+        let settings = cli.args.vm_pod_settings().ok().flatten().expect("settings");
+        assert_eq!(settings.image, "r/ignis-controller:1");
+        assert_eq!(settings.overhead.qemu, 200 << 20);
+        assert_eq!(settings.overhead.firecracker, 40 << 20);
+        assert_eq!(settings.overhead.cloud_hypervisor, 48 << 20);
+        let cli = Cli::parse_from([
+            "ignis",
+            "--vm-pods",
+            "--vm-pod-image=x",
+            "--vmm-overhead=qemu",
+        ]);
+        assert!(matches!(
+            cli.args.vm_pod_settings(),
+            Err(ControllerError::Overhead(_))
+        ));
     }
 }

@@ -1,16 +1,23 @@
 //! Housekeeping every few seconds: drift repair (VMs no MicroVM owns are removed from their
-//! agent after a grace period) and the per-phase gauges.
+//! agent after a grace period), the per-phase gauges, and in pod mode the node labels.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::Store;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::Phase;
 use crate::error::ErrorReason;
-use crate::vm::VmUid;
+use crate::vm::{HostInfo, VmUid};
+
+use super::nodelabels::{self, AgentState};
+use super::plan::AgentLink;
 
 use super::reconcile::Context;
 
@@ -49,6 +56,9 @@ pub(super) async fn housekeeping(
             .agents_connected
             .set(ctx.pool.connected() as i64);
 
+        if let Some(nodes) = &ctx.node_meta {
+            sync_node_labels(&ctx, nodes).await;
+        }
         for (node, uid) in drift_due(&ctx.pool.held_vms(), &owned, &mut orphans, drift_grace) {
             tracing::warn!(%node, %uid, "removing a VM no MicroVM owns (drift repair)");
             ctx.metrics.drift_removed.inc();
@@ -58,6 +68,30 @@ pub(super) async fn housekeeping(
                     tracing::warn!(%node, %uid, reason = error.reason(), %error, "drift repair failed");
                 }
             });
+        }
+    }
+}
+
+/// Pod mode: bring each node's Ignis labels in line with its agent (see `nodelabels`).
+async fn sync_node_labels(ctx: &Context, nodes: &Store<PartialObjectMeta<Node>>) {
+    let hosts: HashMap<String, HostInfo> = ctx.pool.hosts().into_iter().collect();
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    for node in nodes.state() {
+        let name = node.name_any();
+        let state = match hosts.get(&name) {
+            Some(host) => AgentState::Connected(host),
+            None if ctx.pool.link(&name) == AgentLink::Absent => AgentState::Gone,
+            None => AgentState::Unsure,
+        };
+        let labels = node.metadata.labels.clone().unwrap_or_default();
+        let Some(patch) = nodelabels::patch(&labels, state) else {
+            continue;
+        };
+        if let Err(error) = api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
+            tracing::warn!(node = %name, %error, "cannot update the node's Ignis labels");
         }
     }
 }

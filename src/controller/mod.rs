@@ -1,4 +1,4 @@
-//! `ignis controller`: the reconcile loop of DESIGN.md section 2. A kube-runtime
+//! `ignis controller`: the reconcile loop of docs/design.md section 2. A kube-runtime
 //! `Controller<MicroVM>` whose reconcile observes (object, agent view, placement), decides with
 //! the pure [`plan::plan`], and acts (metadata patch, agent calls, status apply, Events).
 //! Agent `WatchVMs` streams trigger reconciles, so a VM that changes is noticed at once.
@@ -10,6 +10,7 @@ mod drift;
 pub(crate) mod events;
 pub(crate) mod leader;
 pub(crate) mod metrics;
+mod nodelabels;
 pub(crate) mod plan;
 mod pull_secrets;
 mod reconcile;
@@ -17,6 +18,7 @@ pub(crate) mod scheduler;
 pub(crate) mod status;
 pub(crate) mod tls;
 pub mod uninstall;
+pub(crate) mod vmpod;
 pub(crate) mod vmspec;
 
 #[cfg(test)]
@@ -30,10 +32,12 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Controller;
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
-use kube::{Api, Client};
+use kube::runtime::reflector::{self, ObjectRef, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -99,6 +103,16 @@ pub async fn start(
         kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
     );
     let store = controller.store();
+    let (pod_events_tx, mut pod_events) = mpsc::unbounded_channel::<ObjectRef<MicroVM>>();
+    let vm_pods = config.vm_pods.clone().map(|settings| {
+        let (pods, nodes) = watch_vm_pods(
+            &client,
+            config.namespace.as_deref(),
+            pod_events_tx,
+            &shutdown,
+        );
+        (settings, pods, nodes)
+    });
     let reporter = Reporter {
         controller: FIELD_MANAGER.to_string(),
         instance: config.instance.clone(),
@@ -116,10 +130,28 @@ pub async fn start(
         },
         placing: tokio::sync::Mutex::new(HashMap::new()),
         failures: Mutex::new(HashMap::new()),
+        vm_pods: vm_pods
+            .as_ref()
+            .map(|(s, store, _)| (s.clone(), store.clone())),
+        node_meta: vm_pods.as_ref().map(|(_, _, nodes)| nodes.clone()),
     });
 
     // Pool signals → object references for the controller.
     let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<MicroVM>>();
+    {
+        let trigger_tx = trigger_tx.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = pod_events.recv() => r,
+                };
+                let Some(object) = next else { return };
+                let _ = trigger_tx.send(object);
+            }
+        });
+    }
     {
         let store = store.clone();
         let shutdown = shutdown.clone();
@@ -170,6 +202,82 @@ pub async fn start(
     Ok(ControllerHandle { pool, task })
 }
 
+/// Pod mode: cache the VM pods (reconciling the owning MicroVM on each change) and the
+/// Nodes' metadata (for the node labels the controller keeps).
+fn watch_vm_pods(
+    client: &Client,
+    namespace: Option<&str>,
+    triggers: mpsc::UnboundedSender<ObjectRef<MicroVM>>,
+    shutdown: &CancellationToken,
+) -> (
+    reflector::Store<Pod>,
+    reflector::Store<PartialObjectMeta<Node>>,
+) {
+    let pods: Api<Pod> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let (pod_store, pod_writer) = reflector::store();
+    let pod_stream = reflector(
+        pod_writer,
+        watcher(
+            pods,
+            watcher::Config::default().labels(vmpod::MICROVM_LABEL),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut pod_stream = std::pin::pin!(pod_stream);
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return,
+                n = pod_stream.next() => n,
+            };
+            match next {
+                None => return,
+                Some(Ok(pod)) => {
+                    let (Some(ns), Some(name)) = (
+                        pod.namespace(),
+                        pod.labels().get(vmpod::MICROVM_LABEL).cloned(),
+                    ) else {
+                        continue;
+                    };
+                    let _ = triggers.send(ObjectRef::new(&name).within(&ns));
+                }
+                Some(Err(error)) => tracing::debug!(%error, "VM pod watch"),
+            }
+        }
+    });
+    let (node_store, node_writer) = reflector::store();
+    let node_stream = reflector(
+        node_writer,
+        watcher(
+            Api::<PartialObjectMeta<Node>>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut node_stream = std::pin::pin!(node_stream);
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return,
+                n = node_stream.next() => n,
+            };
+            match next {
+                None => return,
+                Some(Ok(_)) => {}
+                Some(Err(error)) => tracing::debug!(%error, "node watch"),
+            }
+        }
+    });
+    (pod_store, node_store)
+}
+
 /// `ignis controller`: health server, leader election, TLS, then [`start`] until `shutdown`.
 pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<(), ControllerError> {
     let registry = MetricsRegistry::with_prefix("ignis");
@@ -204,14 +312,20 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
                 .values()
                 .any(|e| matches!(e, AgentEndpoint::Tcp { .. })));
     let tls = if needs_tls {
-        Some(
-            tls::ensure_secret(client.clone(), &args.system_namespace, &args.tls_secret)
-                .await
-                .map_err(ControllerError::Tls)?,
-        )
+        let config = tls::ensure_secret(client.clone(), &args.system_namespace, &args.tls_secret)
+            .await
+            .map_err(ControllerError::Tls)?;
+        tls::renew_agent_secret_periodically(
+            client.clone(),
+            args.system_namespace.clone(),
+            args.tls_secret.clone(),
+            shutdown.clone(),
+        );
+        Some(config)
     } else {
         None
     };
+    let vm_pods = args.vm_pod_settings()?;
     let identity = std::env::var("POD_NAME")
         .unwrap_or_else(|_| format!("ignis-controller-{}", uuid::Uuid::new_v4()));
 
@@ -249,6 +363,7 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
         drift_grace: Duration::from_secs(30),
         metrics: registry,
         instance: Some(identity),
+        vm_pods,
     };
     let handle = start(client, config, work.clone()).await?;
     readiness.set_ready(true);

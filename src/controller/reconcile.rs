@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Node;
-use kube::api::{Patch, PatchParams};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
@@ -16,12 +16,13 @@ use thiserror::Error;
 use super::agents::{AgentError, AgentPool};
 use super::events::EventRecorder;
 use super::metrics::ControllerMetrics;
-use super::plan::{self, Action, EventKind, Observed, SpecProblem, placed_node};
+use super::plan::{self, Action, EventKind, Observed, PodMode, PodView, SpecProblem, placed_node};
 use super::scheduler::{self, Candidate, PlacementRequest, PlacementStrategy};
+use super::vmpod::{self, VmPodSettings};
 use super::{pull_secrets, status, vmspec};
 use crate::api::{FIELD_MANAGER, MicroVM};
 use crate::error::ErrorReason;
-use crate::vm::{ApplyRequest, VmUid};
+use crate::vm::{ApplyRequest, PodRef, VmUid};
 
 /// Failures of one reconcile; all retried with back-off, except a [`Conflict`] (see
 /// `error_policy`).
@@ -74,6 +75,10 @@ pub(super) struct Context {
     /// both take the last slot of a node.
     pub(super) placing: tokio::sync::Mutex<HashMap<String, Reservation>>,
     pub(super) failures: Mutex<HashMap<String, u32>>,
+    /// Pod mode (`--vm-pods`): the settings and the cache of VM pods.
+    pub(super) vm_pods: Option<(VmPodSettings, Store<Pod>)>,
+    /// Pod mode: the Nodes' metadata, for the node labels the controller keeps.
+    pub(super) node_meta: Option<Store<kube::core::PartialObjectMeta<Node>>>,
 }
 
 /// Node labels with a short cache: placement asks for every candidate on every placement.
@@ -186,15 +191,48 @@ pub(super) async fn reconcile(
     result
 }
 
+/// Pod mode's part of observing a MicroVM: its VM pod (built and found), the pod's node, and
+/// the other nodes holding its VM.
+struct PodObservation {
+    built: Result<Pod, vmpod::VmPodError>,
+    view: Option<PodView>,
+    node: Option<String>,
+}
+
+fn observe_pod(mvm: &MicroVM, settings: &VmPodSettings, store: &Store<Pod>) -> PodObservation {
+    let ns = mvm.namespace().unwrap_or_default();
+    let name = vmpod::pod_name(&mvm.name_any());
+    let view = store
+        .get(&kube::runtime::reflector::ObjectRef::new(&name).within(&ns))
+        .map(|p| vmpod::view(&p));
+    let uid = mvm.uid();
+    let node = view
+        .as_ref()
+        .filter(|v| v.owner_uid.is_some() && v.owner_uid == uid)
+        .and_then(|v| v.node.clone());
+    PodObservation {
+        built: vmpod::build(mvm, settings),
+        view,
+        node,
+    }
+}
+
 pub(super) async fn reconcile_once(
     mvm: &MicroVM,
     ctx: &Context,
 ) -> Result<Requeue, ReconcileError> {
-    let built = vmspec::build(mvm);
-    let node = placed_node(mvm);
+    let pods = ctx
+        .vm_pods
+        .as_ref()
+        .map(|(settings, store)| observe_pod(mvm, settings, store));
+    let built = vmspec::build(mvm, pods.is_some());
+    let node = match &pods {
+        Some(p) => p.node.clone(),
+        None => placed_node(mvm),
+    };
     let deleting = mvm.metadata.deletion_timestamp.is_some();
     let uid = mvm.uid().unwrap_or_default();
-    let placement = if node.is_none() && !deleting {
+    let placement = if node.is_none() && !deleting && pods.is_none() {
         Some(place(mvm, ctx).await)
     } else {
         None
@@ -203,8 +241,8 @@ pub(super) async fn reconcile_once(
         Some(node) => (
             ctx.pool.link(node),
             ctx.pool.vm(node, &uid),
-            // Labels only matter to a live VM (the node-mismatch condition).
-            if deleting {
+            // Labels only matter to a live VM placed by Ignis (the node-mismatch condition).
+            if deleting || pods.is_some() {
                 None
             } else {
                 ctx.nodes.get(node).await
@@ -225,10 +263,27 @@ pub(super) async fn reconcile_once(
         vm,
         placement,
         node_labels,
+        pods: match &pods {
+            None => PodMode::Off,
+            Some(p) => PodMode::On {
+                pod: p.view.clone().map(Box::new),
+                buildable: p.built.as_ref().map(|_| ()).map_err(|e| SpecProblem {
+                    reason: e.into(),
+                    message: e.to_string(),
+                }),
+                elsewhere: ctx
+                    .pool
+                    .nodes_holding(&uid)
+                    .into_iter()
+                    .filter(|n| Some(n) != node.as_ref())
+                    .collect(),
+            },
+        },
     };
     let actions = plan::plan(mvm, &observed);
     let placed_now = actions.iter().any(|a| matches!(a, Action::Place { .. }));
-    let result = act(mvm, actions, built.ok(), ctx).await;
+    let pod = pods.map(|p| (p.built.ok(), p.view));
+    let result = act(mvm, actions, built.ok(), pod, ctx).await;
     if placed_now && result.is_err() {
         // The placement was never recorded: give the reserved capacity back.
         ctx.placing.lock().await.remove(&uid);
@@ -303,12 +358,19 @@ pub(super) async fn place(
     decision
 }
 
+/// The VM pod to create (when it could be built) and the one observed.
+type PodParts = (Option<Pod>, Option<PodView>);
+
 pub(super) async fn act(
     mvm: &MicroVM,
     actions: Vec<Action>,
     built: Option<vmspec::BuiltSpec>,
+    pod: Option<PodParts>,
     ctx: &Context,
 ) -> Result<Requeue, ReconcileError> {
+    let (new_pod, seen_pod) = pod.unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &mvm.namespace().unwrap_or_default());
+    let pod_name = vmpod::pod_name(&mvm.name_any());
     let ns = mvm.namespace().ok_or(ReconcileError::NoNamespace)?;
     let name = mvm.name_any();
     let api: Api<MicroVM> = Api::namespaced(ctx.client.clone(), &ns);
@@ -355,6 +417,13 @@ pub(super) async fn act(
                     run,
                     desired,
                     pull_secrets,
+                    // Pod mode applies only to a pod whose sandbox runs: the one observed.
+                    pod: seen_pod.as_ref().map(|p| PodRef {
+                        uid: p.uid.clone(),
+                        namespace: p.namespace.clone(),
+                        name: p.name.clone(),
+                        ip: p.ip,
+                    }),
                 };
                 ctx.pool
                     .apply_vm(&node, &request)
@@ -372,6 +441,48 @@ pub(super) async fn act(
                     .delete_vm(&node, &uid, grace)
                     .await
                     .map_err(ReconcileError::Agent)?;
+            }
+            Action::CreatePod => {
+                let Some(pod) = new_pod.as_ref() else {
+                    continue;
+                };
+                match pods.create(&PostParams::default(), pod).await {
+                    Ok(_) => {}
+                    // Made by an earlier reconcile the cache has not shown yet.
+                    Err(kube::Error::Api(s)) if s.code == 409 => {}
+                    Err(error) => return Err(ReconcileError::kube(error)),
+                }
+            }
+            Action::DeletePod => {
+                // Only the pod observed: never a newer one of the same name.
+                let params = DeleteParams {
+                    preconditions: seen_pod.as_ref().map(|p| Preconditions {
+                        uid: Some(p.uid.clone()),
+                        resource_version: None,
+                    }),
+                    ..Default::default()
+                };
+                match pods.delete(&pod_name, &params).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+                    Err(error) => return Err(ReconcileError::kube(error)),
+                }
+            }
+            Action::SetPodReady(ready) => {
+                let patch = serde_json::json!({"status": {"conditions": [{
+                    "type": vmpod::GUEST_READY_GATE,
+                    "status": if ready { "True" } else { "False" },
+                    "lastTransitionTime": jiff::Timestamp::now().to_string(),
+                }]}});
+                match pods
+                    .patch_status(&pod_name, &PatchParams::default(), &Patch::Strategic(patch))
+                    .await
+                {
+                    Ok(_) => {}
+                    // Gone meanwhile: its successor gets the gate when it is there.
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(error) => return Err(ReconcileError::kube(error)),
+                }
             }
             Action::RemoveFinalizer => {
                 if let Some(patch) = status::remove_finalizer_patch(mvm) {

@@ -46,9 +46,14 @@ pub const CA_KEY: &str = "ca.key";
 pub const TLS_CERT: &str = "tls.crt";
 pub const TLS_KEY: &str = "tls.key";
 const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "ignis-controller");
-/// Certificates are valid this long; the agents' is renewed when less than a month is left.
+/// The CA and the controller's in-memory client certificate are valid this long.
 const VALID_YEARS: i16 = 10;
-const RENEW_BEFORE_SECONDS: i64 = 30 * 24 * 3600;
+/// The agents' server certificate (the one key every node holds) lives a day and is renewed
+/// once two thirds of its life have passed, by [`renew_agent_secret_periodically`] while the
+/// controller runs; the agents restart with it on their own (VMs keep running).
+pub const AGENT_CERT_HOURS: u64 = 24;
+/// How often the controller checks the agents' certificate.
+pub const RENEW_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
 /// Optimistic-concurrency retries when both controller replicas write at once.
 const WRITE_ATTEMPTS: usize = 5;
 
@@ -131,8 +136,21 @@ impl Ca {
         name: &str,
         usage: ExtendedKeyUsagePurpose,
     ) -> Result<(String, String), TlsError> {
+        self.issue_for(name, usage, None)
+    }
+
+    /// [`Ca::issue`] valid for `hours` from now (None: the CA's own span).
+    fn issue_for(
+        &self,
+        name: &str,
+        usage: ExtendedKeyUsagePurpose,
+        hours: Option<u64>,
+    ) -> Result<(String, String), TlsError> {
         let key = KeyPair::generate().map_err(TlsError::Generate)?;
         let mut params = validity(CertificateParams::new(vec![name.to_string()]))?;
+        if let Some(hours) = hours {
+            expire_in(&mut params, hours);
+        }
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -145,7 +163,11 @@ impl Ca {
 
     /// The agents' Secret data: the CA certificate and a server certificate; no CA key.
     pub fn agent_secret_data(&self) -> Result<BTreeMap<String, ByteString>, TlsError> {
-        let (cert, key) = self.issue(AGENT_SERVER_NAME, ExtendedKeyUsagePurpose::ServerAuth)?;
+        let (cert, key) = self.issue_for(
+            AGENT_SERVER_NAME,
+            ExtendedKeyUsagePurpose::ServerAuth,
+            Some(AGENT_CERT_HOURS),
+        )?;
         Ok(bytes([
             (CA_CERT, &self.cert_pem),
             (TLS_CERT, &cert),
@@ -173,7 +195,31 @@ impl Ca {
     }
 }
 
-/// Whether `cert_pem` is signed by `ca_pem` and valid for more than a month.
+/// Whether a certificate valid from `not_before` to `not_after` (seconds) is past two thirds
+/// of its life at `now`: the point where it is renewed.
+pub fn due_for_renewal(not_before: i64, not_after: i64, now: i64) -> bool {
+    let life = not_after.saturating_sub(not_before).max(0);
+    now >= not_before.saturating_add(life / 3 * 2)
+}
+
+/// Let `params` be valid from an hour ago to `hours` from now (midnight UTC of today plus the seconds since then:
+/// the calendar API rcgen takes).
+fn expire_in(params: &mut CertificateParams, hours: u64) {
+    let now = jiff::Timestamp::now();
+    let today = now.to_zoned(jiff::tz::TimeZone::UTC).date();
+    let midnight = rcgen::date_time_ymd(
+        i32::from(today.year()),
+        today.month().unsigned_abs(),
+        today.day().unsigned_abs(),
+    );
+    let since_midnight = now.as_second().rem_euclid(86_400).unsigned_abs();
+    params.not_after = midnight + std::time::Duration::from_secs(since_midnight + hours * 3600);
+    // An hour back for clocks a little behind ours (not before today's midnight).
+    params.not_before =
+        midnight + std::time::Duration::from_secs(since_midnight.saturating_sub(3600));
+}
+
+/// Whether `cert_pem` is signed by `ca_pem` and not yet due for renewal.
 fn issued_and_fresh(cert_pem: &[u8], ca_pem: &str) -> bool {
     use x509_parser::pem::parse_x509_pem;
     let (Ok((_, leaf)), Ok((_, ca))) =
@@ -185,8 +231,9 @@ fn issued_and_fresh(cert_pem: &[u8], ca_pem: &str) -> bool {
         return false;
     };
     let now = jiff::Timestamp::now().as_second();
+    let v = leaf.validity();
     leaf.verify_signature(Some(ca.public_key())).is_ok()
-        && leaf.validity().not_after.timestamp() > now + RENEW_BEFORE_SECONDS
+        && !due_for_renewal(v.not_before.timestamp(), v.not_after.timestamp(), now)
 }
 
 fn validity(
@@ -365,10 +412,69 @@ pub async fn ensure_secret(
     ca.client_config()
 }
 
+/// While the controller runs, keep the agents' Secret fresh: every [`RENEW_CHECK_INTERVAL`]
+/// its certificate is checked and reissued once two thirds of its day have passed (or when it
+/// no longer fits the CA). Nothing to do with the user's own PKI ([`CLIENT_SECRET`]).
+pub fn renew_agent_secret_periodically(
+    client: Client,
+    namespace: String,
+    agent_secret: String,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    tokio::spawn(async move {
+        let api: Api<Secret> = Api::namespaced(client, &namespace);
+        let mut tick = tokio::time::interval(RENEW_CHECK_INTERVAL);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match api.get_opt(CLIENT_SECRET).await {
+                Ok(Some(_)) => return,
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "cannot check for a provided client certificate");
+                    continue;
+                }
+            }
+            let renewed = match ensure_ca(&api, &namespace).await {
+                Ok(ca) => ensure_agent_secret(&api, &namespace, &agent_secret, &ca).await,
+                Err(error) => Err(error),
+            };
+            if let Err(error) = renewed {
+                tracing::warn!(reason = <&str>::from(&error), error = %crate::error::chain(&error), "renewing the agents' certificate failed; retrying");
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::error::ErrorReason;
+
+    #[test]
+    fn agent_certificates_live_a_day_and_are_renewed_after_two_thirds() {
+        let ca = Ca::generate().expect("CA");
+        let data = ca.agent_secret_data().expect("agent data");
+        let (_, leaf) = x509_parser::pem::parse_x509_pem(&data[TLS_CERT].0).expect("pem");
+        let leaf = leaf.parse_x509().expect("x509");
+        let now = jiff::Timestamp::now().as_second();
+        let not_after = leaf.validity().not_after.timestamp();
+        let hours_left = (not_after - now) / 3600;
+        assert!(
+            (23..=24).contains(&hours_left),
+            "valid {hours_left} more hours"
+        );
+        assert!(ca.agent_data_is_current(&data), "fresh");
+        // A day-long certificate: current for 16 hours, then renewed.
+        let day = 86_400;
+        assert!(!due_for_renewal(0, day, day / 2));
+        assert!(!due_for_renewal(0, day, day * 2 / 3 - 1));
+        assert!(due_for_renewal(0, day, day * 2 / 3));
+        assert!(due_for_renewal(0, day, day + 1));
+    }
 
     #[test]
     fn the_agents_data_holds_no_ca_key_and_fits_its_ca() {

@@ -3,7 +3,7 @@
 
 use thiserror::Error;
 
-use crate::api::{MicroVM, parse_quantity_bytes};
+use crate::api::{InterfaceMode, MicroVM, parse_quantity_bytes};
 use crate::vm::{GuestFile, Interface, VmSpec, VmUid};
 
 /// A MicroVM the agent API cannot express. Permanent: the object must change first.
@@ -39,8 +39,10 @@ pub(crate) struct BuiltSpec {
     pub(crate) hash: String,
 }
 
-/// Build the agent's [`VmSpec`] for a MicroVM.
-pub(crate) fn build(mvm: &MicroVM) -> Result<BuiltSpec, VmSpecError> {
+/// Build the agent's [`VmSpec`]; `in_pod`: the VM runs in its VM pod, where a MicroVM with no
+/// `network` stanza gets one interface on the pod network (`eth0`, mode `pod`), as KubeVirt
+/// gives every VM the pod network by default.
+pub(crate) fn build(mvm: &MicroVM, in_pod: bool) -> Result<BuiltSpec, VmSpecError> {
     let meta = &mvm.metadata;
     let uid = meta.uid.clone().ok_or(VmSpecError::MissingUid)?;
     let uid = VmUid::new(uid).map_err(VmSpecError::Uid)?;
@@ -60,7 +62,7 @@ pub(crate) fn build(mvm: &MicroVM) -> Result<BuiltSpec, VmSpecError> {
         None => (None, false),
         Some(r) => (guest_file("rootfs", &r.path, &r.image)?, r.read_only),
     };
-    let interfaces = s
+    let mut interfaces: Vec<Interface> = s
         .network
         .iter()
         .flat_map(|n| n.interfaces.iter())
@@ -72,6 +74,13 @@ pub(crate) fn build(mvm: &MicroVM) -> Result<BuiltSpec, VmSpecError> {
             mac: i.mac.clone(),
         })
         .collect();
+    if in_pod && s.network.is_none() {
+        interfaces.push(Interface {
+            name: "eth0".to_string(),
+            mode: InterfaceMode::Pod,
+            ..Default::default()
+        });
+    }
     let spec = VmSpec {
         uid,
         namespace: meta.namespace.clone().unwrap_or_default(),
@@ -134,7 +143,7 @@ mod tests {
     #[test]
     fn builds_every_field() {
         let mvm = microvm("web");
-        let built = build(&mvm).expect("builds");
+        let built = build(&mvm, false).expect("builds");
         assert_eq!(built.spec.uid.as_str(), "uid-web");
         assert_eq!(built.spec.namespace, "default");
         assert_eq!(built.spec.memory_bytes, 256 << 20);
@@ -154,13 +163,13 @@ mod tests {
     #[test]
     fn hash_ignores_grace_period_and_follows_boot_fields() {
         let mvm = microvm("web");
-        let base = build(&mvm).expect("builds").hash;
+        let base = build(&mvm, false).expect("builds").hash;
         let mut grace = mvm.clone();
         grace.spec.termination_grace_period_seconds = 5;
-        assert_eq!(build(&grace).expect("builds").hash, base);
+        assert_eq!(build(&grace, false).expect("builds").hash, base);
         let mut cmdline = mvm.clone();
         cmdline.spec.kernel.cmdline = Some("console=ttyS0 quiet".to_string());
-        assert_ne!(build(&cmdline).expect("builds").hash, base);
+        assert_ne!(build(&cmdline, false).expect("builds").hash, base);
     }
 
     #[test]
@@ -173,18 +182,55 @@ mod tests {
             image: Some("registry.local/rootfs@sha256:".to_string() + &"a".repeat(64)),
             read_only: true,
         });
-        let built = build(&mvm).expect("builds");
+        let built = build(&mvm, false).expect("builds");
         assert_eq!(
             built.spec.kernel,
             GuestFile::Image("registry.local/kernel:6".into())
         );
         assert!(built.spec.rootfs_read_only);
         assert_eq!(built.spec.images().len(), 2);
-        assert_ne!(built.hash, build(&microvm("web")).expect("builds").hash);
+        assert_ne!(
+            built.hash,
+            build(&microvm("web"), false).expect("builds").hash
+        );
         mvm.spec.kernel.image = Some("Registry.local/UPPER:tag".to_string());
-        let err = build(&mvm).expect_err("must fail");
+        let err = build(&mvm, false).expect_err("must fail");
         assert_eq!(err.reason(), "InvalidImageReference");
         assert!(err.to_string().contains("spec.kernel.image"), "{err}");
+    }
+
+    #[test]
+    fn in_a_pod_no_network_means_the_pod_network() {
+        let mvm = microvm("web");
+        assert!(
+            build(&mvm, false)
+                .expect("builds")
+                .spec
+                .interfaces
+                .is_empty()
+        );
+        let in_pod = build(&mvm, true).expect("builds");
+        assert_eq!(
+            in_pod.spec.interfaces,
+            vec![Interface {
+                name: "eth0".into(),
+                mode: InterfaceMode::Pod,
+                ..Default::default()
+            }]
+        );
+        assert_ne!(in_pod.hash, build(&mvm, false).expect("builds").hash);
+        // An explicit stanza is the user's choice, even an empty one.
+        let mut none = mvm.clone();
+        none.spec.network = Some(crate::api::NetworkSpec {
+            interfaces: Vec::new(),
+        });
+        assert!(
+            build(&none, true)
+                .expect("builds")
+                .spec
+                .interfaces
+                .is_empty()
+        );
     }
 
     #[test]
@@ -192,7 +238,7 @@ mod tests {
         let mut mvm = microvm("web");
         mvm.spec.resources.memory = "lots".to_string();
         assert_eq!(
-            build(&mvm).expect_err("must fail").reason(),
+            build(&mvm, false).expect_err("must fail").reason(),
             "InvalidMemory"
         );
         assert_eq!(reserved(&mvm), None);

@@ -5,6 +5,7 @@
 
 pub mod fake_agent;
 mod microvm;
+pub mod prerequisite;
 mod vm;
 pub mod vmm;
 

@@ -35,5 +35,6 @@ pub fn apply_request(uid: &str) -> ApplyRequest {
         run: 1,
         desired: DesiredState::Running,
         pull_secrets: PullSecrets::default(),
+        pod: None,
     }
 }

@@ -296,6 +296,22 @@ pub struct ApplyRequest {
     /// For pulling the spec's images; not part of the spec (changing a Secret replaces no VM).
     #[serde(skip)]
     pub(crate) pull_secrets: PullSecrets,
+    /// The VM pod the VMM runs in, on a cluster; `None` in `ignis dev` (and in records of
+    /// agents before VM pods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) pod: Option<PodRef>,
+}
+
+/// A VM pod as the controller saw it scheduled on the agent's node: the agent finds the pod's
+/// sandbox (cgroups, network namespace, launcher container) from its uid.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRef {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    /// The pod IP, once the kubelet has reported it.
+    #[serde(default)]
+    pub ip: Option<std::net::IpAddr>,
 }
 
 mod desired_as_bool {
@@ -463,6 +479,12 @@ mod tests {
             run: 2,
             desired: DesiredState::Stopped,
             pull_secrets: PullSecrets::default(),
+            pod: Some(PodRef {
+                uid: "0b8f".into(),
+                namespace: "default".into(),
+                name: "vm-web".into(),
+                ip: Some("10.244.1.7".parse().expect("ip")),
+            }),
         };
         let json = serde_json::to_string(&request).expect("json");
         assert_eq!(
@@ -476,6 +498,7 @@ mod tests {
             "user_data":"","readiness_console_marker":"ignis: ready","readiness_tcp_port":0,
             "termination_grace_period_seconds":30,"spec_hash":"h","run":1,"want_running":true}"#;
         let read: ApplyRequest = serde_json::from_str(old).expect("old record");
+        assert_eq!(read.pod, None, "records before VM pods have none");
         assert_eq!(read.spec.hypervisor, None);
         assert_eq!(read.spec.accelerator, None);
         assert_eq!(read.spec.initrd, None);

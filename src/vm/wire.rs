@@ -10,7 +10,7 @@ use thiserror::Error;
 
 use super::{
     Accelerator, ApplyRequest, DesiredState, ExitReason, GuestFile, HostInfo, Hypervisor,
-    ImageKind, Interface, InterfaceMode, InvalidUid, PullFailure, PullSecrets, PulledImage,
+    ImageKind, Interface, InterfaceMode, InvalidUid, PodRef, PullFailure, PullSecrets, PulledImage,
     Pulling, RunExit, RunState, SequencedEvent, VmEvent, VmSpec, VmStatus, VmUid,
 };
 use crate::proto;
@@ -80,6 +80,7 @@ fn mode_to_wire(mode: InterfaceMode) -> proto::InterfaceMode {
         InterfaceMode::Nat => proto::InterfaceMode::Nat,
         InterfaceMode::Bridge => proto::InterfaceMode::Bridge,
         InterfaceMode::None => proto::InterfaceMode::None,
+        InterfaceMode::Pod => proto::InterfaceMode::Pod,
     }
 }
 
@@ -88,6 +89,7 @@ fn mode_from_wire(value: i32) -> Result<InterfaceMode, i32> {
         Ok(proto::InterfaceMode::Unspecified | proto::InterfaceMode::Nat) => Ok(InterfaceMode::Nat),
         Ok(proto::InterfaceMode::Bridge) => Ok(InterfaceMode::Bridge),
         Ok(proto::InterfaceMode::None) => Ok(InterfaceMode::None),
+        Ok(proto::InterfaceMode::Pod) => Ok(InterfaceMode::Pod),
         Err(_) => Err(value),
     }
 }
@@ -219,6 +221,12 @@ impl From<&ApplyRequest> for proto::ApplyVmRequest {
                 DesiredState::Stopped => proto::DesiredState::Stopped,
             } as i32,
             pull_secrets: request.pull_secrets.0.clone(),
+            pod: request.pod.as_ref().map(|pod| proto::PodSandbox {
+                uid: pod.uid.clone(),
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                ip: pod.ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            }),
         }
     }
 }
@@ -251,7 +259,7 @@ pub(crate) fn apply_request(
             mode: mode_from_wire(i.mode).unwrap_or_else(|value| {
                 refuse(SpecError::InvalidSpec {
                     field: "interfaces.mode",
-                    detail: format!("{value} is not one of nat, bridge, none"),
+                    detail: format!("{value} is not one of nat, bridge, none, pod"),
                 });
                 InterfaceMode::None
             }),
@@ -301,6 +309,21 @@ pub(crate) fn apply_request(
         readiness_tcp_port,
         termination_grace_period_seconds: spec.termination_grace_period_seconds,
     };
+    let pod = request.pod.map(|pod| PodRef {
+        ip: given(pod.ip).and_then(|ip| {
+            ip.parse()
+                .map_err(|_| {
+                    refuse(SpecError::InvalidSpec {
+                        field: "pod.ip",
+                        detail: format!("{ip:?} is not an IP address"),
+                    });
+                })
+                .ok()
+        }),
+        uid: pod.uid,
+        namespace: pod.namespace,
+        name: pod.name,
+    });
     let desired = if request.desired_state == proto::DesiredState::Stopped as i32 {
         DesiredState::Stopped
     } else {
@@ -313,6 +336,7 @@ pub(crate) fn apply_request(
             run: request.run,
             desired,
             pull_secrets: PullSecrets(request.pull_secrets),
+            pod,
         },
         refused,
     ))

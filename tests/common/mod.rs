@@ -22,15 +22,31 @@ pub const CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
 pub fn qemu_present() -> bool {
     let found = ignis::agent::vmm::process::resolve_binary(Path::new("qemu-system-x86_64")).is_ok();
     if !found {
-        eprintln!("SKIP: qemu-system-x86_64 is not installed");
+        ignis::testing::prerequisite::missing(
+            "this test",
+            "qemu-system-x86_64 is not installed (scripts/setup.sh)",
+        );
     }
     found
 }
 
+/// Where [`demo_guest`] builds the demo guest.
+pub fn demo_guest_dir() -> PathBuf {
+    std::env::temp_dir().join("ignis-test-guest")
+}
+
 /// The demo guest, built once per machine into the system temp dir (the builder reuses it).
+/// An agent boots it only with [`demo_guest_dir`] among its allowed path directories
+/// ([`allow_test_guests`], `--allowed-path-dir`).
 pub fn demo_guest() -> DemoGuest {
-    let dir = std::env::temp_dir().join("ignis-test-guest");
-    build_demo_guest(&dir).expect("build the demo guest")
+    build_demo_guest(&demo_guest_dir()).expect("build the demo guest")
+}
+
+/// Let an in-process agent boot the test guests: their directory becomes an allowed path
+/// directory, and TCG (no KVM on the test machines) is allowed, as `ignis dev` does.
+pub fn allow_test_guests(config: &mut ignis::agent::AgentConfig) {
+    config.vmm_policy.allowed_path_dirs.push(demo_guest_dir());
+    config.vmm_policy.allow_tcg = true;
 }
 
 /// An in-process agent serving `config` on its unix socket, and a client connected to it.
@@ -108,6 +124,7 @@ pub fn apply_request(spec: proto::VmSpec) -> proto::ApplyVmRequest {
         run: 1,
         desired_state: proto::DesiredState::Running as i32,
         pull_secrets: Vec::new(),
+        pod: None,
     }
 }
 
@@ -240,7 +257,10 @@ impl AgentProcess {
                 "90s",
                 // Runs in the host's own network namespace: never reconfigure it.
                 "--no-network",
+                "--allow-tcg",
             ])
+            .arg("--allowed-path-dir")
+            .arg(demo_guest_dir())
             .env("IGNIS_LOG_LEVEL", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -28,12 +28,18 @@ pub fn in_fresh_netns(test: &str, timeout: Duration) -> bool {
         return true;
     }
     if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("SKIP {test}: needs root (network namespaces, taps, nftables)");
+        ignis::testing::prerequisite::missing(
+            test,
+            "needs root (network namespaces, taps, nftables)",
+        );
         return false;
     }
     for tool in ["ip", "nft"] {
         if !tool_present(tool) {
-            eprintln!("SKIP {test}: `{tool}` is not installed (iproute2, nftables)");
+            ignis::testing::prerequisite::missing(
+                test,
+                &format!("`{tool}` is not installed (iproute2, nftables)"),
+            );
             return false;
         }
     }

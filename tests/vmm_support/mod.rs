@@ -367,6 +367,8 @@ pub fn base_config(dir: &Path) -> VmConfig {
         console_log: dir.join("console.log"),
         api_socket: dir.join("api.sock"),
         binary: "/nonexistent/vmm".into(),
+        confinement: None,
+        opened: Default::default(),
     }
 }
 
@@ -391,6 +393,7 @@ pub fn configs(dir: &Path) -> Vec<(&'static str, VmConfig)> {
             format: Default::default(),
             read_only: true,
             root: false,
+            backing: None,
         },
         DiskConfig {
             id: "rootfs".to_owned(),
@@ -398,6 +401,7 @@ pub fn configs(dir: &Path) -> Vec<(&'static str, VmConfig)> {
             format: Default::default(),
             read_only: false,
             root: true,
+            backing: None,
         },
     ];
     let mut nets = minimal.clone();

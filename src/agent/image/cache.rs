@@ -81,6 +81,11 @@ pub struct EntryRecord {
     /// Rootfs only: the disk was made from the image's filesystem (`mkfs.ext4 -d`).
     #[serde(default)]
     pub from_filesystem: bool,
+    /// Pulled without credentials: anyone may have it. A private entry (and an entry recorded
+    /// before this field existed) is served from the cache only after the registry accepts the
+    /// requester's own credentials for it (KEP-2535's rule for the kubelet).
+    #[serde(default)]
+    pub public: bool,
 }
 
 /// One entry as GC and listings see it.
@@ -256,7 +261,8 @@ impl CacheDir {
         self.lock(GC_LOCK, FlockArg::LockExclusiveNonblock).await
     }
 
-    fn read_record(&self, key: &EntryKey) -> Option<EntryRecord> {
+    /// The entry's record when it is complete; leases nothing.
+    pub(crate) fn read_record(&self, key: &EntryKey) -> Option<EntryRecord> {
         let bytes = fs::read(self.entry_dir(key).join(ENTRY_FILE)).ok()?;
         let record: EntryRecord = serde_json::from_slice(&bytes).ok()?;
         let artifact = self.entry_dir(key).join(&record.artifact);
@@ -303,6 +309,11 @@ impl CacheDir {
         fs::rename(staging, &target).map_err(ImageError::io(&target))?;
         sync_dir(&self.kind_dir(key.kind));
         self.add_lease(key, holder)
+    }
+
+    /// Whether `holder` already leases the entry (it was allowed to have it then).
+    pub(crate) fn holds(&self, key: &EntryKey, holder: &str) -> bool {
+        self.lease_dir(holder).join(key.name()).exists()
     }
 
     fn add_lease(&self, key: &EntryKey, holder: &str) -> Result<(), ImageError> {

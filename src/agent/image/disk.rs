@@ -78,6 +78,8 @@ pub struct VmDisk {
     pub read_only: bool,
     /// The file belongs to the VM (removed with it); `false` for the shared cached disk.
     pub owned: bool,
+    /// Under an overlay: the cached disk and its format.
+    pub backing: Option<(PathBuf, DiskFormat)>,
 }
 
 impl VmDisk {
@@ -96,6 +98,7 @@ impl VmDisk {
                 format,
                 read_only: true,
                 owned: false,
+                backing: None,
             });
         }
         let out_format = if how == DiskPlan::Overlay {
@@ -109,6 +112,7 @@ impl VmDisk {
             format: out_format,
             read_only,
             owned: true,
+            backing: (how == DiskPlan::Overlay).then(|| (cached.path.clone(), format)),
         };
         if path.is_file() {
             return Ok(disk);

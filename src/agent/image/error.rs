@@ -41,6 +41,9 @@ pub enum ImageError {
         kind: &'static str,
         detail: String,
     },
+    #[error("{reference}: the image is too large: {detail}")]
+    #[strum(serialize = "ImageTooLarge")]
+    TooLarge { reference: String, detail: String },
     #[error("{reference}: cannot turn the image's filesystem into an ext4 disk: {detail}")]
     #[strum(serialize = "ImageConversionFailed")]
     Conversion { reference: String, detail: String },
@@ -75,6 +78,7 @@ impl ImageError {
             ImageError::InvalidReference { .. }
                 | ImageError::InvalidCredentials { .. }
                 | ImageError::BadLayout { .. }
+                | ImageError::TooLarge { .. }
                 | ImageError::InvalidHolder { .. }
         )
     }

@@ -4,30 +4,20 @@
 //! KubeVirt's containerDisk convention; raw or qcow2) or else the whole tree as an ext4 disk
 //! made by `mkfs.ext4 -d`.
 
-use std::collections::HashSet;
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use flate2::read::GzDecoder;
-
+pub use super::extract::Compression;
+use super::extract::resolve_in_root;
 use super::tool;
 use super::{DiskFormat, ImageKind};
 
 /// How long `mkfs.ext4` and `qemu-img info` may take.
 const TOOL_TIMEOUT: Duration = Duration::from_secs(600);
-const WHITEOUT: &str = ".wh.";
-const OPAQUE: &str = ".wh..wh..opq";
 const QCOW2_MAGIC: &[u8] = b"QFI\xfb";
-
-/// A layer's compression, from its media type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Compression {
-    None,
-    Gzip,
-}
 
 /// The media types of tar layers we can apply (OCI and Docker); `None` for any other.
 pub fn compression_of(media_type: &str) -> Option<Compression> {
@@ -49,162 +39,8 @@ pub struct Artifact {
     pub from_filesystem: bool,
 }
 
-/// Apply one layer (a tar, maybe gzipped) over `root`. Blocking.
-pub fn apply_layer(root: &Path, blob: &Path, compression: Compression) -> io::Result<()> {
-    let file = File::open(blob)?;
-    let reader: Box<dyn Read> = match compression {
-        Compression::None => Box::new(io::BufReader::new(file)),
-        Compression::Gzip => Box::new(GzDecoder::new(io::BufReader::new(file))),
-    };
-    let mut archive = tar::Archive::new(reader);
-    archive.set_preserve_permissions(true);
-    archive.set_preserve_ownerships(true);
-    archive.set_preserve_mtime(true);
-    archive.set_unpack_xattrs(false);
-    archive.set_overwrite(true);
-    let root = fs::canonicalize(root)?;
-    let mut created: HashSet<PathBuf> = HashSet::new();
-    for entry in archive.entries()? {
-        let mut entry = entry?;
-        let rel = clean_relative(&entry.path()?)
-            .ok_or_else(|| invalid(format!("unsafe path {:?}", entry.path())))?;
-        let Some(name) = rel.file_name().map(|n| n.to_string_lossy().into_owned()) else {
-            continue;
-        };
-        let parent = rel.parent().unwrap_or(Path::new("")).to_path_buf();
-        if name == OPAQUE {
-            let dir = inside(&root, &parent)?;
-            for child in fs::read_dir(&dir).into_iter().flatten().flatten() {
-                let p = child.path();
-                if !created.contains(&p) {
-                    remove_any(&p)?;
-                }
-            }
-            continue;
-        }
-        if let Some(hidden) = name.strip_prefix(WHITEOUT) {
-            let dir = inside(&root, &parent)?;
-            remove_any(&dir.join(hidden))?;
-            continue;
-        }
-        let kind = entry.header().entry_type();
-        if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
-            let dir = inside(&root, &parent)?;
-            make_node(&dir.join(&name), entry.header())?;
-            created.insert(dir.join(&name));
-            continue;
-        }
-        // A later layer may replace a directory with a file or the other way round.
-        let target = inside(&root, &parent)?.join(&name);
-        if let Ok(m) = fs::symlink_metadata(&target)
-            && (m.is_dir() != kind.is_dir())
-        {
-            remove_any(&target)?;
-        }
-        entry.unpack_in(&root)?;
-        created.insert(target);
-    }
-    Ok(())
-}
-
-fn invalid(detail: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, detail)
-}
-
-/// A tar path as plain components (`./a/b` → `a/b`); `None` when it leaves the root.
-fn clean_relative(p: &Path) -> Option<PathBuf> {
-    let mut out = PathBuf::new();
-    for c in p.components() {
-        match c {
-            Component::Normal(n) => out.push(n),
-            Component::CurDir => {}
-            _ => return None,
-        }
-    }
-    Some(out)
-}
-
-/// `root/rel` after creating it, refusing one that a symlink leads out of `root`.
-fn inside(root: &Path, rel: &Path) -> io::Result<PathBuf> {
-    let p = root.join(rel);
-    fs::create_dir_all(&p)?;
-    let real = fs::canonicalize(&p)?;
-    if !real.starts_with(root) {
-        return Err(invalid(format!("{} leads out of the image", rel.display())));
-    }
-    Ok(real)
-}
-
-fn remove_any(p: &Path) -> io::Result<()> {
-    match fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(p),
-        Ok(_) => fs::remove_file(p),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-fn make_node(path: &Path, header: &tar::Header) -> io::Result<()> {
-    use nix::sys::stat::{Mode, SFlag, makedev, mknod};
-    remove_any(path)?;
-    let kind = header.entry_type();
-    let sflag = if kind.is_character_special() {
-        SFlag::S_IFCHR
-    } else if kind.is_block_special() {
-        SFlag::S_IFBLK
-    } else {
-        SFlag::S_IFIFO
-    };
-    let major = header.device_major()?.unwrap_or(0);
-    let minor = header.device_minor()?.unwrap_or(0);
-    let mode = Mode::from_bits_truncate(header.mode()? & 0o7777);
-    mknod(path, sflag, mode, makedev(major.into(), minor.into())).map_err(io::Error::from)?;
-    let uid = nix::unistd::Uid::from_raw(header.uid()? as u32);
-    let gid = nix::unistd::Gid::from_raw(header.gid()? as u32);
-    nix::unistd::chown(path, Some(uid), Some(gid)).map_err(io::Error::from)
-}
-
 /// A layout problem: the message of `ImageError::BadLayout`.
 pub type LayoutProblem = String;
-
-/// Follow symlinks of `rel` inside `root` (absolute targets are the image's own root), at
-/// most 16 hops; the final path must stay inside.
-fn resolve_in_root(root: &Path, rel: &str) -> Option<PathBuf> {
-    let mut cur = PathBuf::from(rel.trim_start_matches('/'));
-    for _ in 0..16 {
-        let full = root.join(&cur);
-        let meta = fs::symlink_metadata(&full).ok()?;
-        if !meta.file_type().is_symlink() {
-            return Some(full);
-        }
-        let target = fs::read_link(&full).ok()?;
-        let next = if target.is_absolute() {
-            target.strip_prefix("/").ok()?.to_path_buf()
-        } else {
-            cur.parent().unwrap_or(Path::new("")).join(target)
-        };
-        cur = normalize(&next)?;
-    }
-    None
-}
-
-/// Resolve `.` and `..` lexically, never above the root.
-fn normalize(p: &Path) -> Option<PathBuf> {
-    let mut out = PathBuf::new();
-    for c in p.components() {
-        match c {
-            Component::Normal(n) => out.push(n),
-            Component::CurDir | Component::RootDir => {}
-            Component::ParentDir => {
-                if !out.pop() {
-                    return None;
-                }
-            }
-            Component::Prefix(_) => return None,
-        }
-    }
-    Some(out)
-}
 
 /// A regular, non-empty file at `rel` in the image.
 fn regular_file(root: &Path, rel: &str) -> Result<PathBuf, LayoutProblem> {
@@ -431,89 +267,11 @@ async fn filesystem_disk(
 mod tests {
     use super::*;
 
-    fn layer(entries: &[(&str, Option<&[u8]>)]) -> Vec<u8> {
-        let mut b = tar::Builder::new(Vec::new());
-        for (path, data) in entries {
-            let mut h = tar::Header::new_gnu();
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_mtime(1_700_000_000);
-            match data {
-                Some(d) => {
-                    h.set_entry_type(tar::EntryType::Regular);
-                    h.set_size(d.len() as u64);
-                    h.set_mode(0o644);
-                    b.append_data(&mut h, path, *d).expect("append");
-                }
-                None => {
-                    h.set_entry_type(tar::EntryType::Directory);
-                    h.set_size(0);
-                    h.set_mode(0o755);
-                    b.append_data(&mut h, path, &[][..]).expect("append dir");
-                }
-            }
-        }
-        b.into_inner().expect("tar")
-    }
-
-    fn apply(root: &Path, bytes: &[u8]) -> io::Result<()> {
-        let f = root.parent().expect("parent").join("layer.tar");
-        fs::write(&f, bytes).expect("write layer");
-        apply_layer(root, &f, Compression::None)
-    }
-
-    #[test]
-    fn whiteouts_and_opaque_directories_hide_lower_layers() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = dir.path().join("root");
-        fs::create_dir(&root).expect("root");
-        apply(
-            &root,
-            &layer(&[
-                ("etc/", None),
-                ("etc/a", Some(b"a")),
-                ("etc/b", Some(b"b")),
-                ("var/", None),
-                ("var/old", Some(b"x")),
-            ]),
-        )
-        .expect("lower");
-        apply(
-            &root,
-            &layer(&[
-                ("etc/.wh.a", Some(b"")),
-                ("var/", None),
-                ("var/.wh..wh..opq", Some(b"")),
-                ("var/new", Some(b"n")),
-            ]),
-        )
-        .expect("upper");
-        assert!(!root.join("etc/a").exists());
-        assert_eq!(fs::read(root.join("etc/b")).expect("b"), b"b");
-        assert!(!root.join("var/old").exists());
-        assert_eq!(fs::read(root.join("var/new")).expect("new"), b"n");
-    }
-
-    #[test]
-    fn paths_leaving_the_root_are_refused() {
-        assert_eq!(
-            clean_relative(Path::new("./a/b")),
-            Some(PathBuf::from("a/b"))
-        );
-        assert_eq!(clean_relative(Path::new("../etc/passwd")), None);
-        assert_eq!(clean_relative(Path::new("/etc/passwd")), None);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = dir.path().join("root");
-        fs::create_dir(&root).expect("root");
-        std::os::unix::fs::symlink("/", root.join("escape")).expect("symlink");
-        let e = apply(&root, &layer(&[("escape/.wh.tmp", Some(b""))])).expect_err("escape");
-        assert!(e.to_string().contains("leads out"), "{e}");
-    }
-
     #[test]
     fn symlinks_resolve_inside_the_image() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let root = dir.path();
+        let canonical = fs::canonicalize(dir.path()).expect("canonical");
+        let root = canonical.as_path();
         fs::create_dir_all(root.join("boot")).expect("boot");
         fs::write(root.join("boot/vmlinuz-6.1"), b"k").expect("kernel");
         std::os::unix::fs::symlink("vmlinuz-6.1", root.join("boot/vmlinuz")).expect("rel");
@@ -524,6 +282,15 @@ mod tests {
             Some(root.join("boot/vmlinuz-6.1"))
         );
         assert_eq!(resolve_in_root(root, "up"), None);
+        // A symlink at a middle component, absolute or climbing, stays in the image.
+        fs::create_dir_all(root.join("etc")).expect("etc");
+        fs::write(root.join("etc/passwd"), b"image's own").expect("passwd");
+        std::os::unix::fs::symlink("/", root.join("abs")).expect("abs dir");
+        std::os::unix::fs::symlink("../../..", root.join("boot/climb")).expect("climb");
+        let own = Some(root.join("etc/passwd"));
+        assert_eq!(resolve_in_root(root, "abs/etc/passwd"), own);
+        assert_eq!(resolve_in_root(root, "boot/climb/etc/passwd"), own);
+        assert_eq!(resolve_in_root(root, "abs/proc/self/root/etc/shadow"), None);
     }
 
     #[test]

@@ -7,8 +7,12 @@
 //!   artifact, pulling it first when missing. The caller names a holder (the VM uid): the entry
 //!   is leased to it in the same step, so garbage collection never removes what a VM uses.
 //!   [`ImageStore::release`] drops the holder's leases when the VM is deleted.
-//! - A reference pinned by digest (`repo@sha256:…`) that is cached needs no registry at all:
-//!   a VM restarted on its resolved digest never sees a tag that moved.
+//! - A reference pinned by digest (`repo@sha256:…`) that is cached needs no registry when the
+//!   image was pulled without credentials: a VM restarted on its resolved digest never sees a
+//!   tag that moved. An image that needed credentials is served from the cache only after the
+//!   registry accepts the requester's credentials for it (a manifest HEAD; KEP-2535), unless
+//!   the requester already leases it.
+//! - Every layer is unpacked safely and within per-image limits ([`extract`]).
 //! - Plain HTTP only for registries on loopback (as Docker and containerd do) or listed in
 //!   [`ImageStoreConfig::insecure_registries`]; everything else is HTTPS.
 //! - Credentials ([`RegistryCredentials`]) live in memory for one pull; each pull gets its own
@@ -19,6 +23,7 @@ pub mod cache;
 pub mod credentials;
 pub mod disk;
 pub mod error;
+pub mod extract;
 pub mod layout;
 pub mod tool;
 
@@ -78,6 +83,8 @@ pub struct ImageStoreConfig {
     pub max_bytes: u64,
     /// Room a filesystem-made ext4 disk gets beyond its content.
     pub rootfs_free_bytes: u64,
+    /// What one image may cost: compressed and unpacked bytes, entries.
+    pub limits: extract::Limits,
 }
 
 impl ImageStoreConfig {
@@ -87,6 +94,7 @@ impl ImageStoreConfig {
             insecure_registries: Vec::new(),
             max_bytes: DEFAULT_CACHE_MAX_BYTES,
             rootfs_free_bytes: DEFAULT_ROOTFS_FREE_BYTES,
+            limits: extract::Limits::default(),
         }
     }
 }
@@ -107,6 +115,18 @@ pub struct ImageArgs {
         value_delimiter = ','
     )]
     pub insecure_registries: Vec<String>,
+    /// Per image: the most bytes its layers may take as downloaded (a quantity).
+    #[arg(long = "image-max-compressed", env = "IGNIS_IMAGE_MAX_COMPRESSED",
+          default_value = "4Gi", value_parser = parse_size)]
+    pub max_compressed: u64,
+    /// Per image: the most bytes its layers may unpack to; a decompression bomb stops here.
+    #[arg(long = "image-max-unpacked", env = "IGNIS_IMAGE_MAX_UNPACKED",
+          default_value = "16Gi", value_parser = parse_size)]
+    pub max_unpacked: u64,
+    /// Per image: the most tar entries over all its layers.
+    #[arg(long = "image-max-entries", env = "IGNIS_IMAGE_MAX_ENTRIES",
+          default_value_t = extract::DEFAULT_MAX_ENTRIES)]
+    pub max_entries: u64,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -119,6 +139,11 @@ impl ImageArgs {
         ImageStoreConfig {
             insecure_registries: self.insecure_registries.clone(),
             max_bytes: self.cache_max_bytes,
+            limits: extract::Limits {
+                compressed_bytes: self.max_compressed,
+                unpacked_bytes: self.max_unpacked,
+                entries: self.max_entries,
+            },
             ..ImageStoreConfig::new(agent_state_dir.join("images"))
         }
     }
@@ -234,13 +259,23 @@ impl ImageStore {
                 reference: req.reference.to_string(),
                 detail: e.to_string(),
             })?;
-        if let Some(key) = reference.digest().and_then(|d| EntryKey::new(req.kind, d))
-            && let Some(record) = self.cache.lease_if_present(&key, req.holder).await?
-        {
-            return Ok(self.resolved(req, &key, record));
-        }
         let client = self.client(&reference)?;
         let auth = req.credentials.auth_for(reference.registry());
+        if let Some(key) = reference.digest().and_then(|d| EntryKey::new(req.kind, d))
+            && let Some(found) = self.cache.read_record(&key)
+        {
+            if !found.public && !self.cache.holds(&key, req.holder) {
+                // A private image in the cache: only for a requester the registry lets see
+                // it. One HEAD with the requester's own credentials, as the kubelet does.
+                client
+                    .fetch_manifest_digest(&reference, &auth)
+                    .await
+                    .map_err(|e| ImageError::from_oci(req.reference, e))?;
+            }
+            if let Some(record) = self.cache.lease_if_present(&key, req.holder).await? {
+                return Ok(self.resolved(req, &key, record));
+            }
+        }
         let (manifest, digest) = client
             .pull_image_manifest(&reference, &auth)
             .await
@@ -274,28 +309,70 @@ impl ImageStore {
                 ))
             })?);
         }
+        let limits = self.config.limits;
+        let declared: u64 = manifest
+            .layers
+            .iter()
+            .map(|l| u64::try_from(l.size).unwrap_or(u64::MAX))
+            .fold(0, u64::saturating_add);
+        if declared > limits.compressed_bytes {
+            return Err(ImageError::TooLarge {
+                reference: req.reference.to_string(),
+                detail: format!(
+                    "its layers take {declared} bytes, more than the {} the agent's \
+                     --image-max-compressed allows",
+                    limits.compressed_bytes
+                ),
+            });
+        }
         let mut staging = Staging(self.cache.new_staging(&key)?, false);
         let work = staging.0.join("work");
         let tree = work.join("tree");
         std::fs::create_dir_all(&tree).map_err(ImageError::io(&tree))?;
+        let mut budget = extract::Budget::new(limits);
+        let mut compressed_left = limits.compressed_bytes;
         for (i, layer) in manifest.layers.iter().enumerate() {
             let blob = work.join(format!("layer-{i}"));
             let file = tokio::fs::File::create(&blob)
                 .await
                 .map_err(ImageError::io(&blob))?;
-            client
-                .pull_blob(&reference, layer, file)
-                .await
-                .map_err(|e| ImageError::from_oci(req.reference, e))?;
+            let passed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let capped = extract::CappedWriter::new(file, compressed_left, passed.clone());
+            let pulled = client.pull_blob(&reference, layer, capped).await;
+            if passed.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(ImageError::TooLarge {
+                    reference: req.reference.to_string(),
+                    detail: format!(
+                        "layer {} sends more than the agent's --image-max-compressed ({} bytes \
+                         for the whole image)",
+                        layer.digest, limits.compressed_bytes
+                    ),
+                });
+            }
+            pulled.map_err(|e| ImageError::from_oci(req.reference, e))?;
+            let got = std::fs::metadata(&blob)
+                .map_err(ImageError::io(&blob))?
+                .len();
+            compressed_left = compressed_left.saturating_sub(got);
             let (tree2, blob2, c) = (tree.clone(), blob.clone(), compressions[i]);
-            tokio::task::spawn_blocking(move || {
-                let r = layout::apply_layer(&tree2, &blob2, c);
+            let (b, r) = tokio::task::spawn_blocking(move || {
+                let r = extract::apply_layer(&tree2, &blob2, c, &mut budget);
                 let _ = std::fs::remove_file(&blob2);
-                r
+                (budget, r)
             })
             .await
-            .map_err(|e| bad_layout(format!("layer {i}: {e}")))?
-            .map_err(|e| bad_layout(format!("layer {} cannot be applied: {e}", layer.digest)))?;
+            .map_err(|e| bad_layout(format!("layer {i}: {e}")))?;
+            budget = b;
+            r.map_err(|e| {
+                if e.is_limit() {
+                    ImageError::TooLarge {
+                        reference: req.reference.to_string(),
+                        detail: e.to_string(),
+                    }
+                } else {
+                    bad_layout(format!("layer {} cannot be applied: {e}", layer.digest))
+                }
+            })?;
         }
         let artifact =
             layout::build_artifact(req.kind, &tree, &staging.0, self.config.rootfs_free_bytes)
@@ -321,6 +398,7 @@ impl ImageStore {
             artifact: artifact.file,
             disk_format: artifact.disk_format,
             from_filesystem: artifact.from_filesystem,
+            public: matches!(auth, oci_client::secrets::RegistryAuth::Anonymous),
         };
         self.cache
             .publish(&staging.0, &key, &record, req.holder)
@@ -486,14 +564,32 @@ mod tests {
             "5Gi",
             "--insecure-registry",
             "reg.lan:5000,mirror.lan",
+            "--image-max-compressed",
+            "1Gi",
+            "--image-max-unpacked",
+            "2Gi",
+            "--image-max-entries",
+            "1000",
         ])
         .expect("parse");
         let config = cli.images.config(Path::new("/var/lib/ignis"));
         assert_eq!(config.max_bytes, 5 << 30);
         assert_eq!(config.insecure_registries, ["reg.lan:5000", "mirror.lan"]);
         assert_eq!(config.root, Path::new("/var/lib/ignis/images"));
+        assert_eq!(
+            config.limits,
+            extract::Limits {
+                compressed_bytes: 1 << 30,
+                unpacked_bytes: 2 << 30,
+                entries: 1000
+            }
+        );
         let defaults = Cli::try_parse_from(["agent"]).expect("defaults");
         assert_eq!(defaults.images.cache_max_bytes, DEFAULT_CACHE_MAX_BYTES);
+        assert_eq!(
+            defaults.images.config(Path::new("/")).limits,
+            extract::Limits::default()
+        );
         assert!(Cli::try_parse_from(["agent", "--image-cache-size", "lots"]).is_err());
     }
 

@@ -24,6 +24,10 @@ pub enum NetError {
     InvalidRequest { detail: String },
     #[error("interface {interface}: bridge {bridge} does not exist on this node")]
     BridgeNotFound { interface: String, bridge: String },
+    #[error(
+        "interface {interface}: bridge {bridge} is not one this node lets guests join (an admin lists them with the agent's --allowed-bridge)"
+    )]
+    BridgeNotAllowed { interface: String, bridge: String },
     #[error("interface {interface}: {name} exists but is not a bridge")]
     NotABridge { interface: String, name: String },
     #[error("interface {interface}: address {address:?} is not valid: {detail}")]
@@ -82,6 +86,18 @@ pub enum NetError {
     #[error("DHCP on the bridge")]
     #[strum(transparent)]
     Dhcp(#[source] super::dhcp::DhcpError),
+    #[error("cannot enter the VM pod's network namespace {path}")]
+    #[strum(serialize = "PodNetworkFailed")]
+    PodNetns {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the VM pod has no IPv4 address on eth0 and the controller sent none")]
+    PodIpUnknown,
+    #[error("the guest's rules in the VM pod's network namespace could not be set: {detail}")]
+    #[strum(serialize = "PodNetworkFailed")]
+    PodFirewall { detail: String },
     #[error("I/O on network state {path}")]
     #[strum(serialize = "NetworkStateIoError")]
     State {
@@ -102,6 +118,7 @@ impl NetError {
                 | NetError::AddressOutOfRange { .. }
                 | NetError::InvalidMac { .. }
                 | NetError::NotABridge { .. }
+                | NetError::BridgeNotAllowed { .. }
         )
     }
 

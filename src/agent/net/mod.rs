@@ -15,14 +15,17 @@
 
 pub mod dhcp;
 mod error;
+pub(crate) mod guard;
 pub(crate) mod ipam;
 pub(crate) mod link;
 pub mod mac;
 pub(crate) mod nat;
 mod plan;
+pub(crate) mod pod;
 pub mod tap;
 
 pub use error::NetError;
+pub use guard::GuestAccess;
 use plan::Planned;
 
 use std::collections::BTreeSet;
@@ -65,6 +68,12 @@ pub struct NetworkConfig {
     /// Run dnsmasq on the bridge for the `nat` guests (`--no-dhcp` turns it off, for a node
     /// whose bridge already has a DHCP server).
     pub dhcp: bool,
+    /// The only node bridges `mode: bridge` interfaces may join (`--allowed-bridge`); none by
+    /// default, since joining one puts a tenant's guest on that network with an address of its
+    /// choosing.
+    pub allowed_bridges: Vec<String>,
+    /// What guests on the node bridge may reach on the node and beyond.
+    pub guest_access: GuestAccess,
 }
 
 impl NetworkConfig {
@@ -75,6 +84,8 @@ impl NetworkConfig {
             cidr: Ipv4Net::new(Ipv4Addr::new(10, 88, 0, 0), 16).unwrap_or_default(),
             state_dir: state_dir.into(),
             dhcp: true,
+            allowed_bridges: Vec::new(),
+            guest_access: GuestAccess::default(),
         }
     }
 
@@ -96,6 +107,32 @@ pub(crate) struct NetworkArgs {
     /// Do not run dnsmasq on the bridge (guests still get the kernel's `ip=` parameter).
     #[arg(long = "no-dhcp", env = "IGNIS_NO_DHCP")]
     pub(crate) no_dhcp: bool,
+    /// A node bridge that `mode: bridge` interfaces may join; repeat for more. None by default:
+    /// such interfaces then fail with the permanent reason BridgeNotAllowed.
+    #[arg(
+        long = "allowed-bridge",
+        env = "IGNIS_ALLOWED_BRIDGES",
+        value_delimiter = ','
+    )]
+    pub(crate) allowed_bridges: Vec<String>,
+    /// Let guests on the node bridge reach any port of the node itself (by default only DHCP
+    /// and DNS).
+    #[arg(
+        long = "allow-guest-node-access",
+        env = "IGNIS_ALLOW_GUEST_NODE_ACCESS"
+    )]
+    pub(crate) allow_guest_node_access: bool,
+    /// Let guests on the node bridge reach 169.254.0.0/16 (cloud instance metadata).
+    #[arg(long = "allow-guest-link-local", env = "IGNIS_ALLOW_GUEST_LINK_LOCAL")]
+    pub(crate) allow_guest_link_local: bool,
+    /// A range guests on the node bridge may never reach (the cluster's service range, the
+    /// API server's address); repeat for more.
+    #[arg(
+        long = "guest-blocked-cidr",
+        env = "IGNIS_GUEST_BLOCKED_CIDRS",
+        value_delimiter = ','
+    )]
+    pub(crate) guest_blocked_cidrs: Vec<Ipv4Net>,
 }
 
 impl NetworkArgs {
@@ -106,6 +143,12 @@ impl NetworkArgs {
             cidr: self.cidr,
             state_dir: agent_state_dir.join("net"),
             dhcp: !self.no_dhcp,
+            allowed_bridges: self.allowed_bridges.clone(),
+            guest_access: GuestAccess {
+                node: self.allow_guest_node_access,
+                link_local: self.allow_guest_link_local,
+                blocked: self.guest_blocked_cidrs.clone(),
+            },
         }
     }
 }
@@ -132,6 +175,10 @@ pub struct AttachedInterface {
     /// DNS servers for the guest (the gateway, where the node's dnsmasq answers).
     #[serde(default)]
     pub dns: Vec<Ipv4Addr>,
+    /// Where the guest is reached from outside when that is not its own address (mode `pod`:
+    /// the pod IP, which the pod's namespace forwards to the guest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) reachable_at: Option<Ipv4Addr>,
 }
 
 impl AttachedInterface {
@@ -164,7 +211,8 @@ pub fn kernel_cmdline(interfaces: &[AttachedInterface], hostname: &str) -> Strin
 pub(crate) fn ip_addresses(interfaces: &[AttachedInterface]) -> Vec<String> {
     interfaces
         .iter()
-        .filter_map(|i| i.address.map(|(ip, _)| ip.to_string()))
+        .filter_map(|i| i.reachable_at.or(i.address.map(|(ip, _)| ip)))
+        .map(|ip| ip.to_string())
         .collect()
 }
 
@@ -278,7 +326,9 @@ impl NetworkManager {
             netlink.set_up(bridge.index).await?;
         }
         enable_ip_forward()?;
-        nat::ensure(config.cidr).await.map_err(NetError::Nat)?;
+        nat::ensure(config.cidr, &config.bridge, &config.guest_access)
+            .await
+            .map_err(NetError::Nat)?;
         let dhcp = if config.dhcp {
             let run_dir = Path::new(DHCP_RUN_DIR);
             if let Err(error) = std::fs::create_dir_all(run_dir).and_then(|()| {
@@ -305,7 +355,7 @@ impl NetworkManager {
             lock: Mutex::new(()),
         };
         // dnsmasq's hosts follow the records: what an earlier agent attached is served again.
-        manager.sync_dhcp(&manager.records()?)?;
+        manager.sync_records().await?;
         Ok(manager)
     }
 
@@ -316,6 +366,16 @@ impl NetworkManager {
     /// Whether dnsmasq serves the bridge.
     pub fn dhcp_running(&self) -> bool {
         self.dhcp().is_some()
+    }
+
+    /// DHCP hosts and anti-spoofing rules follow the records.
+    async fn sync_records(&self) -> Result<(), NetError> {
+        let records = self.records()?;
+        self.sync_dhcp(&records)?;
+        let taps = guard::identities(records.iter().flat_map(|r| r.interfaces.iter()));
+        nat::apply("guard", &guard::guard_batch(&taps))
+            .await
+            .map_err(NetError::Nat)
     }
 
     /// Serve exactly the `nat` interfaces of `records` by DHCP.
@@ -366,7 +426,7 @@ impl NetworkManager {
                         .release(*ip, who)
                         .map_err(|e| NetError::from_ipam(&who.ifname, e))?;
                 }
-                self.sync_dhcp(&self.records()?)?;
+                self.sync_records().await?;
                 // Interfaces the VM had before but no longer asks for.
                 if let Some(prev) = previous {
                     for old in prev
@@ -455,6 +515,7 @@ impl NetworkManager {
                 address,
                 gateway,
                 dns,
+                reachable_at: None,
             });
         }
         // Recorded before any tap exists: a crash from here on leaves a record to clean up.
@@ -546,7 +607,7 @@ impl NetworkManager {
             .release_uid(uid)
             .map_err(|e| NetError::from_ipam("-", e))?;
         self.remove_record(uid)?;
-        self.sync_dhcp(&self.records()?)
+        self.sync_records().await
     }
 
     /// Remove the taps, addresses and records of every VM not in `live` (call at agent start,
@@ -599,7 +660,7 @@ impl NetworkManager {
         }
         report.taps.sort();
         report.taps.dedup();
-        self.sync_dhcp(&self.records()?)?;
+        self.sync_records().await?;
         Ok(report)
     }
 
@@ -619,6 +680,11 @@ impl NetworkManager {
         if let Some(server) = server {
             server.shutdown().await;
         }
+    }
+
+    /// Whether no VM holds an attachment (no record left).
+    pub fn is_idle(&self) -> Result<bool, NetError> {
+        Ok(self.records()?.is_empty())
     }
 
     fn record_path(&self, uid: &str) -> PathBuf {

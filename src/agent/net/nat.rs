@@ -3,7 +3,8 @@
 //! rule of anyone else (Docker, kube-proxy, firewalld) is ever touched.
 //!
 //! Rules are built as typed values with the `nftables` crate and handed to `nft -j` in one
-//! batch; the kernel applies a batch all or nothing.
+//! batch; the kernel applies a batch all or nothing. The same table holds the filter chains of
+//! [`super::guard`] (what guests may reach on the node), and `bridge ignis` its anti-spoofing.
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -15,6 +16,8 @@ use nftables::schema::{Chain, NfListObject, Nftables, Rule, Table};
 use nftables::stmt::{Match, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use thiserror::Error;
+
+use super::guard::{self, GuestAccess};
 
 /// The nftables table Ignis owns (family `ip`).
 pub(crate) const TABLE: &str = "ignis";
@@ -98,17 +101,39 @@ pub(crate) fn setup_batch(range: Ipv4Net) -> Nftables<'static> {
     batch.to_nftables()
 }
 
-/// The transaction that removes the table if it exists.
-pub(crate) fn teardown_batch() -> Nftables<'static> {
+/// [`setup_batch`] plus the guests' filter chains on `bridge` ([`guard::filter_commands`]).
+pub(crate) fn full_setup(range: Ipv4Net, bridge: &str, access: &GuestAccess) -> serde_json::Value {
+    let mut v = serde_json::to_value(setup_batch(range)).unwrap_or_default();
+    if let Some(cmds) = v["nftables"].as_array_mut() {
+        cmds.extend(guard::filter_commands(TABLE, bridge, access));
+    }
+    v
+}
+
+/// The transaction that removes our tables (NAT and filter, anti-spoofing) if they exist.
+pub(crate) fn teardown_batch() -> serde_json::Value {
     let mut batch = Batch::new();
     batch.add(NfListObject::Table(table()));
     batch.delete(NfListObject::Table(table()));
-    batch.to_nftables()
+    let mut v = serde_json::to_value(batch.to_nftables()).unwrap_or_default();
+    let guard = serde_json::json!({"table": {"family": "bridge", "name": guard::TABLE}});
+    if let Some(cmds) = v["nftables"].as_array_mut() {
+        cmds.push(serde_json::json!({ "add": guard }));
+        cmds.push(serde_json::json!({ "delete": guard }));
+    }
+    v
 }
 
-async fn apply(operation: &'static str, ruleset: &Nftables<'_>) -> Result<(), NatError> {
-    match tokio::time::timeout(NFT_TIMEOUT, nftables::helper::apply_ruleset_async(ruleset)).await {
-        Ok(result) => result.map_err(|source| NatError::Nft { operation, source }),
+pub(crate) async fn apply(
+    operation: &'static str,
+    ruleset: &serde_json::Value,
+) -> Result<(), NatError> {
+    let payload = ruleset.to_string();
+    let run = nftables::helper::apply_ruleset_raw_async::<str, str, _>(&payload, None, []);
+    match tokio::time::timeout(NFT_TIMEOUT, run).await {
+        Ok(result) => result
+            .map(|_| ())
+            .map_err(|source| NatError::Nft { operation, source }),
         Err(_) => Err(NatError::Timeout {
             operation,
             timeout: NFT_TIMEOUT,
@@ -116,12 +141,16 @@ async fn apply(operation: &'static str, ruleset: &Nftables<'_>) -> Result<(), Na
     }
 }
 
-/// Install (or refresh) the masquerade rule for `range`.
-pub(crate) async fn ensure(range: Ipv4Net) -> Result<(), NatError> {
-    apply("setup", &setup_batch(range)).await
+/// Install (or refresh) the masquerade rule for `range` and the guests' filter on `bridge`.
+pub(crate) async fn ensure(
+    range: Ipv4Net,
+    bridge: &str,
+    access: &GuestAccess,
+) -> Result<(), NatError> {
+    apply("setup", &full_setup(range, bridge, access)).await
 }
 
-/// Remove Ignis' table with everything in it.
+/// Remove Ignis' tables with everything in them.
 pub(crate) async fn teardown() -> Result<(), NatError> {
     apply("teardown", &teardown_batch()).await
 }
@@ -161,7 +190,7 @@ mod tests {
 
     #[test]
     fn teardown_never_fails_on_a_missing_table() {
-        let json = serde_json::to_value(teardown_batch()).expect("json");
+        let json = teardown_batch();
         assert_eq!(
             json["nftables"][0]["add"]["table"]["name"],
             serde_json::json!(TABLE)
@@ -170,5 +199,19 @@ mod tests {
             json["nftables"][1]["delete"]["table"]["name"],
             serde_json::json!(TABLE)
         );
+        assert_eq!(json["nftables"][3]["delete"]["table"]["family"], "bridge");
+    }
+
+    #[test]
+    fn setup_closes_the_node_to_guests_by_default() {
+        let v = full_setup(
+            "10.88.0.0/16".parse().expect("cidr"),
+            "ignis0",
+            &GuestAccess::default(),
+        );
+        let text = v.to_string();
+        assert!(text.contains("masquerade"), "{text}");
+        assert!(text.contains(r#""hook":"input""#), "{text}");
+        assert!(text.contains("169.254.0.0"), "{text}");
     }
 }

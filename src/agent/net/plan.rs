@@ -98,6 +98,14 @@ impl NetworkManager {
             if req.mode == InterfaceMode::None {
                 continue;
             }
+            if req.mode == InterfaceMode::Pod {
+                return Err(NetError::InvalidRequest {
+                    detail: format!(
+                        "interface {}: mode pod is wired in the VM pod's network namespace, not on the node",
+                        req.name
+                    ),
+                });
+            }
             let mac = match &req.mac {
                 Some(text) => Mac::parse_unicast(text).map_err(|problem| NetError::InvalidMac {
                     interface: req.name.clone(),
@@ -166,6 +174,13 @@ impl NetworkManager {
                             ),
                         });
                     };
+                    // Before looking: a tenant learns nothing of the node's bridges.
+                    if !self.config.allowed_bridges.contains(&bridge) {
+                        return Err(NetError::BridgeNotAllowed {
+                            interface: req.name.clone(),
+                            bridge,
+                        });
+                    }
                     match links.iter().find(|l| l.name == bridge) {
                         None => {
                             return Err(NetError::BridgeNotFound {
@@ -193,7 +208,7 @@ impl NetworkManager {
                     };
                     (bridge, address)
                 }
-                InterfaceMode::None => continue,
+                InterfaceMode::None | InterfaceMode::Pod => continue,
             };
             plan.push(Planned {
                 request: req.clone(),

@@ -44,6 +44,22 @@ pub(crate) fn create_persistent_tap(name: &str) -> io::Result<()> {
     // Dropping `device` closes our descriptor; the persistent tap stays.
 }
 
+/// Give the existing tap `name` to `uid`/`gid` (`TUNSETOWNER`, `TUNSETGROUP`), so an
+/// unprivileged VMM running as them may attach to it, and nobody else but root may.
+pub(crate) fn set_owner(name: &str, uid: u32, gid: u32) -> io::Result<()> {
+    let to_int = |id: u32| {
+        i32::try_from(id).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "id too large"))
+    };
+    let device = tun_rs::DeviceBuilder::new()
+        .name(name)
+        .layer(tun_rs::Layer::L2)
+        // Up or down, as the network made it: this only changes the owner.
+        .inherit_enable_state()
+        .build_sync()?;
+    device.user(to_int(uid)?)?;
+    device.group(to_int(gid)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

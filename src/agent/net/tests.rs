@@ -15,6 +15,7 @@ fn iface(name: &str, address: Option<(&str, u8)>, gw: Option<&str>) -> AttachedI
         address: address.map(|(ip, p)| (ip.parse().expect("ip"), p)),
         gateway: gw.map(|g| g.parse().expect("gw")),
         dns: gw.map(|g| g.parse().expect("dns")).into_iter().collect(),
+        reachable_at: None,
     }
 }
 

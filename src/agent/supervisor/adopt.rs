@@ -57,6 +57,9 @@ impl Inner {
             rt.status = status.clone();
             rt.recorded = true;
         }
+        if let Some(pod) = request.as_ref().and_then(|r| r.pod.as_ref()) {
+            self.readopt_pod(&slot, pod);
+        }
         if state.is_ended() {
             // An ended run has no VMM.
             kill_strays(&self.store, uid, None).await;
@@ -134,6 +137,7 @@ impl Inner {
             "re-adopted VMM"
         );
         Self::spawn_proc_watcher(self, &slot, generation, handle.clone(), exited_tx);
+        self.spawn_pod_console(&slot, &run);
         if state == RunState::Starting {
             let elapsed =
                 u64::try_from(crate::time::now_unix_ms() - status.started_at_unix_ms).unwrap_or(0);

@@ -11,9 +11,8 @@ use std::time::{Duration, Instant};
 use super::disks::{GuestFiles, hostname};
 use super::*;
 use crate::agent::image::ResolvedImage;
-use crate::agent::net::{self, AttachedInterface};
-use crate::agent::vmm::{API_TIMEOUT, VmConfig, VmmError};
-use crate::vm::VmSpec;
+use crate::agent::net::{self, AttachedInterface, NetError};
+use crate::agent::vmm::{API_TIMEOUT, OpenedFiles, VmConfig, VmmError};
 
 impl Inner {
     pub(super) async fn boot(
@@ -28,7 +27,7 @@ impl Inner {
         if let Some(error) = refused {
             return self.fail_boot(slot, None, &BootError::Spec(error)).await;
         }
-        let (plan, entry) = match self.plan_run(&request.spec) {
+        let (plan, entry, opened) = match self.plan_run(&request) {
             Ok(planned) => planned,
             Err(error) => return self.fail_boot(slot, None, &error).await,
         };
@@ -41,7 +40,8 @@ impl Inner {
         }
         if request.spec.images().is_empty() {
             let files = GuestFiles::new(&request.spec, &[]);
-            self.launch(slot, &request, plan, entry, files).await;
+            self.launch(slot, &request, plan, entry, files, opened)
+                .await;
         } else {
             self.start_pull(slot, request);
         }
@@ -55,25 +55,32 @@ impl Inner {
         images: Vec<ResolvedImage>,
     ) {
         // Planned again: the node may have changed during a long pull.
-        let (plan, entry) = match self.plan_run(&request.spec) {
+        let (plan, entry, opened) = match self.plan_run(&request) {
             Ok(planned) => planned,
             Err(error) => return self.fail_boot(slot, None, &error).await,
         };
         let files = GuestFiles::new(&request.spec, &images);
-        self.launch(slot, &request, plan, entry, files).await;
+        self.launch(slot, &request, plan, entry, files, opened)
+            .await;
     }
 
-    /// Which VMM and accelerator, checked against the node and the node's files.
-    fn plan_run(&self, spec: &VmSpec) -> Result<(BootPlan, BackendEntry), BootError> {
+    /// Which VMM and accelerator, checked against the node (and the VM's pod); the node's
+    /// files the spec names, opened beneath the admin's allowed directories.
+    fn plan_run(
+        &self,
+        request: &ApplyRequest,
+    ) -> Result<(BootPlan, BackendEntry, OpenedFiles), BootError> {
+        let spec = &request.spec;
         let plan = plan_boot(spec, &self.plan_env())?;
-        check_files(spec)?;
+        check_pod_interfaces(spec, request.pod.as_ref())?;
+        let opened = check_files(spec, &self.config.policy.allowed_path_dirs)?;
         let entry = self.backend(plan.hypervisor).cloned().ok_or_else(|| {
             BootError::HypervisorUnavailable {
                 hypervisor: plan.hypervisor.to_string(),
                 detail: "no backend for it in this agent".into(),
             }
         })?;
-        Ok((plan, entry))
+        Ok((plan, entry, opened))
     }
 
     /// Disks, network, VMM, guest: the run from its files to a started guest. The boot
@@ -85,15 +92,54 @@ impl Inner {
         plan: BootPlan,
         entry: BackendEntry,
         files: GuestFiles,
+        opened: OpenedFiles,
     ) {
         let deadline = Instant::now() + self.config.boot_timeout;
         let spec = &request.spec;
         let dir = self.store.vm_dir(&spec.uid);
+        let sandbox = match &request.pod {
+            Some(pod) => match self.find_pod(slot, pod, deadline).await {
+                Ok(sandbox) => Some((pod, sandbox)),
+                Err(error) => return self.fail_boot(slot, None, &error).await,
+            },
+            None => None,
+        };
         // Before the VMM exists: it opens the taps by name. Idempotent for the same uid, so a
         // new run of the VM keeps its taps, MACs and addresses.
         let interfaces = match self.attach_network(&spec.uid, &spec.interfaces).await {
             Ok(interfaces) => interfaces,
             Err(error) => return self.fail_boot(slot, None, &error).await,
+        };
+        let confinement = match self.confinement(&spec.uid) {
+            Ok(confinement) => confinement,
+            Err(error) => return self.fail_boot(slot, None, &error).await,
+        };
+        // The VMM opens its taps by name, as its own uid: they must be its.
+        if let Some(c) = &confinement
+            && let Some(error) = interfaces.iter().find_map(|iface| {
+                net::tap::set_owner(&iface.tap, c.uid, c.gid)
+                    .err()
+                    .map(|source| NetError::Tap {
+                        tap: iface.tap.clone(),
+                        source,
+                    })
+            })
+        {
+            return self.fail_boot(slot, None, &BootError::Network(error)).await;
+        }
+        // In a pod: after the node's taps (a pod's tap0 is in the pod's namespace, made there
+        // with its owner).
+        let (interfaces, confinement) = match &sandbox {
+            None => (interfaces, confinement),
+            Some((pod, sandbox)) => {
+                match self
+                    .enter_pod(slot, spec, pod, sandbox, interfaces, confinement)
+                    .await
+                {
+                    Ok(in_pod) => in_pod,
+                    Err(error) => return self.fail_boot(slot, None, &error).await,
+                }
+            }
         };
         let ip_addresses = net::ip_addresses(&interfaces);
         if let Some(port) = spec.readiness_tcp_port
@@ -134,6 +180,8 @@ impl Inner {
             binary: entry
                 .resolved_binary()
                 .unwrap_or_else(|| entry.binary.clone()),
+            confinement,
+            opened,
         };
         let backend = entry.backend.clone();
         let created =
@@ -147,6 +195,9 @@ impl Inner {
                     return self.fail_boot(slot, None, &error).await;
                 }
                 Err(_) => {
+                    // The create cut short may have spawned its VMM already: kill it, or a
+                    // next run would make two VMMs for one VM.
+                    stop::kill_strays(&self.store, &spec.uid, None).await;
                     let source = VmmError::ApiTimeout {
                         operation: "create".into(),
                         timeout: self.config.boot_timeout,
@@ -171,6 +222,7 @@ impl Inner {
             rt.status.pid = pid;
         });
         Self::spawn_child_watcher(self, slot, generation, created.child, exited_tx);
+        self.spawn_pod_console(slot, &run);
         let started = match tokio::time::timeout(
             API_TIMEOUT + Duration::from_secs(1),
             backend.start(&handle),

@@ -71,10 +71,12 @@ pub(super) fn nocloud_config(spec: &VmSpec, interfaces: &[AttachedInterface]) ->
         interfaces: interfaces
             .iter()
             .map(|i| {
-                let fixed = spec
-                    .interfaces
-                    .iter()
-                    .any(|r| r.name == i.name && r.address.is_some());
+                // A pod's namespace runs no DHCP server: the guest's pod address is static.
+                let fixed = i.mode == crate::api::InterfaceMode::Pod
+                    || spec
+                        .interfaces
+                        .iter()
+                        .any(|r| r.name == i.name && r.address.is_some());
                 GuestInterface {
                     name: i.name.clone(),
                     mac: i.mac.clone(),
@@ -109,6 +111,7 @@ impl Inner {
                 format: DiskFormat::Raw,
                 read_only: spec.rootfs_read_only,
                 root: true,
+                backing: None,
             }),
             (Some(RootDisk::Cached(cached)), Some(backend)) => {
                 let disk = VmDisk::prepare(cached, dir, backend, spec.rootfs_read_only)
@@ -120,6 +123,7 @@ impl Inner {
                     format: disk.format,
                     read_only: disk.read_only,
                     root: true,
+                    backing: disk.backing,
                 });
             }
             (Some(RootDisk::Cached(_)), None) => {}
@@ -136,6 +140,7 @@ impl Inner {
                 format: DiskFormat::Raw,
                 read_only: true,
                 root: false,
+                backing: None,
             });
         }
         Ok(disks)
@@ -158,6 +163,7 @@ mod tests {
             address: Some((ip.parse().expect("ip"), 16)),
             gateway: Some("10.88.0.1".parse().expect("gw")),
             dns: vec!["10.88.0.1".parse().expect("dns")],
+            reachable_at: None,
         }
     }
 

@@ -4,9 +4,11 @@
 use thiserror::Error;
 
 use crate::agent::cloud_init::CloudInitError;
+use crate::agent::confine::PathError;
 use crate::agent::console;
 use crate::agent::image::ImageError;
 use crate::agent::net::NetError;
+use crate::agent::pod::SandboxError;
 use crate::agent::state::StateError;
 use crate::agent::vmm::VmmError;
 use crate::api::{Accelerator, Hypervisor, InterfaceMode};
@@ -50,6 +52,23 @@ pub enum BootError {
         #[source]
         source: std::io::Error,
     },
+    /// A host path the spec names lies outside every directory the node's admin allows, or
+    /// escapes it: it is never opened.
+    #[error("{field} refused")]
+    #[strum(serialize = "PathNotAllowed")]
+    PathNotAllowed {
+        field: &'static str,
+        #[source]
+        source: PathError,
+    },
+    #[error(
+        "the VM would run under TCG (emulation), which this node's admin does not allow: QEMU's security policy says \"TCG is not a security boundary\"; ask for accelerator kvm on a node with KVM, or have the admin start the agent with --allow-tcg"
+    )]
+    #[strum(serialize = "TcgNotAllowed")]
+    TcgNotAllowed,
+    #[error("no unprivileged id is left for the VMM: all {count} ids from {first} are in use")]
+    #[strum(serialize = "VmmIdsExhausted")]
+    VmmIdsExhausted { first: u32, count: u32 },
     #[error("the VM asks for {requested} bytes of memory but the host has {host} in total")]
     InsufficientMemory { requested: u64, host: u64 },
     #[error("hypervisor {hypervisor} is not available on this node ({detail})")]
@@ -69,6 +88,14 @@ pub enum BootError {
         mode: InterfaceMode,
         detail: String,
     },
+    #[error(
+        "interface {interface} asks for mode pod, but this VM has no pod: mode pod is the VM pod's network on a cluster; in ignis dev use nat, bridge or none"
+    )]
+    NoVmPod { interface: String },
+    /// The VM's pod could not be found or used on this node (`PodSandboxNotFound`, ...).
+    #[error(transparent)]
+    #[strum(transparent)]
+    PodSandbox(SandboxError),
     #[error(
         "readiness on TCP port {port} needs a guest address: give the VM an interface in mode nat, or in mode bridge with an address"
     )]
@@ -100,8 +127,11 @@ impl BootError {
     /// Whether the same request will fail the same way again.
     pub fn is_permanent(&self) -> bool {
         match self {
-            BootError::State(_) | BootError::ImagesUnavailable { .. } => false,
+            BootError::State(_)
+            | BootError::ImagesUnavailable { .. }
+            | BootError::VmmIdsExhausted { .. } => false,
             BootError::Network(e) => e.is_permanent(),
+            BootError::PodSandbox(e) => !e.is_retryable(),
             BootError::Image(e) => e.is_permanent(),
             BootError::CloudInit(e) => matches!(
                 e,

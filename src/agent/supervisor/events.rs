@@ -23,6 +23,9 @@ pub(crate) struct AgentMetrics {
     pub(super) boots: Counter,
     pub(super) boot_failures: Family<Vec<(String, String)>, Counter>,
     pub(super) apply_to_ready: Histogram,
+    /// Tasks watching a VMM for its end, by how (`wait`: our child, reaped, holding a pidfd;
+    /// `proc`: re-adopted, polled in `/proc`). More than the VMs holding a run is a leak.
+    pub(super) vmm_watchers: Family<Vec<(String, String)>, Gauge>,
 }
 
 impl AgentMetrics {
@@ -33,6 +36,7 @@ impl AgentMetrics {
             boots: Counter::default(),
             boot_failures: Family::default(),
             apply_to_ready: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
+            vmm_watchers: Family::default(),
         };
         let m = metrics.clone();
         registry
@@ -49,6 +53,12 @@ impl AgentMetrics {
                     "Time from ApplyVM to a ready guest",
                     m.apply_to_ready,
                 );
+                r.register(
+                    "agent_vmm_watchers",
+                    "Live tasks watching a VMM for its end, by how (wait: a child reaped through its pidfd; proc: a re-adopted VMM polled in /proc)",
+                    m.vmm_watchers,
+                );
+                r.register_collector(Box::new(crate::agent::open_fds::OpenFdsCollector));
             })
             .await;
         metrics
@@ -60,10 +70,30 @@ impl AgentMetrics {
             .inc();
     }
 
+    /// Count a VMM watcher (`by`: `wait` or `proc`) for as long as the guard lives.
+    pub(super) fn watching(&self, by: &'static str) -> Watching {
+        let gauge = self
+            .vmm_watchers
+            .get_or_create(&vec![("by".to_owned(), by.to_owned())])
+            .clone();
+        gauge.inc();
+        Watching(gauge)
+    }
+
     pub(super) fn phase_gauge(&self, phase: RunState) -> Gauge {
         self.vms
             .get_or_create(&vec![("state".to_owned(), phase.as_str().to_owned())])
             .clone()
+    }
+}
+
+/// One live VMM watcher in `agent_vmm_watchers`; moved into the watcher's task, so the gauge
+/// falls whichever way the task ends (the VMM's end, the agent's shutdown, a panic).
+pub(super) struct Watching(Gauge);
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -118,5 +148,34 @@ impl EventHub {
     pub(super) fn subscribe(&self) -> (broadcast::Receiver<SequencedEvent>, u64) {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         (self.tx.subscribe(), state.sequence)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_scrape_shows_open_fds_by_kind_and_live_vmm_watchers() {
+        let registry = MetricsRegistry::with_prefix("ignis");
+        let metrics = AgentMetrics::register(&registry).await;
+        let watching = metrics.watching("wait");
+        let text = registry.encode().await;
+        assert!(
+            text.contains("ignis_agent_vmm_watchers{by=\"wait\"} 1"),
+            "{text}"
+        );
+        for kind in ["pidfd", "socket", "pipe", "anon_inode", "file"] {
+            assert!(
+                text.contains(&format!("ignis_agent_open_fds{{kind=\"{kind}\"}} ")),
+                "{kind}: {text}"
+            );
+        }
+        drop(watching);
+        let text = registry.encode().await;
+        assert!(
+            text.contains("ignis_agent_vmm_watchers{by=\"wait\"} 0"),
+            "the watcher's end lowers the gauge: {text}"
+        );
     }
 }

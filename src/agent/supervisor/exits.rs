@@ -38,7 +38,9 @@ impl Inner {
     ) {
         let inner = self.clone();
         let slot = slot.clone();
+        let watching = self.metrics.watching("wait");
         tokio::spawn(async move {
+            let _watching = watching;
             let status = tokio::select! {
                 status = child.wait() => status.ok(),
                 // The agent stops; the VMM keeps running and is re-adopted by the next one.
@@ -59,7 +61,9 @@ impl Inner {
     ) {
         let inner = self.clone();
         let slot = slot.clone();
+        let watching = self.metrics.watching("proc");
         tokio::spawn(async move {
+            let _watching = watching;
             loop {
                 if !process::is_alive(&handle) {
                     break;

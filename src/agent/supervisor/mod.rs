@@ -15,9 +15,11 @@ mod disks;
 mod errors;
 mod events;
 mod exits;
+mod ids;
 mod images;
 mod network;
 mod plan;
+mod pod;
 mod readiness;
 mod slots;
 mod stop;
@@ -55,7 +57,7 @@ use images::{Images, PullHandle};
 use network::Networking;
 use plan::BootPlan;
 use plan::needs_tap;
-pub(crate) use plan::{check_files, guest_cmdline, plan_boot};
+pub(crate) use plan::{check_files, check_pod_interfaces, guest_cmdline, plan_boot};
 use readiness::Readiness;
 use slots::{RunHandle, VmSlot};
 use stop::force_kill;
@@ -86,6 +88,8 @@ pub(crate) struct SupervisorConfig {
     pub(crate) boot_timeout: Duration,
     /// Console log size cap (0 = no cap).
     pub(crate) console_max_bytes: u64,
+    /// Where VM pods' sandboxes are found.
+    pub(crate) pods: crate::agent::pod::Host,
     pub(crate) host: HostCapacity,
     /// What the KVM probe found.
     pub(crate) accelerator: Accelerator,
@@ -98,6 +102,8 @@ pub(crate) struct SupervisorConfig {
     pub(crate) network: Option<NetworkConfig>,
     /// The node's image cache; `None`: VMs from images are refused.
     pub(crate) images: Option<ImageStoreConfig>,
+    /// VMM ids, allowed host paths, TCG.
+    pub(crate) policy: crate::agent::confine::VmmPolicy,
 }
 
 struct Inner {
@@ -112,6 +118,8 @@ struct Inner {
     generation: AtomicU64,
     network: Networking,
     images: Images,
+    /// Held while a VM is given its VMM ids, so two VMs never get the same.
+    ids_lock: Mutex<()>,
 }
 
 /// The VM supervisor; cheap to clone.
@@ -140,6 +148,7 @@ impl Supervisor {
                 metrics,
                 shutdown: CancellationToken::new(),
                 generation: AtomicU64::new(1),
+                ids_lock: Mutex::new(()),
             }),
         }
     }
@@ -161,7 +170,7 @@ impl Supervisor {
         if network.config.is_none() || !(eager || network.has_records()) {
             return;
         }
-        let Ok(manager) = network.manager().await else {
+        let Ok(manager) = network.manager(eager).await else {
             return;
         };
         // Failed VMs gave their network back; a failure recorded just before a crash may not have.
@@ -183,6 +192,7 @@ impl Supervisor {
                 tracing::warn!(reason = error.reason(), error = %BootError::Network(error).full_message(), "network garbage collection failed")
             }
         }
+        self.inner.release_network_if_idle().await;
     }
 
     /// Open the node's image cache now (clearing what a crashed pull left), rather than at the

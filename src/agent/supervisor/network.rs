@@ -7,57 +7,111 @@ use super::*;
 use crate::agent::net::{AttachedInterface, NetworkConfig, NetworkManager};
 use crate::vm::Interface;
 
-/// The node's guest networking as the supervisor holds it: the manager is made once (at start
-/// or on first use); when that fails, why is kept and reported by every VM that needs it.
+/// The node's guest networking as the supervisor holds it. The manager is made at start
+/// (`NetworkSetup::AtStart`) or by the first VM that needs it; made on first use, it is
+/// dropped again when the last VM holding an attachment goes, so an agent whose networked
+/// VMs are all gone holds what it held before the first one: no dnsmasq child (its pidfd and
+/// stderr pipe) and no netlink socket (issue #22). The bridge and NAT stay: they are the
+/// node's, and setting them up again is idempotent. When setting up fails, why is kept and
+/// reported by every VM that needs it.
 pub(super) struct Networking {
     pub(super) config: Option<NetworkConfig>,
-    pub(super) manager: tokio::sync::OnceCell<Result<Arc<NetworkManager>, String>>,
+    manager: std::sync::Mutex<Option<Result<Arc<NetworkManager>, String>>>,
+    /// Serializes making, using and dropping the manager, so a VM never attaches through a
+    /// manager that another VM's release is tearing down.
+    setup: tokio::sync::Mutex<()>,
+    /// Set up at start: kept while the agent runs, VMs or not.
+    keep_when_idle: std::sync::atomic::AtomicBool,
 }
 
 impl Networking {
     pub(super) fn new(config: Option<NetworkConfig>) -> Self {
         Self {
             config,
-            manager: tokio::sync::OnceCell::new(),
+            manager: std::sync::Mutex::new(None),
+            setup: tokio::sync::Mutex::new(()),
+            keep_when_idle: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// The manager, setting the node up on the first call.
-    pub(super) async fn manager(&self) -> Result<Arc<NetworkManager>, String> {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Result<Arc<NetworkManager>, String>>> {
+        self.manager.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The manager, setting the node up on the first call. `keep` marks it as set up at
+    /// start (never dropped when idle).
+    pub(super) async fn manager(&self, keep: bool) -> Result<Arc<NetworkManager>, String> {
+        let _setup = self.setup.lock().await;
+        self.manager_locked(keep).await
+    }
+
+    async fn manager_locked(&self, keep: bool) -> Result<Arc<NetworkManager>, String> {
         let Some(config) = &self.config else {
             return Err("guest networking is turned off on this agent".into());
         };
-        self.manager
-            .get_or_init(|| async {
-                match NetworkManager::new(config.clone()).await {
-                    Ok(manager) => {
-                        tracing::info!(bridge = %config.bridge, cidr = %config.cidr, "guest networking ready");
-                        Ok(Arc::new(manager))
-                    }
-                    Err(error) => {
-                        let why = format!(
-                            "setting up bridge {} for {} failed: {}",
-                            config.bridge,
-                            config.cidr,
-                            BootError::Network(error).full_message()
-                        );
-                        tracing::warn!(reason = "NetworkingUnavailable", error = %why, "guest networking unavailable; VMs asking for nat or bridge will fail");
-                        Err(why)
-                    }
-                }
-            })
-            .await
-            .clone()
+        if keep {
+            self.keep_when_idle
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        if let Some(made) = self.slot().clone() {
+            return made;
+        }
+        let made = match NetworkManager::new(config.clone()).await {
+            Ok(manager) => {
+                tracing::info!(bridge = %config.bridge, cidr = %config.cidr, "guest networking ready");
+                Ok(Arc::new(manager))
+            }
+            Err(error) => {
+                let why = format!(
+                    "setting up bridge {} for {} failed: {}",
+                    config.bridge,
+                    config.cidr,
+                    BootError::Network(error).full_message()
+                );
+                tracing::warn!(reason = "NetworkingUnavailable", error = %why, "guest networking unavailable; VMs asking for nat or bridge will fail");
+                Err(why)
+            }
+        };
+        *self.slot() = Some(made.clone());
+        made
     }
 
     /// The manager if it was set up; never sets the node up.
     pub(super) fn existing(&self) -> Option<Arc<NetworkManager>> {
-        self.manager.get().and_then(|m| m.as_ref().ok().cloned())
+        self.slot().as_ref().and_then(|m| m.as_ref().ok().cloned())
+    }
+
+    /// Drop a manager made on first use once no VM holds an attachment (call under `setup`):
+    /// dnsmasq stops and the netlink socket closes; the next VM that needs a tap sets the
+    /// node up again.
+    async fn release_if_idle(&self, manager: &NetworkManager) {
+        if self
+            .keep_when_idle
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        match manager.is_idle() {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(error) => {
+                tracing::warn!(reason = error.reason(), error = %BootError::Network(error).full_message(), "cannot tell whether guest networking is idle; keeping it");
+                return;
+            }
+        }
+        let taken = self.slot().take();
+        if let Some(Ok(manager)) = taken {
+            manager.shutdown().await;
+            tracing::info!(
+                "no VM holds a network attachment: guest networking released until the next one"
+            );
+        }
     }
 
     /// Stop what the node's networking runs (dnsmasq) when the agent stops; the bridge, taps
     /// and NAT stay for the VMs that outlive it.
     pub(super) async fn shutdown(&self) {
+        let _setup = self.setup.lock().await;
         if let Some(manager) = self.existing() {
             manager.shutdown().await;
         }
@@ -81,33 +135,51 @@ impl Inner {
         uid: &VmUid,
         requests: &[Interface],
     ) -> Result<Vec<AttachedInterface>, BootError> {
+        // Interfaces of mode pod are wired in the pod's namespace (`pod.rs`), not here.
+        let requests: Vec<Interface> = requests
+            .iter()
+            .filter(|r| r.mode != crate::vm::InterfaceMode::Pod)
+            .cloned()
+            .collect();
+        let requests = requests.as_slice();
         let Some(first) = requests.iter().find(|r| needs_tap(r)) else {
             self.release_network(uid).await;
             return Ok(Vec::new());
         };
-        let manager =
-            self.network
-                .manager()
-                .await
-                .map_err(|detail| BootError::NetworkingUnavailable {
-                    interface: first.name.clone(),
-                    mode: first.mode,
-                    detail,
-                })?;
-        manager
-            .attach(uid, requests)
-            .await
-            .map_err(BootError::Network)
+        let _setup = self.network.setup.lock().await;
+        let manager = self.network.manager_locked(false).await.map_err(|detail| {
+            BootError::NetworkingUnavailable {
+                interface: first.name.clone(),
+                mode: first.mode,
+                detail,
+            }
+        })?;
+        let attached = manager.attach(uid, requests).await;
+        if attached.is_err() {
+            self.network.release_if_idle(&manager).await;
+        }
+        attached.map_err(BootError::Network)
     }
 
     /// Remove the VM's taps and free its addresses, if networking was ever set up. Failures
     /// are logged: the next agent start collects what a VM no longer held left behind.
     pub(super) async fn release_network(&self, uid: &VmUid) {
+        let _setup = self.network.setup.lock().await;
         let Some(manager) = self.network.existing() else {
             return;
         };
         if let Err(error) = manager.detach(uid).await {
             tracing::warn!(%uid, reason = error.reason(), error = %BootError::Network(error).full_message(), "cannot release the VM's network");
+        }
+        self.network.release_if_idle(&manager).await;
+    }
+
+    /// After start-up's garbage collection: a manager made only to collect what an earlier
+    /// agent left goes again when no VM is left holding an attachment.
+    pub(super) async fn release_network_if_idle(&self) {
+        let _setup = self.network.setup.lock().await;
+        if let Some(manager) = self.network.existing() {
+            self.network.release_if_idle(&manager).await;
         }
     }
 

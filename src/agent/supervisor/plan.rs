@@ -2,9 +2,13 @@
 //! (which VMM, which accelerator, enough memory, networking that can carry readiness), and
 //! the kernel, initrd and rootfs files. Pure but for the file checks.
 
+use std::path::PathBuf;
+
 use super::*;
+use crate::agent::confine::{self, PathError};
 use crate::agent::net::{self, AttachedInterface};
-use crate::vm::{GuestFile, Interface, InterfaceMode, VmSpec};
+use crate::agent::vmm::OpenedFiles;
+use crate::vm::{GuestFile, Interface, InterfaceMode, PodRef, VmSpec};
 
 /// What the node offers, for [`plan_boot`].
 #[derive(Clone, Debug)]
@@ -17,6 +21,8 @@ pub(crate) struct PlanEnv {
     /// Backends this agent knows but cannot run, with why.
     pub(crate) unavailable: Vec<(Hypervisor, String)>,
     pub(crate) simulated: bool,
+    /// Whether the admin lets guests run under TCG (`--allow-tcg`).
+    pub(crate) allow_tcg: bool,
 }
 
 /// A validated boot: which VMM, which accelerator.
@@ -124,6 +130,10 @@ pub(crate) fn plan_boot(spec: &VmSpec, env: &PlanEnv) -> Result<BootPlan, BootEr
             });
         }
     };
+    // The simulated VMM runs no guest code, so it emulates nothing either.
+    if accelerator == Accelerator::Tcg && !env.allow_tcg && hypervisor != Hypervisor::Simulated {
+        return Err(BootError::TcgNotAllowed);
+    }
     if let Some(port) = spec.readiness_tcp_port
         && !spec.interfaces.iter().any(gets_an_address)
     {
@@ -136,11 +146,14 @@ pub(crate) fn plan_boot(spec: &VmSpec, env: &PlanEnv) -> Result<BootPlan, BootEr
     })
 }
 
-/// Check that the kernel, initrd and rootfs given as node paths exist and can be read, before
-/// anything is created (images are checked by their pull).
-pub(crate) fn check_files(spec: &VmSpec) -> Result<(), BootError> {
+/// Open the kernel, initrd and rootfs given as node paths, before anything is created, for
+/// the VMM to get as descriptors: only beneath a directory of `allowed`, never leaving it
+/// (see [`confine::open_allowed`]); a path outside is refused without being opened. Images
+/// are checked by their pull.
+pub(crate) fn check_files(spec: &VmSpec, allowed: &[PathBuf]) -> Result<OpenedFiles, BootError> {
+    let mut opened = Vec::new();
     if let Some(kernel) = spec.kernel.path() {
-        check_readable(kernel).map_err(|(missing, source)| {
+        let fd = open_checked(kernel, allowed, false, "kernel.path", |missing, source| {
             let path = kernel.to_owned();
             if missing {
                 BootError::KernelNotFound { path, source }
@@ -148,9 +161,10 @@ pub(crate) fn check_files(spec: &VmSpec) -> Result<(), BootError> {
                 BootError::KernelUnreadable { path, source }
             }
         })?;
+        opened.push((PathBuf::from(kernel), fd));
     }
     if let Some(initrd) = spec.initrd.as_ref().and_then(GuestFile::path) {
-        check_readable(initrd).map_err(|(missing, source)| {
+        let fd = open_checked(initrd, allowed, false, "initrd.path", |missing, source| {
             let path = initrd.to_owned();
             if missing {
                 BootError::InitrdNotFound { path, source }
@@ -158,58 +172,119 @@ pub(crate) fn check_files(spec: &VmSpec) -> Result<(), BootError> {
                 BootError::InitrdUnreadable { path, source }
             }
         })?;
+        opened.push((PathBuf::from(initrd), fd));
     }
     if let Some(rootfs) = spec.rootfs.as_ref().and_then(GuestFile::path) {
-        check_readable(rootfs).map_err(|(_, source)| BootError::RootfsUnreadable {
-            path: rootfs.to_owned(),
-            source,
+        let writable = !spec.rootfs_read_only;
+        let fd = open_checked(rootfs, allowed, writable, "rootfs.path", |_, source| {
+            BootError::RootfsUnreadable {
+                path: rootfs.to_owned(),
+                source,
+            }
         })?;
+        opened.push((PathBuf::from(rootfs), fd));
     }
-    Ok(())
+    Ok(OpenedFiles::new(opened))
 }
 
-/// Open and read one byte: permission bits alone lie when the agent runs as root.
-/// The error says whether the file is missing.
-pub(super) fn check_readable(path: &str) -> Result<(), (bool, std::io::Error)> {
-    use std::io::Read;
-    if path.is_empty() {
-        return Err((
-            true,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no path given"),
-        ));
-    }
-    let mut file =
-        std::fs::File::open(path).map_err(|e| (e.kind() == std::io::ErrorKind::NotFound, e))?;
-    let meta = file.metadata().map_err(|e| (false, e))?;
-    if !meta.is_file() {
-        return Err((
+/// Open one allowed file and read its first byte (permission bits alone lie when the agent
+/// runs as root; `pread`, so the descriptor's offset stays at 0). `unreadable` builds the
+/// error of a file that is missing (`true`) or cannot be read.
+fn open_checked(
+    path: &str,
+    allowed: &[PathBuf],
+    writable: bool,
+    field: &'static str,
+    unreadable: impl Fn(bool, std::io::Error) -> BootError,
+) -> Result<std::os::fd::OwnedFd, BootError> {
+    use std::os::unix::fs::FileExt;
+    let fd = confine::open_allowed(path, allowed, writable).map_err(|error| match error {
+        PathError::Open {
+            missing, source, ..
+        } => unreadable(missing, source),
+        PathError::NotAFile { .. } => unreadable(
             false,
             std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
-        ));
-    }
+        ),
+        refused => BootError::PathNotAllowed {
+            field,
+            source: refused,
+        },
+    })?;
+    let file = std::fs::File::from(fd);
     let mut byte = [0u8; 1];
-    match file.read(&mut byte) {
-        Ok(1) => Ok(()),
-        Ok(_) => Err((
+    match file.read_at(&mut byte, 0) {
+        Ok(1) => Ok(file.into()),
+        Ok(_) => Err(unreadable(
             false,
             std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the file is empty"),
         )),
-        Err(e) => Err((false, e)),
+        Err(e) => Err(unreadable(false, e)),
     }
 }
 
-/// Whether an interface needs a tap (and so the node's networking).
+/// Whether an interface needs a tap on the node's networking (a `pod` interface has its tap
+/// in the pod's network namespace instead).
 pub(super) fn needs_tap(request: &Interface) -> bool {
-    request.mode != InterfaceMode::None
+    matches!(request.mode, InterfaceMode::Nat | InterfaceMode::Bridge)
 }
 
 /// Whether an interface will carry an address the agent knows (for TCP readiness).
 pub(super) fn gets_an_address(request: &Interface) -> bool {
     match request.mode {
-        InterfaceMode::Nat => true,
+        InterfaceMode::Nat | InterfaceMode::Pod => true,
         InterfaceMode::Bridge => request.address.is_some(),
         InterfaceMode::None => false,
     }
+}
+
+/// Interfaces of mode `pod` need the VM's pod (there is none in `ignis dev`), and a pod has
+/// one network: at most one such interface, with the address the pod gives it.
+pub(crate) fn check_pod_interfaces(spec: &VmSpec, pod: Option<&PodRef>) -> Result<(), BootError> {
+    let mut in_pod = spec
+        .interfaces
+        .iter()
+        .filter(|i| i.mode == InterfaceMode::Pod);
+    let Some(first) = in_pod.next() else {
+        return Ok(());
+    };
+    if pod.is_none() {
+        return Err(BootError::NoVmPod {
+            interface: first.name.clone(),
+        });
+    }
+    if let Some(node) = spec
+        .interfaces
+        .iter()
+        .find(|i| matches!(i.mode, InterfaceMode::Nat | InterfaceMode::Bridge))
+    {
+        return Err(BootError::Spec(SpecError::InvalidSpec {
+            field: "interfaces.mode",
+            detail: format!(
+                "interface {} is in mode {} and {} in mode pod: a VM on its pod's network runs in the pod's network namespace, where the node's bridges are not",
+                node.name, node.mode, first.name
+            ),
+        }));
+    }
+    if let Some(second) = in_pod.next() {
+        return Err(BootError::Spec(SpecError::InvalidSpec {
+            field: "interfaces.mode",
+            detail: format!(
+                "interfaces {} and {} both ask for mode pod; a VM has one pod network",
+                first.name, second.name
+            ),
+        }));
+    }
+    if first.address.is_some() {
+        return Err(BootError::Spec(SpecError::InvalidSpec {
+            field: "interfaces.address",
+            detail: format!(
+                "interface {} is in mode pod: its address is the pod IP, not one to choose",
+                first.name
+            ),
+        }));
+    }
+    Ok(())
 }
 
 /// The guest command line: the spec's, then the network's `ip=` parameter — unless the spec's
@@ -257,6 +332,7 @@ impl Inner {
             available,
             unavailable,
             simulated: self.config.simulated,
+            allow_tcg: self.config.policy.allow_tcg,
         }
     }
 }

@@ -36,6 +36,8 @@ pub(super) struct VmRuntime {
     pub(super) deleted: bool,
     /// The run's image pull, while it has not booted yet.
     pub(super) pull: Option<PullHandle>,
+    /// The launcher's emptyDir of the VM's pod, once found: told when the VM has stopped.
+    pub(super) pod_console: Option<std::path::PathBuf>,
 }
 
 /// The VMM process of the current run.
@@ -61,6 +63,7 @@ impl VmRuntime {
             run: None,
             deleted: false,
             pull: None,
+            pod_console: None,
         }
     }
 
@@ -159,6 +162,13 @@ impl Inner {
             return false;
         }
         f(&mut rt);
+        if let Some(dir) = rt
+            .pod_console
+            .as_ref()
+            .filter(|_| rt.status.state.is_ended())
+        {
+            crate::agent::pod::console::mark_stopped(dir);
+        }
         if let Err(error) = self.store.write_status(&rt.status) {
             tracing::warn!(uid = %slot.uid, error = %error, "cannot persist VM status");
         }

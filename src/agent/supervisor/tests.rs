@@ -55,6 +55,26 @@ async fn networking_turned_off_fails_nat_but_not_none() {
     sup.shutdown(false).await;
 }
 
+/// `ignis dev` sends no pod: an interface on the pod's network can never be had there.
+#[tokio::test]
+async fn mode_pod_without_a_pod_fails_the_vm_for_good() {
+    let (tmp, kernel) = dir_with_kernel();
+    let sup = supervisor(tmp.path(), Arc::new(SimulatedBackend::default()), true).await;
+    let mut request = request("p", &kernel, "h", 1, DesiredState::Running);
+    request.spec.interfaces = vec![Interface {
+        name: "eth0".into(),
+        mode: InterfaceMode::Pod,
+        ..Default::default()
+    }];
+    let vm = sup.apply(request).await;
+    assert_eq!(vm.state, RunState::Failed);
+    let exit = vm.exit.expect("failed");
+    assert_eq!(exit.reason, ExitReason::boot_failed("NoVmPod"));
+    assert!(exit.permanent);
+    assert!(exit.message.contains("eth0"), "{}", exit.message);
+    sup.shutdown(false).await;
+}
+
 /// A unit-test double: a `sleep` process that claims to be QEMU and never prints a
 /// console marker, to drive the boot deadline.
 struct SilentQemu(SimulatedBackend);
@@ -111,6 +131,7 @@ fn test_config(dir: &Path, boot_timeout: Duration) -> SupervisorConfig {
     SupervisorConfig {
         boot_timeout,
         console_max_bytes: 1 << 20,
+        pods: crate::agent::pod::Host::new(None),
         host: HostCapacity {
             vcpus: 4,
             memory_bytes: 8 << 30,
@@ -123,6 +144,13 @@ fn test_config(dir: &Path, boot_timeout: Duration) -> SupervisorConfig {
         images: Some(crate::agent::image::ImageStoreConfig::new(
             dir.join("images"),
         )),
+        // Unconfined: a unit test's executable is its harness, not `ignis jailer`; the
+        // confined spawn is tested with the real binary (tests/vmm_confinement.rs).
+        policy: crate::agent::confine::VmmPolicy {
+            ids: None,
+            allowed_path_dirs: vec![dir.to_path_buf()],
+            allow_tcg: true,
+        },
     }
 }
 
@@ -163,6 +191,7 @@ fn request(uid: &str, kernel: &Path, hash: &str, run: u32, desired: DesiredState
         run,
         desired,
         pull_secrets: Default::default(),
+        pod: None,
     }
 }
 

@@ -192,6 +192,8 @@ mod tests {
             console_log: "/s/console.log".into(),
             api_socket: "/s/api.sock".into(),
             binary: "cloud-hypervisor".into(),
+            confinement: None,
+            opened: Default::default(),
         }
     }
 
@@ -216,6 +218,7 @@ mod tests {
             format: Default::default(),
             read_only: !root,
             root,
+            backing: None,
         };
         let mut c = config();
         c.disks = vec![disk("data", false), disk("rootfs", true)];

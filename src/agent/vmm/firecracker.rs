@@ -223,6 +223,8 @@ mod tests {
             console_log: "/s/console.log".into(),
             api_socket: "/s/api.sock".into(),
             binary: "firecracker".into(),
+            confinement: None,
+            opened: Default::default(),
         }
     }
 
@@ -289,6 +291,7 @@ mod tests {
             format: Default::default(),
             read_only: false,
             root: true,
+            backing: None,
         };
         let mut c = config();
         c.disks = vec![disk("a"), disk("b")];

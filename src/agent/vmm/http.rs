@@ -234,6 +234,8 @@ pub(crate) struct Launch<'a> {
     pub(crate) requests: &'a [ApiRequest],
     pub(crate) socket_timeout: Duration,
     pub(crate) api_timeout: Duration,
+    /// Where the VMM runs (see [`process::spawn`]).
+    pub(crate) confinement: Option<&'a process::Confinement>,
 }
 
 /// The create path both HTTP-API VMMs share: refuse what needs KVM without it, plan the
@@ -275,6 +277,7 @@ pub(crate) async fn create_vm(
         requests: &requests,
         socket_timeout,
         api_timeout,
+        confinement: config.confinement.as_ref(),
     })
     .await
 }
@@ -324,6 +327,8 @@ pub(crate) async fn launch(launch: Launch<'_>) -> Result<super::Spawned, VmmErro
         &launch.args,
         Output::Append(launch.stdout),
         Output::Append(vmm_log),
+        launch.confinement,
+        Vec::new(),
     )?;
     let result = async {
         let handle = process::handle_for(&child, launch.api_socket, launch.console_log)?;

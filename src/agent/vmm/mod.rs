@@ -3,8 +3,10 @@
 //! their official API specs (`../shared/specs/`).
 
 pub(crate) mod exit;
+pub mod jailer;
 pub mod process;
 pub mod qemu;
+pub(crate) mod qemu_files;
 pub(crate) mod qmp;
 
 use std::path::PathBuf;
@@ -35,6 +37,10 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// Whether the guest boots from it.
     pub root: bool,
+    /// The read-only file under a qcow2 overlay (the cached disk of an image), and its format:
+    /// given to QEMU explicitly, so it never opens the path the overlay's header names.
+    #[serde(default)]
+    pub backing: Option<(PathBuf, DiskFormat)>,
 }
 
 /// A network interface backed by a tap on the host.
@@ -70,6 +76,39 @@ pub struct VmConfig {
     pub api_socket: PathBuf,
     /// The VMM binary to run.
     pub binary: PathBuf,
+    /// Where the VMM runs: its uid and gid, cgroups and network namespace. `None` only for
+    /// the unconfined baseline of `ignis bench boot --confinement off`.
+    #[serde(default)]
+    pub confinement: Option<process::Confinement>,
+    /// The host files of the spec, already opened by the agent beneath an allowed directory;
+    /// a backend hands these descriptors to the VMM instead of opening the paths again.
+    #[serde(skip)]
+    pub opened: OpenedFiles,
+}
+
+/// Files the agent opened for a VMM, by the path the [`VmConfig`] names them with.
+#[derive(Clone, Debug, Default)]
+pub struct OpenedFiles(std::sync::Arc<Vec<(PathBuf, std::os::fd::OwnedFd)>>);
+
+impl OpenedFiles {
+    pub fn new(files: Vec<(PathBuf, std::os::fd::OwnedFd)>) -> Self {
+        OpenedFiles(std::sync::Arc::new(files))
+    }
+
+    /// The descriptor opened for `path`, if any.
+    pub fn get(&self, path: &std::path::Path) -> Option<&std::os::fd::OwnedFd> {
+        self.0.iter().find(|(p, _)| p == path).map(|(_, fd)| fd)
+    }
+}
+
+/// Two configs are alike when they name the same opened paths (descriptors are not compared).
+impl PartialEq for OpenedFiles {
+    fn eq(&self, other: &Self) -> bool {
+        self.0
+            .iter()
+            .map(|(p, _)| p)
+            .eq(other.0.iter().map(|(p, _)| p))
+    }
 }
 
 /// A running VMM process: what it takes to find it again after an agent restart.

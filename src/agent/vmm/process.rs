@@ -8,9 +8,13 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use command_fds::CommandFdExt;
+pub use command_fds::FdMapping;
 use nix::sys::signal::Signal;
 use tokio::time::Instant;
 
+use super::jailer;
+pub use super::jailer::Confinement;
 use super::{API_TIMEOUT, VmmError, VmmHandle};
 use crate::agent::{console, host};
 
@@ -74,21 +78,56 @@ impl Output<'_> {
 }
 
 /// Start a VMM in a process group of its own. The child is never killed on drop: a VMM
-/// outlives the agent that started it. In a cluster it is also moved out of the agent's
-/// container cgroup (`agent::cgroup`), or killed when that fails, since it would die with the
-/// agent's container otherwise.
+/// outlives the agent that started it.
+///
+/// With a [`Confinement`] (every VM's VMM), the VMM is started through `ignis jailer`, which
+/// joins its cgroups (the confinement's, else the node-level VMM cgroup of `agent::cgroup`),
+/// enters its network namespace and drops to its uid and gid before it execs the VMM, so the
+/// VMM is confined from its first instruction. Without one (benchmark baselines, the simulated
+/// VMM) it is started as the agent's child and, in a cluster, moved out of the agent's
+/// container cgroup (or killed when that fails, since it would die with the agent's container
+/// otherwise).
+///
+/// `fds` are files the agent opened for the VMM: each lands at its `child_fd` in the VMM's
+/// descriptor table (mapped in the forked child only, so no other process the agent spawns
+/// meanwhile inherits them).
 pub(crate) fn spawn(
     binary: &Path,
     args: impl IntoIterator<Item = impl AsRef<OsStr>>,
     stdout: Output<'_>,
     stderr: Output<'_>,
+    confinement: Option<&Confinement>,
+    fds: Vec<FdMapping>,
 ) -> Result<tokio::process::Child, VmmError> {
     let spawn_error = |source| VmmError::Spawn {
         binary: binary.to_path_buf(),
         source,
     };
-    let mut child = tokio::process::Command::new(binary)
-        .args(args)
+    let mut command = match confinement {
+        Some(confinement) => {
+            let mut confinement = confinement.clone();
+            if confinement.cgroups.is_empty() {
+                confinement.cgroups = crate::agent::cgroup::vmm_dirs().map_err(spawn_error)?;
+            }
+            let mut command = tokio::process::Command::new(jailer::binary().map_err(spawn_error)?);
+            command.args(jailer::wrapper_args(&confinement, None, binary, args));
+            command
+        }
+        None => {
+            let mut command = tokio::process::Command::new(binary);
+            command.args(args);
+            command
+        }
+    };
+    if !fds.is_empty() {
+        command.fd_mappings(fds).map_err(|e| {
+            spawn_error(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                e.to_string(),
+            ))
+        })?;
+    }
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(stdout.open().map_err(spawn_error)?)
         .stderr(stderr.open().map_err(spawn_error)?)
@@ -96,7 +135,8 @@ pub(crate) fn spawn(
         .kill_on_drop(false)
         .spawn()
         .map_err(spawn_error)?;
-    if let Some(pid) = child.id()
+    if confinement.is_none()
+        && let Some(pid) = child.id()
         && let Err(source) = crate::agent::cgroup::place(pid)
     {
         let _ = child.start_kill();
@@ -325,6 +365,8 @@ mod tests {
             ["-c", script, &sock.display().to_string()],
             Output::Null,
             Output::Null,
+            None,
+            Vec::new(),
         )
         .expect("spawn");
         let pid = child.id().expect("pid");
@@ -359,7 +401,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = log_path(dir.path());
         let sleep = resolve_binary(Path::new("sleep")).expect("sleep");
-        let mut child = spawn(&sleep, ["30"], Output::Null, Output::Append(&log)).expect("spawn");
+        let mut child = spawn(
+            &sleep,
+            ["30"],
+            Output::Null,
+            Output::Append(&log),
+            None,
+            Vec::new(),
+        )
+        .expect("spawn");
         let handle =
             handle_for(&child, &dir.path().join("api.sock"), &dir.path().join("c")).expect("h");
         assert!(is_alive(&handle));

@@ -14,6 +14,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::process::{self, Output};
+use super::qemu_files::{Handoff, ordered_disks};
 use super::qmp::{QmpClient, QmpError};
 use super::{
     API_TIMEOUT, ExitQuirks, Spawned, VmConfig, VmmBackend, VmmError, VmmHandle, VmmState,
@@ -64,7 +65,7 @@ fn opt_value(v: &Path) -> String {
 
 /// A QEMU object id from a backend-neutral id: letters, digits, `-`, `.`, `_`, starting with a
 /// letter.
-fn qemu_id(prefix: &str, id: &str) -> String {
+pub(crate) fn qemu_id(prefix: &str, id: &str) -> String {
     let clean: String = id
         .chars()
         .map(|c| {
@@ -123,8 +124,14 @@ pub fn guest_cmdline(config: &VmConfig, host_tsc_khz: Option<u64>) -> String {
     }
 }
 
-/// The full QEMU argv (without the binary) for a VM.
-pub(crate) fn qemu_args(config: &VmConfig, host_tsc_khz: Option<u64>) -> Vec<OsString> {
+/// The full QEMU argv (without the binary) for a VM: confined, its files as the descriptors of
+/// `handoff` under its seccomp filter (`qemu_files`); without one (the unconfined baseline of
+/// the benchmark), by path.
+pub(crate) fn qemu_args(
+    config: &VmConfig,
+    host_tsc_khz: Option<u64>,
+    handoff: Option<&Handoff>,
+) -> Vec<OsString> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     let (accel, cpu) = match config.accelerator {
@@ -147,11 +154,35 @@ pub(crate) fn qemu_args(config: &VmConfig, host_tsc_khz: Option<u64>) -> Vec<OsS
     push(&["-accel", accel, "-cpu", cpu]);
     push(&["-smp", &config.vcpus.max(1).to_string()]);
     push(&["-m", &format!("{}M", config.memory_mib)]);
+    push(&["-append", &guest_cmdline(config, host_tsc_khz)]);
+    let files = match handoff {
+        Some(handoff) => handoff.args(config),
+        None => path_args(config),
+    };
+    push(&files.iter().map(String::as_str).collect::<Vec<_>>());
+    for net in &config.nets {
+        let id = qemu_id("net", &net.id);
+        push(&[
+            "-netdev",
+            &format!(
+                "tap,id={id},ifname={},script=no,downscript=no",
+                net.tap.replace(',', ",,")
+            ),
+            "-device",
+            &format!("virtio-net-device,netdev={id},mac={}", net.mac),
+        ]);
+    }
+    a.into_iter().map(OsString::from).collect()
+}
+
+/// The files of an unconfined QEMU, by path (it opens them itself).
+fn path_args(config: &VmConfig) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     push(&["-kernel", &config.kernel.to_string_lossy()]);
     if let Some(initrd) = &config.initrd {
         push(&["-initrd", &initrd.to_string_lossy()]);
     }
-    push(&["-append", &guest_cmdline(config, host_tsc_khz)]);
     push(&[
         "-chardev",
         &format!(
@@ -166,9 +197,7 @@ pub(crate) fn qemu_args(config: &VmConfig, host_tsc_khz: Option<u64>) -> Vec<OsS
         &format!("unix:{},server=on,wait=off", opt_value(&config.api_socket)),
     ]);
     // The root disk first: the guest names it /dev/vda.
-    let mut disks: Vec<_> = config.disks.iter().collect();
-    disks.sort_by_key(|d| !d.root);
-    for disk in disks {
+    for disk in ordered_disks(config) {
         let id = qemu_id("disk", &disk.id);
         push(&[
             "-drive",
@@ -182,19 +211,7 @@ pub(crate) fn qemu_args(config: &VmConfig, host_tsc_khz: Option<u64>) -> Vec<OsS
             &format!("virtio-blk-device,drive={id}"),
         ]);
     }
-    for net in &config.nets {
-        let id = qemu_id("net", &net.id);
-        push(&[
-            "-netdev",
-            &format!(
-                "tap,id={id},ifname={},script=no,downscript=no",
-                net.tap.replace(',', ",,")
-            ),
-            "-device",
-            &format!("virtio-net-device,netdev={id},mac={}", net.mac),
-        ]);
-    }
-    a.into_iter().map(OsString::from).collect()
+    a
 }
 
 fn qmp_error(e: QmpError) -> VmmError {
@@ -271,12 +288,30 @@ impl QemuBackend {
             _ => {}
         }
         let log_path = process::log_path(&config.state_dir);
-        let mut child = process::spawn(
+        let (handoff, fds) = match &config.confinement {
+            Some(confinement) => {
+                let handoff = Handoff::layout(config);
+                let fds = super::qemu_files::open(config, &handoff, confinement.uid);
+                let fds = fds.inspect_err(|_| {
+                    let _ = std::fs::remove_file(&config.api_socket);
+                })?;
+                (Some(handoff), fds)
+            }
+            None => (None, Vec::new()),
+        };
+        let spawned = process::spawn(
             &binary,
-            qemu_args(config, self.host_tsc_khz),
+            qemu_args(config, self.host_tsc_khz, handoff.as_ref()),
             Output::Append(&log_path),
             Output::Append(&log_path),
-        )?;
+            config.confinement.as_ref(),
+            fds,
+        );
+        // The agent's copy of the QMP socket is gone with `fds`: QEMU holds the only one, so
+        // a QEMU that dies resets the connection rather than leaving it pending.
+        let mut child = spawned.inspect_err(|_| {
+            let _ = std::fs::remove_file(&config.api_socket);
+        })?;
         let waited = match process::handle_for(&child, &config.api_socket, &config.console_log) {
             Ok(handle) => wait_for_qmp(&mut child, &handle, &log_path)
                 .await
@@ -413,6 +448,7 @@ mod tests {
                 format: DiskFormat::Raw,
                 read_only: true,
                 root: true,
+                backing: None,
             }],
             nets: vec![NetConfig {
                 id: "eth0".into(),
@@ -425,11 +461,13 @@ mod tests {
             console_log: "/s/console.log".into(),
             api_socket: "/s/qmp.sock".into(),
             binary: "qemu-system-x86_64".into(),
+            confinement: None,
+            opened: Default::default(),
         }
     }
 
     fn args(c: &VmConfig) -> Vec<String> {
-        qemu_args(c, None)
+        qemu_args(c, None, None)
             .into_iter()
             .map(|s| s.into_string().expect("utf8"))
             .collect()
@@ -516,7 +554,7 @@ mod tests {
             "console=ttyS0 panic=-1 tsc_early_khz=2596124 tsc=reliable"
         );
         assert_eq!(guest_cmdline(&c, None), c.cmdline);
-        let a = qemu_args(&c, Some(1000));
+        let a = qemu_args(&c, Some(1000), None);
         assert!(a.iter().any(|x| {
             x.to_string_lossy()
                 .ends_with("tsc_early_khz=1000 tsc=reliable")
@@ -538,6 +576,7 @@ mod tests {
                 format: DiskFormat::Raw,
                 read_only: true,
                 root: false,
+                backing: None,
             },
             DiskConfig {
                 id: "rootfs".into(),
@@ -545,6 +584,7 @@ mod tests {
                 format: DiskFormat::Qcow2,
                 read_only: false,
                 root: true,
+                backing: None,
             },
         ];
         let a = args(&c);

@@ -9,6 +9,7 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::scheduler::{Unschedulable, selector_matches};
+pub(crate) use super::vmpod::PodView;
 use crate::api::{
     ConditionType, FINALIZER, ImageStatus, MicroVM, MicroVMStatus, NODE_LABEL, Phase, Reason,
     RunPolicy, find_condition, set_condition_status,
@@ -21,6 +22,9 @@ const STABLE_RUN: Duration = Duration::from_secs(60);
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(300);
 /// How often an unschedulable VM is retried when nothing else triggers it.
 pub(crate) const UNSCHEDULABLE_RETRY: Duration = Duration::from_secs(30);
+/// How long a VM may wait for a node before it is `Stalled` with reason `Unschedulable`:
+/// kstatus gives an unschedulable pod the same 15 s before it calls it Failed.
+pub(crate) const UNSCHEDULABLE_GRACE: Duration = Duration::from_secs(15);
 /// How often a deletion blocked on an unreachable agent is retried.
 const DELETE_RETRY: Duration = Duration::from_secs(5);
 
@@ -59,6 +63,25 @@ pub(crate) struct Observed {
     pub(crate) placement: Option<Result<String, Unschedulable>>,
     /// Labels of the placed node, when known.
     pub(crate) node_labels: Option<BTreeMap<String, String>>,
+    /// Whether the VM runs in a VM pod, and that pod.
+    pub(crate) pods: PodMode,
+}
+
+/// Where a VM lives: on a node Ignis chose (`ignis dev`), or in its VM pod (`--vm-pods`).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum PodMode {
+    /// Ignis's own scheduler places the VM; there is no pod.
+    Off,
+    /// kube-scheduler places the VM pod and the VM runs inside it (see `pod.rs`).
+    On {
+        /// The pod named for the MicroVM, if any exists.
+        pod: Option<Box<PodView>>,
+        /// Whether a pod can be built for the MicroVM at all.
+        buildable: Result<(), SpecProblem>,
+        /// Nodes other than the pod's whose agents still hold this VM (a pod lost with its
+        /// node, the agent back later): their VM is stopped, so one VM never runs twice.
+        elsewhere: Vec<String>,
+    },
 }
 
 /// Event severity.
@@ -85,6 +108,12 @@ pub(crate) enum Action {
     DeleteVm {
         node: String,
     },
+    /// Create the VM pod (pod mode).
+    CreatePod,
+    /// Delete the VM pod (pod mode).
+    DeletePod,
+    /// Set the VM pod's `ignis.dev/guest-ready` condition (pod mode).
+    SetPodReady(bool),
     RemoveFinalizer,
     UpdateStatus(Box<MicroVMStatus>),
     Event {
@@ -98,10 +127,12 @@ pub(crate) enum Action {
 /// Decide what converges `mvm`.
 pub(crate) fn plan(mvm: &MicroVM, obs: &Observed) -> Vec<Action> {
     let mut p = Planner::new(mvm, obs);
-    if mvm.metadata.deletion_timestamp.is_some() {
-        p.finalize();
-    } else {
-        p.converge();
+    let deleting = mvm.metadata.deletion_timestamp.is_some();
+    match &obs.pods {
+        PodMode::Off if deleting => p.finalize(),
+        PodMode::Off => p.converge(),
+        PodMode::On { .. } if deleting => p.finalize_pod(),
+        PodMode::On { .. } => p.converge_pod(),
     }
     p.finish()
 }
@@ -197,6 +228,11 @@ impl<'a> Planner<'a> {
 
     fn requeue(&mut self, d: Duration) {
         self.requeue = Some(self.requeue.map_or(d, |r| r.min(d)));
+    }
+
+    /// Drop a condition that does not apply in the current state.
+    fn drop_cond(&mut self, t: ConditionType) {
+        self.new.conditions.retain(|c| c.type_ != t.as_str());
     }
 
     fn old_cond(&self, t: ConditionType) -> Option<(&str, &str)> {
@@ -333,15 +369,21 @@ impl<'a> Planner<'a> {
         }
     }
 
-    /// No node takes the VM. While waiting can help (nodes full, none matching yet) it is
-    /// still converging; when no node ever will as things stand (no node has the VMM, working
-    /// KVM or enough memory) it is `Stalled` with that reason, so kstatus reaches a verdict.
-    /// Either way placement is retried: a node fixed by a person unblocks it.
+    /// No node takes the VM. When no node ever will as things stand (no node has the VMM,
+    /// working KVM or enough memory) it is `Stalled` with that reason at once; otherwise it is
+    /// converging for [`UNSCHEDULABLE_GRACE`] (nodes full, none matching yet), then `Stalled`
+    /// with reason `Unschedulable`, as kstatus judges a pod, so a GitOps tool fails instead of
+    /// waiting for its timeout. Either way placement is retried: a node fixed by a person
+    /// unblocks it.
     fn unschedulable(&mut self, u: &Unschedulable) {
-        let fresh = self.old_cond(ConditionType::Scheduled)
-            != Some(("False", Reason::UNSCHEDULABLE))
-            || find_condition(&self.old.conditions, ConditionType::Scheduled)
-                .is_some_and(|c| c.message != u.message);
+        let old_scheduled = find_condition(&self.old.conditions, ConditionType::Scheduled)
+            .filter(|c| c.status == "False" && c.reason == Reason::UNSCHEDULABLE);
+        let fresh = old_scheduled.is_none_or(|c| c.message != u.message);
+        // Counted from when it became unschedulable: a changed message is no new wait.
+        let waited = old_scheduled.map_or(Duration::ZERO, |c| {
+            let since = self.obs.now.duration_since(c.last_transition_time.0);
+            Duration::try_from(since).unwrap_or(Duration::ZERO)
+        });
         self.set_phase(Phase::Pending);
         self.cond(
             ConditionType::Scheduled,
@@ -349,7 +391,10 @@ impl<'a> Planner<'a> {
             Reason::UNSCHEDULABLE,
             u.message.clone(),
         );
-        match u.stalled {
+        let stalled = u
+            .stalled
+            .or((waited >= UNSCHEDULABLE_GRACE).then_some(Reason::UNSCHEDULABLE));
+        match stalled {
             Some(reason) => {
                 self.cond(ConditionType::Ready, "False", reason, u.message.clone());
                 self.kstatus(false, Some((reason, &u.message)));
@@ -362,6 +407,7 @@ impl<'a> Planner<'a> {
                     "waiting for a node",
                 );
                 self.kstatus(true, None);
+                self.requeue(UNSCHEDULABLE_GRACE - waited);
             }
         }
         if fresh {
@@ -509,12 +555,14 @@ impl<'a> Planner<'a> {
             );
         }
         self.set_phase(Phase::Stopped);
-        self.cond(
-            ConditionType::Ready,
-            "False",
-            Reason::HALTED,
-            "runPolicy is Halted",
-        );
+        self.not_meant_to_run();
+    }
+
+    /// The VM is stopped as its spec asks (Halted, or a run that succeeded and is not
+    /// restarted): readiness does not apply, so there is no `Ready` condition (phase says what
+    /// it is), and kstatus reads it as Current instead of waiting forever on `Ready=False`.
+    fn not_meant_to_run(&mut self) {
+        self.drop_cond(ConditionType::Ready);
         self.kstatus(false, None);
     }
 
@@ -690,8 +738,13 @@ impl<'a> Planner<'a> {
                 );
             }
             self.set_phase(phase);
-            self.cond(ConditionType::Ready, "False", cond_reason, message);
-            self.kstatus(false, None);
+            if failed {
+                // Nothing retries a finished run: only a person can, so it is Stalled.
+                self.cond(ConditionType::Ready, "False", cond_reason, message.clone());
+                self.kstatus(false, Some((cond_reason, &message)));
+            } else {
+                self.not_meant_to_run();
+            }
             return;
         }
         // A missed boot deadline is a Warning of its own, once per run: the guest did not come
@@ -747,6 +800,8 @@ pub(crate) fn restart_delay(vm: &VmStatus, restarts: u32, now: Timestamp) -> Dur
     let since_exit_ms = now.as_millisecond().saturating_sub(exit_ms).max(0);
     backoff.saturating_sub(Duration::from_millis(since_exit_ms as u64))
 }
+
+mod pod;
 
 #[cfg(test)]
 mod tests;

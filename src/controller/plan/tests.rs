@@ -18,6 +18,7 @@ fn obs() -> Observed {
         vm: None,
         placement: None,
         node_labels: None,
+        pods: PodMode::Off,
     }
 }
 
@@ -128,12 +129,13 @@ fn unschedulable_names_each_failed_constraint() {
         assert!(message.starts_with(constraint.as_str()));
         assert!(applies(&actions).is_empty());
         assert_eq!(events(&actions), vec!["FailedScheduling"]);
-        assert!(actions.contains(&Action::RequeueAfter(UNSCHEDULABLE_RETRY)));
+        // Back when the grace period is over, to say Stalled if it still does not fit.
+        assert!(actions.contains(&Action::RequeueAfter(UNSCHEDULABLE_GRACE)));
         // Retrying with the same answer writes nothing and repeats no event.
         let mut again = written(mvm, &actions);
         again.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
         let actions = plan(&again, &o);
-        assert_eq!(actions, vec![Action::RequeueAfter(UNSCHEDULABLE_RETRY)]);
+        assert_eq!(actions, vec![Action::RequeueAfter(UNSCHEDULABLE_GRACE)]);
     }
 }
 
@@ -267,7 +269,7 @@ fn rerun_on_failure_restarts_only_failures() {
     assert!(applies(&actions).is_empty());
     let s = status_of(&actions).expect("status");
     assert_eq!(s.phase, Some(Phase::Succeeded));
-    assert_eq!(cond(&s, ConditionType::Ready).1, Reason::GUEST_EXITED);
+    assert!(find_condition(&s.conditions, ConditionType::Ready).is_none());
     assert_eq!(events(&actions), vec!["Exited"]);
 }
 
@@ -286,7 +288,8 @@ fn once_ends_in_succeeded_or_failed() {
     let s = status_of(&actions).expect("status");
     assert_eq!(s.phase, Some(Phase::Failed));
     assert_eq!(cond(&s, ConditionType::Ready).1, "GuestPanic");
-    assert_eq!(cond(&s, ConditionType::Stalled).0, "False");
+    assert_eq!(cond(&s, ConditionType::Stalled).1, "GuestPanic");
+    assert_eq!(cond(&s, ConditionType::Stalled).0, "True");
     assert_eq!(events(&actions), vec!["Failed"]);
     // Finished stays finished, even when the agent forgets the VM.
     let mut mvm = written(mvm, &actions);
@@ -303,7 +306,7 @@ fn halted_vm_that_exited_is_stopped() {
     assert!(applies(&actions).is_empty());
     let s = status_of(&actions).expect("status");
     assert_eq!(s.phase, Some(Phase::Stopped));
-    assert_eq!(cond(&s, ConditionType::Ready).1, Reason::HALTED);
+    assert!(find_condition(&s.conditions, ConditionType::Ready).is_none());
 }
 
 #[test]
@@ -353,10 +356,7 @@ fn halted_spec_stops_a_running_vm() {
     assert!(applies(&actions).is_empty());
     let s = status_of(&actions).expect("status");
     assert_eq!(s.phase, Some(Phase::Stopped));
-    assert_eq!(
-        cond(&s, ConditionType::Ready),
-        ("False", Reason::HALTED, "runPolicy is Halted")
-    );
+    assert!(find_condition(&s.conditions, ConditionType::Ready).is_none());
     assert_eq!(cond(&s, ConditionType::Reconciling).0, "False");
     assert_eq!(events(&actions), vec!["Stopped"]);
 }
@@ -734,4 +734,5 @@ fn pulling_shows_as_the_ready_reason_and_a_failed_attempt_as_its_own_reason() {
     assert_eq!(s.images[0].digest, "sha256:aa");
 }
 
+mod pod;
 mod verdicts;

@@ -1,4 +1,4 @@
-//! The embedded Kubernetes-compatible API server of `ignis dev` (DESIGN.md section 2, "dev").
+//! The embedded Kubernetes-compatible API server of `ignis dev` (docs/design.md section 2, "dev").
 //!
 //! It serves the subset of the Kubernetes API that kubectl, Helm and the Ignis controller use —
 //! discovery, OpenAPI, a few core kinds plus the custom resources its embedder registers,

@@ -34,6 +34,36 @@ impl StoreError {
     }
 }
 
+/// Make `dir` (and missing parents) and leave it readable by its owner only.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    narrow(dir, 0o700)
+}
+
+/// Create `file` 0600 if missing, else narrow it to 0600.
+fn private_file(file: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(file)?;
+    narrow(file, 0o600)
+}
+
+/// Set `path`'s permission bits to `mode` when it exists.
+fn narrow(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
 fn sql(context: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
     move |source| StoreError::Sqlite { context, source }
 }
@@ -103,10 +133,20 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Open (or create) `dir/state.db`; the history keeps the last `history_limit` events.
+    /// The directory is made 0700 and the database 0600 (it holds the bearer token and the
+    /// CA key); an existing, wider store is narrowed.
     pub fn open(dir: &Path, history_limit: u64) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(StoreError::Io)?;
-        let conn = Connection::open(dir.join("state.db")).map_err(sql("open"))?;
-        Self::init(conn, history_limit)
+        private_dir(dir).map_err(StoreError::Io)?;
+        let db = dir.join("state.db");
+        private_file(&db).map_err(StoreError::Io)?;
+        let conn = Connection::open(&db).map_err(sql("open"))?;
+        let store = Self::init(conn, history_limit)?;
+        // SQLite gives its WAL and shared-memory files the database's mode; a store written
+        // before the database was narrowed may still have wider ones.
+        for side in ["state.db-wal", "state.db-shm"] {
+            narrow(&dir.join(side), 0o600).map_err(StoreError::Io)?;
+        }
+        Ok(store)
     }
 
     /// An in-memory store for unit tests.
@@ -440,6 +480,37 @@ mod tests {
             s.history_since("g/r", 4).expect("db").expect("kept").len(),
             1
         );
+    }
+
+    #[test]
+    fn the_store_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("apiserver");
+        {
+            let s = Store::open(&dir, 10).expect("open");
+            s.meta_set("token", "t").expect("meta");
+            assert_eq!(mode(&dir), 0o700);
+            for f in ["state.db", "state.db-wal", "state.db-shm"] {
+                assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+            }
+        }
+        // A store written by an older version with 0644/0755 is narrowed when opened.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        for f in ["state.db", "state.db-wal", "state.db-shm"] {
+            let p = dir.join(f);
+            if p.exists() {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))
+                    .expect("chmod");
+            }
+        }
+        let s = Store::open(&dir, 10).expect("reopen");
+        assert_eq!(s.meta_get("token").expect("meta").as_deref(), Some("t"));
+        assert_eq!(mode(&dir), 0o700);
+        for f in ["state.db", "state.db-wal", "state.db-shm"] {
+            assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+        }
     }
 
     #[test]

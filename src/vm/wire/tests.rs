@@ -28,6 +28,11 @@ fn spec() -> VmSpec {
                 address: Some("192.168.1.20/24".into()),
                 mac: None,
             },
+            Interface {
+                name: "eth2".into(),
+                mode: InterfaceMode::Pod,
+                ..Default::default()
+            },
         ],
         user_data: Some("#cloud-config\n".into()),
         readiness_console_marker: None,
@@ -42,13 +47,32 @@ fn wire(request: &ApplyRequest) -> proto::ApplyVmRequest {
 
 #[test]
 fn an_apply_crosses_the_wire_unchanged() {
-    for desired in [DesiredState::Running, DesiredState::Stopped] {
+    let pod = PodRef {
+        uid: "6f1c2a0e-93d4-4c1e-8d8a-2b7f0c9e1a55".into(),
+        namespace: "default".into(),
+        name: "vm-web".into(),
+        ip: Some("10.244.1.7".parse().expect("ip")),
+    };
+    let pods = [
+        None,
+        Some(pod.clone()),
+        Some(PodRef {
+            ip: Some("fd00::7".parse().expect("ip")),
+            ..pod.clone()
+        }),
+        Some(PodRef { ip: None, ..pod }),
+    ];
+    for (desired, pod) in [DesiredState::Running, DesiredState::Stopped]
+        .into_iter()
+        .flat_map(|d| pods.iter().map(move |p| (d, p.clone())))
+    {
         let request = ApplyRequest {
             spec: spec(),
             spec_hash: "h".into(),
             run: 3,
             desired,
             pull_secrets: PullSecrets::new(vec![br#"{"auths":{}}"#.to_vec()]),
+            pod,
         };
         let (back, refused) = apply_request(wire(&request)).expect("valid");
         assert_eq!((back, refused), (request, None));
@@ -62,6 +86,7 @@ fn with_spec(edit: impl FnOnce(&mut proto::VmSpec)) -> proto::ApplyVmRequest {
         run: 1,
         desired: DesiredState::Running,
         pull_secrets: PullSecrets::default(),
+        pod: None,
     });
     if let Some(spec) = request.spec.as_mut() {
         edit(spec);
@@ -82,6 +107,19 @@ fn values_this_agent_does_not_know_refuse_the_vm_with_a_named_cause() {
             with_spec(|s| s.interfaces[0].mode = 42),
             "InvalidSpec",
             "interfaces.mode",
+        ),
+        (
+            {
+                let mut request = with_spec(|_| {});
+                request.pod = Some(proto::PodSandbox {
+                    uid: "p".into(),
+                    ip: "10.244.1.300".into(),
+                    ..Default::default()
+                });
+                request
+            },
+            "InvalidSpec",
+            "pod.ip",
         ),
         (
             with_spec(|s| s.readiness_tcp_port = 70000),
@@ -115,6 +153,7 @@ fn images_cross_the_wire_and_secrets_stay_out_of_records() {
         run: 1,
         desired: DesiredState::Running,
         pull_secrets: PullSecrets::new(vec![b"hunter2".to_vec()]),
+        pod: None,
     };
     let wire = wire(&request);
     let s = wire.spec.as_ref().expect("spec");

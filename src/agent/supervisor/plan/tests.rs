@@ -17,6 +17,7 @@ fn env(accelerator: Accelerator) -> PlanEnv {
             "binary cloud-hypervisor not found".into(),
         )],
         simulated: false,
+        allow_tcg: true,
     }
 }
 
@@ -221,6 +222,7 @@ fn the_guest_cmdline_gets_the_network_parameters() {
         address: Some(("10.88.0.5".parse().expect("ip"), 16)),
         gateway: Some("10.88.0.1".parse().expect("gw")),
         dns: vec!["10.88.0.1".parse().expect("dns")],
+        reachable_at: None,
     };
     let eth0 = std::slice::from_ref(&eth0);
     assert_eq!(
@@ -240,46 +242,113 @@ fn the_guest_cmdline_gets_the_network_parameters() {
 }
 
 #[test]
-fn file_checks_tell_missing_from_unreadable() {
+fn file_checks_tell_missing_from_unreadable_and_refuse_what_is_not_allowed() {
     let (tmp, kernel) = dir_with_kernel();
+    let allowed = [tmp.path().to_path_buf()];
+    let check = |spec: &VmSpec| check_files(spec, &allowed);
     let ok = VmSpec {
         kernel: GuestFile::Path(kernel.display().to_string()),
         ..spec()
     };
-    assert!(check_files(&ok).is_ok());
+    assert!(check(&ok).is_ok());
     let image = VmSpec {
         kernel: GuestFile::Image("reg/k:1".into()),
         rootfs: Some(GuestFile::Image("reg/r:1".into())),
         ..spec()
     };
-    assert!(
-        check_files(&image).is_ok(),
-        "images are checked by the pull"
-    );
+    assert!(check(&image).is_ok(), "images are checked by the pull");
     let missing = VmSpec {
-        kernel: GuestFile::Path("/nope".into()),
+        kernel: GuestFile::Path(tmp.path().join("nope").display().to_string()),
         ..spec()
     };
     assert_eq!(
-        check_files(&missing).expect_err("missing").reason(),
+        check(&missing).expect_err("missing").reason(),
         "KernelNotFound"
     );
+    let sub = tmp.path().join("sub");
+    std::fs::create_dir(&sub).expect("dir");
     let dir_initrd = VmSpec {
-        initrd: Some(GuestFile::Path(tmp.path().display().to_string())),
+        initrd: Some(GuestFile::Path(sub.display().to_string())),
         ..ok.clone()
     };
     assert_eq!(
-        check_files(&dir_initrd).expect_err("dir").reason(),
+        check(&dir_initrd).expect_err("dir").reason(),
         "InitrdUnreadable"
     );
     let empty = tmp.path().join("empty");
     std::fs::write(&empty, b"").expect("empty");
     let empty_initrd = VmSpec {
         initrd: Some(GuestFile::Path(empty.display().to_string())),
-        ..ok
+        ..ok.clone()
     };
     assert_eq!(
-        check_files(&empty_initrd).expect_err("empty").reason(),
+        check(&empty_initrd).expect_err("empty").reason(),
         "InitrdUnreadable"
     );
+    for outside in ["/proc/1/root/etc/shadow", "/etc/hostname", "/nope"] {
+        let refused = VmSpec {
+            rootfs: Some(GuestFile::Path(outside.into())),
+            ..ok.clone()
+        };
+        let error = check(&refused).expect_err(outside);
+        assert_eq!(error.reason(), "PathNotAllowed", "{outside}");
+        assert!(error.is_permanent());
+        assert!(error.full_message().starts_with("rootfs.path refused: "));
+    }
+}
+
+#[test]
+fn tcg_runs_only_where_the_admin_allows_it() {
+    let mut no_tcg = env(Accelerator::Tcg);
+    no_tcg.allow_tcg = false;
+    let error = plan_boot(&spec(), &no_tcg).expect_err("TCG refused");
+    assert_eq!(error.reason(), "TcgNotAllowed");
+    assert!(error.is_permanent());
+    assert!(error.to_string().contains("TCG is not a security boundary"));
+    let mut kvm = env(Accelerator::Kvm);
+    kvm.allow_tcg = false;
+    assert_eq!(
+        plan_boot(&spec(), &kvm).expect("KVM").accelerator,
+        Accelerator::Kvm
+    );
+}
+
+#[test]
+fn a_vm_pod_has_one_pod_network_whose_address_is_not_chosen() {
+    let pod = crate::vm::PodRef {
+        uid: "u".into(),
+        namespace: "default".into(),
+        name: "vm-web".into(),
+        ip: None,
+    };
+    let with = |interfaces: Vec<Interface>| VmSpec {
+        interfaces,
+        ..crate::testing::vm_spec("u")
+    };
+    let one = with(vec![iface("eth0", InterfaceMode::Pod, None)]);
+    assert!(check_pod_interfaces(&one, Some(&pod)).is_ok());
+    assert!(check_pod_interfaces(&with(vec![]), None).is_ok());
+    let cases = [
+        (one.clone(), None, "NoVmPod"),
+        (
+            with(vec![
+                iface("eth0", InterfaceMode::Pod, None),
+                iface("eth1", InterfaceMode::Pod, None),
+            ]),
+            Some(&pod),
+            "InvalidSpec",
+        ),
+        (
+            with(vec![iface("eth0", InterfaceMode::Pod, Some("10.0.0.2/24"))]),
+            Some(&pod),
+            "InvalidSpec",
+        ),
+    ];
+    for (spec, pod, reason) in cases {
+        let error = check_pod_interfaces(&spec, pod).expect_err(reason);
+        assert_eq!(error.reason(), reason, "{error}");
+        assert!(error.is_permanent());
+    }
+    // A pod interface carries an address (the pod IP) for TCP readiness; none is on the node.
+    assert!(gets_an_address(&one.interfaces[0]) && !needs_tap(&one.interfaces[0]));
 }

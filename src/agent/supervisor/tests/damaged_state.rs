@@ -15,6 +15,8 @@ fn stand_in(dir: &Path) -> tokio::process::Child {
         ["-c", "sleep 60; exit 0", &socket],
         Output::Null,
         Output::Null,
+        None,
+        Vec::new(),
     )
     .expect("spawn")
 }

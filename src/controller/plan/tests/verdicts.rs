@@ -1,6 +1,7 @@
-//! kstatus always reaches a verdict (issue #13, defect 6): what no retry can fix is `Stalled`
-//! with its reason; a missed boot deadline is `BootTimeout` with a Warning, and `Stalled` once
-//! the agent calls the misses permanent.
+//! kstatus always reaches a verdict (issue #13, defect 6; issue #21): what no retry can fix is
+//! `Stalled` with its reason; a missed boot deadline is `BootTimeout` with a Warning, and
+//! `Stalled` once the agent calls the misses permanent; a VM no node takes is `Stalled` after
+//! kstatus's 15 s; a VM stopped as its spec asks has no `Ready=False` to wait on.
 
 use super::*;
 use pretty_assertions::assert_eq;
@@ -116,4 +117,109 @@ fn boot_timeouts_the_agent_calls_permanent_end_stalled() {
     assert_eq!(cond(&s, ConditionType::Stalled).1, "BootTimeout");
     assert_eq!(cond(&s, ConditionType::Reconciling).0, "False");
     assert_eq!(event_kinds(&actions), vec![(EventKind::Warning, "Failed")]);
+}
+
+fn unschedulable_by_selector() -> Unschedulable {
+    Unschedulable {
+        constraint: Constraint::NodeSelector,
+        message: "nodeSelector: 0/1 nodes available: 1 did not match nodeSelector".to_string(),
+        stalled: None,
+    }
+}
+
+#[test]
+fn unschedulable_for_now_is_stalled_after_the_kstatus_grace_and_still_retried() {
+    let mvm = microvm("web");
+    let mut o = obs();
+    o.placement = Some(Err(unschedulable_by_selector()));
+    let actions = plan(&mvm, &o);
+    let s = status_of(&actions).expect("status");
+    assert_eq!(cond(&s, ConditionType::Reconciling).0, "True");
+    assert_eq!(cond(&s, ConditionType::Stalled).0, "False");
+    assert!(actions.contains(&Action::RequeueAfter(UNSCHEDULABLE_GRACE)));
+    let mut mvm = written(mvm, &actions);
+    mvm.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
+
+    // 10 s on, the scheduler says it in other words: the wait is not restarted.
+    o.now = Timestamp::from_millisecond(now().as_millisecond() + 10_000).expect("valid");
+    let mut other = unschedulable_by_selector();
+    other.message = "nodeSelector: 0/2 nodes available: 2 did not match nodeSelector".to_string();
+    o.placement = Some(Err(other));
+    let actions = plan(&mvm, &o);
+    assert!(actions.contains(&Action::RequeueAfter(Duration::from_secs(5))));
+    let s = status_of(&actions).expect("status");
+    assert_eq!(cond(&s, ConditionType::Reconciling).0, "True");
+    let mvm = written(mvm, &actions);
+
+    // At 15 s: Stalled with the reason, Ready says it too, no second Warning, still retried.
+    o.now = Timestamp::from_millisecond(now().as_millisecond() + 15_000).expect("valid");
+    let actions = plan(&mvm, &o);
+    let s = status_of(&actions).expect("status");
+    let message = "nodeSelector: 0/2 nodes available: 2 did not match nodeSelector";
+    assert_eq!(
+        cond(&s, ConditionType::Stalled),
+        ("True", Reason::UNSCHEDULABLE, message)
+    );
+    assert_eq!(cond(&s, ConditionType::Reconciling).0, "False");
+    assert_eq!(
+        cond(&s, ConditionType::Ready),
+        ("False", Reason::UNSCHEDULABLE, message)
+    );
+    assert_eq!(s.phase, Some(Phase::Pending));
+    assert!(events(&actions).is_empty(), "{actions:?}");
+    assert!(actions.contains(&Action::RequeueAfter(UNSCHEDULABLE_RETRY)));
+    let mvm = written(mvm, &actions);
+    // Steady: nothing new to write.
+    assert_eq!(
+        plan(&mvm, &o),
+        vec![Action::RequeueAfter(UNSCHEDULABLE_RETRY)]
+    );
+
+    // A node labelled by a person takes it: placed and converging again.
+    o.placement = Some(Ok("node-a".to_string()));
+    let s = status_of(&plan(&mvm, &o)).expect("status");
+    assert_eq!(cond(&s, ConditionType::Stalled).0, "False");
+    assert_eq!(cond(&s, ConditionType::Reconciling).0, "True");
+    assert_eq!(cond(&s, ConditionType::Scheduled).0, "True");
+}
+
+/// What kstatus (sigs.k8s.io/cli-utils) falls back on for a custom resource when neither
+/// `Reconciling` nor `Stalled` is True: `Ready=False` means InProgress, no `Ready` Current.
+fn waits_on_ready_false(s: &MicroVMStatus) -> bool {
+    find_condition(&s.conditions, ConditionType::Ready).is_some_and(|c| c.status != "True")
+}
+
+#[test]
+fn halted_on_purpose_is_reconciled_with_nothing_to_wait_on() {
+    let mut mvm = placed("web", "node-a");
+    mvm.spec.run_policy = RunPolicy::Halted;
+    let mut o = obs();
+    o.vm = Some(agent_vm(&mvm, HASH, 0, RunState::Stopped));
+    let s = status_of(&plan(&mvm, &o)).expect("status");
+    assert_eq!(s.phase, Some(Phase::Stopped));
+    assert_eq!(cond(&s, ConditionType::Reconciling).0, "False");
+    assert_eq!(cond(&s, ConditionType::Stalled).0, "False");
+    assert!(!waits_on_ready_false(&s), "{:?}", s.conditions);
+    // Never booted (halted from the start): the same.
+    let mvm = placed("cold", "node-a");
+    let mut mvm = mvm;
+    mvm.spec.run_policy = RunPolicy::Halted;
+    let s = status_of(&plan(&mvm, &obs())).expect("status");
+    assert_eq!(s.phase, Some(Phase::Stopped));
+    assert!(!waits_on_ready_false(&s), "{:?}", s.conditions);
+}
+
+#[test]
+fn a_finished_run_is_current_when_it_succeeded_and_stalled_when_it_failed() {
+    let (mvm, o) = exited(RunPolicy::Once, true, 0);
+    let s = status_of(&plan(&mvm, &o)).expect("status");
+    assert_eq!(s.phase, Some(Phase::Succeeded));
+    assert_eq!(cond(&s, ConditionType::Reconciling).0, "False");
+    assert_eq!(cond(&s, ConditionType::Stalled).0, "False");
+    assert!(!waits_on_ready_false(&s), "{:?}", s.conditions);
+    let (mvm, o) = boot_timed_out(RunPolicy::Once, false, 60_000, 0);
+    let s = status_of(&plan(&mvm, &o)).expect("status");
+    assert_eq!(s.phase, Some(Phase::Failed));
+    assert_eq!(cond(&s, ConditionType::Stalled).0, "True");
+    assert_eq!(cond(&s, ConditionType::Stalled).1, "BootTimeout");
 }

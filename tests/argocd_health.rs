@@ -1,0 +1,180 @@
+//! Argo CD's view of a MicroVM: `config/argocd/health.lua` run by a real Lua 5.1 interpreter
+//! (Debian's `lua5.1`; Argo CD runs gopher-lua, a Lua 5.1) over the captured objects, each
+//! verdict checked against `docs/gitops.md`; and the `argocd-cm` snippet carries exactly that
+//! script. Without `lua5.1` it fails under `IGNIS_REQUIRE_ALL=1` and is skipped otherwise.
+
+mod gitops_support;
+
+use std::fmt::Write as _;
+use std::process::Command;
+use std::time::Duration;
+
+use gitops_support::{
+    check_table_matches_fixtures, object, on_path, require_all, root, run, verdict_table,
+};
+
+/// A JSON value as a Lua table constructor, the shape Argo CD hands the script as `obj`
+/// (JSON null is nil, as in Argo CD).
+fn lua_literal(v: &serde_json::Value, out: &mut String) {
+    match v {
+        serde_json::Value::Null => out.push_str("nil"),
+        serde_json::Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        serde_json::Value::Number(n) => out.push_str(&n.to_string()),
+        serde_json::Value::String(s) => lua_string(s, out),
+        serde_json::Value::Array(items) => {
+            out.push('{');
+            for item in items {
+                lua_literal(item, out);
+                out.push(',');
+            }
+            out.push('}');
+        }
+        serde_json::Value::Object(map) => {
+            out.push('{');
+            for (k, item) in map {
+                out.push('[');
+                lua_string(k, out);
+                out.push_str("]=");
+                lua_literal(item, out);
+                out.push(',');
+            }
+            out.push('}');
+        }
+    }
+}
+
+fn lua_string(s: &str, out: &mut String) {
+    out.push('"');
+    for ch in s.chars() {
+        match ch {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                let _ = write!(out, "\\{}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Run the health script on one object as Argo CD does: `obj` global, the chunk returns the
+/// health table. Prints "status\tmessage".
+fn health(script: &str, obj: &serde_json::Value) -> (String, String) {
+    let mut program = String::from("obj = ");
+    lua_literal(obj, &mut program);
+    program.push_str("\nlocal check = assert(loadstring(");
+    lua_string(script, &mut program);
+    program.push_str(", \"health.lua\"))\nlocal hs = check()\nio.write(hs.status, \"\\t\", hs.message or \"\")\n");
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("run.lua");
+    std::fs::write(&file, program).expect("write");
+    let out = run(Command::new("lua5.1").arg(&file), Duration::from_secs(30));
+    assert!(
+        out.status.success(),
+        "lua5.1 failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (status, message) = text.split_once('\t').expect("status\\tmessage");
+    (status.to_string(), message.to_string())
+}
+
+fn lua_present() -> bool {
+    if on_path("lua5.1") {
+        return true;
+    }
+    assert!(
+        !require_all(),
+        "IGNIS_REQUIRE_ALL=1 but lua5.1 is missing: apt-get install lua5.1 (scripts/setup.sh)"
+    );
+    eprintln!("skipped: lua5.1 is missing (apt-get install lua5.1)");
+    false
+}
+
+fn script() -> String {
+    std::fs::read_to_string(root().join("config/argocd/health.lua")).expect("health.lua")
+}
+
+#[test]
+fn argocd_health_gives_every_captured_microvm_the_documented_verdict() {
+    let table = verdict_table();
+    let fixtures = check_table_matches_fixtures(&table);
+    if !lua_present() {
+        return;
+    }
+    let script = script();
+    let mut wrong = Vec::new();
+    for (name, path) in &fixtures {
+        let (status, message) = health(&script, &object(path));
+        assert!(!message.is_empty(), "{name}: the health message is empty");
+        if status != table[name].argocd {
+            wrong.push(format!(
+                "{name}: health.lua says {status} ({message}), docs/gitops.md says {}",
+                table[name].argocd
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "verdicts differ:\n{}", wrong.join("\n"));
+}
+
+#[test]
+fn argocd_health_waits_for_a_new_generation_and_for_a_first_status() {
+    if !lua_present() {
+        return;
+    }
+    let script = script();
+    let ready = object(&root().join("tests/fixtures/status/ready.yaml"));
+    // A spec change the controller has not seen yet: not Healthy on the old Ready.
+    let mut newer = ready.clone();
+    newer["metadata"]["generation"] = serde_json::json!(7);
+    assert_eq!(health(&script, &newer).0, "Progressing");
+    // Just created: no status at all.
+    let mut fresh = ready;
+    fresh.as_object_mut().expect("object").remove("status");
+    assert_eq!(health(&script, &fresh).0, "Progressing");
+}
+
+#[test]
+fn argocd_cm_snippet_carries_health_lua_verbatim() {
+    let cm =
+        std::fs::read_to_string(root().join("config/argocd/argocd-cm.yaml")).expect("argocd-cm");
+    let doc: serde_yaml::Value = serde_yaml::from_str(&cm).expect("yaml");
+    let key = "resource.customizations.health.ignis.dev_MicroVM";
+    let embedded = doc["data"][key]
+        .as_str()
+        .unwrap_or_else(|| panic!("argocd-cm.yaml has no data.{key}"));
+    assert_eq!(
+        embedded,
+        script(),
+        "argocd-cm.yaml's script drifted from health.lua"
+    );
+}
+
+#[test]
+fn argocd_health_of_a_deleting_microvm_and_of_a_lost_agent() {
+    if !lua_present() {
+        return;
+    }
+    let script = script();
+    let ready = object(&root().join("tests/fixtures/status/ready.yaml"));
+    // Being deleted: Progressing, as Argo CD itself reports any object pending deletion.
+    let mut deleting = ready.clone();
+    deleting["metadata"]["deletionTimestamp"] = serde_json::json!("2026-12-06T06:00:00Z");
+    assert_eq!(health(&script, &deleting).0, "Progressing");
+    // The agent of its node is unreachable (Ready=Unknown, as the controller writes it): the
+    // VM's fate is not known, which is no verdict on the VM.
+    let mut lost = ready;
+    for c in lost["status"]["conditions"]
+        .as_array_mut()
+        .expect("conditions")
+    {
+        if c["type"] == "Ready" {
+            c["status"] = serde_json::json!("Unknown");
+            c["reason"] = serde_json::json!("AgentUnreachable");
+            c["message"] = serde_json::json!("the ignis agent on node vm is unreachable");
+        }
+    }
+    lost["status"]["phase"] = serde_json::json!("Unknown");
+    assert_eq!(health(&script, &lost).0, "Unknown");
+}

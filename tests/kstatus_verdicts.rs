@@ -1,0 +1,85 @@
+//! kstatus by its own code: `scripts/tools/kstatus` (built with `sigs.k8s.io/cli-utils`, the
+//! library Flux's health checks and Helm's `--wait=watcher` use) judges every captured MicroVM,
+//! and each verdict must be the one `docs/gitops.md` promises. Runs in CI; without Go it fails
+//! under `IGNIS_REQUIRE_ALL=1` and is skipped with a message otherwise.
+
+mod gitops_support;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use gitops_support::{
+    check_table_matches_fixtures, on_path, require_all, root, run, verdict_table,
+};
+
+/// The kstatus program, built by scripts/tools.sh when it is not cached yet; `None` when Go is
+/// missing and the build is not demanded.
+fn kstatus() -> Option<PathBuf> {
+    let tools = root().join("scripts/tools.sh");
+    let dir = run(
+        Command::new(&tools).args(["bindir", "kstatus"]),
+        Duration::from_secs(30),
+    );
+    let bin = PathBuf::from(String::from_utf8_lossy(&dir.stdout).trim()).join("kstatus");
+    if !bin.is_file() && !on_path("go") {
+        assert!(
+            !require_all(),
+            "IGNIS_REQUIRE_ALL=1 but Go is missing: install Go >= 1.26 to build the kstatus checker"
+        );
+        eprintln!("skipped: Go is missing, so kstatus (sigs.k8s.io/cli-utils) cannot be built");
+        return None;
+    }
+    let out = run(
+        Command::new(&tools).args(["build", "kstatus"]),
+        Duration::from_secs(900),
+    );
+    assert!(
+        out.status.success(),
+        "scripts/tools.sh build kstatus failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(bin.is_file(), "no kstatus binary at {}", bin.display());
+    Some(bin)
+}
+
+#[test]
+fn kstatus_gives_every_captured_microvm_the_documented_verdict() {
+    let table = verdict_table();
+    let fixtures = check_table_matches_fixtures(&table);
+    let Some(kstatus) = kstatus() else { return };
+    let out = run(
+        Command::new(&kstatus).args(fixtures.values()),
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "kstatus failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut got: BTreeMap<String, (String, String)> = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+        let file = PathBuf::from(v["file"].as_str().expect("file"));
+        let name = file
+            .file_stem()
+            .expect("stem")
+            .to_string_lossy()
+            .to_string();
+        let status = v["status"].as_str().expect("status").to_string();
+        let message = v["message"].as_str().unwrap_or("").to_string();
+        got.insert(name, (status, message));
+    }
+    let mut wrong = Vec::new();
+    for (name, row) in &table {
+        let (status, message) = got.get(name).cloned().unwrap_or_default();
+        if status != row.kstatus {
+            wrong.push(format!(
+                "{name}: kstatus says {status} ({message}), docs/gitops.md says {}",
+                row.kstatus
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "verdicts differ:\n{}", wrong.join("\n"));
+}
