@@ -50,6 +50,9 @@ pub struct JailerArgs {
     /// Group id to run as (not 0).
     #[arg(long)]
     pub gid: u32,
+    /// A supplementary group to keep (repeatable, not 0): the group of `/dev/kvm`.
+    #[arg(long = "group")]
+    pub groups: Vec<u32>,
     /// Directory to change into before the exec.
     #[arg(long)]
     pub chdir: Option<PathBuf>,
@@ -98,6 +101,7 @@ pub(crate) fn binary() -> std::io::Result<PathBuf> {
 /// The command line (after the `ignis` binary) that runs `vmm args...` under `confinement`.
 pub(crate) fn wrapper_args(
     confinement: &Confinement,
+    groups: &[u32],
     chdir: Option<&Path>,
     vmm: &Path,
     args: impl IntoIterator<Item = impl AsRef<OsStr>>,
@@ -115,6 +119,9 @@ pub(crate) fn wrapper_args(
         "--gid".into(),
         confinement.gid.to_string().into(),
     ]);
+    for group in groups {
+        out.extend(["--group".into(), group.to_string().into()]);
+    }
     if let Some(dir) = chdir {
         out.extend(["--chdir".into(), dir.into()]);
     }
@@ -122,6 +129,17 @@ pub(crate) fn wrapper_args(
     out.push(vmm.into());
     out.extend(args.into_iter().map(|a| a.as_ref().to_os_string()));
     out
+}
+
+/// The supplementary groups every VMM keeps: the group of `/dev/kvm` (so a KVM guest can
+/// run), unless that is root's group.
+pub(crate) fn device_groups() -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/dev/kvm")
+        .map(|m| m.gid())
+        .into_iter()
+        .filter(|&gid| gid != 0)
+        .collect()
 }
 
 /// The environment the VMM starts with: none of the agent's (which may name credentials),
@@ -182,7 +200,7 @@ enum JailError {
 
 fn confine_and_exec(args: &JailerArgs) -> Result<std::convert::Infallible, JailError> {
     use nix::unistd::{Gid, Uid};
-    if args.uid == 0 || args.gid == 0 {
+    if args.uid == 0 || args.gid == 0 || args.groups.contains(&0) {
         return Err(JailError::Root {
             uid: args.uid,
             gid: args.gid,
@@ -227,7 +245,8 @@ fn confine_and_exec(args: &JailerArgs) -> Result<std::convert::Infallible, JailE
     let privileges = |step| move |source| JailError::Privileges { step, source };
     // Groups before the uid: once the uid is not 0 they can no longer be changed. Changing
     // every uid away from 0 clears the permitted and effective capabilities.
-    nix::unistd::setgroups(&[]).map_err(privileges("clear supplementary groups"))?;
+    let groups: Vec<Gid> = args.groups.iter().map(|&g| Gid::from_raw(g)).collect();
+    nix::unistd::setgroups(&groups).map_err(privileges("set the supplementary groups"))?;
     let gid = Gid::from_raw(args.gid);
     nix::unistd::setresgid(gid, gid, gid).map_err(privileges("set the gid"))?;
     let uid = Uid::from_raw(args.uid);
@@ -254,6 +273,7 @@ mod tests {
     fn the_wrapper_command_line_names_every_field_then_the_vmm() {
         let args = wrapper_args(
             &confinement(),
+            &[],
             Some(Path::new("/s")),
             Path::new("/usr/bin/qemu-system-x86_64"),
             ["-S", "-qmp"],
@@ -295,7 +315,7 @@ mod tests {
         }
         let mut c = confinement();
         c.cgroups.push("/sys/fs/cgroup/memory/podx".into());
-        let line = wrapper_args(&c, None, Path::new("/bin/vmm"), ["--", "-x"]);
+        let line = wrapper_args(&c, &[993], None, Path::new("/bin/vmm"), ["--", "-x"]);
         let Sub::Jailer(parsed) = Cli::try_parse_from(std::iter::once("ignis".into()).chain(line))
             .expect("parses")
             .command;
@@ -304,6 +324,7 @@ mod tests {
         assert_eq!(parsed.netns, c.netns);
         assert_eq!(parsed.cgroups, c.cgroups);
         assert_eq!(parsed.chdir, None);
+        assert_eq!(parsed.groups, [993]);
         // The VMM's own arguments, even `--`, are passed through untouched.
         assert_eq!(parsed.command, ["/bin/vmm", "--", "-x"].map(OsString::from));
     }
@@ -315,6 +336,7 @@ mod tests {
             cgroups: vec!["/nonexistent/cgroup".into()],
             uid,
             gid,
+            groups: Vec::new(),
             chdir: None,
             command: vec![vmm.into()],
         };

@@ -110,7 +110,14 @@ pub(crate) fn spawn(
                 confinement.cgroups = crate::agent::cgroup::vmm_dirs().map_err(spawn_error)?;
             }
             let mut command = tokio::process::Command::new(jailer::binary().map_err(spawn_error)?);
-            command.args(jailer::wrapper_args(&confinement, None, binary, args));
+            let groups = jailer::device_groups();
+            command.args(jailer::wrapper_args(
+                &confinement,
+                &groups,
+                None,
+                binary,
+                args,
+            ));
             command
         }
         None => {
