@@ -582,6 +582,9 @@ agent:
   stateDirPerNode: true
   vmmCgroup: $CGROUP/\$(IGNIS_NODE_NAME)/ignis-vms
   allowTcg: true  # no KVM on the test machines; TCG is not a security boundary
+  # The demo guest every node's samples and tests name (the agent's default is its own
+  # state dir's guest/, which is nodes/<node>/guest here).
+  allowedPathDirs: [/var/lib/ignis/guest]
   images: { insecureRegistries: ["$REGISTRY"] }
 EOF
   write_env

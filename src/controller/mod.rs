@@ -248,7 +248,7 @@ fn watch_vm_pods(
                     };
                     let _ = triggers.send(ObjectRef::new(&name).within(&ns));
                 }
-                Some(Err(error)) => tracing::debug!(%error, "VM pod watch"),
+                Some(Err(error)) => tracing::warn!(%error, "VM pod watch"),
             }
         }
     });
@@ -273,7 +273,7 @@ fn watch_vm_pods(
             match next {
                 None => return,
                 Some(Ok(_)) => {}
-                Some(Err(error)) => tracing::debug!(%error, "node watch"),
+                Some(Err(error)) => tracing::warn!(%error, "node watch"),
             }
         }
     });
