@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit tests, integration tests with real QEMU
 # guests, end-to-end tests with kubectl against `ignis dev`, a short soak, then the same
-# end-to-end tests (plus the cluster-only ones: VM pods, the attack suite, GitOps with Flux)
-# against an upstream two-node Kubernetes cluster with Ignis installed by Helm
-# (scripts/cluster.sh).
+# end-to-end tests (plus the cluster-only ones) against an upstream two-node Kubernetes
+# cluster with Ignis installed by Helm (scripts/cluster.sh). The VM-pod, attack and Flux
+# suites (e2e/tests/{vm_pods,attacks,gitops}.rs) are built and linted here but not yet run:
+# see docs/design.md, "Status".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -70,8 +71,4 @@ stage "e2e against the upstream cluster"
 cargo test -p ignis-e2e --test e2e --test network --test images -- --test-threads 2
 stage "cluster-only e2e"
 cargo test -p ignis-e2e --features cluster --test cluster -- --nocapture
-stage "VM pods on the cluster"
-cargo test -p ignis-e2e --features cluster --test vm_pods -- --nocapture
-stage "attack suite on the cluster"
-cargo test -p ignis-e2e --features cluster --test attacks -- --nocapture
 stage "done"

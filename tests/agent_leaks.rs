@@ -80,6 +80,7 @@ fn config(state_dir: &Path) -> AgentConfig {
     config.boot_timeout = BOOT_TIMEOUT;
     // As on `ignis dev`: the node's networking is set up by the first VM that needs it.
     config.network_setup = NetworkSetup::OnFirstUse;
+    common::allow_test_guests(&mut config);
     config
 }
 
@@ -279,6 +280,7 @@ async fn a_create_cut_short_by_the_boot_deadline_leaves_no_vmm() {
     let mut config = AgentConfig::local(tmp.path());
     config.accelerator = AcceleratorFlag::Tcg;
     config.network = None;
+    common::allow_test_guests(&mut config);
     // QEMU opens its QMP socket some 100 ms after it starts.
     config.boot_timeout = Duration::from_millis(20);
     let (agent, mut client, shutdown) = common::serve_with_client(config).await;

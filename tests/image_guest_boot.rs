@@ -281,7 +281,11 @@ fn debootstrap_guest_from_a_registry_boots_through_the_agent_by_dhcp() {
         assert_eq!(tap_count(), 0, "taps left");
         let leases = image_support::tree(&state.join("images/leases"));
         assert!(leases.is_empty(), "leases left: {leases:?}");
-        assert_eq!(dnsmasq_here().len(), 1, "one dnsmasq on the bridge");
+        // Networking set up on first use goes with the last VM that held a tap (#22).
+        assert!(
+            dnsmasq_here().is_empty(),
+            "dnsmasq outlived the last networked VM"
+        );
         shutdown.cancel();
         agent.wait().await.expect("agent stops");
         assert!(dnsmasq_here().is_empty(), "dnsmasq outlived the agent");

@@ -218,7 +218,6 @@ async fn dev_start(dir: &Path) -> Result<(f64, u64), BenchError> {
         health.to_string(),
         "--accelerator".into(),
         "tcg".into(),
-        "--allow-tcg".into(),
     ];
     let (mut child, took) = start_ignis(
         &args,

@@ -56,9 +56,6 @@ pub(super) async fn housekeeping(
             .agents_connected
             .set(ctx.pool.connected() as i64);
 
-        if let Some(nodes) = &ctx.node_meta {
-            sync_node_labels(&ctx, nodes).await;
-        }
         for (node, uid) in drift_due(&ctx.pool.held_vms(), &owned, &mut orphans, drift_grace) {
             tracing::warn!(%node, %uid, "removing a VM no MicroVM owns (drift repair)");
             ctx.metrics.drift_removed.inc();
@@ -72,7 +69,23 @@ pub(super) async fn housekeeping(
     }
 }
 
-/// Pod mode: bring each node's Ignis labels in line with its agent (see `nodelabels`).
+/// Pod mode, every few seconds: bring each node's Ignis labels in line with its agent (see
+/// `nodelabels`). It needs only the agents and the Nodes, so it does not wait for the MicroVM
+/// cache as housekeeping does: no VM pod can be placed before its node is labelled.
+pub(super) async fn node_labels(ctx: Arc<Context>, shutdown: CancellationToken) {
+    let Some(nodes) = ctx.node_meta.clone() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        sync_node_labels(&ctx, &nodes).await;
+    }
+}
+
 async fn sync_node_labels(ctx: &Context, nodes: &Store<PartialObjectMeta<Node>>) {
     let hosts: HashMap<String, HostInfo> = ctx.pool.hosts().into_iter().collect();
     let api: Api<Node> = Api::all(ctx.client.clone());

@@ -186,6 +186,7 @@ pub async fn start(
         config.drift_grace,
         shutdown.clone(),
     ));
+    tokio::spawn(drift::node_labels(ctx.clone(), shutdown.clone()));
 
     let run_ctx = ctx.clone();
     let task = tokio::spawn(async move {
