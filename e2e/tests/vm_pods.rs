@@ -238,9 +238,10 @@ impl Ctx {
         let uid = self.get(&format!("mvm/{vm}"), "{.metadata.uid}");
         let pids: Vec<u32> = pids_matching(&uid)
             .into_iter()
+            // The binary, not the name: QEMU runs as `-name ...,process=ignis-<uid>`.
             .filter(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .is_ok_and(|comm| comm.starts_with("qemu"))
+                std::fs::read_link(format!("/proc/{pid}/exe"))
+                    .is_ok_and(|exe| exe.to_string_lossy().contains("qemu"))
             })
             .collect();
         assert_eq!(pids.len(), 1, "one VMM for mvm/{vm} ({uid}): {pids:?}");
@@ -345,8 +346,9 @@ fn the_vm_pod_is_the_vms(ctx: &Ctx, vm: &str, node: &str) {
         "status.ipAddresses[0] is the pod IP"
     );
 
-    // The VMM: in the pod's own cgroup (not a container's), below its node's, as a non-root
-    // uid with a seccomp filter.
+    // The VMM: in the pod's cgroup (its leaf `ignis-vmm` below the pod's own, never a
+    // container's: cgroup v2 takes no process beside child cgroups), below its node's, as a
+    // non-root uid with a seccomp filter.
     let pid = ctx.vmm_pid(vm);
     let pod_uid = pod["metadata"]["uid"].as_str().expect("pod uid");
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("VMM cgroup");
@@ -362,7 +364,7 @@ fn the_vm_pod_is_the_vms(ctx: &Ctx, vm: &str, node: &str) {
         .unwrap_or_else(|| panic!("no memory cgroup for VMM {pid}:\n{cgroups}"));
     let path = memory_line.splitn(3, ':').nth(2).unwrap_or_default();
     assert!(
-        path.rsplit('/').next() == Some(leaf.as_str()),
+        path.ends_with(&format!("/{leaf}/ignis-vmm")),
         "VMM {pid} of mvm/{vm} is in its pod's cgroup {leaf}: {path}\n{cgroups}"
     );
     let node_cgroup = &ctx.up.node_named(node).cgroup;

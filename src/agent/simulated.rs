@@ -1,5 +1,5 @@
 //! The `simulated` VMM: a `sleep` process stands in for the VMM and there is no guest. It
-//! exists for control-plane benchmarks only (docs/design.md section 5): it is registered only when
+//! exists for control-plane benchmarks only (docs/design.md section 6): it is registered only when
 //! the agent runs with `--simulated`, and VMs on it report hypervisor `simulated`.
 //!
 //! It still is a real process, started, watched and ended through the same

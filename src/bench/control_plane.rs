@@ -32,7 +32,7 @@ impl Default for ControlPlaneArgs {
     }
 }
 
-/// The controller RSS target at a count (docs/design.md §5 names 0, 1 000 and 10 000).
+/// The controller RSS target at a count (docs/design.md §6 names 0, 1 000 and 10 000).
 pub(crate) fn rss_target_mib(count: usize) -> Target {
     match count {
         0 => Target::AtMost(15.0),

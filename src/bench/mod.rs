@@ -1,4 +1,4 @@
-//! `ignis bench`: measure Ignis against the targets of docs/design.md section 5, side by side with
+//! `ignis bench`: measure Ignis against the targets of docs/design.md section 6, side by side with
 //! the floor (the bare VMM boot) in the same run. Each bench prints a table, every figure
 //! beside its target, and writes `<results-dir>/<bench>.json` with the machine it ran on. The
 //! binary measures itself: a debug build says so and its numbers are not representative.
