@@ -321,42 +321,55 @@ impl<'a> Planner<'a> {
     fn unschedulable(&mut self, u: &Unschedulable) {
         let old_scheduled = find_condition(&self.old.conditions, ConditionType::Scheduled)
             .filter(|c| c.status == "False" && c.reason == Reason::UNSCHEDULABLE);
-        let fresh = old_scheduled.is_none_or(|c| c.message != u.message);
         // Counted from when it became unschedulable: a changed message is no new wait.
         let waited = old_scheduled.map_or(Duration::ZERO, |c| {
             let since = self.obs.now.duration_since(c.last_transition_time.0);
             Duration::try_from(since).unwrap_or(Duration::ZERO)
         });
         self.set_phase(Phase::Pending);
+        self.unplaced(&u.message, u.stalled, waited);
+        self.requeue(UNSCHEDULABLE_RETRY);
+    }
+
+    /// No node takes the VM (by Ignis's placement or kube-scheduler's), for `waited` so far:
+    /// `Scheduled=False` with `message` (a Warning when the message is new), and the verdict:
+    /// `Stalled` with `stalled` at once, or with `Unschedulable` after [`UNSCHEDULABLE_GRACE`];
+    /// converging until then.
+    fn unplaced(&mut self, message: &str, stalled: Option<&'static str>, waited: Duration) {
+        let fresh = find_condition(&self.old.conditions, ConditionType::Scheduled)
+            .filter(|c| c.status == "False" && c.reason == Reason::UNSCHEDULABLE)
+            .is_none_or(|c| c.message != message);
         self.cond(
             ConditionType::Scheduled,
             "False",
             Reason::UNSCHEDULABLE,
-            u.message.clone(),
+            message,
         );
-        let stalled = u
-            .stalled
-            .or((waited >= UNSCHEDULABLE_GRACE).then_some(Reason::UNSCHEDULABLE));
+        let stalled = stalled.or((waited >= UNSCHEDULABLE_GRACE).then_some(Reason::UNSCHEDULABLE));
         match stalled {
             Some(reason) => {
-                self.cond(ConditionType::Ready, "False", reason, u.message.clone());
-                self.kstatus(false, Some((reason, &u.message)));
+                self.cond(ConditionType::Ready, "False", reason, message);
+                self.kstatus(false, Some((reason, message)));
             }
             None => {
-                self.cond(
-                    ConditionType::Ready,
-                    "False",
-                    Reason::PENDING,
-                    "waiting for a node",
-                );
-                self.kstatus(true, None);
+                self.waiting_for_node();
                 self.requeue(UNSCHEDULABLE_GRACE - waited);
             }
         }
         if fresh {
-            self.event(EventKind::Warning, "FailedScheduling", u.message.clone());
+            self.event(EventKind::Warning, "FailedScheduling", message);
         }
-        self.requeue(UNSCHEDULABLE_RETRY);
+    }
+
+    /// `Ready=False` while the VM waits for a node: still converging.
+    fn waiting_for_node(&mut self) {
+        self.cond(
+            ConditionType::Ready,
+            "False",
+            Reason::PENDING,
+            "waiting for a node",
+        );
+        self.kstatus(true, None);
     }
 
     fn scheduled_condition(&mut self, node: &str) {

@@ -238,13 +238,7 @@ impl Planner<'_> {
             PodReason::POD_PENDING,
             format!("waiting for kube-scheduler to place the VM pod {name}"),
         );
-        self.cond(
-            ConditionType::Ready,
-            "False",
-            Reason::PENDING,
-            "waiting for a node",
-        );
-        self.kstatus(true, None);
+        self.waiting_for_node();
     }
 
     /// A pod of the VM pod's name that is not this MicroVM's.
@@ -302,47 +296,12 @@ impl Planner<'_> {
                     pod.name
                 ),
             );
-            self.cond(
-                ConditionType::Ready,
-                "False",
-                Reason::PENDING,
-                "waiting for a node",
-            );
-            self.kstatus(true, None);
+            self.waiting_for_node();
             self.gate(pod);
             return;
         };
-        let fresh = find_condition(&self.old.conditions, ConditionType::Scheduled)
-            .filter(|c| c.status == "False" && c.reason == Reason::UNSCHEDULABLE)
-            .is_none_or(|c| c.message != message);
-        if fresh {
-            self.event(EventKind::Warning, "FailedScheduling", message.clone());
-        }
-        self.cond(
-            ConditionType::Scheduled,
-            "False",
-            Reason::UNSCHEDULABLE,
-            message.clone(),
-        );
         let waited = Duration::try_from(self.obs.now.duration_since(since)).unwrap_or_default();
-        if waited >= UNSCHEDULABLE_GRACE {
-            self.cond(
-                ConditionType::Ready,
-                "False",
-                Reason::UNSCHEDULABLE,
-                message.clone(),
-            );
-            self.kstatus(false, Some((Reason::UNSCHEDULABLE, &message)));
-        } else {
-            self.cond(
-                ConditionType::Ready,
-                "False",
-                Reason::PENDING,
-                "waiting for a node",
-            );
-            self.kstatus(true, None);
-            self.requeue(UNSCHEDULABLE_GRACE - waited);
-        }
+        self.unplaced(&message, None, waited);
         self.gate(pod);
     }
 
