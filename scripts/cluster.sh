@@ -10,6 +10,9 @@
 #   scripts/cluster.sh kubeconfig       print the admin kubeconfig's path (last line)
 #   scripts/cluster.sh down             remove everything `up` and the cluster made; idempotent
 #
+# IGNIS_CLUSTER_INSTANCE=K (1-9) gives every name, directory and address of another cluster
+# (scripts/cluster-defaults.sh), so several can run side by side, one per work tree.
+#
 # Parts: kube-apiserver, kube-controller-manager, kube-scheduler, kubelet and kube-proxy built
 # from k8s.io/kubernetes, etcd from go.etcd.io/etcd, Helm from helm.sh/helm (scripts/tools.sh);
 # containerd 1.6, runc and the CNI plugins from Debian; the pause image compiled here from the
@@ -30,39 +33,26 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
-DIR="${IGNIS_CLUSTER_DIR:-/var/lib/ignis-cluster}"
-RUN="${IGNIS_CLUSTER_RUN:-/run/ignis-cluster}"
-NETNS="${IGNIS_CLUSTER_NETNS:-ignis-cluster}"
-NODE="${IGNIS_CLUSTER_NODE:-ignis-node}"
+source "$root/scripts/cluster-defaults.sh"
 NODES_N="${IGNIS_CLUSTER_NODES:-2}"
-# The /24 the host and the nodes share, the nodes' pod ranges (node i gets <POD_NET>.<i-1>.0/24
-# of <POD_NET>.0.0/16) and the service network: ranges nothing else on the machine routes.
-NET="${IGNIS_CLUSTER_NET:-10.213.0}"
 HOST_IP="$NET.1"
 NODE_IP="$NET.2"
-POD_NET="${IGNIS_CLUSTER_POD_NET:-10.214}"
 CLUSTER_POD_CIDR="$POD_NET.0.0/16"
-SERVICE_CIDR="${IGNIS_CLUSTER_SERVICE_CIDR:-10.215.0.0/24}"
 API_SERVICE_IP="${SERVICE_CIDR%.*/*}.1"
 # An image registry on the first node's address (plain HTTP, basic auth), for guests from OCI
 # images: the host pushes to it over the bridge, the agents pull from it (listed as insecure).
 REGISTRY="$NODE_IP:5000"
 REGISTRY_USER="ignis"
-HOST_BRIDGE="ignis-clbr"
 PAUSE_IMAGE="localhost/ignis-cluster/pause:3.10.1"
 RELEASE="${IGNIS_RELEASE:-ignis}"
 RELEASE_NS="${IGNIS_RELEASE_NAMESPACE:-ignis-system}"
 CNI_NETWORK="ignis-cluster"
-# The cgroup (in every hierarchy) the pods and the VMMs of this cluster live under; node <n>'s
-# are under $CGROUP/<n>.
-CGROUP="ignis-cluster"
 # A lost node is NotReady after this long (upstream default 40 s): the node-loss e2e test waits
 # for it before the out-of-service taint lets the pod GC force-delete the node's pods.
 NODE_GRACE="${IGNIS_CLUSTER_NODE_GRACE:-20s}"
 # How long each wait may take; generous for a loaded 2-core machine, never unbounded.
 WAIT="${IGNIS_CLUSTER_WAIT:-180}"
 
-KUBECONFIG_ADMIN="$DIR/admin.kubeconfig"
 # The nodes `up` made, one name a line (read by every other subcommand).
 NODES_FILE="$DIR/nodes.list"
 
@@ -81,7 +71,7 @@ need() {
 node_name() { if (($1 == 1)); then echo "$NODE"; else echo "$NODE-$1"; fi; }
 node_netns() { if (($1 == 1)); then echo "$NETNS"; else echo "$NETNS-$1"; fi; }
 node_ip() { echo "$NET.$(($1 + 1))"; }
-node_veth() { echo "ignis-cl$(($1 - 1))"; }
+node_veth() { echo "$VETH_PREFIX$(($1 - 1))"; }
 node_pod_cidr() { echo "$POD_NET.$(($1 - 1)).0/24"; }
 node_dir() { echo "$DIR/nodes/$(node_name "$1")"; }
 node_run() { echo "$RUN/nodes/$(node_name "$1")"; }

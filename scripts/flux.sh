@@ -17,12 +17,8 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
-DIR="${IGNIS_CLUSTER_DIR:-/var/lib/ignis-cluster}"
-RUN="${IGNIS_CLUSTER_RUN:-/run/ignis-cluster}"
-NETNS="${IGNIS_CLUSTER_NETNS:-ignis-cluster}"
-NET="${IGNIS_CLUSTER_NET:-10.213.0}"
+source "$root/scripts/cluster-defaults.sh"
 NODE_IP="$NET.2"
-KUBECONFIG_ADMIN="$DIR/admin.kubeconfig"
 FLUX_DIR="$DIR/flux"
 NS=flux-system
 GIT_PORT=8418
