@@ -5,6 +5,7 @@
 
 pub(crate) mod boot;
 pub(crate) mod churn;
+pub(crate) mod cluster;
 pub(crate) mod confinement;
 pub(crate) mod control_plane;
 pub(crate) mod footprint;
@@ -51,7 +52,9 @@ pub(crate) enum BenchCommand {
     Soak(soak::SoakArgs),
     /// The confined VMM's boot beside an unconfined one (QEMU, create → console marker).
     Confinement(confinement::ConfinementArgs),
-    /// Every bench with its defaults.
+    /// apply → Ready on a cluster with VM pods, step by step, beside the bare VMM boot.
+    Cluster(cluster::ClusterArgs),
+    /// Every bench with its defaults (not `cluster`, which needs a cluster).
     All,
 }
 
@@ -200,6 +203,7 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> Result<(), Ben
             BenchCommand::Churn(a) => churn::run(&a, &machine, &dir).await,
             BenchCommand::Soak(a) => soak::run(&a, &machine, &dir).await,
             BenchCommand::Confinement(a) => confinement::run(&a, &machine, &dir).await,
+            BenchCommand::Cluster(a) => cluster::run(&a, &machine, &dir).await,
             BenchCommand::All => {
                 // Footprint first: its idle figures want a quiet machine. Every bench runs
                 // even when one fails; the first failure is the exit status.

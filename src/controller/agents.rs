@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Uri};
 
-use super::plan::AgentLink;
+use super::decide::AgentLink;
 use crate::error::ErrorReason;
 use crate::proto::{self, agent_client::AgentClient, vm_event};
 use crate::vm::{ApplyRequest, HostInfo, VmStatus, VmUid, wire};

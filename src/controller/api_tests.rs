@@ -17,10 +17,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::agents::{AgentEndpoint, AgentPool};
+use super::decide::AgentLink;
 use super::events::{EventRecorder, Reporter};
 use super::fixtures::{deleting, microvm, placed};
 use super::metrics::ControllerMetrics;
-use super::plan::AgentLink;
 use super::scheduler::PlacementStrategy;
 use super::{Context, NodeLabels, reconcile};
 use crate::api::{FIELD_MANAGER, FINALIZER, MicroVM, NODE_LABEL};
@@ -321,7 +321,7 @@ async fn unschedulable_vm_gets_finalizer_condition_and_event() {
         .expect("reconcile succeeds");
     assert_eq!(
         action,
-        kube::runtime::controller::Action::requeue(super::plan::UNSCHEDULABLE_GRACE)
+        kube::runtime::controller::Action::requeue(super::decide::UNSCHEDULABLE_GRACE)
     );
     tokio::time::timeout(DEADLINE, verifier)
         .await

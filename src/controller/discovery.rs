@@ -104,7 +104,7 @@ fn store_is_current(event: &watcher::Event<Pod>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::plan::AgentLink;
+    use crate::controller::decide::AgentLink;
     use k8s_openapi::api::core::v1::{PodSpec, PodStatus};
     use kube::api::ObjectMeta;
 

@@ -16,8 +16,8 @@ use crate::api::Phase;
 use crate::error::ErrorReason;
 use crate::vm::{HostInfo, VmUid};
 
+use super::decide::AgentLink;
 use super::nodelabels::{self, AgentState};
-use super::plan::AgentLink;
 
 use super::reconcile::Context;
 

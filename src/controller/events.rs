@@ -19,7 +19,7 @@ use kube::{Api, Client};
 use serde_json::json;
 use tokio::sync::Mutex;
 
-use super::plan::EventKind;
+use super::decide::EventKind;
 
 /// How long an Event takes repeats into its series; later, a repeat is a new Event (the API
 /// server's default Event TTL is one hour, so the first one is still there to count on).

@@ -1,17 +1,19 @@
 //! `ignis controller`: the reconcile loop of docs/design.md section 2. A kube-runtime
 //! `Controller<MicroVM>` whose reconcile observes (object, agent view, placement), decides with
-//! the pure [`plan::plan`], and acts (metadata patch, agent calls, status apply, Events).
+//! the pure [`decide::decide`], and acts (metadata patch, agent calls, status apply, Events).
 //! Agent `WatchVMs` streams trigger reconciles, so a VM that changes is noticed at once.
 
+mod act;
 pub(crate) mod agents;
 mod config;
+pub(crate) mod decide;
 pub(crate) mod discovery;
 mod drift;
 pub(crate) mod events;
 pub(crate) mod leader;
 pub(crate) mod metrics;
 mod nodelabels;
-pub(crate) mod plan;
+mod observe;
 mod pull_secrets;
 mod reconcile;
 pub(crate) mod scheduler;
@@ -45,15 +47,16 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use self::agents::{AgentEndpoint, AgentPool, PoolSignal};
+use self::decide::placed_node;
 use self::events::{EventRecorder, Reporter};
 use self::metrics::ControllerMetrics;
-use self::plan::placed_node;
 use crate::api::{FIELD_MANAGER, MicroVM};
 use crate::telemetry::{MetricsRegistry, Readiness};
 
 pub use config::{ControllerArgs, ControllerConfig, ControllerError, DiscoveryConfig, LeaderArgs};
 use drift::housekeeping;
-use reconcile::{Context, NodeLabels, RECONCILE_CONCURRENCY, error_policy, reconcile};
+use observe::NodeLabels;
+use reconcile::{Context, RECONCILE_CONCURRENCY, error_policy, reconcile};
 
 /// A running controller.
 pub struct ControllerHandle {

@@ -67,7 +67,7 @@ fn new_vm_gets_finalizer_node_apply_and_one_status() {
     let mvm = microvm("web");
     let mut o = obs();
     o.placement = Some(Ok("node-a".to_string()));
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert_eq!(actions[0], Action::AddFinalizer);
     assert_eq!(
         actions[1],
@@ -121,7 +121,7 @@ fn unschedulable_names_each_failed_constraint() {
             message: format!("{}: 0/2 nodes available", constraint.as_str()),
             stalled: None,
         }));
-        let actions = plan(&mvm, &o);
+        let actions = decide(&mvm, &o);
         let s = status_of(&actions).expect("status");
         assert_eq!(s.phase, Some(Phase::Pending));
         let (status, reason, message) = cond(&s, ConditionType::Scheduled);
@@ -134,7 +134,7 @@ fn unschedulable_names_each_failed_constraint() {
         // Retrying with the same answer writes nothing and repeats no event.
         let mut again = written(mvm, &actions);
         again.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
-        let actions = plan(&again, &o);
+        let actions = decide(&again, &o);
         assert_eq!(actions, vec![Action::RequeueAfter(UNSCHEDULABLE_GRACE)]);
     }
 }
@@ -142,7 +142,7 @@ fn unschedulable_names_each_failed_constraint() {
 #[test]
 fn placed_vm_the_agent_lacks_is_applied_as_run_zero() {
     let mvm = placed("web", "node-a");
-    let actions = plan(&mvm, &obs());
+    let actions = decide(&mvm, &obs());
     assert_eq!(applies(&actions), vec![(0, DesiredState::Running)]);
     assert!(!actions.contains(&Action::AddFinalizer));
 }
@@ -152,7 +152,7 @@ fn starting_vm_is_not_ready_and_reconciling() {
     let mvm = placed("web", "node-a");
     let mut o = obs();
     o.vm = Some(agent_vm(&mvm, HASH, 0, RunState::Starting));
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert!(applies(&actions).is_empty());
     let s = status_of(&actions).expect("status");
     assert_eq!(s.phase, Some(Phase::Starting));
@@ -166,7 +166,7 @@ fn create_to_ready_takes_three_writes() {
     let mvm = microvm("web");
     let mut o = obs();
     o.placement = Some(Ok("node-a".to_string()));
-    let first = plan(&mvm, &o);
+    let first = decide(&mvm, &o);
     let mut mvm = written(mvm, &first);
     mvm.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
     mvm.metadata.labels = Some([(NODE_LABEL.to_string(), "node-a".to_string())].into());
@@ -174,13 +174,13 @@ fn create_to_ready_takes_three_writes() {
     o.placement = None;
     for state in [RunState::Creating, RunState::Starting] {
         o.vm = Some(agent_vm(&mvm, HASH, 0, state));
-        let actions = plan(&mvm, &o);
+        let actions = decide(&mvm, &o);
         assert_eq!(status_of(&actions), None, "{state:?}");
         assert!(applies(&actions).is_empty());
     }
     // Write 3: Ready.
     o.vm = Some(agent_vm(&mvm, HASH, 0, RunState::Running));
-    let ready = plan(&mvm, &o);
+    let ready = decide(&mvm, &o);
     let s = status_of(&ready).expect("ready written");
     assert_eq!(s.phase, Some(Phase::Running));
     assert_eq!(
@@ -195,7 +195,7 @@ fn create_to_ready_takes_three_writes() {
     assert_eq!(events(&ready), vec!["Ready"]);
     // Steady state: nothing.
     let mvm = written(mvm, &ready);
-    assert_eq!(plan(&mvm, &o), vec![]);
+    assert_eq!(decide(&mvm, &o), vec![]);
 }
 
 #[test]
@@ -203,10 +203,10 @@ fn transition_time_survives_a_steady_reconcile() {
     let mut mvm = placed("web", "node-a");
     let mut o = obs();
     o.vm = Some(agent_vm(&mvm, HASH, 0, RunState::Running));
-    mvm = written(mvm.clone(), &plan(&mvm, &o));
+    mvm = written(mvm.clone(), &decide(&mvm, &o));
     let before = mvm.status.clone();
     o.now = Timestamp::from_millisecond(9_000_000).expect("valid");
-    assert_eq!(plan(&mvm, &o), vec![]);
+    assert_eq!(decide(&mvm, &o), vec![]);
     assert_eq!(mvm.status, before);
 }
 
@@ -239,7 +239,7 @@ fn exited(policy: RunPolicy, success: bool, restarts: i32) -> (MicroVM, Observed
 fn always_restarts_after_success_and_failure() {
     for success in [true, false] {
         let (mvm, o) = exited(RunPolicy::Always, success, 2);
-        let actions = plan(&mvm, &o);
+        let actions = decide(&mvm, &o);
         assert_eq!(applies(&actions), vec![(3, DesiredState::Running)]);
         let s = status_of(&actions).expect("status");
         assert_eq!(s.restart_count, 3);
@@ -251,11 +251,11 @@ fn always_restarts_after_success_and_failure() {
 #[test]
 fn restart_is_not_repeated_once_the_next_run_exists() {
     let (mvm, mut o) = exited(RunPolicy::Always, true, 0);
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     let mvm = written(mvm, &actions);
     // The agent now reports run 1 booting.
     o.vm = Some(agent_vm(&mvm, HASH, 1, RunState::Starting));
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert!(applies(&actions).is_empty());
     assert_eq!(status_of(&actions), None);
 }
@@ -263,9 +263,9 @@ fn restart_is_not_repeated_once_the_next_run_exists() {
 #[test]
 fn rerun_on_failure_restarts_only_failures() {
     let (mvm, o) = exited(RunPolicy::RerunOnFailure, false, 0);
-    assert_eq!(applies(&plan(&mvm, &o)), vec![(1, DesiredState::Running)]);
+    assert_eq!(applies(&decide(&mvm, &o)), vec![(1, DesiredState::Running)]);
     let (mvm, o) = exited(RunPolicy::RerunOnFailure, true, 0);
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert!(applies(&actions).is_empty());
     let s = status_of(&actions).expect("status");
     assert_eq!(s.phase, Some(Phase::Succeeded));
@@ -276,14 +276,14 @@ fn rerun_on_failure_restarts_only_failures() {
 #[test]
 fn once_ends_in_succeeded_or_failed() {
     let (mvm, o) = exited(RunPolicy::Once, true, 0);
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert!(applies(&actions).is_empty());
     assert_eq!(
         status_of(&actions).and_then(|s| s.phase),
         Some(Phase::Succeeded)
     );
     let (mvm, o) = exited(RunPolicy::Once, false, 0);
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert!(applies(&actions).is_empty());
     let s = status_of(&actions).expect("status");
     assert_eq!(s.phase, Some(Phase::Failed));
@@ -296,13 +296,13 @@ fn once_ends_in_succeeded_or_failed() {
     let mut o = o;
     o.vm = None;
     mvm.metadata.generation = Some(1);
-    assert_eq!(plan(&mvm, &o), vec![]);
+    assert_eq!(decide(&mvm, &o), vec![]);
 }
 
 #[test]
 fn halted_vm_that_exited_is_stopped() {
     let (mvm, o) = exited(RunPolicy::Halted, true, 0);
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert!(applies(&actions).is_empty());
     let s = status_of(&actions).expect("status");
     assert_eq!(s.phase, Some(Phase::Stopped));
@@ -318,14 +318,14 @@ fn crash_loop_backs_off_then_restarts() {
     vm.started_at_unix_ms = exit_at - 100;
     vm.exit = Some(exit(false, "GuestPanic", false, exit_at));
     o.vm = Some(vm.clone());
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert!(applies(&actions).is_empty());
     assert!(actions.contains(&Action::RequeueAfter(Duration::from_secs(6))));
     let s = status_of(&actions).expect("status");
     assert!(cond(&s, ConditionType::Ready).2.contains("back-off"));
     // Once the back-off is over, it restarts.
     o.now = Timestamp::from_millisecond(exit_at + 8_000).expect("valid");
-    assert_eq!(applies(&plan(&mvm, &o)), vec![(4, DesiredState::Running)]);
+    assert_eq!(applies(&decide(&mvm, &o)), vec![(4, DesiredState::Running)]);
 }
 
 #[test]
@@ -344,7 +344,7 @@ fn halted_spec_stops_a_running_vm() {
     mvm.metadata.generation = Some(2);
     let mut o = obs();
     o.vm = Some(agent_vm(&mvm, HASH, 0, RunState::Running));
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert_eq!(applies(&actions), vec![(0, DesiredState::Stopped)]);
     let s = status_of(&actions).expect("status");
     assert_eq!(s.phase, Some(Phase::Stopping));
@@ -352,7 +352,7 @@ fn halted_spec_stops_a_running_vm() {
     // The agent reports it stopped.
     let mvm = written(mvm, &actions);
     o.vm = Some(agent_vm(&mvm, HASH, 0, RunState::Stopped));
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert!(applies(&actions).is_empty());
     let s = status_of(&actions).expect("status");
     assert_eq!(s.phase, Some(Phase::Stopped));
@@ -369,7 +369,7 @@ fn unhalting_boots_the_next_run() {
     }
     let mut o = obs();
     o.vm = Some(agent_vm(&mvm, HASH, 0, RunState::Stopped));
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert_eq!(applies(&actions), vec![(1, DesiredState::Running)]);
     assert_eq!(status_of(&actions).map(|s| s.restart_count), Some(1));
 }
@@ -379,12 +379,12 @@ fn generation_bump_moves_observed_generation_and_applies_the_new_policy() {
     let mut mvm = placed("web", "node-a");
     let mut o = obs();
     o.vm = Some(agent_vm(&mvm, HASH, 0, RunState::Running));
-    mvm = written(mvm.clone(), &plan(&mvm, &o));
+    mvm = written(mvm.clone(), &decide(&mvm, &o));
     // runPolicy Always → Once: generation 2; nothing to do on the agent, but the status
     // must say it saw generation 2.
     mvm.spec.run_policy = RunPolicy::Once;
     mvm.metadata.generation = Some(2);
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert!(applies(&actions).is_empty());
     let s = status_of(&actions).expect("status");
     assert_eq!(s.observed_generation, Some(2));
@@ -403,7 +403,7 @@ fn generation_bump_moves_observed_generation_and_applies_the_new_policy() {
     ));
     o.vm = Some(vm);
     let mvm = written(mvm, &actions);
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert!(applies(&actions).is_empty());
     assert_eq!(
         status_of(&actions).and_then(|s| s.phase),
@@ -416,7 +416,7 @@ fn different_spec_hash_reapplies_the_same_run() {
     let mvm = placed("web", "node-a");
     let mut o = obs();
     o.vm = Some(agent_vm(&mvm, "old-hash", 0, RunState::Running));
-    assert_eq!(applies(&plan(&mvm, &o)), vec![(0, DesiredState::Running)]);
+    assert_eq!(applies(&decide(&mvm, &o)), vec![(0, DesiredState::Running)]);
 }
 
 #[test]
@@ -438,7 +438,7 @@ fn permanent_agent_error_stalls_without_retry() {
             vm.created_at_unix_ms + 5,
         ));
         o.vm = Some(vm);
-        let actions = plan(&mvm, &o);
+        let actions = decide(&mvm, &o);
         assert!(applies(&actions).is_empty(), "{policy:?}");
         assert!(!actions.iter().any(|a| matches!(a, Action::RequeueAfter(_))));
         let s = status_of(&actions).expect("status");
@@ -450,7 +450,7 @@ fn permanent_agent_error_stalls_without_retry() {
         assert_eq!(events(&actions), vec!["Failed"]);
         // Reconciling again neither retries nor writes.
         let mvm = written(mvm, &actions);
-        assert_eq!(plan(&mvm, &o), vec![]);
+        assert_eq!(decide(&mvm, &o), vec![]);
     }
 }
 
@@ -466,13 +466,13 @@ fn transient_boot_failure_is_retried_by_policy_not_stalled() {
         vm.started_at_unix_ms + 120_000,
     ));
     o.vm = Some(vm);
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert_eq!(applies(&actions), vec![(1, DesiredState::Running)]);
     let s = status_of(&actions).expect("status");
     assert_eq!(cond(&s, ConditionType::Stalled).0, "False");
     let mut once = mvm.clone();
     once.spec.run_policy = RunPolicy::Once;
-    let s = status_of(&plan(&once, &o)).expect("status");
+    let s = status_of(&decide(&once, &o)).expect("status");
     assert_eq!(s.phase, Some(Phase::Failed));
 }
 
@@ -482,7 +482,7 @@ fn halted_vm_is_placed_but_never_booted() {
     mvm.spec.run_policy = RunPolicy::Halted;
     let mut o = obs();
     o.placement = Some(Ok("node-a".to_string()));
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert!(applies(&actions).is_empty());
     assert!(actions.contains(&Action::Place {
         node: "node-a".to_string()
@@ -501,7 +501,7 @@ fn spec_the_agent_cannot_express_stalls() {
         reason: "InvalidImageReference",
         message: "spec.kernel.image \"A:b\" is not a valid image reference".to_string(),
     });
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert!(applies(&actions).is_empty());
     let s = status_of(&actions).expect("status");
     assert_eq!(cond(&s, ConditionType::Stalled).1, "InvalidImageReference");
@@ -513,7 +513,7 @@ fn deleted_vm_is_deleted_on_the_agent_then_released() {
     let mut o = obs();
     o.vm = Some(agent_vm(&mvm, HASH, 0, RunState::Running));
     assert_eq!(
-        plan(&mvm, &o),
+        decide(&mvm, &o),
         vec![
             Action::DeleteVm {
                 node: "node-a".to_string()
@@ -528,7 +528,7 @@ fn deletion_copes_with_apply_never_having_run() {
     // The agent never had the VM: DeleteVM is idempotent, so it is still sent.
     let mvm = deleting(placed("web", "node-a"));
     assert_eq!(
-        plan(&mvm, &obs()),
+        decide(&mvm, &obs()),
         vec![
             Action::DeleteVm {
                 node: "node-a".to_string()
@@ -539,9 +539,9 @@ fn deletion_copes_with_apply_never_having_run() {
     // Never placed: nothing to delete anywhere.
     let mut never = deleting(microvm("web"));
     never.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
-    assert_eq!(plan(&never, &obs()), vec![Action::RemoveFinalizer]);
+    assert_eq!(decide(&never, &obs()), vec![Action::RemoveFinalizer]);
     // Finalizer already gone: nothing at all.
-    assert_eq!(plan(&deleting(microvm("web")), &obs()), vec![]);
+    assert_eq!(decide(&deleting(microvm("web")), &obs()), vec![]);
 }
 
 #[test]
@@ -552,11 +552,11 @@ fn deletion_waits_for_a_reconnecting_agent_and_gives_up_on_a_lost_one() {
         lost_after: Duration::from_secs(4),
     };
     assert_eq!(
-        plan(&mvm, &o),
+        decide(&mvm, &o),
         vec![Action::RequeueAfter(Duration::from_secs(9))]
     );
     o.agent = AgentLink::Lost;
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert!(actions.contains(&Action::RemoveFinalizer));
     assert_eq!(events(&actions), vec!["AgentUnreachable"]);
 }
@@ -566,17 +566,17 @@ fn lost_agent_turns_ready_unknown_and_heals() {
     let mut mvm = placed("web", "node-a");
     let mut o = obs();
     o.vm = Some(agent_vm(&mvm, HASH, 0, RunState::Running));
-    mvm = written(mvm.clone(), &plan(&mvm, &o));
+    mvm = written(mvm.clone(), &decide(&mvm, &o));
     // Within the grace period: nothing written, come back when it expires.
     o.agent = AgentLink::Reconnecting {
         lost_after: Duration::from_secs(7),
     };
     assert_eq!(
-        plan(&mvm, &o),
+        decide(&mvm, &o),
         vec![Action::RequeueAfter(Duration::from_secs(7))]
     );
     o.agent = AgentLink::Lost;
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     let s = status_of(&actions).expect("status");
     assert_eq!(s.phase, Some(Phase::Unknown));
     assert_eq!(cond(&s, ConditionType::Ready).0, "Unknown");
@@ -584,10 +584,10 @@ fn lost_agent_turns_ready_unknown_and_heals() {
     assert_eq!(events(&actions), vec!["AgentUnreachable"]);
     assert!(applies(&actions).is_empty());
     let lost = written(mvm, &actions);
-    assert_eq!(plan(&lost, &o), vec![]);
+    assert_eq!(decide(&lost, &o), vec![]);
     // The agent is back with the VM still running.
     o.agent = AgentLink::Connected;
-    let actions = plan(&lost, &o);
+    let actions = decide(&lost, &o);
     let s = status_of(&actions).expect("status");
     assert_eq!(s.phase, Some(Phase::Running));
     assert_eq!(cond(&s, ConditionType::Ready).0, "True");
@@ -598,7 +598,7 @@ fn absent_agent_is_reported_like_a_lost_one() {
     let mvm = placed("web", "node-a");
     let mut o = obs();
     o.agent = AgentLink::Absent;
-    let s = status_of(&plan(&mvm, &o)).expect("status");
+    let s = status_of(&decide(&mvm, &o)).expect("status");
     assert_eq!(cond(&s, ConditionType::Ready).1, Reason::AGENT_UNREACHABLE);
     assert!(cond(&s, ConditionType::Ready).2.contains("no ignis agent"));
 }
@@ -610,9 +610,9 @@ fn node_no_longer_matching_keeps_the_vm_and_says_so() {
     let mut o = obs();
     o.vm = Some(agent_vm(&mvm, HASH, 0, RunState::Running));
     o.node_labels = Some([("zone".to_string(), "a".to_string())].into());
-    mvm = written(mvm.clone(), &plan(&mvm, &o));
+    mvm = written(mvm.clone(), &decide(&mvm, &o));
     o.node_labels = Some([("zone".to_string(), "b".to_string())].into());
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert!(applies(&actions).is_empty());
     assert!(!actions.iter().any(|a| matches!(a, Action::DeleteVm { .. })));
     let s = status_of(&actions).expect("status");
@@ -622,7 +622,7 @@ fn node_no_longer_matching_keeps_the_vm_and_says_so() {
     assert_eq!(cond(&s, ConditionType::Ready).0, "True");
     assert_eq!(events(&actions), vec!["NodeNoLongerMatches"]);
     let mvm = written(mvm, &actions);
-    assert_eq!(plan(&mvm, &o), vec![]);
+    assert_eq!(decide(&mvm, &o), vec![]);
 }
 
 #[test]
@@ -630,7 +630,7 @@ fn placement_never_changes_even_when_the_scheduler_would_choose_elsewhere() {
     let mvm = placed("web", "node-a");
     let mut o = obs();
     o.placement = Some(Ok("node-b".to_string()));
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert!(!actions.iter().any(|a| matches!(a, Action::Place { .. })));
     assert!(actions.iter().all(|a| match a {
         Action::ApplyVm { node, .. } => node == "node-a",
@@ -642,7 +642,7 @@ fn placement_never_changes_even_when_the_scheduler_would_choose_elsewhere() {
 fn label_alone_is_enough_to_know_the_node() {
     let mut mvm = placed("web", "node-a");
     mvm.status = None;
-    let actions = plan(&mvm, &obs());
+    let actions = decide(&mvm, &obs());
     assert_eq!(
         status_of(&actions).and_then(|s| s.node_name),
         Some("node-a".to_string())
@@ -666,7 +666,7 @@ fn existing_conditions_keep_their_transition_time() {
     if let Some(s) = mvm.status.as_mut() {
         s.conditions = conditions;
     }
-    let s = status_of(&plan(&mvm, &obs())).expect("status");
+    let s = status_of(&decide(&mvm, &obs())).expect("status");
     let c = find_condition(&s.conditions, ConditionType::Scheduled).expect("scheduled");
     assert_eq!(c.last_transition_time, at(7));
 }
@@ -681,7 +681,7 @@ fn pulling_shows_as_the_ready_reason_and_a_failed_attempt_as_its_own_reason() {
         failure: None,
     });
     o.vm = Some(vm.clone());
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     let s = status_of(&actions).expect("status");
     assert_eq!(
         cond(&s, ConditionType::Ready),
@@ -696,7 +696,7 @@ fn pulling_shows_as_the_ready_reason_and_a_failed_attempt_as_its_own_reason() {
     assert!(applies(&actions).is_empty());
     let pulling = written(mvm, &actions);
     assert!(
-        events(&plan(&pulling, &o)).is_empty(),
+        events(&decide(&pulling, &o)).is_empty(),
         "one Pulling event per pull"
     );
 
@@ -715,7 +715,7 @@ fn pulling_shows_as_the_ready_reason_and_a_failed_attempt_as_its_own_reason() {
         digest: "sha256:aa".into(),
     }];
     o.vm = Some(vm);
-    let actions = plan(&pulling, &o);
+    let actions = decide(&pulling, &o);
     let s = status_of(&actions).expect("status");
     let (status, reason, message) = cond(&s, ConditionType::Ready);
     assert_eq!((status, reason), ("False", "ImageUnauthorized"));

@@ -68,7 +68,7 @@ pub(crate) enum Action {
 }
 
 /// Decide what converges `mvm`.
-pub(crate) fn plan(mvm: &MicroVM, obs: &Observed) -> Vec<Action> {
+pub(crate) fn decide(mvm: &MicroVM, obs: &Observed) -> Vec<Action> {
     let mut p = Planner::new(mvm, obs);
     let deleting = mvm.metadata.deletion_timestamp.is_some();
     match &obs.pods {

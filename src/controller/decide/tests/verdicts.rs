@@ -27,7 +27,7 @@ fn unschedulable_for_good_is_stalled_with_the_reason_and_still_retried() {
         message: message.to_string(),
         stalled: Some("KvmUnavailable"),
     }));
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     let s = status_of(&actions).expect("status");
     assert_eq!(s.phase, Some(Phase::Pending));
     assert_eq!(
@@ -47,7 +47,7 @@ fn unschedulable_for_good_is_stalled_with_the_reason_and_still_retried() {
     let mut again = written(mvm, &actions);
     again.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
     o.placement = Some(Ok("node-a".to_string()));
-    let s = status_of(&plan(&again, &o)).expect("status");
+    let s = status_of(&decide(&again, &o)).expect("status");
     assert_eq!(cond(&s, ConditionType::Stalled).0, "False");
     assert_eq!(cond(&s, ConditionType::Reconciling).0, "True");
 }
@@ -73,7 +73,7 @@ fn boot_timed_out(
 fn a_missed_boot_deadline_is_a_boot_timeout_with_a_warning() {
     // The usual case: the run lasted the whole deadline (60 s), so no back-off.
     let (mvm, o) = boot_timed_out(RunPolicy::Always, false, 60_000, 0);
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert_eq!(applies(&actions), vec![(2, DesiredState::Running)]);
     assert_eq!(
         event_kinds(&actions),
@@ -85,7 +85,7 @@ fn a_missed_boot_deadline_is_a_boot_timeout_with_a_warning() {
     // A short deadline: the crash-loop back-off says BootTimeout, not GuestExited, and warns
     // once for the run.
     let (mvm, o) = boot_timed_out(RunPolicy::RerunOnFailure, false, 500, 0);
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert!(applies(&actions).is_empty());
     let s = status_of(&actions).expect("status");
     let (status, reason, message) = cond(&s, ConditionType::Ready);
@@ -97,11 +97,11 @@ fn a_missed_boot_deadline_is_a_boot_timeout_with_a_warning() {
         vec![(EventKind::Warning, "BootTimeout")]
     );
     let mvm = written(mvm, &actions);
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert!(events(&actions).is_empty(), "{actions:?}");
     // A run policy that does not restart: Failed with the reason, not GuestFailed.
     let (mvm, o) = boot_timed_out(RunPolicy::Once, false, 60_000, 0);
-    let s = status_of(&plan(&mvm, &o)).expect("status");
+    let s = status_of(&decide(&mvm, &o)).expect("status");
     assert_eq!(s.phase, Some(Phase::Failed));
     assert_eq!(cond(&s, ConditionType::Ready).1, "BootTimeout");
 }
@@ -109,7 +109,7 @@ fn a_missed_boot_deadline_is_a_boot_timeout_with_a_warning() {
 #[test]
 fn boot_timeouts_the_agent_calls_permanent_end_stalled() {
     let (mvm, o) = boot_timed_out(RunPolicy::Always, true, 60_000, 0);
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert!(applies(&actions).is_empty(), "not restarted again");
     let s = status_of(&actions).expect("status");
     assert_eq!(s.phase, Some(Phase::Failed));
@@ -132,7 +132,7 @@ fn unschedulable_for_now_is_stalled_after_the_kstatus_grace_and_still_retried() 
     let mvm = microvm("web");
     let mut o = obs();
     o.placement = Some(Err(unschedulable_by_selector()));
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     let s = status_of(&actions).expect("status");
     assert_eq!(cond(&s, ConditionType::Reconciling).0, "True");
     assert_eq!(cond(&s, ConditionType::Stalled).0, "False");
@@ -145,7 +145,7 @@ fn unschedulable_for_now_is_stalled_after_the_kstatus_grace_and_still_retried() 
     let mut other = unschedulable_by_selector();
     other.message = "nodeSelector: 0/2 nodes available: 2 did not match nodeSelector".to_string();
     o.placement = Some(Err(other));
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert!(actions.contains(&Action::RequeueAfter(Duration::from_secs(5))));
     let s = status_of(&actions).expect("status");
     assert_eq!(cond(&s, ConditionType::Reconciling).0, "True");
@@ -153,7 +153,7 @@ fn unschedulable_for_now_is_stalled_after_the_kstatus_grace_and_still_retried() 
 
     // At 15 s: Stalled with the reason, Ready says it too, no second Warning, still retried.
     o.now = Timestamp::from_millisecond(now().as_millisecond() + 15_000).expect("valid");
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     let s = status_of(&actions).expect("status");
     let message = "nodeSelector: 0/2 nodes available: 2 did not match nodeSelector";
     assert_eq!(
@@ -171,13 +171,13 @@ fn unschedulable_for_now_is_stalled_after_the_kstatus_grace_and_still_retried() 
     let mvm = written(mvm, &actions);
     // Steady: nothing new to write.
     assert_eq!(
-        plan(&mvm, &o),
+        decide(&mvm, &o),
         vec![Action::RequeueAfter(UNSCHEDULABLE_RETRY)]
     );
 
     // A node labelled by a person takes it: placed and converging again.
     o.placement = Some(Ok("node-a".to_string()));
-    let s = status_of(&plan(&mvm, &o)).expect("status");
+    let s = status_of(&decide(&mvm, &o)).expect("status");
     assert_eq!(cond(&s, ConditionType::Stalled).0, "False");
     assert_eq!(cond(&s, ConditionType::Reconciling).0, "True");
     assert_eq!(cond(&s, ConditionType::Scheduled).0, "True");
@@ -195,7 +195,7 @@ fn halted_on_purpose_is_reconciled_with_nothing_to_wait_on() {
     mvm.spec.run_policy = RunPolicy::Halted;
     let mut o = obs();
     o.vm = Some(agent_vm(&mvm, HASH, 0, RunState::Stopped));
-    let s = status_of(&plan(&mvm, &o)).expect("status");
+    let s = status_of(&decide(&mvm, &o)).expect("status");
     assert_eq!(s.phase, Some(Phase::Stopped));
     assert_eq!(cond(&s, ConditionType::Reconciling).0, "False");
     assert_eq!(cond(&s, ConditionType::Stalled).0, "False");
@@ -204,7 +204,7 @@ fn halted_on_purpose_is_reconciled_with_nothing_to_wait_on() {
     let mvm = placed("cold", "node-a");
     let mut mvm = mvm;
     mvm.spec.run_policy = RunPolicy::Halted;
-    let s = status_of(&plan(&mvm, &obs())).expect("status");
+    let s = status_of(&decide(&mvm, &obs())).expect("status");
     assert_eq!(s.phase, Some(Phase::Stopped));
     assert!(!waits_on_ready_false(&s), "{:?}", s.conditions);
 }
@@ -212,13 +212,13 @@ fn halted_on_purpose_is_reconciled_with_nothing_to_wait_on() {
 #[test]
 fn a_finished_run_is_current_when_it_succeeded_and_stalled_when_it_failed() {
     let (mvm, o) = exited(RunPolicy::Once, true, 0);
-    let s = status_of(&plan(&mvm, &o)).expect("status");
+    let s = status_of(&decide(&mvm, &o)).expect("status");
     assert_eq!(s.phase, Some(Phase::Succeeded));
     assert_eq!(cond(&s, ConditionType::Reconciling).0, "False");
     assert_eq!(cond(&s, ConditionType::Stalled).0, "False");
     assert!(!waits_on_ready_false(&s), "{:?}", s.conditions);
     let (mvm, o) = boot_timed_out(RunPolicy::Once, false, 60_000, 0);
-    let s = status_of(&plan(&mvm, &o)).expect("status");
+    let s = status_of(&decide(&mvm, &o)).expect("status");
     assert_eq!(s.phase, Some(Phase::Failed));
     assert_eq!(cond(&s, ConditionType::Stalled).0, "True");
     assert_eq!(cond(&s, ConditionType::Stalled).1, "BootTimeout");

@@ -95,7 +95,7 @@ fn delete_vm() -> Action {
 
 #[test]
 fn no_pod_creates_one_and_waits_for_kube_scheduler() {
-    let actions = plan(&microvm("web"), &pod_obs(None));
+    let actions = decide(&microvm("web"), &pod_obs(None));
     assert_eq!(actions[0], Action::AddFinalizer);
     assert_eq!(pod_actions(&actions), vec![Action::CreatePod]);
     let s = status_of(&actions).expect("status");
@@ -115,7 +115,7 @@ fn no_pod_creates_one_and_waits_for_kube_scheduler() {
     assert_eq!(events(&actions), vec!["CreatedPod"]);
     // The pod exists, unplaced: nothing more to do.
     let mvm = written(vm(RunPolicy::Always), &actions);
-    let actions = plan(&mvm, &pod_obs(Some(view())));
+    let actions = decide(&mvm, &pod_obs(Some(view())));
     assert_eq!(pod_actions(&actions), vec![]);
     assert_eq!(status_of(&actions), None, "no news, no write");
 }
@@ -130,7 +130,7 @@ fn unschedulable_pod_says_why_and_stalls_after_15s_then_recovers() {
         unschedulable: Some((message.to_string(), since(ago_s))),
         ..view()
     };
-    let fresh = plan(&vm(RunPolicy::Always), &pod_obs(Some(pod(5))));
+    let fresh = decide(&vm(RunPolicy::Always), &pod_obs(Some(pod(5))));
     let s = status_of(&fresh).expect("status");
     assert_eq!(
         cond(&s, ConditionType::Scheduled),
@@ -142,7 +142,7 @@ fn unschedulable_pod_says_why_and_stalls_after_15s_then_recovers() {
     assert!(fresh.contains(&Action::RequeueAfter(Duration::from_secs(10))));
     // kstatus' 15 s are over: Stalled with the scheduler's own message, and no second Event.
     let mvm = written(vm(RunPolicy::Always), &fresh);
-    let late = plan(&mvm, &pod_obs(Some(pod(20))));
+    let late = decide(&mvm, &pod_obs(Some(pod(20))));
     let s = status_of(&late).expect("status");
     assert_eq!(
         cond(&s, ConditionType::Stalled),
@@ -153,7 +153,7 @@ fn unschedulable_pod_says_why_and_stalls_after_15s_then_recovers() {
     assert_eq!(events(&late), Vec::<&str>::new());
     // A node appears and the pod is bound: converging again.
     let mvm = written(mvm, &late);
-    let placed = plan(&mvm, &pod_obs(Some(bound())));
+    let placed = decide(&mvm, &pod_obs(Some(bound())));
     let s = status_of(&placed).expect("status");
     assert_eq!(cond(&s, ConditionType::Stalled).0, "False");
     assert_eq!(cond(&s, ConditionType::Reconciling).0, "True");
@@ -162,7 +162,7 @@ fn unschedulable_pod_says_why_and_stalls_after_15s_then_recovers() {
 
 #[test]
 fn bound_pod_sets_the_node_and_waits_for_its_sandbox() {
-    let actions = plan(&vm(RunPolicy::Always), &pod_obs(Some(bound())));
+    let actions = decide(&vm(RunPolicy::Always), &pod_obs(Some(bound())));
     assert_eq!(
         pod_actions(&actions),
         vec![],
@@ -181,7 +181,7 @@ fn bound_pod_sets_the_node_and_waits_for_its_sandbox() {
 
 #[test]
 fn running_sandbox_gets_its_vm_and_ready_guest_opens_the_gate() {
-    let actions = plan(&vm(RunPolicy::Always), &pod_obs(Some(running())));
+    let actions = decide(&vm(RunPolicy::Always), &pod_obs(Some(running())));
     assert_eq!(
         pod_actions(&actions),
         vec![Action::ApplyVm {
@@ -197,7 +197,7 @@ fn running_sandbox_gets_its_vm_and_ready_guest_opens_the_gate() {
     let mvm = written(vm(RunPolicy::Always), &actions);
     let mut o = pod_obs(Some(running()));
     o.vm = Some(agent_vm(&mvm, HASH, 0, RunState::Running));
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert_eq!(pod_actions(&actions), vec![Action::SetPodReady(true)]);
     let s = status_of(&actions).expect("status");
     assert_eq!(cond(&s, ConditionType::Ready).0, "True");
@@ -208,13 +208,13 @@ fn running_sandbox_gets_its_vm_and_ready_guest_opens_the_gate() {
         ..running()
     }))
     .pods;
-    assert_eq!(pod_actions(&plan(&mvm, &o)), vec![]);
+    assert_eq!(pod_actions(&decide(&mvm, &o)), vec![]);
     // The guest stops being ready: the gate closes.
     let mut vm_status = agent_vm(&mvm, HASH, 0, RunState::Running);
     vm_status.ready = false;
     o.vm = Some(vm_status);
     assert_eq!(
-        pod_actions(&plan(&mvm, &o)),
+        pod_actions(&decide(&mvm, &o)),
         vec![Action::SetPodReady(false)]
     );
 }
@@ -224,9 +224,9 @@ fn ready_then(policy: RunPolicy, pod: PodView) -> (MicroVM, Observed, Vec<Action
     let mut o = pod_obs(Some(running()));
     let mvm = vm(policy);
     o.vm = Some(agent_vm(&mvm, HASH, 0, RunState::Running));
-    let mvm = written(mvm, &plan(&vm(policy), &o));
+    let mvm = written(mvm, &decide(&vm(policy), &o));
     o.pods = pod_obs(Some(pod)).pods;
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     (mvm, o, actions)
 }
 
@@ -245,12 +245,12 @@ fn evicted_pod_stops_its_vm_and_always_gets_a_new_pod_once_it_is_gone() {
     // Still terminating: never a second pod.
     let mvm = written(mvm, &actions);
     o.vm = None;
-    let waiting = plan(&mvm, &o);
+    let waiting = decide(&mvm, &o);
     assert!(!waiting.contains(&Action::CreatePod));
     assert_eq!(events(&waiting), Vec::<&str>::new());
     // Gone: a new pod, counted as a restart.
     o.pods = pod_obs(None).pods;
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert_eq!(pod_actions(&actions), vec![Action::CreatePod]);
     let s = status_of(&actions).expect("status");
     assert_eq!(s.restart_count, 1);
@@ -278,7 +278,7 @@ fn once_ends_failed_when_its_pod_is_deleted_and_gets_no_new_pod() {
     let mvm = written(mvm, &actions);
     o.vm = None;
     o.pods = pod_obs(None).pods;
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert_eq!(pod_actions(&actions), vec![]);
 }
 
@@ -286,16 +286,16 @@ fn once_ends_failed_when_its_pod_is_deleted_and_gets_no_new_pod() {
 fn a_lost_node_turns_unknown_then_its_pod_gone_brings_the_vm_back() {
     let (mvm, mut o, _) = ready_then(RunPolicy::Always, running());
     let mut mvm = mvm;
-    mvm.status = status_of(&plan(&mvm, &o)).or(mvm.status);
+    mvm.status = status_of(&decide(&mvm, &o)).or(mvm.status);
     o.agent = AgentLink::Lost;
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     let s = status_of(&actions).expect("status");
     assert_eq!(s.phase, Some(Phase::Unknown));
     assert_eq!(cond(&s, ConditionType::Ready).1, Reason::AGENT_UNREACHABLE);
     // The taint manager deletes the pod; the agent cannot be told, the VM is gone with the node.
     let mvm = written(mvm, &actions);
     o.pods = pod_obs(Some(disrupted("NodeLost", true))).pods;
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert_eq!(pod_actions(&actions), vec![]);
     let s = status_of(&actions).expect("status");
     assert_eq!(cond(&s, ConditionType::Ready).1, "NodeLost");
@@ -305,7 +305,7 @@ fn a_lost_node_turns_unknown_then_its_pod_gone_brings_the_vm_back() {
     o.pods = pod_obs(None).pods;
     o.agent = AgentLink::Absent;
     o.vm = None;
-    assert_eq!(pod_actions(&plan(&mvm, &o)), vec![Action::CreatePod]);
+    assert_eq!(pod_actions(&decide(&mvm, &o)), vec![Action::CreatePod]);
 }
 
 #[test]
@@ -316,7 +316,7 @@ fn a_vm_left_on_another_node_is_stopped() {
         buildable: Ok(()),
         elsewhere: vec!["node-a".to_string()],
     };
-    let actions = plan(&vm(RunPolicy::Always), &o);
+    let actions = decide(&vm(RunPolicy::Always), &o);
     assert_eq!(
         pod_actions(&actions)[0],
         Action::DeleteVm {
@@ -330,7 +330,7 @@ fn halted_deletes_vm_and_pod_and_makes_none() {
     let (mvm, mut o, _) = ready_then(RunPolicy::Always, running());
     let mut halted = mvm.clone();
     halted.spec.run_policy = RunPolicy::Halted;
-    let actions = plan(&halted, &o);
+    let actions = decide(&halted, &o);
     assert_eq!(pod_actions(&actions), vec![delete_vm(), Action::DeletePod]);
     assert_eq!(
         status_of(&actions).expect("status").phase,
@@ -339,7 +339,7 @@ fn halted_deletes_vm_and_pod_and_makes_none() {
     let halted = written(halted, &actions);
     o.pods = pod_obs(None).pods;
     o.vm = None;
-    let actions = plan(&halted, &o);
+    let actions = decide(&halted, &o);
     assert_eq!(pod_actions(&actions), vec![]);
     assert_eq!(
         status_of(&actions).expect("status").phase,
@@ -357,16 +357,16 @@ fn a_finished_vm_gives_its_pod_back_and_gets_no_new_one() {
     });
     let mut o = pod_obs(Some(running()));
     o.vm = Some(agent_vm(&mvm, HASH, 0, RunState::Exited));
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert_eq!(pod_actions(&actions), vec![delete_vm(), Action::DeletePod]);
     assert_eq!(status_of(&actions), None);
     o.pods = pod_obs(Some(disrupted("PodDeleted", true))).pods;
     o.vm = None;
-    let actions = plan(&mvm, &o);
+    let actions = decide(&mvm, &o);
     assert_eq!(pod_actions(&actions), vec![]);
     assert_eq!(status_of(&actions), None, "Succeeded stays Succeeded");
     o.pods = pod_obs(None).pods;
-    assert_eq!(pod_actions(&plan(&mvm, &o)), vec![]);
+    assert_eq!(pod_actions(&decide(&mvm, &o)), vec![]);
 }
 
 #[test]
@@ -374,20 +374,20 @@ fn deleted_microvm_stops_the_vm_deletes_the_pod_then_releases() {
     let (mvm, mut o, _) = ready_then(RunPolicy::Always, running());
     let gone = deleting(mvm);
     assert_eq!(
-        pod_actions(&plan(&gone, &o)),
+        pod_actions(&decide(&gone, &o)),
         vec![delete_vm(), Action::DeletePod, Action::RemoveFinalizer]
     );
     // A reconnecting agent gets its chance to stop the guest first.
     o.agent = AgentLink::Reconnecting {
         lost_after: Duration::from_secs(3),
     };
-    let actions = plan(&gone, &o);
+    let actions = decide(&gone, &o);
     assert_eq!(pod_actions(&actions), vec![]);
     assert!(actions.contains(&Action::RequeueAfter(Duration::from_secs(8))));
     // No pod, no node: just released.
     let o = pod_obs(None);
     assert_eq!(
-        pod_actions(&plan(&deleting(vm(RunPolicy::Always)), &o)),
+        pod_actions(&decide(&deleting(vm(RunPolicy::Always)), &o)),
         vec![Action::RemoveFinalizer]
     );
 }
@@ -398,7 +398,7 @@ fn a_pod_of_the_name_that_is_not_ours_is_never_touched() {
         owner_uid: None,
         ..running()
     };
-    let actions = plan(&vm(RunPolicy::Always), &pod_obs(Some(theirs)));
+    let actions = decide(&vm(RunPolicy::Always), &pod_obs(Some(theirs)));
     assert_eq!(pod_actions(&actions), vec![]);
     let s = status_of(&actions).expect("status");
     assert_eq!(
@@ -410,7 +410,7 @@ fn a_pod_of_the_name_that_is_not_ours_is_never_touched() {
         owner_uid: Some("uid-of-an-earlier-web".to_string()),
         ..running()
     };
-    let actions = plan(&vm(RunPolicy::Always), &pod_obs(Some(earlier)));
+    let actions = decide(&vm(RunPolicy::Always), &pod_obs(Some(earlier)));
     assert_eq!(pod_actions(&actions), vec![]);
     let s = status_of(&actions).expect("status");
     assert_eq!(cond(&s, ConditionType::Reconciling).0, "True");
@@ -428,7 +428,7 @@ fn a_microvm_that_cannot_have_a_pod_stalls_without_one() {
         }),
         elsewhere: Vec::new(),
     };
-    let actions = plan(&vm(RunPolicy::Always), &o);
+    let actions = decide(&vm(RunPolicy::Always), &o);
     assert_eq!(pod_actions(&actions), vec![]);
     let s = status_of(&actions).expect("status");
     assert_eq!(
@@ -441,6 +441,6 @@ fn a_microvm_that_cannot_have_a_pod_stalls_without_one() {
 fn pod_mode_never_uses_ignis_placement() {
     let mut o = pod_obs(None);
     o.placement = Some(Ok("node-a".to_string()));
-    let actions = plan(&microvm("web"), &o);
+    let actions = decide(&microvm("web"), &o);
     assert!(!actions.iter().any(|a| matches!(a, Action::Place { .. })));
 }
