@@ -566,10 +566,9 @@ cmd_install_ignis() {
   cat >"$DIR/ignis-values.yaml" <<EOF
 controller:
   image: { repository: $IGNIS_CONTROLLER_REPOSITORY, tag: "$IGNIS_IMAGE_TAG", pullPolicy: Never }
-  # VM pods (the chart's default) are not yet proven end to end on this cluster (issue #18:
-  # e2e/tests/vm_pods.rs); the suite runs with the controller placing VMs itself until they
-  # are. IGNIS_CLUSTER_VM_PODS=true turns them on.
-  vmPods: { enabled: ${IGNIS_CLUSTER_VM_PODS:-false} }
+  # VM pods, the chart's default: every MicroVM a pod kube-scheduler places.
+  # IGNIS_CLUSTER_VM_PODS=false installs the controller placing VMs itself instead.
+  vmPods: { enabled: ${IGNIS_CLUSTER_VM_PODS:-true} }
 agent:
   image: { repository: $IGNIS_AGENT_REPOSITORY, tag: "$IGNIS_IMAGE_TAG", pullPolicy: Never }
   stateDir: $DIR/ignis

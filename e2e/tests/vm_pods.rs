@@ -702,9 +702,17 @@ fn a_lost_nodes_vm_comes_back_elsewhere(ctx: &Ctx) {
         "stop-node {b}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        !std::path::Path::new(&format!("/proc/{old_pid}")).exists(),
-        "the lost node's VMM is gone"
+    // Killed: gone once its new parent reaps it (a zombie meanwhile).
+    wait_until(
+        Duration::from_secs(20),
+        "the lost node's VMM to be gone",
+        || {
+            std::fs::read_to_string(format!("/proc/{old_pid}/stat")).map_or(true, |stat| {
+                stat.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+        },
     );
     // Kubernetes' non-graceful node shutdown: once the node is NotReady, the out-of-service
     // taint lets the pod GC force-delete its pods.

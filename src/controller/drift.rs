@@ -26,11 +26,12 @@ use super::reconcile::Context;
 pub(super) async fn housekeeping(
     ctx: Arc<Context>,
     drift_grace: Duration,
+    cache_ready: CancellationToken,
     shutdown: CancellationToken,
 ) {
     tokio::select! {
         _ = shutdown.cancelled() => return,
-        r = ctx.store.wait_until_ready() => if r.is_err() { return },
+        _ = cache_ready.cancelled() => {}
     }
     let mut orphans: HashMap<VmUid, Instant> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(5));

@@ -34,7 +34,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::core::PartialObjectMeta;
@@ -104,10 +104,24 @@ pub async fn start(
     // Bounded concurrency: every reconcile in flight holds an API connection and its buffers,
     // so an unbounded burst (1 000 new objects) would cost tens of MiB for no throughput gain
     // on a 2-core controller.
-    let controller = Controller::new(api, watcher::Config::default()).with_config(
+    // Our own reflector instead of `Controller::new`'s, to see its first complete list: the
+    // store's `wait_until_ready` wakes only one of its waiters (kube-runtime 5's DelayedInit
+    // holds a oneshot receiver, which keeps the last waker), and the controller's applier is
+    // already waiting on it, so housekeeping waits on `cache_ready` instead.
+    let (store, writer) = reflector::store();
+    let cache_ready = CancellationToken::new();
+    let listed = cache_ready.clone();
+    let microvms = reflector(writer, watcher(api, watcher::Config::default()))
+        .inspect_ok(move |event| {
+            if matches!(event, watcher::Event::InitDone) {
+                listed.cancel();
+            }
+        })
+        .default_backoff()
+        .applied_objects();
+    let controller = Controller::for_stream(microvms, store.clone()).with_config(
         kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
     );
-    let store = controller.store();
     let (pod_events_tx, mut pod_events) = mpsc::unbounded_channel::<ObjectRef<MicroVM>>();
     let vm_pods = config.vm_pods.clone().map(|settings| {
         let (pods, nodes) = watch_vm_pods(
@@ -187,6 +201,7 @@ pub async fn start(
     tokio::spawn(housekeeping(
         ctx.clone(),
         config.drift_grace,
+        cache_ready,
         shutdown.clone(),
     ));
     tokio::spawn(drift::node_labels(ctx.clone(), shutdown.clone()));
