@@ -12,7 +12,9 @@ else
 fi
 DIR="${IGNIS_CLUSTER_DIR:-/var/lib/ignis-cluster$sfx}"
 RUN="${IGNIS_CLUSTER_RUN:-/run/ignis-cluster$sfx}"
-NETNS="${IGNIS_CLUSTER_NETNS:-ignis-cluster$sfx}"
+# Not ignis-cluster-K: that is the default cluster's node K.
+if [ -n "$INSTANCE" ]; then netns="ignis-c$INSTANCE"; else netns="ignis-cluster"; fi
+NETNS="${IGNIS_CLUSTER_NETNS:-$netns}"
 NODE="${IGNIS_CLUSTER_NODE:-ignis${INSTANCE:+$INSTANCE}-node}"
 # The /24 the host and the nodes share, the nodes' pod ranges (node i gets <POD_NET>.<i-1>.0/24
 # of <POD_NET>.0.0/16) and the service network: ranges nothing else on the machine routes.
@@ -27,4 +29,4 @@ VETH_PREFIX="ignis-cl${INSTANCE:+$INSTANCE-}"
 # are under $CGROUP/<n>.
 CGROUP="ignis-cluster$sfx"
 KUBECONFIG_ADMIN="$DIR/admin.kubeconfig"
-unset sfx net
+unset sfx net netns
