@@ -58,8 +58,10 @@ async fn a_vm_no_microvm_owns_is_removed() {
     }
     let uid = "0b7e7f6e-0000-4000-8000-00000000d71f";
     let mut client = common::connect(&socket, Duration::from_secs(10)).await;
+    let mut spec = common::demo_spec(uid, &guest);
+    spec.hypervisor = proto::Hypervisor::Simulated as i32;
     client
-        .apply_vm(common::apply_request(common::demo_spec(uid, &guest)))
+        .apply_vm(common::apply_request(spec))
         .await
         .expect("ApplyVM");
     common::wait_vm(&mut client, uid, Duration::from_secs(30), |vm| {
