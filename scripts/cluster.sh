@@ -652,7 +652,7 @@ cmd_stop_node() {
 all_node_netns() {
   local i
   { for i in $(node_indices); do node_netns "$i"; done
-    ip netns list 2>/dev/null | awk '{ print $1 }' | grep -E "^$NETNS(-[0-9]+)?\$" || true
+    ip netns list 2>/dev/null | awk '{ print $1 }' | grep -E "^$NETNS(-([2-9]|[1-9][0-9]+))?\$" || true
   } | sort -u
 }
 

@@ -73,6 +73,10 @@ cargo test -p ignis-e2e --test e2e --test images -- --test-threads 2 \
   --skip restart_keeps_state_and_readopts_the_vm
 stage "cluster-only e2e"
 cargo test -p ignis-e2e --features cluster --test cluster -- --nocapture
+# The cluster bench, small, so it does not rot (docs/benchmarks.md, "cluster", for the N=20 run).
+stage "cluster bench"
+./target/debug/ignis bench --results-dir "$(mktemp -d)" cluster --count 3 \
+  --kubeconfig "$IGNIS_E2E_KUBECONFIG"
 # Last: it stops a node for good (the node-loss phase).
 stage "VM pods e2e"
 cargo test -p ignis-e2e --features cluster --test vm_pods -- --nocapture
