@@ -71,4 +71,18 @@ stage "e2e against the upstream cluster"
 cargo test -p ignis-e2e --test e2e --test network --test images -- --test-threads 2
 stage "cluster-only e2e"
 cargo test -p ignis-e2e --features cluster --test cluster -- --nocapture
+# GitOps on the same cluster (docs/gitops.md): Flux's source-controller and kustomize-controller
+# built from their Go modules (cached by version; the cold build is long), a git server, then
+# the Flux e2e driven by git pushes and Helm 4's --wait=watcher. A missing piece fails.
+stage_gitops() {
+  stage "gitops: Flux on the cluster"
+  ./scripts/tools.sh build flux
+  local flux_env
+  flux_env="$(./scripts/flux.sh up)"
+  eval "$flux_env"
+  export IGNIS_E2E_FLUX_REPO IGNIS_E2E_FLUX_KUSTOMIZATION
+  cargo test -p ignis-e2e --features cluster --test gitops -- --nocapture --test-threads 1
+  ./scripts/flux.sh down
+}
+stage_gitops
 stage "done"
