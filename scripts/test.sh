@@ -16,9 +16,9 @@ stage() { echo "== test: $* ($(date -u +%H:%M:%S), ${SECONDS}s in)"; }
 stage "setup"
 ./scripts/setup.sh
 # Upstream Kubernetes, etcd and Helm from their Go modules (cached by version; the first
-# build on 2 cores is the long part of a fresh run).
+# build on 2 cores is the long part of a fresh run; Flux is for the GitOps stage).
 stage "upstream tools"
-./scripts/tools.sh build
+./scripts/tools.sh build kube etcd helm flux
 # Its kubectl (the cluster's version) is the one every e2e test runs.
 PATH="$(./scripts/tools.sh bindir kube):$PATH"
 cargo fmt --all -- --check
@@ -73,6 +73,20 @@ cargo test -p ignis-e2e --test e2e --test images -- --test-threads 2 \
   --skip restart_keeps_state_and_readopts_the_vm
 stage "cluster-only e2e"
 cargo test -p ignis-e2e --features cluster --test cluster -- --nocapture
+# GitOps on the same cluster (docs/gitops.md): Flux's source-controller and kustomize-controller
+# built from their Go modules (cached by version; the cold build is long), a git server, then
+# the Flux e2e driven by git pushes and Helm 4's --wait=watcher. A missing piece fails.
+stage_gitops() {
+  stage "gitops: Flux on the cluster"
+  ./scripts/tools.sh build flux
+  local flux_env
+  flux_env="$(./scripts/flux.sh up)"
+  eval "$flux_env"
+  export IGNIS_E2E_FLUX_REPO IGNIS_E2E_FLUX_KUSTOMIZATION
+  cargo test -p ignis-e2e --features cluster --test gitops -- --nocapture --test-threads 1
+  ./scripts/flux.sh down
+}
+stage_gitops
 # The cluster bench, small, so it does not rot (docs/benchmarks.md, "cluster", for the N=20 run).
 stage "cluster bench"
 ./target/debug/ignis bench --results-dir "$(mktemp -d)" cluster --count 3 \

@@ -83,3 +83,23 @@ fn kstatus_gives_every_captured_microvm_the_documented_verdict() {
     }
     assert!(wrong.is_empty(), "verdicts differ:\n{}", wrong.join("\n"));
 }
+
+/// Flux's health checks are kstatus (its fork, github.com/fluxcd/cli-utils, has the same status
+/// rules): the table's Flux column must follow from its kstatus column.
+#[test]
+fn the_flux_column_follows_from_kstatus() {
+    for (name, row) in verdict_table() {
+        let flux = match row.kstatus.as_str() {
+            "Current" => "Ready",
+            "InProgress" => "waits",
+            "Failed" => "fails early",
+            other => panic!("{name}: unknown kstatus verdict {other}"),
+        };
+        assert!(
+            row.flux == flux || row.flux.starts_with(&format!("{flux} (")),
+            "{name}: kstatus {} means Flux {flux}, the table says {}",
+            row.kstatus,
+            row.flux
+        );
+    }
+}

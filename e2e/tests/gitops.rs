@@ -178,6 +178,35 @@ impl Flux {
             .kubectl(&["get", "-n", "default", &format!("mvm/{name}")])
             .success
     }
+
+    /// The uid of the MicroVM's pod `vm-<name>` (with VM pods on), or empty when it has none.
+    fn vm_pod(&self, name: &str) -> String {
+        self.cluster
+            .kubectl(&[
+                "get",
+                "-n",
+                "default",
+                &format!("pod/vm-{name}"),
+                "-o",
+                "jsonpath={.metadata.uid}",
+                "--ignore-not-found",
+            ])
+            .stdout
+    }
+
+    /// The Kustomization's `Healthy` condition: status and message.
+    fn healthy(&self) -> (String, String) {
+        let out = self.cluster.kubectl_ok(&[
+            "get",
+            "-n",
+            &self.namespace,
+            &format!("kustomization/{}", self.name),
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Healthy\")].status}\t{.status.conditions[?(@.type==\"Healthy\")].message}",
+        ]);
+        let (status, message) = out.split_once('\t').unwrap_or((&out, ""));
+        (status.to_string(), message.to_string())
+    }
 }
 
 const READY: &str = "{.status.conditions[?(@.type==\"Ready\")].status}";
@@ -199,17 +228,45 @@ fn flux_syncs_microvms_from_git() {
     let Some(f) = flux() else { return };
     let base = vm(&f.cluster, "gitops-vm").yaml();
 
-    // 1. A MicroVM committed: the Kustomization is Ready only once the MicroVM is.
+    // 1. A MicroVM committed: the Kustomization is Ready only once the MicroVM is, and
+    //    Flux's health check (kstatus) is what said so.
+    let pushed = Instant::now();
     let sha = f.commit(&[("vm.yaml", Some(&base))], "add gitops-vm");
     let mut early = Vec::new();
-    let (_, took) = f.verdict(&sha, "True", |s| {
+    let mut seen_applying = false;
+    f.verdict(&sha, "True", |s| {
         if s.applied.ends_with(&sha) && s.ready == "True" && f.mvm("gitops-vm", READY) != "True" {
             early.push(format!("{s:?}"));
         }
+        seen_applying |= f.mvm_exists("gitops-vm") && f.mvm("gitops-vm", READY) != "True";
     });
+    let took = pushed.elapsed();
     assert!(early.is_empty(), "Ready before the MicroVM: {early:?}");
+    assert!(
+        seen_applying,
+        "never saw the MicroVM applied and not yet Ready while Flux waited"
+    );
     assert_eq!(f.mvm("gitops-vm", READY), "True");
-    println!("measured: git push -> Kustomization Ready with the VM Ready: {took:?}");
+    let (healthy, said) = f.healthy();
+    assert_eq!(healthy, "True", "Flux's Healthy condition: {said}");
+    println!("measured: git push -> Kustomization Ready with the VM Ready: {took:?} ({said})");
+    let uid = f.mvm("gitops-vm", "{.metadata.uid}");
+    assert!(!uid.is_empty());
+    assert!(
+        !ignis_e2e::upstream::pids_matching(&uid).is_empty(),
+        "no VMM runs gitops-vm ({uid})"
+    );
+    // With VM pods on (the chart's default) the VM runs in pod vm-gitops-vm; without, the
+    // controller places it itself and there is no pod. Either way removal must leave none.
+    let pod = f.vm_pod("gitops-vm");
+    println!(
+        "gitops-vm runs {}",
+        if pod.is_empty() {
+            "without a pod (VM pods off)".to_string()
+        } else {
+            format!("in pod vm-gitops-vm ({pod})")
+        }
+    );
 
     // 2. A changed spec: applied, and the Kustomization waits for the new generation.
     let changed = vm(&f.cluster, "gitops-vm").grace_period_seconds(7).yaml();
@@ -236,10 +293,12 @@ fn flux_syncs_microvms_from_git() {
 
     // 4. A MicroVM no node can take: the Kustomization fails early, not at its timeout.
     let stuck = vm(&f.cluster, "gitops-stuck")
-        .node_selector("ignis.dev/e2e-no-such-node", "yes")
+        .node_selector("ignis.dev/e2e-no-such-node", "nowhere")
         .yaml();
+    let pushed = Instant::now();
     let sha = f.commit(&[("stuck.yaml", Some(&stuck))], "add gitops-stuck");
-    let (s, took) = f.verdict(&sha, "False", |_| {});
+    let (s, _) = f.verdict(&sha, "False", |_| {});
+    let took = pushed.elapsed();
     assert!(
         took < FLUX_TIMEOUT / 2,
         "failed only after {took:?} (timeout {FLUX_TIMEOUT:?}): {s:?}"
@@ -260,27 +319,44 @@ fn flux_syncs_microvms_from_git() {
     f.verdict(&sha, "True", |_| {});
     assert!(!f.mvm_exists("gitops-stuck"), "pruned");
 
-    // 5. Removed from git: pruned, and its VM is gone.
-    let uid = f.mvm("gitops-vm", "{.metadata.uid}");
-    assert!(!uid.is_empty());
+    // 5. Removed from git: pruned, and its VM (and pod, with VM pods on) are gone.
+    assert_eq!(
+        f.mvm("gitops-vm", "{.metadata.uid}"),
+        uid,
+        "the same MicroVM"
+    );
     let start = Instant::now();
-    f.commit(&[("vm.yaml", None)], "remove gitops-vm");
-    while f.mvm_exists("gitops-vm") || !ignis_e2e::upstream::pids_matching(&uid).is_empty() {
-        assert!(start.elapsed() < LIMIT, "gitops-vm or its VMM still there");
+    let sha = f.commit(&[("vm.yaml", None)], "remove gitops-vm");
+    while f.mvm_exists("gitops-vm")
+        || !ignis_e2e::upstream::pids_matching(&uid).is_empty()
+        || !f.vm_pod("gitops-vm").is_empty()
+    {
+        assert!(
+            start.elapsed() < LIMIT,
+            "gitops-vm, its VMM or its pod still there"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     println!(
-        "measured: git removal -> MicroVM and VM gone: {:?}",
+        "measured: git removal -> MicroVM, VMM and pod gone: {:?}",
         start.elapsed()
     );
+    f.verdict(&sha, "True", |_| {});
 
     // 6. runPolicy Halted: healthy (Current), not in progress forever.
     let halted = vm(&f.cluster, "gitops-halted")
         .run_policy(RunPolicy::Halted)
         .yaml();
+    let pushed = Instant::now();
     let sha = f.commit(&[("halted.yaml", Some(&halted))], "add gitops-halted");
     f.verdict(&sha, "True", |_| {});
     assert_eq!(f.mvm("gitops-halted", "{.status.phase}"), "Stopped");
+    let (healthy, said) = f.healthy();
+    assert_eq!(healthy, "True", "Flux's Healthy condition: {said}");
+    println!(
+        "measured: git push -> Kustomization Ready with a halted MicroVM: {:?}",
+        pushed.elapsed()
+    );
     let sha = f.commit(&[("halted.yaml", None)], "remove gitops-halted");
     f.verdict(&sha, "True", |_| {});
     assert!(!f.mvm_exists("gitops-halted"), "pruned");
@@ -321,12 +397,12 @@ fn chart(dir: &Path, name: &str, manifest: &str) -> PathBuf {
     chart
 }
 
-/// Helm 4's `--wait=watcher` judges MicroVMs with kstatus: an install waits until the VM is
-/// Ready, and one whose VM can never run fails as soon as it is Stalled, not at the timeout.
-/// Runs against `ignis dev` (or the cluster of `IGNIS_E2E_KUBECONFIG`).
+/// Helm 4's `--wait=watcher` judges MicroVMs with kstatus: an install waits until the VMs are
+/// Ready (a brand-new MicroVM reads `status.observedGeneration: 0` by the CRD's default, so it
+/// is InProgress before the controller's first status write), and one whose VM can never run
+/// fails as soon as it is Stalled, with its Stalled message, not at the timeout. Runs against
+/// the cluster of `IGNIS_E2E_KUBECONFIG` (or `ignis dev` without it).
 #[test]
-#[ignore = "fails today: Helm's watcher (kstatus) calls a MicroVM Current before the controller's \
-            first status write, so `helm install --wait` returns at once (docs/gitops.md, Helm)"]
 fn helm_wait_watcher_waits_for_ready_and_fails_fast_on_a_microvm_that_cannot_run() {
     let cluster = Cluster::start();
     let helm = helm_binary();
@@ -358,7 +434,12 @@ fn helm_wait_watcher_waits_for_ready_and_fails_fast_on_a_microvm_that_cannot_run
         )
     };
 
-    let good = chart(tmp.path(), "vms", &vm(&cluster, "helm-vm").yaml());
+    let two = format!(
+        "{}\n---\n{}",
+        vm(&cluster, "helm-vm").yaml(),
+        vm(&cluster, "helm-vm-2").yaml()
+    );
+    let good = chart(tmp.path(), "vms", &two);
     let start = Instant::now();
     let (ok, said) = run(&[
         "install",
@@ -369,22 +450,24 @@ fn helm_wait_watcher_waits_for_ready_and_fails_fast_on_a_microvm_that_cannot_run
         "3m",
     ]);
     assert!(ok, "helm install --wait=watcher failed: {said}");
-    let ready = cluster.kubectl_ok(&[
-        "get",
-        "-n",
-        ns,
-        "mvm/helm-vm",
-        "-o",
-        &format!("jsonpath={READY}"),
-    ]);
-    assert_eq!(ready, "True", "helm returned before the MicroVM was Ready");
+    for name in ["helm-vm", "helm-vm-2"] {
+        let ready = cluster.kubectl_ok(&[
+            "get",
+            "-n",
+            ns,
+            &format!("mvm/{name}"),
+            "-o",
+            &format!("jsonpath={READY}"),
+        ]);
+        assert_eq!(ready, "True", "helm returned before mvm/{name} was Ready");
+    }
     println!(
         "measured: helm install --wait=watcher -> returned with the VM Ready: {:?}",
         start.elapsed()
     );
 
     let stuck = vm(&cluster, "helm-stuck")
-        .node_selector("ignis.dev/e2e-no-such-node", "yes")
+        .node_selector("ignis.dev/e2e-no-such-node", "nowhere")
         .yaml();
     let bad = chart(tmp.path(), "stuck", &stuck);
     let start = Instant::now();
@@ -406,6 +489,22 @@ fn helm_wait_watcher_waits_for_ready_and_fails_fast_on_a_microvm_that_cannot_run
         "failed only after {took:?}: {said}"
     );
     assert!(said.contains("helm-stuck"), "{said}");
+    let stalled = cluster
+        .kubectl(&[
+            "get",
+            "-n",
+            ns,
+            "mvm/helm-stuck",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Stalled\")].reason}\t{.status.conditions[?(@.type==\"Stalled\")].message}",
+        ])
+        .stdout;
+    let (reason, message) = stalled.split_once('\t').unwrap_or((&stalled, ""));
+    assert_eq!(reason, "Unschedulable", "{stalled:?}; helm said: {said}");
+    assert!(
+        !message.is_empty() && said.contains(message),
+        "helm's error does not carry the Stalled message {message:?}: {said}"
+    );
     println!(
         "measured: helm install --wait=watcher failed on an unplaceable MicroVM after {took:?}: {said}"
     );

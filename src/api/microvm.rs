@@ -511,6 +511,11 @@ impl Phase {
 /// Observed state of a `MicroVM`, written only by the controller.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+// A missing status defaults to `observedGeneration: 0`, which the API server fills in on every
+// read of an object the controller has not written yet: kstatus (Flux's `wait`, Helm's
+// `--wait=watcher`) then sees generation 1 not yet observed and says InProgress, where an
+// object with no status at all is Current before the controller has even seen it.
+#[schemars(extend("default" = {"observedGeneration": 0}))]
 pub struct MicroVMStatus {
     /// Lifecycle phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]

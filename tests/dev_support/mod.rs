@@ -39,11 +39,13 @@ pub fn vm_object(name: &str) -> MicroVM {
     .expect("valid MicroVM")
 }
 
+/// A Ready status as the controller writes it, with the generation it observed (the CRD's
+/// default `observedGeneration: 0` would otherwise keep `kubectl wait` waiting).
 pub fn ready_status(manager_phase: &str) -> Value {
     json!({
         "apiVersion": "ignis.dev/v1alpha1", "kind": "MicroVM",
         "status": {"phase": manager_phase, "nodeName": "dev-node", "ipAddresses": ["10.88.0.5"],
-            "restartCount": 0,
+            "restartCount": 0, "observedGeneration": 1,
             "conditions": [{"type": "Ready", "status": "True", "reason": "GuestReady",
                 "message": "booted", "lastTransitionTime": "2026-11-22T10:00:00Z"}]}
     })

@@ -375,3 +375,20 @@ def helm_install_upgrade_uninstall_install(t):
     steps["install_again"] = helm_run("install", "rel", chart)
     steps["uninstall_again"] = helm_run("uninstall", "rel")
     return Outcome(**steps)
+
+
+@step
+def microvm_status_defaulted_until_written(t):
+    # The CRD defaults a missing status to observedGeneration 0 (so kstatus says InProgress
+    # before the controller's first write): in the create response, a get and a list, never in
+    # the creator's managed fields; a status write replaces it.
+    created = t.http("POST", f"{MVM}?fieldManager=creator", vm("fresh"))
+    got = t.http("GET", f"{MVM}/fresh").json()
+    listed = [i.get("status") for i in t.http("GET", MVM).json()["items"]
+              if i["metadata"]["name"] == "fresh"]
+    written = t.http("PATCH", f"{MVM}/fresh/status?fieldManager=ctl",
+                     {"status": {"observedGeneration": 1, "phase": "Pending"}},
+                     content_type="application/merge-patch+json").json()
+    return Outcome(code=created.status_code, created=created.json().get("status"),
+                   got=got.get("status"), owners=owners(got), listed=listed,
+                   written=written.get("status"), written_owners=owners(written))

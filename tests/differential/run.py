@@ -29,8 +29,16 @@ def install_crd(t):
     proc = t.kubectl("apply", "-f", str(ROOT / "crds/microvm.yaml"))
     if proc.returncode != 0:
         raise SystemExit(f"differential: cannot install the CRD on {t.name}: {proc.stderr}")
-    proc = t.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                     "crd/microvms.ignis.dev", timeout=90)
+    # kubectl wait errors at once (".status.conditions accessor error") when it reads the CRD
+    # before kube-apiserver wrote its first conditions (`conditions: null`): ask again.
+    deadline = time.monotonic() + 60
+    while True:
+        proc = t.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                         "crd/microvms.ignis.dev", timeout=90)
+        if proc.returncode == 0 or "accessor error" not in proc.stderr \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     if proc.returncode != 0:
         raise SystemExit(f"differential: the CRD is not established on {t.name}: {proc.stderr}")
     # Discovery of a new CRD reaches kubectl's cache a moment later on a real server.

@@ -19,6 +19,9 @@ pub struct Row {
     pub phase: String,
     pub kstatus: String,
     pub argocd: String,
+    /// What Flux's Kustomization (`wait: true`) does: "Ready", "waits" or "fails early",
+    /// with "(e2e ...)" where e2e/tests/gitops.rs saw it on the cluster.
+    pub flux: String,
 }
 
 /// The rows between `<!-- verdicts:begin -->` and `<!-- verdicts:end -->` in docs/gitops.md,
@@ -50,6 +53,10 @@ pub fn verdict_table() -> BTreeMap<String, Row> {
     };
     let (fixture, phase, kstatus, argocd) =
         (col("fixture"), col("phase"), col("kstatus"), col("Argo CD"));
+    let flux = header
+        .iter()
+        .position(|h| h.starts_with("Flux"))
+        .expect("the verdict table has a Flux column");
     let mut rows = BTreeMap::new();
     for line in lines.skip(1) {
         let c = cells(line);
@@ -57,6 +64,7 @@ pub fn verdict_table() -> BTreeMap<String, Row> {
             phase: c[phase].clone(),
             kstatus: c[kstatus].clone(),
             argocd: c[argocd].clone(),
+            flux: c[flux].clone(),
         };
         assert!(
             rows.insert(c[fixture].clone(), row).is_none(),
@@ -109,7 +117,8 @@ pub fn check_table_matches_fixtures(table: &BTreeMap<String, Row>) -> BTreeMap<S
     );
     for (name, path) in &fixtures {
         let obj = object(path);
-        let phase = obj["status"]["phase"].as_str().unwrap_or("").to_string();
+        // No phase yet (a MicroVM the controller has not written) is "—" in the table.
+        let phase = obj["status"]["phase"].as_str().unwrap_or("—").to_string();
         assert_eq!(
             phase, table[name].phase,
             "{name}: the table's phase is not the captured object's"

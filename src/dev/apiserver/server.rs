@@ -470,17 +470,27 @@ impl Server {
         self.admit(def, &mut obj, None, opts)?;
         match applied {
             Some(entries) => managed::set_entries(&mut obj, entries),
-            None => managed::record_update(
-                None,
-                &mut obj,
-                Writer {
-                    manager: opts.manager(),
-                    subresource: None,
-                    api_version: &def.api_version(),
-                    now: &now,
-                },
-                def.schema.as_ref(),
-            ),
+            None => {
+                // A custom resource's status is reset on a create (above); what it holds now
+                // is the schema's default, which kube-apiserver never counts as the creator's.
+                let defaulted = (def.status_subresource && def.custom)
+                    .then(|| obj.as_object_mut().and_then(|m| m.remove("status")))
+                    .flatten();
+                managed::record_update(
+                    None,
+                    &mut obj,
+                    Writer {
+                        manager: opts.manager(),
+                        subresource: None,
+                        api_version: &def.api_version(),
+                        now: &now,
+                    },
+                    def.schema.as_ref(),
+                );
+                if let Some(status) = defaulted {
+                    obj["status"] = status;
+                }
+            }
         }
         self.insert(def, ns, obj, opts)
     }
