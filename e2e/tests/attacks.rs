@@ -194,8 +194,9 @@ fn all_refused_or_failed(t: &Tenant<'_>, attacks: &[Attack]) -> Vec<(String, Str
             pending.push(a);
         } else {
             assert!(
-                out.contains("denied") || out.contains("Invalid") || out.contains("invalid"),
-                "{}: the API refused it, but not by validation: {out}",
+                (out.contains("denied") || out.contains("Invalid") || out.contains("invalid"))
+                    && out.contains("spec."),
+                "{}: the API refused it, but not by validation naming the field: {out}",
                 a.name
             );
             println!("{}: refused by the API: {}", a.name, out.trim());
@@ -252,9 +253,9 @@ fn running(t: &Tenant<'_>, name: &str) -> String {
     }
 }
 
-/// The hostile images, pushed to the cluster's registry: their references (contained, path
-/// traversal, too large).
-fn evil_images(up: &Upstream, nonce: &str) -> (String, String, String) {
+/// The hostile images, pushed to the cluster's registry: their references (contained, escapes
+/// through symlinks and hard links, path traversal, too large).
+fn evil_images(up: &Upstream, nonce: &str) -> [String; 4] {
     let registry = Registry {
         addr: up
             .registry
@@ -269,8 +270,6 @@ fn evil_images(up: &Upstream, nonce: &str) -> (String, String, String) {
     let initrd_path = up.nodes[0].agent_state_dir.join("guest/initrd.cpio");
     let initrd = std::fs::read(&initrd_path)
         .unwrap_or_else(|e| panic!("the demo guest's initrd {}: {e}", initrd_path.display()));
-    let escape = format!("escape/pwned-symlink-{nonce}");
-    let climb = format!("climb/var/lib/ignis/pwned-climb-{nonce}");
     let contained = image::tar(&[
         Entry::Dir("boot/"),
         Entry::File("boot/initrd.img", 0o644, &initrd),
@@ -280,12 +279,22 @@ fn evil_images(up: &Upstream, nonce: &str) -> (String, String, String) {
         Entry::Dir("bin/"),
         Entry::File("bin/evil-setuid", 0o4755, b"#!/bin/sh\n"),
         Entry::File("bin/evil-setgid", 0o2755, b"#!/bin/sh\n"),
-        // A symlink out of the tree, then a file through it; the same by climbing.
+        // Symlinks out of the tree are kept as symlinks (they resolve in the image's root).
+        Entry::Symlink("escape", "/var/lib/ignis"),
+        Entry::Symlink("climb", "../../../../../../../.."),
+    ]);
+    // A file written through a symlink that leaves the tree, the same by climbing, a hard
+    // link to a node file.
+    let escape = format!("escape/pwned-symlink-{nonce}");
+    let climb = format!("climb/var/lib/ignis/pwned-climb-{nonce}");
+    let escapes = image::tar(&[
+        Entry::Dir("boot/"),
         Entry::Symlink("escape", "/var/lib/ignis"),
         Entry::File(&escape, 0o644, b"pwned"),
         Entry::Symlink("climb", "../../../../../../../.."),
         Entry::File(&climb, 0o644, b"pwned"),
-        Entry::HardLink("bin/shadow", "/etc/shadow"),
+        Entry::HardLink("boot/shadow", "/etc/shadow"),
+        Entry::File("boot/initrd.img", 0o644, b"not an initrd"),
     ]);
     let traversal_name = format!("../../../../../../var/lib/ignis/pwned-dotdot-{nonce}");
     let traversal = image::tar(&[
@@ -294,12 +303,13 @@ fn evil_images(up: &Upstream, nonce: &str) -> (String, String, String) {
         Entry::File("boot/initrd.img", 0o644, b"not an initrd"),
     ]);
     let small = image::tar(&[Entry::File("boot/initrd.img", 0o644, b"tiny")]);
-    (
+    [
         registry.push(&format!("attacks/contained-{nonce}"), &contained, None),
+        registry.push(&format!("attacks/escapes-{nonce}"), &escapes, None),
         registry.push(&format!("attacks/traversal-{nonce}"), &traversal, None),
         // 64 GiB declared: above any default limit (4Gi compressed).
         registry.push(&format!("attacks/huge-{nonce}"), &small, Some(64 << 30)),
-    )
+    ]
 }
 
 #[test]
@@ -381,7 +391,7 @@ fn a_tenant_cannot_reach_the_node_through_a_microvm() {
         None,
     );
     assert!(secret_ok, "the tenant's pull secret: {out}");
-    let (contained, traversal, huge) = evil_images(&up, &nonce);
+    let [contained, escapes, traversal, huge] = evil_images(&up, &nonce);
     let with_image = |spec: &mut serde_json::Value, field: &str, image: &str| {
         spec[field] = serde_json::json!({ "image": image });
         spec["imagePullSecrets"] = serde_json::json!([{ "name": "regcred" }]);
@@ -419,6 +429,9 @@ fn a_tenant_cannot_reach_the_node_through_a_microvm() {
             with["spec"]["network"]["interfaces"][0]["bridge"] = "cni0".into();
             with["spec"]["network"]["interfaces"][0]["address"] = "10.244.0.250/24".into();
             spec["network"] = with["spec"]["network"].take();
+        }),
+        Attack::new("image-escapes", &["ImageBadLayout"], |spec| {
+            with_image(spec, "initrd", &escapes)
         }),
         Attack::new("image-traversal", &["ImageBadLayout"], |spec| {
             with_image(spec, "initrd", &traversal)
