@@ -71,4 +71,11 @@ stage "e2e against the upstream cluster"
 cargo test -p ignis-e2e --test e2e --test network --test images -- --test-threads 2
 stage "cluster-only e2e"
 cargo test -p ignis-e2e --features cluster --test cluster -- --nocapture
+# Issue #19's attacks as a tenant ServiceAccount, with the node-side checks (no VMM opened a
+# named file, nothing written outside the image cache, confined VMMs); ~30 s.
+stage_attacks() {
+  stage "attack suite"
+  cargo test -p ignis-e2e --features cluster --test attacks -- --nocapture
+}
+stage_attacks
 stage "done"

@@ -312,6 +312,57 @@ fn evil_images(up: &Upstream, nonce: &str) -> [String; 4] {
     ]
 }
 
+/// The legitimate VM's guest can send only as itself and reaches neither the node's services
+/// nor link-local metadata: the rules that say so are in place where its tap is (they are
+/// exercised packet by packet in tests/net_guard.rs and the VM-pod tests).
+fn network_contained(up: &Upstream, t: &Tenant<'_>, vm_pods: bool, vmm: u32) {
+    let nft = |mut cmd: std::process::Command, table: &[&str]| {
+        let out = cmd
+            .args(["list", "table"])
+            .args(table)
+            .output()
+            .expect("nft runs");
+        assert!(
+            out.status.success(),
+            "nft list table {table:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    if vm_pods {
+        // The VMM is in its pod's network namespace, where the tap and the table are.
+        let mut cmd = std::process::Command::new("nsenter");
+        cmd.arg(format!("--net=/proc/{vmm}/ns/net"))
+            .args(["--", "nft"]);
+        let rules = nft(cmd, &["ip", "ignis_pod"]);
+        for needle in [
+            "iifname \"tap0\" ip saddr != 10.0.2.2 drop",
+            "iifname \"tap0\" ether saddr != ",
+        ] {
+            assert!(
+                rules.contains(needle),
+                "VMM {vmm}'s pod lacks {needle:?}:\n{rules}"
+            );
+        }
+        return;
+    }
+    let node = t.get("legit", "{.status.nodeName}");
+    let ip = t.get("legit", "{.status.ipAddresses[0]}");
+    assert!(!ip.is_empty(), "legit has an address");
+    let guard = nft(up.in_node_netns(&node, "nft"), &["bridge", "ignis"]);
+    assert!(
+        guard.contains(&format!("ip saddr {ip}")) && guard.contains("drop"),
+        "node {node}'s guard lets only {ip} out of its tap:\n{guard}"
+    );
+    let filter = nft(up.in_node_netns(&node, "nft"), &["ip", "ignis"]);
+    for needle in ["hook input", "169.254.0.0/16"] {
+        assert!(
+            filter.contains(needle),
+            "node {node}'s ip ignis lacks {needle:?}:\n{filter}"
+        );
+    }
+}
+
 #[test]
 fn a_tenant_cannot_reach_the_node_through_a_microvm() {
     if std::env::var("IGNIS_E2E_KUBECONFIG").is_err() {
@@ -344,8 +395,20 @@ fn a_tenant_cannot_reach_the_node_through_a_microvm() {
         assert!(!ok && out.contains("forbidden"), "{secret}: {out}");
     }
 
-    // A legitimate VM of the tenant's: its VMM is the one checked for confinement.
-    let (ok, out) = t.apply(&manifest("legit", |_| {}));
+    // A legitimate VM of the tenant's: its VMM is the one checked for confinement, its network
+    // for the anti-spoofing and node-service rules. With VM pods it is on the pod's network
+    // (the default), without on the node's NAT bridge.
+    let values: serde_json::Value =
+        serde_json::from_str(&up.helm_ok(&["get", "values", &up.release, "--all", "-o", "json"]))
+            .expect("helm values");
+    let vm_pods = values["controller"]["vmPods"]["enabled"] != false;
+    println!("VM pods: {vm_pods}");
+    let (ok, out) = t.apply(&manifest("legit", |spec| {
+        if !vm_pods {
+            spec["network"] =
+                serde_json::json!({ "interfaces": [{ "name": "eth0", "mode": "nat" }] });
+        }
+    }));
     assert!(ok, "the tenant's own VM: {out}");
 
     // Symlinks in the admin's directory pointing out of it (absolute, and climbing).
@@ -486,6 +549,8 @@ fn a_tenant_cannot_reach_the_node_through_a_microvm() {
         node::assert_confined(of[0].pid, name);
         println!("{name}: VMM {} confined", of[0].pid);
     }
+    network_contained(&up, &t, vm_pods, node::vmms_of(&vmms, &legit_uid)[0].pid);
+
     // No VMM of the cluster has a named resource open, or a cached image open for writing.
     for vmm in &vmms {
         for f in node::open_files(vmm.pid) {
