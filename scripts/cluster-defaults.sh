@@ -12,7 +12,10 @@ else
 fi
 DIR="${IGNIS_CLUSTER_DIR:-/var/lib/ignis-cluster$sfx}"
 RUN="${IGNIS_CLUSTER_RUN:-/run/ignis-cluster$sfx}"
-NETNS="${IGNIS_CLUSTER_NETNS:-ignis-cluster$sfx}"
+# Node i>1 of a cluster is "$NETNS-<i>", so an instance's name must never look like that of
+# another's node: "ignis-cluster-2" was both instance 2's first node and the default cluster's
+# second (and `down` of the default took every "ignis-cluster-<n>").
+NETNS="${IGNIS_CLUSTER_NETNS:-ignis${INSTANCE}-cluster}"
 NODE="${IGNIS_CLUSTER_NODE:-ignis${INSTANCE:+$INSTANCE}-node}"
 # The /24 the host and the nodes share, the nodes' pod ranges (node i gets <POD_NET>.<i-1>.0/24
 # of <POD_NET>.0.0/16) and the service network: ranges nothing else on the machine routes.
