@@ -12,7 +12,8 @@ else
 fi
 DIR="${IGNIS_CLUSTER_DIR:-/var/lib/ignis-cluster$sfx}"
 RUN="${IGNIS_CLUSTER_RUN:-/run/ignis-cluster$sfx}"
-# Not ignis-cluster-K: that is the default cluster's node K.
+# Node i>1 of a cluster is "$NETNS-<i>", so an instance's name must never look like that of
+# another's node ("ignis-cluster-2" is the default cluster's second node).
 if [ -n "$INSTANCE" ]; then netns="ignis-c$INSTANCE"; else netns="ignis-cluster"; fi
 NETNS="${IGNIS_CLUSTER_NETNS:-$netns}"
 NODE="${IGNIS_CLUSTER_NODE:-ignis${INSTANCE:+$INSTANCE}-node}"

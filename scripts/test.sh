@@ -87,6 +87,13 @@ stage_gitops() {
   ./scripts/flux.sh down
 }
 stage_gitops
+# Issue #19's attacks as a tenant ServiceAccount, with the node-side checks (no VMM opened a
+# named file, nothing written outside the image cache, confined VMMs); ~30 s.
+stage_attacks() {
+  stage "attack suite"
+  cargo test -p ignis-e2e --features cluster --test attacks -- --nocapture
+}
+stage_attacks
 # The cluster bench, small, so it does not rot (docs/benchmarks.md, "cluster", for the N=20 run).
 stage "cluster bench"
 ./target/debug/ignis bench --results-dir "$(mktemp -d)" cluster --count 3 \

@@ -262,3 +262,7 @@ mod tests {
         assert!(shutdown.is_cancelled(), "the change was noticed");
     }
 }
+
+#[cfg(test)]
+#[path = "tls_rotation_tests.rs"]
+mod rotation_tests;

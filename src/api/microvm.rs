@@ -266,6 +266,10 @@ pub struct KernelSource {
     /// Absolute path of the kernel image on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.startsWith('/')").message("spec.kernel.path must be an absolute path"))]
+    // The node's agent opens host paths only beneath its admin's directories
+    // (`--allowed-path-dir`); these refuse early, naming the field, what can never be there.
+    #[x_kube(validation = Rule::new("!self.matches('(^|/)[.][.](/|$)')").message("spec.kernel.path must not contain '..': name the file beneath a directory the node's admin allows"))]
+    #[x_kube(validation = Rule::new("!self.matches('^/+(proc|sys|dev)(/|$)')").message("spec.kernel.path must not be under /proc, /sys or /dev: host paths are allowed only beneath the directories the node's admin lists"))]
     pub path: Option<String>,
     /// OCI reference of an image holding the kernel at `/boot/vmlinuz`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -284,6 +288,10 @@ pub struct ImageSource {
     /// Absolute path on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.startsWith('/')").message("spec.initrd.path must be an absolute path"))]
+    // The node's agent opens host paths only beneath its admin's directories
+    // (`--allowed-path-dir`); these refuse early, naming the field, what can never be there.
+    #[x_kube(validation = Rule::new("!self.matches('(^|/)[.][.](/|$)')").message("spec.initrd.path must not contain '..': name the file beneath a directory the node's admin allows"))]
+    #[x_kube(validation = Rule::new("!self.matches('^/+(proc|sys|dev)(/|$)')").message("spec.initrd.path must not be under /proc, /sys or /dev: host paths are allowed only beneath the directories the node's admin lists"))]
     pub path: Option<String>,
     /// OCI reference of an image holding the file at `/boot/initrd.img`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -298,6 +306,10 @@ pub struct RootfsSource {
     /// Absolute path of a raw disk image on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.startsWith('/')").message("spec.rootfs.path must be an absolute path"))]
+    // The node's agent opens host paths only beneath its admin's directories
+    // (`--allowed-path-dir`); these refuse early, naming the field, what can never be there.
+    #[x_kube(validation = Rule::new("!self.matches('(^|/)[.][.](/|$)')").message("spec.rootfs.path must not contain '..': name the file beneath a directory the node's admin allows"))]
+    #[x_kube(validation = Rule::new("!self.matches('^/+(proc|sys|dev)(/|$)')").message("spec.rootfs.path must not be under /proc, /sys or /dev: host paths are allowed only beneath the directories the node's admin lists"))]
     pub path: Option<String>,
     /// OCI reference of an image holding a disk under `/disk/` (raw or qcow2), or a root
     /// filesystem, which becomes an ext4 disk.

@@ -100,7 +100,8 @@ struct Inner {
     signals: mpsc::UnboundedSender<PoolSignal>,
     grace: Duration,
     heartbeat_timeout: Duration,
-    tls: Option<ClientTlsConfig>,
+    /// The latest client TLS config; each new connection takes it.
+    tls: Option<tokio::sync::watch::Receiver<ClientTlsConfig>>,
     shutdown: CancellationToken,
 }
 
@@ -115,7 +116,7 @@ impl AgentPool {
     pub fn new(
         grace: Duration,
         heartbeat_timeout: Duration,
-        tls: Option<ClientTlsConfig>,
+        tls: Option<tokio::sync::watch::Receiver<ClientTlsConfig>>,
         shutdown: CancellationToken,
     ) -> (Self, mpsc::UnboundedReceiver<PoolSignal>) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -480,7 +481,8 @@ async fn session(
     endpoint: &AgentEndpoint,
     failures: &mut u32,
 ) -> Result<(), AgentError> {
-    let channel = connect(endpoint, inner.tls.as_ref()).await?;
+    let tls = inner.tls.as_ref().map(|latest| latest.borrow().clone());
+    let channel = connect(endpoint, tls.as_ref()).await?;
     let mut client = AgentClient::new(channel);
     let host = wire::host_info(unary(client.get_host(proto::GetHostRequest {})).await?);
     let mut stream = unary(client.watch_v_ms(proto::WatchVMsRequest {})).await?;

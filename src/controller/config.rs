@@ -142,8 +142,8 @@ pub struct ControllerConfig {
     pub(crate) static_agents: BTreeMap<String, AgentEndpoint>,
     /// Discover agents from their pods (cluster mode).
     pub(crate) discovery: Option<DiscoveryConfig>,
-    /// Client TLS for TCP agents.
-    pub(crate) tls: Option<ClientTlsConfig>,
+    /// Client TLS for TCP agents, the latest (renewed while the controller runs).
+    pub(crate) tls: Option<tokio::sync::watch::Receiver<ClientTlsConfig>>,
     pub(crate) agent_lost_grace: Duration,
     /// A stream silent this long (no heartbeat) counts as broken.
     pub(crate) heartbeat_timeout: Duration,

@@ -333,16 +333,16 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
                 .values()
                 .any(|e| matches!(e, AgentEndpoint::Tcp { .. })));
     let tls = if needs_tls {
-        let config = tls::ensure_secret(client.clone(), &args.system_namespace, &args.tls_secret)
+        Some(
+            tls::latest_client_tls(
+                client.clone(),
+                args.system_namespace.clone(),
+                args.tls_secret.clone(),
+                shutdown.clone(),
+            )
             .await
-            .map_err(ControllerError::Tls)?;
-        tls::renew_agent_secret_periodically(
-            client.clone(),
-            args.system_namespace.clone(),
-            args.tls_secret.clone(),
-            shutdown.clone(),
-        );
-        Some(config)
+            .map_err(ControllerError::Tls)?,
+        )
     } else {
         None
     };

@@ -9,7 +9,8 @@
 //!   (`tls.crt`/`tls.key`, `serverAuth` only, not a CA). Nothing else.
 //!
 //! The controller mints its client certificate (`clientAuth`, DNS name [`CONTROLLER_NAME`]) in
-//! memory at start. Agents accept only client certificates issued by the CA, with `clientAuth`
+//! memory, valid for [`CONTROLLER_CERT_HOURS`], and mints a new one while it runs once two
+//! thirds of that have passed or the CA changed (new connections use it; [`client_tls`]). Agents accept only client certificates issued by the CA, with `clientAuth`
 //! and that name (`agent::tls`), so nothing a node holds can sign a certificate another agent
 //! accepts. Both Secrets are created when missing; the agents' Secret is rewritten when it no
 //! longer matches the CA (after a rotation, or in the old layout that carried the CA key), and
@@ -17,7 +18,8 @@
 //!
 //! Bring your own PKI (cert-manager, say): create [`CLIENT_SECRET`] (`ignis-controller-tls`:
 //! `ca.crt`, `tls.crt`, `tls.key` of a client certificate named `ignis-controller`) and the
-//! agents' Secret; the controller then uses them and manages nothing.
+//! agents' Secret; the controller then uses them and manages nothing, re-reading its Secret
+//! while it runs (a renewed or re-rooted certificate is used without a restart).
 
 use std::collections::BTreeMap;
 
@@ -131,6 +133,7 @@ impl Ca {
 
     /// A leaf certificate for `name` with one extended key usage, as (cert, key) PEM. Never a
     /// CA, so what it signs is trusted by nobody.
+    #[cfg(test)]
     pub fn issue(
         &self,
         name: &str,
@@ -175,9 +178,14 @@ impl Ca {
         ]))
     }
 
-    /// The controller's client TLS config, with a client certificate minted now.
+    /// The controller's client TLS config, with a client certificate minted now (valid for
+    /// [`CONTROLLER_CERT_HOURS`]).
     pub fn client_config(&self) -> Result<ClientTlsConfig, TlsError> {
-        let (cert, key) = self.issue(CONTROLLER_NAME, ExtendedKeyUsagePurpose::ClientAuth)?;
+        let (cert, key) = self.issue_for(
+            CONTROLLER_NAME,
+            ExtendedKeyUsagePurpose::ClientAuth,
+            Some(CONTROLLER_CERT_HOURS),
+        )?;
         Ok(client_tls(&self.cert_pem, cert, key))
     }
 
@@ -192,6 +200,70 @@ impl Ca {
             return false;
         }
         issued_and_fresh(&data[TLS_CERT].0, &self.cert_pem)
+    }
+}
+
+/// The controller's client certificate lives as long as the agents' server certificate.
+pub const CONTROLLER_CERT_HOURS: u64 = AGENT_CERT_HOURS;
+
+/// What the Secrets hold for the controller's client identity.
+enum Seen {
+    /// The user's [`CLIENT_SECRET`] data.
+    Own(BTreeMap<String, ByteString>),
+    /// The managed CA (the agents' Secret made to fit it).
+    Managed(Box<Ca>),
+}
+
+/// What the controller's current client TLS config was made from.
+#[derive(Clone, Debug, PartialEq)]
+enum ClientSource {
+    Own(BTreeMap<String, ByteString>),
+    /// Minted by the CA whose certificate is `ca_pem`, valid `not_before..not_after` (seconds).
+    Minted {
+        ca_pem: String,
+        not_before: i64,
+        not_after: i64,
+    },
+}
+
+/// Whether a client config made from `current` must be made again, now that the Secrets hold
+/// `seen`: the user's data changed, the CA changed, a mode changed, or the minted certificate
+/// is past two thirds of its life.
+fn remake(current: &ClientSource, seen: &Seen, now: i64) -> bool {
+    match (current, seen) {
+        (ClientSource::Own(was), Seen::Own(is)) => was != is,
+        (
+            ClientSource::Minted {
+                ca_pem,
+                not_before,
+                not_after,
+            },
+            Seen::Managed(ca),
+        ) => *ca_pem != ca.cert_pem || due_for_renewal(*not_before, *not_after, now),
+        _ => true,
+    }
+}
+
+/// A client TLS config from what the Secrets hold, and what it was made from.
+fn make(seen: &Seen) -> Result<(ClientTlsConfig, ClientSource), TlsError> {
+    match seen {
+        Seen::Own(data) => Ok((
+            client_config_from_data(CLIENT_SECRET, data)?,
+            ClientSource::Own(data.clone()),
+        )),
+        Seen::Managed(ca) => {
+            let now = jiff::Timestamp::now().as_second();
+            let hours = i64::try_from(CONTROLLER_CERT_HOURS).unwrap_or(i64::MAX / 7200);
+            Ok((
+                ca.client_config()?,
+                ClientSource::Minted {
+                    ca_pem: ca.cert_pem.clone(),
+                    // As `expire_in` sets them, to the second or so.
+                    not_before: now - 3600,
+                    not_after: now + hours * 3600,
+                },
+            ))
+        }
     }
 }
 
@@ -394,35 +466,48 @@ async fn ensure_agent_secret(
     Err(TlsError::Conflict(name.to_string()))
 }
 
-/// The controller's client TLS config: from the user's [`CLIENT_SECRET`] when it exists, else
-/// from the managed CA (created when missing), after making sure the agents' Secret
-/// `agent_secret` fits that CA.
-pub async fn ensure_secret(
+/// What the Secrets hold for the controller: the user's [`CLIENT_SECRET`] when it exists, else
+/// the managed CA (created when missing), after making sure the agents' Secret `agent_secret`
+/// fits it.
+async fn current(api: &Api<Secret>, namespace: &str, agent_secret: &str) -> Result<Seen, TlsError> {
+    if let Some(own) = api.get_opt(CLIENT_SECRET).await.map_err(TlsError::Kube)? {
+        return Ok(Seen::Own(own.data.unwrap_or_default()));
+    }
+    let ca = ensure_ca(api, namespace).await?;
+    ensure_agent_secret(api, namespace, agent_secret, &ca).await?;
+    Ok(Seen::Managed(Box::new(ca)))
+}
+
+/// The controller's client TLS config as [`latest_client_tls`] first makes it.
+#[cfg(test)]
+pub(crate) async fn ensure_secret(
     client: Client,
     namespace: &str,
     agent_secret: &str,
 ) -> Result<ClientTlsConfig, TlsError> {
     let api: Api<Secret> = Api::namespaced(client, namespace);
-    if let Some(own) = api.get_opt(CLIENT_SECRET).await.map_err(TlsError::Kube)? {
-        tracing::info!(%namespace, secret = CLIENT_SECRET, "using the provided client certificate; managing no TLS Secrets");
-        return client_config_from_data(CLIENT_SECRET, &own.data.unwrap_or_default());
-    }
-    let ca = ensure_ca(&api, namespace).await?;
-    ensure_agent_secret(&api, namespace, agent_secret, &ca).await?;
-    ca.client_config()
+    Ok(make(&current(&api, namespace, agent_secret).await?)?.0)
 }
 
-/// While the controller runs, keep the agents' Secret fresh: every [`RENEW_CHECK_INTERVAL`]
-/// its certificate is checked and reissued once two thirds of its day have passed (or when it
-/// no longer fits the CA). Nothing to do with the user's own PKI ([`CLIENT_SECRET`]).
-pub fn renew_agent_secret_periodically(
+/// The controller's client TLS config, kept current while the controller runs: every
+/// [`RENEW_CHECK_INTERVAL`] the agents' Secret is renewed as needed (once two thirds of its day
+/// have passed, or when it no longer fits the CA) and the controller's own client certificate
+/// is minted again when due or when the CA changed; with the user's [`CLIENT_SECRET`], it is
+/// re-read and used as soon as it changes. New connections to agents take the latest.
+pub(crate) async fn latest_client_tls(
     client: Client,
     namespace: String,
     agent_secret: String,
     shutdown: tokio_util::sync::CancellationToken,
-) {
+) -> Result<tokio::sync::watch::Receiver<ClientTlsConfig>, TlsError> {
+    let api: Api<Secret> = Api::namespaced(client, &namespace);
+    let seen = current(&api, &namespace, &agent_secret).await?;
+    if matches!(seen, Seen::Own(_)) {
+        tracing::info!(%namespace, secret = CLIENT_SECRET, "using the provided client certificate; managing no TLS Secrets");
+    }
+    let (config, mut source) = make(&seen)?;
+    let (tx, rx) = tokio::sync::watch::channel(config);
     tokio::spawn(async move {
-        let api: Api<Secret> = Api::namespaced(client, &namespace);
         let mut tick = tokio::time::interval(RENEW_CHECK_INTERVAL);
         tick.tick().await;
         loop {
@@ -430,23 +515,23 @@ pub fn renew_agent_secret_periodically(
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            match api.get_opt(CLIENT_SECRET).await {
-                Ok(Some(_)) => return,
-                Ok(None) => {}
-                Err(error) => {
-                    tracing::warn!(%error, "cannot check for a provided client certificate");
-                    continue;
+            let renewed = match current(&api, &namespace, &agent_secret).await {
+                Ok(seen) if remake(&source, &seen, jiff::Timestamp::now().as_second()) => {
+                    make(&seen).map(|(config, made_from)| {
+                        tx.send_replace(config);
+                        source = made_from;
+                        tracing::info!(%namespace, "renewed the controller's client certificate");
+                    })
                 }
-            }
-            let renewed = match ensure_ca(&api, &namespace).await {
-                Ok(ca) => ensure_agent_secret(&api, &namespace, &agent_secret, &ca).await,
+                Ok(_) => Ok(()),
                 Err(error) => Err(error),
             };
             if let Err(error) = renewed {
-                tracing::warn!(reason = <&str>::from(&error), error = %crate::error::chain(&error), "renewing the agents' certificate failed; retrying");
+                tracing::warn!(reason = <&str>::from(&error), error = %crate::error::chain(&error), "renewing the TLS certificates failed; retrying");
             }
         }
     });
+    Ok(rx)
 }
 
 #[cfg(test)]
@@ -517,6 +602,49 @@ mod tests {
         let mut partial = ca.agent_secret_data().expect("data");
         partial.remove(TLS_KEY);
         assert!(!ca.agent_data_is_current(&partial), "no key");
+    }
+
+    #[test]
+    fn the_controller_certificate_is_made_again_when_due_or_when_its_source_changed() {
+        let ca = Ca::generate().expect("CA");
+        let (_, minted) = make(&Seen::Managed(Box::new(
+            Ca::from_data(CA_SECRET, &ca.secret_data()).expect("reload"),
+        )))
+        .expect("minted");
+        let ClientSource::Minted {
+            not_before,
+            not_after,
+            ..
+        } = minted.clone()
+        else {
+            panic!("minted from the CA: {minted:?}");
+        };
+        let hours = i64::try_from(CONTROLLER_CERT_HOURS).expect("hours");
+        assert_eq!(
+            not_after - not_before,
+            hours * 3600 + 3600,
+            "a day and the hour back"
+        );
+        let same = Seen::Managed(Box::new(
+            Ca::from_data(CA_SECRET, &ca.secret_data()).expect("reload"),
+        ));
+        assert!(!remake(&minted, &same, not_before + 3600), "fresh, same CA");
+        let two_thirds = not_before + (not_after - not_before) / 3 * 2;
+        assert!(remake(&minted, &same, two_thirds), "two thirds of its life");
+        let rotated = Seen::Managed(Box::new(Ca::generate().expect("new CA")));
+        assert!(remake(&minted, &rotated, not_before + 3600), "another CA");
+
+        let data = ca.agent_secret_data().expect("data");
+        let own = ClientSource::Own(data.clone());
+        assert!(!remake(&own, &Seen::Own(data.clone()), 0), "unchanged");
+        let mut renewed = data.clone();
+        renewed.insert(TLS_CERT.into(), ByteString(b"renewed".to_vec()));
+        assert!(remake(&own, &Seen::Own(renewed), 0), "the user renewed it");
+        assert!(remake(&own, &same, 0), "the user's Secret was removed");
+        assert!(
+            remake(&minted, &Seen::Own(data), 0),
+            "the user's Secret appeared"
+        );
     }
 
     #[test]

@@ -1,0 +1,139 @@
+//! A CA rotation with overlap, over real mutual-TLS connections (rustls through tonic, the
+//! agent's own server): a new CA is added to both sides' trust bundle, then the leaf
+//! certificates are re-issued under it, then the old CA is removed. The controller reaches the
+//! agent at every step, in either order of the leaves; skipping the overlap breaks it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use rcgen::ExtendedKeyUsagePurpose;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+use crate::agent::{AgentConfig, ListenAddr, TlsFiles, serve};
+use crate::controller::tls::{AGENT_SERVER_NAME, CONTROLLER_NAME, Ca, TLS_CERT, TLS_KEY};
+use crate::proto::GetHostRequest;
+use crate::proto::agent_client::AgentClient;
+
+fn pem(data: &BTreeMap<String, ByteString>, key: &str) -> String {
+    String::from_utf8(data[key].0.clone()).expect("utf-8")
+}
+
+/// One side's TLS material: its leaf (cert, key) and the CAs it trusts.
+#[derive(Clone)]
+struct Side {
+    leaf: (String, String),
+    trusts: String,
+}
+
+/// The agent serving with `agent`'s material; GetHost called with `controller`'s. Ok when
+/// the call was answered. Each call is a fresh agent, as a restarted agent pod is.
+async fn reaches(agent: &Side, controller: &Side) -> Result<(), String> {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let files = TlsFiles {
+        cert: tmp.path().join("tls.crt"),
+        key: tmp.path().join("tls.key"),
+        client_ca: tmp.path().join("ca.crt"),
+    };
+    std::fs::write(&files.cert, &agent.leaf.0).expect("write");
+    std::fs::write(&files.key, &agent.leaf.1).expect("write");
+    std::fs::write(&files.client_ca, &agent.trusts).expect("write");
+    let mut config = AgentConfig::local(&tmp.path().join("state"));
+    config.listen = ListenAddr::Tcp("127.0.0.1:0".parse().expect("addr"));
+    config.tls = Some(files);
+    config.network = None;
+    config.simulated = true;
+    config.accelerator = crate::agent::AcceleratorFlag::Tcg;
+    let shutdown = CancellationToken::new();
+    let served = serve(config, shutdown.clone()).await.expect("agent serves");
+    let ListenAddr::Tcp(addr) = served.listen else {
+        panic!("tcp")
+    };
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&controller.trusts))
+        .domain_name(AGENT_SERVER_NAME)
+        .identity(Identity::from_pem(&controller.leaf.0, &controller.leaf.1));
+    let endpoint = Endpoint::from_shared(format!("https://127.0.0.1:{}", addr.port()))
+        .expect("endpoint")
+        .tls_config(tls)
+        .expect("tls")
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5));
+    let result = match endpoint.connect().await {
+        Ok(channel) => AgentClient::new(channel)
+            .get_host(GetHostRequest::default())
+            .await
+            .map(|_| ())
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message())),
+        Err(e) => Err(format!("connect: {e:?}")),
+    };
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), served.wait()).await;
+    result
+}
+
+fn agent_leaf(ca: &Ca) -> (String, String) {
+    let data = ca.agent_secret_data().expect("agents' data");
+    (pem(&data, TLS_CERT), pem(&data, TLS_KEY))
+}
+
+fn controller_leaf(ca: &Ca) -> (String, String) {
+    ca.issue(CONTROLLER_NAME, ExtendedKeyUsagePurpose::ClientAuth)
+        .expect("controller cert")
+}
+
+#[tokio::test]
+async fn a_ca_rotation_with_overlap_never_breaks_mutual_tls() {
+    let old = Ca::generate().expect("old CA");
+    let new = Ca::generate().expect("new CA");
+    let both = format!("{}{}", old.cert_pem, new.cert_pem);
+    let side = |leaf: (String, String), trusts: &str| Side {
+        leaf,
+        trusts: trusts.to_string(),
+    };
+
+    // Every state the two sides pass through, in the order the rotation writes them: either
+    // side may lag one step behind the other (an agent restarts when the kubelet refreshes
+    // its Secret; the controller when it reloads), so each step is checked against the
+    // previous and the next state of the other side.
+    let agent = [
+        side(agent_leaf(&old), &old.cert_pem),
+        side(agent_leaf(&old), &both),
+        side(agent_leaf(&new), &both),
+        side(agent_leaf(&new), &new.cert_pem),
+    ];
+    let controller = [
+        side(controller_leaf(&old), &old.cert_pem),
+        side(controller_leaf(&old), &both),
+        side(controller_leaf(&new), &both),
+        side(controller_leaf(&new), &new.cert_pem),
+    ];
+    for (a, agent_side) in agent.iter().enumerate() {
+        for (c, controller_side) in controller.iter().enumerate() {
+            if a.abs_diff(c) > 1 {
+                continue;
+            }
+            reaches(agent_side, controller_side)
+                .await
+                .unwrap_or_else(|e| panic!("agent at step {a}, controller at step {c}: {e}"));
+        }
+    }
+
+    // Without the overlap (straight from the old CA to the new), whichever side moves first
+    // is cut off from the other.
+    let cut = reaches(&agent[3], &controller[0]).await;
+    assert!(
+        cut.is_err(),
+        "a new-CA agent accepted an old-only controller"
+    );
+    let cut = reaches(&agent[0], &controller[3]).await;
+    assert!(
+        cut.is_err(),
+        "an old-CA agent was reached by a new-only controller"
+    );
+    // Once the old CA is gone, what it issued is refused.
+    let stale = side(controller_leaf(&old), &both);
+    let refused = reaches(&agent[3], &stale).await;
+    assert!(refused.is_err(), "a leaf of the removed CA was accepted");
+}
