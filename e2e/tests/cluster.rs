@@ -176,6 +176,10 @@ impl Ctx {
 #[test]
 fn ignis_on_an_upstream_cluster() {
     let Some(up) = Upstream::from_env() else {
+        ignis::testing::prerequisite::missing(
+            "ignis_on_an_upstream_cluster",
+            "needs the upstream cluster: IGNIS_E2E_CLUSTER_ENV (scripts/cluster.sh up && install-ignis)",
+        );
         return;
     };
     let cluster = Cluster::start();
@@ -193,9 +197,27 @@ fn ignis_on_an_upstream_cluster() {
     let (pids, _) = ctx.vm_identity("survivor");
     assert_eq!(pids.len(), 1, "one VMM: {pids:?}");
     let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", pids[0])).expect("cgroup");
+    // With VM pods (the chart's default) the VMM lives in its pod's cgroup, beside the pod's
+    // container; without, in the node-level VMM cgroup. Never in the agent's container.
+    let vm_pod = ctx.cluster.kubectl(&[
+        "get",
+        "-n",
+        NS,
+        "pod/vm-survivor",
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ]);
+    let expected = if vm_pod.success && !vm_pod.stdout.is_empty() {
+        format!("/pod{}/ignis-vmm", vm_pod.stdout.trim())
+    } else {
+        "/ignis-vms".to_string()
+    };
     assert!(
-        cgroup.contains("/ignis-vms"),
-        "the VMM is in the node-level VMM cgroup, not the agent's container:\n{cgroup}"
+        cgroup
+            .lines()
+            .filter(|l| l.contains(":memory:") || l.starts_with("0::"))
+            .all(|l| l.ends_with(&expected)),
+        "the VMM is in {expected}, not the agent's container:\n{cgroup}"
     );
 
     a_guest_serves_on_its_ip(&ctx);
