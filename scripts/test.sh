@@ -3,7 +3,7 @@
 # guests, end-to-end tests with kubectl against `ignis dev`, a short soak, then the same
 # end-to-end tests (plus the cluster-only ones) against an upstream two-node Kubernetes
 # cluster with Ignis installed by Helm (scripts/cluster.sh), every MicroVM in a VM pod, and the
-# cluster-only suites (e2e/tests/{cluster,vm_pods}.rs).
+# cluster-only suites (e2e/tests/{cluster,gitops,attacks,vm_pods}.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -97,7 +97,7 @@ stage_attacks
 # The cluster bench, small, so it does not rot (docs/benchmarks.md, "cluster", for the N=20 run).
 stage "cluster bench"
 ./target/debug/ignis bench --results-dir "$(mktemp -d)" cluster --count 3 \
-  --kubeconfig "$IGNIS_E2E_KUBECONFIG"
+  --kubeconfig "$IGNIS_E2E_KUBECONFIG" --bare-guest-dir "$(dirname "$IGNIS_E2E_KUBECONFIG")/ignis/guest"
 # Last: it stops a node for good (the node-loss phase).
 stage "VM pods e2e"
 cargo test -p ignis-e2e --features cluster --test vm_pods -- --nocapture

@@ -41,9 +41,14 @@ pub(crate) struct ClusterArgs {
     /// The cluster's admin kubeconfig (`scripts/cluster.sh kubeconfig`).
     #[arg(long, env = "KUBECONFIG")]
     pub(crate) kubeconfig: PathBuf,
-    /// The guest every node has (`vmlinuz` and `initrd.cpio`, in the agents' allowed dir).
+    /// The guest every node has (`vmlinuz` and `initrd.cpio`, in the agents' allowed dir), as
+    /// the agents see it.
     #[arg(long, default_value = "/var/lib/ignis/guest")]
     pub(crate) guest_dir: PathBuf,
+    /// The same guest's directory on this host, for the bare boots (default: `--guest-dir`;
+    /// on `scripts/cluster.sh`'s cluster, `<cluster dir>/ignis/guest`).
+    #[arg(long)]
+    pub(crate) bare_guest_dir: Option<PathBuf>,
     /// MicroVMs, one after another, and as many bare boots.
     #[arg(long, default_value_t = 20)]
     pub(crate) count: usize,
@@ -271,15 +276,17 @@ pub(crate) async fn run(
     machine: &Machine,
     dir: &Path,
 ) -> Result<(), BenchError> {
-    let guest = DemoGuest {
-        kernel: args.guest_dir.join("vmlinuz"),
-        initrd: args.guest_dir.join("initrd.cpio"),
+    let in_dir = |dir: &Path| DemoGuest {
+        kernel: dir.join("vmlinuz"),
+        initrd: dir.join("initrd.cpio"),
         kernel_version: String::new(),
     };
-    for file in [&guest.kernel, &guest.initrd] {
+    let guest = in_dir(&args.guest_dir);
+    let bare_guest = in_dir(args.bare_guest_dir.as_ref().unwrap_or(&args.guest_dir));
+    for file in [&bare_guest.kernel, &bare_guest.initrd] {
         if !file.is_file() {
             return Err(BenchError::Failed(format!(
-                "{} is missing: run scripts/cluster.sh install-ignis first",
+                "{} is missing (--bare-guest-dir): run scripts/cluster.sh install-ignis first",
                 file.display()
             )));
         }
@@ -298,7 +305,7 @@ pub(crate) async fn run(
             if i % 2 == 1 {
                 result
                     .bare_ms
-                    .push(bare_boot(&guest, &bare_root, &bare_id, args.timeout).await?);
+                    .push(bare_boot(&bare_guest, &bare_root, &bare_id, args.timeout).await?);
             }
             result
                 .ignis
@@ -306,7 +313,7 @@ pub(crate) async fn run(
             if i % 2 == 0 {
                 result
                     .bare_ms
-                    .push(bare_boot(&guest, &bare_root, &bare_id, args.timeout).await?);
+                    .push(bare_boot(&bare_guest, &bare_root, &bare_id, args.timeout).await?);
             }
             let last = result.ignis.last().cloned().unwrap_or_default();
             println!(
