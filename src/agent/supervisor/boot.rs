@@ -14,6 +14,9 @@ use crate::agent::image::ResolvedImage;
 use crate::agent::net::{self, AttachedInterface};
 use crate::agent::vmm::{API_TIMEOUT, OpenedFiles, VmConfig, VmmError};
 
+/// How long a create cut short by the boot deadline is watched for a VMM it spawned late.
+const STRAY_SWEEP: Duration = Duration::from_secs(2);
+
 impl Inner {
     pub(super) async fn boot(
         self: &Arc<Self>,
@@ -182,8 +185,9 @@ impl Inner {
                 }
                 Err(_) => {
                     // The create cut short may have spawned its VMM already: kill it, or a
-                    // next run would make two VMMs for one VM.
-                    stop::kill_strays(&self.store, &spec.uid, None).await;
+                    // next run would make two VMMs for one VM. A child forked a moment ago
+                    // names the VM only once it has exec'd, so look again for a while.
+                    stop::sweep_strays(&self.store, &spec.uid, STRAY_SWEEP).await;
                     let source = VmmError::ApiTimeout {
                         operation: "create".into(),
                         timeout: self.config.boot_timeout,

@@ -108,6 +108,18 @@ pub(super) fn force_kill(handle: &VmmHandle) {
     }
 }
 
+/// [`kill_strays`] now and every 100 ms until `within` has passed: for a create cut short,
+/// whose VMM may still be between fork and exec (not yet naming the VM) when it is abandoned.
+pub(super) async fn sweep_strays(store: &StateStore, uid: &VmUid, within: Duration) -> usize {
+    let until = tokio::time::Instant::now() + within;
+    let mut killed = kill_strays(store, uid, None).await;
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        killed += kill_strays(store, uid, None).await;
+    }
+    killed
+}
+
 /// Kill every VMM whose command line names the VM's API socket, but `keep`: VMMs the agent
 /// holds no handle of (a missing or corrupt `handle.json`), so none outlives adoption or
 /// delete. Returns how many were killed.
