@@ -8,9 +8,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use ignis::agent::{self, AcceleratorFlag, AgentConfig};
+use common::simulated::SimulatedNode;
 use ignis::controller::{self, ControllerConfig};
-use ignis::dev::apiserver;
 use ignis::proto;
 use tokio_util::sync::CancellationToken;
 
@@ -23,28 +22,8 @@ async fn a_vm_no_microvm_owns_is_removed() {
     ignis::telemetry::init_tracing(ignis::telemetry::LogFormat::Pretty, "warn");
     let dir = tempfile::tempdir().expect("tempdir");
     let shutdown = CancellationToken::new();
-    let mut api_config =
-        ignis::dev::api_server_config(dir.path().join("apiserver")).expect("config");
-    api_config.node_name = NODE.into();
-    let api = apiserver::start(api_config, shutdown.clone())
-        .await
-        .expect("start the dev API server");
-
-    let mut agent_config = AgentConfig::local(&dir.path().join("agent"));
-    agent_config.node_name = NODE.into();
-    agent_config.accelerator = AcceleratorFlag::Tcg;
-    agent_config.simulated = true;
-    agent_config.network = None;
-    agent_config
-        .vmm_policy
-        .allowed_path_dirs
-        .push(dir.path().to_path_buf());
-    agent_config.stop_vms_on_exit = true;
-    let stop_agent = CancellationToken::new();
-    let agent = agent::serve(agent_config, stop_agent.clone())
-        .await
-        .expect("start the agent");
-    let socket = agent.socket_path().expect("unix socket").to_path_buf();
+    let node = SimulatedNode::start(dir.path(), NODE, &shutdown, |_| {}).await;
+    let (api, agent, stop_agent, socket) = (node.api, node.agent, node.stop_agent, node.socket);
 
     // An orphan: applied straight to the agent, as a VM whose MicroVM was deleted while the
     // controller was away would be. The simulated VMM only checks the files are readable.

@@ -9,10 +9,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ignis::agent::{self, AcceleratorFlag, AgentConfig};
+use common::simulated::SimulatedNode;
 use ignis::api::{InterfaceMode, MicroVM};
 use ignis::controller::{self, ControllerConfig};
-use ignis::dev::apiserver;
 use ignis::testing::MicroVmBuilder;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
@@ -53,34 +52,15 @@ async fn every_microvm_reaches_running_although_the_agent_is_faster_than_the_api
     let dir = tempfile::tempdir().expect("tempdir");
     let shutdown = CancellationToken::new();
 
-    let mut api_config =
-        ignis::dev::api_server_config(dir.path().join("apiserver")).expect("config");
-    api_config.node_name = NODE.into();
-    let api = apiserver::start(api_config, shutdown.clone())
-        .await
-        .expect("start the dev API server");
-
-    let mut agent_config = AgentConfig::local(&dir.path().join("agent"));
-    agent_config.node_name = NODE.into();
-    agent_config.accelerator = AcceleratorFlag::Tcg;
-    agent_config.simulated = true;
-    agent_config.network = None;
-    // The stand-in kernel is written to the test's directory.
-    agent_config
-        .vmm_policy
-        .allowed_path_dirs
-        .push(dir.path().to_path_buf());
-    agent_config.stop_vms_on_exit = true;
     // Room for every round's VMs on this small host: the simulated VMM runs no guest.
-    agent_config.vcpu_overcommit = 64;
-    let stop_agent = CancellationToken::new();
-    let agent = agent::serve(agent_config, stop_agent.clone())
-        .await
-        .expect("start the agent");
-    let socket = agent.socket_path().expect("unix socket").to_path_buf();
-    // The simulated VMM runs no guest, but the agent still checks the kernel is readable.
-    let kernel = dir.path().join("vmlinuz");
-    std::fs::write(&kernel, b"not a kernel: the simulated VMM never reads it").expect("kernel");
+    let node = SimulatedNode::start(dir.path(), NODE, &shutdown, |c| c.vcpu_overcommit = 64).await;
+    let (api, agent, stop_agent, socket, kernel) = (
+        node.api,
+        node.agent,
+        node.stop_agent,
+        node.socket,
+        node.kernel,
+    );
 
     let client = kube::Client::try_from(api.client_config()).expect("kube client");
     let stop_controller = CancellationToken::new();

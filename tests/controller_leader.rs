@@ -10,9 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use ignis::agent::{self, AcceleratorFlag, AgentConfig};
+use common::simulated::SimulatedNode;
 use ignis::api::{FINALIZER, InterfaceMode, MicroVM, NODE_LABEL};
-use ignis::dev::apiserver;
 use ignis::testing::MicroVmBuilder;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
@@ -245,34 +244,16 @@ async fn one_controller_leads_and_a_standby_takes_over_when_it_dies() {
     let dir = tempfile::tempdir().expect("tempdir");
     let shutdown = CancellationToken::new();
 
-    let mut api_config =
-        ignis::dev::api_server_config(dir.path().join("apiserver")).expect("config");
-    api_config.node_name = NODE.into();
-    let api = apiserver::start(api_config, shutdown.clone())
-        .await
-        .expect("start the dev API server");
+    let node = SimulatedNode::start(dir.path(), NODE, &shutdown, |_| {}).await;
+    let (api, agent, stop_agent, socket, kernel) = (
+        node.api,
+        node.agent,
+        node.stop_agent,
+        node.socket,
+        node.kernel,
+    );
     let kubeconfig = dir.path().join("kubeconfig");
     api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
-
-    let mut agent_config = AgentConfig::local(&dir.path().join("agent"));
-    agent_config.node_name = NODE.into();
-    agent_config.accelerator = AcceleratorFlag::Tcg;
-    agent_config.simulated = true;
-    agent_config.network = None;
-    // The stand-in kernel is written to the test's directory.
-    agent_config
-        .vmm_policy
-        .allowed_path_dirs
-        .push(dir.path().to_path_buf());
-    agent_config.stop_vms_on_exit = true;
-    let stop_agent = CancellationToken::new();
-    let agent = agent::serve(agent_config, stop_agent.clone())
-        .await
-        .expect("start the agent");
-    let socket = agent.socket_path().expect("unix socket").to_path_buf();
-    // The simulated VMM runs no guest, but the agent still checks the kernel is readable.
-    let kernel = dir.path().join("vmlinuz");
-    std::fs::write(&kernel, b"not a kernel: the simulated VMM never reads it").expect("kernel");
 
     let client = kube::Client::try_from(api.client_config()).expect("kube client");
     let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
