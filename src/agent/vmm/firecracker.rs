@@ -193,6 +193,14 @@ impl HttpApi for Firecracker {
 /// the jail, so the agent talks to it where it always does; the disks the guest may write,
 /// and the log, are bound writable and handed to the VM's ids, the rest read-only.
 pub fn jail(config: &VmConfig) -> Result<(Jail, VmConfig), VmmError> {
+    jail_for(config, Hypervisor::Firecracker)
+}
+
+/// [`jail`], for any VMM that opens its own files (Cloud Hypervisor adds its console).
+pub(crate) fn jail_for(
+    config: &VmConfig,
+    hypervisor: Hypervisor,
+) -> Result<(Jail, VmConfig), VmmError> {
     let root = Path::new("/");
     let mut seen = config.clone();
     let mut files = vec![JailFile {
@@ -210,7 +218,13 @@ pub fn jail(config: &VmConfig) -> Result<(Jail, VmConfig), VmmError> {
         seen.initrd = Some(root.join("initrd"));
     }
     for (disk, seen_disk) in config.disks.iter().zip(seen.disks.iter_mut()) {
-        let name = format!("disk-{}", path_segment(&disk.id, "disk id")?);
+        let id = path_segment(&disk.id, "disk id").map_err(|error| match error {
+            VmmError::InvalidConfig { detail, .. } => {
+                VmmError::InvalidConfig { hypervisor, detail }
+            }
+            other => other,
+        })?;
+        let name = format!("disk-{id}");
         files.push(JailFile {
             host: disk.path.clone(),
             name: name.clone(),

@@ -162,6 +162,12 @@ pub(crate) fn enter_namespaces_and_build(
     )?;
     for file in files {
         if file.writable {
+            // Its own file (a console the VMM writes itself) may not exist yet.
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&file.host)
+                .map_err(jail_error(format!("create {}", file.host.display())))?;
             nix::unistd::chown(
                 &file.host,
                 Some(nix::unistd::Uid::from_raw(uid)),
