@@ -367,3 +367,166 @@ async fn paths_outside_the_allowed_dirs_fail_for_good_and_start_no_vmm_and_allow
     shutdown.cancel();
     agent.wait().await.expect("agent stops");
 }
+
+/// Poll `check` every 20 ms for up to 10 s; its last answer.
+fn poll<T>(mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(found) = check() {
+            return Some(found);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Firecracker's jailer semantics, for real with a stand-in VMM (Firecracker cannot run here:
+/// no usable KVM): busybox, static like Firecracker's release binary, runs in the jail a
+/// confined Firecracker gets, and the test reads what the kernel says of it.
+#[test]
+fn a_jailed_vmm_is_pid_1_of_its_own_namespaces_chrooted_with_only_its_files() {
+    if !can_run("jailed VMM", false) {
+        return;
+    }
+    let Ok(busybox) = process::resolve_binary(Path::new("busybox")) else {
+        ignis::testing::prerequisite::missing("jailed VMM", "a static busybox as the stand-in VMM");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let images = dir.path().join("images");
+    let state = dir.path().join("vm");
+    std::fs::create_dir_all(&images).expect("images");
+    std::fs::create_dir_all(&state).expect("state");
+    let kernel = images.join("vmlinux");
+    std::fs::write(&kernel, "kernel bytes").expect("kernel");
+    let disk = state.join("rootfs.img");
+    std::fs::write(&disk, "").expect("disk");
+    let jail = state.join("jail");
+    // Stale leftovers of an earlier run: the jail is rebuilt, the socket link replaced.
+    std::fs::create_dir_all(jail.join("old")).expect("stale");
+    std::fs::write(state.join("api.sock"), "").expect("stale socket");
+    use std::os::unix::fs::MetadataExt;
+    let kvm_group = std::fs::metadata("/dev/kvm").map(|m| m.gid()).unwrap_or(0);
+
+    // The stand-in writes its disk, tries its read-only kernel, then stays.
+    let script = "echo written-in-jail > /disk-rootfs; \
+                  if (echo x > /kernel) 2>&-; then echo kernel-writable >> /disk-rootfs; fi; \
+                  exec /busybox sleep 30";
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ignis"));
+    command.args(["jailer", "--uid", "150125", "--gid", "150126"]);
+    if kvm_group != 0 {
+        command.arg("--group").arg(kvm_group.to_string());
+    }
+    let mut stage_one = command
+        .arg("--chroot")
+        .arg(&jail)
+        .arg("--bind")
+        .arg(format!("{}=kernel", kernel.display()))
+        .arg("--bind-rw")
+        .arg(format!("{}=disk-rootfs", disk.display()))
+        .arg("--link")
+        .arg(format!("{}=api.sock", state.join("api.sock").display()))
+        .arg("--")
+        .arg(&busybox)
+        .args(["sh", "-c", script])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("run ignis jailer");
+    let outer = stage_one.id();
+
+    let children = format!("/proc/{outer}/task/{outer}/children");
+    let vmm: u32 = poll(|| {
+        std::fs::read_to_string(&children)
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+    .expect("the jail's stage one starts the VMM");
+    poll(|| {
+        // The stand-in itself, not stage two, whose command line names the script too.
+        let cmdline = std::fs::read(format!("/proc/{vmm}/cmdline")).ok()?;
+        cmdline.starts_with(b"/busybox\0sleep\0").then_some(())
+    })
+    .expect("the stand-in reaches its sleep");
+
+    // Pid 1 of a pid namespace of its own, in a mount namespace of its own.
+    assert_eq!(
+        status_field(vmm, "NSpid"),
+        [vmm.to_string(), "1".to_owned()]
+    );
+    for ns in ["pid", "mnt"] {
+        let own = std::fs::read_link(format!("/proc/self/ns/{ns}")).expect("own ns");
+        let its = std::fs::read_link(format!("/proc/{vmm}/ns/{ns}")).expect("its ns");
+        assert_ne!(own, its, "{ns} namespace");
+    }
+    // The VM's ids, no capabilities, no_new_privs.
+    assert_eq!(status_field(vmm, "Uid"), ["150125"; 4]);
+    assert_eq!(status_field(vmm, "Gid"), ["150126"; 4]);
+    assert_eq!(status_field(vmm, "CapEff"), ["0000000000000000"]);
+    assert_eq!(status_field(vmm, "NoNewPrivs"), ["1"]);
+    // Chrooted into the jail, which holds only its files and devices.
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{vmm}/root")).expect("root"),
+        jail
+    );
+    let list = |path: &Path| {
+        let mut names: Vec<String> = std::fs::read_dir(path)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let seen_root = PathBuf::from(format!("/proc/{vmm}/root"));
+    assert_eq!(
+        list(&seen_root),
+        ["busybox", "dev", "disk-rootfs", "kernel"]
+    );
+    let mut devices = Vec::new();
+    for device in ["kvm", "net/tun"] {
+        if Path::new("/dev").join(device).exists() {
+            devices.push(device);
+            use std::os::unix::fs::FileTypeExt;
+            let kind = std::fs::metadata(seen_root.join("dev").join(device))
+                .expect("device in jail")
+                .file_type();
+            assert!(kind.is_char_device(), "{device}");
+        }
+    }
+    assert!(
+        !devices.is_empty(),
+        "no /dev/kvm or /dev/net/tun on this host"
+    );
+    // Its disk is writable (and now its own), its kernel is not.
+    assert_eq!(
+        std::fs::read_to_string(&disk).expect("disk"),
+        "written-in-jail\n"
+    );
+    assert_eq!(std::fs::metadata(&disk).expect("disk").uid(), 150125);
+    assert_eq!(
+        std::fs::read_to_string(&kernel).expect("kernel"),
+        "kernel bytes"
+    );
+    // The agent's socket path leads into the jail.
+    assert_eq!(
+        std::fs::read_link(state.join("api.sock")).expect("link"),
+        jail.join("api.sock")
+    );
+    // The jail's mounts are not the host's.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(!mounts.contains(&jail.display().to_string()), "{mounts}");
+
+    // Killing the process the agent knows (stage one) takes the VMM with it.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(outer as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill stage one");
+    stage_one.wait().expect("reap stage one");
+    poll(|| (!Path::new(&format!("/proc/{vmm}")).exists()).then_some(()))
+        .expect("the VMM dies with its stage one");
+}

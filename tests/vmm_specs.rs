@@ -132,6 +132,68 @@ fn cloud_hypervisor_plans_follow_the_spec() {
     }
 }
 
+/// Confined, each VMM is jailed: its plans still follow its spec, and name only paths inside
+/// its jail (`--seccomp true` stays on Cloud Hypervisor's command line; Firecracker's never
+/// says `--no-seccomp`).
+#[test]
+fn jailed_plans_follow_the_spec_and_name_only_paths_inside_the_jail() {
+    let (fc_spec, ch_spec) = (Spec::firecracker(), Spec::cloud_hypervisor());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let host = dir.path().display().to_string();
+    for (name, mut config) in configs(dir.path()) {
+        config.confinement = Some(ignis::agent::vmm::process::Confinement {
+            uid: 100_010,
+            gid: 100_010,
+            netns: None,
+            cgroups: Vec::new(),
+        });
+        let (fc_jail, fc_seen) = fc::Firecracker::jail(&config)
+            .expect("jail")
+            .expect("confined");
+        let (ch_jail, ch_seen) = ch::CloudHypervisor::jail(&config)
+            .expect("jail")
+            .expect("confined");
+        for jail in [&fc_jail, &ch_jail] {
+            assert_eq!(jail.root, config.state_dir.join(fc::JAIL_DIR), "{name}");
+            assert!(jail.files.iter().any(|f| f.host == config.kernel), "{name}");
+        }
+        let fc_sequence = firecracker_sequence(&fc_seen);
+        let ch_sequence = cloud_hypervisor_sequence(&ch_seen);
+        for request in &fc_sequence {
+            fc_spec
+                .check(request)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        for request in &ch_sequence {
+            ch_spec
+                .check(request)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        check_firecracker_order(&fc_spec, &fc_sequence).unwrap_or_else(|e| panic!("{name}: {e}"));
+        check_cloud_hypervisor_order(&ch_spec, &ch_sequence)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let fc_args = fc::Firecracker::spawn_args(&fc_seen);
+        let ch_args = ch::CloudHypervisor::spawn_args(&ch_seen);
+        assert!(!fc_args.iter().any(|a| a == "--no-seccomp"), "{name}");
+        assert!(
+            ch_args.windows(2).any(|w| w == ["--seccomp", "true"]),
+            "{name}"
+        );
+        let everything = fc_sequence
+            .iter()
+            .chain(&ch_sequence)
+            .filter_map(|r| r.body.as_ref().map(|b| b.to_string()))
+            .chain(fc_args)
+            .chain(ch_args);
+        for text in everything {
+            assert!(
+                !text.contains(&host) && !text.contains("/var/lib/ignis"),
+                "{name}: a host path reaches the jailed VMM: {text}"
+            );
+        }
+    }
+}
+
 /// The checker is not a rubber stamp: wrong paths, methods, fields, types and orders fail.
 #[test]
 fn the_spec_checker_rejects_what_the_vmms_would() {

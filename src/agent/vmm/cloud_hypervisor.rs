@@ -10,6 +10,14 @@
 //! goes to stderr) goes to `<state_dir>/vmm.log`. Cloud Hypervisor has no metadata service, so
 //! `user_data` is not passed on by this backend.
 //!
+//! Confined, Cloud Hypervisor runs jailed as Firecracker does (see
+//! [`super::firecracker::jail`]): as the VM's uid and gid, chrooted into `<state_dir>/jail`
+//! with only its kernel, initrd, disks, console file, API socket, `/dev/kvm` and
+//! `/dev/net/tun`, in new mount and pid namespaces, `--seccomp true`; every path it is given
+//! is the one inside the jail. Its taps are opened by name (in the VM's network namespace,
+//! owned by its uid): `vm.create` takes tap descriptors only as `SCM_RIGHTS` on the API
+//! socket, which the agent's HTTP client does not send.
+//!
 //! What v54 was seen doing (issue #13), and how the agent copes:
 //! - after a vCPU error it logs `VCPU generated error` and exits with status 0, so its end is
 //!   classified from its log too ([`super::exit::CLOUD_HYPERVISOR`]), not from the code alone;
@@ -22,6 +30,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::http::{self, ApiRequest, HttpApi};
+use super::jailer::{Jail, JailFile};
 use super::{ExitQuirks, VmConfig, VmmError, VmmState};
 use crate::api::Hypervisor;
 
@@ -30,6 +39,9 @@ pub const SPEC_VERSION: &str = "0.3.0";
 
 /// The spec's server base path.
 pub(crate) const API_PREFIX: &str = "/api/v1";
+
+/// The guest's serial console file, at the jail's root.
+const CONSOLE_IN_JAIL: &str = "console.log";
 
 /// How long a freshly spawned Cloud Hypervisor may take to open its API socket.
 pub(crate) const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
@@ -64,6 +76,22 @@ impl HttpApi for CloudHypervisor {
             ApiRequest::get(endpoint("vmm.ping")),
             ApiRequest::put(endpoint("vm.create"), Some(vm_config(config)?)),
         ])
+    }
+
+    /// Confined, Cloud Hypervisor is jailed, its serial console file bound in too.
+    fn jail(config: &VmConfig) -> Result<Option<(Jail, VmConfig)>, VmmError> {
+        if config.confinement.is_none() {
+            return Ok(None);
+        }
+        let (mut jail, mut seen) =
+            super::firecracker::jail_for(config, Hypervisor::CloudHypervisor)?;
+        jail.files.push(JailFile {
+            host: config.console_log.clone(),
+            name: CONSOLE_IN_JAIL.to_owned(),
+            writable: true,
+        });
+        seen.console_log = std::path::Path::new("/").join(CONSOLE_IN_JAIL);
+        Ok(Some((jail, seen)))
     }
 
     /// Boot the created VM.
@@ -267,6 +295,67 @@ mod tests {
             );
         }
         assert!(CloudHypervisor::parse_state(&json!({"state": "Melted"})).is_err());
+    }
+
+    #[test]
+    fn confined_cloud_hypervisor_is_jailed_with_seccomp_and_sees_only_jail_paths() {
+        let mut c = config();
+        c.disks = vec![DiskConfig {
+            id: "rootfs".to_owned(),
+            path: "/s/rootfs.img".into(),
+            format: Default::default(),
+            read_only: false,
+            root: true,
+            backing: None,
+        }];
+        assert_eq!(CloudHypervisor::jail(&c).expect("unconfined"), None);
+        c.confinement = Some(crate::agent::vmm::process::Confinement {
+            uid: 100_002,
+            gid: 100_002,
+            netns: None,
+            cgroups: Vec::new(),
+        });
+        let (jail, seen) = CloudHypervisor::jail(&c).expect("jail").expect("confined");
+        assert_eq!(jail.root, std::path::Path::new("/s/jail"));
+        let files: Vec<(&str, &str, bool)> = jail
+            .files
+            .iter()
+            .map(|f| (f.host.to_str().expect("utf8"), f.name.as_str(), f.writable))
+            .collect();
+        assert_eq!(
+            files,
+            [
+                ("/k/vmlinux", "kernel", false),
+                ("/k/initrd", "initrd", false),
+                ("/s/rootfs.img", "disk-rootfs", true),
+                ("/s/vmm.log", "vmm.log", true),
+                ("/s/console.log", "console.log", true),
+            ]
+        );
+        assert_eq!(
+            CloudHypervisor::spawn_args(&seen),
+            ["--api-socket", "path=/api.sock", "--seccomp", "true"]
+        );
+        let body = vm_config(&seen).expect("body");
+        assert_eq!(body["payload"]["kernel"], json!("/kernel"));
+        assert_eq!(body["payload"]["initramfs"], json!("/initrd"));
+        assert_eq!(body["disks"][0]["path"], json!("/disk-rootfs"));
+        assert_eq!(
+            body["serial"],
+            json!({"mode": "File", "file": "/console.log"})
+        );
+        assert!(!body.to_string().contains("/s/") && !body.to_string().contains("/k/"));
+        // A disk id that would leave the jail's root is refused, naming this VMM.
+        c.disks[0].id = "../x".to_owned();
+        let err = CloudHypervisor::jail(&c).expect_err("bad id");
+        assert!(err.to_string().contains("disk id"), "{err}");
+        assert!(matches!(
+            err,
+            VmmError::InvalidConfig {
+                hypervisor: Hypervisor::CloudHypervisor,
+                ..
+            }
+        ));
     }
 
     #[test]

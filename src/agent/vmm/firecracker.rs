@@ -14,17 +14,31 @@
 //! `--id` with the VM's uid, which prefixes every line. The console log then holds guest
 //! output only, which is what readiness markers and boot-timeout messages read. User data goes
 //! to the guest through MMDS (v2, EC2 layout: `/latest/user-data`).
+//!
+//! Confined, Firecracker runs as its jailer would run it ([`jail`]): chrooted into
+//! `<state_dir>/jail`, which holds only its binary, the guest's kernel, initrd and disks, its
+//! log, its API socket and `/dev/kvm` and `/dev/net/tun`, in new mount and pid namespaces, as
+//! the VM's uid and gid, with its own seccomp filters on. Every path it is given (command line
+//! and API) is the one inside the jail.
 
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use super::http::{self, ApiRequest, HttpApi};
+use super::jailer::{Jail, JailFile};
 use super::{ExitQuirks, VmConfig, VmmError, VmmState};
 use crate::api::Hypervisor;
 
 /// The API version the requests are written against.
 pub const SPEC_VERSION: &str = "1.17.0-dev";
+
+/// The jail's directory, under the VM's state directory.
+pub const JAIL_DIR: &str = "jail";
+
+/// The API socket, at the jail's root.
+const SOCKET_IN_JAIL: &str = "api.sock";
 
 /// How long a freshly spawned Firecracker may take to open its API socket.
 pub(crate) const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
@@ -138,6 +152,14 @@ impl HttpApi for Firecracker {
         Ok(requests)
     }
 
+    /// Confined, Firecracker is always jailed.
+    fn jail(config: &VmConfig) -> Result<Option<(Jail, VmConfig)>, VmmError> {
+        match config.confinement {
+            Some(_) => jail(config).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Boot the guest.
     fn plan_start() -> ApiRequest {
         action("InstanceStart")
@@ -163,6 +185,68 @@ impl HttpApi for Firecracker {
             None => Err("InstanceInfo without a state".to_owned()),
         }
     }
+}
+
+/// The jail of `config`'s Firecracker, and `config` as Firecracker sees it from inside: every
+/// file at the jail's root under a fixed name (`kernel`, `initrd`, `disk-<id>`, `vmm.log`,
+/// `api.sock`), the state directory the root. The host's API socket path becomes a link into
+/// the jail, so the agent talks to it where it always does; the disks the guest may write,
+/// and the log, are bound writable and handed to the VM's ids, the rest read-only.
+pub fn jail(config: &VmConfig) -> Result<(Jail, VmConfig), VmmError> {
+    jail_for(config, Hypervisor::Firecracker)
+}
+
+/// [`jail`], for any VMM that opens its own files (Cloud Hypervisor adds its console).
+pub(crate) fn jail_for(
+    config: &VmConfig,
+    hypervisor: Hypervisor,
+) -> Result<(Jail, VmConfig), VmmError> {
+    let root = Path::new("/");
+    let mut seen = config.clone();
+    let mut files = vec![JailFile {
+        host: config.kernel.clone(),
+        name: "kernel".to_owned(),
+        writable: false,
+    }];
+    seen.kernel = root.join("kernel");
+    if let Some(initrd) = &config.initrd {
+        files.push(JailFile {
+            host: initrd.clone(),
+            name: "initrd".to_owned(),
+            writable: false,
+        });
+        seen.initrd = Some(root.join("initrd"));
+    }
+    for (disk, seen_disk) in config.disks.iter().zip(seen.disks.iter_mut()) {
+        let id = path_segment(&disk.id, "disk id").map_err(|error| match error {
+            VmmError::InvalidConfig { detail, .. } => {
+                VmmError::InvalidConfig { hypervisor, detail }
+            }
+            other => other,
+        })?;
+        let name = format!("disk-{id}");
+        files.push(JailFile {
+            host: disk.path.clone(),
+            name: name.clone(),
+            writable: !disk.read_only,
+        });
+        seen_disk.path = root.join(name);
+        // Firecracker's disks are raw: nothing under them to name.
+        seen_disk.backing = None;
+    }
+    files.push(JailFile {
+        host: super::process::log_path(&config.state_dir),
+        name: super::process::VMM_LOG.to_owned(),
+        writable: true,
+    });
+    seen.state_dir = root.to_path_buf();
+    seen.api_socket = root.join(SOCKET_IN_JAIL);
+    let jail = Jail {
+        root: config.state_dir.join(JAIL_DIR),
+        files,
+        links: vec![(config.api_socket.clone(), SOCKET_IN_JAIL.to_owned())],
+    };
+    Ok((jail, seen))
 }
 
 /// Ids become path segments; one that would change the path is refused rather than escaped.
@@ -207,6 +291,7 @@ mod tests {
     use crate::agent::vmm::{DiskConfig, NetConfig};
     use crate::api::Accelerator;
     use crate::error::ErrorReason;
+    use std::path::PathBuf;
 
     fn config() -> VmConfig {
         VmConfig {
@@ -340,6 +425,133 @@ mod tests {
         assert_eq!(instance_id("a_b.c"), "a-b-c");
         assert_eq!(instance_id(&"x".repeat(80)).len(), 64);
         assert_eq!(instance_id(""), "ignis-vm");
+    }
+
+    #[test]
+    fn confined_firecracker_is_jailed_and_sees_only_paths_inside_its_jail() {
+        let mut c = config();
+        c.initrd = Some("/img/initrd.img".into());
+        c.disks = vec![
+            DiskConfig {
+                id: "rootfs".to_owned(),
+                path: "/s/rootfs.img".into(),
+                format: Default::default(),
+                read_only: false,
+                root: true,
+                backing: Some(("/img/base.qcow2".into(), Default::default())),
+            },
+            DiskConfig {
+                id: "data".to_owned(),
+                path: "/img/data.img".into(),
+                format: Default::default(),
+                read_only: true,
+                root: false,
+                backing: None,
+            },
+        ];
+        assert_eq!(Firecracker::jail(&c).expect("unconfined"), None);
+        c.confinement = Some(crate::agent::vmm::process::Confinement {
+            uid: 100_001,
+            gid: 100_001,
+            netns: None,
+            cgroups: Vec::new(),
+        });
+        let (jail, seen) = Firecracker::jail(&c).expect("jail").expect("confined");
+        assert_eq!(jail.root, Path::new("/s/jail"));
+        let files: Vec<(&str, &str, bool)> = jail
+            .files
+            .iter()
+            .map(|f| (f.host.to_str().expect("utf8"), f.name.as_str(), f.writable))
+            .collect();
+        assert_eq!(
+            files,
+            [
+                ("/k/vmlinux", "kernel", false),
+                ("/img/initrd.img", "initrd", false),
+                ("/s/rootfs.img", "disk-rootfs", true),
+                ("/img/data.img", "disk-data", false),
+                ("/s/vmm.log", "vmm.log", true),
+            ]
+        );
+        assert_eq!(
+            jail.links,
+            [(PathBuf::from("/s/api.sock"), "api.sock".to_owned())]
+        );
+        // The command line and every API body name paths inside the jail only.
+        assert_eq!(
+            Firecracker::spawn_args(&seen),
+            [
+                "--api-sock",
+                "/api.sock",
+                "--id",
+                "uid-1",
+                "--log-path",
+                "/vmm.log"
+            ]
+        );
+        let plan = Firecracker::plan_create(&seen).expect("plan");
+        assert_eq!(
+            plan[1].body,
+            Some(json!({
+                "kernel_image_path": "/kernel",
+                "initrd_path": "/initrd",
+                "boot_args": "console=ttyS0"
+            }))
+        );
+        let drives: Vec<(&Value, &Value)> = plan[2..4]
+            .iter()
+            .map(|r| {
+                let body = r.body.as_ref().expect("body");
+                (&body["path_on_host"], &body["is_read_only"])
+            })
+            .collect();
+        assert_eq!(
+            drives,
+            [
+                (&json!("/disk-rootfs"), &json!(false)),
+                (&json!("/disk-data"), &json!(true))
+            ]
+        );
+        let host_paths = ["/k/", "/img/", "/s/"];
+        for request in &plan {
+            let body = request
+                .body
+                .as_ref()
+                .map(Value::to_string)
+                .unwrap_or_default();
+            assert!(
+                host_paths.iter().all(|p| !body.contains(p)),
+                "{} names a host path: {body}",
+                request.operation()
+            );
+        }
+        // The jail's options reach `ignis jailer` on its command line, before the VMM.
+        let line = crate::agent::vmm::jailer::wrapper_args(
+            c.confinement.as_ref().expect("confinement"),
+            &[],
+            None,
+            Some(&jail),
+            Path::new("/usr/bin/firecracker"),
+            Firecracker::spawn_args(&seen),
+        );
+        let line: Vec<&str> = line.iter().map(|a| a.to_str().expect("utf8")).collect();
+        let vmm_at = line.iter().position(|a| *a == "--").expect("--");
+        assert!(
+            line[..vmm_at]
+                .windows(2)
+                .any(|w| w == ["--chroot", "/s/jail"])
+        );
+        assert!(
+            line[..vmm_at]
+                .windows(2)
+                .any(|w| w == ["--bind-rw", "/s/rootfs.img=disk-rootfs"])
+        );
+        assert!(
+            line[..vmm_at]
+                .windows(2)
+                .any(|w| w == ["--link", "/s/api.sock=api.sock"])
+        );
+        assert!(!line.contains(&"--no-seccomp"));
     }
 
     #[test]

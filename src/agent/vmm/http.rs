@@ -236,16 +236,18 @@ pub(crate) struct Launch<'a> {
     pub(crate) api_timeout: Duration,
     /// Where the VMM runs (see [`process::spawn`]).
     pub(crate) confinement: Option<&'a process::Confinement>,
+    /// The VMM's jail, when it runs in one (see [`process::spawn_jailed`]).
+    pub(crate) jail: Option<&'a super::jailer::Jail>,
 }
 
 /// The create path both HTTP-API VMMs share: refuse what needs KVM without it, plan the
-/// pre-boot requests, then launch (`spawn_args` and where the guest console goes are the
-/// backend's own).
+/// pre-boot requests, then launch (`spawn_args`, the jail it runs in if any, and where the
+/// guest console goes are the backend's own).
 pub(crate) async fn create_vm(
     hypervisor: Hypervisor,
     config: &VmConfig,
     plan: impl FnOnce(&VmConfig) -> Result<Vec<ApiRequest>, VmmError>,
-    spawn_args: Vec<String>,
+    (spawn_args, jail): (Vec<String>, Option<&super::jailer::Jail>),
     console_on_stdout: bool,
     socket_timeout: Duration,
     api_timeout: Duration,
@@ -278,6 +280,7 @@ pub(crate) async fn create_vm(
         socket_timeout,
         api_timeout,
         confinement: config.confinement.as_ref(),
+        jail,
     })
     .await
 }
@@ -322,12 +325,13 @@ pub(crate) async fn launch(launch: Launch<'_>) -> Result<super::Spawned, VmmErro
         }
     }
     let vmm_log = launch.vmm_log;
-    let mut child = process::spawn(
+    let mut child = process::spawn_jailed(
         launch.binary,
         &launch.args,
         Output::Append(launch.stdout),
         Output::Append(vmm_log),
         launch.confinement,
+        launch.jail,
         Vec::new(),
     )?;
     let result = async {
@@ -398,6 +402,11 @@ pub trait HttpApi: Send + Sync + 'static {
     fn plan_stop() -> ApiRequest;
     fn plan_state() -> ApiRequest;
     fn parse_state(info: &Value) -> Result<VmmState, String>;
+    /// The jail a confined VMM runs in, and the config as the VMM sees it from inside (its
+    /// paths rewritten); `None` for a VMM that runs unjailed.
+    fn jail(_config: &VmConfig) -> Result<Option<(super::jailer::Jail, VmConfig)>, VmmError> {
+        Ok(None)
+    }
 }
 
 /// A VMM driven over its HTTP API on a unix socket; KVM only.
@@ -451,11 +460,16 @@ impl<A: HttpApi> super::VmmBackend for HttpBackend<A> {
     }
 
     async fn create(&self, config: &VmConfig) -> Result<super::Spawned, VmmError> {
+        let jailed = A::jail(config)?;
+        let (seen, jail) = match &jailed {
+            Some((jail, seen)) => (seen, Some(jail)),
+            None => (config, None),
+        };
         create_vm(
             A::KIND,
             config,
-            A::plan_create,
-            A::spawn_args(config),
+            |_| A::plan_create(seen),
+            (A::spawn_args(seen), jail),
             A::CONSOLE_ON_STDOUT,
             self.socket_timeout,
             self.api_timeout,

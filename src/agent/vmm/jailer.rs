@@ -15,6 +15,9 @@ use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
+mod chroot;
+pub use chroot::{Jail, JailFile};
+
 /// Where a VMM runs (Interface 2 of the VM-pod contract): a plain value, honoured by
 /// [`super::process::spawn`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +59,23 @@ pub struct JailerArgs {
     /// Directory to change into before the exec.
     #[arg(long)]
     pub chdir: Option<PathBuf>,
+    /// Jail the VMM (Firecracker's jailer semantics): in new mount and pid namespaces, chroot
+    /// into this directory, rebuilt with only the files named below, the VMM binary and
+    /// `/dev/kvm` and `/dev/net/tun`.
+    #[arg(long)]
+    pub chroot: Option<PathBuf>,
+    /// `HOST=NAME`: bind the host file read-only at `/NAME` in the jail (repeatable).
+    #[arg(long = "bind", value_parser = chroot::parse_pair, requires = "chroot")]
+    pub binds: Vec<(PathBuf, String)>,
+    /// `HOST=NAME`: bind the host file read-write at `/NAME`, owned by the VM's ids.
+    #[arg(long = "bind-rw", value_parser = chroot::parse_pair, requires = "chroot")]
+    pub binds_rw: Vec<(PathBuf, String)>,
+    /// `HOST=NAME`: make the host path a symlink to `/NAME` in the jail (the API socket).
+    #[arg(long = "link", value_parser = chroot::parse_pair, requires = "chroot")]
+    pub links: Vec<(PathBuf, String)>,
+    /// Stage two of a jail, run by stage one only: the namespaces and root are ready.
+    #[arg(long, hide = true, requires = "chroot")]
+    pub in_jail: bool,
     /// The VMM: an absolute path, then its arguments.
     #[arg(last = true, required = true, num_args = 1..)]
     pub command: Vec<OsString>,
@@ -103,6 +123,7 @@ pub(crate) fn wrapper_args(
     confinement: &Confinement,
     groups: &[u32],
     chdir: Option<&Path>,
+    jail: Option<&Jail>,
     vmm: &Path,
     args: impl IntoIterator<Item = impl AsRef<OsStr>>,
 ) -> Vec<OsString> {
@@ -124,6 +145,9 @@ pub(crate) fn wrapper_args(
     }
     if let Some(dir) = chdir {
         out.extend(["--chdir".into(), dir.into()]);
+    }
+    if let Some(jail) = jail {
+        out.extend(jail.args());
     }
     out.push("--".into());
     out.push(vmm.into());
@@ -149,8 +173,13 @@ const VMM_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 /// Run `ignis jailer`: confine this process, then exec the VMM. Returns only on failure,
 /// after saying on stderr (the VMM's log) which step failed.
 pub fn run(args: JailerArgs) -> ExitCode {
-    let error = match confine_and_exec(&args) {
-        Ok(never) => match never {},
+    let result = if args.chroot.is_some() && !args.in_jail {
+        build_jail_and_wait(&args)
+    } else {
+        confine_and_exec(&args).map(|never| match never {})
+    };
+    let error = match result {
+        Ok(code) => return code,
         Err(error) => error,
     };
     eprintln!("ignis jailer: {error}");
@@ -193,13 +222,19 @@ enum JailError {
         step: &'static str,
         source: nix::Error,
     },
+    #[error("cannot {step}: {source}")]
+    #[strum(serialize = "JailFailed")]
+    Jail {
+        step: String,
+        source: std::io::Error,
+    },
     #[error("cannot exec {binary}: {source}")]
     #[strum(serialize = "ExecFailed")]
     Exec { binary: PathBuf, source: nix::Error },
 }
 
-fn confine_and_exec(args: &JailerArgs) -> Result<std::convert::Infallible, JailError> {
-    use nix::unistd::{Gid, Uid};
+/// The checks every stage makes first, before anything changes: no root ids, an absolute VMM.
+fn checked(args: &JailerArgs) -> Result<(PathBuf, &[OsString]), JailError> {
     if args.uid == 0 || args.gid == 0 || args.groups.contains(&0) {
         return Err(JailError::Root {
             uid: args.uid,
@@ -211,14 +246,47 @@ fn confine_and_exec(args: &JailerArgs) -> Result<std::convert::Infallible, JailE
     if !binary.is_absolute() {
         return Err(JailError::RelativeBinary(binary));
     }
-    let cstring = |s: &OsStr| CString::new(s.as_bytes()).map_err(|_| JailError::Nul);
-    let path = cstring(binary.as_os_str())?;
-    let argv = std::iter::once(binary.as_os_str())
-        .chain(rest.iter().map(OsString::as_os_str))
-        .map(cstring)
-        .collect::<Result<Vec<_>, _>>()?;
-    let env = [cstring(OsStr::new(VMM_ENV))?];
+    Ok((binary, rest))
+}
 
+/// Stage one of a jail: cgroups and network namespace, then new mount and pid namespaces with
+/// the root built in them, then stage two as pid 1 there; ends as the VMM ends.
+fn build_jail_and_wait(args: &JailerArgs) -> Result<ExitCode, JailError> {
+    checked(args)?;
+    let root = args.chroot.clone().ok_or(JailError::NoCommand)?;
+    join_cgroups_and_netns(args)?;
+    let binary = PathBuf::from(&args.command[0]);
+    let files: Vec<JailFile> = args
+        .binds
+        .iter()
+        .map(|b| (b, false))
+        .chain(args.binds_rw.iter().map(|b| (b, true)))
+        .map(|((host, name), writable)| JailFile {
+            host: host.clone(),
+            name: name.clone(),
+            writable,
+        })
+        .collect();
+    chroot::enter_namespaces_and_build(&root, &binary, &files, &args.links, args.uid, args.gid)?;
+    let mut stage_two: Vec<OsString> = vec![
+        "jailer".into(),
+        "--in-jail".into(),
+        "--chroot".into(),
+        root.into(),
+        "--uid".into(),
+        args.uid.to_string().into(),
+        "--gid".into(),
+        args.gid.to_string().into(),
+    ];
+    for group in &args.groups {
+        stage_two.extend(["--group".into(), group.to_string().into()]);
+    }
+    stage_two.push("--".into());
+    stage_two.extend(args.command.iter().cloned());
+    chroot::run_stage_two(stage_two)
+}
+
+fn join_cgroups_and_netns(args: &JailerArgs) -> Result<(), JailError> {
     // The cgroups first, while still root: from here on every page is charged there.
     let own_pid = std::process::id().to_string();
     for dir in &args.cgroups {
@@ -235,6 +303,30 @@ fn confine_and_exec(args: &JailerArgs) -> Result<std::convert::Infallible, JailE
         let file = std::fs::File::open(netns).map_err(netns_error)?;
         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
             .map_err(|e| netns_error(e.into()))?;
+    }
+    Ok(())
+}
+
+fn confine_and_exec(args: &JailerArgs) -> Result<std::convert::Infallible, JailError> {
+    use nix::unistd::{Gid, Uid};
+    let (binary, rest) = checked(args)?;
+    // In a jail, the VMM is exec'd by its path there (stage one bound it at the root).
+    let (binary, shown) = match (&args.chroot, args.in_jail) {
+        (Some(_), true) => (chroot::binary_in_jail(&binary)?, binary),
+        _ => (binary.clone(), binary),
+    };
+    let cstring = |s: &OsStr| CString::new(s.as_bytes()).map_err(|_| JailError::Nul);
+    let path = cstring(binary.as_os_str())?;
+    let argv = std::iter::once(binary.as_os_str())
+        .chain(rest.iter().map(OsString::as_os_str))
+        .map(cstring)
+        .collect::<Result<Vec<_>, _>>()?;
+    let env = [cstring(OsStr::new(VMM_ENV))?];
+
+    match (&args.chroot, args.in_jail) {
+        // Stage one already joined them; this is its child, pid 1 of the new namespace.
+        (Some(root), true) => chroot::enter(root)?,
+        _ => join_cgroups_and_netns(args)?,
     }
     if let Some(dir) = &args.chdir {
         nix::unistd::chdir(dir).map_err(|source| JailError::Chdir {
@@ -253,7 +345,13 @@ fn confine_and_exec(args: &JailerArgs) -> Result<std::convert::Infallible, JailE
     nix::unistd::setresuid(uid, uid, uid).map_err(privileges("set the uid"))?;
     // No exec from here on can gain a privilege (setuid binaries, file capabilities).
     nix::sys::prctl::set_no_new_privs().map_err(privileges("set no_new_privs"))?;
-    nix::unistd::execve(&path, &argv, &env).map_err(|source| JailError::Exec { binary, source })
+    if args.in_jail {
+        chroot::die_with_parent()?;
+    }
+    nix::unistd::execve(&path, &argv, &env).map_err(|source| JailError::Exec {
+        binary: shown,
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -275,6 +373,7 @@ mod tests {
             &confinement(),
             &[],
             Some(Path::new("/s")),
+            None,
             Path::new("/usr/bin/qemu-system-x86_64"),
             ["-S", "-qmp"],
         );
@@ -315,7 +414,7 @@ mod tests {
         }
         let mut c = confinement();
         c.cgroups.push("/sys/fs/cgroup/memory/podx".into());
-        let line = wrapper_args(&c, &[993], None, Path::new("/bin/vmm"), ["--", "-x"]);
+        let line = wrapper_args(&c, &[993], None, None, Path::new("/bin/vmm"), ["--", "-x"]);
         let Sub::Jailer(parsed) = Cli::try_parse_from(std::iter::once("ignis".into()).chain(line))
             .expect("parses")
             .command;
@@ -338,6 +437,11 @@ mod tests {
             gid,
             groups: Vec::new(),
             chdir: None,
+            chroot: None,
+            binds: Vec::new(),
+            binds_rw: Vec::new(),
+            links: Vec::new(),
+            in_jail: false,
             command: vec![vmm.into()],
         };
         assert!(matches!(

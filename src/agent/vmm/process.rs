@@ -99,6 +99,22 @@ pub(crate) fn spawn(
     confinement: Option<&Confinement>,
     fds: Vec<FdMapping>,
 ) -> Result<tokio::process::Child, VmmError> {
+    spawn_jailed(binary, args, stdout, stderr, confinement, None, fds)
+}
+
+/// [`spawn`], and with a confinement and a [`Jail`](jailer::Jail), the VMM runs jailed: in
+/// new mount and pid namespaces, chrooted into the jail (Firecracker's jailer semantics). The
+/// child the agent gets is then the jail's stage one, the VMM's parent, which ends as the VMM
+/// ends and kills it when killed; the VMM's process group is its.
+pub(crate) fn spawn_jailed(
+    binary: &Path,
+    args: impl IntoIterator<Item = impl AsRef<OsStr>>,
+    stdout: Output<'_>,
+    stderr: Output<'_>,
+    confinement: Option<&Confinement>,
+    jail: Option<&jailer::Jail>,
+    fds: Vec<FdMapping>,
+) -> Result<tokio::process::Child, VmmError> {
     let spawn_error = |source| VmmError::Spawn {
         binary: binary.to_path_buf(),
         source,
@@ -115,6 +131,7 @@ pub(crate) fn spawn(
                 &confinement,
                 &groups,
                 None,
+                jail,
                 binary,
                 args,
             ));
@@ -269,7 +286,8 @@ pub(crate) fn find_by_api_socket(api_socket: &Path, console_log: &Path) -> Vec<V
 
 /// Whether a NUL-separated command line names `path` as a whole value: an argument that is
 /// the path, or holds it after `=`, `:` or `,` and before `,` or its end (QEMU's
-/// `unix:<path>,server=on`). A longer path that merely ends with it does not count.
+/// `unix:<path>,server=on`), or before `=` (a jailed Firecracker's stage one:
+/// `--link <path>=api.sock`). A longer path that merely ends with it does not count.
 fn cmdline_names(cmdline: &[u8], path: &str) -> bool {
     if path.is_empty() {
         return false;
@@ -281,7 +299,8 @@ fn cmdline_names(cmdline: &[u8], path: &str) -> bool {
             arg.match_indices(path).any(|(at, _)| {
                 let before = arg[..at].chars().next_back();
                 let after = arg[at + path.len()..].chars().next();
-                matches!(before, None | Some('=' | ':' | ',')) && matches!(after, None | Some(','))
+                matches!(before, None | Some('=' | ':' | ','))
+                    && matches!(after, None | Some(',' | '='))
             })
         })
 }
@@ -352,6 +371,10 @@ mod tests {
         ));
         assert!(!cmdline_names(
             b"x\0/var/lib/ignis/vms/a/api.sock.old\0",
+            sock
+        ));
+        assert!(cmdline_names(
+            b"ignis\0jailer\0--link\0/var/lib/ignis/vms/a/api.sock=api.sock\0",
             sock
         ));
         assert!(!cmdline_names(b"", sock));
