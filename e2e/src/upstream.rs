@@ -249,6 +249,29 @@ pub fn pids_matching(needle: &str) -> Vec<u32> {
         .collect()
 }
 
+/// Whether `pid` is a live process: it exists and is not a zombie (a killed VMM is one until
+/// its parent reaps it).
+pub fn pid_live(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// Wait up to `within` for every pid of `pids` to be gone (or a zombie); the ones still live.
+pub fn live_after(pids: &[u32], within: Duration) -> Vec<u32> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let live: Vec<u32> = pids.iter().copied().filter(|p| pid_live(*p)).collect();
+        if live.is_empty() || std::time::Instant::now() >= deadline {
+            return live;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

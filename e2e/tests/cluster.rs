@@ -11,7 +11,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ignis_e2e::upstream::{Upstream, pids_matching};
+use ignis_e2e::upstream::{Upstream, live_after, pids_matching};
 use ignis_e2e::{Cluster, http_get_via, wait_until};
 
 const NS: &str = "e2e-cluster";
@@ -523,12 +523,11 @@ fn leader_failover_leaves_vms_alone(ctx: &Ctx) {
             .is_empty()
     });
     ctx.no_release_without_stop("handover");
-    for pid in handover_pids {
-        assert!(
-            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-            "the VMM {pid} of a MicroVM deleted during the leader handover is left"
-        );
-    }
+    let left = live_after(&handover_pids, Duration::from_secs(30));
+    assert!(
+        left.is_empty(),
+        "the VMM {left:?} of a MicroVM deleted during the leader handover is left"
+    );
     // ...and the running one was never touched.
     ctx.wait_ready("survivor");
     assert_eq!(
@@ -633,12 +632,8 @@ fn helm_uninstall_leaves_nothing(ctx: &Ctx) {
     assert!(left.trim().is_empty(), "MicroVMs left: {left}");
     ctx.no_release_without_stop("survivor");
     assert!(pids_matching(&uid).is_empty(), "a VMM of the VM is left");
-    for pid in pids {
-        assert!(
-            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-            "VMM {pid} is left"
-        );
-    }
+    let left = live_after(&pids, Duration::from_secs(30));
+    assert!(left.is_empty(), "VMM {left:?} is left");
     wait_until(Duration::from_secs(120), "no pods of the release", || {
         ctx.sys(&["get", "pods", "-o", "name"]).trim().is_empty()
     });

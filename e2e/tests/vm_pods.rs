@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use ignis::api::RunPolicy;
 use ignis::testing::MicroVmBuilder;
-use ignis_e2e::upstream::{Upstream, pids_matching};
+use ignis_e2e::upstream::{Upstream, live_after, pid_live, pids_matching};
 use ignis_e2e::{Cluster, http_get_via, wait_until};
 use serde_json::{Value, json};
 
@@ -584,7 +584,7 @@ fn a_deleted_vm_pod_follows_the_run_policy(ctx: &Ctx) {
     assert_ne!(ctx.vmm_pid("again"), again_pid, "a new VMM in the new pod");
     // Once: the VM stops with its pod and stays down; no new pod.
     wait_until(Duration::from_secs(120), "mvm/once to stop", || {
-        !ctx.ready("once") && !std::path::Path::new(&format!("/proc/{once_pid}")).exists()
+        !ctx.ready("once") && !pid_live(once_pid)
     });
     std::thread::sleep(Duration::from_secs(15));
     assert!(
@@ -703,16 +703,10 @@ fn a_lost_nodes_vm_comes_back_elsewhere(ctx: &Ctx) {
         String::from_utf8_lossy(&out.stderr)
     );
     // Killed: gone once its new parent reaps it (a zombie meanwhile).
-    wait_until(
-        Duration::from_secs(20),
-        "the lost node's VMM to be gone",
-        || {
-            std::fs::read_to_string(format!("/proc/{old_pid}/stat")).map_or(true, |stat| {
-                stat.rsplit(')')
-                    .next()
-                    .is_some_and(|r| r.trim_start().starts_with('Z'))
-            })
-        },
+    let left = live_after(&[old_pid], Duration::from_secs(20));
+    assert!(
+        left.is_empty(),
+        "the lost node's VMM {left:?} is still running"
     );
     // Kubernetes' non-graceful node shutdown: once the node is NotReady, the out-of-service
     // taint lets the pod GC force-delete its pods.

@@ -194,6 +194,14 @@ impl AgentPool {
 
     /// The link to `node`'s agent now.
     pub(crate) fn link(&self, node: &str) -> AgentLink {
+        // A controller that is stopping has dropped its agent streams on purpose: it judges no
+        // agent lost (a MicroVM it is deleting keeps its finalizer for the next leader, who
+        // stops the VM), as a controller that has just started does not.
+        if self.inner.shutdown.is_cancelled() {
+            return AgentLink::Reconnecting {
+                lost_after: self.inner.grace,
+            };
+        }
         let Ok(slots) = self.inner.slots.read() else {
             return AgentLink::Absent;
         };
@@ -736,6 +744,10 @@ mod tests {
             pool.link("node-a"),
             AgentLink::Reconnecting { .. }
         ));
+        // A stopping controller judges no agent lost, whatever it saw before.
         shutdown.cancel();
+        for node in ["node-a", "nowhere"] {
+            assert!(matches!(pool.link(node), AgentLink::Reconnecting { .. }));
+        }
     }
 }
