@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use crate::agent::{AgentConfig, ListenAddr, TlsFiles, serve};
-use crate::controller::tls::{AGENT_SERVER_NAME, CONTROLLER_NAME, Ca, TLS_CERT, TLS_KEY};
+use crate::controller::tls::{
+    AGENT_SERVER_NAME, CA_CERT, CONTROLLER_NAME, Ca, CaSet, TLS_CERT, TLS_KEY,
+};
 use crate::proto::GetHostRequest;
 use crate::proto::agent_client::AgentClient;
 
@@ -136,4 +138,49 @@ async fn a_ca_rotation_with_overlap_never_breaks_mutual_tls() {
     let stale = side(controller_leaf(&old), &both);
     let refused = reaches(&agent[3], &stale).await;
     assert!(refused.is_err(), "a leaf of the removed CA was accepted");
+}
+
+/// The controller's own rotation ([`CaSet`] stepped as the controller steps it, its Secrets
+/// reloaded at every step as another replica or a restarted controller would): the agents'
+/// Secret and the controller's client config it produces at each step reach each other, one
+/// step apart either way.
+#[tokio::test]
+async fn the_controllers_ca_rotation_keeps_agents_reachable_through_every_step() {
+    use crate::controller::tls::CA_SECRET;
+    use crate::controller::tls::rotation_steps;
+
+    let mut cas = CaSet::new(Ca::generate().expect("CA"));
+    let first_ca = cas.signing.cert_pem.clone();
+    let mut agent = Vec::new();
+    let mut controller = Vec::new();
+    for step in [None].into_iter().chain(rotation_steps().map(Some)) {
+        if let Some(step) = step {
+            cas.apply(step).expect("step");
+            cas = CaSet::from_data(CA_SECRET, &cas.secret_data()).expect("reload");
+        }
+        let data = cas.agent_secret_data().expect("agents' data");
+        agent.push(Side {
+            leaf: (pem(&data, TLS_CERT), pem(&data, TLS_KEY)),
+            trusts: pem(&data, CA_CERT),
+        });
+        controller.push(Side {
+            leaf: controller_leaf(&cas.signing),
+            trusts: cas.bundle(),
+        });
+    }
+    assert_eq!(agent.len(), 4, "stable, adding, reissued, stable");
+    assert_ne!(cas.signing.cert_pem, first_ca, "the CA was replaced");
+    for (a, agent_side) in agent.iter().enumerate() {
+        for (c, controller_side) in controller.iter().enumerate() {
+            if a.abs_diff(c) > 1 {
+                continue;
+            }
+            reaches(agent_side, controller_side)
+                .await
+                .unwrap_or_else(|e| panic!("agent at step {a}, controller at step {c}: {e}"));
+        }
+    }
+    // Two steps apart (a party that missed a whole phase) is where the overlap ends.
+    assert!(reaches(&agent[3], &controller[0]).await.is_err());
+    assert!(reaches(&agent[0], &controller[3]).await.is_err());
 }

@@ -618,3 +618,77 @@ async fn tls_secrets_are_bootstrapped_when_missing() {
         .expect("bootstrapped");
     verifier.await.expect("verifier passed");
 }
+
+#[tokio::test]
+async fn an_admins_annotation_starts_a_ca_rotation_and_the_agents_trust_both() {
+    use super::tls;
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    const SECRETS: &str = "/api/v1/namespaces/ignis-system/secrets";
+    let old = tls::CaSet::new(tls::Ca::generate().expect("CA"));
+    let old_pem = old.signing.cert_pem.clone();
+    let stored = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {
+            "name": tls::CA_SECRET, "namespace": "ignis-system", "resourceVersion": "7",
+            "annotations": { tls::ROTATE_ANNOTATION: "now" },
+        },
+        "type": "Opaque",
+        "data": old.secret_data(),
+    });
+    let verifier = tokio::spawn(async move {
+        let (_, _, _, respond) = expect(
+            &mut handle,
+            Method::GET,
+            &format!("{SECRETS}/{}", tls::CLIENT_SECRET),
+        )
+        .await;
+        not_found(respond);
+        let ca_path = format!("{SECRETS}/{}", tls::CA_SECRET);
+        let (_, _, _, respond) = expect(&mut handle, Method::GET, &ca_path).await;
+        ok(respond, &stored);
+        // The new CA is written beside the old one, at the version read; the request is
+        // consumed and the phase's start recorded.
+        let (_, body, _, respond) = expect(&mut handle, Method::PUT, &ca_path).await;
+        assert_eq!(body["metadata"]["resourceVersion"], "7");
+        let annotations = &body["metadata"]["annotations"];
+        assert!(
+            annotations.get(tls::ROTATE_ANNOTATION).is_none(),
+            "{annotations}"
+        );
+        assert!(
+            annotations[tls::SINCE_ANNOTATION].is_string(),
+            "{annotations}"
+        );
+        for key in [tls::CA_CERT, tls::CA_KEY, "next.crt", "next.key"] {
+            assert!(body["data"][key].is_string(), "{key} in {}", body["data"]);
+        }
+        ok(respond, &body);
+        // The agents' Secret trusts both CAs; its leaf is still the old CA's.
+        let (_, _, _, respond) = expect(
+            &mut handle,
+            Method::GET,
+            &format!("{SECRETS}/ignis-agent-tls"),
+        )
+        .await;
+        not_found(respond);
+        let (_, body, _, respond) = expect(&mut handle, Method::POST, SECRETS).await;
+        let bundle = body["data"][tls::CA_CERT].as_str().expect("ca.crt");
+        ok(respond, &body);
+        bundle.to_string()
+    });
+    tls::ensure_secret(client, "ignis-system", "ignis-agent-tls")
+        .await
+        .expect("rotation begun");
+    let bundle = verifier.await.expect("verifier passed");
+    use base64::Engine as _;
+    let bundle = base64::engine::general_purpose::STANDARD
+        .decode(bundle)
+        .expect("base64");
+    let bundle = String::from_utf8(bundle).expect("pem");
+    assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2, "{bundle}");
+    assert!(
+        bundle.starts_with(&old_pem),
+        "the old CA still signs: first"
+    );
+}

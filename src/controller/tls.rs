@@ -14,7 +14,9 @@
 //! and that name (`agent::tls`), so nothing a node holds can sign a certificate another agent
 //! accepts. Both Secrets are created when missing; the agents' Secret is rewritten when it no
 //! longer matches the CA (after a rotation, or in the old layout that carried the CA key), and
-//! the agents restart on their own when its files change.
+//! the agents restart on their own when its files change. The managed CA is rotated with
+//! overlap, at 80% of its life or when an admin asks ([`rotation`]): `ca.crt` in the agents'
+//! Secret and the controller's trust are then a bundle of every CA in use.
 //!
 //! Bring your own PKI (cert-manager, say): create [`CLIENT_SECRET`] (`ignis-controller-tls`:
 //! `ca.crt`, `tls.crt`, `tls.key` of a client certificate named `ignis-controller`) and the
@@ -33,6 +35,20 @@ use rcgen::{
 };
 use thiserror::Error;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+
+mod rotation;
+pub use rotation::{CaSet, ROTATE_ANNOTATION, SINCE_ANNOTATION};
+
+/// The steps of one whole rotation, in order.
+#[cfg(test)]
+pub(crate) fn rotation_steps() -> impl Iterator<Item = rotation::Step> {
+    [
+        rotation::Step::Begin,
+        rotation::Step::Reissue,
+        rotation::Step::Finish,
+    ]
+    .into_iter()
+}
 
 /// The name agents present and the controller verifies, whatever IP it dials.
 pub const AGENT_SERVER_NAME: &str = "ignis-agent";
@@ -165,14 +181,24 @@ impl Ca {
     }
 
     /// The agents' Secret data: the CA certificate and a server certificate; no CA key.
+    #[cfg(test)]
     pub fn agent_secret_data(&self) -> Result<BTreeMap<String, ByteString>, TlsError> {
+        self.agent_secret_data_trusting(&self.cert_pem)
+    }
+
+    /// [`Ca::agent_secret_data`] with `bundle` (every CA trusted now) as `ca.crt`.
+    fn agent_secret_data_trusting(
+        &self,
+        bundle: &str,
+    ) -> Result<BTreeMap<String, ByteString>, TlsError> {
         let (cert, key) = self.issue_for(
             AGENT_SERVER_NAME,
             ExtendedKeyUsagePurpose::ServerAuth,
             Some(AGENT_CERT_HOURS),
         )?;
+        let bundle = bundle.to_string();
         Ok(bytes([
-            (CA_CERT, &self.cert_pem),
+            (CA_CERT, &bundle),
             (TLS_CERT, &cert),
             (TLS_KEY, &key),
         ]))
@@ -180,27 +206,53 @@ impl Ca {
 
     /// The controller's client TLS config, with a client certificate minted now (valid for
     /// [`CONTROLLER_CERT_HOURS`]).
+    #[cfg(test)]
     pub fn client_config(&self) -> Result<ClientTlsConfig, TlsError> {
+        self.client_config_trusting(&self.cert_pem)
+    }
+
+    /// [`Ca::client_config`] trusting every CA in `bundle`.
+    fn client_config_trusting(&self, bundle: &str) -> Result<ClientTlsConfig, TlsError> {
         let (cert, key) = self.issue_for(
             CONTROLLER_NAME,
             ExtendedKeyUsagePurpose::ClientAuth,
             Some(CONTROLLER_CERT_HOURS),
         )?;
-        Ok(client_tls(&self.cert_pem, cert, key))
+        Ok(client_tls(bundle, cert, key))
     }
 
     /// Whether the agents' Secret data fits this CA: exactly the three keys, this CA's
     /// certificate, and a server certificate it issued that is not about to expire.
+    #[cfg(test)]
     pub fn agent_data_is_current(&self, data: &BTreeMap<String, ByteString>) -> bool {
-        let keys: Vec<&str> = data.keys().map(String::as_str).collect();
-        if keys != [CA_CERT, TLS_CERT, TLS_KEY] {
-            return false;
-        }
-        if data[CA_CERT].0 != self.cert_pem.as_bytes() {
-            return false;
-        }
-        issued_and_fresh(&data[TLS_CERT].0, &self.cert_pem)
+        agent_data_fits(data, &self.cert_pem, &self.cert_pem)
     }
+}
+
+impl CaSet {
+    /// The agents' Secret data: every trusted CA, and a server certificate of the signing one.
+    pub fn agent_secret_data(&self) -> Result<BTreeMap<String, ByteString>, TlsError> {
+        self.signing.agent_secret_data_trusting(&self.bundle())
+    }
+
+    /// The controller's client TLS config: a certificate of the signing CA, trusting all.
+    pub fn client_config(&self) -> Result<ClientTlsConfig, TlsError> {
+        self.signing.client_config_trusting(&self.bundle())
+    }
+
+    /// Whether the agents' Secret data carries this bundle and a fresh leaf of the signing CA.
+    pub fn agent_data_is_current(&self, data: &BTreeMap<String, ByteString>) -> bool {
+        agent_data_fits(data, &self.bundle(), &self.signing.cert_pem)
+    }
+}
+
+/// Exactly the three keys, `bundle` as `ca.crt`, and a server certificate `signer` issued
+/// that is not about to expire.
+fn agent_data_fits(data: &BTreeMap<String, ByteString>, bundle: &str, signer: &str) -> bool {
+    let keys: Vec<&str> = data.keys().map(String::as_str).collect();
+    keys == [CA_CERT, TLS_CERT, TLS_KEY]
+        && data[CA_CERT].0 == bundle.as_bytes()
+        && issued_and_fresh(&data[TLS_CERT].0, signer)
 }
 
 /// The controller's client certificate lives as long as the agents' server certificate.
@@ -210,17 +262,19 @@ pub const CONTROLLER_CERT_HOURS: u64 = AGENT_CERT_HOURS;
 enum Seen {
     /// The user's [`CLIENT_SECRET`] data.
     Own(BTreeMap<String, ByteString>),
-    /// The managed CA (the agents' Secret made to fit it).
-    Managed(Box<Ca>),
+    /// The managed CAs (the agents' Secret made to fit them).
+    Managed(Box<CaSet>),
 }
 
 /// What the controller's current client TLS config was made from.
 #[derive(Clone, Debug, PartialEq)]
 enum ClientSource {
     Own(BTreeMap<String, ByteString>),
-    /// Minted by the CA whose certificate is `ca_pem`, valid `not_before..not_after` (seconds).
+    /// Minted by the CA whose certificate is `ca_pem`, trusting `bundle`, valid
+    /// `not_before..not_after` (seconds).
     Minted {
         ca_pem: String,
+        bundle: String,
         not_before: i64,
         not_after: i64,
     },
@@ -235,11 +289,16 @@ fn remake(current: &ClientSource, seen: &Seen, now: i64) -> bool {
         (
             ClientSource::Minted {
                 ca_pem,
+                bundle,
                 not_before,
                 not_after,
             },
-            Seen::Managed(ca),
-        ) => *ca_pem != ca.cert_pem || due_for_renewal(*not_before, *not_after, now),
+            Seen::Managed(cas),
+        ) => {
+            *ca_pem != cas.signing.cert_pem
+                || *bundle != cas.bundle()
+                || due_for_renewal(*not_before, *not_after, now)
+        }
         _ => true,
     }
 }
@@ -251,13 +310,14 @@ fn make(seen: &Seen) -> Result<(ClientTlsConfig, ClientSource), TlsError> {
             client_config_from_data(CLIENT_SECRET, data)?,
             ClientSource::Own(data.clone()),
         )),
-        Seen::Managed(ca) => {
+        Seen::Managed(cas) => {
             let now = jiff::Timestamp::now().as_second();
             let hours = i64::try_from(CONTROLLER_CERT_HOURS).unwrap_or(i64::MAX / 7200);
             Ok((
-                ca.client_config()?,
+                cas.client_config()?,
                 ClientSource::Minted {
-                    ca_pem: ca.cert_pem.clone(),
+                    ca_pem: cas.signing.cert_pem.clone(),
+                    bundle: cas.bundle(),
                     // As `expire_in` sets them, to the second or so.
                     not_before: now - 3600,
                     not_after: now + hours * 3600,
@@ -392,24 +452,82 @@ fn is_conflict(error: &kube::Error) -> bool {
     matches!(error, kube::Error::Api(status) if status.code == 409)
 }
 
-/// Read the CA Secret, creating it when missing (a concurrent creator wins and its CA is used).
-async fn ensure_ca(api: &Api<Secret>, namespace: &str) -> Result<Ca, TlsError> {
-    if let Some(existing) = api.get_opt(CA_SECRET).await.map_err(TlsError::Kube)? {
-        return Ca::from_data(CA_SECRET, &existing.data.unwrap_or_default());
-    }
-    let ca = Ca::generate()?;
-    let object = secret(CA_SECRET, namespace, "Opaque", ca.secret_data());
-    match api.create(&PostParams::default(), &object).await {
-        Ok(_) => {
-            tracing::info!(%namespace, secret = CA_SECRET, "created the agent CA");
-            Ok(ca)
+/// Read the CA Secret, creating it when missing (a concurrent creator wins and its CA is used),
+/// and take the next rotation step when one is due.
+async fn ensure_ca(api: &Api<Secret>, namespace: &str) -> Result<CaSet, TlsError> {
+    let Some(existing) = api.get_opt(CA_SECRET).await.map_err(TlsError::Kube)? else {
+        let cas = CaSet::new(Ca::generate()?);
+        let object = secret(CA_SECRET, namespace, "Opaque", cas.secret_data());
+        return match api.create(&PostParams::default(), &object).await {
+            Ok(_) => {
+                tracing::info!(%namespace, secret = CA_SECRET, "created the agent CA");
+                Ok(cas)
+            }
+            Err(error) if is_conflict(&error) => {
+                let existing = api.get(CA_SECRET).await.map_err(TlsError::Kube)?;
+                CaSet::from_data(CA_SECRET, &existing.data.unwrap_or_default())
+            }
+            Err(error) => Err(TlsError::Kube(error)),
+        };
+    };
+    let mut cas = CaSet::from_data(
+        CA_SECRET,
+        existing.data.as_ref().unwrap_or(&BTreeMap::new()),
+    )?;
+    let annotations = existing.metadata.annotations.clone().unwrap_or_default();
+    let since = annotations
+        .get(SINCE_ANNOTATION)
+        .and_then(|s| s.parse::<i64>().ok());
+    let requested = annotations.contains_key(ROTATE_ANNOTATION);
+    let now = jiff::Timestamp::now().as_second();
+    let view = cas.view(since, requested);
+    let Some(step) = rotation::next_step(&view, now) else {
+        if since.is_none() && view.phase != rotation::Phase::Stable {
+            // A phase with no recorded start (written by hand): start counting the overlap now.
+            write_ca(api, existing, &cas, Some(now)).await?;
         }
-        Err(error) if is_conflict(&error) => {
+        return Ok(cas);
+    };
+    cas.apply(step)?;
+    let since = (cas.phase() != rotation::Phase::Stable).then_some(now);
+    match write_ca(api, existing, &cas, since).await {
+        Ok(()) => {
+            tracing::info!(%namespace, secret = CA_SECRET, ?step, phase = ?cas.phase(), "rotating the agent CA");
+            Ok(cas)
+        }
+        // Another replica wrote first: use what it wrote.
+        Err(TlsError::Kube(error)) if is_conflict(&error) => {
             let existing = api.get(CA_SECRET).await.map_err(TlsError::Kube)?;
-            Ca::from_data(CA_SECRET, &existing.data.unwrap_or_default())
+            CaSet::from_data(CA_SECRET, &existing.data.unwrap_or_default())
         }
-        Err(error) => Err(TlsError::Kube(error)),
+        Err(error) => Err(error),
     }
+}
+
+/// Replace the CA Secret `existing` (at its resourceVersion) with `cas`, the phase's start
+/// `since`, and no rotation request.
+async fn write_ca(
+    api: &Api<Secret>,
+    existing: Secret,
+    cas: &CaSet,
+    since: Option<i64>,
+) -> Result<(), TlsError> {
+    let mut object = existing;
+    let annotations = object
+        .metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new);
+    annotations.remove(ROTATE_ANNOTATION);
+    match since {
+        Some(since) => annotations.insert(SINCE_ANNOTATION.into(), since.to_string()),
+        None => annotations.remove(SINCE_ANNOTATION),
+    };
+    object.data = Some(cas.secret_data());
+    object.string_data = None;
+    api.replace(CA_SECRET, &PostParams::default(), &object)
+        .await
+        .map(|_| ())
+        .map_err(TlsError::Kube)
 }
 
 /// Create or repair the agents' Secret so it fits `ca`.
@@ -417,7 +535,7 @@ async fn ensure_agent_secret(
     api: &Api<Secret>,
     namespace: &str,
     name: &str,
-    ca: &Ca,
+    ca: &CaSet,
 ) -> Result<(), TlsError> {
     for _ in 0..WRITE_ATTEMPTS {
         let existing = api.get_opt(name).await.map_err(TlsError::Kube)?;
@@ -607,9 +725,9 @@ mod tests {
     #[test]
     fn the_controller_certificate_is_made_again_when_due_or_when_its_source_changed() {
         let ca = Ca::generate().expect("CA");
-        let (_, minted) = make(&Seen::Managed(Box::new(
+        let (_, minted) = make(&Seen::Managed(Box::new(CaSet::new(
             Ca::from_data(CA_SECRET, &ca.secret_data()).expect("reload"),
-        )))
+        ))))
         .expect("minted");
         let ClientSource::Minted {
             not_before,
@@ -625,14 +743,21 @@ mod tests {
             hours * 3600 + 3600,
             "a day and the hour back"
         );
-        let same = Seen::Managed(Box::new(
+        let same = Seen::Managed(Box::new(CaSet::new(
             Ca::from_data(CA_SECRET, &ca.secret_data()).expect("reload"),
-        ));
+        )));
         assert!(!remake(&minted, &same, not_before + 3600), "fresh, same CA");
         let two_thirds = not_before + (not_after - not_before) / 3 * 2;
         assert!(remake(&minted, &same, two_thirds), "two thirds of its life");
-        let rotated = Seen::Managed(Box::new(Ca::generate().expect("new CA")));
+        let rotated = Seen::Managed(Box::new(CaSet::new(Ca::generate().expect("new CA"))));
         assert!(remake(&minted, &rotated, not_before + 3600), "another CA");
+        let mut adding = CaSet::from_data(CA_SECRET, &ca.secret_data()).expect("reload");
+        adding.apply(rotation::Step::Begin).expect("begin");
+        let adding = Seen::Managed(Box::new(adding));
+        assert!(
+            remake(&minted, &adding, not_before + 3600),
+            "a CA joined the bundle"
+        );
 
         let data = ca.agent_secret_data().expect("data");
         let own = ClientSource::Own(data.clone());
