@@ -76,6 +76,11 @@ pub(super) fn context(client: Client, pool: AgentPool) -> Arc<Context> {
         failures: Mutex::new(Default::default()),
         vm_pods: None,
         node_meta: None,
+        pods_listed: {
+            let listed = CancellationToken::new();
+            listed.cancel();
+            listed
+        },
     })
 }
 

@@ -123,15 +123,20 @@ pub async fn start(
         kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
     );
     let (pod_events_tx, mut pod_events) = mpsc::unbounded_channel::<ObjectRef<MicroVM>>();
+    let pods_listed = CancellationToken::new();
     let vm_pods = config.vm_pods.clone().map(|settings| {
         let (pods, nodes) = watch_vm_pods(
             &client,
             config.namespace.as_deref(),
             pod_events_tx,
+            pods_listed.clone(),
             &shutdown,
         );
         (settings, pods, nodes)
     });
+    if vm_pods.is_none() {
+        pods_listed.cancel();
+    }
     let reporter = Reporter {
         controller: FIELD_MANAGER.to_string(),
         instance: config.instance.clone(),
@@ -153,6 +158,7 @@ pub async fn start(
             .as_ref()
             .map(|(s, store, _)| (s.clone(), store.clone())),
         node_meta: vm_pods.as_ref().map(|(_, _, nodes)| nodes.clone()),
+        pods_listed,
     });
 
     // Pool signals → object references for the controller.
@@ -229,6 +235,7 @@ fn watch_vm_pods(
     client: &Client,
     namespace: Option<&str>,
     triggers: mpsc::UnboundedSender<ObjectRef<MicroVM>>,
+    listed: CancellationToken,
     shutdown: &CancellationToken,
 ) -> (
     reflector::Store<Pod>,
@@ -246,6 +253,11 @@ fn watch_vm_pods(
             watcher::Config::default().labels(vmpod::MICROVM_LABEL),
         ),
     )
+    .inspect_ok(move |event| {
+        if matches!(event, watcher::Event::InitDone) {
+            listed.cancel();
+        }
+    })
     .default_backoff()
     .touched_objects();
     let stop = shutdown.clone();

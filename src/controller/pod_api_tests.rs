@@ -141,3 +141,34 @@ async fn a_running_sandbox_gets_the_vm_with_its_pod_reference() {
     assert_eq!(applied.spec.interfaces[0].mode, InterfaceMode::Pod);
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn nothing_is_decided_before_the_vm_pods_are_listed() {
+    // A new leader whose pod cache is still listing would take a running VM's pod for gone
+    // and stop the VM: it waits instead, and makes no call.
+    let shutdown = CancellationToken::new();
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let listed = pod_context(Client::new(service, "default"), pool(&shutdown), Vec::new());
+    let ctx = Arc::new(Context {
+        pods_listed: CancellationToken::new(),
+        ..Arc::into_inner(listed).expect("sole owner")
+    });
+    let requeue = tokio::time::timeout(DEADLINE, reconcile(Arc::new(with_finalizer()), ctx))
+        .await
+        .expect("within deadline")
+        .expect("reconcile succeeds");
+    assert_eq!(
+        requeue,
+        kube::runtime::controller::Action::requeue(super::reconcile::CACHE_WAIT)
+    );
+    let call = tokio::time::timeout(std::time::Duration::from_millis(200), handle.next_request());
+    // Pending, or ended with the client dropped: never a request.
+    if let Ok(Some((request, _))) = call.await {
+        panic!(
+            "an API call before the pods are listed: {} {}",
+            request.method(),
+            request.uri()
+        );
+    }
+    shutdown.cancel();
+}

@@ -72,6 +72,9 @@ pub(super) struct Context {
     pub(super) failures: Mutex<HashMap<String, u32>>,
     /// Pod mode (`--vm-pods`): the settings and the cache of VM pods.
     pub(super) vm_pods: Option<(VmPodSettings, Store<Pod>)>,
+    /// Cancelled once the VM pod cache has listed every pod (at once without pod mode): until
+    /// then a VM pod missing from the cache may exist, and deciding on it would stop its VM.
+    pub(super) pods_listed: tokio_util::sync::CancellationToken,
     /// Pod mode: the Nodes' metadata, for the node labels the controller keeps.
     pub(super) node_meta: Option<Store<kube::core::PartialObjectMeta<Node>>>,
 }
@@ -119,6 +122,9 @@ pub(super) fn error_policy(
 /// Retry after a 409, in case the newer version's watch event was already consumed.
 pub(super) const CONFLICT_RETRY: Duration = Duration::from_millis(200);
 
+/// How soon a reconcile that came before the VM pod cache had listed runs again.
+pub(super) const CACHE_WAIT: Duration = Duration::from_millis(250);
+
 /// Reconciles in flight at once.
 pub(super) const RECONCILE_CONCURRENCY: u16 = 32;
 
@@ -151,6 +157,9 @@ pub(super) async fn reconcile_once(
     mvm: &MicroVM,
     ctx: &Context,
 ) -> Result<Requeue, ReconcileError> {
+    if !ctx.pods_listed.is_cancelled() {
+        return Ok(Requeue::requeue(CACHE_WAIT));
+    }
     let Observation {
         observed,
         built,
