@@ -115,8 +115,39 @@ mod tests {
     use crate::proto::GetHostRequest;
     use crate::proto::agent_client::AgentClient;
 
-    fn pem(data: &BTreeMap<String, ByteString>, key: &str) -> String {
+    pub(super) fn pem(data: &BTreeMap<String, ByteString>, key: &str) -> String {
         String::from_utf8(data[key].0.clone()).expect("utf-8")
+    }
+
+    /// An agent (simulated VMM) serving mutual TLS on a loopback port with this material,
+    /// written as files in `dir`: its handle, its port, and the token that stops it.
+    pub(super) async fn serve_tls(
+        dir: &std::path::Path,
+        cert: &str,
+        key: &str,
+        client_ca: &str,
+    ) -> (crate::agent::AgentHandle, u16, CancellationToken) {
+        let files = TlsFiles {
+            cert: dir.join(TLS_CERT),
+            key: dir.join(TLS_KEY),
+            client_ca: dir.join(CA_CERT),
+        };
+        std::fs::write(&files.cert, cert).expect("write");
+        std::fs::write(&files.key, key).expect("write");
+        std::fs::write(&files.client_ca, client_ca).expect("write");
+        let mut config = AgentConfig::local(&dir.join("state"));
+        config.listen = ListenAddr::Tcp("127.0.0.1:0".parse().expect("addr"));
+        config.tls = Some(files);
+        config.network = None;
+        config.simulated = true;
+        config.accelerator = crate::agent::AcceleratorFlag::Tcg;
+        let shutdown = CancellationToken::new();
+        let agent = serve(config, shutdown.clone()).await.expect("agent serves");
+        let ListenAddr::Tcp(addr) = agent.listen else {
+            panic!("tcp")
+        };
+        let port = addr.port();
+        (agent, port, shutdown)
     }
 
     /// A client certificate for `name`, signed with `issuer_key` as if by `issuer_cert_pem`.
@@ -132,7 +163,7 @@ mod tests {
     }
 
     /// Call GetHost on the agent at `port` with this client identity; Ok when it answered.
-    async fn call(
+    pub(super) async fn call(
         port: u16,
         ca_pem: &str,
         identity: Option<(String, String)>,
@@ -165,26 +196,13 @@ mod tests {
         let ca = Ca::generate().expect("CA");
         let node = ca.agent_secret_data().expect("agents' Secret");
         let tmp = tempfile::tempdir().expect("tmp");
-        let files = TlsFiles {
-            cert: tmp.path().join(TLS_CERT),
-            key: tmp.path().join(TLS_KEY),
-            client_ca: tmp.path().join(CA_CERT),
-        };
-        std::fs::write(&files.cert, pem(&node, TLS_CERT)).expect("write");
-        std::fs::write(&files.key, pem(&node, TLS_KEY)).expect("write");
-        std::fs::write(&files.client_ca, pem(&node, CA_CERT)).expect("write");
-        let mut config = AgentConfig::local(&tmp.path().join("state"));
-        config.listen = ListenAddr::Tcp("127.0.0.1:0".parse().expect("addr"));
-        config.tls = Some(files);
-        config.network = None;
-        config.simulated = true;
-        config.accelerator = crate::agent::AcceleratorFlag::Tcg;
-        let shutdown = CancellationToken::new();
-        let agent = serve(config, shutdown.clone()).await.expect("agent serves");
-        let ListenAddr::Tcp(addr) = agent.listen else {
-            panic!("tcp")
-        };
-        let port = addr.port();
+        let (agent, port, shutdown) = serve_tls(
+            tmp.path(),
+            &pem(&node, TLS_CERT),
+            &pem(&node, TLS_KEY),
+            &pem(&node, CA_CERT),
+        )
+        .await;
         let ca_pem = pem(&node, CA_CERT);
 
         // The controller's own certificate works.

@@ -3,24 +3,12 @@
 //! certificates are re-issued under it, then the old CA is removed. The controller reaches the
 //! agent at every step, in either order of the leaves; skipping the overlap breaks it.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::ByteString;
 use rcgen::ExtendedKeyUsagePurpose;
-use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-use crate::agent::{AgentConfig, ListenAddr, TlsFiles, serve};
-use crate::controller::tls::{
-    AGENT_SERVER_NAME, CA_CERT, CONTROLLER_NAME, Ca, CaSet, TLS_CERT, TLS_KEY,
-};
-use crate::proto::GetHostRequest;
-use crate::proto::agent_client::AgentClient;
-
-fn pem(data: &BTreeMap<String, ByteString>, key: &str) -> String {
-    String::from_utf8(data[key].0.clone()).expect("utf-8")
-}
+use super::tests::{call, pem, serve_tls};
+use crate::controller::tls::{CA_CERT, CONTROLLER_NAME, Ca, CaSet, TLS_CERT, TLS_KEY};
 
 /// One side's TLS material: its leaf (cert, key) and the CAs it trusts.
 #[derive(Clone)]
@@ -33,43 +21,9 @@ struct Side {
 /// the call was answered. Each call is a fresh agent, as a restarted agent pod is.
 async fn reaches(agent: &Side, controller: &Side) -> Result<(), String> {
     let tmp = tempfile::tempdir().expect("tmp");
-    let files = TlsFiles {
-        cert: tmp.path().join("tls.crt"),
-        key: tmp.path().join("tls.key"),
-        client_ca: tmp.path().join("ca.crt"),
-    };
-    std::fs::write(&files.cert, &agent.leaf.0).expect("write");
-    std::fs::write(&files.key, &agent.leaf.1).expect("write");
-    std::fs::write(&files.client_ca, &agent.trusts).expect("write");
-    let mut config = AgentConfig::local(&tmp.path().join("state"));
-    config.listen = ListenAddr::Tcp("127.0.0.1:0".parse().expect("addr"));
-    config.tls = Some(files);
-    config.network = None;
-    config.simulated = true;
-    config.accelerator = crate::agent::AcceleratorFlag::Tcg;
-    let shutdown = CancellationToken::new();
-    let served = serve(config, shutdown.clone()).await.expect("agent serves");
-    let ListenAddr::Tcp(addr) = served.listen else {
-        panic!("tcp")
-    };
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&controller.trusts))
-        .domain_name(AGENT_SERVER_NAME)
-        .identity(Identity::from_pem(&controller.leaf.0, &controller.leaf.1));
-    let endpoint = Endpoint::from_shared(format!("https://127.0.0.1:{}", addr.port()))
-        .expect("endpoint")
-        .tls_config(tls)
-        .expect("tls")
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(5));
-    let result = match endpoint.connect().await {
-        Ok(channel) => AgentClient::new(channel)
-            .get_host(GetHostRequest::default())
-            .await
-            .map(|_| ())
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message())),
-        Err(e) => Err(format!("connect: {e:?}")),
-    };
+    let (served, port, shutdown) =
+        serve_tls(tmp.path(), &agent.leaf.0, &agent.leaf.1, &agent.trusts).await;
+    let result = call(port, &controller.trusts, Some(controller.leaf.clone())).await;
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), served.wait()).await;
     result
