@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::simulated::SimulatedNode;
+use common::simulated::{self, SimulatedNode};
 use ignis::controller::{self, ControllerConfig};
 use ignis::proto;
 use tokio_util::sync::CancellationToken;
@@ -80,15 +80,7 @@ async fn a_vm_no_microvm_owns_is_removed() {
         started.elapsed()
     );
 
-    stop_controller.cancel();
-    tokio::time::timeout(Duration::from_secs(30), handle.wait())
-        .await
-        .expect("the controller stops in time")
-        .expect("the controller stops cleanly");
-    stop_agent.cancel();
-    tokio::time::timeout(Duration::from_secs(20), agent.wait())
-        .await
-        .expect("the agent stops in time")
-        .expect("the agent stops cleanly");
+    simulated::stop_controller(handle, &stop_controller).await;
+    simulated::stop_agent(agent, &stop_agent).await;
     shutdown.cancel();
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::simulated::SimulatedNode;
+use common::simulated::{self, SimulatedNode};
 use ignis::api::{InterfaceMode, MicroVM};
 use ignis::controller::{self, ControllerConfig};
 use ignis::testing::MicroVmBuilder;
@@ -127,16 +127,8 @@ async fn every_microvm_reaches_running_although_the_agent_is_faster_than_the_api
         }
     }
 
-    stop_controller.cancel();
-    tokio::time::timeout(Duration::from_secs(30), handle.wait())
-        .await
-        .expect("the controller stops in time")
-        .expect("the controller stops cleanly");
-    stop_agent.cancel();
-    tokio::time::timeout(Duration::from_secs(20), agent.wait())
-        .await
-        .expect("the agent stops in time")
-        .expect("the agent stops cleanly");
+    simulated::stop_controller(handle, &stop_controller).await;
+    simulated::stop_agent(agent, &stop_agent).await;
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), api.stopped()).await;
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::simulated::SimulatedNode;
+use common::simulated::{self, SimulatedNode};
 use ignis::api::{FINALIZER, InterfaceMode, MicroVM, NODE_LABEL};
 use ignis::testing::MicroVmBuilder;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -365,11 +365,7 @@ async fn one_controller_leads_and_a_standby_takes_over_when_it_dies() {
     );
     println!("whole test {} ms", started.elapsed().as_millis());
 
-    stop_agent.cancel();
-    tokio::time::timeout(Duration::from_secs(20), agent.wait())
-        .await
-        .expect("the agent stops in time")
-        .expect("the agent stops cleanly");
+    simulated::stop_agent(agent, &stop_agent).await;
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), api.stopped()).await;
 }

@@ -2,8 +2,10 @@
 //! node: what the controller tests drive.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ignis::agent::{self, AcceleratorFlag, AgentConfig, AgentHandle};
+use ignis::controller::ControllerHandle;
 use ignis::dev::apiserver::{self, ApiServerHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -59,4 +61,22 @@ impl SimulatedNode {
             kernel,
         }
     }
+}
+
+/// Stop the agent and wait (bounded) for it to stop cleanly.
+pub async fn stop_agent(agent: AgentHandle, stop: &CancellationToken) {
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(20), agent.wait())
+        .await
+        .expect("the agent stops in time")
+        .expect("the agent stops cleanly");
+}
+
+/// Stop the controller and wait (bounded) for it to stop cleanly.
+pub async fn stop_controller(controller: ControllerHandle, stop: &CancellationToken) {
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(30), controller.wait())
+        .await
+        .expect("the controller stops in time")
+        .expect("the controller stops cleanly");
 }
