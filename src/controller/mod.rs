@@ -112,11 +112,7 @@ pub async fn start(
     let cache_ready = CancellationToken::new();
     let listed = cache_ready.clone();
     let microvms = reflector(writer, watcher(api, watcher::Config::default()))
-        .inspect_ok(move |event| {
-            if matches!(event, watcher::Event::InitDone) {
-                listed.cancel();
-            }
-        })
+        .inspect_ok(cancel_when_listed(listed))
         .default_backoff()
         .applied_objects();
     let controller = Controller::for_stream(microvms, store.clone()).with_config(
@@ -229,6 +225,16 @@ pub async fn start(
     Ok(ControllerHandle { pool, task })
 }
 
+/// For a reflector's stream: cancel `listed` once its first complete list is in the store. Used
+/// instead of `Store::wait_until_ready`, which wakes only the last of its waiters.
+fn cancel_when_listed<K>(listed: CancellationToken) -> impl FnMut(&watcher::Event<K>) {
+    move |event| {
+        if matches!(event, watcher::Event::InitDone) {
+            listed.cancel();
+        }
+    }
+}
+
 /// Pod mode: cache the VM pods (reconciling the owning MicroVM on each change) and the
 /// Nodes' metadata (for the node labels the controller keeps).
 fn watch_vm_pods(
@@ -253,11 +259,7 @@ fn watch_vm_pods(
             watcher::Config::default().labels(vmpod::MICROVM_LABEL),
         ),
     )
-    .inspect_ok(move |event| {
-        if matches!(event, watcher::Event::InitDone) {
-            listed.cancel();
-        }
-    })
+    .inspect_ok(cancel_when_listed(listed))
     .default_backoff()
     .touched_objects();
     let stop = shutdown.clone();
