@@ -163,6 +163,22 @@ pub(super) fn object() -> String {
     crate::testing::microvm_path("default", "web")
 }
 
+/// A fake agent on `node` and a pool connected to it: the agent's recorded calls, its
+/// directory (keep it alive), the pool.
+pub(super) async fn pool_with_fake_agent(
+    shutdown: &CancellationToken,
+    node: &str,
+) -> (Arc<Mutex<Calls>>, tempfile::TempDir, AgentPool) {
+    let (calls, dir) = fake_agent(shutdown.clone()).await;
+    let pool = pool(shutdown);
+    pool.set_agents(&BTreeMap::from([(
+        node.to_string(),
+        AgentEndpoint::Unix(dir.path().join("agent.sock")),
+    )]));
+    wait_connected(&pool, node).await;
+    (calls, dir, pool)
+}
+
 pub(super) async fn wait_connected(pool: &AgentPool, node: &str) {
     tokio::time::timeout(DEADLINE, async {
         while pool.link(node) != AgentLink::Connected {
@@ -176,13 +192,7 @@ pub(super) async fn wait_connected(pool: &AgentPool, node: &str) {
 #[tokio::test]
 async fn new_vm_is_placed_started_and_reported_in_three_writes() {
     let shutdown = CancellationToken::new();
-    let (calls, dir) = fake_agent(shutdown.clone()).await;
-    let pool = pool(&shutdown);
-    pool.set_agents(&BTreeMap::from([(
-        "node-a".to_string(),
-        AgentEndpoint::Unix(dir.path().join("agent.sock")),
-    )]));
-    wait_connected(&pool, "node-a").await;
+    let (calls, _dir, pool) = pool_with_fake_agent(&shutdown, "node-a").await;
 
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
@@ -338,13 +348,7 @@ async fn unschedulable_vm_gets_finalizer_condition_and_event() {
 #[tokio::test]
 async fn deleted_vm_is_removed_from_the_agent_before_the_finalizer_goes() {
     let shutdown = CancellationToken::new();
-    let (calls, dir) = fake_agent(shutdown.clone()).await;
-    let pool = pool(&shutdown);
-    pool.set_agents(&BTreeMap::from([(
-        "node-a".to_string(),
-        AgentEndpoint::Unix(dir.path().join("agent.sock")),
-    )]));
-    wait_connected(&pool, "node-a").await;
+    let (calls, _dir, pool) = pool_with_fake_agent(&shutdown, "node-a").await;
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let ctx = context(Client::new(service, "default"), pool);
     let agent_calls = calls.clone();

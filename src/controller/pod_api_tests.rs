@@ -1,7 +1,6 @@
 //! Pod mode against a mock Kubernetes API (as `api_tests`): the VM pod created, and the VM
 //! applied with its pod reference and the pod's readiness gate set, with the exact requests.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use http::{Method, Request, Response};
@@ -15,9 +14,8 @@ use kube::runtime::watcher::Event;
 use tokio_util::sync::CancellationToken;
 
 use super::Context;
-use super::agents::AgentEndpoint;
 use super::api_tests::{
-    DEADLINE, context, expect, expect_event, fake_agent, object, ok, pool, wait_connected,
+    DEADLINE, context, expect, expect_event, object, ok, pool, pool_with_fake_agent,
 };
 use super::fixtures::microvm;
 use super::reconcile;
@@ -85,13 +83,7 @@ async fn a_microvm_without_a_pod_gets_its_vm_pod_created() {
 #[tokio::test]
 async fn a_running_sandbox_gets_the_vm_with_its_pod_reference() {
     let shutdown = CancellationToken::new();
-    let (calls, dir) = fake_agent(shutdown.clone()).await;
-    let pool = pool(&shutdown);
-    pool.set_agents(&BTreeMap::from([(
-        "node-b".to_string(),
-        AgentEndpoint::Unix(dir.path().join("agent.sock")),
-    )]));
-    wait_connected(&pool, "node-b").await;
+    let (calls, _dir, pool) = pool_with_fake_agent(&shutdown, "node-b").await;
     let mut pod = vmpod::build(&with_finalizer(), &settings()).expect("builds");
     pod.metadata.uid = Some("pod-uid".to_string());
     pod.spec.as_mut().expect("spec").node_name = Some("node-b".to_string());
