@@ -232,13 +232,15 @@ impl Supervisor {
     /// Converge a VM onto the request. A VM that cannot be created or booted is not an error
     /// here: it comes back in state FAILED with the reason.
     pub(crate) async fn apply(&self, request: ApplyRequest) -> VmStatus {
-        self.converge(request, None).await
+        let supervisor = self.clone();
+        to_completion(async move { supervisor.converge(request, None).await }).await
     }
 
     /// Converge a VM onto a request whose spec this agent cannot boot as sent (a value it does
     /// not know): like [`Supervisor::apply`], except a boot is recorded as failed with `error`.
     pub(crate) async fn refuse(&self, request: ApplyRequest, error: SpecError) -> VmStatus {
-        self.converge(request, Some(error)).await
+        let supervisor = self.clone();
+        to_completion(async move { supervisor.converge(request, Some(error)).await }).await
     }
 
     async fn converge(&self, request: ApplyRequest, refused: Option<SpecError>) -> VmStatus {
@@ -312,6 +314,16 @@ impl Supervisor {
     /// Stop the VM within `grace` (its own grace period when `None`), kill it after, remove
     /// its files. Returns whether the agent held it.
     pub(crate) async fn delete(
+        &self,
+        uid: &VmUid,
+        grace: Option<Duration>,
+    ) -> Result<bool, SupervisorError> {
+        let supervisor = self.clone();
+        let uid = uid.clone();
+        to_completion(async move { supervisor.delete_now(&uid, grace).await }).await
+    }
+
+    async fn delete_now(
         &self,
         uid: &VmUid,
         grace: Option<Duration>,
@@ -477,5 +489,20 @@ impl Supervisor {
         }
         inner.shutdown.cancel();
         inner.network.shutdown().await;
+    }
+}
+
+/// Run `work` on a task of its own and wait for it. A gRPC handler's future is dropped when
+/// its client gives up (the controller's call deadline is shorter than a boot that waits for
+/// its pod), and a boot or delete dropped between two steps would leave the VM recorded as
+/// creating with nothing left to finish it; on its own task it finishes whoever waits.
+async fn to_completion<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    match tokio::spawn(work).await {
+        Ok(done) => done,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        // Cancelled only by the runtime shutting down, which drops this caller too.
+        Err(_) => std::future::pending().await,
     }
 }

@@ -382,3 +382,64 @@ async fn deleting_a_guest_that_never_got_ready_does_not_wait_its_grace_period() 
 
 mod damaged_state;
 mod http_vmms;
+
+/// A unit-test double: the simulated VMM, created only after `delay`, the way a VM pod's boot
+/// waits for its sandbox (seconds on a busy node).
+struct SlowCreate {
+    inner: SimulatedBackend,
+    delay: Duration,
+}
+
+#[async_trait::async_trait]
+impl VmmBackend for SlowCreate {
+    fn kind(&self) -> Hypervisor {
+        self.inner.kind()
+    }
+    fn supports(&self, accelerator: Accelerator) -> bool {
+        self.inner.supports(accelerator)
+    }
+    async fn create(&self, config: &VmConfig) -> Result<crate::agent::vmm::Spawned, VmmError> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.create(config).await
+    }
+    async fn start(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        self.inner.start(handle).await
+    }
+    async fn stop(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        self.inner.stop(handle).await
+    }
+    async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        self.inner.kill(handle).await
+    }
+    async fn state(&self, handle: &VmmHandle) -> Result<crate::agent::vmm::VmmState, VmmError> {
+        self.inner.state(handle).await
+    }
+    fn exit_quirks(&self) -> &'static crate::agent::vmm::ExitQuirks {
+        self.inner.exit_quirks()
+    }
+}
+
+/// The controller gives up on an `ApplyVM` after its call deadline, which drops the agent's
+/// handler: the boot it began goes on to a running VMM all the same (it once stopped between
+/// two steps, and the VM stayed creating for good: the next apply saw the run as begun).
+#[tokio::test]
+async fn a_boot_whose_caller_gives_up_still_finishes() {
+    let (tmp, kernel) = dir_with_kernel();
+    let backend = SlowCreate {
+        inner: SimulatedBackend::default(),
+        delay: Duration::from_millis(300),
+    };
+    let sup = supervisor_with(tmp.path(), Arc::new(backend), true, Duration::from_secs(5)).await;
+    let apply = sup.apply(request("g", &kernel, "h", 1, DesiredState::Running));
+    let gave_up = tokio::time::timeout(Duration::from_millis(50), apply).await;
+    assert!(gave_up.is_err(), "the create was meant to outlast the caller");
+    let vm = wait_state(&sup, "g", RunState::Running).await;
+    assert_ne!(vm.pid, 0, "{vm:?}");
+    // Asked again, the agent reports the run it finished rather than begins another.
+    let again = sup
+        .apply(request("g", &kernel, "h", 1, DesiredState::Running))
+        .await;
+    assert_eq!((again.run, again.pid), (vm.run, vm.pid));
+    assert!(sup.delete(&uid("g"), None).await.expect("delete"));
+    sup.shutdown(false).await;
+}
