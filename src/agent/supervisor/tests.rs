@@ -432,7 +432,10 @@ async fn a_boot_whose_caller_gives_up_still_finishes() {
     let sup = supervisor_with(tmp.path(), Arc::new(backend), true, Duration::from_secs(5)).await;
     let apply = sup.apply(request("g", &kernel, "h", 1, DesiredState::Running));
     let gave_up = tokio::time::timeout(Duration::from_millis(50), apply).await;
-    assert!(gave_up.is_err(), "the create was meant to outlast the caller");
+    assert!(
+        gave_up.is_err(),
+        "the create was meant to outlast the caller"
+    );
     let vm = wait_state(&sup, "g", RunState::Running).await;
     assert_ne!(vm.pid, 0, "{vm:?}");
     // Asked again, the agent reports the run it finished rather than begins another.
