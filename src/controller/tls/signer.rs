@@ -48,8 +48,15 @@ pub async fn run(client: Client, config: SignerConfig, shutdown: CancellationTok
             None => return,
             Some(Ok(Event::Apply(csr) | Event::InitApply(csr))) => {
                 let name = csr.metadata.name.clone().unwrap_or_default();
-                if let Err(error) = settle(&csrs, &secrets, &config, csr).await {
-                    tracing::warn!(csr = %name, reason = <&str>::from(&error), error = %crate::error::chain(&error), "settling an agent CSR failed; retried on its next change or relist");
+                match settle(&csrs, &secrets, &config, csr).await {
+                    Ok(()) => {}
+                    // A stale copy (our own write is on its way as the next event).
+                    Err(TlsError::Kube(error)) if super::is_conflict(&error) => {
+                        tracing::debug!(csr = %name, "agent CSR changed meanwhile");
+                    }
+                    Err(error) => {
+                        tracing::warn!(csr = %name, reason = <&str>::from(&error), error = %crate::error::chain(&error), "settling an agent CSR failed; retried on its next change or relist")
+                    }
                 }
             }
             Some(Ok(_)) => {}
