@@ -105,6 +105,9 @@ pub enum TlsError {
     #[error("cannot sign the certificate signing request: {0}")]
     #[strum(serialize = "CsrUnusable")]
     BadRequest(String),
+    #[error("cannot update the certificate signing request")]
+    #[strum(serialize = "CsrApi")]
+    CsrApi(#[source] kube::Error),
 }
 
 /// The CA: its certificate as PEM and an issuer holding its key.

@@ -51,7 +51,7 @@ pub async fn run(client: Client, config: SignerConfig, shutdown: CancellationTok
                 match settle(&csrs, &secrets, &config, csr).await {
                     Ok(()) => {}
                     // A stale copy (our own write is on its way as the next event).
-                    Err(TlsError::Kube(error)) if super::is_conflict(&error) => {
+                    Err(TlsError::CsrApi(error)) if super::is_conflict(&error) => {
                         tracing::debug!(csr = %name, "agent CSR changed meanwhile");
                     }
                     Err(error) => {
@@ -154,5 +154,5 @@ async fn replace(
 ) -> Result<CertificateSigningRequest, TlsError> {
     csrs.replace_subresource(subresource, name, &PostParams::default(), csr)
         .await
-        .map_err(TlsError::Kube)
+        .map_err(TlsError::CsrApi)
 }
