@@ -94,7 +94,8 @@ stage_attacks() {
   cargo test -p ignis-e2e --features cluster --test attacks -- --nocapture
 }
 stage_attacks
-# Issue #19: each agent serves its own certificate, issued through a CSR only for its node.
+# Issue #19: each agent serves its own certificate, issued through a CSR only for its node,
+# and a managed CA rotation reissues them (~5 min, the kubelet's Secret refreshes).
 stage "agent serving certificates (CSR)"
 cargo test -p ignis-e2e --features cluster --test agent_csr -- --nocapture
 # The cluster bench, small, so it does not rot (docs/benchmarks.md, "cluster", for the N=20 run).

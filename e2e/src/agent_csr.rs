@@ -212,6 +212,12 @@ pub fn x509(dir: &Path, pem: &str, args: &[&str]) -> String {
 /// `server_name` by SNI. The handshake itself fails (no client certificate): the server's
 /// certificate comes before that.
 pub fn served_certificate(ip: &str, port: u16, server_name: &str) -> String {
+    try_served_certificate(ip, port, server_name)
+        .unwrap_or_else(|error| panic!("no certificate from {ip}:{port}: {error}"))
+}
+
+/// [`served_certificate`], or what went wrong (e.g. the agent is restarting).
+pub fn try_served_certificate(ip: &str, port: u16, server_name: &str) -> Result<String, String> {
     let out = Command::new("timeout")
         .arg("20")
         .arg("openssl")
@@ -219,15 +225,12 @@ pub fn served_certificate(ip: &str, port: u16, server_name: &str) -> String {
         .args(["-servername", server_name])
         .stdin(std::process::Stdio::null())
         .output()
-        .expect("openssl s_client");
+        .map_err(|e| format!("openssl s_client: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let begin = "-----BEGIN CERTIFICATE-----";
     let end = "-----END CERTIFICATE-----";
     match (text.find(begin), text.find(end)) {
-        (Some(b), Some(e)) if e > b => format!("{}\n", &text[b..e + end.len()]),
-        _ => panic!(
-            "no certificate from {ip}:{port}: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        ),
+        (Some(b), Some(e)) if e > b => Ok(format!("{}\n", &text[b..e + end.len()])),
+        _ => Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr))),
     }
 }

@@ -7,19 +7,65 @@
 //!   the node it names (the API server recorded the node of the pod's token);
 //! - the agents' ServiceAccount asking for another node's name is Denied (`NodeMismatch`),
 //!   and without a node-bound token at all too (`NoNodeBinding`); the same token asking for
-//!   its own node is issued (the positive control).
+//!   its own node is issued (the positive control);
+//! - a managed CA rotation (`ignis.dev/rotate-ca`, each phase's overlap skipped by moving its
+//!   recorded start back and restarting the controller) rewrites the agents' Secret at every
+//!   step; each agent restarts and serves a certificate of the CA that signs at that step,
+//!   and the controller reaches both agents again after each step, ending with only the new
+//!   CA trusted.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use ignis_e2e::Cluster;
 use ignis_e2e::agent_csr::{
     SIGNER, agent_pod_kubeconfig, manifest, request, served_certificate, server_name, settled,
-    unique, x509,
+    try_served_certificate, unique, x509,
 };
 use ignis_e2e::upstream::Upstream;
+use ignis_e2e::{Cluster, wait_until};
 
 const SETTLE: Duration = Duration::from_secs(60);
+/// The kubelet refreshes a mounted Secret within about two minutes, the agent notices in 10 s.
+const AGENT_RESTART: Duration = Duration::from_secs(240);
+
+/// The decoded value of `key` in Secret `name` (empty when missing).
+fn secret_value(cluster: &Cluster, namespace: &str, name: &str, key: &str) -> String {
+    let b64 = cluster.kubectl_ok(&[
+        "get",
+        "secret",
+        name,
+        "-n",
+        namespace,
+        "-o",
+        &format!("jsonpath={{.data.{}}}", key.replace('.', "\\.")),
+    ]);
+    if b64.trim().is_empty() {
+        return String::new();
+    }
+    let out = std::process::Command::new("sh")
+        .args(["-c", &format!("echo '{}' | base64 -d", b64.trim())])
+        .output()
+        .expect("base64");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether `leaf` (PEM) verifies against `ca` (PEM) alone.
+fn issued_by(dir: &std::path::Path, leaf: &str, ca: &str) -> bool {
+    let n = unique();
+    let (leaf_file, ca_file) = (
+        dir.join(format!("leaf-{n}.pem")),
+        dir.join(format!("ca-{n}.pem")),
+    );
+    std::fs::write(&leaf_file, leaf).expect("write");
+    std::fs::write(&ca_file, ca).expect("write");
+    std::process::Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(&ca_file)
+        .arg(&leaf_file)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
 
 fn agent_pod_on(cluster: &Cluster, namespace: &str, node: &str) -> String {
     let pods = cluster.kubectl_ok(&[
@@ -228,5 +274,183 @@ fn each_agent_serves_its_own_certificate_and_only_for_its_node() {
     assert!(
         san.contains(&format!("DNS:{}", server_name(a))),
         "the issued certificate names {a}: {san}"
+    );
+
+    a_managed_ca_rotation_reissues_every_agent(&cluster, &up, tmp.path());
+}
+
+/// What each node's agent serves now: node name → certificate PEM (empty while the agent
+/// is not serving).
+fn served(up: &Upstream) -> Vec<(String, String)> {
+    up.nodes
+        .iter()
+        .map(|n| {
+            (
+                n.name.clone(),
+                try_served_certificate(&n.ip, 9443, &server_name(&n.name)).unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// Restart the controller (it takes the next rotation step when it starts) and wait for it.
+fn restart_controller(cluster: &Cluster, namespace: &str) {
+    cluster.kubectl_ok(&[
+        "rollout",
+        "restart",
+        "deployment/ignis-controller",
+        "-n",
+        namespace,
+    ]);
+    cluster.kubectl_ok(&[
+        "rollout",
+        "status",
+        "deployment/ignis-controller",
+        "-n",
+        namespace,
+        "--timeout=180s",
+    ]);
+}
+
+/// Wait until every agent serves a new certificate (not one of `before`) issued by
+/// `signer`, then until the leader has reconnected to every agent since it restarted.
+fn agents_reissued(
+    cluster: &Cluster,
+    up: &Upstream,
+    dir: &std::path::Path,
+    before: &[(String, String)],
+    signer: &str,
+    step: &str,
+) -> Vec<(String, String)> {
+    let ns = &up.release_namespace;
+    let mut now = Vec::new();
+    wait_until(
+        AGENT_RESTART,
+        &format!("{step}: every agent restarted and reissued"),
+        || {
+            now = served(up);
+            now.iter()
+                .zip(before)
+                .all(|((_, cert), (_, old))| cert != old && issued_by(dir, cert, signer))
+        },
+    );
+    wait_until(
+        Duration::from_secs(60),
+        &format!("{step}: the leader reaches every restarted agent"),
+        || {
+            let leader = cluster.kubectl_ok(&[
+                "get",
+                "lease/ignis-controller",
+                "-n",
+                ns,
+                "-o",
+                "jsonpath={.spec.holderIdentity}",
+            ]);
+            let logs = cluster.kubectl(&["logs", "-n", ns, leader.trim()]).stdout;
+            up.nodes.iter().all(|node| {
+                let pod = agent_pod_on(cluster, ns, &node.name);
+                let started = cluster.kubectl_ok(&[
+                    "get",
+                    "pod",
+                    &pod,
+                    "-n",
+                    ns,
+                    "-o",
+                    "jsonpath={.status.containerStatuses[0].state.running.startedAt}",
+                ]);
+                let started = started.trim().get(..19).unwrap_or_default().to_string();
+                logs.lines().any(|line| {
+                    line.contains("agent connected and synced")
+                        && line.contains(&format!("\"node\":\"{}\"", node.name))
+                        && line
+                            .split("\"timestamp\":\"")
+                            .nth(1)
+                            .and_then(|t| t.get(..19))
+                            .is_some_and(|t| t >= started.as_str())
+                })
+            })
+        },
+    );
+    now
+}
+
+/// A managed CA rotation with every agent on its own certificate: Begin, Reissue, Finish.
+fn a_managed_ca_rotation_reissues_every_agent(
+    cluster: &Cluster,
+    up: &Upstream,
+    dir: &std::path::Path,
+) {
+    let ns = up.release_namespace.as_str();
+    let started = std::time::Instant::now();
+    let old_ca = secret_value(cluster, ns, "ignis-ca", "ca.crt");
+    let mut before = served(up);
+    // Skip a phase's 15-minute overlap: its recorded start moved back.
+    let overlap_passed = || {
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+            - 3600;
+        cluster.kubectl_ok(&[
+            "annotate",
+            "secret",
+            "ignis-ca",
+            "-n",
+            ns,
+            "--overwrite",
+            &format!("ignis.dev/ca-phase-since={since}"),
+        ]);
+    };
+
+    // Begin: a new CA joins the bundle; the old one still signs.
+    cluster.kubectl_ok(&[
+        "annotate",
+        "secret",
+        "ignis-ca",
+        "-n",
+        ns,
+        "--overwrite",
+        "ignis.dev/rotate-ca=now",
+    ]);
+    restart_controller(cluster, ns);
+    let new_ca = secret_value(cluster, ns, "ignis-ca", "next.crt");
+    assert!(!new_ca.is_empty(), "the rotation began");
+    assert_eq!(
+        secret_value(cluster, ns, "ignis-agent-tls", "signer.crt"),
+        old_ca
+    );
+    before = agents_reissued(cluster, up, dir, &before, &old_ca, "Begin");
+    println!("Begin done after {:?}", started.elapsed());
+
+    // Reissue: the new CA signs; agents ask it.
+    overlap_passed();
+    restart_controller(cluster, ns);
+    assert_eq!(secret_value(cluster, ns, "ignis-ca", "ca.crt"), new_ca);
+    assert_eq!(
+        secret_value(cluster, ns, "ignis-agent-tls", "signer.crt"),
+        new_ca
+    );
+    before = agents_reissued(cluster, up, dir, &before, &new_ca, "Reissue");
+    println!("Reissue done after {:?}", started.elapsed());
+
+    // Finish: the old CA leaves the bundle.
+    overlap_passed();
+    restart_controller(cluster, ns);
+    assert!(secret_value(cluster, ns, "ignis-ca", "previous.crt").is_empty());
+    assert_eq!(
+        secret_value(cluster, ns, "ignis-agent-tls", "ca.crt").trim(),
+        new_ca.trim(),
+        "only the new CA is trusted"
+    );
+    let last = agents_reissued(cluster, up, dir, &before, &new_ca, "Finish");
+    for (node, cert) in &last {
+        assert!(
+            !issued_by(dir, cert, &old_ca),
+            "{node} serves a certificate of the old CA"
+        );
+    }
+    println!(
+        "CA rotation with per-agent certificates took {:?}",
+        started.elapsed()
     );
 }
