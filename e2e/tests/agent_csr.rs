@@ -122,6 +122,44 @@ fn each_agent_serves_its_own_certificate_and_only_for_its_node() {
         .expect("base64");
     std::fs::write(&ca_file, decoded.stdout).expect("write");
 
+    // The agents' ServiceAccount may create and read CSRs, and nothing else.
+    let can = |args: &[&str]| {
+        let mut all = vec!["auth", "can-i"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--as", &agent_user]);
+        let out = cluster.kubectl(&all).stdout;
+        out.split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    for (verb, what) in [
+        ("create", "certificatesigningrequests"),
+        ("get", "certificatesigningrequests"),
+    ] {
+        assert_eq!(can(&[verb, what]), "yes", "the agent may {verb} {what}");
+    }
+    for args in [
+        ["list", "certificatesigningrequests", ""],
+        [
+            "update",
+            "certificatesigningrequests",
+            "--subresource=approval",
+        ],
+        [
+            "update",
+            "certificatesigningrequests",
+            "--subresource=status",
+        ],
+        ["get", "secrets", "-A"],
+        ["list", "pods", "-A"],
+        ["get", "nodes", ""],
+        ["create", "microvms.ignis.dev", "-A"],
+    ] {
+        let args: Vec<&str> = args.into_iter().filter(|a| !a.is_empty()).collect();
+        assert_eq!(can(&args), "no", "the agent may {args:?}");
+    }
+
     // What each agent serves.
     let mut keys_seen = BTreeSet::new();
     for node in &up.nodes {
