@@ -94,6 +94,10 @@ stage_attacks() {
   cargo test -p ignis-e2e --features cluster --test attacks -- --nocapture
 }
 stage_attacks
+# Issue #19: each agent serves its own certificate, issued through a CSR only for its node,
+# and a managed CA rotation reissues them (~5 min, the kubelet's Secret refreshes).
+stage "agent serving certificates (CSR)"
+cargo test -p ignis-e2e --features cluster --test agent_csr -- --nocapture
 # The cluster bench, small, so it does not rot (docs/benchmarks.md, "cluster", for the N=20 run).
 stage "cluster bench"
 ./target/debug/ignis bench --results-dir "$(mktemp -d)" cluster --count 3 \

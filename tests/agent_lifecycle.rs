@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ignis::agent::{AcceleratorFlag, AgentConfig, ListenAddr, TlsFiles, serve};
+use ignis::agent::{AcceleratorFlag, AgentConfig, ListenAddr, ServerTls, TlsFiles, serve};
 use ignis::proto;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -585,11 +585,11 @@ async fn tcp_needs_a_client_certificate_from_the_ca() {
     };
     let mut config = local_config(tmp.path());
     config.listen = ListenAddr::Tcp("127.0.0.1:0".parse().expect("addr"));
-    config.tls = Some(TlsFiles {
+    config.tls = Some(ServerTls::Files(TlsFiles {
         cert: write("server.pem", server_cert.pem()),
         key: write("server.key", server_key.serialize_pem()),
         client_ca: write("ca.pem", ca_cert.pem()),
-    });
+    }));
     let shutdown = CancellationToken::new();
     let agent = serve(config, shutdown.clone()).await.expect("serve");
     let ListenAddr::Tcp(addr) = agent.listen.clone() else {

@@ -7,6 +7,7 @@
 //! `/var/lib/ignis/guest`, where every agent prepares it). [`upstream`] adds what only the
 //! upstream cluster of `scripts/cluster.sh` offers, for the cluster-only tests.
 
+pub mod agent_csr;
 pub mod upstream;
 
 use std::io::Read;

@@ -11,6 +11,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use ignis_e2e::agent_csr;
 use ignis_e2e::upstream::{Upstream, live_after, pids_matching};
 use ignis_e2e::{Cluster, http_get_via, wait_until};
 
@@ -106,6 +107,14 @@ impl Ctx {
         .lines()
         .map(str::to_string)
         .collect()
+    }
+
+    /// Whether the agents get their own certificates (`tls.servingCert: csr`): their
+    /// Secret then holds the signing CA's certificate.
+    fn csr_mode(&self) -> bool {
+        self.secret_keys("ignis-agent-tls")
+            .iter()
+            .any(|k| k == "signer.crt")
     }
 
     fn secret_keys(&self, name: &str) -> Vec<String> {
@@ -267,11 +276,20 @@ fn installation_is_whole(ctx: &Ctx) {
         );
     }
     // The Secrets the controller bootstrapped.
-    assert_eq!(
-        ctx.secret_keys("ignis-agent-tls"),
-        ["ca.crt", "tls.crt", "tls.key"],
-        "the agents' Secret holds their pair and the CA certificate, nothing else"
-    );
+    let agent_keys = ctx.secret_keys("ignis-agent-tls");
+    if ctx.csr_mode() {
+        assert_eq!(
+            agent_keys,
+            ["ca.crt", "signer.crt"],
+            "CSR mode: the agents' Secret holds the CA certificates, no key"
+        );
+    } else {
+        assert_eq!(
+            agent_keys,
+            ["ca.crt", "tls.crt", "tls.key"],
+            "the agents' Secret holds their pair and the CA certificate, nothing else"
+        );
+    }
     assert_eq!(ctx.secret_keys("ignis-ca"), ["ca.crt", "ca.key"]);
     ctx.no_denials("after install");
 }
@@ -307,8 +325,50 @@ fn the_ca_key_stays_off_the_nodes(ctx: &Ctx) {
 
     let tmp = tempfile::tempdir().expect("tmp");
     let ca = ctx.secret_file("ignis-agent-tls", "ca.crt", tmp.path());
-    let node_cert = ctx.secret_file("ignis-agent-tls", "tls.crt", tmp.path());
-    let node_key = ctx.secret_file("ignis-agent-tls", "tls.key", tmp.path());
+    let (node_cert, node_key) = if ctx.csr_mode() {
+        // What a node holds in CSR mode: its agent's own pair, issued through a request made
+        // with a token of its agent pod.
+        let pod = ctx.agent_on(&ctx.up.node);
+        let kubeconfig = agent_csr::agent_pod_kubeconfig(&ctx.cluster, tmp.path(), ns, &pod);
+        let (pem, key) = agent_csr::request(tmp.path(), &agent_csr::server_name(&ctx.up.node));
+        let name = format!("e2e-cluster-node-pair-{}", agent_csr::unique());
+        let out = ctx
+            .cluster
+            .command("kubectl")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["create", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child
+                    .stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(agent_csr::manifest(&name, &pem).as_bytes())?;
+                child.wait_with_output()
+            })
+            .expect("kubectl create csr");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let issued = agent_csr::settled(&ctx.cluster, &name, Duration::from_secs(60));
+        ctx.cluster.kubectl_ok(&["delete", "csr", &name]);
+        assert_eq!(issued.condition, "Approved", "{issued:?}");
+        let cert = tmp.path().join("node.crt");
+        std::fs::write(&cert, &issued.certificate).expect("write");
+        (cert, key)
+    } else {
+        (
+            ctx.secret_file("ignis-agent-tls", "tls.crt", tmp.path()),
+            ctx.secret_file("ignis-agent-tls", "tls.key", tmp.path()),
+        )
+    };
     let (evil_cert, evil_key) = mint(tmp.path(), "evil", &node_cert, &node_key);
     let (posing_cert, posing_key) = mint(tmp.path(), "ignis-controller", &node_cert, &node_key);
     // The positive control: a controller certificate from the CA (only an admin can do this).
@@ -432,7 +492,13 @@ fn grpc_get_host(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> String {
-    let resolve = format!("ignis-agent:9443:{}", ctx.up.node_ip);
+    // The name the agent serves: its node's in CSR mode, the shared one otherwise.
+    let name = if ctx.csr_mode() {
+        agent_csr::server_name(&ctx.up.node)
+    } else {
+        "ignis-agent".to_string()
+    };
+    let resolve = format!("{name}:9443:{}", ctx.up.node_ip);
     let mut curl = Command::new("timeout");
     curl.args(["20", "curl", "-sS", "--http2", "-D", "-", "-o", "/dev/null"])
         .args(["--resolve", &resolve, "--cacert"])
@@ -444,7 +510,7 @@ fn grpc_get_host(
         .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
         // One gRPC frame: not compressed, length 0 (an empty GetHostRequest).
         .args(["--data-binary", "@-"])
-        .arg("https://ignis-agent:9443/ignis.agent.v1.Agent/GetHost");
+        .arg(format!("https://{name}:9443/ignis.agent.v1.Agent/GetHost"));
     let out = output_with_input(&mut curl, &[0, 0, 0, 0, 0]).expect("curl");
     format!(
         "{}{}",

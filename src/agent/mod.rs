@@ -8,6 +8,7 @@ pub(crate) mod cgroup;
 pub mod cloud_init;
 pub mod confine;
 pub(crate) mod console;
+pub mod csr;
 pub mod guest;
 pub(crate) mod host;
 pub mod image;
@@ -75,6 +76,12 @@ pub struct AgentArgs {
     /// The CA that signs client certificates (PEM); clients without one are refused.
     #[arg(long, env = "IGNIS_CLIENT_CA")]
     pub(crate) client_ca: Option<PathBuf>,
+    /// Where the serving certificate comes from: `files` (--tls-cert and --tls-key) or `csr`
+    /// (a key generated here at every start and a certificate for `ignis-agent.<node>`
+    /// through a CertificateSigningRequest the controller signs; needs the pod's
+    /// ServiceAccount token and --client-ca).
+    #[arg(long, env = "IGNIS_SERVING_CERT", value_enum, default_value_t = crate::controller::tls::ServingCert::Files)]
+    pub(crate) serving_cert: crate::controller::tls::ServingCert,
     /// Address of the /healthz, /readyz and /metrics server.
     #[arg(long, env = "IGNIS_HEALTH_ADDR", default_value = "0.0.0.0:9441")]
     pub(crate) health_addr: SocketAddr,
@@ -159,6 +166,11 @@ pub enum AgentError {
     InvalidListen { value: String },
     #[error("listening on TCP {addr} needs mutual TLS: give --tls-cert, --tls-key and --client-ca")]
     TlsRequired { addr: SocketAddr },
+    #[error("--serving-cert=csr needs --client-ca (the CA of the controller's certificate)")]
+    CsrNeedsClientCa,
+    #[error("cannot obtain the agent's serving certificate")]
+    #[strum(serialize = "ServingCert")]
+    Csr(#[source] csr::CsrError),
     #[error("cannot read TLS file {path}")]
     #[strum(serialize = "TlsInvalid")]
     TlsFile {
@@ -237,6 +249,20 @@ pub struct TlsFiles {
     pub client_ca: PathBuf,
 }
 
+/// The agent's serving TLS: its identity and the CA of the clients it accepts.
+#[derive(Clone, Debug)]
+pub enum ServerTls {
+    /// Certificate, key and client CA from files (the shared certificate, `ignis dev`, your own
+    /// PKI).
+    Files(TlsFiles),
+    /// A certificate issued through a CSR for a key made here (`--serving-cert=csr`), and the
+    /// client CA from a file.
+    Issued {
+        issued: csr::Issued,
+        client_ca: PathBuf,
+    },
+}
+
 /// When the node's guest networking (bridge, NAT, forwarding) is set up.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum NetworkSetup {
@@ -255,7 +281,7 @@ pub struct AgentConfig {
     pub node_name: String,
     pub(crate) state_dir: PathBuf,
     pub listen: ListenAddr,
-    pub tls: Option<TlsFiles>,
+    pub tls: Option<ServerTls>,
     pub accelerator: AcceleratorFlag,
     pub(crate) qemu_binary: PathBuf,
     pub(crate) firecracker_binary: PathBuf,
@@ -317,11 +343,15 @@ impl AgentConfig {
     /// From the command line.
     pub(crate) fn from_args(args: &AgentArgs) -> Result<Self, AgentError> {
         let tls = match (&args.tls_cert, &args.tls_key, &args.client_ca) {
-            (Some(cert), Some(key), Some(client_ca)) => Some(TlsFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-                client_ca: client_ca.clone(),
-            }),
+            (Some(cert), Some(key), Some(client_ca))
+                if args.serving_cert == crate::controller::tls::ServingCert::Files =>
+            {
+                Some(ServerTls::Files(TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: client_ca.clone(),
+                }))
+            }
             _ => None,
         };
         Ok(Self {
@@ -615,15 +645,24 @@ pub(crate) async fn serve_with_metrics(
     })
 }
 
-fn load_tls(files: &TlsFiles) -> Result<tonic::transport::ServerTlsConfig, AgentError> {
+fn load_tls(tls: &ServerTls) -> Result<tonic::transport::ServerTlsConfig, AgentError> {
     let read = |path: &PathBuf| {
         std::fs::read(path).map_err(|source| AgentError::TlsFile {
             path: path.clone(),
             source,
         })
     };
-    let identity = tonic::transport::Identity::from_pem(read(&files.cert)?, read(&files.key)?);
-    let ca = tonic::transport::Certificate::from_pem(read(&files.client_ca)?);
+    let (identity, client_ca) = match tls {
+        ServerTls::Files(files) => (
+            tonic::transport::Identity::from_pem(read(&files.cert)?, read(&files.key)?),
+            &files.client_ca,
+        ),
+        ServerTls::Issued { issued, client_ca } => (
+            tonic::transport::Identity::from_pem(&issued.cert_pem, &issued.key_pem),
+            client_ca,
+        ),
+    };
+    let ca = tonic::transport::Certificate::from_pem(read(client_ca)?);
     // A client CA makes client certificates mandatory (client_auth_optional stays false).
     Ok(tonic::transport::ServerTlsConfig::new()
         .identity(identity)
@@ -632,7 +671,7 @@ fn load_tls(files: &TlsFiles) -> Result<tonic::transport::ServerTlsConfig, Agent
 
 /// Run until `shutdown` is cancelled.
 pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), AgentError> {
-    let config = AgentConfig::from_args(&args)?;
+    let mut config = AgentConfig::from_args(&args)?;
     // Every node offers the demo guest at `<state-dir>/guest`, so the samples run anywhere
     // the host has a kernel and busybox; nodes without them just don't offer it.
     match guest::build_demo_guest(&config.state_dir.join("guest")) {
@@ -652,7 +691,7 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
     if let Some(root) = &args.vmm_cgroup_root {
         cgroup::configure(root, &args.vmm_cgroup);
     }
-    if let Some(files) = &config.tls {
+    if let Some(ServerTls::Files(files)) = &config.tls {
         tls::watch_files(
             vec![
                 files.cert.clone(),
@@ -661,6 +700,25 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
             ],
             shutdown.clone(),
         );
+    }
+    if args.serving_cert == crate::controller::tls::ServingCert::Csr {
+        let client_ca = args.client_ca.clone().ok_or(AgentError::CsrNeedsClientCa)?;
+        // The signing CA's certificate beside the client CA (the agents' Secret in CSR mode):
+        // a CA rotation that reissues changes it, and the agent restarts to ask the new CA.
+        let signer = client_ca.with_file_name(crate::controller::tls::SIGNER_CERT);
+        let mut watched = vec![client_ca.clone()];
+        if signer.exists() {
+            watched.push(signer);
+        }
+        tls::watch_files(watched, shutdown.clone());
+        let Some(issued) = csr::obtain(&config.node_name, &shutdown)
+            .await
+            .map_err(AgentError::Csr)?
+        else {
+            return Ok(());
+        };
+        csr::renew_before_expiry(&issued, shutdown.clone());
+        config.tls = Some(ServerTls::Issued { issued, client_ca });
     }
     let handle = serve_with_metrics(config, shutdown, metrics).await?;
     readiness.set_ready(true);

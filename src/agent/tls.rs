@@ -110,7 +110,7 @@ mod tests {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
     use super::*;
-    use crate::agent::{AgentConfig, ListenAddr, TlsFiles, serve};
+    use crate::agent::{AgentConfig, ListenAddr, ServerTls, TlsFiles, serve};
     use crate::controller::tls::{AGENT_SERVER_NAME, CA_CERT, Ca, TLS_CERT, TLS_KEY};
     use crate::proto::GetHostRequest;
     use crate::proto::agent_client::AgentClient;
@@ -137,7 +137,7 @@ mod tests {
         std::fs::write(&files.client_ca, client_ca).expect("write");
         let mut config = AgentConfig::local(&dir.join("state"));
         config.listen = ListenAddr::Tcp("127.0.0.1:0".parse().expect("addr"));
-        config.tls = Some(files);
+        config.tls = Some(ServerTls::Files(files));
         config.network = None;
         config.simulated = true;
         config.accelerator = crate::agent::AcceleratorFlag::Tcg;

@@ -101,8 +101,30 @@ struct Inner {
     grace: Duration,
     heartbeat_timeout: Duration,
     /// The latest client TLS config; each new connection takes it.
-    tls: Option<tokio::sync::watch::Receiver<ClientTlsConfig>>,
+    tls: Option<AgentTls>,
     shutdown: CancellationToken,
+}
+
+/// How the pool dials agents over TCP: the latest client config (renewed while the
+/// controller runs) and which name each agent must present.
+#[derive(Clone)]
+pub struct AgentTls {
+    pub(crate) latest: tokio::sync::watch::Receiver<ClientTlsConfig>,
+    /// Each agent has its own certificate (CSR mode): verify the name of the node it is
+    /// dialed as, so a certificate of another node is refused. Otherwise the shared name.
+    pub(crate) per_node: bool,
+}
+
+impl AgentTls {
+    /// The client config for dialing the agent of `node`.
+    pub(crate) fn config_for(&self, node: &str) -> ClientTlsConfig {
+        let config = self.latest.borrow().clone();
+        if self.per_node {
+            config.domain_name(crate::controller::tls::agent_server_name(node))
+        } else {
+            config
+        }
+    }
 }
 
 /// Clients and live views of every agent.
@@ -116,7 +138,7 @@ impl AgentPool {
     pub fn new(
         grace: Duration,
         heartbeat_timeout: Duration,
-        tls: Option<tokio::sync::watch::Receiver<ClientTlsConfig>>,
+        tls: Option<AgentTls>,
         shutdown: CancellationToken,
     ) -> (Self, mpsc::UnboundedReceiver<PoolSignal>) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -489,7 +511,7 @@ async fn session(
     endpoint: &AgentEndpoint,
     failures: &mut u32,
 ) -> Result<(), AgentError> {
-    let tls = inner.tls.as_ref().map(|latest| latest.borrow().clone());
+    let tls = inner.tls.as_ref().map(|tls| tls.config_for(node));
     let channel = connect(endpoint, tls.as_ref()).await?;
     let mut client = AgentClient::new(channel);
     let host = wire::host_info(unary(client.get_host(proto::GetHostRequest {})).await?);

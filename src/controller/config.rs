@@ -6,9 +6,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use thiserror::Error;
-use tonic::transport::ClientTlsConfig;
 
-use super::agents::AgentEndpoint;
+use super::agents::{AgentEndpoint, AgentTls};
 use super::scheduler::PlacementStrategy;
 use super::tls;
 use super::vmpod::{OverheadError, VmPodSettings, VmmOverhead};
@@ -39,6 +38,19 @@ pub struct ControllerArgs {
     /// Secret holding the CA and certificates for agent mTLS; created when missing.
     #[arg(long, env = "IGNIS_TLS_SECRET", default_value = "ignis-agent-tls")]
     pub(crate) tls_secret: String,
+    /// Where the agents' serving certificates come from: `files` (one shared certificate in
+    /// the agents' Secret) or `csr` (each agent's own, through a CertificateSigningRequest
+    /// this controller approves and signs; agents are then dialed by their node's name).
+    #[arg(long, env = "IGNIS_AGENT_SERVING_CERT", value_enum, default_value_t = tls::ServingCert::Files)]
+    pub(crate) agent_serving_cert: tls::ServingCert,
+    /// The agents' ServiceAccount (in --agent-namespace, else --system-namespace): the only
+    /// requester whose agent CSRs are approved.
+    #[arg(
+        long,
+        env = "IGNIS_AGENT_SERVICE_ACCOUNT",
+        default_value = "ignis-agent"
+    )]
+    pub(crate) agent_service_account: String,
     /// Namespace of the TLS Secret and the Lease (default: the pod's namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "ignis-system")]
     pub(crate) system_namespace: String,
@@ -143,7 +155,7 @@ pub struct ControllerConfig {
     /// Discover agents from their pods (cluster mode).
     pub(crate) discovery: Option<DiscoveryConfig>,
     /// Client TLS for TCP agents, the latest (renewed while the controller runs).
-    pub(crate) tls: Option<tokio::sync::watch::Receiver<ClientTlsConfig>>,
+    pub(crate) tls: Option<AgentTls>,
     pub(crate) agent_lost_grace: Duration,
     /// A stream silent this long (no heartbeat) counts as broken.
     pub(crate) heartbeat_timeout: Duration,

@@ -346,17 +346,20 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
             || static_agents
                 .values()
                 .any(|e| matches!(e, AgentEndpoint::Tcp { .. })));
+    let csr_mode = args.agent_serving_cert == tls::ServingCert::Csr;
     let tls = if needs_tls {
-        Some(
-            tls::latest_client_tls(
+        Some(agents::AgentTls {
+            latest: tls::latest_client_tls(
                 client.clone(),
                 args.system_namespace.clone(),
                 args.tls_secret.clone(),
+                args.agent_serving_cert,
                 shutdown.clone(),
             )
             .await
             .map_err(ControllerError::Tls)?,
-        )
+            per_node: csr_mode,
+        })
     } else {
         None
     };
@@ -400,6 +403,24 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
         instance: Some(identity),
         vm_pods,
     };
+    if csr_mode {
+        // Leader-only, like reconciling: it stops with the leader's work.
+        let agent_namespace = args
+            .agent_namespace
+            .clone()
+            .unwrap_or_else(|| args.system_namespace.clone());
+        tokio::spawn(tls::signer::run(
+            client.clone(),
+            tls::signer::SignerConfig {
+                namespace: args.system_namespace.clone(),
+                agent_user: format!(
+                    "system:serviceaccount:{agent_namespace}:{}",
+                    args.agent_service_account
+                ),
+            },
+            work.clone(),
+        ));
+    }
     let handle = start(client, config, work.clone()).await?;
     readiness.set_ready(true);
     let lost_leadership = match &leadership {

@@ -6,7 +6,9 @@
 //!   Role names it by `resourceNames`); no pod mounts it, so no kubelet can fetch it.
 //! - the agents' Secret (`--tls-secret`, `ignis-agent-tls`, type `kubernetes.io/tls`), mounted
 //!   by the agent DaemonSet: `ca.crt` plus the agents' server certificate and key
-//!   (`tls.crt`/`tls.key`, `serverAuth` only, not a CA). Nothing else.
+//!   (`tls.crt`/`tls.key`, `serverAuth` only, not a CA). Nothing else. In CSR mode
+//!   ([`ServingCert::Csr`], [`csr`]) it is `Opaque` with `ca.crt` and [`SIGNER_CERT`] only:
+//!   each agent makes its own key and the leader signs its request ([`signer`]).
 //!
 //! The controller mints its client certificate (`clientAuth`, DNS name [`CONTROLLER_NAME`]) in
 //! memory, valid for [`CONTROLLER_CERT_HOURS`], and mints a new one while it runs once two
@@ -36,7 +38,10 @@ use rcgen::{
 use thiserror::Error;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
+pub mod csr;
 mod rotation;
+pub(crate) mod signer;
+pub use csr::{SIGNER_CERT, ServingCert, agent_server_name};
 pub use rotation::{CaSet, ROTATE_ANNOTATION, SINCE_ANNOTATION};
 
 /// The steps of one whole rotation, in order.
@@ -97,6 +102,12 @@ pub enum TlsError {
     #[error("Secret {0} kept changing under us; giving up")]
     #[strum(serialize = "TlsSecretConflict")]
     Conflict(String),
+    #[error("cannot sign the certificate signing request: {0}")]
+    #[strum(serialize = "CsrUnusable")]
+    BadRequest(String),
+    #[error("cannot update the certificate signing request")]
+    #[strum(serialize = "CsrApi")]
+    CsrApi(#[source] kube::Error),
 }
 
 /// The CA: its certificate as PEM and an issuer holding its key.
@@ -243,6 +254,46 @@ impl CaSet {
     /// Whether the agents' Secret data carries this bundle and a fresh leaf of the signing CA.
     pub fn agent_data_is_current(&self, data: &BTreeMap<String, ByteString>) -> bool {
         agent_data_fits(data, &self.bundle(), &self.signing.cert_pem)
+    }
+
+    /// The agents' Secret data for `mode`: in CSR mode only the trust bundle and the signing
+    /// CA's certificate (each agent has its own key; none is shared).
+    pub fn agent_secret_data_for(
+        &self,
+        mode: ServingCert,
+    ) -> Result<BTreeMap<String, ByteString>, TlsError> {
+        match mode {
+            ServingCert::Files => self.agent_secret_data(),
+            ServingCert::Csr => Ok(bytes([
+                (CA_CERT, &self.bundle()),
+                (SIGNER_CERT, &self.signing.cert_pem),
+            ])),
+        }
+    }
+
+    /// [`CaSet::agent_data_is_current`] for `mode`.
+    pub fn agent_data_is_current_for(
+        &self,
+        mode: ServingCert,
+        data: &BTreeMap<String, ByteString>,
+    ) -> bool {
+        match mode {
+            ServingCert::Files => self.agent_data_is_current(data),
+            ServingCert::Csr => {
+                data.keys().map(String::as_str).eq([CA_CERT, SIGNER_CERT])
+                    && data[CA_CERT].0 == self.bundle().as_bytes()
+                    && data[SIGNER_CERT].0 == self.signing.cert_pem.as_bytes()
+            }
+        }
+    }
+}
+
+/// The type of the agents' Secret: `kubernetes.io/tls` needs `tls.crt` and `tls.key`, which
+/// CSR mode does not have.
+fn agent_secret_type(mode: ServingCert) -> &'static str {
+    match mode {
+        ServingCert::Files => "kubernetes.io/tls",
+        ServingCert::Csr => "Opaque",
     }
 }
 
@@ -536,19 +587,20 @@ async fn ensure_agent_secret(
     namespace: &str,
     name: &str,
     ca: &CaSet,
+    mode: ServingCert,
 ) -> Result<(), TlsError> {
     for _ in 0..WRITE_ATTEMPTS {
         let existing = api.get_opt(name).await.map_err(TlsError::Kube)?;
         let mut object = secret(
             name,
             namespace,
-            "kubernetes.io/tls",
-            ca.agent_secret_data()?,
+            agent_secret_type(mode),
+            ca.agent_secret_data_for(mode)?,
         );
         let written = match existing {
             Some(current) => {
                 let data = current.data.clone().unwrap_or_default();
-                if ca.agent_data_is_current(&data) {
+                if ca.agent_data_is_current_for(mode, &data) {
                     return Ok(());
                 }
                 if data.contains_key(CA_KEY) {
@@ -587,12 +639,17 @@ async fn ensure_agent_secret(
 /// What the Secrets hold for the controller: the user's [`CLIENT_SECRET`] when it exists, else
 /// the managed CA (created when missing), after making sure the agents' Secret `agent_secret`
 /// fits it.
-async fn current(api: &Api<Secret>, namespace: &str, agent_secret: &str) -> Result<Seen, TlsError> {
+async fn current(
+    api: &Api<Secret>,
+    namespace: &str,
+    agent_secret: &str,
+    mode: ServingCert,
+) -> Result<Seen, TlsError> {
     if let Some(own) = api.get_opt(CLIENT_SECRET).await.map_err(TlsError::Kube)? {
         return Ok(Seen::Own(own.data.unwrap_or_default()));
     }
     let ca = ensure_ca(api, namespace).await?;
-    ensure_agent_secret(api, namespace, agent_secret, &ca).await?;
+    ensure_agent_secret(api, namespace, agent_secret, &ca, mode).await?;
     Ok(Seen::Managed(Box::new(ca)))
 }
 
@@ -604,7 +661,7 @@ pub(crate) async fn ensure_secret(
     agent_secret: &str,
 ) -> Result<ClientTlsConfig, TlsError> {
     let api: Api<Secret> = Api::namespaced(client, namespace);
-    Ok(make(&current(&api, namespace, agent_secret).await?)?.0)
+    Ok(make(&current(&api, namespace, agent_secret, ServingCert::Files).await?)?.0)
 }
 
 /// The controller's client TLS config, kept current while the controller runs: every
@@ -616,10 +673,11 @@ pub(crate) async fn latest_client_tls(
     client: Client,
     namespace: String,
     agent_secret: String,
+    mode: ServingCert,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<tokio::sync::watch::Receiver<ClientTlsConfig>, TlsError> {
     let api: Api<Secret> = Api::namespaced(client, &namespace);
-    let seen = current(&api, &namespace, &agent_secret).await?;
+    let seen = current(&api, &namespace, &agent_secret, mode).await?;
     if matches!(seen, Seen::Own(_)) {
         tracing::info!(%namespace, secret = CLIENT_SECRET, "using the provided client certificate; managing no TLS Secrets");
     }
@@ -633,7 +691,7 @@ pub(crate) async fn latest_client_tls(
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let renewed = match current(&api, &namespace, &agent_secret).await {
+            let renewed = match current(&api, &namespace, &agent_secret, mode).await {
                 Ok(seen) if remake(&source, &seen, jiff::Timestamp::now().as_second()) => {
                     make(&seen).map(|(config, made_from)| {
                         tx.send_replace(config);
@@ -653,135 +711,4 @@ pub(crate) async fn latest_client_tls(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::error::ErrorReason;
-
-    #[test]
-    fn agent_certificates_live_a_day_and_are_renewed_after_two_thirds() {
-        let ca = Ca::generate().expect("CA");
-        let data = ca.agent_secret_data().expect("agent data");
-        let (_, leaf) = x509_parser::pem::parse_x509_pem(&data[TLS_CERT].0).expect("pem");
-        let leaf = leaf.parse_x509().expect("x509");
-        let now = jiff::Timestamp::now().as_second();
-        let not_after = leaf.validity().not_after.timestamp();
-        let hours_left = (not_after - now) / 3600;
-        assert!(
-            (23..=24).contains(&hours_left),
-            "valid {hours_left} more hours"
-        );
-        assert!(ca.agent_data_is_current(&data), "fresh");
-        // A day-long certificate: current for 16 hours, then renewed.
-        let day = 86_400;
-        assert!(!due_for_renewal(0, day, day / 2));
-        assert!(!due_for_renewal(0, day, day * 2 / 3 - 1));
-        assert!(due_for_renewal(0, day, day * 2 / 3));
-        assert!(due_for_renewal(0, day, day + 1));
-    }
-
-    #[test]
-    fn the_agents_data_holds_no_ca_key_and_fits_its_ca() {
-        let ca = Ca::generate().expect("CA");
-        let data = ca.agent_secret_data().expect("agent data");
-        assert_eq!(
-            data.keys().map(String::as_str).collect::<Vec<_>>(),
-            [CA_CERT, TLS_CERT, TLS_KEY]
-        );
-        assert!(!data.contains_key(CA_KEY));
-        assert!(ca.agent_data_is_current(&data));
-        assert!(ca.client_config().is_ok());
-    }
-
-    #[test]
-    fn the_ca_survives_a_round_trip_through_its_secret() {
-        let ca = Ca::generate().expect("CA");
-        let again = Ca::from_data(CA_SECRET, &ca.secret_data()).expect("reload");
-        assert_eq!(again.cert_pem, ca.cert_pem);
-        // A certificate issued by the reloaded CA still chains to the stored certificate.
-        let data = again.agent_secret_data().expect("agent data");
-        assert!(ca.agent_data_is_current(&data));
-    }
-
-    #[test]
-    fn stale_or_foreign_agent_data_is_rewritten() {
-        let ca = Ca::generate().expect("CA");
-        let other = Ca::generate().expect("another CA");
-        let mut old_layout = ca.agent_secret_data().expect("data");
-        old_layout.insert(CA_KEY.into(), ByteString(ca.key_pem.clone().into_bytes()));
-        assert!(!ca.agent_data_is_current(&old_layout), "holds the CA key");
-        let foreign = other.agent_secret_data().expect("data");
-        assert!(!ca.agent_data_is_current(&foreign), "another CA");
-        let mut mixed = ca.agent_secret_data().expect("data");
-        mixed.insert(TLS_CERT.into(), foreign[TLS_CERT].clone());
-        assert!(
-            !ca.agent_data_is_current(&mixed),
-            "certificate of another CA"
-        );
-        let mut partial = ca.agent_secret_data().expect("data");
-        partial.remove(TLS_KEY);
-        assert!(!ca.agent_data_is_current(&partial), "no key");
-    }
-
-    #[test]
-    fn the_controller_certificate_is_made_again_when_due_or_when_its_source_changed() {
-        let ca = Ca::generate().expect("CA");
-        let (_, minted) = make(&Seen::Managed(Box::new(CaSet::new(
-            Ca::from_data(CA_SECRET, &ca.secret_data()).expect("reload"),
-        ))))
-        .expect("minted");
-        let ClientSource::Minted {
-            not_before,
-            not_after,
-            ..
-        } = minted.clone()
-        else {
-            panic!("minted from the CA: {minted:?}");
-        };
-        let hours = i64::try_from(CONTROLLER_CERT_HOURS).expect("hours");
-        assert_eq!(
-            not_after - not_before,
-            hours * 3600 + 3600,
-            "a day and the hour back"
-        );
-        let same = Seen::Managed(Box::new(CaSet::new(
-            Ca::from_data(CA_SECRET, &ca.secret_data()).expect("reload"),
-        )));
-        assert!(!remake(&minted, &same, not_before + 3600), "fresh, same CA");
-        let two_thirds = not_before + (not_after - not_before) / 3 * 2;
-        assert!(remake(&minted, &same, two_thirds), "two thirds of its life");
-        let rotated = Seen::Managed(Box::new(CaSet::new(Ca::generate().expect("new CA"))));
-        assert!(remake(&minted, &rotated, not_before + 3600), "another CA");
-        let mut adding = CaSet::from_data(CA_SECRET, &ca.secret_data()).expect("reload");
-        adding.apply(rotation::Step::Begin).expect("begin");
-        let adding = Seen::Managed(Box::new(adding));
-        assert!(
-            remake(&minted, &adding, not_before + 3600),
-            "a CA joined the bundle"
-        );
-
-        let data = ca.agent_secret_data().expect("data");
-        let own = ClientSource::Own(data.clone());
-        assert!(!remake(&own, &Seen::Own(data.clone()), 0), "unchanged");
-        let mut renewed = data.clone();
-        renewed.insert(TLS_CERT.into(), ByteString(b"renewed".to_vec()));
-        assert!(remake(&own, &Seen::Own(renewed), 0), "the user renewed it");
-        assert!(remake(&own, &same, 0), "the user's Secret was removed");
-        assert!(
-            remake(&minted, &Seen::Own(data), 0),
-            "the user's Secret appeared"
-        );
-    }
-
-    #[test]
-    fn missing_keys_are_named() {
-        let Err(error) = Ca::from_data("ignis-ca", &BTreeMap::new()) else {
-            panic!("a CA without keys was accepted");
-        };
-        assert_eq!(error.reason(), "TlsSecretIncomplete");
-        assert!(error.to_string().contains("ca.crt"), "{error}");
-        let Err(error) = client_config_from_data(CLIENT_SECRET, &BTreeMap::new()) else {
-            panic!("a client Secret without keys was accepted");
-        };
-        assert_eq!(error.reason(), "TlsSecretIncomplete");
-    }
-}
+mod tests;
