@@ -117,6 +117,7 @@ fn guests_cannot_spoof_nor_reach_the_node_unless_allowed() {
             .attach(
                 &VmUid::new("vm-a").expect("uid"),
                 std::slice::from_ref(&nat),
+                None,
             )
             .await
             .expect("a")
@@ -125,6 +126,7 @@ fn guests_cannot_spoof_nor_reach_the_node_unless_allowed() {
             .attach(
                 &VmUid::new("vm-b").expect("uid"),
                 std::slice::from_ref(&nat),
+                None,
             )
             .await
             .expect("b")

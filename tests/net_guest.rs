@@ -141,6 +141,7 @@ async fn boot(
                 mode: InterfaceMode::Nat,
                 ..Default::default()
             }],
+            None,
         )
         .await
         .expect("attach");

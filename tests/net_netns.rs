@@ -122,6 +122,7 @@ fn attach_detach_creates_and_removes_tap_and_address() {
                         ..Default::default()
                     },
                 ],
+                None,
             )
             .await
             .expect("attach");
@@ -166,7 +167,7 @@ fn attach_detach_creates_and_removes_tap_and_address() {
 
         // Idempotent: the same answer, no second tap or address.
         let again = mgr
-            .attach(&vm(uid), &[nat("eth0")])
+            .attach(&vm(uid), &[nat("eth0")], None)
             .await
             .expect("attach again");
         assert_eq!(again, ifaces);
@@ -190,6 +191,53 @@ fn attach_detach_creates_and_removes_tap_and_address() {
     });
 }
 
+/// A confined VMM's taps are its own: the kernel lets any process attach to a persistent tap
+/// with no owner, so another tenant's VMM out of its sandbox could take a stopped VM's tap
+/// (and its MAC and address). Each run makes its tap anew for the VMM's ids.
+#[test]
+fn a_confined_vmms_tap_is_owned_by_its_ids() {
+    if !in_fresh_netns("a_confined_vmms_tap_is_owned_by_its_ids", TIMEOUT) {
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    runtime().block_on(async {
+        let mgr = NetworkManager::new(NetworkConfig::new(state.path()))
+            .await
+            .expect("manager");
+        let uid = "0b6c9c52-6d0a-4c1e-9f51-3f0c8a1e2d02";
+        let owner_of = |tap: &str| {
+            let info = link(tap).expect("tap exists")["linkinfo"]["info_data"].clone();
+            (info["user"].as_u64(), info["group"].as_u64())
+        };
+        let first = mgr
+            .attach(&vm(uid), &[nat("eth0")], Some((4321, 4322)))
+            .await
+            .expect("attach");
+        let tap = first[0].tap.clone();
+        assert_eq!(owner_of(&tap), (Some(4321), Some(4322)));
+        assert_eq!(link(&tap).expect("tap")["master"], "ignis0");
+        // A run with other ids (or an unowned tap an older agent left) gets a tap of its own,
+        // with the same name, MAC and address.
+        let second = mgr
+            .attach(&vm(uid), &[nat("eth0")], Some((5321, 5322)))
+            .await
+            .expect("attach again");
+        assert_eq!(second, first);
+        assert_eq!(owner_of(&tap), (Some(5321), Some(5322)));
+        assert_eq!(link(&tap).expect("tap")["master"], "ignis0");
+        assert_eq!(taps(), vec![tap.clone()]);
+        mgr.detach(&vm(uid)).await.expect("detach");
+        assert!(taps().is_empty());
+        // A VMM that runs as root: no owner, as before.
+        let root = mgr
+            .attach(&vm(uid), &[nat("eth0")], None)
+            .await
+            .expect("attach unowned");
+        assert_eq!(owner_of(&root[0].tap), (None, None));
+        mgr.detach(&vm(uid)).await.expect("detach");
+    });
+}
+
 #[test]
 fn twenty_cycles_leak_nothing() {
     if !in_fresh_netns("twenty_cycles_leak_nothing", TIMEOUT) {
@@ -207,7 +255,7 @@ fn twenty_cycles_leak_nothing() {
             let uid = format!("cycle-{i}");
             let t0 = Instant::now();
             let ifaces = mgr
-                .attach(&vm(&uid), &[nat("eth0"), nat("eth1")])
+                .attach(&vm(&uid), &[nat("eth0"), nat("eth1")], None)
                 .await
                 .unwrap_or_else(|e| panic!("cycle {i}: {e}"));
             attach.push(t0.elapsed());
@@ -252,8 +300,14 @@ fn restart_keeps_allocations_and_gc_cleans_the_dead() {
         let first = NetworkManager::new(NetworkConfig::new(state.path()))
             .await
             .expect("manager");
-        let a = first.attach(&vm("vm-a"), &[nat("eth0")]).await.expect("a");
-        let b = first.attach(&vm("vm-b"), &[nat("eth0")]).await.expect("b");
+        let a = first
+            .attach(&vm("vm-a"), &[nat("eth0")], None)
+            .await
+            .expect("a");
+        let b = first
+            .attach(&vm("vm-b"), &[nat("eth0")], None)
+            .await
+            .expect("b");
         drop(first);
 
         let second = NetworkManager::new(NetworkConfig::new(state.path()))
@@ -265,10 +319,16 @@ fn restart_keeps_allocations_and_gc_cleans_the_dead() {
         );
         // Re-attaching a known VM yields the same address, tap and MAC.
         assert_eq!(
-            second.attach(&vm("vm-a"), &[nat("eth0")]).await.expect("a"),
+            second
+                .attach(&vm("vm-a"), &[nat("eth0")], None)
+                .await
+                .expect("a"),
             a
         );
-        let c = second.attach(&vm("vm-c"), &[nat("eth0")]).await.expect("c");
+        let c = second
+            .attach(&vm("vm-c"), &[nat("eth0")], None)
+            .await
+            .expect("c");
         let addr = |v: &Vec<ignis::agent::net::AttachedInterface>| v[0].address.expect("ip").0;
         assert_ne!(addr(&c), addr(&a));
         assert_ne!(addr(&c), addr(&b));
@@ -280,6 +340,7 @@ fn restart_keeps_allocations_and_gc_cleans_the_dead() {
                     address: Some(addr(&a).to_string()),
                     ..nat("eth0")
                 }],
+                None,
             )
             .await
             .expect_err("address in use");
@@ -310,6 +371,7 @@ fn restart_keeps_allocations_and_gc_cleans_the_dead() {
                     address: Some(format!("{}/16", addr(&b))),
                     ..nat("eth0")
                 }],
+                None,
             )
             .await
             .expect("freed address is free");
@@ -351,6 +413,7 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
                     mac: Some("02:00:00:aa:bb:cc".into()),
                     ..nat("eth0")
                 }],
+                None,
             )
             .await
             .expect("keep");
@@ -376,6 +439,7 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
                         ..Default::default()
                     },
                 ],
+                None,
             )
             .await
             .expect_err("missing bridge");
@@ -397,6 +461,7 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
                         address: Some("10.244.0.9/24".into()),
                         ..Default::default()
                     }],
+                    None,
                 )
                 .await
                 .expect_err(bridge);
@@ -421,6 +486,7 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
                         address: Some(address.into()),
                         ..nat("eth0")
                     }],
+                    None,
                 )
                 .await
                 .expect_err("out of range");
@@ -434,6 +500,7 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
                     mac: Some("02:00:00:AA:BB:CC".into()),
                     ..nat("eth0")
                 }],
+                None,
             )
             .await
             .expect_err("duplicate MAC of another VM");
@@ -455,6 +522,7 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
                     mac: Some(bridge_mac.clone()),
                     ..nat("eth0")
                 }],
+                None,
             )
             .await
             .expect_err("duplicate MAC of a link");
@@ -474,7 +542,7 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
             .expect("ip link add");
         assert!(ok.success());
         let err = mgr
-            .attach(&vm("vm-bad"), &[nat("eth0"), nat("eth1")])
+            .attach(&vm("vm-bad"), &[nat("eth0"), nat("eth1")], None)
             .await
             .expect_err("tap name taken");
         assert_eq!(err.reason(), "TapCreateFailed", "{err}");
@@ -515,7 +583,7 @@ fn bridge_mode_and_address_changes() {
             ..Default::default()
         };
         let ifaces = mgr
-            .attach(&vm("vm-br"), std::slice::from_ref(&bridged))
+            .attach(&vm("vm-br"), std::slice::from_ref(&bridged), None)
             .await
             .expect("bridge mode");
         assert_eq!(ifaces[0].bridge, "br-user");
@@ -548,6 +616,7 @@ fn bridge_mode_and_address_changes() {
                     address: None,
                     ..bridged.clone()
                 }],
+                None,
             )
             .await
             .expect("bridge mode without address");
@@ -559,10 +628,10 @@ fn bridge_mode_and_address_changes() {
             address: Some(a.into()),
             ..nat("eth0")
         };
-        mgr.attach(&vm("vm-n"), &[with("10.88.3.3")])
+        mgr.attach(&vm("vm-n"), &[with("10.88.3.3")], None)
             .await
             .expect("first");
-        mgr.attach(&vm("vm-n"), &[with("10.88.3.4/16")])
+        mgr.attach(&vm("vm-n"), &[with("10.88.3.4/16")], None)
             .await
             .expect("changed");
         assert_eq!(
@@ -570,11 +639,11 @@ fn bridge_mode_and_address_changes() {
             vec!["ipam/10.88.0.0_16/10.88.3.4".to_string()]
         );
         // ...but a change that fails keeps the old one held.
-        mgr.attach(&vm("vm-other"), &[with("10.88.3.5")])
+        mgr.attach(&vm("vm-other"), &[with("10.88.3.5")], None)
             .await
             .expect("other");
         let err = mgr
-            .attach(&vm("vm-n"), &[with("10.88.3.5")])
+            .attach(&vm("vm-n"), &[with("10.88.3.5")], None)
             .await
             .expect_err("taken");
         assert_eq!(err.reason(), "AddressInUse");
@@ -584,7 +653,9 @@ fn bridge_mode_and_address_changes() {
             "{held:?}"
         );
         // Dropping an interface from the request removes its tap.
-        mgr.attach(&vm("vm-br"), &[]).await.expect("no interfaces");
+        mgr.attach(&vm("vm-br"), &[], None)
+            .await
+            .expect("no interfaces");
         assert!(link(&ifaces[0].tap).is_none());
         for uid in ["vm-br", "vm-br2", "vm-n", "vm-other"] {
             mgr.detach(&vm(uid)).await.expect("detach");

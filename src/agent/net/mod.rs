@@ -311,10 +311,13 @@ impl NetworkManager {
     /// Create the taps of VM `uid` and give its `nat` interfaces addresses. Idempotent: a
     /// second call with the same request returns the same interfaces. On failure nothing this
     /// call created is left behind.
+    /// `tap_owner`: the VMM's uid and gid when it runs confined, which then own its taps (see
+    /// [`tap`]'s module doc); `None` for a VMM that runs as root.
     pub async fn attach(
         &self,
         uid: &VmUid,
         requests: &[Interface],
+        tap_owner: Option<tap::TapOwner>,
     ) -> Result<Vec<AttachedInterface>, NetError> {
         let _guard = self.lock.lock().await;
         let uid = uid.as_str();
@@ -323,7 +326,7 @@ impl NetworkManager {
         let plan = self.plan(uid, requests, &links)?;
 
         let mut undo = Undo::default();
-        let result = self.apply_plan(uid, &plan, &mut undo).await;
+        let result = self.apply_plan(uid, &plan, tap_owner, &mut undo).await;
         match result {
             Ok(attached) => {
                 for (ip, who) in &undo.superseded {
@@ -369,6 +372,7 @@ impl NetworkManager {
         &self,
         uid: &str,
         plan: &[Planned],
+        tap_owner: Option<tap::TapOwner>,
         undo: &mut Undo,
     ) -> Result<Vec<AttachedInterface>, NetError> {
         let mut attached = Vec::with_capacity(plan.len());
@@ -444,14 +448,7 @@ impl NetworkManager {
                     });
                 }
             };
-            let existing = self.netlink.link(&iface.tap).await?;
-            if existing.is_none() {
-                tap::create_persistent_tap(&iface.tap).map_err(|source| NetError::Tap {
-                    tap: iface.tap.clone(),
-                    source,
-                })?;
-                undo.taps.push(iface.tap.clone());
-            }
+            self.make_tap(&iface.tap, tap_owner, undo).await?;
             let tap_link = self
                 .netlink
                 .link(&iface.tap)
@@ -466,6 +463,35 @@ impl NetworkManager {
                 .await?;
         }
         Ok(attached)
+    }
+
+    /// The VM's tap, made when missing. An owned one is made anew each run: the one an earlier
+    /// run (or an older agent) left may have another owner or none, and the kernel cannot
+    /// change the owner of an existing tap; its VMM is gone by now.
+    async fn make_tap(
+        &self,
+        name: &str,
+        owner: Option<tap::TapOwner>,
+        undo: &mut Undo,
+    ) -> Result<(), NetError> {
+        let tap_error = |source| NetError::Tap {
+            tap: name.to_string(),
+            source,
+        };
+        let existing = self.netlink.link(name).await?;
+        match owner {
+            None if existing.is_some() => return Ok(()),
+            None => tap::create_persistent_tap(name).map_err(tap_error)?,
+            Some(owner) => {
+                if existing.is_some() {
+                    self.netlink.delete_by_name(name).await?;
+                }
+                tap::create_owned_tap(name, owner)
+                    .map_err(|detail| tap_error(io::Error::other(detail)))?;
+            }
+        }
+        undo.taps.push(name.to_string());
+        Ok(())
     }
 
     async fn rollback(&self, undo: Undo) {

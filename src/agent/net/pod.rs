@@ -18,10 +18,10 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use super::link::Netlink;
 use super::mac::Mac;
+use super::tap::{TapOwner, create_owned_tap, run_ip, wait_bounded};
 use super::{AttachedInterface, InterfaceMode, NetError};
 
 /// The guest's tap in the pod's namespace.
@@ -35,8 +35,6 @@ pub(crate) const PREFIX: u8 = 30;
 pub(crate) const POD_INTERFACE: &str = "eth0";
 /// The nftables table of the wiring, in the pod's namespace.
 const TABLE: &str = "ignis_pod";
-/// Deadline for one `nft` or `ip` run.
-const NFT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the pod's side of a guest interface needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,7 +47,7 @@ pub(crate) struct PodNet {
     pub(crate) interface: String,
     pub(crate) mac: Mac,
     /// The uid and gid the VMM runs as, which must own the tap to open it; `None`: root.
-    pub(crate) tap_owner: Option<(u32, u32)>,
+    pub(crate) tap_owner: Option<TapOwner>,
     /// DNS servers for the guest (the pod's own resolvers).
     pub(crate) dns: Vec<Ipv4Addr>,
 }
@@ -173,60 +171,18 @@ async fn in_netns<T: Send + 'static>(
 }
 
 /// Create `tap0` persistent, owned by the VMM's uid and gid. Made anew for every run (the one
-/// an earlier run left may have another owner, and its VMM is gone). Through `ip tuntap`:
-/// `TUNSETOWNER` takes the id by value, which tun-rs passes as a pointer (the owner would be an
-/// address), and the crate denies the `unsafe` a direct ioctl needs.
-fn create_tap(owner: Option<(u32, u32)>) -> Result<(), NetError> {
+/// an earlier run left may have another owner, and its VMM is gone).
+fn create_tap(owner: Option<TapOwner>) -> Result<(), NetError> {
     let tap_error = |detail: String| NetError::Tap {
         tap: TAP.into(),
         source: std::io::Error::other(detail),
     };
-    let _ = run(&["link", "del", TAP]);
-    let mut args = vec!["tuntap", "add", "dev", TAP, "mode", "tap"];
-    let ids;
-    if let Some((uid, gid)) = owner {
-        ids = (uid.to_string(), gid.to_string());
-        args.extend(["user", ids.0.as_str(), "group", ids.1.as_str()]);
+    let _ = run_ip(&["link", "del", TAP]);
+    match owner {
+        Some(owner) => create_owned_tap(TAP, owner),
+        None => run_ip(&["tuntap", "add", "dev", TAP, "mode", "tap"]),
     }
-    run(&args).map_err(tap_error)
-}
-
-/// Run `ip` (in the caller's network namespace), within [`NFT_TIMEOUT`].
-fn run(args: &[&str]) -> Result<(), String> {
-    let mut child = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run ip (iproute2): {e}"))?;
-    wait_bounded(&mut child, &format!("ip {}", args.join(" ")))
-}
-
-/// Wait for `child` within [`NFT_TIMEOUT`]; its stderr in the error.
-fn wait_bounded(child: &mut std::process::Child, what: &str) -> Result<(), String> {
-    let deadline = Instant::now() + NFT_TIMEOUT;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) if status.success() => return Ok(()),
-            Ok(Some(status)) => {
-                let mut stderr = String::new();
-                if let Some(mut err) = child.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut err, &mut stderr);
-                }
-                return Err(format!("{what}: {status}: {}", stderr.trim()));
-            }
-            Ok(None) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("{what} did not finish within {NFT_TIMEOUT:?}"));
-            }
-            Err(e) => return Err(format!("waiting for {what}: {e}")),
-        }
-    }
+    .map_err(tap_error)
 }
 
 fn sysctl(path: &str) -> Result<(), NetError> {
@@ -236,7 +192,7 @@ fn sysctl(path: &str) -> Result<(), NetError> {
     })
 }
 
-/// Apply a ruleset with `nft -f -`, within [`NFT_TIMEOUT`].
+/// Apply a ruleset with `nft -f -`, within [`COMMAND_TIMEOUT`](super::tap::COMMAND_TIMEOUT).
 fn nft(rules: &str) -> Result<(), NetError> {
     let failed = |detail: String| NetError::PodFirewall { detail };
     let mut child = Command::new("nft")

@@ -5,8 +5,16 @@
 //! `tun-rs` crate. A persistent tap outlives our file descriptor, so QEMU, Firecracker or
 //! Cloud Hypervisor can open it by name later; everything else about the tap (bridge port,
 //! up, alias, deletion) is plain netlink (`link.rs`).
+//!
+//! A tap a confined VMM may see is owned by that VMM's uid and gid ([`create_owned_tap`]): the
+//! kernel lets any process that opens `/dev/net/tun` attach to a persistent tap that has no
+//! owner and no group, so an unowned tap of a stopped VM (or of one not started yet) could be
+//! taken by another tenant's VMM that got out of its sandbox, and with it that VM's MAC and
+//! address. Owned, only its own VMM (or root) can attach to it.
 
 use std::io;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -42,6 +50,61 @@ pub(crate) fn create_persistent_tap(name: &str) -> io::Result<()> {
         .build_sync()?;
     device.persist()
     // Dropping `device` closes our descriptor; the persistent tap stays.
+}
+
+/// Who owns a tap: the uid and gid of the VMM that may attach to it by name.
+pub type TapOwner = (u32, u32);
+
+/// Deadline for one `ip` or `nft` run.
+pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Create the persistent tap `name` owned by `owner`, in the caller's network namespace,
+/// through `ip tuntap`: `TUNSETOWNER` takes the id by value, which tun-rs passes as a pointer
+/// (the owner would be an address), and the crate denies the `unsafe` a direct ioctl needs.
+/// Fails on an existing tap (the kernel answers `EBUSY`): delete it first.
+pub(crate) fn create_owned_tap(name: &str, (uid, gid): TapOwner) -> Result<(), String> {
+    let (uid, gid) = (uid.to_string(), gid.to_string());
+    run_ip(&[
+        "tuntap", "add", "dev", name, "mode", "tap", "user", &uid, "group", &gid,
+    ])
+}
+
+/// Run `ip` (in the caller's network namespace), within [`COMMAND_TIMEOUT`].
+pub(crate) fn run_ip(args: &[&str]) -> Result<(), String> {
+    let mut child = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run ip (iproute2): {e}"))?;
+    wait_bounded(&mut child, &format!("ip {}", args.join(" ")))
+}
+
+/// Wait for `child` within [`COMMAND_TIMEOUT`]; its stderr in the error.
+pub(crate) fn wait_bounded(child: &mut std::process::Child, what: &str) -> Result<(), String> {
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => {
+                let mut stderr = String::new();
+                if let Some(mut err) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut err, &mut stderr);
+                }
+                return Err(format!("{what}: {status}: {}", stderr.trim()));
+            }
+            Ok(None) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{what} did not finish within {COMMAND_TIMEOUT:?}"));
+            }
+            Err(e) => return Err(format!("waiting for {what}: {e}")),
+        }
+    }
 }
 
 /// A descriptor attached to the existing tap `name` (in the agent's network namespace), to

@@ -107,14 +107,18 @@ impl Inner {
             },
             None => None,
         };
-        // Before the VMM exists: it opens the taps by name. Idempotent for the same uid, so a
-        // new run of the VM keeps its taps, MACs and addresses.
-        let interfaces = match self.attach_network(&spec.uid, &spec.interfaces).await {
-            Ok(interfaces) => interfaces,
-            Err(error) => return self.fail_boot(slot, None, &error).await,
-        };
         let confinement = match self.confinement(&spec.uid) {
             Ok(confinement) => confinement,
+            Err(error) => return self.fail_boot(slot, None, &error).await,
+        };
+        // Before the VMM exists: it opens the taps by name, so they are its ids'. Idempotent
+        // for the same uid, so a new run of the VM keeps its MACs and addresses.
+        let tap_owner = confinement.as_ref().map(|c| (c.uid, c.gid));
+        let interfaces = match self
+            .attach_network(&spec.uid, &spec.interfaces, tap_owner)
+            .await
+        {
+            Ok(interfaces) => interfaces,
             Err(error) => return self.fail_boot(slot, None, &error).await,
         };
         // In a pod: the pod's tap0 is made in the pod's namespace, with its owner.

@@ -134,6 +134,7 @@ impl Inner {
         &self,
         uid: &VmUid,
         requests: &[Interface],
+        owner: Option<crate::agent::net::tap::TapOwner>,
     ) -> Result<Vec<AttachedInterface>, BootError> {
         // Interfaces of mode pod are wired in the pod's namespace (`pod.rs`), not here.
         let requests: Vec<Interface> = requests
@@ -154,7 +155,7 @@ impl Inner {
                 detail,
             }
         })?;
-        let attached = manager.attach(uid, requests).await;
+        let attached = manager.attach(uid, requests, owner).await;
         if attached.is_err() {
             self.network.release_if_idle(&manager).await;
         }
