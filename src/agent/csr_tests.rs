@@ -4,15 +4,12 @@
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 
 use super::*;
 use crate::agent::{AgentConfig, ListenAddr, ServerTls, serve};
 use crate::controller::agents::AgentTls;
 use crate::controller::tls::Ca;
 use crate::controller::tls::csr::{CsrFacts, Decision, decide, sign};
-use crate::proto::GetHostRequest;
-use crate::proto::agent_client::AgentClient;
 
 #[test]
 fn renewal_is_due_at_two_thirds_of_the_life() {
@@ -33,21 +30,7 @@ fn renewal_is_due_at_two_thirds_of_the_life() {
 
 /// GetHost on the agent at `port`, dialed the way the pool dials `node`.
 async fn call_as(tls: &AgentTls, port: u16, node: &str) -> Result<(), String> {
-    let endpoint = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-        .expect("endpoint")
-        .tls_config(tls.config_for(node))
-        .expect("tls")
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(5));
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| format!("connect: {e:?}"))?;
-    AgentClient::new(channel)
-        .get_host(GetHostRequest::default())
-        .await
-        .map(|_| ())
-        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
+    crate::agent::tls::tests::get_host_over(tls.config_for(node), port).await
 }
 
 #[tokio::test]

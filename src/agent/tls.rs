@@ -99,7 +99,7 @@ pub fn watch_files(paths: Vec<PathBuf>, shutdown: CancellationToken) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The "CN=evil" case: whatever a node holds (the agents' Secret: the CA
     //! certificate, the agents' server certificate and key) mints no client an agent accepts.
 
@@ -174,6 +174,11 @@ mod tests {
         if let Some((cert, key)) = identity {
             tls = tls.identity(Identity::from_pem(cert, key));
         }
+        get_host_over(tls, port).await
+    }
+
+    /// GetHost on the agent at `port` over `tls`; Ok when it answered.
+    pub(crate) async fn get_host_over(tls: ClientTlsConfig, port: u16) -> Result<(), String> {
         let endpoint = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
             .expect("endpoint")
             .tls_config(tls)
