@@ -10,7 +10,7 @@ fn stand_in(dir: &Path) -> tokio::process::Child {
     let sh = process::resolve_binary(Path::new("sh")).expect("sh");
     let socket = dir.join("api.sock").display().to_string();
     // Two commands, so `sh` stays (it would exec a lone one) with the socket as `$0`.
-    process::spawn(
+    let child = process::spawn(
         &sh,
         ["-c", "sleep 60; exit 0", &socket],
         Output::Null,
@@ -18,7 +18,24 @@ fn stand_in(dir: &Path) -> tokio::process::Child {
         None,
         Vec::new(),
     )
-    .expect("spawn")
+    .expect("spawn");
+    // A process names its new arguments a moment after its exec is reported (the kernel
+    // closes the exec-error pipe before it sets up the new command line): a VMM running is
+    // one whose command line names the socket already.
+    let pid = child.id().expect("pid");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+        cmdline
+            .split(|&b| b == 0)
+            .any(|arg| arg == socket.as_bytes())
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stand-in never named {socket}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
 }
 
 async fn gone(child: &mut tokio::process::Child) {
