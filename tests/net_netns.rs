@@ -308,6 +308,10 @@ fn restart_keeps_allocations_and_gc_cleans_the_dead() {
             .attach(&vm("vm-b"), &[nat("eth0")], None)
             .await
             .expect("b");
+        // The agent stopping: its dnsmasq gone before the next one binds the bridge's DHCP
+        // and DNS ports (dropped instead, the old one may still hold them for a moment, and
+        // the next manager runs without DHCP and tells its guests no DNS server).
+        first.shutdown().await;
         drop(first);
 
         let second = NetworkManager::new(NetworkConfig::new(state.path()))
