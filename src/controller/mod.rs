@@ -111,10 +111,13 @@ pub async fn start(
     let (store, writer) = reflector::store();
     let cache_ready = CancellationToken::new();
     let listed = cache_ready.clone();
-    let microvms = reflector(writer, watcher(api, watcher::Config::default()))
-        .inspect_ok(cancel_when_listed(listed))
-        .default_backoff()
-        .applied_objects();
+    let microvms = reflector(
+        writer,
+        watcher(api, watcher::Config::default()).modify(drop_managed_fields),
+    )
+    .inspect_ok(cancel_when_listed(listed))
+    .default_backoff()
+    .applied_objects();
     let controller = Controller::for_stream(microvms, store.clone()).with_config(
         kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
     );
@@ -225,6 +228,14 @@ pub async fn start(
     Ok(ControllerHandle { pool, task })
 }
 
+/// For a watcher's stream: the caches keep no `managedFields`. The controller never reads
+/// them (its writes are patches and server-side applies, which the API server checks against
+/// its own copy), and they are most of a cached MicroVM's or pod's bytes: every field
+/// manager's field set, several per object.
+fn drop_managed_fields<K: kube::Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
+
 /// For a reflector's stream: cancel `listed` once its first complete list is in the store. Used
 /// instead of `Store::wait_until_ready`, which wakes only the last of its waiters.
 fn cancel_when_listed<K>(listed: CancellationToken) -> impl FnMut(&watcher::Event<K>) {
@@ -257,7 +268,8 @@ fn watch_vm_pods(
         watcher(
             pods,
             watcher::Config::default().labels(vmpod::MICROVM_LABEL),
-        ),
+        )
+        .modify(drop_managed_fields),
     )
     .inspect_ok(cancel_when_listed(listed))
     .default_backoff()
@@ -291,7 +303,8 @@ fn watch_vm_pods(
         watcher(
             Api::<PartialObjectMeta<Node>>::all(client.clone()),
             watcher::Config::default(),
-        ),
+        )
+        .modify(drop_managed_fields),
     )
     .default_backoff()
     .touched_objects();
@@ -445,4 +458,26 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
         return Err(ControllerError::LostLeadership);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
+
+    use super::*;
+
+    #[test]
+    fn cached_objects_keep_everything_but_their_managed_fields() {
+        let mut pod = Pod::default();
+        pod.metadata.name = Some("vm-a".into());
+        pod.metadata.labels = Some([("app".to_string(), "web".to_string())].into());
+        pod.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
+            manager: Some("ignis-controller".into()),
+            ..Default::default()
+        }]);
+        drop_managed_fields(&mut pod);
+        assert_eq!(pod.metadata.managed_fields, None);
+        assert_eq!(pod.name_any(), "vm-a");
+        assert_eq!(pod.labels().get("app").map(String::as_str), Some("web"));
+    }
 }
