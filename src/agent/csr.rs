@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::controller::tls::csr::{
     AGENT_CSR_SECONDS, AGENT_SIGNER, AGENT_USAGES, agent_server_name, request_for,
 };
-use crate::controller::tls::{TlsError, due_for_renewal};
+use crate::controller::tls::{TlsError, renewal_at, validity_of};
 
 /// How long one request may wait for its certificate.
 pub const ISSUE_WAIT: Duration = Duration::from_secs(60);
@@ -144,12 +144,12 @@ async fn request_once(
         let csr = api.get(&name).await.map_err(CsrError::Api)?;
         let status = csr.status.unwrap_or_default();
         if let Some(cert) = status.certificate.filter(|c| !c.0.is_empty()) {
-            let (not_before, not_after) =
-                validity(&cert.0).ok_or_else(|| CsrError::BadCertificate { name: name.clone() })?;
+            let bad = || CsrError::BadCertificate { name: name.clone() };
+            let cert_pem = String::from_utf8(cert.0).map_err(|_| bad())?;
+            let (not_before, not_after) = validity_of(&cert_pem).ok_or_else(bad)?;
             tracing::info!(csr = %name, not_after, "serving certificate issued");
             return Ok(Issued {
-                cert_pem: String::from_utf8(cert.0)
-                    .map_err(|_| CsrError::BadCertificate { name: name.clone() })?,
+                cert_pem,
                 key_pem,
                 not_before,
                 not_after,
@@ -188,19 +188,9 @@ async fn request_once(
     }
 }
 
-/// The validity (Unix seconds) of the first certificate in `pem`.
-fn validity(pem: &[u8]) -> Option<(i64, i64)> {
-    let (_, pem) = x509_parser::pem::parse_x509_pem(pem).ok()?;
-    let cert = pem.parse_x509().ok()?;
-    let v = cert.validity();
-    Some((v.not_before.timestamp(), v.not_after.timestamp()))
-}
-
 /// How long from `now` until `issued` is due for renewal (two thirds of its life).
 pub fn renew_in(issued: &Issued, now: i64) -> Duration {
-    let life = issued.not_after.saturating_sub(issued.not_before).max(0);
-    let at = issued.not_before.saturating_add(life / 3 * 2);
-    debug_assert!(due_for_renewal(issued.not_before, issued.not_after, at));
+    let at = renewal_at(issued.not_before, issued.not_after);
     Duration::from_secs(u64::try_from(at.saturating_sub(now)).unwrap_or(0))
 }
 

@@ -53,7 +53,7 @@ async fn the_controller_accepts_only_the_certificate_of_the_node_it_dials() {
     );
     let cert_pem =
         sign(&ca, request.as_bytes(), "node-a", Some(AGENT_CSR_SECONDS)).expect("signed");
-    let (not_before, not_after) = validity(cert_pem.as_bytes()).expect("validity");
+    let (not_before, not_after) = validity_of(&cert_pem).expect("validity");
     let tmp = tempfile::tempdir().expect("tmp");
     let client_ca = tmp.path().join("ca.crt");
     std::fs::write(&client_ca, &ca.cert_pem).expect("write");

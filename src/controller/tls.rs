@@ -381,8 +381,22 @@ fn make(seen: &Seen) -> Result<(ClientTlsConfig, ClientSource), TlsError> {
 /// Whether a certificate valid from `not_before` to `not_after` (seconds) is past two thirds
 /// of its life at `now`: the point where it is renewed.
 pub fn due_for_renewal(not_before: i64, not_after: i64, now: i64) -> bool {
+    now >= renewal_at(not_before, not_after)
+}
+
+/// When a certificate valid from `not_before` to `not_after` (seconds) is renewed: two thirds
+/// into its life.
+pub fn renewal_at(not_before: i64, not_after: i64) -> i64 {
     let life = not_after.saturating_sub(not_before).max(0);
-    now >= not_before.saturating_add(life / 3 * 2)
+    not_before.saturating_add(life / 3 * 2)
+}
+
+/// A certificate's validity in seconds since the epoch.
+pub(crate) fn validity_of(cert_pem: &str) -> Option<(i64, i64)> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let v = cert.validity();
+    Some((v.not_before.timestamp(), v.not_after.timestamp()))
 }
 
 /// Let `params` be valid from an hour ago to `hours` from now (midnight UTC of today plus the seconds since then:

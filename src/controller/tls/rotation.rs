@@ -177,7 +177,7 @@ impl CaSet {
 
     /// The facts for [`next_step`].
     pub fn view(&self, since: Option<i64>, requested: bool) -> RotationView {
-        let (not_before, not_after) = validity_of(&self.signing.cert_pem).unwrap_or((0, 0));
+        let (not_before, not_after) = super::validity_of(&self.signing.cert_pem).unwrap_or((0, 0));
         RotationView {
             phase: self.phase(),
             since,
@@ -201,14 +201,6 @@ impl CaSet {
         }
         Ok(())
     }
-}
-
-/// A certificate's validity in seconds since the epoch.
-fn validity_of(cert_pem: &str) -> Option<(i64, i64)> {
-    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
-    let cert = pem.parse_x509().ok()?;
-    let v = cert.validity();
-    Some((v.not_before.timestamp(), v.not_after.timestamp()))
 }
 
 #[cfg(test)]
