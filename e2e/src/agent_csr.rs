@@ -24,7 +24,8 @@ pub fn server_name(node: &str) -> String {
     format!("ignis-agent.{node}")
 }
 
-fn openssl(args: &[&str]) -> Vec<u8> {
+/// Run `openssl` (bounded); its output.
+pub fn openssl(args: &[&str]) -> Vec<u8> {
     let out = Command::new("timeout")
         .arg("30")
         .arg("openssl")

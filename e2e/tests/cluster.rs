@@ -408,7 +408,9 @@ fn mint(
     issuer_cert: &std::path::Path,
     issuer_key: &std::path::Path,
 ) -> (std::path::PathBuf, std::path::PathBuf) {
-    let key = dir.join(format!("{name}-{}.key", rand_suffix()));
+    // The key and request as an agent's (the request's own name is not copied: `x509 -req`
+    // takes extensions from the extension file only).
+    let (_, key) = agent_csr::request(dir, name);
     let csr = key.with_extension("csr");
     let cert = key.with_extension("crt");
     let ext = key.with_extension("ext");
@@ -417,34 +419,8 @@ fn mint(
         format!("extendedKeyUsage=clientAuth\nsubjectAltName=DNS:{name}\n"),
     )
     .expect("ext");
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .output()
-            .expect("openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
     let s = |p: &std::path::Path| p.display().to_string();
-    run(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-subj",
-        &format!("/CN={name}"),
-        "-keyout",
-        &s(&key),
-        "-out",
-        &s(&csr),
-    ]);
-    run(&[
+    agent_csr::openssl(&[
         "x509",
         "-req",
         "-in",
@@ -462,13 +438,6 @@ fn mint(
         &s(&cert),
     ]);
     (cert, key)
-}
-
-fn rand_suffix() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default()
 }
 
 /// Run `cmd` with `input` on its stdin; its output.
