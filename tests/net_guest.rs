@@ -162,6 +162,7 @@ async fn boot(
         state_dir,
         binary: PathBuf::new(),
         confinement: None,
+        restore: None,
         opened: Default::default(),
     };
     let spawned = backend.create(&config).await.expect("create the VM");

@@ -61,6 +61,7 @@ fn config(qemu: &Path, g: &DemoGuest, state: &Path, extra: &str) -> VmConfig {
         api_socket: state.join("qmp.sock"),
         binary: qemu.to_path_buf(),
         confinement: None,
+        restore: None,
         opened: Default::default(),
     }
 }

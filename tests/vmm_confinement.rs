@@ -202,6 +202,7 @@ fn confined_config(qemu: &Path, dir: &Path, uid: u32) -> VmConfig {
             netns: None,
             cgroups: Vec::new(),
         }),
+        restore: None,
         opened: Default::default(),
     }
 }

@@ -90,6 +90,7 @@ fn bare_config(guest: &DemoGuest, dir: &Path, id: &str) -> Result<VmConfig, Benc
         api_socket: dir.join("qmp.sock"),
         binary: PathBuf::from(DEFAULT_BINARY),
         confinement: None,
+        restore: None,
         opened: Default::default(),
     })
 }

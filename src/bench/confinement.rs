@@ -52,6 +52,7 @@ fn config(guest: &DemoGuest, dir: &Path, id: &str, confined: bool) -> VmConfig {
             netns: None,
             cgroups: Vec::new(),
         }),
+        restore: None,
         opened: Default::default(),
     }
 }

@@ -256,6 +256,8 @@ impl VmSpec {
 pub enum DesiredState {
     Running,
     Stopped,
+    /// Saved to the node's disk with no VMM left; resumed by a later `Running`.
+    Suspended,
 }
 
 /// Registry credentials for the pulls of one apply: the docker-config payloads
@@ -291,7 +293,7 @@ pub struct ApplyRequest {
     pub(crate) spec_hash: String,
     /// The agent boots run N once; a run that ended stays ended until run N+1 is asked for.
     pub(crate) run: u32,
-    #[serde(rename = "want_running", with = "desired_as_bool")]
+    #[serde(rename = "want_running", with = "desired_on_disk")]
     pub(crate) desired: DesiredState,
     /// For pulling the spec's images; not part of the spec (changing a Secret replaces no VM).
     #[serde(skip)]
@@ -314,20 +316,37 @@ pub struct PodRef {
     pub ip: Option<std::net::IpAddr>,
 }
 
-mod desired_as_bool {
+/// Written as a bool by agents before suspend existed, and still for Running and Stopped, so
+/// an older agent reads a newer record; Suspended is the word `"suspended"`.
+mod desired_on_disk {
     use serde::{Deserialize, Deserializer, Serializer};
 
     use super::DesiredState;
 
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OnDisk {
+        Running(bool),
+        Word(String),
+    }
+
     pub(super) fn serialize<S: Serializer>(d: &DesiredState, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bool(*d == DesiredState::Running)
+        match d {
+            DesiredState::Suspended => s.serialize_str("suspended"),
+            d => s.serialize_bool(*d == DesiredState::Running),
+        }
     }
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DesiredState, D::Error> {
-        Ok(if bool::deserialize(d)? {
-            DesiredState::Running
-        } else {
-            DesiredState::Stopped
+        Ok(match OnDisk::deserialize(d)? {
+            OnDisk::Running(true) => DesiredState::Running,
+            OnDisk::Running(false) => DesiredState::Stopped,
+            OnDisk::Word(w) if w == "suspended" => DesiredState::Suspended,
+            OnDisk::Word(w) => {
+                return Err(serde::de::Error::custom(format!(
+                    "unknown desired state {w:?}"
+                )));
+            }
         })
     }
 }

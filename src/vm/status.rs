@@ -21,6 +21,10 @@ pub enum RunState {
     Exited,
     /// Could not be created or booted; see the exit.
     Failed,
+    /// The guest's memory and device state are being saved to the node's disk.
+    Suspending,
+    /// Saved on the node's disk; no VMM runs until the VM is resumed.
+    Suspended,
 }
 
 impl RunState {
@@ -34,6 +38,8 @@ impl RunState {
             RunState::Stopped => "stopped",
             RunState::Exited => "exited",
             RunState::Failed => "failed",
+            RunState::Suspending => "suspending",
+            RunState::Suspended => "suspended",
         }
     }
 

@@ -103,6 +103,8 @@ fn state_to_wire(state: RunState) -> proto::VmState {
         RunState::Stopped => proto::VmState::Stopped,
         RunState::Exited => proto::VmState::Exited,
         RunState::Failed => proto::VmState::Failed,
+        RunState::Suspending => proto::VmState::Suspending,
+        RunState::Suspended => proto::VmState::Suspended,
     }
 }
 
@@ -115,6 +117,8 @@ fn state_from_wire(value: i32) -> RunState {
         Ok(proto::VmState::Stopped) => RunState::Stopped,
         Ok(proto::VmState::Exited) => RunState::Exited,
         Ok(proto::VmState::Failed) => RunState::Failed,
+        Ok(proto::VmState::Suspending) => RunState::Suspending,
+        Ok(proto::VmState::Suspended) => RunState::Suspended,
         Ok(proto::VmState::Creating | proto::VmState::Unspecified) | Err(_) => RunState::Creating,
     }
 }
@@ -219,6 +223,7 @@ impl From<&ApplyRequest> for proto::ApplyVmRequest {
             desired_state: match request.desired {
                 DesiredState::Running => proto::DesiredState::Running,
                 DesiredState::Stopped => proto::DesiredState::Stopped,
+                DesiredState::Suspended => proto::DesiredState::Suspended,
             } as i32,
             pull_secrets: request.pull_secrets.0.clone(),
             pod: request.pod.as_ref().map(|pod| proto::PodSandbox {
@@ -326,6 +331,8 @@ pub(crate) fn apply_request(
     });
     let desired = if request.desired_state == proto::DesiredState::Stopped as i32 {
         DesiredState::Stopped
+    } else if request.desired_state == proto::DesiredState::Suspended as i32 {
+        DesiredState::Suspended
     } else {
         DesiredState::Running
     };

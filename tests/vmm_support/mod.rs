@@ -368,6 +368,7 @@ pub fn base_config(dir: &Path) -> VmConfig {
         api_socket: dir.join("api.sock"),
         binary: "/nonexistent/vmm".into(),
         confinement: None,
+        restore: None,
         opened: Default::default(),
     }
 }

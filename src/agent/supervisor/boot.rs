@@ -174,6 +174,7 @@ impl Inner {
                 .resolved_binary()
                 .unwrap_or_else(|| entry.binary.clone()),
             confinement,
+            restore: None,
             opened,
         };
         let backend = entry.backend.clone();

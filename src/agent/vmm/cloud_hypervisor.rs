@@ -225,6 +225,7 @@ mod tests {
             api_socket: "/s/api.sock".into(),
             binary: "cloud-hypervisor".into(),
             confinement: None,
+            restore: None,
             opened: Default::default(),
         }
     }

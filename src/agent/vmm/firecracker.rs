@@ -310,6 +310,7 @@ mod tests {
             api_socket: "/s/api.sock".into(),
             binary: "firecracker".into(),
             confinement: None,
+            restore: None,
             opened: Default::default(),
         }
     }

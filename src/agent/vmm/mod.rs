@@ -7,6 +7,7 @@ pub mod jailer;
 pub mod process;
 pub mod qemu;
 pub(crate) mod qemu_files;
+pub(crate) mod qemu_snapshot;
 pub(crate) mod qmp;
 
 use std::path::PathBuf;
@@ -53,6 +54,19 @@ pub struct NetConfig {
     pub mac: String,
 }
 
+/// One VM's memory snapshot on the node: a directory of its own, which only the agent and
+/// the VM's VMM ids may enter. Each backend keeps its own files in it (QEMU one migration
+/// stream; Firecracker a state file and a memory file; Cloud Hypervisor its snapshot
+/// directory layout).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotFiles {
+    pub dir: PathBuf,
+    /// The uid and gid the VMM runs as, who own the files (mode 0600); `None` when the VMM
+    /// runs unconfined as the agent.
+    #[serde(default)]
+    pub owner: Option<(u32, u32)>,
+}
+
 /// Everything a backend needs to create a VM; the same for every VMM.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VmConfig {
@@ -80,6 +94,10 @@ pub struct VmConfig {
     /// the unconfined baseline of `ignis bench boot --confinement off`.
     #[serde(default)]
     pub confinement: Option<process::Confinement>,
+    /// Set when the VM resumes: `create` readies the VMM to load this snapshot (with
+    /// [`VmmBackend::restore`]) instead of configuring a boot.
+    #[serde(default)]
+    pub restore: Option<SnapshotFiles>,
     /// The host files of the spec, already opened by the agent beneath an allowed directory;
     /// a backend hands these descriptors to the VMM instead of opening the paths again.
     #[serde(skip)]
@@ -158,6 +176,23 @@ pub trait VmmBackend: Send + Sync {
     async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError>;
     /// Ask the VMM what state its VM is in.
     async fn state(&self, handle: &VmmHandle) -> Result<VmmState, VmmError>;
+    /// Pause the guest and save its memory and device state into `snapshot`. The VMM stays,
+    /// paused, until it is killed.
+    async fn snapshot(&self, handle: &VmmHandle, snapshot: &SnapshotFiles) -> Result<(), VmmError> {
+        let _ = (handle, snapshot);
+        Err(VmmError::SnapshotUnsupported {
+            hypervisor: self.kind(),
+        })
+    }
+    /// Load `snapshot` into a VMM created with [`VmConfig::restore`] naming it. The guest
+    /// stays paused until [`VmmBackend::start`]. A snapshot the VMM cannot load is
+    /// [`VmmError::SnapshotUnrestorable`].
+    async fn restore(&self, handle: &VmmHandle, snapshot: &SnapshotFiles) -> Result<(), VmmError> {
+        let _ = (handle, snapshot);
+        Err(VmmError::SnapshotUnsupported {
+            hypervisor: self.kind(),
+        })
+    }
     /// What sets this VMM apart when its process ends.
     fn exit_quirks(&self) -> &'static ExitQuirks;
     /// Explain why the VMM process ended. `status` is known only for a child of this agent
@@ -180,6 +215,10 @@ pub trait VmmBackend: Send + Sync {
 
 /// Default deadline for one VMM API call.
 pub(crate) const API_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Deadline for saving or loading a snapshot: it moves the guest's whole memory through the
+/// disk (about 1 s for 256 MiB under TCG here).
+pub(crate) const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Errors of every backend. `reason()` is the machine-matchable word used in status and metrics.
 #[derive(Debug, Error, strum::IntoStaticStr)]
@@ -235,6 +274,12 @@ pub enum VmmError {
         hypervisor: Hypervisor,
         detail: String,
     },
+    #[error("this agent cannot snapshot {hypervisor} VMs")]
+    #[strum(serialize = "SnapshotUnsupported")]
+    SnapshotUnsupported { hypervisor: Hypervisor },
+    #[error("the snapshot cannot be restored: {detail}")]
+    #[strum(serialize = "SnapshotUnrestorable")]
+    SnapshotUnrestorable { detail: String },
 }
 
 impl VmmError {
@@ -246,6 +291,8 @@ impl VmmError {
                 | VmmError::UnsupportedAccelerator { .. }
                 | VmmError::ApiFault { .. }
                 | VmmError::InvalidConfig { .. }
+                | VmmError::SnapshotUnsupported { .. }
+                | VmmError::SnapshotUnrestorable { .. }
         )
     }
 }

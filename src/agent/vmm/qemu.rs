@@ -17,7 +17,8 @@ use super::process::{self, Output};
 use super::qemu_files::{Handoff, ordered_disks};
 use super::qmp::{QmpClient, QmpError};
 use super::{
-    API_TIMEOUT, ExitQuirks, Spawned, VmConfig, VmmBackend, VmmError, VmmHandle, VmmState,
+    API_TIMEOUT, ExitQuirks, SnapshotFiles, Spawned, VmConfig, VmmBackend, VmmError, VmmHandle,
+    VmmState,
 };
 use crate::api::{Accelerator, Hypervisor};
 
@@ -151,6 +152,10 @@ pub(crate) fn qemu_args(
         "-no-reboot",
         "-S",
     ]);
+    if config.restore.is_some() {
+        // The state comes later, through a descriptor handed over QMP (`qemu_snapshot`).
+        push(&["-incoming", "defer"]);
+    }
     push(&["-accel", accel, "-cpu", cpu]);
     push(&["-smp", &config.vcpus.max(1).to_string()]);
     push(&["-m", &format!("{}M", config.memory_mib)]);
@@ -214,7 +219,7 @@ fn path_args(config: &VmConfig) -> Vec<String> {
     a
 }
 
-fn qmp_error(e: QmpError) -> VmmError {
+pub(crate) fn qmp_error(e: QmpError) -> VmmError {
     match e {
         QmpError::Timeout { operation, timeout } => VmmError::ApiTimeout { operation, timeout },
         QmpError::Connect { path, source } => VmmError::Io {
@@ -313,7 +318,7 @@ impl QemuBackend {
             let _ = std::fs::remove_file(&config.api_socket);
         })?;
         let waited = match process::handle_for(&child, &config.api_socket, &config.console_log) {
-            Ok(handle) => wait_for_qmp(&mut child, &handle, &log_path)
+            Ok(handle) => wait_for_qmp(&mut child, &handle, &log_path, config.restore.is_some())
                 .await
                 .map(|()| handle),
             Err(e) => Err(e),
@@ -337,7 +342,10 @@ async fn wait_for_qmp(
     child: &mut tokio::process::Child,
     handle: &VmmHandle,
     log_path: &Path,
+    restoring: bool,
 ) -> Result<(), VmmError> {
+    // A QEMU waiting for its migration stream says `inmigrate`, not `prelaunch`.
+    let expected = if restoring { "inmigrate" } else { "prelaunch" };
     let deadline = Instant::now() + SOCKET_TIMEOUT;
     let exited = |status: std::process::ExitStatus| VmmError::Exited {
         operation: "create".into(),
@@ -354,12 +362,12 @@ async fn wait_for_qmp(
             match qmp_call(handle, "query-status", None).await {
                 Ok(v) => {
                     let status = v.get("status").and_then(Value::as_str).unwrap_or_default();
-                    if status == "prelaunch" {
+                    if status == expected {
                         return Ok(());
                     }
                     return Err(VmmError::Protocol {
                         operation: "create".into(),
-                        detail: format!("VM is {status:?} before start, expected prelaunch"),
+                        detail: format!("VM is {status:?} before start, expected {expected}"),
                     });
                 }
                 Err(e) => {
@@ -422,6 +430,14 @@ impl VmmBackend for QemuBackend {
         }
     }
 
+    async fn snapshot(&self, handle: &VmmHandle, snapshot: &SnapshotFiles) -> Result<(), VmmError> {
+        super::qemu_snapshot::save(handle, snapshot).await
+    }
+
+    async fn restore(&self, handle: &VmmHandle, snapshot: &SnapshotFiles) -> Result<(), VmmError> {
+        super::qemu_snapshot::load(handle, snapshot).await
+    }
+
     fn exit_quirks(&self) -> &'static ExitQuirks {
         &super::exit::QEMU
     }
@@ -462,6 +478,7 @@ mod tests {
             api_socket: "/s/qmp.sock".into(),
             binary: "qemu-system-x86_64".into(),
             confinement: None,
+            restore: None,
             opened: Default::default(),
         }
     }

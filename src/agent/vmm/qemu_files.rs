@@ -337,6 +337,7 @@ mod tests {
             api_socket: "/s/api.sock".into(),
             binary: "qemu-system-x86_64".into(),
             confinement: None,
+            restore: None,
             opened: Default::default(),
         }
     }

@@ -4,12 +4,14 @@
 //!
 //! Targets the QMP of QEMU 7.2 (`docs/interop/qmp-spec.txt`): one JSON object per line.
 
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use thiserror::Error;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::{Instant, timeout_at};
@@ -153,7 +155,7 @@ impl QmpClient {
             }
         }
         client
-            .execute_until("qmp_capabilities", None, deadline, timeout)
+            .execute_until("qmp_capabilities", None, None, deadline, timeout)
             .await?;
         Ok(client)
     }
@@ -165,14 +167,34 @@ impl QmpClient {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
-        self.execute_until(command, arguments, Instant::now() + timeout, timeout)
+        self.execute_until(command, arguments, None, Instant::now() + timeout, timeout)
             .await
+    }
+
+    /// Run one command with `fd` passed beside it (SCM_RIGHTS), as `getfd` and `add-fd` take
+    /// theirs: QEMU gets a file it could never open itself from its sandbox.
+    pub(crate) async fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: BorrowedFd<'_>,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
+        self.execute_until(
+            command,
+            arguments,
+            Some(fd),
+            Instant::now() + timeout,
+            timeout,
+        )
+        .await
     }
 
     async fn execute_until(
         &mut self,
         command: &str,
         arguments: Option<Value>,
+        fd: Option<BorrowedFd<'_>>,
         deadline: Instant,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
@@ -184,7 +206,14 @@ impl QmpClient {
         }
         let mut line = request.to_string();
         line.push('\n');
-        timeout_at(deadline, self.writer.write_all(line.as_bytes()))
+        let sent = match fd {
+            Some(fd) => {
+                self.send_with_fd(command, line.as_bytes(), fd, deadline, timeout)
+                    .await?
+            }
+            None => 0,
+        };
+        timeout_at(deadline, self.writer.write_all(&line.as_bytes()[sent..]))
             .await
             .map_err(|_| QmpError::Timeout {
                 operation: command.into(),
@@ -213,6 +242,48 @@ impl QmpClient {
                 }
                 // Answers to someone else's id cannot happen on our own connection; ignore.
                 _ => {}
+            }
+        }
+    }
+
+    /// Send the start of `bytes` with `fd` attached; returns how many bytes went (the rest is
+    /// written as usual: the descriptor travels with the first byte).
+    async fn send_with_fd(
+        &mut self,
+        command: &str,
+        bytes: &[u8],
+        fd: BorrowedFd<'_>,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<usize, QmpError> {
+        let stream: &UnixStream = self.writer.as_ref();
+        let io = |source| QmpError::Io {
+            operation: command.into(),
+            source,
+        };
+        loop {
+            timeout_at(deadline, stream.writable())
+                .await
+                .map_err(|_| QmpError::Timeout {
+                    operation: command.into(),
+                    timeout,
+                })?
+                .map_err(io)?;
+            let fds = [fd.as_raw_fd()];
+            let sent = stream.try_io(Interest::WRITABLE, || {
+                nix::sys::socket::sendmsg::<()>(
+                    stream.as_raw_fd(),
+                    &[IoSlice::new(bytes)],
+                    &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+                    nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match sent {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(io(e)),
             }
         }
     }

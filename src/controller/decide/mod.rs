@@ -644,6 +644,7 @@ impl<'a> Planner<'a> {
                 self.starting(node);
             }
             RunState::Exited | RunState::Failed => self.ended(node, vm, run),
+            RunState::Suspending | RunState::Suspended => self.starting(node),
         }
     }
 
