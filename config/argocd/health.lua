@@ -1,8 +1,9 @@
 -- Argo CD health check for ignis.dev/MicroVM (Lua 5.1, as Argo CD's gopher-lua runs it).
 -- It reads the same conditions kstatus reads, plus the phase, and differs from kstatus only
--- where Argo CD has a word kstatus lacks: a VM halted on purpose or finished is Healthy, a
--- lost agent is Unknown, and a failure that is being retried (crash loop, image pull error) is
--- Degraded, as Argo CD judges a Pod in CrashLoopBackOff or ImagePullBackOff.
+-- where Argo CD has a word kstatus lacks: a VM halted on purpose or finished is Healthy, one
+-- suspended on purpose is Suspended, a lost agent is Unknown, and a failure that is being
+-- retried (crash loop, image pull error) is Degraded, as Argo CD judges a Pod in
+-- CrashLoopBackOff or ImagePullBackOff.
 local hs = { status = "Progressing", message = "Waiting for the ignis controller" }
 
 local function condition(kind)
@@ -25,7 +26,10 @@ local function said(c)
 end
 
 -- Reasons of Ready=False that mean "on its way", not "something failed and is retried".
-local on_the_way = { Pending = true, Starting = true, PullingImage = true, Stopping = true }
+local on_the_way = {
+  Pending = true, Starting = true, PullingImage = true, Stopping = true,
+  Suspending = true, Resuming = true,
+}
 
 if obj.metadata.deletionTimestamp ~= nil then
   hs.message = "Deleting: the VM is being stopped"
@@ -50,6 +54,17 @@ local phase = obj.status.phase
 if phase == "Stopped" then
   hs.status = "Healthy"
   hs.message = "Stopped: runPolicy is Halted"
+  return hs
+end
+if phase == "Suspended" then
+  -- Argo CD's own word for a resource paused on purpose (a suspended CronJob or Rollout).
+  hs.status = "Suspended"
+  local suspended = condition("Suspended")
+  if suspended ~= nil then
+    hs.message = said(suspended)
+  else
+    hs.message = "Suspended: spec.suspend is true"
+  end
   return hs
 end
 if phase == "Succeeded" then

@@ -404,6 +404,19 @@ done
 cat > /www/index.html <<PAGE
 <html><body><h1>ignis demo guest</h1><p>hostname: $(hostname)</p><p>kernel: $(uname -r)</p></body></html>
 PAGE
+# /cgi-bin/state: the guest's uptime and a note kept in tmpfs (`?set=<word>` writes it), so
+# a suspend and resume can be seen to keep the guest's memory.
+mkdir -p /run /www/cgi-bin
+mount -t tmpfs tmpfs /run
+cat > /www/cgi-bin/state <<'CGI'
+#!/bin/sh
+case "$QUERY_STRING" in set=*) echo "${{QUERY_STRING#set=}}" > /run/note ;; esac
+echo "Content-Type: text/plain"
+echo
+echo "uptime $(cut -d' ' -f1 /proc/uptime)"
+echo "note $(cat /run/note 2>/dev/null)"
+CGI
+chmod 755 /www/cgi-bin/state
 httpd -p 80 -h /www
 echo "{marker}"
 finish() {{

@@ -104,6 +104,10 @@ pub struct AgentArgs {
     /// Size cap of each VM's console log before it is rotated.
     #[arg(long, env = "IGNIS_CONSOLE_MAX_BYTES", default_value_t = 1 << 20)]
     pub(crate) console_max_bytes: u64,
+    /// How many suspended VMs this node keeps snapshots of (each weighs about 0.4 MB per MiB
+    /// of guest memory); a suspend beyond it is refused and the VM runs on.
+    #[arg(long, env = "IGNIS_MAX_SNAPSHOTS", default_value_t = DEFAULT_MAX_SNAPSHOTS)]
+    pub(crate) max_snapshots: usize,
     /// Benchmarks only: run VMs on the simulated VMM (no guest; reported as `simulated`).
     #[arg(long, env = "IGNIS_SIMULATED")]
     pub(crate) simulated: bool,
@@ -275,6 +279,9 @@ pub enum NetworkSetup {
     OnFirstUse,
 }
 
+/// The default of `--max-snapshots`.
+pub(crate) const DEFAULT_MAX_SNAPSHOTS: usize = 64;
+
 /// Everything [`serve`] needs; built from [`AgentArgs`] or by `ignis dev` and tests.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -288,6 +295,8 @@ pub struct AgentConfig {
     pub(crate) cloud_hypervisor_binary: PathBuf,
     pub boot_timeout: Duration,
     pub(crate) console_max_bytes: u64,
+    /// How many suspended VMs this node keeps snapshots of.
+    pub max_snapshots: usize,
     /// The host's cgroup filesystem, where VM pods' cgroups are found (`--vmm-cgroup-root`);
     /// `None`: VMs with a pod fail (`ignis dev` has no pods).
     pub pod_cgroup_root: Option<PathBuf>,
@@ -322,6 +331,7 @@ impl AgentConfig {
             cloud_hypervisor_binary: PathBuf::from("cloud-hypervisor"),
             boot_timeout: Duration::from_secs(60),
             console_max_bytes: 1 << 20,
+            max_snapshots: DEFAULT_MAX_SNAPSHOTS,
             pod_cgroup_root: None,
             simulated: false,
             stop_vms_on_exit: false,
@@ -365,6 +375,7 @@ impl AgentConfig {
             cloud_hypervisor_binary: args.cloud_hypervisor_binary.clone(),
             boot_timeout: args.boot_timeout,
             console_max_bytes: args.console_max_bytes,
+            max_snapshots: args.max_snapshots,
             pod_cgroup_root: args.vmm_cgroup_root.clone(),
             simulated: args.simulated,
             stop_vms_on_exit: args.stop_vms_on_exit,
@@ -543,6 +554,7 @@ pub(crate) async fn serve_with_metrics(
             network: config.network.clone(),
             images: Some(config.images.clone()),
             policy: config.vmm_policy.clone(),
+            max_snapshots: config.max_snapshots,
         },
         store,
         backends,

@@ -40,6 +40,8 @@ const SPEC: &str = "spec.json";
 const HANDLE: &str = "handle.json";
 const STATUS: &str = "status.json";
 const IDS: &str = "ids.json";
+/// What the agent knows of a snapshot, in its directory.
+const SNAPSHOT_RECORD: &str = "snapshot.json";
 /// The status record's file name in a VM's directory.
 pub(crate) const STATUS_FILE: &str = STATUS;
 
@@ -165,14 +167,99 @@ impl StateStore {
         Ok(())
     }
 
-    /// Remove the VM's directory; removing what is not there is fine.
+    /// Remove the VM's directory and its snapshot; removing what is not there is fine.
     pub(crate) fn remove_vm(&self, uid: &VmUid) -> Result<(), StateError> {
-        let dir = self.vm_dir(uid);
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(StateError::Io { path: dir, source }),
+        self.remove_snapshot(uid)?;
+        remove_tree(&self.vm_dir(uid))
+    }
+
+    /// Where the node's snapshots live: one directory per suspended VM, beside `vms/`, so
+    /// they are counted (the node's limit) and seen gone (after a delete) in one place.
+    pub(crate) fn snapshots_root(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    /// The VM's snapshot directory.
+    pub(crate) fn snapshot_dir(&self, uid: &VmUid) -> PathBuf {
+        self.snapshots_root().join(uid.as_str())
+    }
+
+    /// Make the VM's snapshot directory anew and empty, mode 0700, owned by `owner` (the
+    /// VMM's ids): no other VM's VMM may enter it.
+    pub(crate) fn create_snapshot_dir(
+        &self,
+        uid: &VmUid,
+        owner: Option<(u32, u32)>,
+    ) -> Result<PathBuf, StateError> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let root = self.snapshots_root();
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StateError::Io { path, source }
+        };
+        std::fs::create_dir_all(&root).map_err(io(&root))?;
+        // Every VMM must pass through the root to reach its own directory, and list none.
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o711))
+            .map_err(io(&root))?;
+        let dir = self.snapshot_dir(uid);
+        remove_tree(&dir)?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io(&dir))?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).map_err(io(&dir))?;
         }
+        Ok(dir)
+    }
+
+    /// Remove the VM's snapshot, if it has one.
+    pub(crate) fn remove_snapshot(&self, uid: &VmUid) -> Result<(), StateError> {
+        remove_tree(&self.snapshot_dir(uid))
+    }
+
+    /// The uids with a snapshot directory on the node.
+    pub(crate) fn snapshots(&self) -> Vec<VmUid> {
+        std::fs::read_dir(self.snapshots_root())
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter_map(|name| VmUid::new(name).ok())
+            .collect()
+    }
+
+    /// The bytes of the VM's snapshot files.
+    pub(crate) fn snapshot_bytes(&self, uid: &VmUid) -> u64 {
+        std::fs::read_dir(self.snapshot_dir(uid))
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter_map(|e| e.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    pub(crate) fn write_snapshot_record(
+        &self,
+        uid: &VmUid,
+        record: &crate::agent::supervisor::SnapshotRecord,
+    ) -> Result<(), StateError> {
+        let path = self.snapshot_dir(uid).join(SNAPSHOT_RECORD);
+        let bytes = serde_json::to_vec_pretty(record).unwrap_or_default();
+        super::atomic_file::write_atomically(&path, &bytes)
+            .map_err(|source| StateError::Io { path, source })
+    }
+
+    /// The record of the VM's snapshot; `None` when there is none or it cannot be read (a
+    /// snapshot without a trustworthy record is not restored).
+    pub(crate) fn read_snapshot_record(
+        &self,
+        uid: &VmUid,
+    ) -> Option<crate::agent::supervisor::SnapshotRecord> {
+        let bytes = std::fs::read(self.snapshot_dir(uid).join(SNAPSHOT_RECORD)).ok()?;
+        serde_json::from_slice(&bytes).ok()
     }
 
     fn write_json<T: Serialize>(
@@ -204,6 +291,18 @@ impl StateStore {
         serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|source| StateError::Corrupt { path, source })
+    }
+}
+
+/// Remove a directory tree; removing what is not there is fine.
+fn remove_tree(dir: &Path) -> Result<(), StateError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(StateError::Io {
+            path: dir.to_path_buf(),
+            source,
+        }),
     }
 }
 

@@ -29,6 +29,7 @@ impl MicroVmBuilder {
     pub fn new(name: &str) -> Self {
         let spec = MicroVMSpec {
             run_policy: RunPolicy::default(),
+            suspend: false,
             hypervisor: Default::default(),
             accelerator: Default::default(),
             resources: Resources {
@@ -99,6 +100,12 @@ impl MicroVmBuilder {
 
     pub fn created_at(mut self, at: Time) -> Self {
         self.vm.metadata.creation_timestamp = Some(at);
+        self
+    }
+
+    /// Ask for the VM suspended (`spec.suspend`).
+    pub fn suspend(mut self, suspend: bool) -> Self {
+        self.vm.spec.suspend = suspend;
         self
     }
 

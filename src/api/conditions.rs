@@ -14,6 +14,9 @@ pub(crate) enum ConditionType {
     Reconciling,
     /// kstatus: the controller cannot make progress without a change from the user.
     Stalled,
+    /// The VM is saved on its node's disk (True), or the last suspend or resume did not go
+    /// as asked (False, with why).
+    Suspended,
 }
 
 impl ConditionType {
@@ -24,6 +27,7 @@ impl ConditionType {
             ConditionType::Ready => "Ready",
             ConditionType::Reconciling => "Reconciling",
             ConditionType::Stalled => "Stalled",
+            ConditionType::Suspended => "Suspended",
         }
     }
 }
@@ -45,6 +49,9 @@ impl Reason {
     pub(crate) const NODE_MISMATCH: &'static str = "NodeNoLongerMatches";
     pub(crate) const RECONCILED: &'static str = "Reconciled";
     pub(crate) const PROGRESSING: &'static str = "Progressing";
+    pub(crate) const SUSPENDING: &'static str = "Suspending";
+    pub(crate) const SUSPENDED: &'static str = "Suspended";
+    pub(crate) const RESUMING: &'static str = "Resuming";
 }
 
 /// Set `type_` to the given status, reason and message.

@@ -57,6 +57,12 @@ pub struct MicroVMSpec {
     /// after a failure, `Once` never restarts it, `Halted` keeps it stopped.
     #[serde(default)]
     pub run_policy: RunPolicy,
+    /// `true` saves the running guest's memory and device state to its node's disk and ends
+    /// its VMM (phase `Suspended`); `false` again restores it from there, its uptime, memory
+    /// and open connections as they were. A VM asked to be suspended before it ever ran boots
+    /// first. `runPolicy: Halted` wins: a halted VM is stopped, not suspended.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
     /// The VMM to boot the guest with; `auto` picks the best one available on the node.
     #[serde(default)]
     pub hypervisor: HypervisorChoice,
@@ -480,6 +486,10 @@ pub enum Phase {
     Running,
     /// A stop is in progress.
     Stopping,
+    /// The guest's memory is being saved to its node's disk.
+    Suspending,
+    /// Saved on its node's disk with no VMM running (`spec.suspend`).
+    Suspended,
     /// Stopped on purpose (runPolicy Halted).
     Stopped,
     /// The guest exited successfully and will not be restarted.
@@ -499,6 +509,8 @@ impl Phase {
             Phase::Starting => "Starting",
             Phase::Running => "Running",
             Phase::Stopping => "Stopping",
+            Phase::Suspending => "Suspending",
+            Phase::Suspended => "Suspended",
             Phase::Stopped => "Stopped",
             Phase::Succeeded => "Succeeded",
             Phase::Failed => "Failed",
@@ -507,12 +519,14 @@ impl Phase {
     }
 
     /// Every phase, for metrics that report a gauge per phase.
-    pub const ALL: [Phase; 9] = [
+    pub const ALL: [Phase; 11] = [
         Phase::Pending,
         Phase::Scheduled,
         Phase::Starting,
         Phase::Running,
         Phase::Stopping,
+        Phase::Suspending,
+        Phase::Suspended,
         Phase::Stopped,
         Phase::Succeeded,
         Phase::Failed,

@@ -21,7 +21,7 @@ pub use crate::api::{Accelerator, Hypervisor, ImageKind, InterfaceMode};
 pub use exit::ExitReason;
 pub use spec::{ApplyRequest, DesiredState, GuestFile, Interface, PodRef, PullSecrets, VmSpec};
 pub use status::{
-    HostInfo, PullFailure, PulledImage, Pulling, RunExit, RunState, SequencedEvent, VmEvent,
-    VmStatus,
+    HostInfo, PullFailure, PulledImage, Pulling, RunExit, RunState, SequencedEvent, SnapshotIssue,
+    VmEvent, VmStatus,
 };
 pub use uid::{InvalidUid, VmUid};

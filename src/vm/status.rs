@@ -148,6 +148,23 @@ pub struct VmStatus {
     /// only: it makes the miss that reaches its bound permanent.
     #[serde(default)]
     pub(crate) boot_timeouts: u32,
+    /// The size of the VM's snapshot on the node while it is suspended.
+    #[serde(default)]
+    pub(crate) snapshot_bytes: u64,
+    /// The last suspend or resume that did not go as asked (kept until the next one that
+    /// does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) snapshot_issue: Option<SnapshotIssue>,
+}
+
+/// A suspend that was refused or failed (the VM runs on), or a snapshot that could not be
+/// restored (the VM booted cold).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotIssue {
+    /// A fixed word: `SnapshotLimitReached`, `SnapshotFailed`, `SnapshotUnrestorable`.
+    pub(crate) reason: String,
+    pub(crate) message: String,
+    pub(crate) at_unix_ms: i64,
 }
 
 impl VmStatus {
@@ -176,6 +193,8 @@ impl VmStatus {
             vcpus: 0,
             memory_bytes: 0,
             boot_timeouts: 0,
+            snapshot_bytes: 0,
+            snapshot_issue: None,
         }
     }
 }

@@ -395,6 +395,15 @@ impl From<&VmStatus> for proto::Vm {
                     retry_at_unix_ms: f.retry_at_unix_ms,
                 }),
             }),
+            snapshot_bytes: status.snapshot_bytes,
+            snapshot_issue: status
+                .snapshot_issue
+                .as_ref()
+                .map(|i| proto::SnapshotIssue {
+                    reason: i.reason.clone(),
+                    message: i.message.clone(),
+                    at_unix_ms: i.at_unix_ms,
+                }),
         }
     }
 }
@@ -429,6 +438,12 @@ pub(crate) fn vm_status(vm: proto::Vm) -> Result<VmStatus, InvalidUid> {
         vcpus: vm.vcpus,
         memory_bytes: vm.memory_bytes,
         boot_timeouts: 0,
+        snapshot_bytes: vm.snapshot_bytes,
+        snapshot_issue: vm.snapshot_issue.map(|i| crate::vm::SnapshotIssue {
+            reason: i.reason,
+            message: i.message,
+            at_unix_ms: i.at_unix_ms,
+        }),
         // An image kind this side does not know is left out.
         images: vm
             .images

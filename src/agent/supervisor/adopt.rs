@@ -60,8 +60,21 @@ impl Inner {
         if let Some(pod) = request.as_ref().and_then(|r| r.pod.as_ref()) {
             self.readopt_pod(&slot, pod);
         }
-        if state.is_ended() {
-            // An ended run has no VMM.
+        if state == RunState::Suspending {
+            // Cut short mid-save: the snapshot may be partial and the guest is paused.
+            if let Ok(Some(handle)) = self.store.read_handle(uid) {
+                force_kill(&handle);
+            }
+            kill_strays(&self.store, uid, None).await;
+            let _ = self.store.remove_snapshot(uid);
+            return self.fail_with(
+                &slot,
+                None,
+                lost("the agent stopped while the VM was being suspended"),
+            );
+        }
+        if state.is_ended() || state == RunState::Suspended {
+            // An ended or suspended run has no VMM.
             kill_strays(&self.store, uid, None).await;
             self.update(&slot, None, |_| {});
             return;

@@ -12,7 +12,7 @@ use super::disks::{GuestFiles, hostname};
 use super::*;
 use crate::agent::image::ResolvedImage;
 use crate::agent::net::{self, AttachedInterface};
-use crate::agent::vmm::{API_TIMEOUT, OpenedFiles, VmConfig, VmmError};
+use crate::agent::vmm::{API_TIMEOUT, OpenedFiles, SNAPSHOT_TIMEOUT, VmConfig, VmmError};
 
 /// How long a create cut short by the boot deadline is watched for a VMM it spawned late.
 const STRAY_SWEEP: Duration = Duration::from_secs(2);
@@ -177,16 +177,51 @@ impl Inner {
             restore: None,
             opened,
         };
-        let backend = entry.backend.clone();
+        let readiness = Readiness::of(spec, plan.hypervisor, &ip_addresses);
+        let vmm = VmmLaunch {
+            entry,
+            hypervisor: plan.hypervisor,
+            readiness,
+            deadline,
+        };
+        let resume = slot.lock().resume.take();
+        if let Some(snapshot) = resume {
+            let resumed = VmConfig {
+                restore: Some(snapshot),
+                ..config.clone()
+            };
+            match self.run_vmm(slot, spec, &vmm, &resumed).await {
+                Err(VmmStep::Unrestorable(why)) => {
+                    // The guest boots cold from its disk, as after a power loss.
+                    self.snapshot_unrestorable(slot, &why);
+                }
+                Ok(()) | Err(VmmStep::Failed) => return,
+            }
+        }
+        let _ = self.run_vmm(slot, spec, &vmm, &config).await;
+    }
+
+    /// Create the VMM, load the snapshot when the config names one, start (or continue) the
+    /// guest, and hand the run to its watchers. Every failure is recorded as the VM's, except
+    /// a snapshot that cannot be restored: the caller boots cold instead.
+    async fn run_vmm(
+        self: &Arc<Self>,
+        slot: &Arc<VmSlot>,
+        spec: &crate::vm::VmSpec,
+        vmm: &VmmLaunch,
+        config: &VmConfig,
+    ) -> Result<(), VmmStep> {
+        let backend = vmm.entry.backend.clone();
         let created =
-            match tokio::time::timeout(self.config.boot_timeout, backend.create(&config)).await {
+            match tokio::time::timeout(self.config.boot_timeout, backend.create(config)).await {
                 Ok(Ok(spawned)) => spawned,
                 Ok(Err(source)) => {
                     let error = BootError::Vmm(VmmCall {
                         operation: "create",
                         source,
                     });
-                    return self.fail_boot(slot, None, &error).await;
+                    self.fail_boot(slot, None, &error).await;
+                    return Err(VmmStep::Failed);
                 }
                 Err(_) => {
                     // The create cut short may have spawned its VMM already: kill it, or a
@@ -201,7 +236,8 @@ impl Inner {
                         operation: "create",
                         source,
                     });
-                    return self.fail_boot(slot, None, &error).await;
+                    self.fail_boot(slot, None, &error).await;
+                    return Err(VmmStep::Failed);
                 }
             };
         self.metrics.boots.inc();
@@ -218,30 +254,21 @@ impl Inner {
         });
         Self::spawn_child_watcher(self, slot, generation, created.child, exited_tx);
         self.spawn_pod_console(slot, &run);
-        let started = match tokio::time::timeout(
-            API_TIMEOUT + Duration::from_secs(1),
-            backend.start(&handle),
-        )
-        .await
+        if let Some(snapshot) = &config.restore
+            && let Err(source) = restore(&backend, &handle, snapshot).await
         {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(source)) => Err(BootError::Vmm(VmmCall {
-                operation: "start",
-                source,
-            })),
-            Err(_) => Err(BootError::Vmm(VmmCall {
-                operation: "start",
-                source: VmmError::ApiTimeout {
-                    operation: "start".into(),
-                    timeout: API_TIMEOUT,
-                },
-            })),
-        };
-        if let Err(error) = started {
             if !run.stopping.swap(true, Ordering::SeqCst) {
                 Self::kill_and_wait(&run).await;
             }
-            return self.fail_boot(slot, Some(generation), &error).await;
+            Self::forget_run(slot, generation);
+            return Err(VmmStep::Unrestorable(source.to_string()));
+        }
+        if let Err(error) = start(&backend, &handle).await {
+            if !run.stopping.swap(true, Ordering::SeqCst) {
+                Self::kill_and_wait(&run).await;
+            }
+            self.fail_boot(slot, Some(generation), &error).await;
+            return Err(VmmStep::Failed);
         }
         let started_at = crate::time::now_unix_ms();
         self.update(slot, Some(generation), |rt| {
@@ -250,8 +277,90 @@ impl Inner {
             }
             rt.status.started_at_unix_ms = started_at;
         });
-        tracing::info!(uid = %spec.uid, name = %spec.name, pid, hypervisor = %plan.hypervisor, accelerator = %plan.accelerator, "VMM started");
-        let readiness = Readiness::of(spec, plan.hypervisor, &ip_addresses);
-        Self::spawn_readiness(self, slot, &run, readiness, config.console_log, deadline);
+        let resumed = config.restore.is_some();
+        tracing::info!(uid = %spec.uid, name = %spec.name, pid, hypervisor = %vmm.hypervisor, resumed, "VMM started");
+        let readiness = match &vmm.readiness {
+            // A restored guest has long printed its marker: it was ready when it was saved.
+            Readiness::Marker(_) if resumed => Readiness::Immediate,
+            other => other.clone(),
+        };
+        if resumed {
+            self.snapshot_restored(slot);
+        }
+        Self::spawn_readiness(
+            self,
+            slot,
+            &run,
+            readiness,
+            config.console_log.clone(),
+            vmm.deadline,
+        );
+        Ok(())
+    }
+
+    /// Drop a run whose VMM is gone before it started, so nothing else tears it down again.
+    fn forget_run(slot: &VmSlot, generation: u64) {
+        let mut rt = slot.lock();
+        if rt.run.as_ref().map(|r| r.generation) == Some(generation) {
+            rt.run = None;
+        }
+        rt.status.pid = 0;
+    }
+}
+
+/// What starting a VMM needs beyond its config.
+struct VmmLaunch {
+    entry: BackendEntry,
+    hypervisor: Hypervisor,
+    readiness: Readiness,
+    deadline: Instant,
+}
+
+/// Why [`Inner::run_vmm`] did not hand over a started guest.
+enum VmmStep {
+    /// Recorded as the VM's failure.
+    Failed,
+    /// The snapshot could not be loaded (nothing recorded yet): boot cold.
+    Unrestorable(String),
+}
+
+/// Load the snapshot, within its deadline.
+async fn restore(
+    backend: &Arc<dyn crate::agent::vmm::VmmBackend>,
+    handle: &crate::agent::vmm::VmmHandle,
+    snapshot: &crate::agent::vmm::SnapshotFiles,
+) -> Result<(), VmmError> {
+    match tokio::time::timeout(
+        SNAPSHOT_TIMEOUT + Duration::from_secs(1),
+        backend.restore(handle, snapshot),
+    )
+    .await
+    {
+        Ok(result) => result,
+        Err(_) => Err(VmmError::ApiTimeout {
+            operation: "restore".into(),
+            timeout: SNAPSHOT_TIMEOUT,
+        }),
+    }
+}
+
+/// Start the guest (or continue a restored one), within the API deadline.
+async fn start(
+    backend: &Arc<dyn crate::agent::vmm::VmmBackend>,
+    handle: &crate::agent::vmm::VmmHandle,
+) -> Result<(), BootError> {
+    match tokio::time::timeout(API_TIMEOUT + Duration::from_secs(1), backend.start(handle)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(source)) => Err(BootError::Vmm(VmmCall {
+            operation: "start",
+            source,
+        })),
+        Err(_) => Err(BootError::Vmm(VmmCall {
+            operation: "start",
+            source: VmmError::ApiTimeout {
+                operation: "start".into(),
+                timeout: API_TIMEOUT,
+            },
+        })),
     }
 }

@@ -26,6 +26,8 @@ pub(crate) struct AgentMetrics {
     /// Tasks watching a VMM for its end, by how (`wait`: our child, reaped, holding a pidfd;
     /// `proc`: re-adopted, polled in `/proc`). More than the VMs holding a run is a leak.
     pub(super) vmm_watchers: Family<Vec<(String, String)>, Gauge>,
+    /// Suspends and resumes, by outcome.
+    pub(super) snapshots: Family<Vec<(String, String)>, Counter>,
 }
 
 impl AgentMetrics {
@@ -37,6 +39,7 @@ impl AgentMetrics {
             boot_failures: Family::default(),
             apply_to_ready: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
             vmm_watchers: Family::default(),
+            snapshots: Family::default(),
         };
         let m = metrics.clone();
         registry
@@ -58,6 +61,11 @@ impl AgentMetrics {
                     "Live tasks watching a VMM for its end, by how (wait: a child reaped through its pidfd; proc: a re-adopted VMM polled in /proc)",
                     m.vmm_watchers,
                 );
+                r.register(
+                    "agent_snapshots",
+                    "Suspends and resumes, by outcome (saved, refused, failed, restored, unrestorable)",
+                    m.snapshots,
+                );
                 r.register_collector(Box::new(crate::agent::open_fds::OpenFdsCollector));
             })
             .await;
@@ -67,6 +75,12 @@ impl AgentMetrics {
     pub(super) fn boot_failed(&self, reason: &str) {
         self.boot_failures
             .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
+            .inc();
+    }
+
+    pub(super) fn snapshot(&self, outcome: &str) {
+        self.snapshots
+            .get_or_create(&vec![("outcome".to_owned(), outcome.to_owned())])
             .inc();
     }
 

@@ -23,6 +23,7 @@ mod pod;
 mod readiness;
 mod slots;
 mod stop;
+mod suspend;
 #[cfg(test)]
 mod tests;
 
@@ -61,6 +62,7 @@ pub(crate) use plan::{check_files, check_pod_interfaces, guest_cmdline, plan_boo
 use readiness::Readiness;
 use slots::{RunHandle, VmSlot};
 use stop::force_kill;
+pub(crate) use suspend::SnapshotRecord;
 
 /// How much console output goes into exit messages and exit classification.
 const CONSOLE_TAIL: u64 = 4096;
@@ -104,6 +106,8 @@ pub(crate) struct SupervisorConfig {
     pub(crate) images: Option<ImageStoreConfig>,
     /// VMM ids, allowed host paths, TCG.
     pub(crate) policy: crate::agent::confine::VmmPolicy,
+    /// How many suspended VMs the node keeps snapshots of; a suspend beyond it is refused.
+    pub(crate) max_snapshots: usize,
 }
 
 struct Inner {
@@ -158,6 +162,13 @@ impl Supervisor {
         let uids = self.inner.store.list().map_err(SupervisorError::State)?;
         for uid in &uids {
             Inner::adopt_one(&self.inner, uid).await;
+        }
+        // A snapshot whose VM is gone (a crash between a delete's two removals) is nobody's.
+        for uid in self.inner.store.snapshots() {
+            if !uids.contains(&uid) {
+                tracing::warn!(%uid, "removing the snapshot of a VM this agent does not hold");
+                let _ = self.inner.store.remove_snapshot(&uid);
+            }
         }
         Ok(self.inner.slots().len())
     }
@@ -263,8 +274,12 @@ impl Supervisor {
                 booted: rt.status.started_at_unix_ms != 0 || rt.status.pid != 0,
             })
         };
-        let want_running = request.desired == crate::vm::DesiredState::Running;
-        let action = decide_apply(held.as_ref(), &request.spec_hash, request.run, want_running);
+        let action = decide_apply(
+            held.as_ref(),
+            &request.spec_hash,
+            request.run,
+            request.desired,
+        );
         tracing::info!(%uid, name = %request.spec.name, namespace = %request.spec.namespace, run = request.run, ?action, "ApplyVM");
         match action {
             ApplyAction::Nothing => inner.refresh_pull_secrets(&slot, &request.pull_secrets),
@@ -285,6 +300,7 @@ impl Supervisor {
             ApplyAction::Stop => {
                 let was_pulling = inner.cancel_pull(&slot);
                 Inner::stop_run(inner, &slot, request.spec.grace_period()).await;
+                inner.drop_snapshot(&slot);
                 let run = request.run.max(held.map(|h| h.run).unwrap_or(0));
                 inner.update(&slot, None, |rt| {
                     if let Some(held) = rt.request.as_mut() {
@@ -294,6 +310,7 @@ impl Supervisor {
                     rt.status.run = run;
                     rt.status.state = RunState::Stopped;
                     rt.status.ready = false;
+                    rt.status.snapshot_bytes = 0;
                     if was_pulling {
                         rt.status.pulling = None;
                     }
@@ -307,6 +324,8 @@ impl Supervisor {
                 inner.clear_previous(&slot, &request.spec_hash).await;
                 Inner::boot(inner, &slot, request, applied_at, refused).await;
             }
+            ApplyAction::Suspend => Inner::suspend(inner, &slot, request.run).await,
+            ApplyAction::Resume => Inner::resume(inner, &slot, request, applied_at).await,
         }
         slot.lock().status.clone()
     }

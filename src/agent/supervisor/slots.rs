@@ -38,6 +38,8 @@ pub(super) struct VmRuntime {
     pub(super) pull: Option<PullHandle>,
     /// The launcher's emptyDir of the VM's pod, once found: told when the VM has stopped.
     pub(super) pod_console: Option<std::path::PathBuf>,
+    /// The snapshot the next launch loads instead of booting (set by a resume).
+    pub(super) resume: Option<crate::agent::vmm::SnapshotFiles>,
 }
 
 /// The VMM process of the current run.
@@ -64,6 +66,7 @@ impl VmRuntime {
             deleted: false,
             pull: None,
             pod_console: None,
+            resume: None,
         }
     }
 
@@ -198,6 +201,10 @@ impl Inner {
             )
         };
         Self::stop_run(self, slot, grace).await;
+        // A new boot makes any snapshot of the VM stale.
+        if let Err(error) = self.store.remove_snapshot(&slot.uid) {
+            tracing::warn!(uid = %slot.uid, error = %error, "cannot remove the VM's snapshot");
+        }
         let cleared = if same_spec {
             self.store.remove_all_except(&slot.uid, &VM_LIFETIME_FILES)
         } else {
@@ -213,7 +220,7 @@ impl Inner {
     /// images the same spec resolved (every run boots the same digests), and so does the count
     /// of missed boot deadlines when the previous run missed its own.
     pub(super) fn fresh_status(slot: &VmSlot, request: &ApplyRequest, applied_at: i64) -> VmStatus {
-        let (created_at, images, boot_timeouts) = {
+        let (created_at, images, boot_timeouts, snapshot_issue) = {
             let rt = slot.lock();
             let created_at = if rt.status.created_at_unix_ms != 0 {
                 rt.status.created_at_unix_ms
@@ -234,6 +241,7 @@ impl Inner {
                 created_at,
                 images,
                 if missed { rt.status.boot_timeouts } else { 0 },
+                rt.status.snapshot_issue.clone(),
             )
         };
         let spec = &request.spec;
@@ -249,6 +257,7 @@ impl Inner {
             vcpus: spec.vcpus,
             memory_bytes: spec.memory_bytes,
             boot_timeouts,
+            snapshot_issue,
             ..VmStatus::new(spec.uid.clone(), spec.namespace.clone(), spec.name.clone())
         }
     }

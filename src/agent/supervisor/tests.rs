@@ -151,6 +151,7 @@ fn test_config(dir: &Path, boot_timeout: Duration) -> SupervisorConfig {
             allowed_path_dirs: vec![dir.to_path_buf()],
             allow_tcg: true,
         },
+        max_snapshots: 4,
     }
 }
 

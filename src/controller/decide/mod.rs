@@ -605,6 +605,9 @@ impl<'a> Planner<'a> {
             self.starting(node);
             return;
         }
+        if self.suspension(node, vm) {
+            return;
+        }
 
         match state {
             RunState::Creating if vm.pulling.is_some() => {
@@ -644,7 +647,8 @@ impl<'a> Planner<'a> {
                 self.starting(node);
             }
             RunState::Exited | RunState::Failed => self.ended(node, vm, run),
-            RunState::Suspending | RunState::Suspended => self.starting(node),
+            // Decided by `suspension` above.
+            RunState::Suspending | RunState::Suspended => {}
         }
     }
 
@@ -760,6 +764,7 @@ pub(crate) fn restart_delay(vm: &VmStatus, restarts: u32, now: Timestamp) -> Dur
 
 mod observed;
 mod pod;
+mod suspend;
 
 pub(crate) use observed::{AgentLink, Observed, PodMode, SpecProblem};
 
