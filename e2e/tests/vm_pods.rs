@@ -9,6 +9,8 @@
 //! - a Service selecting VMs by label, reached from a pod on the other node;
 //! - `kubectl port-forward` to the VM pod reaches the guest's HTTP port, `kubectl logs` shows
 //!   the guest's console;
+//! - `spec.suspend` saves the VM on B and restores it, its pod kept: the guest's uptime and a
+//!   tmpfs note survive, the Service reaches it again, no snapshot is left on any node;
 //! - `kubectl drain` honours a PodDisruptionBudget (refused, then a server-side dry run, then
 //!   for real), evicts the VM pod, and the MicroVM says why its VM stopped;
 //! - a VM pod deleted by hand: `Always` gets a new pod and is Ready again, `Once` stays down;
@@ -30,6 +32,9 @@ use ignis::testing::MicroVmBuilder;
 use ignis_e2e::upstream::{Upstream, live_after, pid_live, pids_matching};
 use ignis_e2e::{Cluster, http_get_via, wait_until};
 use serde_json::{Value, json};
+
+#[path = "vm_pods/suspend.rs"]
+mod suspend;
 
 const NS: &str = "e2e-vm-pods";
 /// The guest's memory; its pod asks for this plus the VMM's overhead.
@@ -60,7 +65,7 @@ fn vm_pods_on_two_nodes() {
     };
     let _ns = ctx.cluster.namespace(NS);
     let started = Instant::now();
-    let phases: [(&str, Phase); 7] = [
+    let phases: [(&str, Phase); 8] = [
         ("a VM on each node, in its pod", a_vm_on_each_node),
         (
             "a Service from the other node",
@@ -69,6 +74,10 @@ fn vm_pods_on_two_nodes() {
         (
             "port-forward and logs",
             port_forward_and_logs_reach_the_guest,
+        ),
+        (
+            "suspend and resume",
+            suspend::suspend_and_resume_keep_the_guest,
         ),
         (
             "a VM pod deleted by hand",
@@ -753,4 +762,5 @@ fn nothing_of_the_deleted_vms_is_left(ctx: &Ctx) {
     wait_until(Duration::from_secs(60), "no pod of mvm/again", || {
         ctx.pod_uid("again").is_empty()
     });
+    suspend::no_snapshot_is_left(ctx);
 }
