@@ -14,6 +14,7 @@ pub(crate) mod soak;
 pub(crate) mod soak_sample;
 pub(crate) mod stack;
 pub(crate) mod stats;
+pub(crate) mod suspend;
 pub(crate) mod writes;
 
 use std::path::{Path, PathBuf};
@@ -54,6 +55,8 @@ pub(crate) enum BenchCommand {
     Confinement(confinement::ConfinementArgs),
     /// apply → Ready on a cluster with VM pods, step by step, beside the bare VMM boot.
     Cluster(cluster::ClusterArgs),
+    /// Cold boot, suspend and resume of the same MicroVM, and its snapshot's size.
+    Suspend(suspend::SuspendArgs),
     /// Every bench with its defaults (not `cluster`, which needs a cluster).
     All,
 }
@@ -198,6 +201,7 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> Result<(), Ben
     let work = async {
         match args.command {
             BenchCommand::Boot(a) => boot::run(&a, &machine, &dir).await,
+            BenchCommand::Suspend(a) => suspend::run(&a, &machine, &dir).await,
             BenchCommand::ControlPlane(a) => control_plane::run(&a, &machine, &dir).await,
             BenchCommand::Footprint(a) => footprint::run(&a, &machine, &dir).await,
             BenchCommand::Churn(a) => churn::run(&a, &machine, &dir).await,
@@ -213,6 +217,7 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> Result<(), Ben
                     control_plane::run(&control_plane::ControlPlaneArgs::default(), &machine, &dir)
                         .await,
                     churn::run(&churn::ChurnArgs::default(), &machine, &dir).await,
+                    suspend::run(&suspend::SuspendArgs::default(), &machine, &dir).await,
                 ];
                 let mut first = Ok(());
                 for outcome in outcomes {

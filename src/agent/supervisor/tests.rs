@@ -383,6 +383,7 @@ async fn deleting_a_guest_that_never_got_ready_does_not_wait_its_grace_period() 
 
 mod damaged_state;
 mod http_vmms;
+mod suspend;
 
 /// A unit-test double: the simulated VMM, created only after `delay`, the way a VM pod's boot
 /// waits for its sandbox (seconds on a busy node).
