@@ -25,6 +25,7 @@
 //! - a disk without `image_type` gets a warning (the type is auto-detected, which is
 //!   deprecated, and writes to sector 0 are disabled), so every disk names its type.
 
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -70,8 +71,13 @@ impl HttpApi for CloudHypervisor {
         ]
     }
 
-    /// `vmm.ping` then `vm.create`.
+    /// `vmm.ping` then `vm.create`; only `vmm.ping` for a VMM that is to load a snapshot
+    /// (`vm.restore` answers 404 once a VM is created: the snapshot's `config.json` brings the
+    /// VM, whose disks, taps and serial file must be where they were when it was taken).
     fn plan_create(config: &VmConfig) -> Result<Vec<ApiRequest>, VmmError> {
+        if config.restore.is_some() {
+            return Ok(vec![ApiRequest::get(endpoint("vmm.ping"))]);
+        }
         Ok(vec![
             ApiRequest::get(endpoint("vmm.ping")),
             ApiRequest::put(endpoint("vm.create"), Some(vm_config(config)?)),
@@ -90,13 +96,39 @@ impl HttpApi for CloudHypervisor {
             name: CONSOLE_IN_JAIL.to_owned(),
             writable: true,
         });
-        seen.console_log = std::path::Path::new("/").join(CONSOLE_IN_JAIL);
+        seen.console_log = Path::new("/").join(CONSOLE_IN_JAIL);
         Ok(Some((jail, seen)))
     }
 
     /// Boot the created VM.
     fn plan_start() -> ApiRequest {
         ApiRequest::put(endpoint("vm.boot"), None)
+    }
+
+    fn plan_pause() -> ApiRequest {
+        ApiRequest::put(endpoint("vm.pause"), None)
+    }
+
+    fn plan_resume() -> ApiRequest {
+        ApiRequest::put(endpoint("vm.resume"), None)
+    }
+
+    /// Save the paused VM into a directory: Cloud Hypervisor writes its own files there
+    /// (`config.json`, `state.json`, `memory-ranges`).
+    fn plan_snapshot(dir: &Path) -> ApiRequest {
+        ApiRequest::put(
+            endpoint("vm.snapshot"),
+            Some(json!({ "destination_url": file_url(dir) })),
+        )
+    }
+
+    /// Restore the VM from that directory; it stays paused (`resume` left at its default,
+    /// false) until `vm.resume`.
+    fn plan_restore(dir: &Path) -> ApiRequest {
+        ApiRequest::put(
+            endpoint("vm.restore"),
+            Some(json!({ "source_url": file_url(dir) })),
+        )
     }
 
     /// Ask the guest to shut down through the ACPI power button.
@@ -125,6 +157,11 @@ impl HttpApi for CloudHypervisor {
 
 fn endpoint(name: &str) -> String {
     format!("{API_PREFIX}/{name}")
+}
+
+/// A `file://` URL of an absolute path, as Cloud Hypervisor's snapshot calls take it.
+fn file_url(dir: &Path) -> String {
+    format!("file://{}", dir.display())
 }
 
 /// The `VmConfig` body of `vm.create`.
