@@ -448,18 +448,9 @@ async fn cloud_hypervisor_error_bodies_become_api_faults() {
         let socket = dir.path().join("api.sock");
         let backend = CloudHypervisorBackend::new("sh").expect("backend");
         // `start` asks the VM's state first: a created VM the first time, none after.
-        let created = ch::CloudHypervisor::plan_create(&base_config(dir.path())).expect("plan")[1]
-            .body
-            .clone();
-        let asked = std::sync::atomic::AtomicBool::new(false);
+        let created = once_created_vm_info(dir.path());
         let fake = spec_checked(Flavor::CloudHypervisor, dir.path()).answering(
             move |_, path, _| match path {
-                "/api/v1/vm.info" if !asked.swap(true, std::sync::atomic::Ordering::SeqCst) => {
-                    Some(Reply::Json(
-                        200,
-                        json!({ "config": created, "state": "Created" }),
-                    ))
-                }
                 "/api/v1/vm.boot" => Some(Reply::Text(404, "VmNotCreated".to_owned())),
                 "/api/v1/vm.power-button" => Some(Reply::Json(
                     405,
@@ -469,7 +460,7 @@ async fn cloud_hypervisor_error_bodies_become_api_faults() {
                         "VM is not booted"
                     ]),
                 )),
-                "/api/v1/vm.info" => Some(Reply::Empty(404)),
+                "/api/v1/vm.info" => created().or(Some(Reply::Empty(404))),
                 _ => None,
             },
         );
