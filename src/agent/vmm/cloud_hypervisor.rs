@@ -18,6 +18,12 @@
 //! owned by its uid): `vm.create` takes tap descriptors only as `SCM_RIGHTS` on the API
 //! socket, which the agent's HTTP client does not send.
 //!
+//! Suspend and resume (issue #20, `docs/snapshots-fc-ch.md`): `vm.pause`, then `vm.snapshot`
+//! into a `file://` directory; resume is a fresh Cloud Hypervisor without `vm.create`,
+//! `vm.restore` from that directory (the VM stays paused), and `start` sends `vm.resume`
+//! because the VM reports `Paused`. Where the files are, in and out of the jail:
+//! `vmm/http/snapshot.rs`.
+//!
 //! What v54 was seen doing (issue #13), and how the agent copes:
 //! - after a vCPU error it logs `VCPU generated error` and exits with status 0, so its end is
 //!   classified from its log too ([`super::exit::CLOUD_HYPERVISOR`]), not from the code alone;
@@ -394,6 +400,32 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_vmm_that_restores_creates_no_vm_and_urls_name_the_directory() {
+        let mut c = config();
+        c.restore = Some(crate::agent::vmm::SnapshotFiles {
+            dir: "/snap".into(),
+            owner: None,
+        });
+        let plan = CloudHypervisor::plan_create(&c).expect("plan");
+        assert_eq!(plan, [ApiRequest::get("/api/v1/vmm.ping")]);
+        assert_eq!(
+            CloudHypervisor::plan_restore(Path::new("/snap")),
+            ApiRequest::put(
+                "/api/v1/vm.restore",
+                Some(json!({"source_url": "file:///snap"}))
+            )
+        );
+        assert_eq!(
+            CloudHypervisor::plan_snapshot(Path::new("/snapshot")).body,
+            Some(json!({"destination_url": "file:///snapshot"}))
+        );
+        assert_eq!(
+            CloudHypervisor::plan_resume().operation(),
+            "PUT /api/v1/vm.resume"
+        );
     }
 
     #[test]

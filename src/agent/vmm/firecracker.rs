@@ -20,6 +20,12 @@
 //! log, its API socket and `/dev/kvm` and `/dev/net/tun`, in new mount and pid namespaces, as
 //! the VM's uid and gid, with its own seccomp filters on. Every path it is given (command line
 //! and API) is the one inside the jail.
+//!
+//! Suspend and resume (issue #20, `docs/snapshots-fc-ch.md`): `PATCH /vm Paused`, then a full
+//! `PUT /snapshot/create` writing [`STATE_FILE`] and [`MEMORY_FILE`]; resume is a fresh
+//! Firecracker configured with nothing, `PUT /snapshot/load` (`resume_vm: false`), and `start`
+//! sends `PATCH /vm Resumed` because the microVM reports `Paused`. Where the files are, in and
+//! out of the jail: `vmm/http/snapshot.rs`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -614,6 +620,32 @@ mod tests {
                 .any(|w| w == ["--link", "/s/api.sock=api.sock"])
         );
         assert!(!line.contains(&"--no-seccomp"));
+    }
+
+    #[test]
+    fn a_vmm_that_loads_a_snapshot_is_configured_with_nothing_and_resumed_not_started() {
+        let mut c = config();
+        c.restore = Some(crate::agent::vmm::SnapshotFiles {
+            dir: "/snap".into(),
+            owner: None,
+        });
+        assert_eq!(Firecracker::plan_create(&c).expect("plan"), []);
+        let load = Firecracker::plan_restore(Path::new("/snap"));
+        assert_eq!(load.operation(), "PUT /snapshot/load");
+        let body = load.body.expect("body");
+        assert_eq!(body["resume_vm"], json!(false), "paused until start");
+        assert_eq!(body["mem_backend"]["backend_path"], json!("/snap/memory"));
+        assert!(
+            body.get("mem_file_path").is_none(),
+            "deprecated by the spec"
+        );
+        assert_eq!(Firecracker::plan_resume().operation(), "PATCH /vm");
+        assert_eq!(
+            Firecracker::plan_snapshot(Path::new("/snapshot"))
+                .body
+                .expect("body")["snapshot_path"],
+            json!("/snapshot/vmstate")
+        );
     }
 
     #[test]

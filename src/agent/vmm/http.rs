@@ -510,7 +510,7 @@ impl<A: HttpApi> super::VmmBackend for HttpBackend<A> {
     }
 
     /// Pause (unless paused already), then save into a staging directory and move the files
-    /// into `snapshot` ([`snapshot::Staging`]). The VMM stays, paused.
+    /// into `snapshot` (`http/snapshot.rs`). The VMM stays, paused.
     async fn snapshot(&self, handle: &VmmHandle, files: &SnapshotFiles) -> Result<(), VmmError> {
         match self.state(handle).await? {
             VmmState::Running => send_action(handle, &A::plan_pause(), self.api_timeout).await?,

@@ -17,7 +17,7 @@
 //!   unjailed, it is told the snapshot directory.
 //!
 //! Whether a VMM is jailed is read from its handle: a jailed VMM's API socket is the agent's
-//! link into the jail ([`super::super::jailer::Jail::links`]).
+//! link into the jail (`Jail::links`).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
