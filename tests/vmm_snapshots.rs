@@ -530,3 +530,132 @@ async fn a_snapshot_the_vmm_refuses_leaves_nothing_behind() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The jail, for real.
+
+fn poll<T>(mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The jail a confined Firecracker gets to resume, built by `ignis jailer --chroot` from the
+/// backend's own plan, with a stand-in VMM (Firecracker cannot run here: no usable KVM;
+/// busybox is static like its release binary). The snapshot's files are readable at the jail's
+/// root and not writable; what the VMM writes under `/snapshot` — the staging directory the
+/// agent makes under the jail's root before a save — lands on the node where the agent
+/// collects it, owned by the VM's uid.
+#[test]
+fn a_jailed_vmm_reads_its_snapshot_read_only_and_saves_where_the_agent_collects() {
+    const TEST: &str = "jailed snapshot";
+    if !nix::unistd::Uid::effective().is_root() {
+        ignis::testing::prerequisite::missing(TEST, "root, to build a jail");
+        return;
+    }
+    let Ok(busybox) = ignis::agent::vmm::process::resolve_binary(Path::new("busybox")) else {
+        ignis::testing::prerequisite::missing(TEST, "a static busybox as the stand-in VMM");
+        return;
+    };
+    let (uid, gid) = (150_127, 150_127);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let state = tmp.path().join("vm");
+    std::fs::create_dir_all(&state).expect("state dir");
+    let kernel = tmp.path().join("vmlinux");
+    std::fs::write(&kernel, "kernel").expect("kernel");
+    let snapshot = snapshot_dir(tmp.path());
+    std::fs::write(snapshot.dir.join("vmstate"), "saved state").expect("state");
+    std::fs::write(snapshot.dir.join("memory"), "saved memory").expect("memory");
+    for file in ["vmstate", "memory"] {
+        std::os::unix::fs::chown(snapshot.dir.join(file), Some(uid), Some(gid)).expect("chown");
+        std::fs::set_permissions(
+            snapshot.dir.join(file),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .expect("chmod");
+    }
+    let mut config = base_config(&state);
+    config.kernel = kernel;
+    config.confinement = Some(Confinement {
+        uid,
+        gid,
+        netns: None,
+        cgroups: Vec::new(),
+    });
+    let (jail, seen) = fc::jail(&restoring(&config, &snapshot)).expect("jail");
+    let load = fc::Firecracker::plan_restore(Path::new("/"))
+        .body
+        .expect("body");
+    assert_eq!(load["snapshot_path"], json!("/vmstate"));
+
+    let script = "/busybox cat /vmstate /memory > /vmm.log; \
+                  if (echo x > /vmstate) 2>&-; then echo state-writable >> /vmm.log; fi; \
+                  while [ ! -d /snapshot ]; do /busybox sleep 0.05; done; \
+                  echo new-memory > /snapshot/memory; \
+                  exec /busybox sleep 30";
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ignis"));
+    command.args([
+        "jailer",
+        "--uid",
+        &uid.to_string(),
+        "--gid",
+        &gid.to_string(),
+    ]);
+    command.arg("--chroot").arg(&jail.root);
+    for file in &jail.files {
+        let flag = if file.writable { "--bind-rw" } else { "--bind" };
+        command
+            .arg(flag)
+            .arg(format!("{}={}", file.host.display(), file.name));
+    }
+    for (host, name) in &jail.links {
+        command
+            .arg("--link")
+            .arg(format!("{}={name}", host.display()));
+    }
+    let mut stage_one = command
+        .arg("--")
+        .arg(&busybox)
+        .args(["sh", "-c", script])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("run ignis jailer");
+    let log = state.join("vmm.log");
+    let read = poll(|| {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.contains("saved memory").then_some(text)
+    });
+
+    // What `Staging::prepare` does before a save: a fresh `snapshot/` under the jail's root,
+    // the VM's own. The stand-in then writes its memory file there.
+    let staging = jail.root.join("snapshot");
+    std::fs::create_dir(&staging).expect("staging");
+    std::os::unix::fs::chown(&staging, Some(uid), Some(gid)).expect("chown staging");
+    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let written = poll(|| {
+        let text = std::fs::read_to_string(staging.join("memory")).ok()?;
+        (!text.is_empty()).then_some(text)
+    });
+    let owner = std::fs::metadata(staging.join("memory")).map(|m| m.uid());
+
+    let _ = stage_one.kill();
+    stage_one.wait().expect("reap stage one");
+
+    let read = read.expect("the stand-in read its snapshot in the jail");
+    assert!(read.starts_with("saved statesaved memory"), "{read}");
+    assert!(!read.contains("state-writable"), "{read}");
+    assert_eq!(
+        std::fs::read_to_string(snapshot.dir.join("vmstate")).expect("state"),
+        "saved state"
+    );
+    assert_eq!(written.as_deref(), Some("new-memory\n"));
+    assert_eq!(owner.expect("memory file"), uid);
+    assert_eq!(seen.api_socket, Path::new("/api.sock"));
+}
