@@ -526,7 +526,7 @@ impl<A: HttpApi> super::VmmBackend for HttpBackend<A> {
             VmmState::Paused | VmmState::Created => {}
         }
         let staging = snapshot::Staging::of(handle, files);
-        staging.prepare(files)?;
+        staging.prepare()?;
         let saved = call(
             &handle.api_socket,
             &A::plan_snapshot(&staging.seen),

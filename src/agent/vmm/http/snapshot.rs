@@ -45,28 +45,36 @@ pub(crate) fn jail_root(handle: &VmmHandle) -> Option<PathBuf> {
 pub(crate) struct Staging {
     pub(crate) host: PathBuf,
     pub(crate) seen: PathBuf,
+    /// Who must be able to write it: the snapshot's owner, else a jailed VMM's own ids (those
+    /// of its jail's root), else nobody but the agent (an unconfined VMM runs as the agent).
+    pub(crate) writer: Option<(u32, u32)>,
 }
 
 impl Staging {
     /// The staging directory for `handle`'s VMM (see the module docs).
     pub(crate) fn of(handle: &VmmHandle, snapshot: &SnapshotFiles) -> Staging {
+        use std::os::unix::fs::MetadataExt;
         match jail_root(handle) {
             Some(root) => Staging {
                 host: root.join(JAILED_STAGING),
                 seen: Path::new("/").join(JAILED_STAGING),
+                writer: snapshot
+                    .owner
+                    .or_else(|| std::fs::metadata(&root).ok().map(|m| (m.uid(), m.gid()))),
             },
             None => {
                 let dir = snapshot.dir.join(UNJAILED_STAGING);
                 Staging {
                     host: dir.clone(),
                     seen: dir,
+                    writer: snapshot.owner,
                 }
             }
         }
     }
 
     /// Make the staging directory afresh, writable only by the VMM's ids.
-    pub(crate) fn prepare(&self, snapshot: &SnapshotFiles) -> Result<(), VmmError> {
+    pub(crate) fn prepare(&self) -> Result<(), VmmError> {
         let io = io_error("prepare", &self.host);
         match std::fs::remove_dir_all(&self.host) {
             Ok(()) => {}
@@ -76,7 +84,7 @@ impl Staging {
         std::fs::create_dir(&self.host).map_err(&io)?;
         std::fs::set_permissions(&self.host, std::fs::Permissions::from_mode(0o700))
             .map_err(&io)?;
-        if let Some((uid, gid)) = snapshot.owner {
+        if let Some((uid, gid)) = self.writer {
             std::os::unix::fs::chown(&self.host, Some(uid), Some(gid)).map_err(&io)?;
         }
         Ok(())
@@ -164,7 +172,9 @@ fn move_file(from: &Path, to: &Path) -> Result<(), VmmError> {
         Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {
             // Beside the target first, then renamed over it: never a half-written snapshot
             // file under the final name.
-            let partial = to.with_extension("partial");
+            let mut partial = to.as_os_str().to_os_string();
+            partial.push(".partial");
+            let partial = PathBuf::from(partial);
             std::fs::copy(from, &partial).map_err(io_error("copy", from))?;
             std::fs::rename(&partial, to).map_err(io_error("rename", &partial))?;
             std::fs::remove_file(from).map_err(io_error("remove", from))
@@ -207,13 +217,22 @@ mod tests {
         };
         let h = handle(link);
         assert_eq!(jail_root(&h), Some(root.clone()));
+        use std::os::unix::fs::MetadataExt;
+        let root_meta = std::fs::metadata(&root).expect("root");
         assert_eq!(
             Staging::of(&h, &snapshot),
             Staging {
                 host: root.join("snapshot"),
-                seen: "/snapshot".into()
+                seen: "/snapshot".into(),
+                // No owner given: the jailed VMM's own ids, those of its root.
+                writer: Some((root_meta.uid(), root_meta.gid())),
             }
         );
+        let owned = SnapshotFiles {
+            owner: Some((7, 8)),
+            ..snapshot.clone()
+        };
+        assert_eq!(Staging::of(&h, &owned).writer, Some((7, 8)));
         assert_eq!(load_dir(&h, &snapshot), Path::new("/"));
     }
 
@@ -247,7 +266,7 @@ mod tests {
         let old_inode = old.metadata().expect("meta").ino();
 
         let staging = Staging::of(&handle(tmp.path().join("api.sock")), &snapshot);
-        staging.prepare(&snapshot).expect("prepare");
+        staging.prepare().expect("prepare");
         std::fs::write(staging.host.join("memory"), "new").expect("write");
         std::fs::write(staging.host.join("vmstate"), "state").expect("write");
         assert_eq!(
