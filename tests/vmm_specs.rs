@@ -316,8 +316,10 @@ async fn firecracker_create_start_state_stop_against_the_spec() {
         );
         backend.stop(handle).await.expect("stop");
 
+        // `start` asks first whether the guest is paused (restored: resume) or created (boot).
         let mut expected = fc::Firecracker::plan_create(&config).expect("plan");
         expected.extend([
+            fc::Firecracker::plan_state(),
             fc::Firecracker::plan_state(),
             fc::Firecracker::plan_start(),
             fc::Firecracker::plan_state(),
@@ -362,6 +364,7 @@ async fn cloud_hypervisor_create_boot_info_power_button_against_the_spec() {
 
         let mut expected = ch::CloudHypervisor::plan_create(&config).expect("plan");
         expected.extend([
+            ch::CloudHypervisor::plan_state(),
             ch::CloudHypervisor::plan_state(),
             ch::CloudHypervisor::plan_start(),
             ch::CloudHypervisor::plan_state(),
@@ -444,8 +447,10 @@ async fn cloud_hypervisor_error_bodies_become_api_faults() {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("api.sock");
         let backend = CloudHypervisorBackend::new("sh").expect("backend");
-        let fake =
-            spec_checked(Flavor::CloudHypervisor, dir.path()).answering(|_, path, _| match path {
+        // `start` asks the VM's state first: a created VM the first time, none after.
+        let created = once_created_vm_info(dir.path());
+        let fake = spec_checked(Flavor::CloudHypervisor, dir.path()).answering(
+            move |_, path, _| match path {
                 "/api/v1/vm.boot" => Some(Reply::Text(404, "VmNotCreated".to_owned())),
                 "/api/v1/vm.power-button" => Some(Reply::Json(
                     405,
@@ -455,9 +460,10 @@ async fn cloud_hypervisor_error_bodies_become_api_faults() {
                         "VM is not booted"
                     ]),
                 )),
-                "/api/v1/vm.info" => Some(Reply::Empty(404)),
+                "/api/v1/vm.info" => created().or(Some(Reply::Empty(404))),
                 _ => None,
-            });
+            },
+        );
         fake.serve_at(&socket);
         let handle = own_handle(&socket);
 
@@ -542,8 +548,9 @@ async fn a_vmm_that_never_answers_is_an_api_timeout() {
             .expect("backend")
             .with_timeouts(deadline, deadline);
         for (backend, socket, operation) in [
-            (&fc as &dyn VmmBackend, &fc_socket, "PUT /actions"),
-            (&ch as &dyn VmmBackend, &ch_socket, "PUT /api/v1/vm.boot"),
+            // `start` asks the state first (boot or resume): that call is the one left hanging.
+            (&fc as &dyn VmmBackend, &fc_socket, "GET /"),
+            (&ch as &dyn VmmBackend, &ch_socket, "GET /api/v1/vm.info"),
         ] {
             let began = Instant::now();
             let err = backend

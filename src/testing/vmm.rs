@@ -17,6 +17,11 @@
 //!   `VCPU generated error` and exits with status 0. A guest reset reboots the guest in place:
 //!   the process does not end. A guest power-off ends it with status 0.
 //!
+//! Suspend and resume (`vmm/snapshot.rs`) follow the specs' rules and the VMMs' snapshot
+//! documentation: a snapshot only of a paused VM, a load only into a fresh VMM that was
+//! configured with nothing, the guest paused after the load until resumed, and a missing or
+//! damaged file refused with a 400 and the VMM's fault text.
+//!
 //! The API answers what the spec documents (instance info, `vm.info`, 204 otherwise); a test
 //! can script other answers ([`FakeVmm::answering`]) and check every request
 //! ([`FakeVmm::checking`], e.g. against the spec). What the guest prints once booted and what
@@ -33,6 +38,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use crate::agent::vmm::http::ApiRequest;
+
+mod snapshot;
+use snapshot::Phase;
 
 /// Which VMM the double plays.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -221,7 +229,7 @@ impl FakeVmm {
             id: "anonymous-instance".to_owned(),
             log: PathBuf::from("/dev/null"),
             serial: Mutex::new(None),
-            booted: Mutex::new(false),
+            machine: Mutex::new(Machine::default()),
         });
         serve(vmm, socket).expect("bind the fake VMM socket");
     }
@@ -327,7 +335,7 @@ async fn watch_spawns(shared: Arc<Shared>) {
                 id: id.to_owned(),
                 log: PathBuf::from(log),
                 serial: Mutex::new(None),
-                booted: Mutex::new(false),
+                machine: Mutex::new(Machine::default()),
             });
             let socket = PathBuf::from(socket);
             if let Err(error) = serve(vmm, &socket) {
@@ -369,7 +377,19 @@ struct Vmm {
     log: PathBuf,
     /// Cloud Hypervisor: the serial console file `vm.create` named.
     serial: Mutex<Option<PathBuf>>,
-    booted: Mutex<bool>,
+    machine: Mutex<Machine>,
+}
+
+/// What a stand-in's VM is: where it is in its life, and what a snapshot of it holds.
+#[derive(Clone, Debug, Default)]
+struct Machine {
+    phase: Phase,
+    /// Guest memory: Firecracker's `machine-config`, Cloud Hypervisor's `memory.size`.
+    memory_bytes: u64,
+    /// Cloud Hypervisor: the `VmConfig` of `vm.create`, or of the restored snapshot.
+    config: Option<Value>,
+    /// Loaded from a snapshot: Firecracker then refuses `InstanceStart`.
+    restored: bool,
 }
 
 impl Vmm {
@@ -433,16 +453,30 @@ impl Vmm {
                 json!({
                     "app_name": "Firecracker",
                     "id": self.id,
-                    "state": if *lock(&self.booted) { "Running" } else { "Not started" },
+                    "state": self.phase().firecracker_state(),
                     "vmm_version": FIRECRACKER_VERSION,
                 }),
             ),
             (Flavor::Firecracker, "PUT", "/actions")
                 if body.is_some_and(|b| b["action_type"] == "InstanceStart") =>
             {
+                if let Some(refusal) = self.refuse_start() {
+                    return refusal;
+                }
                 self.boot();
                 Reply::Empty(204)
             }
+            (Flavor::Firecracker, "PATCH", "/vm") => self.firecracker_vm_state(body),
+            (Flavor::Firecracker, "PUT", "/snapshot/create") => self.firecracker_snapshot(body),
+            (Flavor::Firecracker, "PUT", "/snapshot/load") => self.firecracker_load(body),
+            (Flavor::Firecracker, "PUT", _) => {
+                self.configured(path, body);
+                Reply::Empty(204)
+            }
+            (Flavor::CloudHypervisor, "PUT", "/api/v1/vm.pause") => self.ch_pause(),
+            (Flavor::CloudHypervisor, "PUT", "/api/v1/vm.resume") => self.ch_resume(),
+            (Flavor::CloudHypervisor, "PUT", "/api/v1/vm.snapshot") => self.ch_snapshot(body),
+            (Flavor::CloudHypervisor, "PUT", "/api/v1/vm.restore") => self.ch_restore(body),
             (Flavor::CloudHypervisor, "GET", "/api/v1/vmm.ping") => {
                 Reply::Json(200, json!({ "version": CLOUD_HYPERVISOR_VERSION }))
             }
@@ -451,18 +485,13 @@ impl Vmm {
                 Reply::Empty(204)
             }
             (Flavor::CloudHypervisor, "GET", "/api/v1/vm.info") => {
-                let config = lock(&self.shared.recorded)
-                    .requests
-                    .iter()
-                    .rev()
-                    .find(|r| r.path == "/api/v1/vm.create")
-                    .and_then(|r| r.body.clone());
-                match config {
+                let machine = lock(&self.machine).clone();
+                match machine.config {
                     Some(config) => Reply::Json(
                         200,
                         json!({
                             "config": config,
-                            "state": if *lock(&self.booted) { "Running" } else { "Created" },
+                            "state": machine.phase.cloud_hypervisor_state(),
                         }),
                     ),
                     None => Reply::Empty(404),
@@ -476,10 +505,11 @@ impl Vmm {
         }
     }
 
-    /// `vm.create`: remember the serial file; warn about disks without `image_type`.
+    /// `vm.create`: remember the VM and its serial file; warn about disks without
+    /// `image_type`.
     fn create(&self, body: Option<&Value>) {
         let Some(body) = body else { return };
-        *lock(&self.serial) = body["serial"]["file"].as_str().map(PathBuf::from);
+        self.created(body);
         for disk in body["disks"].as_array().into_iter().flatten() {
             if disk.get("image_type").is_none() {
                 self.log_line(&format!(
@@ -494,7 +524,7 @@ impl Vmm {
 
     /// Start the guest: its console output, then its fate.
     fn boot(self: Arc<Self>) {
-        *lock(&self.booted) = true;
+        lock(&self.machine).phase = Phase::Running;
         let guest = lock(&self.shared.guest).clone();
         self.console(&guest.console);
         tokio::spawn(async move {

@@ -267,9 +267,13 @@ fn strict(schema: &mut Value) {
 // Order rules, read from the specs where they say it ("Pre-boot only").
 
 /// Firecracker: pre-boot operations before `InstanceStart`, exactly one start, runtime actions
-/// after it, and MMDS bound only to interfaces created earlier.
+/// after it, and MMDS bound only to interfaces created earlier. Around snapshots:
+/// `snapshot/load` only on a fresh process ("before configuring any resource other than the
+/// Logger and Metrics"), which then holds a paused microVM that `InstanceStart` cannot start;
+/// `PATCH /vm` only once started or loaded; `snapshot/create` only while paused (its
+/// description: "The microVM should be in the `Paused` state").
 pub fn check_firecracker_order(spec: &Spec, requests: &[ApiRequest]) -> Result<(), String> {
-    let mut started = false;
+    let (mut started, mut loaded, mut paused) = (false, false, false);
     let mut interfaces: Vec<String> = vec![];
     let mut seen: Vec<String> = vec![];
     for request in requests {
@@ -283,12 +287,18 @@ pub fn check_firecracker_order(spec: &Spec, requests: &[ApiRequest]) -> Result<(
                 "{operation} is pre-boot only but comes after InstanceStart"
             ));
         }
+        if pre_boot && loaded {
+            return Err(format!("{operation} after snapshot/load"));
+        }
         let action = request
             .body
             .as_ref()
             .and_then(|b| b["action_type"].as_str())
             .filter(|_| template == "/actions");
         match action {
+            Some("InstanceStart") if loaded => {
+                return Err("InstanceStart after snapshot/load: resume it".to_owned());
+            }
             Some("InstanceStart") if started => return Err("InstanceStart twice".to_owned()),
             Some("InstanceStart") => {
                 for required in ["/machine-config", "/boot-source"] {
@@ -298,8 +308,37 @@ pub fn check_firecracker_order(spec: &Spec, requests: &[ApiRequest]) -> Result<(
                 }
                 started = true;
             }
-            Some("SendCtrlAltDel") if !started => {
+            Some("SendCtrlAltDel") if !started && !loaded => {
                 return Err("SendCtrlAltDel before InstanceStart".to_owned());
+            }
+            _ => {}
+        }
+        match template.as_str() {
+            "/snapshot/load" => {
+                let configured = seen.iter().zip(requests).find(|(t, r)| {
+                    r.method != Method::GET && !matches!(t.as_str(), "/logger" | "/metrics")
+                });
+                if let Some((t, _)) = configured {
+                    return Err(format!(
+                        "snapshot/load after {t}: only a fresh process loads"
+                    ));
+                }
+                loaded = true;
+                paused = request.body.as_ref().is_none_or(|b| b["resume_vm"] != true);
+            }
+            "/vm" if request.method == Method::PATCH => {
+                if !started && !loaded {
+                    return Err(format!("{operation} before InstanceStart or snapshot/load"));
+                }
+                match request.body.as_ref().and_then(|b| b["state"].as_str()) {
+                    Some("Paused") => paused = true,
+                    Some("Resumed") if !paused => return Err("Resumed while not paused".to_owned()),
+                    Some("Resumed") => paused = false,
+                    other => return Err(format!("{operation}: state {other:?}")),
+                }
+            }
+            "/snapshot/create" if !paused => {
+                return Err("snapshot/create while the microVM is not paused".to_owned());
             }
             _ => {}
         }
@@ -326,21 +365,39 @@ pub fn check_firecracker_order(spec: &Spec, requests: &[ApiRequest]) -> Result<(
 }
 
 /// Cloud Hypervisor: `vm.create` once, before anything about the VM; `vm.boot` once, after it;
-/// power-button/shutdown only after the boot.
+/// power-button/shutdown only after the boot. Around snapshots: `vm.restore` only while no VM
+/// is created (it answers 404 otherwise) and never followed by `vm.boot` (the restored VM is
+/// paused: `vm.resume`); `vm.pause` of a running VM, `vm.resume` of a paused one, `vm.snapshot`
+/// of a paused one.
 pub fn check_cloud_hypervisor_order(spec: &Spec, requests: &[ApiRequest]) -> Result<(), String> {
-    let (mut created, mut booted) = (false, false);
+    let (mut created, mut booted, mut restored, mut paused) = (false, false, false, false);
     for request in requests {
         let (template, _) = spec.operation(&request.method, &request.path)?;
         match template.as_str() {
             "/vmm.ping" => {}
             "/vm.create" if created => return Err("vm.create twice".to_owned()),
             "/vm.create" => created = true,
+            "/vm.restore" if created => {
+                return Err("vm.restore once a VM is created".to_owned());
+            }
+            "/vm.restore" => {
+                (created, booted, restored) = (true, true, true);
+                paused = request.body.as_ref().is_none_or(|b| b["resume"] != true);
+            }
+            "/vm.boot" if restored => return Err("vm.boot of a restored VM: resume it".to_owned()),
             "/vm.boot" if !created => return Err("vm.boot before vm.create".to_owned()),
             "/vm.boot" if booted => return Err("vm.boot twice".to_owned()),
             "/vm.boot" => booted = true,
             "/vm.power-button" | "/vm.shutdown" if !booted => {
                 return Err(format!("{template} before vm.boot"));
             }
+            "/vm.pause" if !booted || paused => {
+                return Err("vm.pause of a VM that is not running".to_owned());
+            }
+            "/vm.pause" => paused = true,
+            "/vm.resume" if !paused => return Err("vm.resume of a VM not paused".to_owned()),
+            "/vm.resume" => paused = false,
+            "/vm.snapshot" if !paused => return Err("vm.snapshot of a VM not paused".to_owned()),
             _ if !created => return Err(format!("{template} before vm.create")),
             _ => {}
         }
@@ -429,6 +486,50 @@ pub fn firecracker_sequence(config: &VmConfig) -> Vec<ApiRequest> {
     all
 }
 
+/// Boot, then suspend into `dir` (as the VMM names it).
+pub fn firecracker_suspend_sequence(config: &VmConfig, dir: &Path) -> Vec<ApiRequest> {
+    let mut all = fc::Firecracker::plan_create(config).expect("plan");
+    all.extend([
+        fc::Firecracker::plan_start(),
+        fc::Firecracker::plan_pause(),
+        fc::Firecracker::plan_snapshot(dir),
+    ]);
+    all
+}
+
+/// A fresh VMM for `config` (its `restore` set): load from `dir`, resume, stop.
+pub fn firecracker_resume_sequence(config: &VmConfig, dir: &Path) -> Vec<ApiRequest> {
+    let mut all = fc::Firecracker::plan_create(config).expect("plan");
+    all.extend([
+        fc::Firecracker::plan_restore(dir),
+        fc::Firecracker::plan_state(),
+        fc::Firecracker::plan_resume(),
+        fc::Firecracker::plan_stop(),
+    ]);
+    all
+}
+
+pub fn cloud_hypervisor_suspend_sequence(config: &VmConfig, dir: &Path) -> Vec<ApiRequest> {
+    let mut all = ch::CloudHypervisor::plan_create(config).expect("plan");
+    all.extend([
+        ch::CloudHypervisor::plan_start(),
+        ch::CloudHypervisor::plan_pause(),
+        ch::CloudHypervisor::plan_snapshot(dir),
+    ]);
+    all
+}
+
+pub fn cloud_hypervisor_resume_sequence(config: &VmConfig, dir: &Path) -> Vec<ApiRequest> {
+    let mut all = ch::CloudHypervisor::plan_create(config).expect("plan");
+    all.extend([
+        ch::CloudHypervisor::plan_restore(dir),
+        ch::CloudHypervisor::plan_state(),
+        ch::CloudHypervisor::plan_resume(),
+        ch::CloudHypervisor::plan_stop(),
+    ]);
+    all
+}
+
 pub fn cloud_hypervisor_sequence(config: &VmConfig) -> Vec<ApiRequest> {
     let mut all = ch::CloudHypervisor::plan_create(config).expect("plan");
     all.extend([
@@ -460,6 +561,21 @@ pub fn spec_checked(flavor: Flavor, dir: &Path) -> FakeVmm {
             replies.check_response(method, path, status, body)
         },
     )
+}
+
+/// Cloud Hypervisor's `vm.info` answer for a created VM, given once (then `None`).
+pub fn once_created_vm_info(
+    dir: &Path,
+) -> impl Fn() -> Option<ignis::testing::vmm::Reply> + Send + Sync + use<> {
+    let config = ch::CloudHypervisor::plan_create(&base_config(dir)).expect("plan")[1]
+        .body
+        .clone();
+    let asked = std::sync::atomic::AtomicBool::new(false);
+    move || {
+        (!asked.swap(true, std::sync::atomic::Ordering::SeqCst)).then(|| {
+            ignis::testing::vmm::Reply::Json(200, json!({ "config": config, "state": "Created" }))
+        })
+    }
 }
 
 /// A handle for API calls against a fake server: our own process stands in for the VMM.

@@ -18,6 +18,12 @@
 //! owned by its uid): `vm.create` takes tap descriptors only as `SCM_RIGHTS` on the API
 //! socket, which the agent's HTTP client does not send.
 //!
+//! Suspend and resume (issue #20, `docs/snapshots-fc-ch.md`): `vm.pause`, then `vm.snapshot`
+//! into a `file://` directory; resume is a fresh Cloud Hypervisor without `vm.create`,
+//! `vm.restore` from that directory (the VM stays paused), and `start` sends `vm.resume`
+//! because the VM reports `Paused`. Where the files are, in and out of the jail:
+//! `vmm/http/snapshot.rs`.
+//!
 //! What v54 was seen doing (issue #13), and how the agent copes:
 //! - after a vCPU error it logs `VCPU generated error` and exits with status 0, so its end is
 //!   classified from its log too ([`super::exit::CLOUD_HYPERVISOR`]), not from the code alone;
@@ -25,6 +31,7 @@
 //! - a disk without `image_type` gets a warning (the type is auto-detected, which is
 //!   deprecated, and writes to sector 0 are disabled), so every disk names its type.
 
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -70,8 +77,13 @@ impl HttpApi for CloudHypervisor {
         ]
     }
 
-    /// `vmm.ping` then `vm.create`.
+    /// `vmm.ping` then `vm.create`; only `vmm.ping` for a VMM that is to load a snapshot
+    /// (`vm.restore` answers 404 once a VM is created: the snapshot's `config.json` brings the
+    /// VM, whose disks, taps and serial file must be where they were when it was taken).
     fn plan_create(config: &VmConfig) -> Result<Vec<ApiRequest>, VmmError> {
+        if config.restore.is_some() {
+            return Ok(vec![ApiRequest::get(endpoint("vmm.ping"))]);
+        }
         Ok(vec![
             ApiRequest::get(endpoint("vmm.ping")),
             ApiRequest::put(endpoint("vm.create"), Some(vm_config(config)?)),
@@ -90,13 +102,39 @@ impl HttpApi for CloudHypervisor {
             name: CONSOLE_IN_JAIL.to_owned(),
             writable: true,
         });
-        seen.console_log = std::path::Path::new("/").join(CONSOLE_IN_JAIL);
+        seen.console_log = Path::new("/").join(CONSOLE_IN_JAIL);
         Ok(Some((jail, seen)))
     }
 
     /// Boot the created VM.
     fn plan_start() -> ApiRequest {
         ApiRequest::put(endpoint("vm.boot"), None)
+    }
+
+    fn plan_pause() -> ApiRequest {
+        ApiRequest::put(endpoint("vm.pause"), None)
+    }
+
+    fn plan_resume() -> ApiRequest {
+        ApiRequest::put(endpoint("vm.resume"), None)
+    }
+
+    /// Save the paused VM into a directory: Cloud Hypervisor writes its own files there
+    /// (`config.json`, `state.json`, `memory-ranges`).
+    fn plan_snapshot(dir: &Path) -> ApiRequest {
+        ApiRequest::put(
+            endpoint("vm.snapshot"),
+            Some(json!({ "destination_url": file_url(dir) })),
+        )
+    }
+
+    /// Restore the VM from that directory; it stays paused (`resume` left at its default,
+    /// false) until `vm.resume`.
+    fn plan_restore(dir: &Path) -> ApiRequest {
+        ApiRequest::put(
+            endpoint("vm.restore"),
+            Some(json!({ "source_url": file_url(dir) })),
+        )
     }
 
     /// Ask the guest to shut down through the ACPI power button.
@@ -125,6 +163,11 @@ impl HttpApi for CloudHypervisor {
 
 fn endpoint(name: &str) -> String {
     format!("{API_PREFIX}/{name}")
+}
+
+/// A `file://` URL of an absolute path, as Cloud Hypervisor's snapshot calls take it.
+fn file_url(dir: &Path) -> String {
+    format!("file://{}", dir.display())
 }
 
 /// The `VmConfig` body of `vm.create`.
@@ -357,6 +400,32 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_vmm_that_restores_creates_no_vm_and_urls_name_the_directory() {
+        let mut c = config();
+        c.restore = Some(crate::agent::vmm::SnapshotFiles {
+            dir: "/snap".into(),
+            owner: None,
+        });
+        let plan = CloudHypervisor::plan_create(&c).expect("plan");
+        assert_eq!(plan, [ApiRequest::get("/api/v1/vmm.ping")]);
+        assert_eq!(
+            CloudHypervisor::plan_restore(Path::new("/snap")),
+            ApiRequest::put(
+                "/api/v1/vm.restore",
+                Some(json!({"source_url": "file:///snap"}))
+            )
+        );
+        assert_eq!(
+            CloudHypervisor::plan_snapshot(Path::new("/snapshot")).body,
+            Some(json!({"destination_url": "file:///snapshot"}))
+        );
+        assert_eq!(
+            CloudHypervisor::plan_resume().operation(),
+            "PUT /api/v1/vm.resume"
+        );
     }
 
     #[test]

@@ -20,6 +20,12 @@
 //! log, its API socket and `/dev/kvm` and `/dev/net/tun`, in new mount and pid namespaces, as
 //! the VM's uid and gid, with its own seccomp filters on. Every path it is given (command line
 //! and API) is the one inside the jail.
+//!
+//! Suspend and resume (issue #20, `docs/snapshots-fc-ch.md`): `PATCH /vm Paused`, then a full
+//! `PUT /snapshot/create` writing [`STATE_FILE`] and [`MEMORY_FILE`]; resume is a fresh
+//! Firecracker configured with nothing, `PUT /snapshot/load` (`resume_vm: false`), and `start`
+//! sends `PATCH /vm Resumed` because the microVM reports `Paused`. Where the files are, in and
+//! out of the jail: `vmm/http/snapshot.rs`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -39,6 +45,11 @@ pub const JAIL_DIR: &str = "jail";
 
 /// The API socket, at the jail's root.
 const SOCKET_IN_JAIL: &str = "api.sock";
+
+/// The snapshot's microVM state file, in its directory.
+pub const STATE_FILE: &str = "vmstate";
+/// The snapshot's guest memory file, in its directory.
+pub const MEMORY_FILE: &str = "memory";
 
 /// How long a freshly spawned Firecracker may take to open its API socket.
 pub(crate) const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
@@ -73,7 +84,14 @@ impl HttpApi for Firecracker {
 
     /// The pre-boot configuration of `config`, in the order Firecracker needs it: network
     /// interfaces exist before MMDS names them.
+    /// A VMM that is to load a snapshot gets nothing: `/snapshot/load` is "only accepted on a
+    /// fresh Firecracker process (before configuring any resource other than the Logger and
+    /// Metrics)" (the spec); the snapshot brings the machine, boot source, drives and
+    /// interfaces, which must exist at the same paths and tap names as when it was taken.
     fn plan_create(config: &VmConfig) -> Result<Vec<ApiRequest>, VmmError> {
+        if config.restore.is_some() {
+            return Ok(Vec::new());
+        }
         let invalid = |detail: String| VmmError::InvalidConfig {
             hypervisor: Hypervisor::Firecracker,
             detail,
@@ -165,6 +183,43 @@ impl HttpApi for Firecracker {
         action("InstanceStart")
     }
 
+    fn plan_pause() -> ApiRequest {
+        vm_state("Paused")
+    }
+
+    fn plan_resume() -> ApiRequest {
+        vm_state("Resumed")
+    }
+
+    /// A full snapshot (`snapshot/create` wants the microVM `Paused`): the state and memory
+    /// files, both created by Firecracker.
+    fn plan_snapshot(dir: &Path) -> ApiRequest {
+        ApiRequest::put(
+            "/snapshot/create",
+            Some(json!({
+                "snapshot_type": "Full",
+                "snapshot_path": dir.join(STATE_FILE).display().to_string(),
+                "mem_file_path": dir.join(MEMORY_FILE).display().to_string(),
+            })),
+        )
+    }
+
+    /// Load the state and map the memory file (`mem_backend`: the spec deprecates
+    /// `mem_file_path` here); the guest stays paused until `PATCH /vm Resumed`.
+    fn plan_restore(dir: &Path) -> ApiRequest {
+        ApiRequest::put(
+            "/snapshot/load",
+            Some(json!({
+                "snapshot_path": dir.join(STATE_FILE).display().to_string(),
+                "mem_backend": {
+                    "backend_type": "File",
+                    "backend_path": dir.join(MEMORY_FILE).display().to_string(),
+                },
+                "resume_vm": false,
+            })),
+        )
+    }
+
     /// Ask the guest to shut down: Firecracker's only graceful stop is a Ctrl-Alt-Del.
     fn plan_stop() -> ApiRequest {
         action("SendCtrlAltDel")
@@ -239,6 +294,14 @@ pub(crate) fn jail_for(
         name: super::process::VMM_LOG.to_owned(),
         writable: true,
     });
+    if let Some(snapshot) = &config.restore {
+        // The snapshot's files, read-only at the root, where `restore` tells the VMM to look
+        // (`super::http::snapshot`); the root's own names, and the staging directory of a
+        // later snapshot, are not theirs to take.
+        let mut taken: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
+        taken.extend([SOCKET_IN_JAIL, "console.log", "snapshot"].map(str::to_owned));
+        files.extend(super::http::snapshot::jail_files(snapshot, &taken)?);
+    }
     seen.state_dir = root.to_path_buf();
     seen.api_socket = root.join(SOCKET_IN_JAIL);
     let jail = Jail {
@@ -278,6 +341,10 @@ fn instance_id(uid: &str) -> String {
     } else {
         id
     }
+}
+
+fn vm_state(state: &str) -> ApiRequest {
+    ApiRequest::patch("/vm", json!({ "state": state }))
 }
 
 fn action(action_type: &str) -> ApiRequest {
@@ -553,6 +620,32 @@ mod tests {
                 .any(|w| w == ["--link", "/s/api.sock=api.sock"])
         );
         assert!(!line.contains(&"--no-seccomp"));
+    }
+
+    #[test]
+    fn a_vmm_that_loads_a_snapshot_is_configured_with_nothing_and_resumed_not_started() {
+        let mut c = config();
+        c.restore = Some(crate::agent::vmm::SnapshotFiles {
+            dir: "/snap".into(),
+            owner: None,
+        });
+        assert_eq!(Firecracker::plan_create(&c).expect("plan"), []);
+        let load = Firecracker::plan_restore(Path::new("/snap"));
+        assert_eq!(load.operation(), "PUT /snapshot/load");
+        let body = load.body.expect("body");
+        assert_eq!(body["resume_vm"], json!(false), "paused until start");
+        assert_eq!(body["mem_backend"]["backend_path"], json!("/snap/memory"));
+        assert!(
+            body.get("mem_file_path").is_none(),
+            "deprecated by the spec"
+        );
+        assert_eq!(Firecracker::plan_resume().operation(), "PATCH /vm");
+        assert_eq!(
+            Firecracker::plan_snapshot(Path::new("/snapshot"))
+                .body
+                .expect("body")["snapshot_path"],
+            json!("/snapshot/vmstate")
+        );
     }
 
     #[test]

@@ -18,8 +18,10 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::UnixStream;
 
+pub(crate) mod snapshot;
+
 use super::process::{self, Output};
-use super::{ExitQuirks, VmConfig, VmmError, VmmHandle, VmmState};
+use super::{ExitQuirks, SnapshotFiles, VmConfig, VmmError, VmmHandle, VmmState};
 use crate::api::{Accelerator, Hypervisor};
 
 /// One call to a VMM's HTTP API, as planned by a backend.
@@ -46,6 +48,14 @@ impl ApiRequest {
             method: Method::PUT,
             path: path.into(),
             body,
+        }
+    }
+
+    pub fn patch(path: impl Into<String>, body: Value) -> Self {
+        ApiRequest {
+            method: Method::PATCH,
+            path: path.into(),
+            body: Some(body),
         }
     }
 
@@ -396,9 +406,19 @@ pub trait HttpApi: Send + Sync + 'static {
     /// How long a freshly spawned VMM may take to open its API socket.
     const SOCKET_TIMEOUT: Duration;
     fn spawn_args(config: &VmConfig) -> Vec<String>;
-    /// The pre-boot requests, in order.
+    /// The pre-boot requests, in order; for a config with [`VmConfig::restore`] set, only
+    /// what a VMM that is to load a snapshot may be sent (nothing that configures the VM).
     fn plan_create(config: &VmConfig) -> Result<Vec<ApiRequest>, VmmError>;
+    /// Boot a created guest.
     fn plan_start() -> ApiRequest;
+    /// Pause the running guest.
+    fn plan_pause() -> ApiRequest;
+    /// Resume a paused guest, or one just loaded from a snapshot.
+    fn plan_resume() -> ApiRequest;
+    /// Save the paused guest into the directory `dir` (as the VMM names it).
+    fn plan_snapshot(dir: &Path) -> ApiRequest;
+    /// Load the snapshot in the directory `dir` (as the VMM names it), guest left paused.
+    fn plan_restore(dir: &Path) -> ApiRequest;
     fn plan_stop() -> ApiRequest;
     fn plan_state() -> ApiRequest;
     fn parse_state(info: &Value) -> Result<VmmState, String>;
@@ -477,8 +497,69 @@ impl<A: HttpApi> super::VmmBackend for HttpBackend<A> {
         .await
     }
 
+    /// Boot, or resume: the VMM itself says which. A VMM that loaded a snapshot holds a
+    /// paused guest (Firecracker's `Paused`, Cloud Hypervisor's `Paused`), one that was
+    /// configured for a boot holds a created one; asking costs one local call and needs no
+    /// marker that an agent restart could lose.
     async fn start(&self, handle: &VmmHandle) -> Result<(), VmmError> {
-        send_action(handle, &A::plan_start(), self.api_timeout).await
+        let request = match self.state(handle).await? {
+            VmmState::Paused => A::plan_resume(),
+            _ => A::plan_start(),
+        };
+        send_action(handle, &request, self.api_timeout).await
+    }
+
+    /// Pause (unless paused already), then save into a staging directory and move the files
+    /// into `snapshot` (`http/snapshot.rs`). The VMM stays, paused.
+    async fn snapshot(&self, handle: &VmmHandle, files: &SnapshotFiles) -> Result<(), VmmError> {
+        match self.state(handle).await? {
+            VmmState::Running => send_action(handle, &A::plan_pause(), self.api_timeout).await?,
+            VmmState::Exited => {
+                return Err(VmmError::Exited {
+                    operation: "snapshot".to_owned(),
+                    detail: format!(
+                        "vmm.log: {}",
+                        process::log_tail(&process::log_path_of(handle))
+                    ),
+                });
+            }
+            VmmState::Paused | VmmState::Created => {}
+        }
+        let staging = snapshot::Staging::of(handle, files);
+        staging.prepare()?;
+        let saved = call(
+            &handle.api_socket,
+            &A::plan_snapshot(&staging.seen),
+            super::SNAPSHOT_TIMEOUT,
+        )
+        .await;
+        if let Err(error) = saved {
+            staging.discard();
+            return Err(error);
+        }
+        staging.collect(files).map(drop)
+    }
+
+    /// Load `files` into a VMM created to restore them. Whatever the VMM refuses (an HTTP
+    /// error, or dying on it) is [`VmmError::SnapshotUnrestorable`] with its own words.
+    async fn restore(&self, handle: &VmmHandle, files: &SnapshotFiles) -> Result<(), VmmError> {
+        let request = A::plan_restore(&snapshot::load_dir(handle, files));
+        match call(&handle.api_socket, &request, super::SNAPSHOT_TIMEOUT).await {
+            Ok(_) => Ok(()),
+            Err(VmmError::ApiFault { status, fault, .. }) => Err(VmmError::SnapshotUnrestorable {
+                detail: format!("{} refused it (HTTP {status}): {fault}", A::KIND),
+            }),
+            Err(VmmError::Io { .. } | VmmError::Protocol { .. }) if !process::is_alive(handle) => {
+                Err(VmmError::SnapshotUnrestorable {
+                    detail: format!(
+                        "{} exited loading it; vmm.log: {}",
+                        A::KIND,
+                        process::log_tail(&process::log_path_of(handle))
+                    ),
+                })
+            }
+            Err(other) => Err(other),
+        }
     }
 
     async fn stop(&self, handle: &VmmHandle) -> Result<(), VmmError> {

@@ -16,6 +16,8 @@ use std::sync::OnceLock;
 use serde::{Deserialize, Serialize};
 
 mod chroot;
+/// Whether a name can be a file at a jail's root.
+pub(crate) use chroot::check_name as check_jail_name;
 pub use chroot::{Jail, JailFile};
 
 /// Where a VMM runs (Interface 2 of the VM-pod contract): a plain value, honoured by
