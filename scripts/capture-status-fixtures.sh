@@ -110,6 +110,14 @@ vm starting | apply
 capture starting starting 'Starting/Starting/False/' 60
 capture ready starting 'Running/GuestReady/False/' 120
 
+# Suspending a ready VM (spec.suspend): Suspending while its memory is saved, then Suspended.
+vm suspended | apply
+capture suspended-ready suspended 'Running/GuestReady/False/' 120 optional
+rm -f "$out/suspended-ready.yaml"
+"$kubectl" patch mvm suspended --type merge -p '{"spec":{"suspend":true}}' >/dev/null
+capture suspending suspended 'Suspending/Suspending/False/' 30 optional
+capture suspended suspended 'Suspended//False/' 60
+
 vm unschedulable Always "" "ignis: ready" "  nodeSelector:
     ignis.dev/no-such-label: \"x\"" | apply
 capture unschedulable-waiting unschedulable 'Pending/Pending/False/' 10

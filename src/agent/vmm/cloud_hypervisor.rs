@@ -18,7 +18,7 @@
 //! owned by its uid): `vm.create` takes tap descriptors only as `SCM_RIGHTS` on the API
 //! socket, which the agent's HTTP client does not send.
 //!
-//! Suspend and resume (issue #20, `docs/snapshots-fc-ch.md`): `vm.pause`, then `vm.snapshot`
+//! Suspend and resume (issue #20, `docs/fast-start.md`): `vm.pause`, then `vm.snapshot`
 //! into a `file://` directory; resume is a fresh Cloud Hypervisor without `vm.create`,
 //! `vm.restore` from that directory (the VM stays paused), and `start` sends `vm.resume`
 //! because the VM reports `Paused`. Where the files are, in and out of the jail:

@@ -21,7 +21,7 @@
 //! the VM's uid and gid, with its own seccomp filters on. Every path it is given (command line
 //! and API) is the one inside the jail.
 //!
-//! Suspend and resume (issue #20, `docs/snapshots-fc-ch.md`): `PATCH /vm Paused`, then a full
+//! Suspend and resume (issue #20, `docs/fast-start.md`): `PATCH /vm Paused`, then a full
 //! `PUT /snapshot/create` writing [`STATE_FILE`] and [`MEMORY_FILE`]; resume is a fresh
 //! Firecracker configured with nothing, `PUT /snapshot/load` (`resume_vm: false`), and `start`
 //! sends `PATCH /vm Resumed` because the microVM reports `Paused`. Where the files are, in and
