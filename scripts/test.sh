@@ -98,9 +98,10 @@ stage_attacks
 # and a managed CA rotation reissues them (~5 min, the kubelet's Secret refreshes).
 stage "agent serving certificates (CSR)"
 cargo test -p ignis-e2e --features cluster --test agent_csr -- --nocapture
-# The cluster bench, small, so it does not rot (docs/benchmarks.md, "cluster", for the N=20 run).
+# The cluster bench with suspend and resume, small, so it does not rot (docs/benchmarks.md,
+# "cluster", for the N=20 run).
 stage "cluster bench"
-./target/debug/ignis bench --results-dir "$(mktemp -d)" cluster --count 3 \
+./target/debug/ignis bench --results-dir "$(mktemp -d)" cluster --count 3 --suspend \
   --kubeconfig "$IGNIS_E2E_KUBECONFIG" --bare-guest-dir "$(dirname "$IGNIS_E2E_KUBECONFIG")/ignis/guest"
 # Last: it stops a node for good (the node-loss phase).
 stage "VM pods e2e"

@@ -55,6 +55,9 @@ pub(crate) struct ClusterArgs {
     /// Deadline of one boot, Ignis or bare.
     #[arg(long, default_value = "180s", value_parser = crate::time::parse_duration)]
     pub(crate) timeout: Duration,
+    /// Also suspend each Ready MicroVM and resume it (`spec.suspend`), timing both.
+    #[arg(long)]
+    pub(crate) suspend: bool,
 }
 
 /// When this process saw each step of one VM, from its create.
@@ -64,6 +67,8 @@ pub(crate) struct Steps {
     pub(crate) sandbox_ms: Option<f64>,
     pub(crate) vmm_ms: Option<f64>,
     pub(crate) ready_ms: Option<f64>,
+    /// With `--suspend`: the suspend and the resume of the Ready VM, in its pod.
+    pub(crate) suspend: Option<super::suspend::Cycle>,
 }
 
 /// What the watches saw, by MicroVM name (a VM pod is `vm-<name>`).
@@ -200,6 +205,7 @@ async fn one_boot(
     guest: &DemoGuest,
     name: &str,
     timeout: Duration,
+    suspend: bool,
 ) -> Result<Steps, BenchError> {
     let vms: Api<MicroVM> = Api::namespaced(client.clone(), NAMESPACE);
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
@@ -228,6 +234,10 @@ async fn one_boot(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
+    let mut steps = steps;
+    if suspend {
+        steps.suspend = Some(super::suspend::cycle(&vms, name, timeout, || 0).await?);
+    }
     vms.delete(name, &DeleteParams::default())
         .await
         .map_err(|e| kube_err("delete", e))?;
@@ -309,7 +319,7 @@ pub(crate) async fn run(
             }
             result
                 .ignis
-                .push(one_boot(&client, &seen, &guest, &name, args.timeout).await?);
+                .push(one_boot(&client, &seen, &guest, &name, args.timeout, args.suspend).await?);
             if i % 2 == 0 {
                 result
                     .bare_ms
@@ -354,6 +364,28 @@ fn report(result: &ClusterResult, machine: &Machine, count: usize) -> Report {
             report.rows.push(
                 Row::new(format!("{metric} {q}"), v, "ms", Target::None)
                     .note(format!("{} of {count} VMs, one at a time", s.n)),
+            );
+        }
+    }
+    type Timed = fn(&super::suspend::Cycle) -> f64;
+    let cycles: [(&str, Timed); 2] = [
+        ("suspend: spec → Suspended", |c| c.suspend_ms),
+        ("resume: spec → Ready", |c| c.resume_ms),
+    ];
+    for (metric, get) in cycles {
+        let samples: Vec<f64> = result
+            .ignis
+            .iter()
+            .filter_map(|s| s.suspend.as_ref().map(get))
+            .collect();
+        if samples.is_empty() {
+            continue;
+        }
+        let s = summarize(&samples);
+        for (q, v) in [("p50", s.p50), ("p99", s.p99)] {
+            report.rows.push(
+                Row::new(format!("{metric} {q}"), v, "ms", Target::None)
+                    .note(format!("{} of {count} VMs, in their pods", s.n)),
             );
         }
     }

@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde::Serialize;
 
@@ -51,7 +52,7 @@ pub(crate) struct Round {
 const POLL: Duration = Duration::from_millis(5);
 
 async fn wait_status(
-    stack: &Stack,
+    vms: &Api<MicroVM>,
     name: &str,
     what: &str,
     timeout: Duration,
@@ -59,7 +60,7 @@ async fn wait_status(
 ) -> Result<Instant, BenchError> {
     let deadline = Instant::now() + timeout;
     loop {
-        let vm = stack.microvms().get(name).await.map_err(BenchError::Kube)?;
+        let vm = vms.get(name).await.map_err(BenchError::Kube)?;
         if vm.status.as_ref().is_some_and(&done) {
             return Ok(Instant::now());
         }
@@ -80,12 +81,10 @@ fn ready(status: &MicroVMStatus) -> bool {
         .any(|c| c.type_ == "Ready" && c.status == "True")
 }
 
-async fn set_suspend(stack: &Stack, name: &str, suspend: bool) -> Result<Instant, BenchError> {
+async fn set_suspend(vms: &Api<MicroVM>, name: &str, suspend: bool) -> Result<Instant, BenchError> {
     let patch = serde_json::json!({ "spec": { "suspend": suspend } });
     let sent = Instant::now();
-    stack
-        .microvms()
-        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+    vms.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map_err(BenchError::Kube)?;
     Ok(sent)
@@ -102,34 +101,62 @@ fn snapshot_bytes(stack: &Stack, uid: &str) -> u64 {
         .sum()
 }
 
+/// What one suspend and resume took.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub(crate) struct Cycle {
+    /// From `suspend: true` to phase `Suspended`.
+    pub(crate) suspend_ms: f64,
+    /// From `suspend: false` to `Ready`.
+    pub(crate) resume_ms: f64,
+    /// What `weigh` said while the VM was suspended.
+    pub(crate) snapshot_bytes: u64,
+}
+
+/// Suspend a Ready MicroVM, `weigh` its snapshot while it is suspended (it is removed once
+/// the guest runs again), and resume it. Shared with `ignis bench cluster --suspend`.
+pub(crate) async fn cycle(
+    vms: &Api<MicroVM>,
+    name: &str,
+    timeout: Duration,
+    weigh: impl FnOnce() -> u64,
+) -> Result<Cycle, BenchError> {
+    let ms = |from: Instant, to: Instant| (to - from).as_secs_f64() * 1000.0;
+    let asked = set_suspend(vms, name, true).await?;
+    let suspended = wait_status(vms, name, "Suspended", timeout, |s| {
+        s.phase == Some(Phase::Suspended)
+    })
+    .await?;
+    let snapshot_bytes = weigh();
+    let resumed_at = set_suspend(vms, name, false).await?;
+    let resumed = wait_status(vms, name, "Ready after resume", timeout, ready).await?;
+    Ok(Cycle {
+        suspend_ms: ms(asked, suspended),
+        resume_ms: ms(resumed_at, resumed),
+        snapshot_bytes,
+    })
+}
+
 async fn round(stack: &Stack, name: &str, timeout: Duration) -> Result<Round, BenchError> {
+    let vms = stack.microvms();
     let created = stack.create(name).await?;
-    let booted = wait_status(stack, name, "Ready", timeout, ready).await?;
-    let vm: MicroVM = stack.microvms().get(name).await.map_err(BenchError::Kube)?;
+    let booted = wait_status(&vms, name, "Ready", timeout, ready).await?;
+    let vm: MicroVM = vms.get(name).await.map_err(BenchError::Kube)?;
     let uid = vm.metadata.uid.clone().unwrap_or_default();
     let memory_mib = crate::api::parse_quantity_bytes(&vm.spec.resources.memory)
         .map_err(|e| BenchError::Failed(format!("memory of {name}: {e}")))?
         >> 20;
-    let asked = set_suspend(stack, name, true).await?;
-    let suspended = wait_status(stack, name, "Suspended", timeout, |s| {
-        s.phase == Some(Phase::Suspended)
-    })
-    .await?;
-    let snapshot_bytes = snapshot_bytes(stack, &uid);
-    let resumed_at = set_suspend(stack, name, false).await?;
-    let resumed = wait_status(stack, name, "Ready after resume", timeout, ready).await?;
+    let cycle = cycle(&vms, name, timeout, || snapshot_bytes(stack, &uid)).await?;
     stack.delete(name).await?;
     stack
         .wait_for(name, "deleted", Duration::from_secs(60), |p| {
             p.gone.is_some()
         })
         .await?;
-    let ms = |from: Instant, to: Instant| (to - from).as_secs_f64() * 1000.0;
     Ok(Round {
-        cold_boot_ms: ms(created, booted),
-        suspend_ms: ms(asked, suspended),
-        resume_ms: ms(resumed_at, resumed),
-        snapshot_bytes,
+        cold_boot_ms: (booted - created).as_secs_f64() * 1000.0,
+        suspend_ms: cycle.suspend_ms,
+        resume_ms: cycle.resume_ms,
+        snapshot_bytes: cycle.snapshot_bytes,
         memory_mib,
     })
 }
