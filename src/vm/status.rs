@@ -155,6 +155,9 @@ pub struct VmStatus {
     /// does).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) snapshot_issue: Option<SnapshotIssue>,
+    /// This run was restored from a snapshot, not booted.
+    #[serde(default)]
+    pub(crate) restored: bool,
 }
 
 /// A suspend that was refused or failed (the VM runs on), or a snapshot that could not be
@@ -195,6 +198,7 @@ impl VmStatus {
             boot_timeouts: 0,
             snapshot_bytes: 0,
             snapshot_issue: None,
+            restored: false,
         }
     }
 }

@@ -404,6 +404,7 @@ impl From<&VmStatus> for proto::Vm {
                     message: i.message.clone(),
                     at_unix_ms: i.at_unix_ms,
                 }),
+            restored: status.restored,
         }
     }
 }
@@ -444,6 +445,7 @@ pub(crate) fn vm_status(vm: proto::Vm) -> Result<VmStatus, InvalidUid> {
             message: i.message,
             at_unix_ms: i.at_unix_ms,
         }),
+        restored: vm.restored,
         // An image kind this side does not know is left out.
         images: vm
             .images

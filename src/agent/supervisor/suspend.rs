@@ -298,6 +298,7 @@ impl Inner {
         self.update(slot, None, |rt| {
             rt.status.snapshot_issue = None;
             rt.status.snapshot_bytes = 0;
+            rt.status.restored = true;
         });
     }
 

@@ -618,7 +618,11 @@ impl<'a> Planner<'a> {
             RunState::Running if !vm.ready => self.starting(node),
             RunState::Running => {
                 self.details(vm);
-                let message = format!("booted in {}ms", vm.apply_to_ready_ms);
+                let message = if vm.restored {
+                    format!("resumed from its snapshot in {}ms", vm.apply_to_ready_ms)
+                } else {
+                    format!("booted in {}ms", vm.apply_to_ready_ms)
+                };
                 if self.old_cond(ConditionType::Ready).map(|c| c.0) != Some("True") {
                     self.event(EventKind::Normal, "Ready", message.clone());
                 }
