@@ -93,4 +93,17 @@ fn every_bench_runs_with_tiny_n() {
     assert_eq!(row(&churn, "cycles"), 3.0);
     assert!(row(&churn, "time per cycle p50") > 0.0);
     assert_eq!(row(&churn, "leaked kinds"), 0.0);
+
+    let suspend = bench(dir, "suspend", &["--count", "2"], Duration::from_secs(180));
+    let (cold, resume) = (
+        row(&suspend, "cold boot: apply → Ready p50"),
+        row(&suspend, "resume: spec → Ready p50"),
+    );
+    assert!(
+        cold > 0.0 && resume > 0.0,
+        "cold {cold} ms, resume {resume} ms"
+    );
+    assert!(row(&suspend, "suspend: spec → Suspended p50") > 0.0);
+    // A snapshot holds at least the guest's unpacked initramfs (several MB).
+    assert!(row(&suspend, "snapshot size p50") > 1.0);
 }

@@ -425,6 +425,16 @@ pub fn http_get_via(
 }
 
 /// Poll `f` until it holds or `timeout` passes; panic naming `what` then.
+/// The demo guest's `/cgi-bin/state` page: its uptime in seconds and its tmpfs note.
+pub fn parse_guest_state(page: &str) -> Option<(f64, String)> {
+    let field = |name: &str| {
+        page.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .map(|v| v.trim().to_string())
+    };
+    Some((field("uptime")?.parse().ok()?, field("note")?))
+}
+
 pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {

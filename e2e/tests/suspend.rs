@@ -9,7 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ignis_e2e::{Cluster, http_get_via};
+use ignis_e2e::{Cluster, http_get_via, parse_guest_state};
 
 const NS: &str = "e2e-suspend";
 
@@ -20,13 +20,7 @@ fn guest_state(cluster: &Cluster, ip: &str, query: &str) -> Option<(f64, String)
         &format!("{ip}:80"),
         &format!("/cgi-bin/state{query}"),
     )?;
-    let field = |name: &str| {
-        response
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .map(|v| v.trim().to_string())
-    };
-    Some((field("uptime")?.parse().ok()?, field("note")?))
+    parse_guest_state(&response)
 }
 
 fn set_suspend(cluster: &Cluster, suspend: bool) {

@@ -452,6 +452,19 @@ fn client_pod(ctx: &Ctx, name: &str, node: &str) {
 
 /// `wget http://{target}/` from inside pod `client`, until the page answers or `timeout`.
 fn fetch_from_pod(ctx: &Ctx, client: &str, target: &str, timeout: Duration) -> String {
+    wget_from_pod(ctx, client, &format!("http://{target}/"), timeout, |page| {
+        page.contains(PAGE)
+    })
+}
+
+/// `wget URL` from inside pod `client`, until its answer is `done` or `timeout`.
+fn wget_from_pod(
+    ctx: &Ctx,
+    client: &str,
+    url: &str,
+    timeout: Duration,
+    done: impl Fn(&str) -> bool,
+) -> String {
     let deadline = Instant::now() + timeout;
     loop {
         let out = ctx.cluster.kubectl(&[
@@ -469,14 +482,14 @@ fn fetch_from_pod(ctx: &Ctx, client: &str, target: &str, timeout: Duration) -> S
             "-q",
             "-O",
             "-",
-            &format!("http://{target}/"),
+            url,
         ]);
-        if out.success && out.stdout.contains(PAGE) {
+        if out.success && done(&out.stdout) {
             return out.stdout;
         }
         assert!(
             Instant::now() < deadline,
-            "{client} never got the guest's page from {target}: {}{}",
+            "{client} never got an answer from {url}: {}{}",
             out.stdout,
             out.stderr
         );

@@ -2,52 +2,20 @@
 //! pod stays (and keeps the pod IP); the guest keeps its uptime and a tmpfs note, and answers
 //! again through the same Service. A node's snapshot directory is empty once its VMs are gone.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{Ctx, NS};
 use ignis_e2e::upstream::pids_matching;
-use ignis_e2e::wait_until;
+use ignis_e2e::{parse_guest_state, wait_until};
 
 /// The guest's `/cgi-bin/state`, fetched through `target` from the client pod on A: its
 /// uptime in seconds and its note.
 fn guest_state(ctx: &Ctx, target: &str, query: &str, timeout: Duration) -> (f64, String) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let out = ctx.cluster.kubectl(&[
-            "exec",
-            "-n",
-            NS,
-            "client",
-            "--",
-            "/bin/busybox",
-            "timeout",
-            "5",
-            "/bin/busybox",
-            "wget",
-            "-q",
-            "-O",
-            "-",
-            &format!("http://{target}/cgi-bin/state{query}"),
-        ]);
-        let field = |name: &str| {
-            out.stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{name} ")))
-                .map(str::to_string)
-        };
-        if let (Some(uptime), Some(note)) = (field("uptime"), field("note"))
-            && let Ok(uptime) = uptime.parse::<f64>()
-        {
-            return (uptime, note);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the guest's state never came through {target}: {}{}",
-            out.stdout,
-            out.stderr
-        );
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    let url = format!("http://{target}/cgi-bin/state{query}");
+    let page = super::wget_from_pod(ctx, "client", &url, timeout, |page| {
+        parse_guest_state(page).is_some()
+    });
+    parse_guest_state(&page).unwrap_or_default()
 }
 
 fn patch_suspend(ctx: &Ctx, vm: &str, suspend: bool) {
