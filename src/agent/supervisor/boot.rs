@@ -192,8 +192,10 @@ impl Inner {
             };
             match self.run_vmm(slot, spec, &vmm, &resumed).await {
                 Err(VmmStep::Unrestorable(why)) => {
-                    // The guest boots cold from its disk, as after a power loss.
+                    // The guest boots cold from its disk, as after a power loss; in its pod,
+                    // as a new run.
                     self.snapshot_unrestorable(slot, &why);
+                    self.begin_pod_run(slot);
                 }
                 Ok(()) | Err(VmmStep::Failed) => return,
             }
@@ -248,20 +250,27 @@ impl Inner {
         let (run, exited_tx) = self.new_run(&backend, &handle);
         let generation = run.generation;
         let pid = handle.pid;
-        self.update(slot, None, |rt| {
-            rt.run = Some(run.clone());
-            rt.status.pid = pid;
-        });
+        // A VMM that is loading a snapshot is not the VM's run yet: QEMU exits when it
+        // refuses a stream, and that exit must not be recorded as the VM's (its files would
+        // be cleared under the cold boot that follows).
+        if config.restore.is_none() {
+            self.hold_run(slot, &run);
+        }
         Self::spawn_child_watcher(self, slot, generation, created.child, exited_tx);
         self.spawn_pod_console(slot, &run);
-        if let Some(snapshot) = &config.restore
-            && let Err(source) = restore(&backend, &handle, snapshot).await
-        {
-            if !run.stopping.swap(true, Ordering::SeqCst) {
-                Self::kill_and_wait(&run).await;
+        if let Some(snapshot) = &config.restore {
+            let restored = restore(&backend, &handle, snapshot).await;
+            if let Err(why) = restored.map_err(|e| e.to_string()).and_then(|()| {
+                self.hold_run(slot, &run)
+                    .then_some(())
+                    .ok_or_else(|| "the VMM ended right after loading it".to_string())
+            }) {
+                run.cancel.cancel();
+                if !run.stopping.swap(true, Ordering::SeqCst) {
+                    Self::kill_and_wait(&run).await;
+                }
+                return Err(VmmStep::Unrestorable(why));
             }
-            Self::forget_run(slot, generation);
-            return Err(VmmStep::Unrestorable(source.to_string()));
         }
         if let Err(error) = start(&backend, &handle).await {
             if !run.stopping.swap(true, Ordering::SeqCst) {
@@ -298,13 +307,20 @@ impl Inner {
         Ok(())
     }
 
-    /// Drop a run whose VMM is gone before it started, so nothing else tears it down again.
-    fn forget_run(slot: &VmSlot, generation: u64) {
-        let mut rt = slot.lock();
-        if rt.run.as_ref().map(|r| r.generation) == Some(generation) {
-            rt.run = None;
-        }
-        rt.status.pid = 0;
+    /// Make `run` the VM's, unless its VMM has already ended; whether it did. Under the slot's
+    /// lock, as the exit watcher looks: an exit signalled before this is seen here, one after
+    /// finds the run held and is recorded.
+    fn hold_run(&self, slot: &VmSlot, run: &RunHandle) -> bool {
+        let mut exited = run.exited.clone();
+        let mut held = false;
+        self.update(slot, None, |rt| {
+            if !*exited.borrow_and_update() {
+                rt.run = Some(run.clone());
+                rt.status.pid = run.handle.pid;
+                held = true;
+            }
+        });
+        held
     }
 }
 

@@ -129,7 +129,7 @@ impl Inner {
     }
 
     /// A new run in the pod: its console starts over and it is not stopped.
-    fn begin_pod_run(&self, slot: &VmSlot) {
+    pub(super) fn begin_pod_run(&self, slot: &VmSlot) {
         let Some(console_dir) = slot.lock().pod_console.clone() else {
             return;
         };
