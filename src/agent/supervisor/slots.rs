@@ -202,9 +202,7 @@ impl Inner {
         };
         Self::stop_run(self, slot, grace).await;
         // A new boot makes any snapshot of the VM stale.
-        if let Err(error) = self.store.remove_snapshot(&slot.uid) {
-            tracing::warn!(uid = %slot.uid, error = %error, "cannot remove the VM's snapshot");
-        }
+        self.drop_snapshot(slot);
         let cleared = if same_spec {
             self.store.remove_all_except(&slot.uid, &VM_LIFETIME_FILES)
         } else {

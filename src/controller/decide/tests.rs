@@ -735,4 +735,5 @@ fn pulling_shows_as_the_ready_reason_and_a_failed_attempt_as_its_own_reason() {
 }
 
 mod pod;
+mod suspend;
 mod verdicts;
