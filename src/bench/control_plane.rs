@@ -11,6 +11,7 @@ use super::machine::Machine;
 use super::stack::{Stack, StackOptions, own_rss, rss_of};
 use super::stats::{MIB, Target};
 use super::{BenchError, Report, Row};
+use crate::api::{InterfaceMode, NetworkInterface, NetworkSpec};
 
 /// Flags of `ignis bench control-plane`.
 #[derive(Debug, clap::Args)]
@@ -21,6 +22,11 @@ pub(crate) struct ControlPlaneArgs {
     /// Creates in flight at once.
     #[arg(long, default_value_t = 32)]
     pub(crate) parallel: usize,
+    /// MicroVMs with one interface of mode `none` instead of the default NAT one: the agent
+    /// makes no tap and no NAT rules, so its per-VM network setup (one at a time in the agent)
+    /// is left out and the control plane is what is measured.
+    #[arg(long)]
+    pub(crate) no_network: bool,
 }
 
 impl Default for ControlPlaneArgs {
@@ -28,6 +34,7 @@ impl Default for ControlPlaneArgs {
         ControlPlaneArgs {
             counts: vec![1000, 10000],
             parallel: 32,
+            no_network: false,
         }
     }
 }
@@ -64,18 +71,23 @@ pub(crate) struct CountResult {
     pub(crate) timeline: Vec<(f64, usize)>,
 }
 
-async fn one(count: usize, parallel: usize) -> Result<CountResult, BenchError> {
+async fn one(count: usize, args: &ControlPlaneArgs) -> Result<CountResult, BenchError> {
     let stack = Stack::start(&StackOptions {
         simulated: true,
         boot_timeout: Duration::from_secs(60),
     })
     .await?;
-    let outcome = measure(&stack, count, parallel).await;
+    let outcome = measure(&stack, count, args.parallel, args.no_network).await;
     stack.stop(outcome.is_err()).await;
     outcome
 }
 
-async fn measure(stack: &Stack, count: usize, parallel: usize) -> Result<CountResult, BenchError> {
+async fn measure(
+    stack: &Stack,
+    count: usize,
+    parallel: usize,
+    no_network: bool,
+) -> Result<CountResult, BenchError> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let controller_rss_idle = rss_of(stack.controller_pid()).unwrap_or(0);
     let bench_rss_idle = own_rss().unwrap_or(0);
@@ -83,7 +95,28 @@ async fn measure(stack: &Stack, count: usize, parallel: usize) -> Result<CountRe
 
     let t0 = Instant::now();
     let creates = futures::stream::iter(0..count)
-        .map(|i| async move { stack.create(&format!("cp-{i}")).await })
+        .map(|i| async move {
+            let name = format!("cp-{i}");
+            if !no_network {
+                return stack.create(&name).await.map(drop);
+            }
+            let mut vm = super::stack::sample_microvm(&name, &stack.guest);
+            vm.spec.network = Some(NetworkSpec {
+                interfaces: vec![NetworkInterface {
+                    name: "eth0".into(),
+                    mode: InterfaceMode::None,
+                    bridge: None,
+                    address: None,
+                    mac: None,
+                }],
+            });
+            stack
+                .microvms()
+                .create(&Default::default(), &vm)
+                .await
+                .map(drop)
+                .map_err(BenchError::Kube)
+        })
         .buffer_unordered(parallel.max(1))
         .collect::<Vec<_>>()
         .await;
@@ -292,9 +325,16 @@ pub(crate) async fn run(
          is reported for it"
             .into(),
     );
+    if args.no_network {
+        report.notes.push(
+            "--no-network: every MicroVM has one interface of mode `none`, so the agent sets up \
+             no tap and no NAT for it"
+                .into(),
+        );
+    }
     for &count in &args.counts {
         println!("control-plane: {count} MicroVMs on the simulated VMM (fresh stack)");
-        let r = one(count, args.parallel).await?;
+        let r = one(count, args).await?;
         report.rows.extend(count_rows(&r));
         all.push(r);
         report.data = serde_json::to_value(&all).map_err(BenchError::Json)?;

@@ -2,7 +2,7 @@
 //! named step per action, in its order. The metadata patch (finalizer, placement) goes first,
 //! so no VM is applied for an object that could still be deleted without us.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
@@ -45,6 +45,8 @@ pub(super) async fn act(
     patch_metadata(&t, &actions).await?;
     let mut requeue = None;
     for action in actions {
+        let step = step_of(&action);
+        let started = Instant::now();
         match action {
             Action::AddFinalizer | Action::Place { .. } => {}
             Action::ApplyVm { node, run, desired } => {
@@ -79,8 +81,23 @@ pub(super) async fn act(
             } => publish(ctx, mvm, kind, reason, message).await,
             Action::RequeueAfter(d) => requeue = Some(d),
         }
+        if let Some(step) = step {
+            ctx.metrics.step(step, started.elapsed());
+        }
     }
     Ok(Requeue::requeue(requeue.unwrap_or(RESYNC)))
+}
+
+/// The step an action's time is counted under (`ignis_controller_reconcile_step_seconds`).
+fn step_of(action: &Action) -> Option<&'static str> {
+    match action {
+        Action::ApplyVm { .. } | Action::DeleteVm { .. } => Some("agent"),
+        Action::CreatePod | Action::DeletePod | Action::SetPodReady(_) => Some("pod"),
+        Action::RemoveFinalizer => Some("metadata"),
+        Action::UpdateStatus(_) => Some("status"),
+        Action::Event { .. } => Some("event"),
+        Action::AddFinalizer | Action::Place { .. } | Action::RequeueAfter(_) => None,
+    }
 }
 
 /// The finalizer and the placement, in one merge patch before anything else happens.
@@ -94,6 +111,7 @@ async fn patch_metadata(t: &Target<'_>, actions: &[Action]) -> Result<(), Reconc
         return Ok(());
     }
     let patch = status::metadata_patch(t.mvm, add_finalizer, place.as_deref());
+    let started = Instant::now();
     t.microvms
         .patch(
             &t.mvm.name_any(),
@@ -102,6 +120,7 @@ async fn patch_metadata(t: &Target<'_>, actions: &[Action]) -> Result<(), Reconc
         )
         .await
         .map_err(ReconcileError::kube)?;
+    t.ctx.metrics.step("metadata", started.elapsed());
     Ok(())
 }
 

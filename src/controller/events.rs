@@ -9,6 +9,7 @@
 //! (run numbers), so only true repeats merge.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -17,7 +18,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
-use tokio::sync::Mutex;
 
 use super::decide::EventKind;
 
@@ -66,6 +66,32 @@ pub(crate) struct EventRecorder {
     client: Client,
     reporter: Reporter,
     recent: Mutex<HashMap<EventKey, Series>>,
+    /// One gate per occurrence being written, held across its write: two repeats racing each
+    /// other count twice, not create twice. Per occurrence, not one for the recorder: a single
+    /// lock held across every API write made all Events of all MicroVMs wait in one line, and
+    /// every reconcile that published one with them (docs/benchmarks.md § control-plane).
+    writing: Mutex<HashMap<EventKey, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Drops an occurrence's gate from the map once no one else waits on it.
+struct Gate<'a> {
+    writing: &'a Mutex<HashMap<EventKey, Arc<tokio::sync::Mutex<()>>>>,
+    key: &'a EventKey,
+    gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for Gate<'_> {
+    fn drop(&mut self) {
+        let mut writing = lock(self.writing);
+        // Clones are only made under this lock: two left are the map's and ours.
+        if Arc::strong_count(&self.gate) <= 2 {
+            writing.remove(self.key);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl EventRecorder {
@@ -74,6 +100,7 @@ impl EventRecorder {
             client,
             reporter,
             recent: Mutex::new(HashMap::new()),
+            writing: Mutex::new(HashMap::new()),
         }
     }
 
@@ -101,27 +128,37 @@ impl EventRecorder {
             reason: reason.to_owned(),
             note: note.to_owned(),
         };
-        // Held across the write, so two repeats racing each other count twice, not create twice.
-        let mut recent = self.recent.lock().await;
-        forget_old(&mut recent, now);
+        let gate = Gate {
+            gate: lock(&self.writing).entry(key.clone()).or_default().clone(),
+            writing: &self.writing,
+            key: &key,
+        };
+        let _held = gate.gate.lock().await;
+        let series = {
+            let mut recent = lock(&self.recent);
+            forget_old(&mut recent, now);
+            recent.get(&key).map(|s| (s.name.clone(), s.count))
+        };
         let api: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
-        if let Some(series) = recent.get_mut(&key) {
-            let count = series.count + 1;
+        if let Some((name, count)) = series {
+            let count = count + 1;
             let patch = json!({
                 "series": { "count": count, "lastObservedTime": MicroTime(now) },
             });
             match api
-                .patch(&series.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
             {
                 Ok(_) => {
-                    series.count = count;
-                    series.last = now;
+                    if let Some(series) = lock(&self.recent).get_mut(&key) {
+                        series.count = count;
+                        series.last = now;
+                    }
                     return Ok(());
                 }
                 // Removed meanwhile (its TTL, a person): the occurrence starts a new Event.
                 Err(kube::Error::Api(status)) if status.code == 404 => {
-                    recent.remove(&key);
+                    lock(&self.recent).remove(&key);
                 }
                 Err(error) => return Err(error),
             }
@@ -129,8 +166,8 @@ impl EventRecorder {
         let event = self.event(regarding, &namespace, kind, reason, note, now);
         let name = event.metadata.name.clone().unwrap_or_default();
         api.create(&PostParams::default(), &event).await?;
-        recent.insert(
-            key,
+        lock(&self.recent).insert(
+            key.clone(),
             Series {
                 name,
                 count: 1,
@@ -186,7 +223,7 @@ impl EventRecorder {
     /// How many distinct events are remembered (for tests).
     #[cfg(test)]
     async fn remembered(&self) -> usize {
-        self.recent.lock().await.len()
+        lock(&self.recent).len()
     }
 }
 
@@ -369,6 +406,61 @@ mod tests {
                 .expect("published");
         }
         verifier.await.expect("requests as expected");
+    }
+
+    #[tokio::test]
+    async fn events_of_other_objects_do_not_wait_for_each_other_and_repeats_still_count() {
+        let (recorder, mut handle) = recorder();
+        let recorder = std::sync::Arc::new(recorder);
+        let other = ObjectReference {
+            name: Some("db".into()),
+            uid: Some("uid-db".into()),
+            ..object()
+        };
+        let publish = |o: ObjectReference| {
+            let recorder = recorder.clone();
+            tokio::spawn(async move {
+                recorder
+                    .publish(&o, EventKind::Normal, "Scheduled", "placed on node-a")
+                    .await
+                    .expect("published")
+            })
+        };
+        let web = publish(object());
+        let (first, first_answer) =
+            tokio::time::timeout(std::time::Duration::from_secs(10), handle.next_request())
+                .await
+                .expect("a request in time")
+                .expect("service called");
+        let web_again = publish(object());
+        let db = publish(other);
+        // The first write is still unanswered: the other object's Event is written meanwhile,
+        // the repeat of the first one waits for it.
+        let (method, _, body) = next(&mut handle, StatusCode::CREATED).await;
+        assert_eq!(
+            (method, body["regarding"]["name"].clone()),
+            (Method::POST, json!("db"))
+        );
+        db.await.expect("db published");
+        assert_eq!(first.uri().path(), EVENTS);
+        let bytes = first.into_body().collect_bytes().await.expect("body");
+        let mut event: Value = serde_json::from_slice(&bytes).expect("JSON");
+        event["apiVersion"] = json!("events.k8s.io/v1");
+        event["kind"] = json!("Event");
+        first_answer.send_response(
+            Response::builder()
+                .status(StatusCode::CREATED)
+                .body(Body::from(serde_json::to_vec(&event).expect("json")))
+                .expect("response"),
+        );
+        web.await.expect("web published");
+        let (method, path, patch) = next(&mut handle, StatusCode::OK).await;
+        assert_eq!(method, Method::PATCH);
+        assert!(path.starts_with(&format!("{EVENTS}/web.")), "{path}");
+        assert_eq!(patch["series"]["count"], 2);
+        web_again.await.expect("repeat published");
+        assert_eq!(recorder.remembered().await, 2);
+        assert!(lock(&recorder.writing).is_empty(), "gates are dropped");
     }
 
     #[test]

@@ -21,6 +21,11 @@ pub(crate) struct PhaseLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct StepLabel {
+    pub(crate) step: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ConstraintLabel {
     pub(crate) constraint: String,
 }
@@ -31,10 +36,17 @@ pub(crate) struct ControllerMetrics {
     pub(crate) reconciles: Counter,
     pub(crate) errors: Family<ReasonLabel, Counter>,
     pub(crate) duration: Histogram,
+    /// Time in each step of a reconcile: where a slow reconcile waits.
+    pub(crate) steps: Family<StepLabel, Histogram, fn() -> Histogram>,
     pub(crate) vms: Family<PhaseLabel, Gauge>,
     pub(crate) placement_failures: Family<ConstraintLabel, Counter>,
     pub(crate) agents_connected: Gauge,
     pub(crate) drift_removed: Counter,
+}
+
+/// 1 ms .. ~16 s
+fn duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
 }
 
 impl Default for ControllerMetrics {
@@ -42,8 +54,8 @@ impl Default for ControllerMetrics {
         Self {
             reconciles: Counter::default(),
             errors: Family::default(),
-            // 1 ms .. ~16 s
-            duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            duration: duration_histogram(),
+            steps: Family::new_with_constructor(duration_histogram),
             vms: Family::default(),
             placement_failures: Family::default(),
             agents_connected: Gauge::default(),
@@ -66,6 +78,11 @@ impl ControllerMetrics {
                     "reconcile_duration_seconds",
                     "Time spent in one reconcile",
                     c.duration,
+                );
+                r.register(
+                    "reconcile_step_seconds",
+                    "Time one reconcile spends in a step: place, metadata, agent, pod, status, event",
+                    c.steps,
                 );
                 r.register("microvms", "MicroVMs in the cache by phase", c.vms);
                 r.register(
@@ -111,6 +128,15 @@ impl ControllerMetrics {
             .inc();
     }
 
+    /// Record how long one step of a reconcile took.
+    pub(crate) fn step(&self, step: &str, took: std::time::Duration) {
+        self.steps
+            .get_or_create(&StepLabel {
+                step: step.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
     pub(crate) fn placement_failure(&self, constraint: &str) {
         self.placement_failures
             .get_or_create(&ConstraintLabel {
@@ -133,6 +159,7 @@ mod tests {
         m.placement_failure("capacity");
         m.set_phases(&[(Phase::Running, 3)]);
         m.duration.observe(0.02);
+        m.step("agent", std::time::Duration::from_millis(3));
         let text = registry.encode().await;
         for needle in [
             "ignis_controller_reconciles_total 1",
@@ -142,6 +169,7 @@ mod tests {
             "ignis_controller_microvms{phase=\"Pending\"} 0",
             "ignis_controller_reconcile_duration_seconds_count 1",
             "ignis_controller_agents_connected 0",
+            "ignis_controller_reconcile_step_seconds_count{step=\"agent\"} 1",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

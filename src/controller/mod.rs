@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{ContainerStatus, Node, Pod, PodSpec, PodStatus};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Controller;
 use kube::runtime::reflector::{self, ObjectRef, reflector};
@@ -113,7 +113,7 @@ pub async fn start(
     let listed = cache_ready.clone();
     let microvms = reflector(
         writer,
-        watcher(api, watcher::Config::default()).modify(drop_managed_fields),
+        watcher(api, watcher::Config::default()).modify(trim_microvm),
     )
     .inspect_ok(cancel_when_listed(listed))
     .default_backoff()
@@ -236,6 +236,56 @@ fn drop_managed_fields<K: kube::Resource>(object: &mut K) {
     object.meta_mut().managed_fields = None;
 }
 
+/// What the MicroVM cache keeps: everything but `managedFields` and the annotations, which
+/// nothing in the controller reads (`kubectl apply` keeps a copy of the whole object in one).
+fn trim_microvm(mvm: &mut MicroVM) {
+    drop_managed_fields(mvm);
+    mvm.metadata.annotations = None;
+}
+
+/// What the Node cache keeps (pod mode): the names and labels the node-label sync reads; a
+/// Node's annotations (volumes, CNI, kubeadm) are dropped.
+fn trim_node(node: &mut PartialObjectMeta<Node>) {
+    drop_managed_fields(node);
+    node.metadata.annotations = None;
+}
+
+/// What the VM pod cache keeps: only what `vmpod::view` and the pod watch read (identity,
+/// owner, labels, deletion, the node, phase, conditions, IP, the guest container's state).
+/// The rest of a pod — its spec's containers, volumes, affinity and tolerations, the
+/// kubelet's image and container ids — is most of its bytes and never read.
+fn trim_pod(pod: &mut Pod) {
+    drop_managed_fields(pod);
+    pod.metadata.annotations = None;
+    pod.spec = pod.spec.take().map(|spec| PodSpec {
+        node_name: spec.node_name,
+        ..Default::default()
+    });
+    if let Some(status) = pod.status.as_mut() {
+        let guest = status
+            .container_statuses
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| c.name == vmpod::CONTAINER)
+            .map(|c| ContainerStatus {
+                name: c.name,
+                state: c.state,
+                ..Default::default()
+            })
+            .collect();
+        *status = PodStatus {
+            conditions: status.conditions.take(),
+            container_statuses: Some(guest),
+            message: status.message.take(),
+            phase: status.phase.take(),
+            pod_ip: status.pod_ip.take(),
+            reason: status.reason.take(),
+            ..Default::default()
+        };
+    }
+}
+
 /// For a reflector's stream: cancel `listed` once its first complete list is in the store. Used
 /// instead of `Store::wait_until_ready`, which wakes only the last of its waiters.
 fn cancel_when_listed<K>(listed: CancellationToken) -> impl FnMut(&watcher::Event<K>) {
@@ -269,7 +319,7 @@ fn watch_vm_pods(
             pods,
             watcher::Config::default().labels(vmpod::MICROVM_LABEL),
         )
-        .modify(drop_managed_fields),
+        .modify(trim_pod),
     )
     .inspect_ok(cancel_when_listed(listed))
     .default_backoff()
@@ -304,7 +354,7 @@ fn watch_vm_pods(
             Api::<PartialObjectMeta<Node>>::all(client.clone()),
             watcher::Config::default(),
         )
-        .modify(drop_managed_fields),
+        .modify(trim_node),
     )
     .default_backoff()
     .touched_objects();
@@ -479,5 +529,111 @@ mod tests {
         assert_eq!(pod.metadata.managed_fields, None);
         assert_eq!(pod.name_any(), "vm-a");
         assert_eq!(pod.labels().get("app").map(String::as_str), Some("web"));
+    }
+
+    #[test]
+    fn a_trimmed_vm_pod_looks_the_same_to_the_controller() {
+        use k8s_openapi::api::core::v1::{
+            Container, ContainerState, ContainerStateRunning, PodCondition,
+        };
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+        let condition = |t: &str, status: &str, reason: &str| PodCondition {
+            type_: t.into(),
+            status: status.into(),
+            reason: Some(reason.into()),
+            message: Some(format!("{t} says {reason}")),
+            ..Default::default()
+        };
+        let running = |name: &str| ContainerStatus {
+            name: name.into(),
+            image: "registry.example/ignis-agent:1".into(),
+            image_id: "sha256:0123".into(),
+            container_id: Some("containerd://abc".into()),
+            ready: true,
+            state: Some(ContainerState {
+                running: Some(ContainerStateRunning::default()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut pod = Pod::default();
+        pod.metadata.name = Some("vm-web".into());
+        pod.metadata.namespace = Some("default".into());
+        pod.metadata.uid = Some("pod-uid".into());
+        pod.metadata.labels = Some([(vmpod::MICROVM_LABEL.to_string(), "web".to_string())].into());
+        pod.metadata.annotations = Some([("cni".to_string(), "x".repeat(500))].into());
+        pod.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: crate::api::API_VERSION.into(),
+            kind: "MicroVM".into(),
+            name: "web".into(),
+            uid: "uid-web".into(),
+            controller: Some(true),
+            ..Default::default()
+        }]);
+        pod.spec = Some(PodSpec {
+            node_name: Some("node-a".into()),
+            containers: vec![Container {
+                name: vmpod::CONTAINER.into(),
+                args: Some(vec!["a".repeat(300)]),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let mut status = PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: Some("10.244.1.7".into()),
+            host_ip: Some("192.168.0.2".into()),
+            qos_class: Some("Guaranteed".into()),
+            conditions: Some(vec![
+                condition("PodScheduled", "False", "Unschedulable"),
+                condition("DisruptionTarget", "True", "PreemptionByScheduler"),
+                condition(vmpod::GUEST_READY_GATE, "True", ""),
+            ]),
+            container_statuses: Some(vec![running(vmpod::CONTAINER), running("sidecar")]),
+            ..Default::default()
+        };
+        let check = |pod: &Pod| {
+            let mut trimmed = pod.clone();
+            trim_pod(&mut trimmed);
+            assert_eq!(vmpod::view(&trimmed), vmpod::view(pod));
+            assert_eq!(trimmed.labels(), pod.labels());
+            assert_eq!(trimmed.metadata.annotations, None);
+            let spec = trimmed.spec.as_ref().expect("spec");
+            assert!(spec.containers.is_empty());
+            let bytes = |p: &Pod| serde_json::to_vec(p).expect("json").len();
+            assert!(bytes(&trimmed) < bytes(pod) / 2, "{trimmed:?}");
+        };
+        pod.status = Some(status.clone());
+        check(&pod);
+        status.container_statuses = None;
+        status.reason = Some("Evicted".into());
+        status.message = Some("low on memory".into());
+        pod.status = Some(status);
+        check(&pod);
+        pod.status = None;
+        check(&pod);
+    }
+
+    #[test]
+    fn a_cached_microvm_keeps_no_annotations() {
+        let mut mvm = crate::testing::microvm("web");
+        mvm.metadata.annotations = Some(
+            [(
+                "kubectl.kubernetes.io/last-applied-configuration".to_string(),
+                "{}".to_string(),
+            )]
+            .into(),
+        );
+        let before = mvm.clone();
+        trim_microvm(&mut mvm);
+        assert_eq!(mvm.metadata.annotations, None);
+        assert_eq!(mvm.spec, before.spec);
+        assert_eq!(mvm.status, before.status);
+        assert_eq!(mvm.metadata.labels, before.metadata.labels);
+        assert_eq!(mvm.metadata.finalizers, before.metadata.finalizers);
+        assert_eq!(
+            mvm.metadata.resource_version,
+            before.metadata.resource_version
+        );
     }
 }

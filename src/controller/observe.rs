@@ -118,7 +118,10 @@ pub(super) async fn observe(mvm: &MicroVM, ctx: &Context) -> Observation {
     let deleting = mvm.metadata.deletion_timestamp.is_some();
     let uid = mvm.uid().unwrap_or_default();
     let placement = if node.is_none() && !deleting && pods.is_none() {
-        Some(place(mvm, ctx).await)
+        let started = Instant::now();
+        let placed = place(mvm, ctx).await;
+        ctx.metrics.step("place", started.elapsed());
+        Some(placed)
     } else {
         None
     };
@@ -172,6 +175,20 @@ pub(super) async fn observe(mvm: &MicroVM, ctx: &Context) -> Observation {
     }
 }
 
+/// [`placed_node`] without copying the name: status first, the label as a fallback.
+fn placed_on(mvm: &MicroVM) -> Option<&str> {
+    mvm.status
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        .or_else(|| {
+            mvm.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(crate::api::NODE_LABEL))
+                .map(String::as_str)
+        })
+}
+
 /// Ignis's own placement (no VM pods): a node with room for the VM, reserved until the cache
 /// shows the placement written.
 async fn place(mvm: &MicroVM, ctx: &Context) -> Result<String, scheduler::Unschedulable> {
@@ -186,20 +203,27 @@ async fn place(mvm: &MicroVM, ctx: &Context) -> Result<String, scheduler::Unsche
     };
     let mut placing = ctx.placing.lock().await;
     // What the cache says is placed where, and which reservations it has caught up with.
+    // One pass over the whole cache per placement, under the lock, so it allocates nothing per
+    // object (only per node, and per reservation still pending): this pass is the part of a
+    // placement that grows with the cache, and placements wait for each other.
     let mut reserved: HashMap<String, (u32, u64)> = HashMap::new();
     let mut known: HashMap<String, bool> = HashMap::new();
     for obj in ctx.store.state() {
-        let node = placed_node(&obj);
-        if let Some(id) = obj.uid() {
-            known.insert(id, node.is_some());
+        let node = placed_on(&obj);
+        if let Some(id) = obj.metadata.uid.as_deref()
+            && placing.contains_key(id)
+        {
+            known.insert(id.to_string(), node.is_some());
         }
         if let (Some(node), Some((c, m))) = (node, vmspec::reserved(&obj)) {
-            let e = reserved.entry(node).or_default();
+            let e = match reserved.get_mut(node) {
+                Some(e) => e,
+                None => reserved.entry(node.to_string()).or_default(),
+            };
             e.0 += c;
             e.1 += m;
         }
     }
-    placing.retain(|id, _| id != &uid && known.get(id) == Some(&false));
     for r in placing.values() {
         let e = reserved.entry(r.node.clone()).or_default();
         e.0 += r.vcpus;
@@ -236,4 +260,29 @@ async fn place(mvm: &MicroVM, ctx: &Context) -> Result<String, scheduler::Unsche
         Err(u) => ctx.metrics.placement_failure(u.constraint.as_str()),
     }
     decision
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::NODE_LABEL;
+    use crate::testing::microvm;
+
+    #[test]
+    fn placed_on_reads_what_placed_node_reads() {
+        let mut mvm = microvm("web");
+        mvm.status = None;
+        mvm.metadata.labels = None;
+        assert_eq!(placed_on(&mvm), None);
+        assert_eq!(placed_node(&mvm), None);
+        mvm.metadata.labels = Some([(NODE_LABEL.to_string(), "node-b".to_string())].into());
+        assert_eq!(placed_on(&mvm), Some("node-b"));
+        assert_eq!(placed_node(&mvm).as_deref(), Some("node-b"));
+        mvm.status = Some(crate::api::MicroVMStatus {
+            node_name: Some("node-a".into()),
+            ..Default::default()
+        });
+        assert_eq!(placed_on(&mvm), Some("node-a"));
+        assert_eq!(placed_node(&mvm).as_deref(), Some("node-a"));
+    }
 }
