@@ -224,6 +224,9 @@ async fn place(mvm: &MicroVM, ctx: &Context) -> Result<String, scheduler::Unsche
             e.1 += m;
         }
     }
+    // A reservation ends once the cache shows its placement (or its object is gone): from then
+    // on the cache counts it.
+    placing.retain(|id, _| id != &uid && known.get(id) == Some(&false));
     for r in placing.values() {
         let e = reserved.entry(r.node.clone()).or_default();
         e.0 += r.vcpus;
