@@ -14,6 +14,7 @@ pub(crate) mod host;
 pub mod image;
 pub mod kvm;
 pub mod net;
+mod offers;
 pub(crate) mod open_fds;
 pub(crate) mod pod;
 pub(crate) mod server;
@@ -25,16 +26,14 @@ pub mod vmm;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{AcceleratorChoice, Hypervisor};
 use crate::telemetry::{self, MetricsRegistry, Readiness};
-use supervisor::{AgentMetrics, BackendEntry, Supervisor, SupervisorConfig};
+use supervisor::{AgentMetrics, Supervisor, SupervisorConfig};
 
 /// vCPUs offered per host CPU by default (KubeVirt's default CPU allocation ratio).
 pub(crate) const DEFAULT_VCPU_OVERCOMMIT: u32 = 10;
@@ -424,85 +423,6 @@ impl AgentHandle {
     }
 }
 
-/// Decide the accelerator: `tcg` skips the probe; `auto` runs the bounded KVM probe (cached
-/// per host boot in the state directory) and falls back to TCG; `kvm` refuses to start
-/// without usable KVM.
-async fn choose_accelerator(config: &AgentConfig) -> Result<kvm::KvmProbe, AgentError> {
-    let choice = match config.accelerator {
-        AcceleratorFlag::Auto => AcceleratorChoice::Auto,
-        AcceleratorFlag::Kvm => AcceleratorChoice::Kvm,
-        AcceleratorFlag::Tcg => AcceleratorChoice::Tcg,
-    };
-    let kernel = guest::find_newest_kernel(Path::new("/boot"))
-        .map(|version| PathBuf::from(format!("/boot/vmlinuz-{version}")))
-        .unwrap_or_default();
-    let options = kvm::ProbeOptions::new(
-        vmm::process::resolve_binary(&config.qemu_binary)
-            .unwrap_or_else(|_| config.qemu_binary.clone()),
-        kernel,
-        Some(config.state_dir.clone()),
-    );
-    kvm::probe(choice, &options).await.map_err(AgentError::Kvm)
-}
-
-/// The VMM backends this agent offers, and why the missing ones are missing.
-fn backends(config: &AgentConfig) -> (Vec<BackendEntry>, Vec<(Hypervisor, String)>) {
-    let mut backends = Vec::new();
-    let mut unavailable = Vec::new();
-    let mut add =
-        |kind: Hypervisor,
-         binary: &Path,
-         made: Result<(Arc<dyn vmm::VmmBackend>, PathBuf), vmm::VmmError>| {
-            match made {
-                Ok((backend, binary)) => backends.push(BackendEntry { backend, binary }),
-                // A node without this VMM still serves the others; VMs asking for it fail
-                // with HypervisorUnavailable and this reason.
-                Err(error) => {
-                    tracing::info!(hypervisor = %kind, binary = %binary.display(), %error, "VMM unavailable");
-                    unavailable.push((kind, error.to_string()));
-                }
-            }
-        };
-    add(
-        Hypervisor::Qemu,
-        &config.qemu_binary,
-        vmm::qemu::QemuBackend::new(&config.qemu_binary).map(|b| {
-            let binary = b.binary().to_path_buf();
-            (Arc::new(b) as Arc<dyn vmm::VmmBackend>, binary)
-        }),
-    );
-    add(
-        Hypervisor::Firecracker,
-        &config.firecracker_binary,
-        vmm::firecracker::FirecrackerBackend::new(&config.firecracker_binary).map(|b| {
-            (
-                Arc::new(b) as Arc<dyn vmm::VmmBackend>,
-                config.firecracker_binary.clone(),
-            )
-        }),
-    );
-    add(
-        Hypervisor::CloudHypervisor,
-        &config.cloud_hypervisor_binary,
-        vmm::cloud_hypervisor::CloudHypervisorBackend::new(&config.cloud_hypervisor_binary).map(
-            |b| {
-                (
-                    Arc::new(b) as Arc<dyn vmm::VmmBackend>,
-                    config.cloud_hypervisor_binary.clone(),
-                )
-            },
-        ),
-    );
-    if config.simulated {
-        let simulated = simulated::SimulatedBackend::default();
-        backends.push(BackendEntry {
-            binary: simulated.binary.clone(),
-            backend: Arc::new(simulated),
-        });
-    }
-    (backends, unavailable)
-}
-
 /// Bind, re-adopt the VMs of the state directory, and serve in the background until
 /// `shutdown` is cancelled.
 pub async fn serve(
@@ -537,10 +457,10 @@ pub(crate) async fn serve_with_metrics(
         capacity.vcpus = capacity.vcpus.saturating_mul(f);
         capacity.memory_bytes = capacity.memory_bytes.saturating_mul(f.into());
     }
-    let probe = choose_accelerator(&config).await?;
+    let probe = offers::choose_accelerator(&config).await?;
     let (accelerator, accelerator_detail) = (probe.accelerator, probe.detail);
     let instance_id = uuid::Uuid::new_v4().to_string();
-    let (backends, unavailable) = backends(&config);
+    let (backends, unavailable) = offers::backends(&config);
     let supervisor = Supervisor::new(
         SupervisorConfig {
             boot_timeout: config.boot_timeout,
