@@ -561,13 +561,6 @@ impl<'a> Planner<'a> {
         let mut run = self.restarts(Some(vm));
         self.set_restarts(run);
         let halted = self.mvm.spec.run_policy == RunPolicy::Halted;
-        let apply = |p: &mut Self, run: u32, desired: DesiredState| {
-            p.agent.push(Action::ApplyVm {
-                node: node.to_string(),
-                run,
-                desired,
-            });
-        };
         // A boot-relevant field differs from what runs (only possible across controller
         // versions, since those fields are immutable): converge the same run onto the new spec.
         let hash_differs = vm.spec_hash != hash;
@@ -593,7 +586,7 @@ impl<'a> Planner<'a> {
                 }
                 RunState::Stopping => self.stopping("runPolicy is Halted: stopping the guest"),
                 _ => {
-                    apply(self, vm.run, DesiredState::Stopped);
+                    self.apply_desired(node, vm.run, DesiredState::Stopped);
                     self.stopping("runPolicy is Halted: stopping the guest");
                 }
             }
@@ -601,7 +594,7 @@ impl<'a> Planner<'a> {
         }
 
         if vm.run < run || hash_differs {
-            apply(self, run, DesiredState::Running);
+            self.apply_desired(node, run, DesiredState::Running);
             self.starting(node);
             return;
         }
@@ -646,7 +639,7 @@ impl<'a> Planner<'a> {
                 // the stopped run is over, so boot the next one.
                 run += 1;
                 self.set_restarts(run);
-                apply(self, run, DesiredState::Running);
+                self.apply_desired(node, run, DesiredState::Running);
                 self.event(EventKind::Normal, "Starting", format!("booting on {node}"));
                 self.starting(node);
             }

@@ -87,7 +87,8 @@ impl Planner<'_> {
         true
     }
 
-    fn apply_desired(&mut self, node: &str, run: u32, desired: DesiredState) {
+    /// Ask `node`'s agent for the VM's run `run` in `desired`.
+    pub(super) fn apply_desired(&mut self, node: &str, run: u32, desired: DesiredState) {
         self.agent.push(Action::ApplyVm {
             node: node.to_string(),
             run,
