@@ -106,6 +106,12 @@ impl Inner {
         })
     }
 
+    /// Whose the VM's snapshot files are: its VMM's uid and gid (none when VMMs run
+    /// unconfined).
+    fn snapshot_owner(&self, uid: &VmUid) -> Option<(u32, u32)> {
+        self.confinement(uid).ok().flatten().map(|c| (c.uid, c.gid))
+    }
+
     /// Save the running guest and end its VMM; the VM is then Suspended. A suspend that is
     /// refused (the node's limit) or fails leaves the guest running, with the reason in the
     /// status.
@@ -130,11 +136,7 @@ impl Inner {
             let message = "the VM's VMM is not known to this agent".to_string();
             return self.suspend_not_done(slot, &run, "SnapshotFailed", message, false);
         };
-        let owner = self
-            .confinement(&slot.uid)
-            .ok()
-            .flatten()
-            .map(|c| (c.uid, c.gid));
+        let owner = self.snapshot_owner(&slot.uid);
         let dir = match self.store.create_snapshot_dir(&slot.uid, owner) {
             Ok(dir) => dir,
             Err(error) => {
@@ -257,14 +259,9 @@ impl Inner {
         };
         match why_not {
             None => {
-                let owner = self
-                    .confinement(&slot.uid)
-                    .ok()
-                    .flatten()
-                    .map(|c| (c.uid, c.gid));
                 slot.lock().resume = Some(SnapshotFiles {
                     dir: self.store.snapshot_dir(&slot.uid),
-                    owner,
+                    owner: self.snapshot_owner(&slot.uid),
                 });
             }
             Some(why) => self.snapshot_unrestorable(slot, &why),
