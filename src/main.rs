@@ -19,6 +19,13 @@ struct Cli {
     command: Command,
 }
 
+/// Which CRD `ignis crd` prints.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum CrdKind {
+    Microvm,
+    Pool,
+}
+
 #[derive(Debug, Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once; boxing buys nothing
 enum Command {
@@ -30,8 +37,11 @@ enum Command {
     Dev(ignis::dev::DevArgs),
     /// Before an uninstall (the Helm chart's pre-delete hook): delete every MicroVM and wait.
     Uninstall(ignis::controller::uninstall::UninstallArgs),
-    /// Print the MicroVM CustomResourceDefinition as YAML.
-    Crd,
+    /// Print a CustomResourceDefinition as YAML: the MicroVM's, or `pool` for MicroVMPool's.
+    Crd {
+        #[arg(value_enum, default_value_t = CrdKind::Microvm)]
+        kind: CrdKind,
+    },
     /// Measure Ignis: boot latency, control-plane throughput, footprint, churn.
     Bench(ignis::bench::BenchArgs),
     /// Print the version.
@@ -52,8 +62,12 @@ fn main() -> ExitCode {
             println!("ignis {}", ignis::VERSION);
             return ExitCode::SUCCESS;
         }
-        Command::Crd => {
-            return match ignis::api::crd_yaml() {
+        Command::Crd { kind } => {
+            let yaml = match kind {
+                CrdKind::Microvm => ignis::api::crd_yaml(),
+                CrdKind::Pool => ignis::api::pool_crd_yaml(),
+            };
+            return match yaml {
                 Ok(yaml) => {
                     print!("{yaml}");
                     ExitCode::SUCCESS
@@ -96,7 +110,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Bench(args) => ignis::bench::run(args, shutdown).await?,
         Command::Uninstall(args) => ignis::controller::uninstall::run(args, shutdown).await?,
         Command::VmPod(args) => ignis::vm_pod::run(args, shutdown).await?,
-        Command::Crd | Command::Version | Command::Jailer(_) => {}
+        Command::Crd { .. } | Command::Version | Command::Jailer(_) => {}
     }
     Ok(())
 }

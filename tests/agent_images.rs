@@ -84,6 +84,7 @@ async fn delete(
         .delete_vm(proto::DeleteVmRequest {
             uid: uid.into(),
             grace_period_seconds: 1,
+            ..Default::default()
         })
         .await
         .expect("delete");

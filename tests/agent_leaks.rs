@@ -222,6 +222,7 @@ fn failure_loops_leave_no_fd_process_tap_or_file() {
                 .delete_vm(proto::DeleteVmRequest {
                     uid: uid.into(),
                     grace_period_seconds: 0,
+                    ..Default::default()
                 })
                 .await
                 .expect("delete");

@@ -167,6 +167,7 @@ async fn boots_the_demo_guest_then_delete_leaves_nothing() {
         .delete_vm(proto::DeleteVmRequest {
             uid: uid.into(),
             grace_period_seconds: 1,
+            ..Default::default()
         })
         .await
         .expect("delete")
@@ -194,6 +195,7 @@ async fn boots_the_demo_guest_then_delete_leaves_nothing() {
         .delete_vm(proto::DeleteVmRequest {
             uid: uid.into(),
             grace_period_seconds: 1,
+            ..Default::default()
         })
         .await
         .expect("delete twice")
@@ -269,6 +271,7 @@ async fn a_killed_vmm_shows_up_as_an_exited_event_with_a_reason() {
         .delete_vm(proto::DeleteVmRequest {
             uid: uid.into(),
             grace_period_seconds: 0,
+            ..Default::default()
         })
         .await
         .expect("delete");
@@ -417,6 +420,7 @@ async fn bad_input_fails_with_the_cause_and_leaves_nothing() {
             .delete_vm(proto::DeleteVmRequest {
                 uid: uid.into(),
                 grace_period_seconds: 0,
+                ..Default::default()
             })
             .await
             .expect("delete")
@@ -539,6 +543,7 @@ async fn agent_restart_readopts_vms_and_five_boot_at_once() {
             .delete_vm(proto::DeleteVmRequest {
                 uid: uid.clone(),
                 grace_period_seconds: 1,
+                ..Default::default()
             })
             .await
             .expect("delete");
@@ -726,6 +731,7 @@ async fn apply_to_ready_against_bare_qemu_console_follow_heartbeat_and_stop_on_e
                 .delete_vm(proto::DeleteVmRequest {
                     uid,
                     grace_period_seconds: 0,
+                    ..Default::default()
                 })
                 .await
                 .expect("delete");

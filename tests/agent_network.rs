@@ -147,6 +147,7 @@ fn nat_guest_gets_an_address_answers_survives_a_restart_and_leaves_nothing() {
             .delete_vm(proto::DeleteVmRequest {
                 uid: "plain".into(),
                 grace_period_seconds: 0,
+                ..Default::default()
             })
             .await
             .expect("delete plain");
@@ -219,6 +220,7 @@ fn nat_guest_gets_an_address_answers_survives_a_restart_and_leaves_nothing() {
             .delete_vm(proto::DeleteVmRequest {
                 uid: "net-bad".into(),
                 grace_period_seconds: 0,
+                ..Default::default()
             })
             .await
             .expect("delete bad");
@@ -243,6 +245,7 @@ fn nat_guest_gets_an_address_answers_survives_a_restart_and_leaves_nothing() {
             .delete_vm(proto::DeleteVmRequest {
                 uid: uid.into(),
                 grace_period_seconds: 1,
+                ..Default::default()
             })
             .await
             .expect("delete")

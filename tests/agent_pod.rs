@@ -288,6 +288,7 @@ fn a_guest_in_its_pod_answers_at_the_pod_ip_and_on_the_pods_localhost() {
             .delete_vm(proto::DeleteVmRequest {
                 uid: "pod".into(),
                 grace_period_seconds: 0,
+                ..Default::default()
             })
             .await
             .expect("delete");

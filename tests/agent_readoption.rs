@@ -99,6 +99,7 @@ async fn a_damaged_handle_file_never_leaves_two_vmms_or_an_orphan() {
             .delete_vm(proto::DeleteVmRequest {
                 uid: uid.to_owned(),
                 grace_period_seconds: 1,
+                ..Default::default()
             })
             .await
             .expect("delete");

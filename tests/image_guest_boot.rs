@@ -271,6 +271,7 @@ fn debootstrap_guest_from_a_registry_boots_through_the_agent_by_dhcp() {
                 .delete_vm(proto::DeleteVmRequest {
                     uid: uid.into(),
                     grace_period_seconds: 2,
+                    ..Default::default()
                 })
                 .await
                 .expect("delete");

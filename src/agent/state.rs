@@ -341,6 +341,8 @@ mod tests {
             desired: DesiredState::Running,
             pull_secrets: Default::default(),
             pod: None,
+            metadata: Default::default(),
+            owner: None,
         };
         store.write_spec(&spec).expect("spec");
         let status = VmStatus {

@@ -51,6 +51,7 @@ impl MicroVmBuilder {
             tolerations: Vec::new(),
             priority_class_name: None,
             readiness: None,
+            pool: None,
             termination_grace_period_seconds: super::default_grace_period(),
         };
         Self {
@@ -258,6 +259,33 @@ impl MicroVmBuilder {
     pub fn grace_period_seconds(mut self, seconds: i64) -> Self {
         self.vm.spec.termination_grace_period_seconds = seconds;
         self
+    }
+
+    /// Take a warm VM from the pool `name` (`spec.pool`).
+    pub fn pool(mut self, name: &str) -> Self {
+        self.vm.spec.pool = Some(name.to_string());
+        self
+    }
+
+    /// A pool `name` keeping `replicas` warm VMs of this MicroVM's spec and labels.
+    pub fn pool_of(self, name: &str, replicas: u32) -> super::MicroVMPool {
+        let mut pool = super::MicroVMPool::new(
+            name,
+            super::MicroVMPoolSpec {
+                replicas,
+                template: super::MicroVMTemplate {
+                    metadata: super::TemplateMetadata {
+                        labels: self.vm.metadata.labels.clone().unwrap_or_default(),
+                    },
+                    spec: super::MicroVMSpec {
+                        pool: None,
+                        ..self.vm.spec
+                    },
+                },
+            },
+        );
+        pool.metadata.namespace = self.vm.metadata.namespace;
+        pool
     }
 
     pub fn build(self) -> MicroVM {

@@ -50,6 +50,7 @@ use serde::{Deserialize, Serialize};
     validation = Rule::new("has(self.network) == has(oldSelf.network) && (!has(self.network) || self.network == oldSelf.network)").message("spec.network is immutable: delete and recreate the MicroVM to change it").field_path(".network"),
     validation = Rule::new("has(self.userData) == has(oldSelf.userData) && (!has(self.userData) || self.userData == oldSelf.userData)").message("spec.userData is immutable: it is handed to the guest at boot").field_path(".userData"),
     validation = Rule::new("has(self.nodeSelector) == has(oldSelf.nodeSelector) && (!has(self.nodeSelector) || self.nodeSelector == oldSelf.nodeSelector)").message("spec.nodeSelector is immutable: a placed MicroVM never moves").field_path(".nodeSelector"),
+    validation = Rule::new("has(self.pool) == has(oldSelf.pool) && (!has(self.pool) || self.pool == oldSelf.pool)").message("spec.pool is immutable: a MicroVM claims from its pool once, when it is made").field_path(".pool"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MicroVMSpec {
@@ -113,6 +114,13 @@ pub struct MicroVMSpec {
     /// How Ignis decides the guest is ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub readiness: Option<ReadinessProbe>,
+    /// A `MicroVMPool` in this namespace to take a warm VM from, with no boot. The spec must
+    /// match the pool's template apart from `userData`, `runPolicy`, `suspend` and the grace
+    /// period; otherwise, or when the pool has no Ready VM, the MicroVM boots cold and says
+    /// why (docs/fast-start.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub pool: Option<String>,
     /// Seconds between a graceful stop request and a forced kill.
     #[serde(default = "default_grace_period")]
     #[schemars(range(min = 0, max = 3600))]
@@ -575,4 +583,63 @@ pub struct MicroVMStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// What became of `spec.pool`: the warm VM taken, or why the MicroVM booted cold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<ClaimStatus>,
+}
+
+/// The outcome of a MicroVM's claim on its pool, written once.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimStatus {
+    /// The pool named in `spec.pool`.
+    pub pool: String,
+    /// `Claimed`, or why the MicroVM booted cold: `PoolEmpty`, `PoolNotFound`,
+    /// `TemplateMismatch`.
+    pub outcome: ClaimOutcome,
+    /// The warm VM taken: its MicroVM's name when it was warm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_name: Option<String>,
+    /// The id the node's agent knows the VM by (the warm MicroVM's uid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_uid: Option<String>,
+    /// The VM pod the VM runs in (cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// The boot hash of the warm VM's spec, which the claiming spec stands for while it still
+    /// matches the template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_hash: Option<String>,
+    /// The template hash both specs shared at the claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_hash: Option<String>,
+    /// From the MicroVM's creation to its claim being written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
+}
+
+/// How a claim ended.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ClaimOutcome {
+    /// A warm VM was taken.
+    #[default]
+    Claimed,
+    /// The pool had no Ready warm VM: booted cold.
+    PoolEmpty,
+    /// No such pool in the namespace: booted cold.
+    PoolNotFound,
+    /// The spec differs from the template in a field that needs a boot: booted cold.
+    TemplateMismatch,
+}
+
+impl ClaimOutcome {
+    /// The spelling in status, Events and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClaimOutcome::Claimed => "Claimed",
+            ClaimOutcome::PoolEmpty => "PoolEmpty",
+            ClaimOutcome::PoolNotFound => "PoolNotFound",
+            ClaimOutcome::TemplateMismatch => "TemplateMismatch",
+        }
+    }
 }

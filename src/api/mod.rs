@@ -6,6 +6,7 @@
 mod builder;
 mod conditions;
 mod microvm;
+mod pool;
 mod quantity;
 pub(crate) mod validation;
 
@@ -14,6 +15,7 @@ pub use builder::MicroVmBuilder;
 pub(crate) use conditions::set_condition;
 pub(crate) use conditions::{ConditionType, Reason, find_condition, set_condition_status};
 pub use microvm::*;
+pub use pool::*;
 pub(crate) use quantity::{QuantityError, parse_quantity_bytes};
 
 /// The API group of every Ignis resource.
@@ -39,6 +41,12 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     serde_yaml::to_string(&MicroVM::crd())
 }
 
+/// The pool CRD as YAML, what `ignis crd pool` prints and `crds/microvmpool.yaml` holds.
+pub fn pool_crd_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    serde_yaml::to_string(&MicroVMPool::crd())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,17 +58,21 @@ mod tests {
     /// Regenerate with `cargo run -- crd > crds/microvm.yaml` (and copy into the chart).
     #[test]
     fn checked_in_crds_match_the_rust_types() {
-        let generated = crd_yaml().expect("CRD serializes");
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        for file in [
-            "crds/microvm.yaml",
-            "charts/ignis/crds/microvm.yaml",
-            "config/crd/microvm.yaml",
+        let microvm = crd_yaml().expect("CRD serializes");
+        let pool = pool_crd_yaml().expect("CRD serializes");
+        for (file, generated) in [
+            ("crds/microvm.yaml", &microvm),
+            ("charts/ignis/crds/microvm.yaml", &microvm),
+            ("config/crd/microvm.yaml", &microvm),
+            ("crds/microvmpool.yaml", &pool),
+            ("charts/ignis/crds/microvmpool.yaml", &pool),
+            ("config/crd/microvmpool.yaml", &pool),
         ] {
             let on_disk = std::fs::read_to_string(root.join(file)).unwrap_or_default();
             assert!(
-                on_disk == generated,
-                "{file} drifted from the Rust types: run `cargo run -- crd > {file}`"
+                &on_disk == generated,
+                "{file} drifted from the Rust types: run `scripts/crds.sh`"
             );
         }
     }

@@ -156,6 +156,8 @@ async fn apply_vm(
             name: p.name.clone(),
             ip: p.ip,
         }),
+        metadata: built.metadata.clone(),
+        owner: built.owner.clone(),
     };
     t.ctx
         .pool
@@ -168,12 +170,13 @@ async fn apply_vm(
 async fn delete_vm(t: &Target<'_>, node: &str) -> Result<(), ReconcileError> {
     let grace = Duration::from_secs(t.mvm.spec.termination_grace_period_seconds.max(0) as u64);
     // A uid that names no VM was never applied: there is nothing to delete.
-    let Ok(uid) = VmUid::new(t.mvm.uid().unwrap_or_default()) else {
+    let identity = super::identity::of(t.mvm);
+    let Ok(uid) = VmUid::new(identity.vm_uid) else {
         return Ok(());
     };
     t.ctx
         .pool
-        .delete_vm(node, &uid, grace)
+        .delete_vm(node, &uid, identity.owner.as_ref(), grace)
         .await
         .map_err(ReconcileError::Agent)?;
     Ok(())

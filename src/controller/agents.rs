@@ -347,6 +347,7 @@ impl AgentPool {
         &self,
         node: &str,
         uid: &VmUid,
+        owner: Option<&VmUid>,
         grace: Duration,
     ) -> Result<bool, AgentError> {
         let mut client = self.client(node)?;
@@ -356,6 +357,7 @@ impl AgentPool {
             client.delete_vm(proto::DeleteVmRequest {
                 uid: uid.to_string(),
                 grace_period_seconds: -1,
+                owner_uid: owner.map(ToString::to_string).unwrap_or_default(),
             }),
         )
         .await

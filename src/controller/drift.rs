@@ -62,7 +62,10 @@ pub(super) async fn housekeeping(
             ctx.metrics.drift_removed.inc();
             let pool = ctx.pool.clone();
             tokio::spawn(async move {
-                if let Err(error) = pool.delete_vm(&node, &uid, Duration::from_secs(30)).await {
+                if let Err(error) = pool
+                    .delete_vm(&node, &uid, None, Duration::from_secs(30))
+                    .await
+                {
                     tracing::warn!(%node, %uid, reason = error.reason(), %error, "drift repair failed");
                 }
             });

@@ -10,6 +10,7 @@ pub(crate) mod decide;
 pub(crate) mod discovery;
 mod drift;
 pub(crate) mod events;
+pub(crate) mod identity;
 pub(crate) mod leader;
 pub(crate) mod metrics;
 mod nodelabels;

@@ -89,7 +89,7 @@ struct PodObservation {
 
 fn observe_pod(mvm: &MicroVM, settings: &VmPodSettings, store: &Store<Pod>) -> PodObservation {
     let ns = mvm.namespace().unwrap_or_default();
-    let name = vmpod::pod_name(&mvm.name_any());
+    let name = super::identity::of(mvm).pod;
     let view = store
         .get(&kube::runtime::reflector::ObjectRef::new(&name).within(&ns))
         .map(|p| vmpod::view(&p));
@@ -116,7 +116,7 @@ pub(super) async fn observe(mvm: &MicroVM, ctx: &Context) -> Observation {
         None => placed_node(mvm),
     };
     let deleting = mvm.metadata.deletion_timestamp.is_some();
-    let uid = mvm.uid().unwrap_or_default();
+    let uid = super::identity::of(mvm).vm_uid;
     let placement = if node.is_none() && !deleting && pods.is_none() {
         let started = Instant::now();
         let placed = place(mvm, ctx).await;

@@ -4,7 +4,7 @@
 use thiserror::Error;
 
 use crate::api::{InterfaceMode, MicroVM, parse_quantity_bytes};
-use crate::vm::{GuestFile, Interface, VmSpec, VmUid};
+use crate::vm::{GuestFile, GuestMetadata, Interface, VmSpec, VmUid};
 
 /// A MicroVM the agent API cannot express. Permanent: the object must change first.
 #[derive(Debug, Error, PartialEq, Eq, strum::IntoStaticStr)]
@@ -37,6 +37,10 @@ pub(crate) enum VmSpecError {
 pub(crate) struct BuiltSpec {
     pub(crate) spec: VmSpec,
     pub(crate) hash: String,
+    /// What the guest reads over its metadata channel.
+    pub(crate) metadata: GuestMetadata,
+    /// The MicroVM the VM answers to, when it is a claimed warm VM.
+    pub(crate) owner: Option<VmUid>,
 }
 
 /// Build the agent's [`VmSpec`]; `in_pod`: the VM runs in its VM pod, where a MicroVM with no
@@ -44,8 +48,9 @@ pub(crate) struct BuiltSpec {
 /// gives every VM the pod network by default.
 pub(crate) fn build(mvm: &MicroVM, in_pod: bool) -> Result<BuiltSpec, VmSpecError> {
     let meta = &mvm.metadata;
-    let uid = meta.uid.clone().ok_or(VmSpecError::MissingUid)?;
-    let uid = VmUid::new(uid).map_err(VmSpecError::Uid)?;
+    meta.uid.as_ref().ok_or(VmSpecError::MissingUid)?;
+    let identity = super::identity::of(mvm);
+    let uid = VmUid::new(identity.vm_uid).map_err(VmSpecError::Uid)?;
     let s = &mvm.spec;
     let memory_bytes =
         parse_quantity_bytes(&s.resources.memory).map_err(|source| VmSpecError::Memory {
@@ -100,8 +105,43 @@ pub(crate) fn build(mvm: &MicroVM, in_pod: bool) -> Result<BuiltSpec, VmSpecErro
         readiness_tcp_port: s.readiness.as_ref().and_then(|r| r.tcp_port),
         termination_grace_period_seconds: s.termination_grace_period_seconds,
     };
-    let hash = spec.boot_hash();
-    Ok(BuiltSpec { spec, hash })
+    let metadata = GuestMetadata {
+        hostname: spec.name.clone(),
+        labels: guest_labels(mvm),
+        user_data: s.user_data.clone(),
+    };
+    let hash = match claimed_hash(mvm, &spec) {
+        Some(hash) => hash,
+        None => spec.boot_hash(),
+    };
+    Ok(BuiltSpec {
+        spec,
+        hash,
+        metadata,
+        owner: identity.owner,
+    })
+}
+
+/// A claimed warm VM booted from the pool's template, not from this spec: while the spec
+/// still matches that template, it stands for the warm VM's boot (no new boot); once it
+/// differs, its own hash asks for one.
+fn claimed_hash(mvm: &MicroVM, spec: &VmSpec) -> Option<String> {
+    let claim = mvm.status.as_ref()?.claim.as_ref()?;
+    let template = claim.template_hash.as_deref()?;
+    (claim.vm_uid.is_some() && spec.template_hash() == template)
+        .then(|| claim.boot_hash.clone())
+        .flatten()
+}
+
+/// The labels a guest sees: the MicroVM's own, without the ones Ignis keeps.
+pub(crate) fn guest_labels(mvm: &MicroVM) -> std::collections::BTreeMap<String, String> {
+    mvm.metadata
+        .labels
+        .iter()
+        .flatten()
+        .filter(|(k, _)| !k.starts_with("ignis.dev/"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// The file of one spec field: an image wins over a path (the API server's CEL rule allows

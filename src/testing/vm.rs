@@ -36,5 +36,7 @@ pub fn apply_request(uid: &str) -> ApplyRequest {
         desired: DesiredState::Running,
         pull_secrets: PullSecrets::default(),
         pod: None,
+        metadata: Default::default(),
+        owner: None,
     }
 }

@@ -19,7 +19,9 @@ pub(crate) mod wire;
 
 pub use crate::api::{Accelerator, Hypervisor, ImageKind, InterfaceMode};
 pub use exit::ExitReason;
-pub use spec::{ApplyRequest, DesiredState, GuestFile, Interface, PodRef, PullSecrets, VmSpec};
+pub use spec::{
+    ApplyRequest, DesiredState, GuestFile, GuestMetadata, Interface, PodRef, PullSecrets, VmSpec,
+};
 pub use status::{
     HostInfo, PullFailure, PulledImage, Pulling, RunExit, RunState, SequencedEvent, SnapshotIssue,
     VmEvent, VmStatus,

@@ -231,6 +231,20 @@ impl VmSpec {
         hex::encode(&Sha256::digest(bytes)[..8])
     }
 
+    /// Hash of what a pool's warm VM shares with the MicroVM that claims it: the boot fields
+    /// without the VM's identity (uid, name, namespace) and `userData`, which a claim hands
+    /// the guest through its metadata channel instead.
+    pub(crate) fn template_hash(&self) -> String {
+        VmSpec {
+            uid: VmUid::template(),
+            namespace: String::new(),
+            name: String::new(),
+            user_data: None,
+            ..self.clone()
+        }
+        .boot_hash()
+    }
+
     /// The images the VM boots from, by kind.
     pub(crate) fn images(&self) -> Vec<(ImageKind, &str)> {
         [
@@ -302,6 +316,21 @@ pub struct ApplyRequest {
     /// agents before VM pods).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) pod: Option<PodRef>,
+    /// What the guest reads over its metadata channel; no part of any hash.
+    #[serde(default)]
+    pub(crate) metadata: GuestMetadata,
+    /// The MicroVM the VM answers to when it is not `spec.uid` (a claimed warm VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) owner: Option<VmUid>,
+}
+
+/// What a guest reads over its metadata channel (docs/fast-start.md): who it is now. A claim
+/// changes it with no boot, since a NoCloud drive cannot change after boot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestMetadata {
+    pub hostname: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub user_data: Option<String>,
 }
 
 /// A VM pod as the controller saw it scheduled on the agent's node: the agent finds the pod's
@@ -504,6 +533,12 @@ mod tests {
                 name: "vm-web".into(),
                 ip: Some("10.244.1.7".parse().expect("ip")),
             }),
+            metadata: GuestMetadata {
+                hostname: "web".into(),
+                labels: [("app".to_string(), "web".to_string())].into(),
+                user_data: Some("#cloud-config\n".into()),
+            },
+            owner: Some(VmUid::new("claimant").expect("uid")),
         };
         let json = serde_json::to_string(&request).expect("json");
         assert_eq!(

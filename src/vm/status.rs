@@ -158,6 +158,9 @@ pub struct VmStatus {
     /// This run was restored from a snapshot, not booted.
     #[serde(default)]
     pub(crate) restored: bool,
+    /// The MicroVM the VM answers to when it is not `uid` (a claimed warm VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) owner: Option<VmUid>,
 }
 
 /// A suspend that was refused or failed (the VM runs on), or a snapshot that could not be
@@ -199,6 +202,7 @@ impl VmStatus {
             snapshot_bytes: 0,
             snapshot_issue: None,
             restored: false,
+            owner: None,
         }
     }
 }

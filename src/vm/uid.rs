@@ -41,6 +41,11 @@ impl VmUid {
     pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The uid a template's hash is taken with: the same for every VM.
+    pub(crate) fn template() -> Self {
+        VmUid("template".to_string())
+    }
 }
 
 impl std::fmt::Display for VmUid {

@@ -9,9 +9,9 @@
 use thiserror::Error;
 
 use super::{
-    Accelerator, ApplyRequest, DesiredState, ExitReason, GuestFile, HostInfo, Hypervisor,
-    ImageKind, Interface, InterfaceMode, InvalidUid, PodRef, PullFailure, PullSecrets, PulledImage,
-    Pulling, RunExit, RunState, SequencedEvent, VmEvent, VmSpec, VmStatus, VmUid,
+    Accelerator, ApplyRequest, DesiredState, ExitReason, GuestFile, GuestMetadata, HostInfo,
+    Hypervisor, ImageKind, Interface, InterfaceMode, InvalidUid, PodRef, PullFailure, PullSecrets,
+    PulledImage, Pulling, RunExit, RunState, SequencedEvent, VmEvent, VmSpec, VmStatus, VmUid,
 };
 use crate::proto;
 
@@ -232,6 +232,17 @@ impl From<&ApplyRequest> for proto::ApplyVmRequest {
                 name: pod.name.clone(),
                 ip: pod.ip.map(|ip| ip.to_string()).unwrap_or_default(),
             }),
+            metadata: Some(proto::GuestMetadata {
+                hostname: request.metadata.hostname.clone(),
+                labels: request.metadata.labels.clone().into_iter().collect(),
+                user_data: request.metadata.user_data.clone().unwrap_or_default(),
+                has_user_data: request.metadata.user_data.is_some(),
+            }),
+            owner_uid: request
+                .owner
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
         }
     }
 }
@@ -344,6 +355,18 @@ pub(crate) fn apply_request(
             desired,
             pull_secrets: PullSecrets(request.pull_secrets),
             pod,
+            metadata: request
+                .metadata
+                .map(|m| GuestMetadata {
+                    hostname: m.hostname,
+                    labels: m.labels.into_iter().collect(),
+                    user_data: m.has_user_data.then_some(m.user_data),
+                })
+                .unwrap_or_default(),
+            owner: match request.owner_uid.as_str() {
+                "" => None,
+                owner => Some(VmUid::new(owner)?),
+            },
         },
         refused,
     ))
@@ -405,6 +428,11 @@ impl From<&VmStatus> for proto::Vm {
                     at_unix_ms: i.at_unix_ms,
                 }),
             restored: status.restored,
+            owner_uid: status
+                .owner
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
         }
     }
 }
@@ -446,6 +474,10 @@ pub(crate) fn vm_status(vm: proto::Vm) -> Result<VmStatus, InvalidUid> {
             at_unix_ms: i.at_unix_ms,
         }),
         restored: vm.restored,
+        owner: match vm.owner_uid.as_str() {
+            "" => None,
+            owner => VmUid::new(owner).ok(),
+        },
         // An image kind this side does not know is left out.
         images: vm
             .images

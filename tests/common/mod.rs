@@ -126,6 +126,7 @@ pub fn apply_request(spec: proto::VmSpec) -> proto::ApplyVmRequest {
         desired_state: proto::DesiredState::Running as i32,
         pull_secrets: Vec::new(),
         pod: None,
+        ..Default::default()
     }
 }
 

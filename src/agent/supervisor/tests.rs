@@ -193,6 +193,8 @@ fn request(uid: &str, kernel: &Path, hash: &str, run: u32, desired: DesiredState
         desired,
         pull_secrets: Default::default(),
         pod: None,
+        metadata: Default::default(),
+        owner: None,
     }
 }
 

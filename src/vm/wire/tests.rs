@@ -73,6 +73,8 @@ fn an_apply_crosses_the_wire_unchanged() {
             desired,
             pull_secrets: PullSecrets::new(vec![br#"{"auths":{}}"#.to_vec()]),
             pod,
+            metadata: Default::default(),
+            owner: None,
         };
         let (back, refused) = apply_request(wire(&request)).expect("valid");
         assert_eq!((back, refused), (request, None));
@@ -87,6 +89,8 @@ fn with_spec(edit: impl FnOnce(&mut proto::VmSpec)) -> proto::ApplyVmRequest {
         desired: DesiredState::Running,
         pull_secrets: PullSecrets::default(),
         pod: None,
+        metadata: Default::default(),
+        owner: None,
     });
     if let Some(spec) = request.spec.as_mut() {
         edit(spec);
@@ -154,6 +158,8 @@ fn images_cross_the_wire_and_secrets_stay_out_of_records() {
         desired: DesiredState::Running,
         pull_secrets: PullSecrets::new(vec![b"hunter2".to_vec()]),
         pod: None,
+        metadata: Default::default(),
+        owner: None,
     };
     let wire = wire(&request);
     let s = wire.spec.as_ref().expect("spec");
