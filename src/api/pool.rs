@@ -40,7 +40,7 @@ pub const MAX_POOL_REPLICAS: u32 = 1000;
     printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.replicas"),
     printcolumn(name = "Warm", type_ = "integer", json_path = ".status.replicas"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
-    printcolumn(name = "Claimed", type_ = "integer", json_path = ".status.claims"),
+    printcolumn(name = "Claimed", type_ = "integer", json_path = ".status.claimed"),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -90,9 +90,9 @@ pub struct MicroVMPoolStatus {
     /// Warm VMs whose guest is Ready: what a claim can take now.
     #[serde(default)]
     pub ready_replicas: u32,
-    /// Claims served from this pool since it was made.
+    /// MicroVMs now running a VM taken from this pool.
     #[serde(default)]
-    pub claims: u64,
+    pub claimed: u64,
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
