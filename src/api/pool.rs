@@ -102,3 +102,28 @@ pub struct MicroVMPoolStatus {
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::MicroVM;
+
+    const SAMPLE: &str = include_str!("../../config/samples/microvmpool.yaml");
+
+    #[test]
+    fn the_pool_sample_parses_and_its_claim_matches_the_template() {
+        let mut docs = serde_yaml::Deserializer::from_str(SAMPLE);
+        let pool = MicroVMPool::deserialize(docs.next().expect("the pool")).expect("a pool");
+        let claim = MicroVM::deserialize(docs.next().expect("the claim")).expect("a MicroVM");
+        assert_eq!(claim.spec.pool.as_deref(), Some("demo"));
+        assert_eq!(pool.spec.replicas, 2);
+        assert_eq!(
+            MicroVMSpec {
+                pool: None,
+                user_data: None,
+                ..claim.spec
+            },
+            pool.spec.template.spec
+        );
+    }
+}
