@@ -250,6 +250,12 @@ pub(super) async fn sweep(ctx: &Context) {
     let state = ctx.store.state();
     let claimants: std::collections::HashSet<String> =
         state.iter().filter_map(|o| o.uid()).collect();
+    // Warm VMs whose claim is complete: the claim deletes them itself; this finds those whose
+    // delete failed.
+    let moved: std::collections::HashSet<String> = state
+        .iter()
+        .filter_map(|o| o.status.as_ref()?.claim.as_ref()?.vm_uid.clone())
+        .collect();
     for vm in &state {
         let Some(pool) = super::claim::pool_of(vm) else {
             continue;
@@ -271,8 +277,11 @@ pub(super) async fn sweep(ctx: &Context) {
             .annotations
             .as_ref()
             .and_then(|a| a.get(crate::api::CLAIMED_BY_ANNOTATION))
-            .is_some_and(|by| !claimants.contains(by));
-        let unclaimed_orphan = !super::claim::taken(vm) && !pool_alive;
+            .is_some_and(|by| !claimants.contains(by))
+            || vm.uid().is_some_and(|uid| moved.contains(&uid));
+        // Only what a pool made: a MicroVM someone labelled by hand is not a warm VM.
+        let made_by_pool = vm.owner_references().iter().any(|o| o.kind == "MicroVMPool");
+        let unclaimed_orphan = made_by_pool && !super::claim::taken(vm) && !pool_alive;
         if unclaimed_orphan || orphan_mark {
             let api: Api<MicroVM> = Api::namespaced(ctx.client.clone(), &ns);
             if let Err(error) = api.delete(&vm.name_any(), &DeleteParams::default()).await {
