@@ -5,92 +5,12 @@
 
 mod gitops_support;
 
-use std::fmt::Write as _;
 use std::process::Command;
 use std::time::Duration;
 
 use gitops_support::{
-    check_table_matches_fixtures, object, on_path, require_all, root, run, verdict_table,
+    check_table_matches_fixtures, health, lua_present, object, root, verdict_table,
 };
-
-/// A JSON value as a Lua table constructor, the shape Argo CD hands the script as `obj`
-/// (JSON null is nil, as in Argo CD).
-fn lua_literal(v: &serde_json::Value, out: &mut String) {
-    match v {
-        serde_json::Value::Null => out.push_str("nil"),
-        serde_json::Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        serde_json::Value::Number(n) => out.push_str(&n.to_string()),
-        serde_json::Value::String(s) => lua_string(s, out),
-        serde_json::Value::Array(items) => {
-            out.push('{');
-            for item in items {
-                lua_literal(item, out);
-                out.push(',');
-            }
-            out.push('}');
-        }
-        serde_json::Value::Object(map) => {
-            out.push('{');
-            for (k, item) in map {
-                out.push('[');
-                lua_string(k, out);
-                out.push_str("]=");
-                lua_literal(item, out);
-                out.push(',');
-            }
-            out.push('}');
-        }
-    }
-}
-
-fn lua_string(s: &str, out: &mut String) {
-    out.push('"');
-    for ch in s.chars() {
-        match ch {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
-                let _ = write!(out, "\\{}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-}
-
-/// Run the health script on one object as Argo CD does: `obj` global, the chunk returns the
-/// health table. Prints "status\tmessage".
-fn health(script: &str, obj: &serde_json::Value) -> (String, String) {
-    let mut program = String::from("obj = ");
-    lua_literal(obj, &mut program);
-    program.push_str("\nlocal check = assert(loadstring(");
-    lua_string(script, &mut program);
-    program.push_str(", \"health.lua\"))\nlocal hs = check()\nio.write(hs.status, \"\\t\", hs.message or \"\")\n");
-    let dir = tempfile::tempdir().expect("tmp");
-    let file = dir.path().join("run.lua");
-    std::fs::write(&file, program).expect("write");
-    let out = run(Command::new("lua5.1").arg(&file), Duration::from_secs(30));
-    assert!(
-        out.status.success(),
-        "lua5.1 failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (status, message) = text.split_once('\t').expect("status\\tmessage");
-    (status.to_string(), message.to_string())
-}
-
-fn lua_present() -> bool {
-    if on_path("lua5.1") {
-        return true;
-    }
-    assert!(
-        !require_all(),
-        "IGNIS_REQUIRE_ALL=1 but lua5.1 is missing: apt-get install lua5.1 (scripts/setup.sh)"
-    );
-    eprintln!("skipped: lua5.1 is missing (apt-get install lua5.1)");
-    false
-}
 
 fn script() -> String {
     std::fs::read_to_string(root().join("config/argocd/health.lua")).expect("health.lua")

@@ -10,45 +10,13 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use gitops_support::{
-    check_table_matches_fixtures, on_path, require_all, root, run, verdict_table,
-};
-
-/// The kstatus program, built by scripts/tools.sh when it is not cached yet; `None` when Go is
-/// missing and the build is not demanded.
-fn kstatus() -> Option<PathBuf> {
-    let tools = root().join("scripts/tools.sh");
-    let dir = run(
-        Command::new(&tools).args(["bindir", "kstatus"]),
-        Duration::from_secs(30),
-    );
-    let bin = PathBuf::from(String::from_utf8_lossy(&dir.stdout).trim()).join("kstatus");
-    if !bin.is_file() && !on_path("go") {
-        assert!(
-            !require_all(),
-            "IGNIS_REQUIRE_ALL=1 but Go is missing: install Go >= 1.26 to build the kstatus checker"
-        );
-        eprintln!("skipped: Go is missing, so kstatus (sigs.k8s.io/cli-utils) cannot be built");
-        return None;
-    }
-    let out = run(
-        Command::new(&tools).args(["build", "kstatus"]),
-        Duration::from_secs(900),
-    );
-    assert!(
-        out.status.success(),
-        "scripts/tools.sh build kstatus failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(bin.is_file(), "no kstatus binary at {}", bin.display());
-    Some(bin)
-}
+use gitops_support::{check_table_matches_fixtures, kstatus_binary, run, verdict_table};
 
 #[test]
 fn kstatus_gives_every_captured_microvm_the_documented_verdict() {
     let table = verdict_table();
     let fixtures = check_table_matches_fixtures(&table);
-    let Some(kstatus) = kstatus() else { return };
+    let Some(kstatus) = kstatus_binary() else { return };
     let out = run(
         Command::new(&kstatus).args(fixtures.values()),
         Duration::from_secs(60),
@@ -87,7 +55,7 @@ fn kstatus_gives_every_captured_microvm_the_documented_verdict() {
 /// Flux's health checks are kstatus (its fork, github.com/fluxcd/cli-utils, has the same status
 /// rules): the table's Flux column must follow from its kstatus column.
 #[test]
-fn the_flux_column_follows_from_kstatus() {
+fn the_flux_column_follows_from_kstatus_binary() {
     for (name, row) in verdict_table() {
         let flux = match row.kstatus.as_str() {
             "Current" => "Ready",

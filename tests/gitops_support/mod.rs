@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -24,16 +25,29 @@ pub struct Row {
     pub flux: String,
 }
 
-/// The rows between `<!-- verdicts:begin -->` and `<!-- verdicts:end -->` in docs/gitops.md,
-/// by fixture name (the first column, in backticks). Columns are found by their header.
+/// The MicroVM verdicts: the rows between `<!-- verdicts:begin -->` and `<!-- verdicts:end -->`
+/// in docs/gitops.md.
 pub fn verdict_table() -> BTreeMap<String, Row> {
+    table_between("verdicts")
+}
+
+/// The MicroVMPool verdicts (`<!-- pool-verdicts:begin -->` … `end`).
+pub fn pool_verdict_table() -> BTreeMap<String, Row> {
+    table_between("pool-verdicts")
+}
+
+/// The rows between `<!-- {marker}:begin -->` and `<!-- {marker}:end -->` in docs/gitops.md,
+/// by fixture name (the first column, in backticks). Columns are found by their header.
+fn table_between(marker: &str) -> BTreeMap<String, Row> {
     let doc = std::fs::read_to_string(root().join("docs/gitops.md")).expect("docs/gitops.md");
+    let begin = format!("<!-- {marker}:begin -->");
     let start = doc
-        .find("<!-- verdicts:begin -->")
-        .expect("docs/gitops.md has <!-- verdicts:begin -->");
-    let end = doc
-        .find("<!-- verdicts:end -->")
-        .expect("docs/gitops.md has <!-- verdicts:end -->");
+        .find(&begin)
+        .unwrap_or_else(|| panic!("docs/gitops.md has {begin}"));
+    let end = start
+        + doc[start..]
+            .find(&format!("<!-- {marker}:end -->"))
+            .unwrap_or_else(|| panic!("docs/gitops.md has <!-- {marker}:end -->"));
     let cells = |line: &str| -> Vec<String> {
         line.trim()
             .trim_matches('|')
@@ -76,11 +90,20 @@ pub fn verdict_table() -> BTreeMap<String, Row> {
     rows
 }
 
-/// The captured objects, by fixture name (the file stem).
+/// The captured MicroVMs, by fixture name (the file stem).
 pub fn fixtures() -> BTreeMap<String, PathBuf> {
-    let dir = root().join("tests/fixtures/status");
+    fixtures_in("tests/fixtures/status")
+}
+
+/// The captured MicroVMPools.
+pub fn pool_fixtures() -> BTreeMap<String, PathBuf> {
+    fixtures_in("tests/fixtures/pool-status")
+}
+
+fn fixtures_in(dir: &str) -> BTreeMap<String, PathBuf> {
+    let dir = root().join(dir);
     let mut out = BTreeMap::new();
-    for entry in std::fs::read_dir(&dir).expect("tests/fixtures/status") {
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let path = entry.expect("entry").path();
         if path.extension().is_some_and(|e| e == "yaml") {
             let stem = path
@@ -102,7 +125,14 @@ pub fn object(path: &Path) -> serde_json::Value {
 
 /// Every fixture has a row and every row a fixture, and the row's phase is the object's.
 pub fn check_table_matches_fixtures(table: &BTreeMap<String, Row>) -> BTreeMap<String, PathBuf> {
-    let fixtures = fixtures();
+    check_table_matches(table, fixtures())
+}
+
+/// [`check_table_matches_fixtures`] for the given fixtures.
+pub fn check_table_matches(
+    table: &BTreeMap<String, Row>,
+    fixtures: BTreeMap<String, PathBuf>,
+) -> BTreeMap<String, PathBuf> {
     let missing_rows: Vec<_> = fixtures
         .keys()
         .filter(|k| !table.contains_key(*k))
@@ -155,4 +185,113 @@ pub fn run(cmd: &mut Command, limit: Duration) -> Output {
 pub fn on_path(program: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+/// The kstatus program, built by scripts/tools.sh when it is not cached yet; `None` when Go is
+/// missing and the build is not demanded.
+pub fn kstatus_binary() -> Option<PathBuf> {
+    let tools = root().join("scripts/tools.sh");
+    let dir = run(
+        Command::new(&tools).args(["bindir", "kstatus"]),
+        Duration::from_secs(30),
+    );
+    let bin = PathBuf::from(String::from_utf8_lossy(&dir.stdout).trim()).join("kstatus");
+    if !bin.is_file() && !on_path("go") {
+        assert!(
+            !require_all(),
+            "IGNIS_REQUIRE_ALL=1 but Go is missing: install Go >= 1.26 to build the kstatus checker"
+        );
+        eprintln!("skipped: Go is missing, so kstatus (sigs.k8s.io/cli-utils) cannot be built");
+        return None;
+    }
+    let out = run(
+        Command::new(&tools).args(["build", "kstatus"]),
+        Duration::from_secs(900),
+    );
+    assert!(
+        out.status.success(),
+        "scripts/tools.sh build kstatus failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(bin.is_file(), "no kstatus binary at {}", bin.display());
+    Some(bin)
+}
+
+/// A JSON value as a Lua table constructor, the shape Argo CD hands the script as `obj`
+/// (JSON null is nil, as in Argo CD).
+pub fn lua_literal(v: &serde_json::Value, out: &mut String) {
+    match v {
+        serde_json::Value::Null => out.push_str("nil"),
+        serde_json::Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        serde_json::Value::Number(n) => out.push_str(&n.to_string()),
+        serde_json::Value::String(s) => lua_string(s, out),
+        serde_json::Value::Array(items) => {
+            out.push('{');
+            for item in items {
+                lua_literal(item, out);
+                out.push(',');
+            }
+            out.push('}');
+        }
+        serde_json::Value::Object(map) => {
+            out.push('{');
+            for (k, item) in map {
+                out.push('[');
+                lua_string(k, out);
+                out.push_str("]=");
+                lua_literal(item, out);
+                out.push(',');
+            }
+            out.push('}');
+        }
+    }
+}
+
+pub fn lua_string(s: &str, out: &mut String) {
+    out.push('"');
+    for ch in s.chars() {
+        match ch {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                let _ = write!(out, "\\{}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Run the health script on one object as Argo CD does: `obj` global, the chunk returns the
+/// health table. Prints "status\tmessage".
+pub fn health(script: &str, obj: &serde_json::Value) -> (String, String) {
+    let mut program = String::from("obj = ");
+    lua_literal(obj, &mut program);
+    program.push_str("\nlocal check = assert(loadstring(");
+    lua_string(script, &mut program);
+    program.push_str(", \"health.lua\"))\nlocal hs = check()\nio.write(hs.status, \"\\t\", hs.message or \"\")\n");
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("run.lua");
+    std::fs::write(&file, program).expect("write");
+    let out = run(Command::new("lua5.1").arg(&file), Duration::from_secs(30));
+    assert!(
+        out.status.success(),
+        "lua5.1 failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (status, message) = text.split_once('\t').expect("status\\tmessage");
+    (status.to_string(), message.to_string())
+}
+
+pub fn lua_present() -> bool {
+    if on_path("lua5.1") {
+        return true;
+    }
+    assert!(
+        !require_all(),
+        "IGNIS_REQUIRE_ALL=1 but lua5.1 is missing: apt-get install lua5.1 (scripts/setup.sh)"
+    );
+    eprintln!("skipped: lua5.1 is missing (apt-get install lua5.1)");
+    false
 }
