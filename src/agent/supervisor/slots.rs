@@ -256,6 +256,7 @@ impl Inner {
             memory_bytes: spec.memory_bytes,
             boot_timeouts,
             snapshot_issue,
+            owner: request.owner.clone(),
             ..VmStatus::new(spec.uid.clone(), spec.namespace.clone(), spec.name.clone())
         }
     }
