@@ -126,6 +126,8 @@ struct Inner {
     images: Images,
     /// Held while a VM is given its VMM ids, so two VMs never get the same.
     ids_lock: Mutex<()>,
+    /// What each VM's guest reads over its metadata channel.
+    metadata: Arc<crate::agent::metadata::MetadataHub>,
 }
 
 /// The VM supervisor; cheap to clone.
@@ -142,9 +144,11 @@ impl Supervisor {
         backends: Vec<BackendEntry>,
         metrics: AgentMetrics,
     ) -> Self {
+        let metadata = Arc::new(crate::agent::metadata::MetadataHub::default());
         Self {
             inner: Arc::new(Inner {
-                network: Networking::new(config.network.clone()),
+                network: Networking::new(config.network.clone(), metadata.clone()),
+                metadata,
                 images: Images::new(config.images.clone()),
                 config,
                 store,
@@ -345,6 +349,7 @@ impl Supervisor {
             ApplyAction::Suspend => Inner::suspend(inner, &slot, request.run).await,
             ApplyAction::Resume => Inner::resume(inner, &slot, request, applied_at).await,
         }
+        inner.publish_metadata(&slot);
         slot.lock().status.clone()
     }
 
@@ -410,6 +415,7 @@ impl Supervisor {
         // agent start collects what is left of a VM it does not hold.
         inner.release_network(uid).await;
         inner.release_images(uid).await;
+        inner.metadata.forget(uid);
         {
             let mut rt = slot.lock();
             rt.deleted = true;

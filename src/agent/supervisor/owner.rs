@@ -48,4 +48,12 @@ impl Inner {
             });
         }
     }
+
+    /// Serve the held request's guest metadata over the VM's metadata channel.
+    pub(super) fn publish_metadata(&self, slot: &VmSlot) {
+        let rt = slot.lock();
+        if let (false, Some(request)) = (rt.deleted, rt.request.as_ref()) {
+            self.metadata.publish(&slot.uid, &request.metadata);
+        }
+    }
 }
