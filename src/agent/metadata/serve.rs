@@ -18,8 +18,48 @@ use super::http::{self, Head, MAX_HEAD, Route};
 pub(crate) const LONG_POLL: Duration = Duration::from_secs(55);
 /// How long a client has to send its request head, and to take the answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once by one listener; more are closed unanswered.
-const MAX_CONNECTIONS: usize = 64;
+/// Connections served at once by one listener; more are closed unanswered. Each guest keeps
+/// one long-poll open, so the node's listener needs one per `nat` guest.
+const MAX_CONNECTIONS: usize = 512;
+/// Connections served at once for one caller, so a guest cannot take the others' share.
+const MAX_PER_CALLER: usize = 4;
+
+/// Connections open per caller address.
+#[derive(Default)]
+struct PerCaller(std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>);
+
+/// One connection counted against its caller until dropped.
+struct CallerSlot {
+    callers: Arc<PerCaller>,
+    ip: IpAddr,
+}
+
+impl PerCaller {
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<CallerSlot> {
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(ip).or_default();
+        if *count >= MAX_PER_CALLER {
+            return None;
+        }
+        *count += 1;
+        Some(CallerSlot {
+            callers: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for CallerSlot {
+    fn drop(&mut self) {
+        let mut open = self.callers.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
 
 /// Who a source address is: what that guest serves, or `None` for an address that is no
 /// guest's (answered 403).
@@ -28,6 +68,7 @@ pub(crate) type Identify = Arc<dyn Fn(IpAddr) -> Option<watch::Receiver<Served>>
 /// Serve `listener` until `cancel`.
 pub(crate) async fn serve(listener: TcpListener, identify: Identify, cancel: CancellationToken) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let callers = Arc::new(PerCaller::default());
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -45,10 +86,13 @@ pub(crate) async fn serve(listener: TcpListener, identify: Identify, cancel: Can
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             continue;
         };
+        let Some(caller) = callers.take(peer.ip()) else {
+            continue;
+        };
         let identify = identify.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _held = (permit, caller);
             tokio::select! {
                 _ = cancel.cancelled() => {}
                 _ = answer(stream, peer.ip(), identify) => {}
@@ -152,6 +196,23 @@ mod tests {
             answer.ends_with(&format!("\r\n\r\n{new_version}\n")),
             "{answer}"
         );
+        assert!(get(addr, "/ignis/v1/hostname").await.ends_with("web-1\n"));
+
+        // One caller holds at most MAX_PER_CALLER connections; the next is closed unanswered.
+        let mut idle = Vec::new();
+        for _ in 0..MAX_PER_CALLER {
+            idle.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut extra = TcpStream::connect(addr).await.expect("connect");
+        let _ = extra
+            .write_all(b"GET /ignis/v1/hostname HTTP/1.0\r\n\r\n")
+            .await;
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), extra.read_to_end(&mut out)).await;
+        assert!(read.is_ok() && out.is_empty(), "{out:?}");
+        drop(idle);
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(get(addr, "/ignis/v1/hostname").await.ends_with("web-1\n"));
 
         cancel.cancel();
