@@ -153,16 +153,41 @@ impl Drop for Sandbox {
 }
 
 fn http_get_blocking(ip: Ipv4Addr) -> Option<String> {
+    http_get_path(ip, "/")
+}
+
+fn http_get_path(ip: Ipv4Addr, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect_timeout(&(ip, 80).into(), Duration::from_secs(3)).ok()?;
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
         .ok()?;
     stream
-        .write_all(format!("GET / HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
         .ok()?;
     let mut body = String::new();
     stream.read_to_string(&mut body).ok()?;
     Some(body)
+}
+
+/// The guest's `/cgi-bin/state` at the pod IP once it shows `line` (its metadata channel, in
+/// the pod's namespace, told it), or a panic after 30 s.
+async fn eventually_state(line: &'static str) {
+    let shown = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let page = http_get_path(POD_IP, "/cgi-bin/state").unwrap_or_default();
+            if page.lines().any(|l| l.trim() == line) {
+                return None;
+            }
+            if Instant::now() > deadline {
+                return Some(page);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })
+    .await
+    .expect("get");
+    assert!(shown.is_none(), "the guest never showed {line}: {shown:?}");
 }
 
 fn eventually_page(what: &str, get: impl Fn() -> Option<String>) -> String {
@@ -219,9 +244,13 @@ fn a_guest_in_its_pod_answers_at_the_pod_ip_and_on_the_pods_localhost() {
                 name: "vm-pod".into(),
                 ip: POD_IP.to_string(),
             }),
+            metadata: Some(proto::GuestMetadata {
+                hostname: "pod-guest-1".into(),
+                ..Default::default()
+            }),
             ..common::apply_request(spec)
         };
-        client.apply_vm(request).await.expect("apply");
+        client.apply_vm(request.clone()).await.expect("apply");
         let vm = common::wait_vm(&mut client, "pod", BOOT, |vm| {
             vm.ready || common::state_of(vm) == proto::VmState::Failed
         })
@@ -247,6 +276,8 @@ fn a_guest_in_its_pod_answers_at_the_pod_ip_and_on_the_pods_localhost() {
             .expect("get")
         };
         assert!(inside.contains("ignis demo guest"), "{inside}");
+        // The guest reads its metadata from its pod's own channel.
+        eventually_state("hostname=pod-guest-1").await;
 
         // The VMM is in the pod's cgroup, below the containers'.
         let procs =
@@ -283,6 +314,21 @@ fn a_guest_in_its_pod_answers_at_the_pod_ip_and_on_the_pods_localhost() {
         let copied = std::fs::read_to_string(&serial).expect("serial.log");
         assert_eq!(copied.matches(common::MARKER).count(), 1, "{copied}");
         assert!(http_get_blocking(POD_IP).is_some_and(|b| b.contains("ignis demo guest")));
+        // The re-adopted VM's channel is there again: new metadata reaches the guest.
+        let relabelled = proto::ApplyVmRequest {
+            metadata: Some(proto::GuestMetadata {
+                hostname: "pod-guest-2".into(),
+                ..Default::default()
+            }),
+            ..request
+        };
+        let same = client
+            .apply_vm(relabelled)
+            .await
+            .expect("apply")
+            .into_inner();
+        assert_eq!(same.pid, vm.pid, "new metadata boots nothing");
+        eventually_state("hostname=pod-guest-2").await;
 
         client
             .delete_vm(proto::DeleteVmRequest {

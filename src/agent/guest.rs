@@ -34,7 +34,7 @@ const BUSYBOX_CANDIDATES: &[&str] = &["/bin/busybox", "/usr/bin/busybox"];
 const WANTED_MODULES: &[&str] = &["virtio_mmio", "virtio_blk", "virtio_net", "button", "evdev"];
 
 /// Bumped whenever the archive layout or `/init` changes shape, so old builds are redone.
-const FORMAT_VERSION: &str = "ignis-demo-guest-v2";
+const FORMAT_VERSION: &str = "ignis-demo-guest-v3";
 const STAMP_FILE: &str = ".ignis-guest.stamp";
 
 /// A built demo guest.
@@ -415,9 +415,39 @@ echo "Content-Type: text/plain"
 echo
 echo "uptime $(cut -d' ' -f1 /proc/uptime)"
 echo "note $(cat /run/note 2>/dev/null)"
+echo "hostname=$(hostname)"
+sed 's/^/label./' /run/ignis/labels 2>/dev/null
 CGI
 chmod 755 /www/cgi-bin/state
 httpd -p 80 -h /www
+# The metadata channel (docs/networking.md): who the guest is now. A pool's warm VM learns the
+# hostname, labels and userData of the MicroVM that claimed it here, with no boot. It long-polls
+# the version (the agent answers within 55 s) and waits 1 s after an error or no change, so a
+# guest without the channel costs one failed request a second. Busybox wget's -T crashes in
+# Debian's busybox-static, so `timeout` bounds each request instead.
+mkdir -p /run/ignis
+md=http://169.254.169.254/ignis/v1
+fetch() {{ timeout "$1" wget -q -O "$2" "$md/$3"; }}
+metadata_loop() {{
+  seen=0
+  while true; do
+    v=$(fetch 70 - "version?wait=$seen" 2>/dev/null)
+    if [ -z "$v" ] || [ "$v" = "$seen" ]; then sleep 1; continue; fi
+    h=$(fetch 10 - hostname 2>/dev/null) || {{ sleep 1; continue; }}
+    fetch 10 /run/ignis/labels.new labels 2>/dev/null || {{ sleep 1; continue; }}
+    if err=$(fetch 10 /run/ignis/user-data.new user-data 2>&1); then
+      mv /run/ignis/user-data.new /run/ignis/user-data
+    else
+      rm -f /run/ignis/user-data.new
+      case "$err" in *" 404 "*) rm -f /run/ignis/user-data ;; *) sleep 1; continue ;; esac
+    fi
+    [ -n "$h" ] && hostname "$h"
+    mv /run/ignis/labels.new /run/ignis/labels
+    seen=$v
+    echo "ignis: metadata version $v"
+  done
+}}
+[ -e /sys/class/net/eth0 ] && metadata_loop </dev/null &
 echo "{marker}"
 finish() {{
   case "$1" in
@@ -600,6 +630,12 @@ kernel/drivers/virtio/virtio_mmio.ko: kernel/drivers/virtio/virtio.ko kernel/dri
         assert!(s.contains("ipconf=$(param ip)"));
         assert!(s.contains("udhcpc -i eth0"));
         assert!(!s.contains("ignis.ip") && !s.contains("ignis.gw"));
+        // The metadata channel: long-polled, applied, shown by /cgi-bin/state.
+        assert!(s.contains("version?wait=$seen"));
+        assert!(s.contains("hostname \"$h\""));
+        assert!(s.contains("echo \"hostname=$(hostname)\""));
+        assert!(s.contains("s/^/label./"));
+        assert!(!s.contains("wget -T"), "busybox-static's wget -T crashes");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod guest;
 pub(crate) mod host;
 pub mod image;
 pub mod kvm;
+pub(crate) mod metadata;
 pub mod net;
 mod offers;
 pub(crate) mod open_fds;

@@ -112,8 +112,16 @@ impl proto::agent_server::Agent for AgentService {
                 detail: e.to_string(),
             })
         })?;
+        let asker = match request.owner_uid.as_str() {
+            "" => None,
+            owner => Some(VmUid::new(owner).map_err(|e| {
+                status_of(&SupervisorError::InvalidRequest {
+                    detail: e.to_string(),
+                })
+            })?),
+        };
         self.supervisor
-            .delete(&uid, grace)
+            .delete_for(&uid, grace, asker)
             .await
             .map(|existed| Response::new(proto::DeleteVmResponse { existed }))
             .map_err(|e| status_of(&e))

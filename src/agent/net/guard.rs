@@ -21,6 +21,7 @@ use ipnet::Ipv4Net;
 use serde_json::{Value, json};
 
 use super::{AttachedInterface, InterfaceMode};
+use crate::agent::metadata;
 
 /// The table (family `bridge`) holding the per-tap rules.
 pub(crate) const TABLE: &str = "ignis";
@@ -134,13 +135,35 @@ pub(crate) fn guard_batch(taps: &[TapIdentity]) -> Value {
     json!({ "nftables": cmds })
 }
 
-/// The `input` and `forward` chains of the `ip ignis` table for guests on `bridge`.
-pub(crate) fn filter_commands(table: &str, bridge: &str, access: &GuestAccess) -> Vec<Value> {
+/// The `input` and `forward` chains of the `ip ignis` table for guests on `bridge`, whose
+/// gateway (the bridge's address) is `gateway`; and the metadata channel's DNAT: a guest's
+/// `169.254.169.254:80` is the node's listener on `gateway`:[`metadata::NODE_PORT`].
+pub(crate) fn filter_commands(
+    table: &str,
+    bridge: &str,
+    gateway: Ipv4Addr,
+    access: &GuestAccess,
+) -> Vec<Value> {
     let mut cmds = Vec::new();
     let chain = |name: &str, hook: &str| {
         json!({"add": {"chain": {"family": "ip", "table": table, "name": name,
             "type": "filter", "hook": hook, "prio": 0, "policy": "accept"}}})
     };
+    cmds.push(
+        json!({"add": {"chain": {"family": "ip", "table": table, "name": "prerouting",
+        "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}}}),
+    );
+    cmds.push(rule(
+        "ip",
+        table,
+        "prerouting",
+        vec![
+            iif(bridge),
+            field("ip", "daddr", json!(metadata::ADDRESS.to_string()), "=="),
+            field("tcp", "dport", json!(metadata::PORT), "=="),
+            json!({"dnat": {"addr": gateway.to_string(), "port": metadata::NODE_PORT}}),
+        ],
+    ));
     if !access.node {
         cmds.push(chain("input", "input"));
         let r = |expr: Vec<Value>| rule("ip", table, "input", expr);
@@ -157,6 +180,13 @@ pub(crate) fn filter_commands(table: &str, bridge: &str, access: &GuestAccess) -
         cmds.push(r(vec![
             iif(bridge),
             field("tcp", "dport", json!(DNS_PORT), "=="),
+            accept(),
+        ]));
+        // The metadata channel, reached through the DNAT above.
+        cmds.push(r(vec![
+            iif(bridge),
+            field("ip", "daddr", json!(gateway.to_string()), "=="),
+            field("tcp", "dport", json!(metadata::NODE_PORT), "=="),
             accept(),
         ]));
         // Pinging the gateway is how guests check their link; it reaches no service.
@@ -241,9 +271,11 @@ mod tests {
 
     #[test]
     fn guests_reach_the_node_and_metadata_only_when_an_admin_allows() {
+        let gateway = Ipv4Addr::new(10, 88, 0, 1);
         let closed = text(&json!(filter_commands(
             "ignis",
             "ignis0",
+            gateway,
             &GuestAccess::default()
         )));
         assert!(closed.contains(r#""hook":"input""#), "{closed}");
@@ -252,16 +284,18 @@ mod tests {
         let open = filter_commands(
             "ignis",
             "ignis0",
+            gateway,
             &GuestAccess {
                 node: true,
                 link_local: true,
                 blocked: vec![],
             },
         );
-        assert!(open.is_empty());
+        assert_eq!(open.len(), 2, "the metadata channel's DNAT only: {open:?}");
         let listed = text(&json!(filter_commands(
             "ignis",
             "ignis0",
+            gateway,
             &GuestAccess {
                 node: true,
                 link_local: true,
@@ -272,6 +306,40 @@ mod tests {
             listed.contains(r#""addr":"10.96.0.0","len":12"#),
             "{listed}"
         );
-        assert!(!listed.contains("169.254"), "{listed}");
+        assert!(!listed.contains("169.254.0.0"), "{listed}");
+    }
+
+    #[test]
+    fn guests_reach_the_metadata_channel_and_no_other_port_of_the_node() {
+        let gateway = Ipv4Addr::new(10, 88, 0, 1);
+        let cmds = filter_commands("ignis", "ignis0", gateway, &GuestAccess::default());
+        let dnat: Vec<String> = cmds
+            .iter()
+            .map(text)
+            .filter(|c| c.contains("dnat"))
+            .collect();
+        assert_eq!(dnat.len(), 1, "{cmds:?}");
+        for part in [
+            r#""right":"ignis0""#,
+            r#""right":"169.254.169.254""#,
+            r#""right":80"#,
+            r#""addr":"10.88.0.1","port":8775"#,
+        ] {
+            assert!(dnat[0].contains(part), "{part} in {}", dnat[0]);
+        }
+        let input: Vec<String> = cmds
+            .iter()
+            .map(text)
+            .filter(|c| c.contains(r#""chain":"input""#) && c.contains("accept"))
+            .collect();
+        let metadata: Vec<&String> = input.iter().filter(|c| c.contains("8775")).collect();
+        assert_eq!(metadata.len(), 1, "{input:?}");
+        assert!(
+            metadata[0].contains(r#""right":"10.88.0.1""#),
+            "{}",
+            metadata[0]
+        );
+        // DHCP, DNS (udp and tcp), ping, replies, the channel: nothing else is accepted.
+        assert_eq!(input.len(), 5, "{input:?}");
     }
 }

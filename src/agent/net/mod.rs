@@ -625,6 +625,18 @@ impl NetworkManager {
             .join(format!("{uid}.json"))
     }
 
+    /// The VM whose `nat` interface has address `ip`: who calls the metadata channel from
+    /// it (the anti-spoofing rules let only that VM's tap send from it).
+    pub(crate) fn nat_owner(&self, ip: Ipv4Addr) -> Option<VmUid> {
+        let records = self.records().ok()?;
+        let record = records.into_iter().find(|r| {
+            r.interfaces
+                .iter()
+                .any(|i| i.mode == InterfaceMode::Nat && i.address.map(|(a, _)| a) == Some(ip))
+        })?;
+        VmUid::new(record.uid).ok()
+    }
+
     fn read_record(&self, uid: &str) -> Result<Option<VmRecord>, NetError> {
         read_record_file(&self.record_path(uid))
     }

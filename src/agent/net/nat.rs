@@ -105,7 +105,8 @@ pub(crate) fn setup_batch(range: Ipv4Net) -> Nftables<'static> {
 pub(crate) fn full_setup(range: Ipv4Net, bridge: &str, access: &GuestAccess) -> serde_json::Value {
     let mut v = serde_json::to_value(setup_batch(range)).unwrap_or_default();
     if let Some(cmds) = v["nftables"].as_array_mut() {
-        cmds.extend(guard::filter_commands(TABLE, bridge, access));
+        let gateway = super::ipam::gateway_of(range.trunc());
+        cmds.extend(guard::filter_commands(TABLE, bridge, gateway, access));
     }
     v
 }

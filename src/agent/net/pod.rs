@@ -23,6 +23,7 @@ use super::link::Netlink;
 use super::mac::Mac;
 use super::tap::{TapOwner, create_owned_tap, run_ip, wait_bounded};
 use super::{AttachedInterface, InterfaceMode, NetError};
+use crate::agent::metadata;
 
 /// The guest's tap in the pod's namespace.
 pub(crate) const TAP: &str = "tap0";
@@ -64,6 +65,10 @@ table ip {TABLE} {{
         iifname "{TAP}" ip saddr != {GUEST} drop
         iifname "{TAP}" ether saddr != {guest_mac} drop
     }}
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        ip daddr {metadata} iifname != "{TAP}" drop
+    }}
     chain prerouting {{
         type nat hook prerouting priority dstnat; policy accept;
         iifname "{POD_INTERFACE}" ip daddr {pod_ip} dnat to {GUEST}
@@ -78,7 +83,8 @@ table ip {TABLE} {{
         ip saddr {GUEST} oifname "{POD_INTERFACE}" masquerade
     }}
 }}
-"#
+"#,
+        metadata = metadata::ADDRESS,
     )
 }
 
@@ -98,6 +104,10 @@ pub(crate) async fn wire(pod: &PodNet) -> Result<AttachedInterface, NetError> {
         source: std::io::Error::other("the tap vanished after its creation"),
     })?;
     netlink.add_address(tap.index, GATEWAY, PREFIX).await?;
+    // The metadata channel's address, on the guest's side of the pod only.
+    netlink
+        .add_address(tap.index, metadata::ADDRESS, 32)
+        .await?;
     if !tap.up {
         netlink.set_up(tap.index).await?;
     }
@@ -135,6 +145,19 @@ pub(crate) async fn wire(pod: &PodNet) -> Result<AttachedInterface, NetError> {
         dns: pod.dns.clone(),
         reachable_at: Some(pod_ip),
     })
+}
+
+/// The metadata channel's listening socket in the pod's network namespace, at
+/// `169.254.169.254:80` on the pod's side of the tap (put there by [`wire`]). Bound on a
+/// thread that entered the namespace; the socket stays in it whatever thread uses it.
+pub(crate) async fn bind_metadata(netns: &Path) -> Result<std::net::TcpListener, NetError> {
+    let path = netns.to_path_buf();
+    in_netns(netns, move || {
+        let bound = std::net::TcpListener::bind((metadata::ADDRESS, metadata::PORT))
+            .and_then(|listener| listener.set_nonblocking(true).map(|()| listener));
+        bound.map_err(|source| NetError::PodNetns { path, source })
+    })
+    .await
 }
 
 /// Run `work` on a new thread inside the network namespace `netns`; the thread ends with it.
@@ -236,9 +259,14 @@ mod tests {
             "ip saddr 10.0.2.2 oifname \"eth0\" masquerade",
             "iifname \"tap0\" ip saddr != 10.0.2.2 drop",
             "iifname \"tap0\" ether saddr != 02:aa:bb:cc:dd:ee drop",
+            "ip daddr 169.254.169.254 iifname != \"tap0\" drop",
         ] {
             assert!(rules.contains(line), "{line} missing from\n{rules}");
         }
+        assert!(
+            !rules.contains("dnat to 169.254"),
+            "nothing outside the pod is steered to the metadata channel"
+        );
         // Replaced as a whole on every wiring, never appended to.
         assert!(rules.starts_with("add table ip ignis_pod\ndelete table ip ignis_pod\n"));
     }

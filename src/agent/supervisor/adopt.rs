@@ -57,8 +57,16 @@ impl Inner {
             rt.status = status.clone();
             rt.recorded = true;
         }
-        if let Some(pod) = request.as_ref().and_then(|r| r.pod.as_ref()) {
-            self.readopt_pod(&slot, pod);
+        self.publish_metadata(&slot);
+        if let Some(request) = request.as_ref()
+            && let Some(pod) = request.pod.as_ref()
+        {
+            let on_pod_network = request
+                .spec
+                .interfaces
+                .iter()
+                .any(|i| i.mode == crate::vm::InterfaceMode::Pod);
+            self.readopt_pod(&slot, pod, on_pod_network);
         }
         if state == RunState::Suspending {
             // Cut short mid-save: the snapshot may be partial and the guest is paused.
@@ -151,6 +159,7 @@ impl Inner {
         );
         Self::spawn_proc_watcher(self, &slot, generation, handle.clone(), exited_tx);
         self.spawn_pod_console(&slot, &run);
+        self.spawn_pod_metadata(&slot, &run);
         if state == RunState::Starting {
             let elapsed =
                 u64::try_from(crate::time::now_unix_ms() - status.started_at_unix_ms).unwrap_or(0);

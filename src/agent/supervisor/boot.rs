@@ -258,6 +258,7 @@ impl Inner {
         }
         Self::spawn_child_watcher(self, slot, generation, created.child, exited_tx);
         self.spawn_pod_console(slot, &run);
+        self.spawn_pod_metadata(slot, &run);
         if let Some(snapshot) = &config.restore {
             let restored = restore(&backend, &handle, snapshot).await;
             if let Err(why) = restored.map_err(|e| e.to_string()).and_then(|()| {

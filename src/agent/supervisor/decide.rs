@@ -1,7 +1,7 @@
 //! The convergence rule of `ApplyVM`: idempotent by (uid, spec hash, run) and desired
 //! state. Pure.
 
-use crate::vm::{DesiredState, RunState};
+use crate::vm::{DesiredState, RunState, VmUid};
 
 /// What `ApplyVM` must do, given what the agent holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,9 +97,90 @@ pub(crate) fn decide_apply(
     }
 }
 
+/// Who an apply or a delete comes from, against whom the VM answers to (issue #20's warm
+/// pools): a pool's warm VM W is claimed by the MicroVM C that names the pool, and from then
+/// on answers to C alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum OwnerDecision {
+    /// The request is the VM's owner's (or nobody owns it): decide as usual.
+    Proceed,
+    /// A VM nobody owns is taken by the request's owner: record the owner, take the
+    /// request's name and metadata, then decide as usual (the same hash: no boot).
+    Claim(VmUid),
+    /// Someone else's request for a VM already claimed: change nothing.
+    Ignore,
+}
+
+/// Whether an apply that names `asked` as owner may change a VM held with `held` as owner.
+/// `held_at_all`: the agent holds the VM (a claim of a VM it does not hold boots one for its
+/// owner, as any first apply does).
+pub(crate) fn decide_owner(
+    held_at_all: bool,
+    held: Option<&VmUid>,
+    asked: Option<&VmUid>,
+) -> OwnerDecision {
+    match (held, asked) {
+        (Some(owner), Some(asked)) if owner == asked => OwnerDecision::Proceed,
+        (Some(_), _) => OwnerDecision::Ignore,
+        (None, Some(asked)) if held_at_all => OwnerDecision::Claim(asked.clone()),
+        (None, _) => OwnerDecision::Proceed,
+    }
+}
+
+/// Whether a delete asked by `asker` (`None`: the VM's own uid) may remove a VM whose owner
+/// is `owner`. A VM nobody owns is removed for whoever asks: a claimant whose claim never
+/// reached this agent still gets the VM it was given deleted.
+pub(crate) fn may_delete(owner: Option<&VmUid>, vm: &VmUid, asker: Option<&VmUid>) -> bool {
+    match owner {
+        None => true,
+        Some(owner) => asker.unwrap_or(vm) == owner,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn uid(s: &str) -> VmUid {
+        VmUid::new(s).expect("uid")
+    }
+
+    #[test]
+    fn a_claimed_vm_answers_to_its_claimant_only() {
+        let (w, c, d) = (uid("w"), uid("c"), uid("d"));
+        assert_eq!(decide_owner(false, None, None), OwnerDecision::Proceed);
+        assert_eq!(decide_owner(true, None, None), OwnerDecision::Proceed);
+        assert_eq!(
+            decide_owner(true, None, Some(&c)),
+            OwnerDecision::Claim(c.clone()),
+            "a warm VM is claimed"
+        );
+        assert_eq!(
+            decide_owner(false, None, Some(&c)),
+            OwnerDecision::Proceed,
+            "nothing held: an ordinary first apply, with its owner"
+        );
+        assert_eq!(
+            decide_owner(true, Some(&c), Some(&c)),
+            OwnerDecision::Proceed
+        );
+        assert_eq!(
+            decide_owner(true, Some(&c), None),
+            OwnerDecision::Ignore,
+            "a stale apply of the warm VM"
+        );
+        assert_eq!(
+            decide_owner(true, Some(&c), Some(&d)),
+            OwnerDecision::Ignore,
+            "a second claim"
+        );
+        assert!(may_delete(None, &w, None));
+        assert!(may_delete(None, &w, Some(&c)));
+        assert!(may_delete(Some(&c), &w, Some(&c)));
+        assert!(!may_delete(Some(&c), &w, None), "the warm VM's own delete");
+        assert!(!may_delete(Some(&c), &w, Some(&w)));
+        assert!(!may_delete(Some(&c), &w, Some(&d)));
+    }
 
     fn held(hash: &str, run: u32, state: RunState, booted: bool) -> HeldRun {
         HeldRun {

@@ -18,6 +18,7 @@ mod exits;
 mod ids;
 mod images;
 mod network;
+mod owner;
 mod plan;
 mod pod;
 mod readiness;
@@ -49,7 +50,8 @@ use crate::vm::{
     VmUid,
 };
 
-pub(crate) use decide::{ApplyAction, HeldRun, decide_apply};
+use decide::may_delete;
+pub(crate) use decide::{ApplyAction, HeldRun, OwnerDecision, decide_apply, decide_owner};
 pub(crate) use errors::{BootError, SupervisorError, VmmCall};
 pub(crate) use events::AgentMetrics;
 use events::EventHub;
@@ -124,6 +126,8 @@ struct Inner {
     images: Images,
     /// Held while a VM is given its VMM ids, so two VMs never get the same.
     ids_lock: Mutex<()>,
+    /// What each VM's guest reads over its metadata channel.
+    metadata: Arc<crate::agent::metadata::MetadataHub>,
 }
 
 /// The VM supervisor; cheap to clone.
@@ -140,9 +144,11 @@ impl Supervisor {
         backends: Vec<BackendEntry>,
         metrics: AgentMetrics,
     ) -> Self {
+        let metadata = Arc::new(crate::agent::metadata::MetadataHub::default());
         Self {
             inner: Arc::new(Inner {
-                network: Networking::new(config.network.clone()),
+                network: Networking::new(config.network.clone(), metadata.clone()),
+                metadata,
                 images: Images::new(config.images.clone()),
                 config,
                 store,
@@ -274,6 +280,17 @@ impl Supervisor {
                 booted: rt.status.started_at_unix_ms != 0 || rt.status.pid != 0,
             })
         };
+        let held_owner = slot.lock().status.owner.clone();
+        match decide_owner(held.is_some(), held_owner.as_ref(), request.owner.as_ref()) {
+            OwnerDecision::Proceed => {}
+            OwnerDecision::Claim(owner) => {
+                tracing::info!(%uid, %owner, name = %request.spec.name, "VM claimed");
+            }
+            OwnerDecision::Ignore => {
+                tracing::info!(%uid, owner = ?held_owner, asked = ?request.owner, "ApplyVM from another than the VM's owner: nothing changes");
+                return slot.lock().status.clone();
+            }
+        }
         let action = decide_apply(
             held.as_ref(),
             &request.spec_hash,
@@ -281,6 +298,11 @@ impl Supervisor {
             request.desired,
         );
         tracing::info!(%uid, name = %request.spec.name, namespace = %request.spec.namespace, run = request.run, ?action, "ApplyVM");
+        // A run kept (no new record of the request) still takes the request's name, owner and
+        // guest metadata: a claim, or new labels, reach the VM with no boot.
+        if held.is_some() && !matches!(action, ApplyAction::Boot | ApplyAction::RecordStopped) {
+            inner.take_identity(&slot, &request);
+        }
         match action {
             ApplyAction::Nothing => inner.refresh_pull_secrets(&slot, &request.pull_secrets),
             ApplyAction::AdoptRun => {
@@ -327,25 +349,40 @@ impl Supervisor {
             ApplyAction::Suspend => Inner::suspend(inner, &slot, request.run).await,
             ApplyAction::Resume => Inner::resume(inner, &slot, request, applied_at).await,
         }
+        inner.publish_metadata(&slot);
         slot.lock().status.clone()
     }
 
-    /// Stop the VM within `grace` (its own grace period when `None`), kill it after, remove
-    /// its files. Returns whether the agent held it.
+    /// [`Supervisor::delete_for`] asked by the VM's own uid.
+    #[cfg(test)]
     pub(crate) async fn delete(
         &self,
         uid: &VmUid,
         grace: Option<Duration>,
     ) -> Result<bool, SupervisorError> {
+        self.delete_for(uid, grace, None).await
+    }
+
+    /// Stop the VM within `grace` (its own grace period when `None`), kill it after, remove
+    /// its files. Returns whether the agent held it. `asker`: who asks (`None`: the VM's own
+    /// uid); a VM claimed by another MicroVM is deleted for that one only, and for anyone
+    /// else answers `false` and stays.
+    pub(crate) async fn delete_for(
+        &self,
+        uid: &VmUid,
+        grace: Option<Duration>,
+        asker: Option<VmUid>,
+    ) -> Result<bool, SupervisorError> {
         let supervisor = self.clone();
         let uid = uid.clone();
-        to_completion(async move { supervisor.delete_now(&uid, grace).await }).await
+        to_completion(async move { supervisor.delete_now(&uid, grace, asker.as_ref()).await }).await
     }
 
     async fn delete_now(
         &self,
         uid: &VmUid,
         grace: Option<Duration>,
+        asker: Option<&VmUid>,
     ) -> Result<bool, SupervisorError> {
         let inner = &self.inner;
         let slot = inner.slots().into_iter().find(|s| &s.uid == uid);
@@ -363,6 +400,10 @@ impl Supervisor {
             if rt.deleted {
                 return Ok(false);
             }
+            if !may_delete(rt.status.owner.as_ref(), uid, asker) {
+                tracing::info!(%uid, owner = ?rt.status.owner, ?asker, "DeleteVM from another than the VM's owner: the VM stays");
+                return Ok(false);
+            }
             grace.unwrap_or_else(|| rt.grace_period())
         };
         tracing::info!(%uid, grace_ms = grace.as_millis() as u64, "DeleteVM");
@@ -374,6 +415,7 @@ impl Supervisor {
         // agent start collects what is left of a VM it does not hold.
         inner.release_network(uid).await;
         inner.release_images(uid).await;
+        inner.metadata.forget(uid);
         {
             let mut rt = slot.lock();
             rt.deleted = true;

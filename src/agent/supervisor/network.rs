@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::*;
+use crate::agent::metadata::{self, MetadataHub};
 use crate::agent::net::{AttachedInterface, NetworkConfig, NetworkManager};
 use crate::vm::Interface;
 
@@ -22,15 +23,64 @@ pub(super) struct Networking {
     setup: tokio::sync::Mutex<()>,
     /// Set up at start: kept while the agent runs, VMs or not.
     keep_when_idle: std::sync::atomic::AtomicBool,
+    /// What the metadata channel serves, and the node listener's end (it lives as long as
+    /// the manager: `nat` guests only exist while it does).
+    metadata: Arc<MetadataHub>,
+    node_listener: std::sync::Mutex<Option<CancellationToken>>,
 }
 
 impl Networking {
-    pub(super) fn new(config: Option<NetworkConfig>) -> Self {
+    pub(super) fn new(config: Option<NetworkConfig>, metadata: Arc<MetadataHub>) -> Self {
         Self {
             config,
             manager: std::sync::Mutex::new(None),
             setup: tokio::sync::Mutex::new(()),
             keep_when_idle: std::sync::atomic::AtomicBool::new(false),
+            metadata,
+            node_listener: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Start the metadata channel's node listener for `nat` guests: on the bridge's gateway
+    /// address, where the ruleset DNATs their `169.254.169.254:80`. A node where it cannot
+    /// listen still runs its guests, without the channel (the log says why).
+    async fn start_node_listener(&self, manager: &Arc<NetworkManager>) {
+        let at = (manager.config().gateway(), metadata::NODE_PORT);
+        let listener = match tokio::net::TcpListener::bind(at).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::warn!(address = %at.0, port = at.1, %error, "metadata channel unavailable to nat guests: cannot listen");
+                return;
+            }
+        };
+        let cancel = CancellationToken::new();
+        let previous = self
+            .node_listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(cancel.clone());
+        if let Some(previous) = previous {
+            previous.cancel();
+        }
+        let weak = Arc::downgrade(manager);
+        let hub = self.metadata.clone();
+        let identify: metadata::serve::Identify = Arc::new(move |ip| {
+            let std::net::IpAddr::V4(ip) = ip else {
+                return None;
+            };
+            hub.watch(&weak.upgrade()?.nat_owner(ip)?)
+        });
+        tokio::spawn(metadata::serve::serve(listener, identify, cancel));
+    }
+
+    fn stop_node_listener(&self) {
+        let taken = self
+            .node_listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(cancel) = taken {
+            cancel.cancel();
         }
     }
 
@@ -59,7 +109,9 @@ impl Networking {
         let made = match NetworkManager::new(config.clone()).await {
             Ok(manager) => {
                 tracing::info!(bridge = %config.bridge, cidr = %config.cidr, "guest networking ready");
-                Ok(Arc::new(manager))
+                let manager = Arc::new(manager);
+                self.start_node_listener(&manager).await;
+                Ok(manager)
             }
             Err(error) => {
                 let why = format!(
@@ -100,6 +152,7 @@ impl Networking {
             }
         }
         let taken = self.slot().take();
+        self.stop_node_listener();
         if let Some(Ok(manager)) = taken {
             manager.shutdown().await;
             tracing::info!(
@@ -112,6 +165,7 @@ impl Networking {
     /// and NAT stay for the VMs that outlive it.
     pub(super) async fn shutdown(&self) {
         let _setup = self.setup.lock().await;
+        self.stop_node_listener();
         if let Some(manager) = self.existing() {
             manager.shutdown().await;
         }

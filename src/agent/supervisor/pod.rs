@@ -7,6 +7,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use tokio_util::sync::CancellationToken;
+
 use super::*;
 use crate::agent::net::pod::{self as pod_net, PodNet};
 use crate::agent::net::{AttachedInterface, InterfaceMode, mac::Mac};
@@ -30,7 +32,12 @@ impl Inner {
             .wait_for(pod, within)
             .await
             .map_err(BootError::PodSandbox)?;
-        slot.lock().pod_console = Some(sandbox.console_dir());
+        {
+            let mut rt = slot.lock();
+            rt.pod_console = Some(sandbox.console_dir());
+            // Set again once the run's interface is wired on the pod's network.
+            rt.pod_netns = None;
+        }
         Ok(sandbox)
     }
 
@@ -47,7 +54,7 @@ impl Inner {
         confinement: Option<Confinement>,
     ) -> Result<(Vec<AttachedInterface>, Option<Confinement>), BootError> {
         let wired = self
-            .attach_pod_network(spec, pod, sandbox, confinement.as_ref())
+            .attach_pod_network(slot, spec, pod, sandbox, confinement.as_ref())
             .await?;
         let confinement = Self::pod_confinement(confinement, sandbox, wired.is_some())?;
         interfaces.extend(wired);
@@ -59,6 +66,7 @@ impl Inner {
     /// network namespace, its tap owned by the VMM's uid.
     async fn attach_pod_network(
         &self,
+        slot: &VmSlot,
         spec: &crate::vm::VmSpec,
         pod: &PodRef,
         sandbox: &PodSandbox,
@@ -95,6 +103,7 @@ impl Inner {
         })
         .await
         .map_err(BootError::Network)?;
+        slot.lock().pod_netns = Some(sandbox.netns.clone());
         Ok(Some(wired))
     }
 
@@ -147,12 +156,57 @@ impl Inner {
 
     /// After an agent restart: find the pod of a re-adopted VM again (now, no waiting), so its
     /// console copy resumes and its end is told there.
-    pub(super) fn readopt_pod(&self, slot: &VmSlot, pod: &PodRef) {
+    pub(super) fn readopt_pod(&self, slot: &VmSlot, pod: &PodRef, on_pod_network: bool) {
         match self.config.pods.find(pod) {
-            Ok(sandbox) => slot.lock().pod_console = Some(sandbox.console_dir()),
+            Ok(sandbox) => {
+                let mut rt = slot.lock();
+                rt.pod_console = Some(sandbox.console_dir());
+                rt.pod_netns = on_pod_network.then(|| sandbox.netns.clone());
+            }
             Err(error) => {
                 tracing::warn!(uid = %slot.uid, pod = %pod.name, reason = error.reason(), error = %crate::error::chain(&error), "re-adopted VM: its pod is not found; no console copy for kubectl logs");
             }
         }
+    }
+
+    /// The run's metadata channel in its pod's network namespace, for a guest on the pod's
+    /// network: it answers the guest's address only, and ends with the run (or the agent; a
+    /// re-adopting agent starts it again), so the socket never keeps a deleted pod's
+    /// namespace alive.
+    pub(super) fn spawn_pod_metadata(self: &Arc<Self>, slot: &VmSlot, run: &RunHandle) {
+        let Some(netns) = slot.lock().pod_netns.clone() else {
+            return;
+        };
+        let (inner, uid, run_ended) = (self.clone(), slot.uid.clone(), run.cancel.clone());
+        tokio::spawn(async move {
+            let listener = match pod_net::bind_metadata(&netns).await {
+                Ok(listener) => tokio::net::TcpListener::from_std(listener),
+                Err(error) => Err(std::io::Error::other(crate::error::chain(&error))),
+            };
+            let listener = match listener {
+                Ok(listener) => listener,
+                Err(error) => {
+                    tracing::warn!(%uid, %error, "no metadata channel for the guest in its pod");
+                    return;
+                }
+            };
+            let hub = inner.metadata.clone();
+            let identify: crate::agent::metadata::serve::Identify = Arc::new(move |ip| {
+                (ip == std::net::IpAddr::V4(pod_net::GUEST))
+                    .then(|| hub.watch(&uid))
+                    .flatten()
+            });
+            let cancel = CancellationToken::new();
+            let stop = cancel.clone();
+            let agent_stops = inner.shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = run_ended.cancelled() => {}
+                    _ = agent_stops.cancelled() => {}
+                }
+                stop.cancel();
+            });
+            crate::agent::metadata::serve::serve(listener, identify, cancel).await;
+        });
     }
 }

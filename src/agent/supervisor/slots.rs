@@ -38,6 +38,9 @@ pub(super) struct VmRuntime {
     pub(super) pull: Option<PullHandle>,
     /// The launcher's emptyDir of the VM's pod, once found: told when the VM has stopped.
     pub(super) pod_console: Option<std::path::PathBuf>,
+    /// The VM pod's network namespace when the guest is on the pod's network: where its
+    /// metadata channel listens.
+    pub(super) pod_netns: Option<std::path::PathBuf>,
     /// The snapshot the next launch loads instead of booting (set by a resume).
     pub(super) resume: Option<crate::agent::vmm::SnapshotFiles>,
 }
@@ -66,6 +69,7 @@ impl VmRuntime {
             deleted: false,
             pull: None,
             pod_console: None,
+            pod_netns: None,
             resume: None,
         }
     }
@@ -256,6 +260,7 @@ impl Inner {
             memory_bytes: spec.memory_bytes,
             boot_timeouts,
             snapshot_issue,
+            owner: request.owner.clone(),
             ..VmStatus::new(spec.uid.clone(), spec.namespace.clone(), spec.name.clone())
         }
     }

@@ -383,6 +383,7 @@ async fn deleting_a_guest_that_never_got_ready_does_not_wait_its_grace_period() 
     sup.shutdown(false).await;
 }
 
+mod claims;
 mod damaged_state;
 mod http_vmms;
 mod suspend;
