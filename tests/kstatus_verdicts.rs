@@ -55,7 +55,7 @@ fn kstatus_gives_every_captured_microvm_the_documented_verdict() {
 /// Flux's health checks are kstatus (its fork, github.com/fluxcd/cli-utils, has the same status
 /// rules): the table's Flux column must follow from its kstatus column.
 #[test]
-fn the_flux_column_follows_from_kstatus_binary() {
+fn the_flux_column_follows_from_kstatus() {
     for (name, row) in verdict_table() {
         let flux = match row.kstatus.as_str() {
             "Current" => "Ready",
