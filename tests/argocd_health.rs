@@ -5,7 +5,6 @@
 
 mod gitops_support;
 
-
 use gitops_support::{
     check_table_matches_fixtures, health, lua_present, object, root, verdict_table,
 };

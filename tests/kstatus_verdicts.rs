@@ -16,7 +16,9 @@ use gitops_support::{check_table_matches_fixtures, kstatus_binary, run, verdict_
 fn kstatus_gives_every_captured_microvm_the_documented_verdict() {
     let table = verdict_table();
     let fixtures = check_table_matches_fixtures(&table);
-    let Some(kstatus) = kstatus_binary() else { return };
+    let Some(kstatus) = kstatus_binary() else {
+        return;
+    };
     let out = run(
         Command::new(&kstatus).args(fixtures.values()),
         Duration::from_secs(60),

@@ -38,7 +38,11 @@ fn kstatus_gives_every_captured_pool_the_documented_verdict() {
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
         let file = std::path::PathBuf::from(v["file"].as_str().expect("file"));
-        let name = file.file_stem().expect("stem").to_string_lossy().to_string();
+        let name = file
+            .file_stem()
+            .expect("stem")
+            .to_string_lossy()
+            .to_string();
         got.insert(name, v["status"].as_str().expect("status").to_string());
     }
     for (name, row) in &table {

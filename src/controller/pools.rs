@@ -150,14 +150,16 @@ async fn reconcile(
         }
     }
     record_refills(&pctx, &ctx.metrics, &warm);
-    let plan = decide_pool(&PoolView {
+    let mut view = PoolView {
         replicas: pool.spec.replicas,
         generation: pool.metadata.generation,
         warm,
         claimed,
         old: pool.status.clone().unwrap_or_default(),
         now: Time(jiff::Timestamp::now()),
-    });
+        refused: None,
+    };
+    let mut plan = decide_pool(&view);
     let microvms: Api<MicroVM> = Api::namespaced(ctx.client.clone(), &ns);
     for _ in 0..plan.create {
         let vm = warm_vm(&pool);
@@ -166,6 +168,12 @@ async fn reconcile(
                 if let Ok(mut m) = pctx.made.lock() {
                     m.insert(made.name_any(), Instant::now());
                 }
+            }
+            // Admission refused the template: no retry helps until the pool changes.
+            Err(kube::Error::Api(s)) if s.code == 422 || s.code == 403 => {
+                view.refused = Some(s.message.clone());
+                plan = decide_pool(&view);
+                break;
             }
             Err(error) => return Err(ReconcileError::kube(error)),
         }
@@ -280,7 +288,10 @@ pub(super) async fn sweep(ctx: &Context) {
             .is_some_and(|by| !claimants.contains(by))
             || vm.uid().is_some_and(|uid| moved.contains(&uid));
         // Only what a pool made: a MicroVM someone labelled by hand is not a warm VM.
-        let made_by_pool = vm.owner_references().iter().any(|o| o.kind == "MicroVMPool");
+        let made_by_pool = vm
+            .owner_references()
+            .iter()
+            .any(|o| o.kind == "MicroVMPool");
         let unclaimed_orphan = made_by_pool && !super::claim::taken(vm) && !pool_alive;
         if unclaimed_orphan || orphan_mark {
             let api: Api<MicroVM> = Api::namespaced(ctx.client.clone(), &ns);

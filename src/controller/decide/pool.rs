@@ -25,6 +25,9 @@ pub(crate) struct PoolView {
     pub(crate) claimed: u64,
     pub(crate) old: MicroVMPoolStatus,
     pub(crate) now: Time,
+    /// The API server refused a warm VM made from the template (admission: a host path or
+    /// bridge the admin does not allow), with its message.
+    pub(crate) refused: Option<String>,
 }
 
 /// What the pool's reconcile does.
@@ -41,11 +44,25 @@ pub(crate) struct PoolPlan {
 pub(crate) fn decide_pool(view: &PoolView) -> PoolPlan {
     let have = view.warm.len() as u32;
     let ready = view.warm.iter().filter(|w| w.ready).count() as u32;
-    let stalled = view.warm.iter().find_map(|w| {
-        w.stalled
-            .as_ref()
-            .map(|message| format!("warm VM {} failed: {message}", w.name))
-    });
+    let stalled = view
+        .refused
+        .as_ref()
+        .map(|why| {
+            (
+                "TemplateRefused",
+                format!("the API server refused a warm VM: {why}"),
+            )
+        })
+        .or_else(|| {
+            view.warm.iter().find_map(|w| {
+                w.stalled.as_ref().map(|message| {
+                    (
+                        "WarmVmFailed",
+                        format!("warm VM {} failed: {message}", w.name),
+                    )
+                })
+            })
+        });
     // A template that fails makes no more VMs until the pool changes: replacing them would
     // only fail again, as fast as the node boots.
     let create = if stalled.is_some() {
@@ -96,14 +113,9 @@ pub(crate) fn decide_pool(view: &PoolView) -> PoolPlan {
     };
     set(ConditionType::Ready, full, reason, message.clone());
     match &stalled {
-        Some(why) => {
-            set(ConditionType::Stalled, true, "WarmVmFailed", why.clone());
-            set(
-                ConditionType::Reconciling,
-                false,
-                "WarmVmFailed",
-                why.clone(),
-            );
+        Some((why_reason, why)) => {
+            set(ConditionType::Stalled, true, why_reason, why.clone());
+            set(ConditionType::Reconciling, false, why_reason, why.clone());
         }
         None => {
             set(ConditionType::Stalled, false, reason, message.clone());
@@ -138,6 +150,7 @@ mod tests {
             claimed: 0,
             old: MicroVMPoolStatus::default(),
             now: Time(jiff::Timestamp::UNIX_EPOCH),
+            refused: None,
         }
     }
 
@@ -202,6 +215,20 @@ mod tests {
         assert_eq!(
             condition(&plan, ConditionType::Stalled),
             ("True".into(), "WarmVmFailed".into())
+        );
+    }
+
+    #[test]
+    fn a_template_the_api_refuses_stalls_the_pool() {
+        let refused = PoolView {
+            refused: Some("spec.kernel.path: not beneath an allowed directory".into()),
+            ..view(2, vec![])
+        };
+        let plan = decide_pool(&refused);
+        assert_eq!(plan.create, 0);
+        assert_eq!(
+            condition(&plan, ConditionType::Stalled),
+            ("True".into(), "TemplateRefused".into())
         );
     }
 
