@@ -89,6 +89,7 @@ pub(super) fn context(client: Client, pool: AgentPool) -> Arc<Context> {
         },
         pool_triggers: tokio::sync::mpsc::unbounded_channel().0,
         claiming: Mutex::new(Default::default()),
+        settled: Mutex::new(Default::default()),
     })
 }
 

@@ -38,6 +38,28 @@ pub(super) fn pending(mvm: &MicroVM) -> bool {
         && mvm.status.as_ref().and_then(|s| s.claim.as_ref()).is_none()
 }
 
+/// How long a settled claim is remembered: far longer than the cache lags behind a write.
+const SETTLED_MEMORY: Duration = Duration::from_secs(60);
+
+/// Whether `mvm`'s claim was settled by this controller and the cache just does not show it
+/// yet (its status write's watch event is still on the way).
+pub(super) fn settled_but_not_seen(mvm: &MicroVM, ctx: &Context) -> bool {
+    let Some(uid) = mvm.uid() else {
+        return false;
+    };
+    ctx.settled
+        .lock()
+        .is_ok_and(|s| s.get(&uid).is_some_and(|at| at.elapsed() < SETTLED_MEMORY))
+}
+
+/// Remember that `mvm`'s claim is settled.
+fn remember_settled(mvm: &MicroVM, ctx: &Context) {
+    if let (Some(uid), Ok(mut settled)) = (mvm.uid(), ctx.settled.lock()) {
+        settled.retain(|_, at| at.elapsed() < SETTLED_MEMORY);
+        settled.insert(uid, Instant::now());
+    }
+}
+
 /// A warm VM a claim has taken: the VM is its claimant's now, so its own reconcile does
 /// nothing (the claimant deletes it once the VM is moved).
 pub(super) fn taken(mvm: &MicroVM) -> bool {
@@ -233,6 +255,7 @@ async fn cold(
         ..Default::default()
     });
     write_status(mvm, &new, ctx).await?;
+    remember_settled(mvm, ctx);
     ctx.metrics.pool_miss(outcome.as_str());
     let (reason, warning, message) = outcome_event(outcome, pool, None);
     let kind = if warning {
@@ -278,6 +301,7 @@ async fn take(
     let took = started.elapsed();
     let status = claimed_status(mvm, object, claim, took);
     write_status(mvm, &status, ctx).await?;
+    remember_settled(mvm, ctx);
     match microvms.delete(&warm.name, &DeleteParams::default()).await {
         Ok(_) => {}
         Err(kube::Error::Api(s)) if s.code == 404 => {}

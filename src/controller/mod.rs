@@ -166,6 +166,7 @@ pub async fn start(
         pools_listed: pools.listed.clone(),
         pool_triggers: pools.triggers.clone(),
         claiming: Mutex::new(HashMap::new()),
+        settled: Mutex::new(HashMap::new()),
     });
     pools.start(ctx.clone(), shutdown.clone());
 

@@ -83,6 +83,9 @@ pub(super) struct Context {
     pub(super) pool_triggers: tokio::sync::mpsc::UnboundedSender<ObjectRef<MicroVMPool>>,
     /// Warm VMs being taken right now, by claimant uid: concurrent claims pick others.
     pub(super) claiming: Mutex<HashMap<String, String>>,
+    /// Claims settled (status written) that the cache may not show yet, by claimant uid: a
+    /// reconcile in between must wait for the cache, not settle the claim a second time.
+    pub(super) settled: Mutex<HashMap<String, Instant>>,
 }
 
 /// Retry delay after `attempt` consecutive failures: 500 ms doubling to 60 s, plus up to 50%
@@ -173,6 +176,9 @@ pub(super) async fn reconcile_once(
         return Ok(Requeue::await_change());
     }
     if super::claim::pending(mvm) {
+        if super::claim::settled_but_not_seen(mvm, ctx) {
+            return Ok(Requeue::requeue(CONFLICT_RETRY));
+        }
         return super::claim::settle(mvm, ctx).await;
     }
     let Observation {
