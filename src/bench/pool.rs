@@ -50,7 +50,7 @@ pub(crate) struct PoolArgs {
     #[arg(long, default_value_t = 20)]
     pub(crate) refill: u32,
     /// Guest memory of every VM of the run.
-    #[arg(long, default_value = "64Mi")]
+    #[arg(long, default_value = DEFAULT_MEMORY)]
     pub(crate) memory: String,
     /// How long the idle warm VMs' CPU time is sampled.
     #[arg(long, default_value = "10s", value_parser = crate::time::parse_duration)]
@@ -69,10 +69,15 @@ pub(crate) struct PoolArgs {
     pub(crate) guest_dir: PathBuf,
 }
 
-/// The default pool and burst. Issue 20 asks for 100 against 100; on the reference machine
-/// (2 cores, TCG) a pool of 100 takes minutes to fill and its refill loads the CPU under the
-/// burst, so the default is smaller and 100 stays a flag away (docs/benchmarks.md).
+/// The default pool and burst. Issue 20 asks for 100 against 100, and the flags take it, but
+/// not this machine (2 cores, 24 GiB, TCG): an idle warm demo guest of 128 MiB costs its node
+/// some 215 MiB of VMM RSS (measured, 10 idle guests, 2026-12-06: QEMU, the guest's touched
+/// pages and TCG's code cache), so 100 warm VMs alone are 21 GiB and 100 claimed plus 100
+/// refilling on top do not fit. Idle CPU is no limit (0.4 % of a core per warm guest).
 pub(crate) const DEFAULT_POOL_SIZE: u32 = 20;
+/// The smallest memory the demo guest boots with in steps of 32 MiB: at 64 MiB its kernel
+/// cannot unpack the initramfs, and 96 MiB leaves it little room.
+pub(crate) const DEFAULT_MEMORY: &str = "128Mi";
 
 impl Default for PoolArgs {
     fn default() -> Self {
@@ -81,7 +86,7 @@ impl Default for PoolArgs {
             claims: DEFAULT_POOL_SIZE as usize,
             cold: 5,
             refill: 20,
-            memory: "64Mi".into(),
+            memory: DEFAULT_MEMORY.into(),
             idle_window: Duration::from_secs(10),
             timeout: Duration::from_secs(600),
             cluster: false,
@@ -93,8 +98,8 @@ impl Default for PoolArgs {
 
 /// The cluster's namespace for the bench (the dev stack uses its own `default`).
 const CLUSTER_NAMESPACE: &str = "ignis-bench";
-/// The dev stack's agent offers this many vCPUs per host CPU: a pool of 100 plus its claims
-/// and refill are some 300 one-vCPU VMs on a 2-core host (idle guests, measured).
+/// The dev stack's agent offers this many vCPUs per host CPU (its most): a pool, its claims and
+/// its refill are three times the pool's one-vCPU VMs on one host, idle guests (measured).
 const VCPU_OVERCOMMIT: u32 = 64;
 /// How often a waiting phase looks again.
 const POLL: Duration = Duration::from_millis(2);
@@ -472,6 +477,10 @@ impl Bench {
                 .max()
                 .unwrap_or_else(Instant::now)
         };
+        // The claimed VMs go while the pool refills, so the node holds one pool's VMs, not two.
+        for name in &names {
+            ignore_gone(self.microvms().delete(name, &DeleteParams::default()).await)?;
+        }
         let full = self.wait_pool_ready("refill", replicas).await?;
         Ok(Refill {
             replicas,
