@@ -523,6 +523,12 @@ async fn phases(bench: &Bench, args: &PoolArgs) -> Result<Run, BenchError> {
     let names: Vec<String> = (0..args.claims).map(|i| format!("claim-{i}")).collect();
     run.claims = bench.burst("bench", &names).await?;
     bench.delete_all().await?;
+    if args.claims > 0 && !run.claims.iter().any(Claim::hit) {
+        let outcomes: Vec<&str> = run.claims.iter().map(|c| c.outcome.as_str()).collect();
+        return Err(BenchError::Failed(format!(
+            "no claim took a warm VM (outcomes {outcomes:?}): nothing to measure"
+        )));
+    }
 
     if args.refill > 0 {
         println!("  a pool of {} drained and refilled", args.refill);
