@@ -52,6 +52,7 @@ impl Reason {
     pub(crate) const SUSPENDING: &'static str = "Suspending";
     pub(crate) const SUSPENDED: &'static str = "Suspended";
     pub(crate) const RESUMING: &'static str = "Resuming";
+    pub(crate) const CLAIMED: &'static str = "Claimed";
 }
 
 /// Set `type_` to the given status, reason and message.

@@ -40,7 +40,7 @@ pub const MAX_POOL_REPLICAS: u32 = 1000;
     printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.replicas"),
     printcolumn(name = "Warm", type_ = "integer", json_path = ".status.replicas"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
-    printcolumn(name = "Claimed", type_ = "integer", json_path = ".status.claims"),
+    printcolumn(name = "Claimed", type_ = "integer", json_path = ".status.claimed"),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -90,9 +90,9 @@ pub struct MicroVMPoolStatus {
     /// Warm VMs whose guest is Ready: what a claim can take now.
     #[serde(default)]
     pub ready_replicas: u32,
-    /// Claims served from this pool since it was made.
+    /// MicroVMs now running a VM taken from this pool.
     #[serde(default)]
-    pub claims: u64,
+    pub claimed: u64,
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -101,4 +101,29 @@ pub struct MicroVMPoolStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::MicroVM;
+
+    const SAMPLE: &str = include_str!("../../config/samples/microvmpool.yaml");
+
+    #[test]
+    fn the_pool_sample_parses_and_its_claim_matches_the_template() {
+        let mut docs = serde_yaml::Deserializer::from_str(SAMPLE);
+        let pool = MicroVMPool::deserialize(docs.next().expect("the pool")).expect("a pool");
+        let claim = MicroVM::deserialize(docs.next().expect("the claim")).expect("a MicroVM");
+        assert_eq!(claim.spec.pool.as_deref(), Some("demo"));
+        assert_eq!(pool.spec.replicas, 2);
+        assert_eq!(
+            MicroVMSpec {
+                pool: None,
+                user_data: None,
+                ..claim.spec
+            },
+            pool.spec.template.spec
+        );
+    }
 }

@@ -254,7 +254,13 @@ async fn remove_finalizer(t: &Target<'_>) -> Result<(), ReconcileError> {
 
 /// Publish an Event about `mvm`. An Event is a courtesy: failing to write one must not fail
 /// the reconcile.
-async fn publish(ctx: &Context, mvm: &MicroVM, kind: EventKind, reason: &str, message: String) {
+pub(super) async fn publish(
+    ctx: &Context,
+    mvm: &MicroVM,
+    kind: EventKind,
+    reason: &str,
+    message: String,
+) {
     let regarding = mvm.object_ref(&());
     if let Err(error) = ctx
         .recorder

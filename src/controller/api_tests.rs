@@ -23,7 +23,7 @@ use super::fixtures::{deleting, microvm, placed};
 use super::metrics::ControllerMetrics;
 use super::scheduler::PlacementStrategy;
 use super::{Context, NodeLabels, reconcile};
-use crate::api::{FIELD_MANAGER, FINALIZER, MicroVM, NODE_LABEL};
+use crate::api::{FIELD_MANAGER, FINALIZER, MicroVM, MicroVMPool, NODE_LABEL};
 use crate::error::ErrorReason;
 use crate::testing::fake_agent::{Calls, serve_fake_agent};
 use crate::vm::{DesiredState, RunState, SequencedEvent, VmEvent};
@@ -81,6 +81,14 @@ pub(super) fn context(client: Client, pool: AgentPool) -> Arc<Context> {
             listed.cancel();
             listed
         },
+        pools: reflector::store::<MicroVMPool>().0,
+        pools_listed: {
+            let listed = CancellationToken::new();
+            listed.cancel();
+            listed
+        },
+        pool_triggers: tokio::sync::mpsc::unbounded_channel().0,
+        claiming: Mutex::new(Default::default()),
     })
 }
 

@@ -41,7 +41,12 @@ pub(super) async fn housekeeping(
             _ = tick.tick() => {}
         }
         let state = ctx.store.state();
-        let owned: HashSet<String> = state.iter().filter_map(|o| o.uid()).collect();
+        // A claimed warm VM keeps the id it was made with: its claimant owns it by that id.
+        let owned: HashSet<String> = state
+            .iter()
+            .flat_map(|o| [o.uid(), Some(super::identity::of(o).vm_uid)])
+            .flatten()
+            .collect();
         let mut census: HashMap<Phase, i64> = HashMap::new();
         for obj in &state {
             let phase = obj
@@ -56,14 +61,17 @@ pub(super) async fn housekeeping(
         ctx.metrics
             .agents_connected
             .set(ctx.pool.connected() as i64);
+        super::pools::sweep(&ctx).await;
 
         for (node, uid) in drift_due(&ctx.pool.held_vms(), &owned, &mut orphans, drift_grace) {
             tracing::warn!(%node, %uid, "removing a VM no MicroVM owns (drift repair)");
             ctx.metrics.drift_removed.inc();
             let pool = ctx.pool.clone();
+            // A claimed VM whose claimant is gone answers only to that claimant's uid.
+            let owner = pool.vm(&node, uid.as_str()).and_then(|vm| vm.owner);
             tokio::spawn(async move {
                 if let Err(error) = pool
-                    .delete_vm(&node, &uid, None, Duration::from_secs(30))
+                    .delete_vm(&node, &uid, owner.as_ref(), Duration::from_secs(30))
                     .await
                 {
                     tracing::warn!(%node, %uid, reason = error.reason(), %error, "drift repair failed");

@@ -48,7 +48,7 @@ mod tests {
     fn an_unclaimed_microvm_is_its_own_vm() {
         let mvm = microvm("web");
         let id = of(&mvm);
-        assert_eq!(id.vm_uid, mvm.uid().unwrap());
+        assert_eq!(id.vm_uid, mvm.uid().expect("uid"));
         assert_eq!(id.owner, None);
         assert_eq!(id.pod, "vm-web");
     }
@@ -68,7 +68,7 @@ mod tests {
         });
         let id = of(&mvm);
         assert_eq!(id.vm_uid, "warm-uid");
-        assert_eq!(id.owner.unwrap().to_string(), mvm.uid().unwrap());
+        assert_eq!(id.owner.expect("owner").to_string(), mvm.uid().expect("uid"));
         assert_eq!(id.pod, "vm-p-abcde");
     }
 
@@ -83,6 +83,6 @@ mod tests {
             }),
             ..Default::default()
         });
-        assert_eq!(of(&mvm).vm_uid, mvm.uid().unwrap());
+        assert_eq!(of(&mvm).vm_uid, mvm.uid().expect("uid"));
     }
 }

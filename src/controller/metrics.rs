@@ -42,6 +42,14 @@ pub(crate) struct ControllerMetrics {
     pub(crate) placement_failures: Family<ConstraintLabel, Counter>,
     pub(crate) agents_connected: Gauge,
     pub(crate) drift_removed: Counter,
+    /// Claims that took a warm VM.
+    pub(crate) pool_hits: Counter,
+    /// Claims that booted cold, by why (`PoolEmpty`, `TemplateMismatch`, `PoolNotFound`).
+    pub(crate) pool_misses: Family<ReasonLabel, Counter>,
+    /// From a claim's first reconcile to its status written Ready.
+    pub(crate) pool_claim_duration: Histogram,
+    /// From a pool making a warm VM to that VM being Ready.
+    pub(crate) pool_refill_duration: Histogram,
 }
 
 /// 1 ms .. ~16 s
@@ -60,6 +68,10 @@ impl Default for ControllerMetrics {
             placement_failures: Family::default(),
             agents_connected: Gauge::default(),
             drift_removed: Counter::default(),
+            pool_hits: Counter::default(),
+            pool_misses: Family::default(),
+            pool_claim_duration: duration_histogram(),
+            pool_refill_duration: duration_histogram(),
         }
     }
 }
@@ -100,6 +112,26 @@ impl ControllerMetrics {
                     "VMs no MicroVM owns that were removed from agents",
                     c.drift_removed,
                 );
+                r.register(
+                    "pool_claim_hits",
+                    "Claims that took a warm VM from their pool",
+                    c.pool_hits,
+                );
+                r.register(
+                    "pool_claim_misses",
+                    "Claims that booted cold, by reason",
+                    c.pool_misses,
+                );
+                r.register(
+                    "pool_claim_duration_seconds",
+                    "From a claim's first reconcile to its status written Ready",
+                    c.pool_claim_duration,
+                );
+                r.register(
+                    "pool_refill_duration_seconds",
+                    "From a pool making a warm VM to the VM being Ready",
+                    c.pool_refill_duration,
+                );
             })
             .await;
         m
@@ -137,6 +169,14 @@ impl ControllerMetrics {
             .observe(took.as_secs_f64());
     }
 
+    pub(crate) fn pool_miss(&self, reason: &str) {
+        self.pool_misses
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
     pub(crate) fn placement_failure(&self, constraint: &str) {
         self.placement_failures
             .get_or_create(&ConstraintLabel {
@@ -160,6 +200,9 @@ mod tests {
         m.set_phases(&[(Phase::Running, 3)]);
         m.duration.observe(0.02);
         m.step("agent", std::time::Duration::from_millis(3));
+        m.pool_hits.inc();
+        m.pool_miss("PoolEmpty");
+        m.pool_claim_duration.observe(0.004);
         let text = registry.encode().await;
         for needle in [
             "ignis_controller_reconciles_total 1",
@@ -170,6 +213,10 @@ mod tests {
             "ignis_controller_reconcile_duration_seconds_count 1",
             "ignis_controller_agents_connected 0",
             "ignis_controller_reconcile_step_seconds_count{step=\"agent\"} 1",
+            "ignis_controller_pool_claim_hits_total 1",
+            "ignis_controller_pool_claim_misses_total{reason=\"PoolEmpty\"} 1",
+            "ignis_controller_pool_claim_duration_seconds_count 1",
+            "ignis_controller_pool_refill_duration_seconds_count 0",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -5,6 +5,7 @@
 
 mod act;
 pub(crate) mod agents;
+mod claim;
 mod config;
 pub(crate) mod decide;
 pub(crate) mod discovery;
@@ -15,6 +16,7 @@ pub(crate) mod leader;
 pub(crate) mod metrics;
 mod nodelabels;
 mod observe;
+mod pools;
 mod pull_secrets;
 mod reconcile;
 pub(crate) mod scheduler;
@@ -137,6 +139,7 @@ pub async fn start(
     if vm_pods.is_none() {
         pods_listed.cancel();
     }
+    let pools = pools::watch(&client, config.namespace.as_deref());
     let reporter = Reporter {
         controller: FIELD_MANAGER.to_string(),
         instance: config.instance.clone(),
@@ -159,7 +162,12 @@ pub async fn start(
             .map(|(s, store, _)| (s.clone(), store.clone())),
         node_meta: vm_pods.as_ref().map(|(_, _, nodes)| nodes.clone()),
         pods_listed,
+        pools: pools.store.clone(),
+        pools_listed: pools.listed.clone(),
+        pool_triggers: pools.triggers.clone(),
+        claiming: Mutex::new(HashMap::new()),
     });
+    pools.start(ctx.clone(), shutdown.clone());
 
     // Pool signals → object references for the controller.
     let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<MicroVM>>();
@@ -238,10 +246,17 @@ fn drop_managed_fields<K: kube::Resource>(object: &mut K) {
 }
 
 /// What the MicroVM cache keeps: everything but `managedFields` and the annotations, which
-/// nothing in the controller reads (`kubectl apply` keeps a copy of the whole object in one).
+/// nothing in the controller reads (`kubectl apply` keeps a copy of the whole object in one),
+/// except the mark a claim leaves on the warm VM it takes.
 fn trim_microvm(mvm: &mut MicroVM) {
     drop_managed_fields(mvm);
-    mvm.metadata.annotations = None;
+    mvm.metadata.annotations = mvm.metadata.annotations.take().and_then(|mut a| {
+        let claimed = a.remove(crate::api::CLAIMED_BY_ANNOTATION)?;
+        Some(BTreeMap::from([(
+            crate::api::CLAIMED_BY_ANNOTATION.to_string(),
+            claimed,
+        )]))
+    });
 }
 
 /// What the Node cache keeps (pod mode): the names and labels the node-label sync reads; a

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::controller::Action as Requeue;
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 use thiserror::Error;
 
@@ -22,7 +22,7 @@ use super::metrics::ControllerMetrics;
 use super::observe::{self, NodeLabels, Observation, Reservation};
 use super::scheduler::PlacementStrategy;
 use super::vmpod::VmPodSettings;
-use crate::api::MicroVM;
+use crate::api::{MicroVM, MicroVMPool};
 use crate::error::ErrorReason;
 
 /// Failures of one reconcile; all retried with back-off, except a [`Conflict`] (see
@@ -77,6 +77,12 @@ pub(super) struct Context {
     pub(super) pods_listed: tokio_util::sync::CancellationToken,
     /// Pod mode: the Nodes' metadata, for the node labels the controller keeps.
     pub(super) node_meta: Option<Store<kube::core::PartialObjectMeta<Node>>>,
+    /// The pools (`MicroVMPool`), and a way to have one reconciled.
+    pub(super) pools: Store<MicroVMPool>,
+    pub(super) pools_listed: tokio_util::sync::CancellationToken,
+    pub(super) pool_triggers: tokio::sync::mpsc::UnboundedSender<ObjectRef<MicroVMPool>>,
+    /// Warm VMs being taken right now, by claimant uid: concurrent claims pick others.
+    pub(super) claiming: Mutex<HashMap<String, String>>,
 }
 
 /// Retry delay after `attempt` consecutive failures: 500 ms doubling to 60 s, plus up to 50%
@@ -157,8 +163,17 @@ pub(super) async fn reconcile_once(
     mvm: &MicroVM,
     ctx: &Context,
 ) -> Result<Requeue, ReconcileError> {
-    if !ctx.pods_listed.is_cancelled() {
+    if !ctx.pods_listed.is_cancelled() || !ctx.pools_listed.is_cancelled() {
         return Ok(Requeue::requeue(CACHE_WAIT));
+    }
+    if let (Some(pool), Some(ns)) = (super::claim::pool_of(mvm), mvm.namespace()) {
+        let _ = ctx.pool_triggers.send(ObjectRef::new(pool).within(&ns));
+    }
+    if super::claim::taken(mvm) {
+        return Ok(Requeue::await_change());
+    }
+    if super::claim::pending(mvm) {
+        return super::claim::settle(mvm, ctx).await;
     }
     let Observation {
         observed,

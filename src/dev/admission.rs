@@ -64,6 +64,17 @@ pub fn microvm_resource() -> Result<CustomResource, MicroVmResourceError> {
     })
 }
 
+/// The MicroVMPool custom resource. Its template is checked where it matters: each warm VM
+/// made from it goes through the MicroVM hook.
+pub fn pool_resource() -> Result<CustomResource, MicroVmResourceError> {
+    let crd = serde_json::to_value(crate::api::MicroVMPool::crd())
+        .map_err(MicroVmResourceError::Encode)?;
+    Ok(CustomResource {
+        crd,
+        admission: None,
+    })
+}
+
 /// An API server configuration that serves MicroVMs: what `ignis dev`, the benches and the
 /// tests start.
 pub fn api_server_config(
@@ -71,5 +82,6 @@ pub fn api_server_config(
 ) -> Result<ApiServerConfig, MicroVmResourceError> {
     let mut config = ApiServerConfig::new(data_dir);
     config.custom_resources.push(microvm_resource()?);
+    config.custom_resources.push(pool_resource()?);
     Ok(config)
 }

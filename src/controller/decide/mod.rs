@@ -621,16 +621,18 @@ impl<'a> Planner<'a> {
                 }
                 self.set_phase(Phase::Running);
                 // Keep the first message of this run: rewriting it on every reconcile would be a
-                // write without news.
+                // write without news. A claimed warm VM's run stays Ready by its claim.
                 let keep = find_condition(&self.old.conditions, ConditionType::Ready)
-                    .filter(|c| c.status == "True" && c.reason == Reason::GUEST_READY)
-                    .map(|c| c.message.clone());
-                self.cond(
-                    ConditionType::Ready,
-                    "True",
-                    Reason::GUEST_READY,
-                    keep.unwrap_or(message),
-                );
+                    .filter(|c| {
+                        c.status == "True"
+                            && (c.reason == Reason::GUEST_READY || c.reason == Reason::CLAIMED)
+                    })
+                    .map(|c| (c.reason.clone(), c.message.clone()));
+                let (reason, message) = match &keep {
+                    Some((reason, message)) => (reason.as_str(), message.clone()),
+                    None => (Reason::GUEST_READY, message),
+                };
+                self.cond(ConditionType::Ready, "True", reason, message);
                 self.kstatus(false, None);
             }
             RunState::Stopping => self.stopping("the guest is stopping"),
@@ -759,8 +761,10 @@ pub(crate) fn restart_delay(vm: &VmStatus, restarts: u32, now: Timestamp) -> Dur
     backoff.saturating_sub(Duration::from_millis(since_exit_ms as u64))
 }
 
+pub(crate) mod claim;
 mod observed;
 mod pod;
+pub(crate) mod pool;
 mod suspend;
 
 pub(crate) use observed::{AgentLink, Observed, PodMode, SpecProblem};

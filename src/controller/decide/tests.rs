@@ -734,6 +734,7 @@ fn pulling_shows_as_the_ready_reason_and_a_failed_attempt_as_its_own_reason() {
     assert_eq!(s.images[0].digest, "sha256:aa");
 }
 
+mod claim;
 mod pod;
 mod suspend;
 mod verdicts;
