@@ -8,7 +8,7 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ignis::api::InterfaceMode;
 use ignis::testing::MicroVmBuilder;
@@ -190,23 +190,30 @@ fn a_claim_takes_a_warm_vm_and_the_pool_refills() {
 
     // The guest is the claimant now: hostname and labels from the metadata channel.
     let ip = get(&cluster, "mvm/api", "{.status.ipAddresses[0]}");
-    let mut page = String::new();
-    wait_until(
-        Duration::from_secs(60),
-        "the guest reporting the claimant's hostname and labels",
-        || {
-            page = guest_state(&cluster, &ip).unwrap_or_default();
-            page.lines().any(|l| l.trim() == "hostname=api")
-                && page.lines().any(|l| l.trim() == "label.app=api")
-        },
-    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let page = guest_state(&cluster, &ip).unwrap_or_default();
+        let says = |line: &str| page.lines().any(|l| l.trim() == line);
+        if says("hostname=api") && says("label.app=api") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest does not report the claimant's hostname and labels: {page:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 
     // The pool refills: two Ready warm VMs again, the claimed one not among them.
     wait_pool_ready(&cluster, 2);
     let refilled = warm_vms(&cluster);
     assert_eq!(refilled.len(), 2, "{refilled:?}");
     assert!(!refilled.contains(warm_name));
-    assert_eq!(get(&cluster, "mvmpool/web", "{.status.claims}"), "1");
+    assert_eq!(
+        get(&cluster, "mvmpool/web", "{.status.claimed}"),
+        "1",
+        "one MicroVM runs a VM of the pool"
+    );
 
     // A claim whose spec needs another boot (more memory): booted cold, and it says why.
     apply_json(
