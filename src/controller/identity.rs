@@ -68,10 +68,7 @@ mod tests {
         });
         let id = of(&mvm);
         assert_eq!(id.vm_uid, "warm-uid");
-        assert_eq!(
-            id.owner.expect("owner").to_string(),
-            mvm.uid().expect("uid")
-        );
+        assert_eq!(id.owner.expect("owner").to_string(), mvm.uid().expect("uid"));
         assert_eq!(id.pod, "vm-p-abcde");
     }
 

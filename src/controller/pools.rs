@@ -280,10 +280,7 @@ pub(super) async fn sweep(ctx: &Context) {
             .is_some_and(|by| !claimants.contains(by))
             || vm.uid().is_some_and(|uid| moved.contains(&uid));
         // Only what a pool made: a MicroVM someone labelled by hand is not a warm VM.
-        let made_by_pool = vm
-            .owner_references()
-            .iter()
-            .any(|o| o.kind == "MicroVMPool");
+        let made_by_pool = vm.owner_references().iter().any(|o| o.kind == "MicroVMPool");
         let unclaimed_orphan = made_by_pool && !super::claim::taken(vm) && !pool_alive;
         if unclaimed_orphan || orphan_mark {
             let api: Api<MicroVM> = Api::namespaced(ctx.client.clone(), &ns);
