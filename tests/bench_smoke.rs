@@ -1,6 +1,6 @@
 //! Smoke run of every `ignis bench` with tiny N, so the benches do not rot: each must exit 0
 //! within its deadline, write JSON that parses, and report sane figures (real QEMU boots for
-//! `boot`, `footprint` and `churn`; the simulated VMM for `control-plane`).
+//! `boot`, `footprint`, `churn`, `suspend` and `pool`; the simulated VMM for `control-plane`).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -106,4 +106,35 @@ fn every_bench_runs_with_tiny_n() {
     assert!(row(&suspend, "suspend: spec → Suspended p50") > 0.0);
     // A snapshot holds at least the guest's unpacked initramfs (several MB).
     assert!(row(&suspend, "snapshot size p50") > 1.0);
+
+    let pool = bench(
+        dir,
+        "pool",
+        &[
+            "--cold",
+            "1",
+            "--pool-size",
+            "2",
+            "--claims",
+            "2",
+            "--refill",
+            "2",
+            "--idle-window",
+            "2s",
+        ],
+        Duration::from_secs(240),
+    );
+    assert!(row(&pool, "cold boot: apply → Ready p50") > 0.0);
+    assert_eq!(row(&pool, "claims that booted cold"), 0.0, "{pool}");
+    let claim = row(&pool, "claim → Ready p50");
+    assert!(
+        claim > 0.0 && claim < row(&pool, "cold boot: apply → Ready p50"),
+        "a claim ({claim} ms) is Ready before a cold boot"
+    );
+    assert!(row(&pool, "claim: status.claim.latencyMs p50") >= 0.0);
+    assert!(row(&pool, "claims/s, sustained") > 0.0);
+    // A warm VM's VMM holds at least its booted guest's kernel and initramfs.
+    assert!(row(&pool, "warm VM: VMM RSS per VM") > 10.0);
+    assert!(row(&pool, "warm VM: VMM PSS per VM") > 10.0);
+    assert!(row(&pool, "refill: drained pool → all Ready") > 0.0);
 }

@@ -11,6 +11,9 @@
 //!   the guest's console;
 //! - `spec.suspend` saves the VM on B and restores it, its pod kept: the guest's uptime and a
 //!   tmpfs note survive, the Service reaches it again, no snapshot is left on any node;
+//! - a `MicroVMPool`'s warm VMs are VM pods with the pool's labels; a claim is Ready at once in
+//!   a warm VM's pod, relabelled and owned by the claimant, behind a Service selecting the
+//!   claimant's labels; the pool refills; deleting it leaves the claimed VM running;
 //! - `kubectl drain` honours a PodDisruptionBudget (refused, then a server-side dry run, then
 //!   for real), evicts the VM pod, and the MicroVM says why its VM stopped;
 //! - a VM pod deleted by hand: `Always` gets a new pod and is Ready again, `Once` stays down;
@@ -33,6 +36,8 @@ use ignis_e2e::upstream::{Upstream, live_after, pid_live, pids_matching};
 use ignis_e2e::{Cluster, http_get_via, wait_until};
 use serde_json::{Value, json};
 
+#[path = "vm_pods/pool.rs"]
+mod pool;
 #[path = "vm_pods/suspend.rs"]
 mod suspend;
 
@@ -65,7 +70,7 @@ fn vm_pods_on_two_nodes() {
     };
     let _ns = ctx.cluster.namespace(NS);
     let started = Instant::now();
-    let phases: [(&str, Phase); 8] = [
+    let phases: [(&str, Phase); 9] = [
         ("a VM on each node, in its pod", a_vm_on_each_node),
         (
             "a Service from the other node",
@@ -78,6 +83,10 @@ fn vm_pods_on_two_nodes() {
         (
             "suspend and resume",
             suspend::suspend_and_resume_keep_the_guest,
+        ),
+        (
+            "a claim from a pool behind a Service",
+            pool::a_claim_is_served_by_a_service,
         ),
         (
             "a VM pod deleted by hand",

@@ -178,7 +178,7 @@ impl Sighting {
     }
 }
 
-async fn client(kubeconfig: &Path) -> Result<Client, BenchError> {
+pub(crate) async fn client(kubeconfig: &Path) -> Result<Client, BenchError> {
     let failed =
         |e: String| BenchError::Failed(format!("kubeconfig {}: {e}", kubeconfig.display()));
     let kc = Kubeconfig::read_from(kubeconfig).map_err(|e| failed(e.to_string()))?;
@@ -259,18 +259,16 @@ async fn one_boot(
     })
 }
 
-async fn ensure_namespace(client: &Client) -> Result<(), BenchError> {
+pub(crate) async fn ensure_namespace(client: &Client, name: &str) -> Result<(), BenchError> {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let ns: Namespace = serde_json::from_value(serde_json::json!({
-        "metadata": { "name": NAMESPACE }
+        "metadata": { "name": name }
     }))
     .map_err(|e| BenchError::Failed(format!("namespace object: {e}")))?;
     match namespaces.create(&PostParams::default(), &ns).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
-        Err(e) => Err(BenchError::Failed(format!(
-            "create namespace {NAMESPACE}: {e}"
-        ))),
+        Err(e) => Err(BenchError::Failed(format!("create namespace {name}: {e}"))),
     }
 }
 
@@ -302,7 +300,7 @@ pub(crate) async fn run(
         }
     }
     let client = client(&args.kubeconfig).await?;
-    ensure_namespace(&client).await?;
+    ensure_namespace(&client, NAMESPACE).await?;
     let seen = Arc::new(Mutex::new(Seen::default()));
     let watching = watch(&client, seen.clone());
     let bare_root = scratch_dir("cluster-bare")?;

@@ -10,6 +10,8 @@ pub(crate) mod confinement;
 pub(crate) mod control_plane;
 pub(crate) mod footprint;
 pub(crate) mod machine;
+pub(crate) mod pool;
+pub(crate) mod pool_figures;
 pub(crate) mod soak;
 pub(crate) mod soak_sample;
 pub(crate) mod stack;
@@ -57,6 +59,9 @@ pub(crate) enum BenchCommand {
     Cluster(cluster::ClusterArgs),
     /// Cold boot, suspend and resume of the same MicroVM, and its snapshot's size.
     Suspend(suspend::SuspendArgs),
+    /// Warm pools: claim → Ready, claims/s, a warm VM's cost and a refill, beside a cold boot
+    /// (`--cluster`: on a cluster with VM pods).
+    Pool(pool::PoolArgs),
     /// Every bench with its defaults (not `cluster`, which needs a cluster).
     All,
 }
@@ -202,6 +207,7 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> Result<(), Ben
         match args.command {
             BenchCommand::Boot(a) => boot::run(&a, &machine, &dir).await,
             BenchCommand::Suspend(a) => suspend::run(&a, &machine, &dir).await,
+            BenchCommand::Pool(a) => pool::run(&a, &machine, &dir).await,
             BenchCommand::ControlPlane(a) => control_plane::run(&a, &machine, &dir).await,
             BenchCommand::Footprint(a) => footprint::run(&a, &machine, &dir).await,
             BenchCommand::Churn(a) => churn::run(&a, &machine, &dir).await,
@@ -218,6 +224,7 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> Result<(), Ben
                         .await,
                     churn::run(&churn::ChurnArgs::default(), &machine, &dir).await,
                     suspend::run(&suspend::SuspendArgs::default(), &machine, &dir).await,
+                    pool::run(&pool::PoolArgs::default(), &machine, &dir).await,
                 ];
                 let mut first = Ok(());
                 for outcome in outcomes {

@@ -251,6 +251,14 @@ pub(crate) fn sample_microvm(name: &str, guest: &guest::DemoGuest) -> MicroVM {
 impl Stack {
     /// Start the API server here, then the agent and the controller as children.
     pub(crate) async fn start(options: &StackOptions) -> Result<Stack, BenchError> {
+        Self::start_with(options, &[]).await
+    }
+
+    /// [`Stack::start`], the agent given `agent_flags` too.
+    pub(crate) async fn start_with(
+        options: &StackOptions,
+        agent_flags: &[String],
+    ) -> Result<Stack, BenchError> {
         let dir = scratch_dir(if options.simulated { "sim" } else { "qemu" })?;
         let guest_dir = dir.join("guest");
         let guest = tokio::task::spawn_blocking(move || guest::build_demo_guest(&guest_dir))
@@ -308,6 +316,7 @@ impl Stack {
             agent_args.push("--capacity-multiplier".into());
             agent_args.push(OVERCOMMIT.to_string());
         }
+        agent_args.extend_from_slice(agent_flags);
         let (agent, ready) = start_ignis(
             &agent_args,
             &[],

@@ -3,7 +3,7 @@
 //! `kubectl` drives them through the kubeconfig this command writes.
 
 mod admission;
-mod agent_link;
+pub(crate) mod agent_link;
 pub mod apiserver;
 
 pub use admission::{MicroVmResourceError, api_server_config, microvm_resource};
