@@ -3,13 +3,16 @@
 //!
 //! Taking warm VM W for claimant C, each step idempotent, so a claim cut short anywhere is
 //! finished by C's next reconcile (which finds W marked as its own):
-//! 1. C gets its finalizer, so it can no longer go without its VM being cleaned up;
-//! 2. W is marked `claimed-by: C` and loses its finalizer, guarded by W's resourceVersion, so
+//! 1. W is marked `claimed-by: C` and loses its finalizer, guarded by W's resourceVersion, so
 //!    no two claims take one VM, and W's own reconcile stops touching the VM;
-//! 3. the agent hands the VM to C: C's name, metadata and uid as its owner, with no boot;
-//! 4. pod mode: W's VM pod takes C's labels and C as its owner;
-//! 5. C's status records the claim (the VM's id and pod) and Ready;
-//! 6. W's object is deleted; with no finalizer left it simply goes.
+//! 2. the agent hands the VM to C: C's name, metadata and uid as its owner, with no boot;
+//! 3. pod mode: W's VM pod takes C's labels and C as its owner;
+//! 4. C's status records the claim (the VM's id and pod) and Ready;
+//! 5. W's object is deleted; with no finalizer left it simply goes.
+//!
+//! C's finalizer comes with its first ordinary reconcile, after the claim: one write fewer
+//! before Ready. Should C go in between, its VM is still cleaned up: the pod's owner is C (so
+//! garbage collection takes it) and drift repair removes a VM whose owner is gone.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -290,7 +293,6 @@ async fn take(
         template_hash: Some(warm.template_hash.clone()),
         latency_ms: None,
     };
-    add_finalizer(mvm, &microvms, in_pod, &warm.node).await?;
     if !warm.mine {
         mark_taken(&microvms, warm, object, mvm).await?;
     }
@@ -315,34 +317,7 @@ async fn take(
     Ok(Requeue::await_change())
 }
 
-/// Step 1: the claimant's finalizer (and, without VM pods, its node label).
-async fn add_finalizer(
-    mvm: &MicroVM,
-    microvms: &Api<MicroVM>,
-    in_pod: bool,
-    node: &str,
-) -> Result<(), ReconcileError> {
-    let has = mvm
-        .metadata
-        .finalizers
-        .as_ref()
-        .is_some_and(|f| f.iter().any(|x| x == FINALIZER));
-    if has {
-        return Ok(());
-    }
-    let patch = status::metadata_patch(mvm, true, (!in_pod).then_some(node));
-    microvms
-        .patch(
-            &mvm.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(patch),
-        )
-        .await
-        .map_err(ReconcileError::kube)?;
-    Ok(())
-}
-
-/// Step 2: mark the warm VM as the claimant's and drop its finalizer, or fail with a conflict
+/// Step 1: mark the warm VM as the claimant's and drop its finalizer, or fail with a conflict
 /// when another claim (or anything else) changed it since the cache saw it.
 async fn mark_taken(
     microvms: &Api<MicroVM>,
@@ -369,7 +344,7 @@ async fn mark_taken(
     Ok(())
 }
 
-/// Step 3: the agent gives the VM the claimant's name, metadata and ownership; the hash it
+/// Step 2: the agent gives the VM the claimant's name, metadata and ownership; the hash it
 /// already holds, so nothing boots.
 async fn hand_over(
     mvm: &MicroVM,
@@ -411,7 +386,7 @@ async fn hand_over(
     Ok(())
 }
 
-/// Step 4 (pod mode): the VM pod carries the claimant's labels, not the pool's, and the
+/// Step 3 (pod mode): the VM pod carries the claimant's labels, not the pool's, and the
 /// claimant owns it, so Services select it and garbage collection follows the claimant.
 async fn relabel_pod(
     mvm: &MicroVM,
@@ -451,7 +426,7 @@ fn pod_patch(built: &Pod, seen: Option<&Pod>) -> Value {
     }})
 }
 
-/// Step 5: the warm VM's status, as the claimant's, with the claim and Ready by claim.
+/// Step 4: the warm VM's status, as the claimant's, with the claim and Ready by claim.
 fn claimed_status(
     mvm: &MicroVM,
     warm: &MicroVM,
