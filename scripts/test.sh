@@ -103,6 +103,9 @@ cargo test -p ignis-e2e --features cluster --test agent_csr -- --nocapture
 stage "cluster bench"
 ./target/debug/ignis bench --results-dir "$(mktemp -d)" cluster --count 3 --suspend \
   --kubeconfig "$IGNIS_E2E_KUBECONFIG" --bare-guest-dir "$(dirname "$IGNIS_E2E_KUBECONFIG")/ignis/guest"
+# Warm pools on the cluster, small (docs/benchmarks.md, "pool", for the larger run).
+./target/debug/ignis bench --results-dir "$(mktemp -d)" pool --cluster \
+  --kubeconfig "$IGNIS_E2E_KUBECONFIG" --cold 1 --pool-size 2 --claims 2 --refill 2 --idle-window 2s
 # Last: it stops a node for good (the node-loss phase).
 stage "VM pods e2e"
 cargo test -p ignis-e2e --features cluster --test vm_pods -- --nocapture

@@ -5,12 +5,9 @@
 
 mod gitops_support;
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::Command;
-use std::time::Duration;
-
-use gitops_support::{check_table_matches_fixtures, kstatus_binary, run, verdict_table};
+use gitops_support::{
+    check_table_matches_fixtures, kstatus_binary, kstatus_verdicts, verdict_table,
+};
 
 #[test]
 fn kstatus_gives_every_captured_microvm_the_documented_verdict() {
@@ -19,28 +16,7 @@ fn kstatus_gives_every_captured_microvm_the_documented_verdict() {
     let Some(kstatus) = kstatus_binary() else {
         return;
     };
-    let out = run(
-        Command::new(&kstatus).args(fixtures.values()),
-        Duration::from_secs(60),
-    );
-    assert!(
-        out.status.success(),
-        "kstatus failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut got: BTreeMap<String, (String, String)> = BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
-        let file = PathBuf::from(v["file"].as_str().expect("file"));
-        let name = file
-            .file_stem()
-            .expect("stem")
-            .to_string_lossy()
-            .to_string();
-        let status = v["status"].as_str().expect("status").to_string();
-        let message = v["message"].as_str().unwrap_or("").to_string();
-        got.insert(name, (status, message));
-    }
+    let got = kstatus_verdicts(&kstatus, &fixtures);
     let mut wrong = Vec::new();
     for (name, row) in &table {
         let (status, message) = got.get(name).cloned().unwrap_or_default();

@@ -5,13 +5,9 @@
 
 mod gitops_support;
 
-use std::collections::BTreeMap;
-use std::process::Command;
-use std::time::Duration;
-
 use gitops_support::{
-    check_table_matches, health, kstatus_binary, lua_present, object, pool_fixtures,
-    pool_verdict_table, root, run,
+    check_table_matches, health, kstatus_binary, kstatus_verdicts, lua_present, object,
+    pool_fixtures, pool_verdict_table, root,
 };
 
 fn script() -> String {
@@ -25,29 +21,10 @@ fn kstatus_gives_every_captured_pool_the_documented_verdict() {
     let Some(kstatus) = kstatus_binary() else {
         return;
     };
-    let out = run(
-        Command::new(&kstatus).args(fixtures.values()),
-        Duration::from_secs(60),
-    );
-    assert!(
-        out.status.success(),
-        "kstatus failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut got = BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
-        let file = std::path::PathBuf::from(v["file"].as_str().expect("file"));
-        let name = file
-            .file_stem()
-            .expect("stem")
-            .to_string_lossy()
-            .to_string();
-        got.insert(name, v["status"].as_str().expect("status").to_string());
-    }
+    let got = kstatus_verdicts(&kstatus, &fixtures);
     for (name, row) in &table {
         assert_eq!(
-            got.get(name),
+            got.get(name).map(|(status, _)| status),
             Some(&row.kstatus),
             "{name}: kstatus' verdict is not docs/gitops.md's"
         );

@@ -295,3 +295,33 @@ pub fn lua_present() -> bool {
     eprintln!("skipped: lua5.1 is missing (apt-get install lua5.1)");
     false
 }
+
+/// kstatus' verdict on each fixture, by fixture name: (status, message).
+pub fn kstatus_verdicts(
+    kstatus: &Path,
+    fixtures: &BTreeMap<String, PathBuf>,
+) -> BTreeMap<String, (String, String)> {
+    let out = run(
+        Command::new(kstatus).args(fixtures.values()),
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "kstatus failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut got = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+        let file = PathBuf::from(v["file"].as_str().expect("file"));
+        let name = file
+            .file_stem()
+            .expect("stem")
+            .to_string_lossy()
+            .to_string();
+        let status = v["status"].as_str().expect("status").to_string();
+        let message = v["message"].as_str().unwrap_or("").to_string();
+        got.insert(name, (status, message));
+    }
+    got
+}
