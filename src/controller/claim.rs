@@ -24,7 +24,9 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 
-use super::decide::claim::{ClaimDecision, ClaimView, WarmVm, decide_claim, outcome_event};
+use super::decide::claim::{
+    ClaimDecision, ClaimView, POOL_GRACE, POOL_WAIT_RETRY, WarmVm, decide_claim, outcome_event,
+};
 use super::decide::{EventKind, placed_node};
 use super::reconcile::{CONFLICT_RETRY, Context, ReconcileError};
 use super::{act, status, vmpod, vmspec};
@@ -199,6 +201,12 @@ pub(super) async fn settle(mvm: &MicroVM, ctx: &Context) -> Result<Requeue, Reco
         return Ok(Requeue::await_change());
     };
     let (view, objects) = observe(mvm, &pool, ctx);
+    // Before the pool cache has listed, a missing pool means nothing yet. A cache that never
+    // lists (the MicroVMPool CRD not installed: `helm upgrade` adds no new CRD) holds claims
+    // only for the grace a missing pool gets anyway, and never the other MicroVMs.
+    if !ctx.pools_listed.is_cancelled() && view.age < POOL_GRACE {
+        return Ok(Requeue::requeue(POOL_WAIT_RETRY));
+    }
     match decide_claim(&view) {
         ClaimDecision::Wait(after) => Ok(Requeue::requeue(after)),
         ClaimDecision::Cold(outcome) => cold(mvm, &pool, outcome, ctx).await,

@@ -166,7 +166,7 @@ pub(super) async fn reconcile_once(
     mvm: &MicroVM,
     ctx: &Context,
 ) -> Result<Requeue, ReconcileError> {
-    if !ctx.pods_listed.is_cancelled() || !ctx.pools_listed.is_cancelled() {
+    if !ctx.pods_listed.is_cancelled() {
         return Ok(Requeue::requeue(CACHE_WAIT));
     }
     if let (Some(pool), Some(ns)) = (super::claim::pool_of(mvm), mvm.namespace()) {
