@@ -155,7 +155,12 @@ fn suspend_and_resume_keep_the_guest() {
     );
     let (cold, note) = guest_state(&cluster, &ip, "").expect("the cold-booted guest's state");
     assert_eq!(note, "", "a cold boot starts with an empty tmpfs");
-    assert!(cold < after, "booted anew: uptime {cold} s < {after} s");
+    // The empty note says it booted anew; its uptime (the same ~2 s to Ready as the first
+    // boot's) may equal the resumed guest's when that one was measured just after its resume.
+    assert!(
+        cold < after + 1.0,
+        "booted anew: uptime {cold} s, the resumed guest had {after} s"
+    );
     assert!(
         cluster
             .event_reasons(NS, "web")

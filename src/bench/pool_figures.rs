@@ -161,7 +161,7 @@ pub(crate) fn rows(run: &Run, goals: bool) -> Vec<Row> {
     }
     out.push(
         Row::new("pool fill: create → all Ready", run.fill_ms, "ms", none)
-            .note(format!("{} warm VMs booting at once", run.pool_size)),
+            .note(format!("{} warm VMs, booted in waves of 4", run.pool_size)),
     );
     let w = &run.warm;
     out.push(
