@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use ignis::agent::{AcceleratorFlag, AgentConfig, NetworkSetup, serve};
 use ignis::proto;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 const BOOT: Duration = Duration::from_secs(150);
@@ -29,28 +28,12 @@ fn config(state_dir: &Path) -> AgentConfig {
     config
 }
 
-async fn http_get(ip: Ipv4Addr, port: u16, path: &str) -> Option<String> {
-    let connect = tokio::net::TcpStream::connect((ip, port));
-    let mut stream = tokio::time::timeout(Duration::from_secs(3), connect)
-        .await
-        .ok()?
-        .ok()?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut body = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut body))
-        .await
-        .ok()?
-        .ok()?;
-    Some(String::from_utf8_lossy(&body).into_owned())
-}
-
 /// The guest's `/cgi-bin/state` once it shows every line of `want`, or a panic after `within`.
 async fn state_showing(ip: Ipv4Addr, want: &[&str], within: Duration) -> (String, Duration) {
     let began = Instant::now();
     let mut last = String::new();
     while began.elapsed() < within {
-        if let Some(page) = http_get(ip, 80, "/cgi-bin/state").await {
+        if let Some(page) = common::net::http_get(ip, 80, "/cgi-bin/state").await {
             if want.iter().all(|w| page.lines().any(|l| l.trim() == *w)) {
                 return (page, began.elapsed());
             }
@@ -122,7 +105,7 @@ fn a_claim_reaches_the_running_guest_over_the_metadata_channel_with_no_boot() {
             .status()
             .expect("ip");
         assert!(lo.success());
-        let node = http_get(Ipv4Addr::new(10, 88, 0, 1), 8775, "/ignis/v1/hostname")
+        let node = common::net::http_get(Ipv4Addr::new(10, 88, 0, 1), 8775, "/ignis/v1/hostname")
             .await
             .expect("the node listener answers");
         assert!(node.starts_with("HTTP/1.0 403"), "{node}");

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use ignis::agent::{AcceleratorFlag, AgentConfig, AgentHandle, NetworkSetup, serve};
 use ignis::proto;
 use ipnet::Ipv4Net;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 const BOOT: Duration = Duration::from_secs(150);
@@ -60,27 +59,11 @@ fn nat_spec(uid: &str, guest: &ignis::agent::guest::DemoGuest) -> proto::VmSpec 
     }
 }
 
-async fn http_get(ip: Ipv4Addr) -> Option<String> {
-    let connect = tokio::net::TcpStream::connect((ip, 80));
-    let mut stream = tokio::time::timeout(Duration::from_secs(3), connect)
-        .await
-        .ok()?
-        .ok()?;
-    let request = format!("GET / HTTP/1.0\r\nHost: {ip}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut body = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut body))
-        .await
-        .ok()?
-        .ok()?;
-    Some(String::from_utf8_lossy(&body).into_owned())
-}
-
 /// The page of the guest's HTTP server, tried a few times (busybox httpd forks per request).
 async fn page_of(ip: Ipv4Addr) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(body) = http_get(ip).await
+        if let Some(body) = common::net::http_get(ip, 80, "/").await
             && body.contains("ignis demo guest")
         {
             return body;
@@ -259,7 +242,7 @@ fn nat_guest_gets_an_address_answers_survives_a_restart_and_leaves_nothing() {
         assert!(allocated(state).is_empty(), "{:?}", allocated(state));
         assert!(!state.join(format!("net/vms/{uid}.json")).exists());
         assert!(
-            http_get(ip).await.is_none(),
+            common::net::http_get(ip, 80, "/").await.is_none(),
             "nothing answers on the freed address"
         );
         stop(agent, shutdown).await;

@@ -14,6 +14,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use common::net::*;
 use ignis::agent::guest::{DEFAULT_CMDLINE, DEMO_MARKER, NewcWriter, build_demo_guest};
@@ -24,7 +25,6 @@ use ignis::agent::vmm::qemu::QemuBackend;
 use ignis::agent::vmm::{Spawned, VmConfig, VmmBackend};
 use ignis::api::Accelerator;
 use ignis::vm::VmUid;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 const NODE_PORT: u16 = 8080;
@@ -68,29 +68,12 @@ fn probe_initrd(stock: &Path, out: &Path) -> PathBuf {
     path
 }
 
-/// A plain HTTP/1.0 GET; `None` until the guest answers.
-async fn http_get(ip: std::net::Ipv4Addr, port: u16, path: &str) -> Option<String> {
-    let connect = tokio::net::TcpStream::connect((ip, port));
-    let mut stream = tokio::time::timeout(Duration::from_secs(3), connect)
-        .await
-        .ok()?
-        .ok()?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut body = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut body))
-        .await
-        .ok()?
-        .ok()?;
-    Some(String::from_utf8_lossy(&body).into_owned())
-}
-
 /// GET until the answer contains `want`, or panic at the deadline.
 async fn get_until(ip: std::net::Ipv4Addr, path: &str, want: &str, within: Duration) -> String {
     let deadline = Instant::now() + within;
     let mut last = None;
     while Instant::now() < deadline {
-        last = http_get(ip, 80, path).await;
+        last = common::net::http_get(ip, 80, path).await;
         if let Some(body) = &last
             && body.contains(want)
         {

@@ -182,3 +182,21 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .expect("tokio runtime")
 }
+
+/// A plain HTTP/1.0 GET of a guest's `path`; `None` until it answers.
+pub async fn http_get(ip: std::net::Ipv4Addr, port: u16, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let connect = tokio::net::TcpStream::connect((ip, port));
+    let mut stream = tokio::time::timeout(Duration::from_secs(3), connect)
+        .await
+        .ok()?
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut body = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut body))
+        .await
+        .ok()?
+        .ok()?;
+    Some(String::from_utf8_lossy(&body).into_owned())
+}
