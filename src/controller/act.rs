@@ -14,7 +14,7 @@ use super::observe::PodParts;
 use super::reconcile::{Context, RESYNC, ReconcileError};
 use super::vmspec::BuiltSpec;
 use super::{pull_secrets, status, vmpod};
-use crate::api::{FIELD_MANAGER, MicroVM};
+use crate::api::{FIELD_MANAGER, MicroVM, MicroVMStatus};
 use crate::vm::{ApplyRequest, DesiredState, PodRef, VmUid};
 
 /// The API handles and names every step uses.
@@ -63,17 +63,7 @@ pub(super) async fn act(
             Action::DeletePod => delete_pod(&t, seen_pod.as_ref()).await?,
             Action::SetPodReady(ready) => set_pod_ready(&t, ready).await?,
             Action::RemoveFinalizer => remove_finalizer(&t).await?,
-            Action::UpdateStatus(new) => {
-                let body = status::status_apply_body(&new);
-                t.microvms
-                    .patch_status(
-                        &mvm.name_any(),
-                        &PatchParams::apply(FIELD_MANAGER).force(),
-                        &Patch::Apply(body),
-                    )
-                    .await
-                    .map_err(ReconcileError::kube)?;
-            }
+            Action::UpdateStatus(new) => write_status(&t.microvms, mvm, &new).await?,
             Action::Event {
                 kind,
                 reason,
@@ -250,6 +240,23 @@ async fn remove_finalizer(t: &Target<'_>) -> Result<(), ReconcileError> {
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         Err(error) => Err(ReconcileError::kube(error)),
     }
+}
+
+/// Write `mvm`'s status by server-side apply, the controller's one way of writing it.
+pub(super) async fn write_status(
+    microvms: &Api<MicroVM>,
+    mvm: &MicroVM,
+    new: &MicroVMStatus,
+) -> Result<(), ReconcileError> {
+    microvms
+        .patch_status(
+            &mvm.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(status::status_apply_body(new)),
+        )
+        .await
+        .map_err(ReconcileError::kube)?;
+    Ok(())
 }
 
 /// Publish an Event about `mvm`. An Event is a courtesy: failing to write one must not fail

@@ -29,10 +29,10 @@ use super::decide::claim::{
 };
 use super::decide::{EventKind, placed_node};
 use super::reconcile::{CONFLICT_RETRY, Context, ReconcileError};
-use super::{act, status, vmpod, vmspec};
+use super::{act, vmpod, vmspec};
 use crate::api::{
-    CLAIMED_BY_ANNOTATION, ClaimOutcome, ClaimStatus, ConditionType, FIELD_MANAGER, FINALIZER,
-    MicroVM, MicroVMPool, MicroVMStatus, POOL_LABEL, Phase, Reason, set_condition_status,
+    CLAIMED_BY_ANNOTATION, ClaimOutcome, ClaimStatus, ConditionType, FINALIZER, MicroVM,
+    MicroVMPool, MicroVMStatus, POOL_LABEL, Phase, Reason, set_condition_status,
 };
 use crate::vm::{ApplyRequest, DesiredState, PodRef, RunState, VmUid};
 
@@ -71,12 +71,18 @@ pub(super) fn taken(mvm: &MicroVM) -> bool {
     claimed_by(mvm).is_some()
 }
 
-fn claimed_by(mvm: &MicroVM) -> Option<&str> {
+pub(super) fn claimed_by(mvm: &MicroVM) -> Option<&str> {
     mvm.metadata
         .annotations
         .as_ref()?
         .get(CLAIMED_BY_ANNOTATION)
         .map(String::as_str)
+}
+
+/// The MicroVMs of `mvm`'s namespace.
+fn microvms(mvm: &MicroVM, ctx: &Context) -> Result<Api<MicroVM>, ReconcileError> {
+    let ns = mvm.namespace().ok_or(ReconcileError::NoNamespace)?;
+    Ok(Api::namespaced(ctx.client.clone(), &ns))
 }
 
 /// The pool a MicroVM is a warm VM of.
@@ -96,7 +102,7 @@ fn template_hash(mvm: &MicroVM, in_pod: bool) -> Option<String> {
 }
 
 /// The template hash of a pool: its template built as a MicroVM would be.
-pub(super) fn pool_template_hash(pool: &MicroVMPool, in_pod: bool) -> Option<String> {
+fn pool_template_hash(pool: &MicroVMPool, in_pod: bool) -> Option<String> {
     let mut vm = MicroVM::new(&pool.name_any(), pool.spec.template.spec.clone());
     vm.metadata.namespace = pool.namespace();
     vm.metadata.uid = Some("template".to_string());
@@ -265,7 +271,7 @@ async fn cold(
         outcome,
         ..Default::default()
     });
-    write_status(mvm, &new, ctx).await?;
+    act::write_status(&microvms(mvm, ctx)?, mvm, &new).await?;
     remember_settled(mvm, ctx);
     ctx.metrics.pool_miss(outcome.as_str());
     let (reason, warning, message) = outcome_event(outcome, pool, None);
@@ -310,7 +316,7 @@ async fn take(
     }
     let took = started.elapsed();
     let status = claimed_status(mvm, object, claim, took);
-    write_status(mvm, &status, ctx).await?;
+    act::write_status(&microvms, mvm, &status).await?;
     remember_settled(mvm, ctx);
     match microvms.delete(&warm.name, &DeleteParams::default()).await {
         Ok(_) => {}
@@ -468,24 +474,6 @@ fn claimed_status(
     status.phase = Some(Phase::Running);
     status.claim = Some(claim);
     status
-}
-
-async fn write_status(
-    mvm: &MicroVM,
-    new: &MicroVMStatus,
-    ctx: &Context,
-) -> Result<(), ReconcileError> {
-    let ns = mvm.namespace().ok_or(ReconcileError::NoNamespace)?;
-    let microvms: Api<MicroVM> = Api::namespaced(ctx.client.clone(), &ns);
-    microvms
-        .patch_status(
-            &mvm.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(status::status_apply_body(new)),
-        )
-        .await
-        .map_err(ReconcileError::kube)?;
-    Ok(())
 }
 
 #[cfg(test)]

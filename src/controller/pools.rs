@@ -280,12 +280,7 @@ pub(super) async fn sweep(ctx: &Context) {
                     .iter()
                     .any(|o| Some(&o.uid) == p.uid().as_ref())
             });
-        let orphan_mark = vm
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(crate::api::CLAIMED_BY_ANNOTATION))
-            .is_some_and(|by| !claimants.contains(by))
+        let orphan_mark = super::claim::claimed_by(vm).is_some_and(|by| !claimants.contains(by))
             || vm.uid().is_some_and(|uid| moved.contains(&uid));
         // Only what a pool made: a MicroVM someone labelled by hand is not a warm VM.
         let made_by_pool = vm
