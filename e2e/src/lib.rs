@@ -248,6 +248,28 @@ impl Cluster {
     }
 
     /// Run kubectl and panic with its output (and the dev log) unless it succeeds.
+    /// The names of the `kind` objects of `namespace` that `selector` selects.
+    pub fn names_selected(
+        &self,
+        namespace: &str,
+        kind: &str,
+        selector: &str,
+    ) -> std::collections::BTreeSet<String> {
+        self.kubectl_ok(&[
+            "get",
+            "-n",
+            namespace,
+            kind,
+            "-l",
+            selector,
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+    }
+
     pub fn kubectl_ok(&self, args: &[&str]) -> String {
         let out = self.kubectl(args);
         assert!(

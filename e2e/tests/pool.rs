@@ -53,20 +53,7 @@ fn get(cluster: &Cluster, object: &str, jsonpath: &str) -> String {
 
 /// The names of the MicroVMs selected by `selector`.
 fn selected(cluster: &Cluster, selector: &str) -> BTreeSet<String> {
-    cluster
-        .kubectl_ok(&[
-            "get",
-            "-n",
-            NS,
-            "mvm",
-            "-l",
-            selector,
-            "-o",
-            "jsonpath={.items[*].metadata.name}",
-        ])
-        .split_whitespace()
-        .map(str::to_string)
-        .collect()
+    cluster.names_selected(NS, "mvm", selector)
 }
 
 fn warm_vms(cluster: &Cluster) -> BTreeSet<String> {

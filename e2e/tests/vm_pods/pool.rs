@@ -29,20 +29,7 @@ fn web(ctx: &Ctx, name: &str) -> MicroVmBuilder {
 }
 
 fn names(ctx: &Ctx, kind: &str, selector: &str) -> BTreeSet<String> {
-    ctx.cluster
-        .kubectl_ok(&[
-            "get",
-            "-n",
-            NS,
-            kind,
-            "-l",
-            selector,
-            "-o",
-            "jsonpath={.items[*].metadata.name}",
-        ])
-        .split_whitespace()
-        .map(str::to_string)
-        .collect()
+    ctx.cluster.names_selected(NS, kind, selector)
 }
 
 fn warm_vms(ctx: &Ctx) -> BTreeSet<String> {
