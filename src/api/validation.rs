@@ -80,6 +80,8 @@ impl std::fmt::Display for FieldError {
 pub(crate) struct MicroVmValidator {
     structural: jsonschema::Validator,
     rules: kube_cel::CompiledSchema,
+    /// The top-level fields whose schema holds CEL rules; `None` when the root itself has some.
+    rule_roots: Option<Vec<String>>,
 }
 
 impl std::fmt::Debug for MicroVmValidator {
@@ -120,7 +122,23 @@ impl MicroVmValidator {
                 .collect();
             return Err(SchemaError::InvalidRules(errors.join("; ")));
         }
-        Ok(Self { structural, rules })
+        Ok(Self {
+            structural,
+            rules,
+            rule_roots: rule_roots(schema),
+        })
+    }
+
+    /// Whether an update leaves every field that has CEL rules as it was. Kubernetes ratchets
+    /// CRD validation (GA in 1.33): an error in an unchanged value is not reported, and a
+    /// transition rule holds for a value equal to its old self, so such a write (a status, a
+    /// finalizer, a label) cannot fail a rule and they are not run. They are most of the
+    /// writes, and the rules are the costliest part of admission.
+    fn rules_untouched(&self, object: &Value, old: Option<&Value>) -> bool {
+        match (old, &self.rule_roots) {
+            (Some(old), Some(roots)) => roots.iter().all(|r| object.get(r) == old.get(r)),
+            _ => false,
+        }
     }
 
     /// Validate a whole object (`apiVersion`, `kind`, `metadata`, `spec`, `status`). `old` is the
@@ -133,6 +151,7 @@ impl MicroVmValidator {
             .collect();
         // CEL rules assume a structurally valid object, as in the API server.
         if errors.is_empty()
+            && !self.rules_untouched(object, old)
             && let Err(failures) = kube_cel::validate_compiled(&self.rules, object, old)
         {
             errors.extend(failures.iter().map(|f| FieldError {
@@ -147,6 +166,33 @@ impl MicroVmValidator {
         }
         errors
     }
+}
+
+/// The top-level properties of `schema` whose subtree holds `x-kubernetes-validations`, or
+/// `None` when the root has rules of its own.
+fn rule_roots(schema: &Value) -> Option<Vec<String>> {
+    fn has_rules(v: &Value) -> bool {
+        match v {
+            Value::Object(m) => {
+                m.contains_key("x-kubernetes-validations") || m.values().any(has_rules)
+            }
+            Value::Array(items) => items.iter().any(has_rules),
+            _ => false,
+        }
+    }
+    if schema.get("x-kubernetes-validations").is_some() {
+        return None;
+    }
+    Some(
+        schema
+            .get("properties")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+            .filter(|(_, sub)| has_rules(sub))
+            .map(|(name, _)| name.clone())
+            .collect(),
+    )
 }
 
 /// OpenAPI v3 schemas mark optional values `nullable`; JSON Schema draft 4 needs them spelled
@@ -383,6 +429,29 @@ mod tests {
         halted["spec"]["runPolicy"] = "Halted".into();
         halted["spec"]["terminationGracePeriodSeconds"] = 5.into();
         assert_eq!(v.validate(&halted, Some(&old)), vec![]);
+    }
+
+    #[test]
+    fn rules_ratchet_on_writes_that_leave_the_spec_unchanged() {
+        let v = validator();
+        assert_eq!(v.rule_roots, Some(vec!["spec".to_string()]));
+        // Stored before a rule forbade it (as after a CRD upgrade): a status write or a new
+        // label passes, as on a ratcheting kube-apiserver; a spec change is checked again.
+        let mut old = minimal();
+        old["spec"]["kernel"]["path"] = "/boot/../etc/vmlinuz".into();
+        assert!(!v.validate(&old, None).is_empty(), "the rule applies");
+        let mut status = old.clone();
+        status["status"] = serde_json::json!({"phase": "Running"});
+        status["metadata"]["labels"] = serde_json::json!({"team": "a"});
+        assert_eq!(v.validate(&status, Some(&old)), vec![]);
+        let mut halted = old.clone();
+        halted["spec"]["runPolicy"] = "Halted".into();
+        // Stricter than kube-apiserver, which ratchets field by field: here a changed spec
+        // runs every rule again.
+        assert!(
+            !v.validate(&halted, Some(&old)).is_empty(),
+            "a changed spec runs the rules"
+        );
     }
 
     #[test]

@@ -37,8 +37,9 @@ enum ListKind {
     Atomic,
 }
 
-/// The schema of `metadata` the real types declare, for what server-side apply needs.
-fn metadata_schema() -> Value {
+/// The schema of `metadata` the real types declare, for what server-side apply needs. Built
+/// once: every field set of every write walks it.
+static METADATA_SCHEMA: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| {
     json!({"type": "object", "properties": {
         "labels": {"type": "object", "additionalProperties": {"type": "string"}},
         "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
@@ -47,18 +48,17 @@ fn metadata_schema() -> Value {
         "ownerReferences": {"type": "array", "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["uid"], "items": {"type": "object"}},
     }})
-}
+});
 
 /// The schema of `key` under `schema` (at the root, `metadata` is always the real one).
-fn child_schema(schema: Option<&Value>, key: &str, root: bool) -> Option<Value> {
+fn child_schema<'a>(schema: Option<&'a Value>, key: &str, root: bool) -> Option<&'a Value> {
     if root && key == "metadata" {
-        return Some(metadata_schema());
+        return Some(&METADATA_SCHEMA);
     }
     let s = schema?;
     s.get("properties")
         .and_then(|p| p.get(key))
         .or_else(|| s.get("additionalProperties").filter(|a| a.is_object()))
-        .cloned()
 }
 
 fn list_kind(schema: Option<&Value>, field: &str) -> ListKind {
@@ -183,20 +183,13 @@ impl FieldSet {
                             continue;
                         }
                         path.push(format!("f:{mk}"));
-                        let s = child_schema.as_ref().and_then(|s| s["properties"].get(mk));
+                        let s = child_schema.and_then(|s| s["properties"].get(mk));
                         collect(mv, s, mk, nodes, &mut path, &mut out);
                         path.pop();
                     }
                     continue;
                 }
-                collect(
-                    child,
-                    child_schema.as_ref(),
-                    key,
-                    nodes,
-                    &mut path,
-                    &mut out,
-                );
+                collect(child, child_schema, key, nodes, &mut path, &mut out);
             }
         }
         FieldSet(out)
@@ -273,7 +266,7 @@ fn collect(
             for (key, child) in map {
                 path.push(format!("f:{key}"));
                 let s = child_schema(schema, key, false);
-                collect(child, s.as_ref(), key, nodes, path, out);
+                collect(child, s, key, nodes, path, out);
                 path.pop();
             }
         }
@@ -403,7 +396,7 @@ fn merge_at(live: &mut Value, applied: &Value, schema: Option<&Value>, field: &s
                 }
                 let s = child_schema(schema, k, root);
                 match l.get_mut(k) {
-                    Some(existing) => merge_at(existing, v, s.as_ref(), k, false),
+                    Some(existing) => merge_at(existing, v, s, k, false),
                     None => {
                         l.insert(k.clone(), v.clone());
                     }

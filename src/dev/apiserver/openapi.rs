@@ -25,10 +25,10 @@ fn gvk(def: &ResourceDef) -> Value {
 }
 
 fn object_schema(def: &ResourceDef) -> Value {
-    let mut schema = def
-        .schema
-        .clone()
-        .unwrap_or_else(|| json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}));
+    let mut schema =
+        def.schema.as_deref().cloned().unwrap_or_else(
+            || json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
+        );
     if let Some(map) = schema.as_object_mut() {
         let props = map
             .entry("properties")

@@ -90,7 +90,8 @@ pub struct ResourceDef {
     pub undeletable: bool,
     pub printer_columns: Vec<PrinterColumn>,
     /// The structural `openAPIV3Schema` (custom resources only): defaulting, pruning, explain.
-    pub schema: Option<Value>,
+    /// Shared: every request takes its own copy of the definition.
+    pub schema: Option<std::sync::Arc<Value>>,
     /// Served from another resource's storage, converted on the way in and out.
     pub conversion: Conversion,
     /// What names are valid.
@@ -503,7 +504,7 @@ fn custom_resource(crd: &Value) -> Result<ResourceDef, RegistryError> {
         conversion: Conversion::None,
         schema: version["schema"]["openAPIV3Schema"]
             .is_object()
-            .then(|| version["schema"]["openAPIV3Schema"].clone()),
+            .then(|| std::sync::Arc::new(version["schema"]["openAPIV3Schema"].clone())),
         name_rule: NameRule::Subdomain,
         field_labels: version["selectableFields"]
             .as_array()

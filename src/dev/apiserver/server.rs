@@ -485,7 +485,7 @@ impl Server {
                         api_version: &def.api_version(),
                         now: &now,
                     },
-                    def.schema.as_ref(),
+                    def.schema.as_deref(),
                 );
                 if let Some(status) = defaulted {
                     obj["status"] = status;

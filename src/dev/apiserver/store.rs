@@ -68,6 +68,19 @@ fn sql(context: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
     move |source| StoreError::Sqlite { context, source }
 }
 
+/// Run a statement of the write path, parsed once per connection: parsing it anew took as long
+/// as running it.
+fn execute(
+    conn: &Connection,
+    statement: &str,
+    params: impl rusqlite::Params,
+    context: &'static str,
+) -> Result<usize, StoreError> {
+    conn.prepare_cached(statement)
+        .and_then(|mut s| s.execute(params))
+        .map_err(sql(context))
+}
+
 /// The kind of change a watch reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventType {
@@ -227,11 +240,10 @@ impl Store {
     ) -> Result<Option<Value>, StoreError> {
         let body: Option<String> = self
             .conn
-            .query_row(
+            .prepare_cached(
                 "SELECT body FROM objects WHERE resource = ?1 AND namespace = ?2 AND name = ?3",
-                params![resource, namespace, name],
-                |r| r.get(0),
             )
+            .and_then(|mut s| s.query_row(params![resource, namespace, name], |r| r.get(0)))
             .optional()
             .map_err(sql("get"))?;
         body.map(|b| serde_json::from_str(&b).map_err(StoreError::Decode))
@@ -275,9 +287,8 @@ impl Store {
     ) -> Result<StoredEvent, StoreError> {
         let tx = self.conn.transaction().map_err(sql("begin"))?;
         let current: u64 = tx
-            .query_row("SELECT value FROM meta WHERE key = 'rv'", [], |r| {
-                r.get::<_, String>(0)
-            })
+            .prepare_cached("SELECT value FROM meta WHERE key = 'rv'")
+            .and_then(|mut s| s.query_row([], |r| r.get::<_, String>(0)))
             .optional()
             .map_err(sql("rv"))?
             .and_then(|v| v.parse().ok())
@@ -290,45 +301,54 @@ impl Store {
         let uid = object["metadata"]["uid"].as_str().unwrap_or_default();
         match type_ {
             EventType::Deleted => {
-                tx.execute(
+                execute(
+                    &tx,
                     "DELETE FROM objects WHERE resource = ?1 AND namespace = ?2 AND name = ?3",
                     params![resource, namespace, name],
-                )
-                .map_err(sql("delete"))?;
+                    "delete",
+                )?;
             }
             EventType::Added | EventType::Modified => {
-                tx.execute(
+                execute(
+                    &tx,
                     "INSERT INTO objects (resource, namespace, name, uid, rv, body)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                      ON CONFLICT(resource, namespace, name)
                      DO UPDATE SET uid = excluded.uid, rv = excluded.rv, body = excluded.body",
                     params![resource, namespace, name, uid, rv as i64, body],
-                )
-                .map_err(sql("upsert"))?;
+                    "upsert",
+                )?;
             }
         }
-        tx.execute(
+        execute(
+            &tx,
             "INSERT INTO history (rv, resource, namespace, name, type, body)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![rv as i64, resource, namespace, name, type_.as_str(), body],
-        )
-        .map_err(sql("history"))?;
-        tx.execute(
+            "history",
+        )?;
+        execute(
+            &tx,
             "INSERT INTO meta (key, value) VALUES ('rv', ?1)
              ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             [rv.to_string()],
-        )
-        .map_err(sql("rv"))?;
+            "rv",
+        )?;
         if rv > self.history_limit {
             let oldest_kept = rv - self.history_limit;
-            tx.execute("DELETE FROM history WHERE rv <= ?1", [oldest_kept as i64])
-                .map_err(sql("compact"))?;
-            tx.execute(
+            execute(
+                &tx,
+                "DELETE FROM history WHERE rv <= ?1",
+                [oldest_kept as i64],
+                "compact",
+            )?;
+            execute(
+                &tx,
                 "INSERT INTO meta (key, value) VALUES ('compacted', ?1)
                  ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 [oldest_kept.to_string()],
-            )
-            .map_err(sql("compact"))?;
+                "compact",
+            )?;
         }
         tx.commit().map_err(sql("commit"))?;
         Ok(StoredEvent {

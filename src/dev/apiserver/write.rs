@@ -125,7 +125,7 @@ impl Server {
                     api_version: &def.api_version(),
                     now: &meta::now(),
                 },
-                def.schema.as_ref(),
+                def.schema.as_deref(),
             );
         }
         let deleting = result["metadata"].get("deletionTimestamp").is_some();
@@ -234,7 +234,7 @@ impl Server {
         let new = match applied {
             Some(applied) => {
                 let scoped = scope_to(def, applied, subresource);
-                managed::apply(&old, &scoped, writer, opts.force, def.schema.as_ref())
+                managed::apply(&old, &scoped, writer, opts.force, def.schema.as_deref())
                     .map_err(|conflicts| ApiError::ApplyConflict { conflicts })?
             }
             None if kind == PatchKind::Json => patch::json_patch(&old, body)?,
@@ -269,7 +269,7 @@ impl Server {
         let mut obj = applied;
         meta(&mut obj).insert("name".into(), Value::String(name.into()));
         let scoped = scope_to(def, obj.clone(), None);
-        let owned = managed::apply(&json!({}), &scoped, writer, true, def.schema.as_ref())
+        let owned = managed::apply(&json!({}), &scoped, writer, true, def.schema.as_deref())
             .map_err(|conflicts| ApiError::ApplyConflict { conflicts })?;
         self.create_owned(def, ns, obj, opts, Some(managed::entries(&owned)))
     }
