@@ -67,6 +67,10 @@ pub(crate) struct PoolArgs {
     /// With `--cluster`: the demo guest's directory as the agents see it.
     #[arg(long, default_value = "/var/lib/ignis/guest")]
     pub(crate) guest_dir: PathBuf,
+    /// The dev stack's agent on the `simulated` VMM (a `sleep` per VM, no guest): the claim
+    /// path of the control plane alone, without TCG boots of the refill taking the CPUs.
+    #[arg(long, conflicts_with = "cluster")]
+    pub(crate) simulated: bool,
 }
 
 /// The default pool and burst. Issue 20 asks for 100 against 100, and the flags take it, but
@@ -92,6 +96,7 @@ impl Default for PoolArgs {
             cluster: false,
             kubeconfig: None,
             guest_dir: "/var/lib/ignis/guest".into(),
+            simulated: false,
         }
     }
 }
@@ -344,16 +349,16 @@ impl Bench {
                 let at = Instant::now();
                 api.create(&PostParams::default(), vm)
                     .await
-                    .map(|_| at)
+                    .map(|_| (at, at.elapsed()))
                     .map_err(kube(format!("create claim {}", vm.name_any())))
             }
         }))
         .await
         .into_iter()
-        .collect::<Result<Vec<Instant>, BenchError>>()?;
+        .collect::<Result<Vec<(Instant, Duration)>, BenchError>>()?;
         let ready = self.wait_ready(names, "the claims").await?;
         let mut claims = Vec::new();
-        for ((name, sent), ready) in names.iter().zip(sent).zip(ready) {
+        for ((name, (sent, create)), ready) in names.iter().zip(sent).zip(ready) {
             let known = lock(&self.seen).claim.get(name).cloned();
             let status = match known {
                 Some(s) => Some(s),
@@ -371,6 +376,7 @@ impl Bench {
                     .map(|s| s.outcome.as_str().to_string())
                     .unwrap_or_default(),
                 ready_ms: (ready - sent).as_secs_f64() * 1000.0,
+                create_ms: create.as_secs_f64() * 1000.0,
                 ready_since_burst_ms: (ready - first).as_secs_f64() * 1000.0,
                 server_ms: status.and_then(|s| s.latency_ms).map(|ms| ms as f64),
             });
@@ -544,11 +550,20 @@ fn report(run: &Run, machine: &Machine, cluster: bool) -> Report {
         machine.clone(),
     );
     report.rows = super::pool_figures::rows(run, !cluster);
-    report.notes.push(format!(
-        "on {}: the demo guest (1 vCPU, {} MiB, readiness by console marker) on QEMU under the \
-         node's accelerator; every instant is when this process' watch saw the change",
-        run.target, run.guest_memory_mib
-    ));
+    report.notes.push(if run.simulated {
+        format!(
+            "on {}: the agent on the `simulated` VMM (a `sleep` process per VM, Ready at once, \
+             no guest): the control plane's claim path alone; the warm cost is a sleep's, not a \
+             guest's; every instant is when this process' watch saw the change",
+            run.target
+        )
+    } else {
+        format!(
+            "on {}: the demo guest (1 vCPU, {} MiB, readiness by console marker) on QEMU under \
+             the node's accelerator; every instant is when this process' watch saw the change",
+            run.target, run.guest_memory_mib
+        )
+    });
     report.notes.push(format!(
         "goals (issue 20, on ignis dev): claim → Ready p50 ≤ {} ms, p99 ≤ {} ms, ≥ {} claims/s",
         super::pool_figures::CLAIM_P50_GOAL_MS,
@@ -564,12 +579,20 @@ pub(crate) async fn run(args: &PoolArgs, machine: &Machine, dir: &Path) -> Resul
         return run_on_cluster(args, machine, dir).await;
     }
     println!(
-        "pool: {} cold boots, a pool of {} and {} claims at once, a refill of {}, on ignis dev",
-        args.cold, args.pool_size, args.claims, args.refill
+        "pool: {} cold boots, a pool of {} and {} claims at once, a refill of {}, on ignis dev{}",
+        args.cold,
+        args.pool_size,
+        args.claims,
+        args.refill,
+        if args.simulated {
+            " (simulated VMM)"
+        } else {
+            ""
+        }
     );
     let stack = Stack::start_with(
         &StackOptions {
-            simulated: false,
+            simulated: args.simulated,
             boot_timeout: args.timeout,
         },
         &["--vcpu-overcommit".into(), VCPU_OVERCOMMIT.to_string()],
@@ -598,6 +621,7 @@ pub(crate) async fn run(args: &PoolArgs, machine: &Machine, dir: &Path) -> Resul
     stack.stop(outcome.is_err()).await;
     let mut run = outcome?;
     run.target = "ignis dev".into();
+    run.simulated = args.simulated;
     report(&run, machine, false).publish(dir)?;
     Ok(())
 }

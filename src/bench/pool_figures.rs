@@ -19,6 +19,8 @@ pub(crate) struct Claim {
     pub(crate) outcome: String,
     /// From this client's create call to its watch seeing `Ready=True`.
     pub(crate) ready_ms: f64,
+    /// The create call alone: request → the API server's answer (admission and storage).
+    pub(crate) create_ms: f64,
     /// From the create call of the burst's first claim to this one's Ready.
     pub(crate) ready_since_burst_ms: f64,
     /// `status.claim.latencyMs`: the controller's own figure, creation → claim written.
@@ -64,6 +66,8 @@ pub(crate) struct Refill {
 pub(crate) struct Run {
     /// `ignis dev`, or the cluster.
     pub(crate) target: String,
+    /// The agent ran the `simulated` VMM: no guests.
+    pub(crate) simulated: bool,
     pub(crate) pool_size: u32,
     pub(crate) guest_memory_mib: u64,
     pub(crate) cold_ms: Vec<f64>,
@@ -126,6 +130,13 @@ pub(crate) fn rows(run: &Run, goals: bool) -> Vec<Row> {
             goal(Target::AtMost(CLAIM_P99_GOAL_MS)),
         ],
         &format!("create call → Ready seen by a watch; {burst}"),
+    );
+    quantile_rows(
+        &mut out,
+        "claim: the create call",
+        &summarize(&hits.iter().map(|c| c.create_ms).collect::<Vec<_>>()),
+        [none, none],
+        "request → the API server's answer, part of claim → Ready",
     );
     quantile_rows(
         &mut out,
@@ -249,6 +260,7 @@ mod tests {
             name: format!("c{i}"),
             outcome: outcome.into(),
             ready_ms,
+            create_ms: ready_ms / 4.0,
             ready_since_burst_ms: since,
             server_ms: Some(ready_ms / 2.0),
         }
@@ -276,6 +288,7 @@ mod tests {
     fn the_table_judges_claims_against_the_goals_on_dev_only() {
         let run = Run {
             target: "ignis dev".into(),
+            simulated: false,
             pool_size: 2,
             guest_memory_mib: 64,
             cold_ms: vec![2000.0, 3000.0],

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use super::decide::pool::{PoolView, WarmState, decide_pool};
+use super::decide::pool::{PoolView, REFILL_HOLD, WarmState, decide_pool};
 use super::metrics::ControllerMetrics;
 use super::reconcile::{Context, ReconcileError, retry_delay};
 use crate::api::{
@@ -30,6 +30,8 @@ use crate::api::{
 const POOL_RESYNC: Duration = Duration::from_secs(60);
 /// Pools reconciled at once.
 const POOL_CONCURRENCY: u16 = 4;
+/// How soon a pool held for its claims looks again.
+const HOLD_RETRY: Duration = Duration::from_millis(50);
 
 /// The pool cache and what the pool controller needs to start later.
 pub(super) struct PoolWatch {
@@ -74,6 +76,7 @@ pub(super) fn watch(client: &Client, namespace: Option<&str>) -> PoolWatch {
         let pool_ctx = Arc::new(PoolContext {
             ctx,
             made: Mutex::new(HashMap::new()),
+            holding: Mutex::new(HashMap::new()),
         });
         tokio::spawn(async move {
             controller
@@ -96,6 +99,28 @@ struct PoolContext {
     ctx: Arc<Context>,
     /// Warm VMs made and not yet seen Ready, with when: the refill time.
     made: Mutex<HashMap<String, Instant>>,
+    /// Pools (by uid) holding for their claims, with since when.
+    holding: Mutex<HashMap<String, Instant>>,
+}
+
+/// Whether `pool` holds for its claims now: some are being settled, and it has not held for
+/// them longer than [`REFILL_HOLD`] (then it refills a wave and may hold again).
+fn hold_for_claims(pctx: &PoolContext, pool_uid: &str, settling: bool) -> bool {
+    let Ok(mut holding) = pctx.holding.lock() else {
+        return false;
+    };
+    if !settling {
+        holding.remove(pool_uid);
+        return false;
+    }
+    let since = *holding
+        .entry(pool_uid.to_string())
+        .or_insert_with(Instant::now);
+    if since.elapsed() < REFILL_HOLD {
+        return true;
+    }
+    holding.remove(pool_uid);
+    false
 }
 
 fn error_policy(pool: Arc<MicroVMPool>, error: &ReconcileError, _: Arc<PoolContext>) -> Requeue {
@@ -131,9 +156,16 @@ async fn reconcile(
     let pool_uid = pool.uid().unwrap_or_default();
     let mut warm = Vec::new();
     let mut claimed = 0;
+    let mut settling = false;
     for vm in ctx.store.state() {
         if vm.namespace().as_deref() != Some(ns.as_str()) {
             continue;
+        }
+        if vm.spec.pool.as_deref() == Some(name.as_str())
+            && super::claim::pending(&vm)
+            && !super::claim::settled_but_not_seen(&vm, ctx)
+        {
+            settling = true;
         }
         if vm
             .status
@@ -158,8 +190,12 @@ async fn reconcile(
         old: pool.status.clone().unwrap_or_default(),
         now: Time(jiff::Timestamp::now()),
         refused: None,
+        claims_settling: hold_for_claims(&pctx, &pool_uid, settling),
     };
     let mut plan = decide_pool(&view);
+    if plan.held {
+        return Ok(Requeue::requeue(HOLD_RETRY));
+    }
     let microvms: Api<MicroVM> = Api::namespaced(ctx.client.clone(), &ns);
     for _ in 0..plan.create {
         let vm = warm_vm(&pool);

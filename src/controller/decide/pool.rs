@@ -1,6 +1,8 @@
 //! A pool's reconcile decision: how many warm VMs to make or remove, and the pool's status.
 //! Pure: the warm VMs come in as plain values.
 
+use std::time::Duration;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::{ConditionType, MicroVMPoolStatus, set_condition_status};
@@ -9,6 +11,11 @@ use crate::api::{ConditionType, MicroVMPoolStatus, set_condition_status};
 /// TCG a boot is all CPU); the pool fills in waves of this many instead, which costs a
 /// CPU-bound fill nothing and keeps claims during a refill fast.
 pub(crate) const MAX_BOOTING: u32 = 4;
+
+/// The longest a pool holds its refill and status for claims being settled: claims come
+/// first (each refill is API writes and a boot the claims would wait behind), but a steady
+/// stream of claims must not starve the refill.
+pub(crate) const REFILL_HOLD: Duration = Duration::from_secs(1);
 
 /// A warm VM of the pool, as the pool sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +40,9 @@ pub(crate) struct PoolView {
     /// The API server refused a warm VM made from the template (admission: a host path or
     /// bridge the admin does not allow), with its message.
     pub(crate) refused: Option<String>,
+    /// Claims naming the pool are being settled, and the pool has held for them less than
+    /// [`REFILL_HOLD`].
+    pub(crate) claims_settling: bool,
 }
 
 /// What the pool's reconcile does.
@@ -44,9 +54,19 @@ pub(crate) struct PoolPlan {
     pub(crate) delete: Vec<String>,
     /// The status to write, when it changed.
     pub(crate) status: Option<MicroVMPoolStatus>,
+    /// Held for claims: nothing done, look again soon.
+    pub(crate) held: bool,
 }
 
 pub(crate) fn decide_pool(view: &PoolView) -> PoolPlan {
+    if view.claims_settling {
+        return PoolPlan {
+            create: 0,
+            delete: Vec::new(),
+            status: None,
+            held: true,
+        };
+    }
     let have = view.warm.len() as u32;
     let ready = view.warm.iter().filter(|w| w.ready).count() as u32;
     let stalled = view
@@ -138,6 +158,7 @@ pub(crate) fn decide_pool(view: &PoolView) -> PoolPlan {
         create,
         delete,
         status: (status != view.old).then_some(status),
+        held: false,
     }
 }
 
@@ -163,6 +184,7 @@ mod tests {
             old: MicroVMPoolStatus::default(),
             now: Time(jiff::Timestamp::UNIX_EPOCH),
             refused: None,
+            claims_settling: false,
         }
     }
 
@@ -208,6 +230,24 @@ mod tests {
     fn a_claim_is_refilled() {
         let plan = decide_pool(&view(2, vec![warm("a", true)]));
         assert_eq!(plan.create, 1);
+    }
+
+    #[test]
+    fn claims_being_settled_hold_the_refill_and_the_status_write() {
+        let settling = PoolView {
+            claims_settling: true,
+            ..view(2, vec![warm("a", true)])
+        };
+        let plan = decide_pool(&settling);
+        assert!(plan.held);
+        assert_eq!((plan.create, plan.status), (0, None));
+        assert!(plan.delete.is_empty());
+        let after = decide_pool(&view(2, vec![warm("a", true)]));
+        assert!(!after.held);
+        assert_eq!(
+            after.create, 1,
+            "the refill follows once the claims are settled"
+        );
     }
 
     #[test]
