@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
@@ -28,7 +28,7 @@ use super::decide::claim::{
     ClaimDecision, ClaimView, POOL_GRACE, POOL_WAIT_RETRY, WarmVm, decide_claim, outcome_event,
 };
 use super::decide::{EventKind, placed_node};
-use super::reconcile::{CONFLICT_RETRY, Context, ReconcileError};
+use super::reconcile::{CONFLICT_RETRY, Context, ReconcileError, delete_if_present};
 use super::{act, vmpod, vmspec};
 use crate::api::{
     CLAIMED_BY_ANNOTATION, ClaimOutcome, ClaimStatus, ConditionType, FINALIZER, MicroVM,
@@ -318,11 +318,7 @@ async fn take(
     let status = claimed_status(mvm, object, claim, took);
     act::write_status(&microvms, mvm, &status).await?;
     remember_settled(mvm, ctx);
-    match microvms.delete(&warm.name, &DeleteParams::default()).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 404 => {}
-        Err(error) => return Err(ReconcileError::kube(error)),
-    }
+    delete_if_present(&microvms, &warm.name).await?;
     ctx.metrics.pool_hits.inc();
     ctx.metrics.pool_claim_duration.observe(took.as_secs_f64());
     let (reason, _, message) = outcome_event(ClaimOutcome::Claimed, pool, Some(&warm.name));
@@ -369,9 +365,7 @@ async fn hand_over(
 ) -> Result<(), ReconcileError> {
     let mut claimed = mvm.clone();
     claimed.status.get_or_insert_with(Default::default).claim = Some(claim.clone());
-    let Ok(built) = vmspec::build(&claimed, ctx.vm_pods.is_some()) else {
-        return Err(ReconcileError::NoNamespace);
-    };
+    let built = vmspec::build(&claimed, ctx.vm_pods.is_some()).map_err(ReconcileError::Spec)?;
     let pod = pod.and_then(|name| {
         let (_, store) = ctx.vm_pods.as_ref()?;
         let seen = store.get(&ObjectRef::new(name).within(&mvm.namespace()?))?;

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::decide::pool::{PoolView, REFILL_HOLD, WarmState, decide_pool};
 use super::metrics::ControllerMetrics;
-use super::reconcile::{Context, ReconcileError, retry_delay};
+use super::reconcile::{Context, ReconcileError, delete_if_present, retry_delay};
 use crate::api::{
     API_VERSION, ClaimOutcome, ConditionType, FIELD_MANAGER, MicroVM, MicroVMPool, POOL_LABEL,
     find_condition,
@@ -215,11 +215,7 @@ async fn reconcile(
         }
     }
     for victim in &plan.delete {
-        match microvms.delete(victim, &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(error) => return Err(ReconcileError::kube(error)),
-        }
+        delete_if_present(&microvms, victim).await?;
     }
     if let Some(status) = plan.status {
         let pools: Api<MicroVMPool> = Api::namespaced(ctx.client.clone(), &ns);

@@ -45,6 +45,22 @@ pub(crate) enum ReconcileError {
     #[error("agent call failed")]
     #[strum(transparent)]
     Agent(#[source] AgentError),
+    /// A claim's spec the agent API cannot express (its own reason word).
+    #[error("the MicroVM's spec cannot be sent to an agent")]
+    #[strum(transparent)]
+    Spec(#[source] super::vmspec::VmSpecError),
+}
+
+/// Delete `name`; one already gone is no error.
+pub(super) async fn delete_if_present(
+    api: &kube::Api<MicroVM>,
+    name: &str,
+) -> Result<(), ReconcileError> {
+    match api.delete(name, &kube::api::DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(error) => Err(ReconcileError::kube(error)),
+    }
 }
 
 impl ReconcileError {
