@@ -603,13 +603,15 @@ cmd_exec() {
   exec nsenter --net="/run/netns/$(node_netns "$i")" -- "$@"
 }
 
-# The network namespaces of node i's pod sandboxes, from its containerd's own records.
+# The network namespaces of node i's pod sandboxes, from its containerd's own records. A
+# container removed between the listing and its `info` (a pod terminating) is skipped: under
+# pipefail its failed `info` would otherwise fail the caller silently.
 sandbox_netns_of() {
   local i="$1" c
   [ -S "$(node_ctr_sock "$i")" ] && ctr_node "$i" version >/dev/null 2>&1 || return 0
   for c in $(ctr_node "$i" containers ls -q 2>/dev/null); do
     ctr_node "$i" containers info "$c" 2>/dev/null |
-      sed -n 's#.*"path": "\(/var/run/netns/cni-[^"]*\|/run/netns/cni-[^"]*\)".*#\1#p'
+      sed -n 's#.*"path": "\(/var/run/netns/cni-[^"]*\|/run/netns/cni-[^"]*\)".*#\1#p' || true
   done
 }
 
