@@ -399,21 +399,22 @@ pub(crate) fn validity_of(cert_pem: &str) -> Option<(i64, i64)> {
     Some((v.not_before.timestamp(), v.not_after.timestamp()))
 }
 
-/// Let `params` be valid from an hour ago to `hours` from now (midnight UTC of today plus the seconds since then:
-/// the calendar API rcgen takes).
+/// Let `params` be valid from an hour ago (for clocks a little behind ours) to `hours` from
+/// now. Each instant is its own day's midnight UTC plus the seconds since (the calendar API
+/// rcgen takes), so an hour back from just after midnight is yesterday's evening.
 fn expire_in(params: &mut CertificateParams, hours: u64) {
+    let at = |t: jiff::Timestamp| {
+        let day = t.to_zoned(jiff::tz::TimeZone::UTC).date();
+        rcgen::date_time_ymd(
+            i32::from(day.year()),
+            day.month().unsigned_abs(),
+            day.day().unsigned_abs(),
+        ) + std::time::Duration::from_secs(t.as_second().rem_euclid(86_400).unsigned_abs())
+    };
     let now = jiff::Timestamp::now();
-    let today = now.to_zoned(jiff::tz::TimeZone::UTC).date();
-    let midnight = rcgen::date_time_ymd(
-        i32::from(today.year()),
-        today.month().unsigned_abs(),
-        today.day().unsigned_abs(),
-    );
-    let since_midnight = now.as_second().rem_euclid(86_400).unsigned_abs();
-    params.not_after = midnight + std::time::Duration::from_secs(since_midnight + hours * 3600);
-    // An hour back for clocks a little behind ours (not before today's midnight).
-    params.not_before =
-        midnight + std::time::Duration::from_secs(since_midnight.saturating_sub(3600));
+    let ahead = jiff::SignedDuration::from_hours(i64::try_from(hours).unwrap_or(i64::MAX / 3600));
+    params.not_after = at(now.checked_add(ahead).unwrap_or(jiff::Timestamp::MAX));
+    params.not_before = at(now - jiff::SignedDuration::from_hours(1));
 }
 
 /// Whether `cert_pem` is signed by `ca_pem` and not yet due for renewal.
